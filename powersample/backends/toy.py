@@ -1,0 +1,186 @@
+"""`toy`: an exact tabular language model read from a JSON spec, for tests, documentation and demos.
+
+Spec format:
+
+    {"vocab": ["a", "b", "<eos>"], "eos_id": 2,
+     "default": [0.34, 0.33, 0.33],
+     "next": {"": [0.42, 0.58, 0.0], "0": [0.92, 0.04, 0.04]}}
+
+`next` maps the comma-joined ids generated so far ("" = none) to the next-token distribution; other prefixes use
+`default`. The prompt text is ignored. Rows are precomputed once per proposal, so drawing a token is a dict lookup
+and a bisection: thousands of MCMC samples per second.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from powersample.backends.base import Continuation, ExtendRequest, Proposal, Tokens, proposal_logprobs
+from powersample.errors import PowerSampleError
+
+ROW_TOLERANCE = 1e-6  # how far a row's sum may be from 1
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    """A validated toy model: next-token probabilities by generated prefix."""
+
+    vocab: tuple[str, ...]
+    eos_id: int
+    default: tuple[float, ...]
+    next: Mapping[str, tuple[float, ...]]
+
+    @classmethod
+    def from_dict(cls, spec: Any) -> "ToySpec":
+        """Validate a parsed JSON spec; every problem is a one-line PowerSampleError naming the bad key."""
+        if not isinstance(spec, dict):
+            raise PowerSampleError("toy spec: must be a JSON object")
+        vocab = spec.get("vocab")
+        if not isinstance(vocab, list) or not vocab or not all(isinstance(v, str) for v in vocab):
+            raise PowerSampleError("toy spec: 'vocab' must be a non-empty list of strings")
+        eos_id = spec.get("eos_id")
+        if not isinstance(eos_id, int) or isinstance(eos_id, bool) or not 0 <= eos_id < len(vocab):
+            raise PowerSampleError(f"toy spec: 'eos_id' must be an integer in [0, {len(vocab) - 1}], got {eos_id!r}")
+        default = _row(spec.get("default"), len(vocab), "'default'")
+        nxt = spec.get("next", {})
+        if not isinstance(nxt, dict):
+            raise PowerSampleError("toy spec: 'next' must be an object mapping prefixes to rows")
+        rows = {_prefix_key(k, len(vocab), eos_id): _row(v, len(vocab), f"'next'[{k!r}]") for k, v in nxt.items()}
+        return cls(tuple(vocab), eos_id, default, rows)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ToySpec":
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise PowerSampleError(f"toy spec: cannot read {path}: {e.strerror}") from None
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PowerSampleError(f"toy spec: {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        return cls.from_dict(spec)
+
+    def row(self, generated: Sequence[int]) -> tuple[float, ...]:
+        """Next-token probabilities after `generated`."""
+        return self.next.get(",".join(map(str, generated)), self.default)
+
+    def sequences(self, max_len: int) -> dict[Tokens, float]:
+        """Every sequence the model can emit within max_len tokens, with its probability (exact enumeration).
+
+        A sequence is complete (ends in EOS) or has exactly max_len tokens, which then count with their prefix
+        probability; together they form a distribution.
+        """
+        out: dict[Tokens, float] = {}
+        frontier: list[tuple[Tokens, float]] = [((), 0.0)]
+        while frontier:
+            seq, logp = frontier.pop()
+            if len(seq) == max_len or (seq and seq[-1] == self.eos_id):
+                out[seq] = logp
+                continue
+            for tok, p in enumerate(self.row(seq)):
+                if p > 0:
+                    frontier.append((seq + (tok,), logp + math.log(p)))
+        return out
+
+
+def _prefix_key(key: Any, vocab_size: int, eos_id: int) -> str:
+    try:
+        ids = [int(x) for x in key.split(",")] if key else []
+    except (ValueError, AttributeError):
+        raise PowerSampleError(f"toy spec: 'next' key {key!r} must be comma-joined token ids") from None
+    if any(not 0 <= i < vocab_size for i in ids):
+        raise PowerSampleError(f"toy spec: 'next' key {key!r} holds an id outside the vocabulary")
+    if eos_id in ids:
+        raise PowerSampleError(f"toy spec: 'next' key {key!r} continues past EOS")
+    return ",".join(map(str, ids))
+
+
+def _row(row: Any, vocab_size: int, name: str) -> tuple[float, ...]:
+    if not isinstance(row, list) or len(row) != vocab_size:
+        raise PowerSampleError(f"toy spec: {name} must be a list of {vocab_size} probabilities (the vocab's length)")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row):
+        raise PowerSampleError(f"toy spec: {name} must hold only finite numbers")
+    if any(x < 0 for x in row):
+        raise PowerSampleError(f"toy spec: {name} has a negative entry")
+    if abs(math.fsum(row) - 1.0) > ROW_TOLERANCE:
+        raise PowerSampleError(f"toy spec: {name} sums to {math.fsum(row):.9g}, not 1")
+    return tuple(float(x) for x in row)
+
+
+@dataclass(frozen=True)
+class _Table:
+    """One row under one proposal: log p, log q and q's cumulative sums for bisection."""
+
+    base_logp: tuple[float, ...]
+    proposal_logq: tuple[float, ...]
+    cdf: tuple[float, ...]
+
+
+class ToyBackend:
+    """Exact sampling and scoring from a ToySpec. The prompt is ignored: contexts are generated ids."""
+
+    context_length = None
+
+    def __init__(self, spec: ToySpec):
+        self.spec = spec
+        self.eos_ids = frozenset({spec.eos_id})
+        self._tables: dict[tuple[int, Proposal], _Table] = {}
+        self.calls = 0  # extend() calls, for tests that count engine calls
+
+    def encode(self, prompt: str, chat: bool = True) -> Tokens:
+        return ()
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return "".join(self.spec.vocab[t] for t in tokens if t not in self.eos_ids)
+
+    def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
+        self.calls += 1
+        return [self._extend_one(r, proposal) for r in requests]
+
+    def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
+        seq = list(context)
+        out = []
+        for tok in continuation:
+            p = self.spec.row(seq)[tok]
+            out.append(math.log(p) if p > 0 else -math.inf)
+            seq.append(tok)
+        return tuple(out)
+
+    def _extend_one(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
+        seq = list(request.context)
+        tokens, logp, logq = [], [], []
+        for _ in range(request.max_tokens):
+            table = self._table(seq, proposal)
+            u = request.rng.random() * table.cdf[-1]
+            tok = min(bisect.bisect_right(table.cdf, u), len(table.cdf) - 1)
+            while table.proposal_logq[tok] == -math.inf:  # only if u rounded up onto the total
+                tok -= 1
+            tokens.append(tok)
+            logp.append(table.base_logp[tok])
+            logq.append(table.proposal_logq[tok])
+            seq.append(tok)
+            if tok == self.spec.eos_id:
+                break
+        return Continuation(tuple(tokens), tuple(logp), tuple(logq))
+
+    def _table(self, generated: Sequence[int], proposal: Proposal) -> _Table:
+        row = self.spec.row(generated)
+        key = (id(row), proposal)
+        table = self._tables.get(key)
+        if table is None:
+            probs = np.asarray(row)
+            base = np.full(len(row), -np.inf)
+            np.log(probs, out=base, where=probs > 0)
+            logq = proposal_logprobs(base, proposal)
+            cdf = tuple(itertools.accumulate(np.exp(logq).tolist()))
+            table = _Table(tuple(base.tolist()), tuple(logq.tolist()), cdf)
+            self._tables[key] = table
+        return table

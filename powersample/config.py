@@ -1,0 +1,84 @@
+"""Sampler configuration: one frozen dataclass, validated once at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from powersample.errors import PowerSampleError
+
+METHODS = ("power", "max-swap", "base", "low-temp")
+MCMC_METHODS = ("power", "max-swap")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to sample. Field defaults follow the paper (Karan & Du, 2025, Sec. 4)."""
+
+    method: str = "power"  # power | max-swap (alpha = inf) | base (tau = 1) | low-temp (tau = 1/alpha)
+    alpha: float = 4.0  # exponent of the target p^alpha; 1 = the base model itself
+    max_new_tokens: int = 256  # T: the most tokens generated after the prompt
+    block_size: int | None = None  # B; None = ceil(T / block_count)
+    block_count: int = 16  # number of blocks T/B, used when block_size is None
+    mcmc_steps: int = 10  # Metropolis-Hastings steps per stage
+    proposal_temperature: float | None = None  # tau of the proposal; None = 1/alpha
+    top_k: int = 0  # proposal truncation to the k likeliest tokens; 0 = off
+    top_p: float = 1.0  # proposal nucleus truncation; 1.0 = off
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        _check(_finite(self.alpha) and self.alpha > 0, f"alpha must be a number > 0, got {self.alpha}")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.block_size is not None:
+            _check(
+                1 <= self.block_size <= self.max_new_tokens,
+                f"block_size must be between 1 and max_new_tokens ({self.max_new_tokens}), got {self.block_size}",
+            )
+        _check(self.block_count >= 1, f"block_count must be >= 1, got {self.block_count}")
+        _check(self.mcmc_steps >= 0, f"mcmc_steps must be >= 0, got {self.mcmc_steps}")
+        if self.proposal_temperature is not None:
+            t = self.proposal_temperature
+            _check(_finite(t) and t > 0, f"proposal_temperature must be a number > 0, got {t}")
+        _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def temperature(self) -> float:
+        """The temperature tokens are drawn at: the MH proposal's, or the plain sampler's."""
+        if self.method == "base":
+            return 1.0
+        if self.proposal_temperature is not None:
+            return self.proposal_temperature
+        return 1.0 / self.alpha
+
+    @property
+    def target_alpha(self) -> float:
+        """Exponent of the MH target: alpha for `power`, infinity for `max-swap`."""
+        return math.inf if self.method == "max-swap" else self.alpha
+
+    @property
+    def block(self) -> int:
+        """Block size B."""
+        if self.block_size is not None:
+            return self.block_size
+        return max(1, math.ceil(self.max_new_tokens / self.block_count))
+
+    def stage_caps(self) -> list[int]:
+        """Length cap of each stage: B, 2B, ..., with the last one clipped to T."""
+        b, t = self.block, self.max_new_tokens
+        return [min(k * b, t) for k in range(1, math.ceil(t / b) + 1)]
+
+    def resolved(self) -> dict:
+        """Every field plus the values derived from them, as stored in records."""
+        out = asdict(self)
+        out.update(block_size=self.block, proposal_temperature=self.temperature)
+        return out
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise PowerSampleError(message)

@@ -1,0 +1,60 @@
+"""State shared by every sampler: one chain's current sequence and its counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from powersample.backends.base import Continuation, Tokens
+
+Progress = Callable[[int], None]  # called with a number of finished work units
+
+
+@dataclass
+class Chain:
+    """One chain's current state x (generated ids only) with per-token log p and log q, and its counters."""
+
+    rng: np.random.Generator
+    slot: int
+    tokens: list[int] = field(default_factory=list)
+    base_logp: list[float] = field(default_factory=list)  # log p(x_t | x_<t), per token
+    proposal_logq: list[float] = field(default_factory=list)  # log q(x_t | x_<t), per token
+    tokens_generated: int = 0  # every token drawn, rejected proposals included
+    proposals: int = 0
+    accepted: int = 0
+
+    def complete(self, eos_ids: frozenset[int]) -> bool:
+        """A state is complete when it ends in EOS (EOS is never inside it)."""
+        return bool(self.tokens) and self.tokens[-1] in eos_ids
+
+    def replace_suffix(self, i: int, cont: Continuation) -> None:
+        """x <- x_<i + cont."""
+        del self.tokens[i:], self.base_logp[i:], self.proposal_logq[i:]
+        self.append(cont)
+
+    def append(self, cont: Continuation) -> None:
+        self.tokens.extend(cont.tokens)
+        self.base_logp.extend(cont.base_logp)
+        self.proposal_logq.extend(cont.proposal_logq)
+
+    def result(self) -> "ChainResult":
+        return ChainResult(
+            tokens=tuple(self.tokens),
+            token_logp=tuple(self.base_logp),
+            tokens_generated=self.tokens_generated,
+            proposals=self.proposals,
+            accepted=self.accepted,
+        )
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """What a sampler returns for one chain."""
+
+    tokens: Tokens  # generated ids, ending in EOS when the sample is complete
+    token_logp: tuple[float, ...]  # base log p of each token (nats)
+    tokens_generated: int  # every token drawn, rejected proposals included
+    proposals: int  # MH proposals made
+    accepted: int  # MH proposals accepted
