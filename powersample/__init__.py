@@ -1,0 +1,19 @@
+"""powersample: sample from the power distribution p(x)^alpha of a language model.
+
+Karan & Du (2025), "Reasoning with Sampling: Your Base Model is Smarter Than You Think", arXiv 2510.14901.
+
+    import powersample
+    backend = powersample.load_backend("hf")               # the embedded SmolLM2-135M-Instruct
+    config = powersample.SamplerConfig(alpha=4.0, max_new_tokens=128)
+    [record] = powersample.sample(backend, "What is 12 * 13?", config, seed=0)
+    print(record.text, record.logp, record.acceptance_rate)
+"""
+
+from powersample.api import SampleRecord, sample
+from powersample.backends import load_backend
+from powersample.config import METHODS, SamplerConfig
+from powersample.errors import PowerSampleError
+
+__version__ = "0.1.0"
+
+__all__ = ["METHODS", "PowerSampleError", "SampleRecord", "SamplerConfig", "load_backend", "sample", "__version__"]

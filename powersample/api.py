@@ -1,0 +1,108 @@
+"""The Python API: sample a prompt with any method on any backend, get records back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from powersample.backends.base import Backend
+from powersample.config import SamplerConfig
+from powersample.errors import PowerSampleError
+from powersample.samplers import Chain, ChainResult, Progress, run_chains
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One sample, as written to JSONL. The same shape for every method."""
+
+    prompt: str
+    text: str  # decoded generated text, special tokens dropped
+    tokens: tuple[int, ...]  # generated ids, including a final EOS
+    token_logp: tuple[float, ...]  # base log p of each token (nats)
+    logp: float  # sum of token_logp
+    finish_reason: str  # "eos" (ended in EOS) or "length" (reached max_new_tokens)
+    tokens_generated: int  # every token sampled, rejected proposals included
+    proposals: int  # MH proposals made (0 for plain methods)
+    accepted: int  # MH proposals accepted
+    wall_seconds: float  # sampling time of the batch this sample was drawn in, model loading excluded
+    method: str
+    seed: int
+    sample_index: int  # which of num_samples
+    config: dict  # SamplerConfig.resolved()
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposals if self.proposals else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["tokens"], out["token_logp"] = list(self.tokens), list(self.token_logp)
+        out["acceptance_rate"] = self.acceptance_rate
+        return out
+
+
+def sample(
+    backend: Backend,
+    prompt: str,
+    config: SamplerConfig = SamplerConfig(),
+    *,
+    seed: int = 0,
+    num_samples: int = 1,
+    chat: bool = True,
+    progress: Progress | None = None,
+) -> list[SampleRecord]:
+    """Draw `num_samples` independent samples for `prompt` (chains run batched). Same seed => same output."""
+    if num_samples < 1:
+        raise PowerSampleError(f"num_samples must be >= 1, got {num_samples}")
+    prompt_ids = encode_prompt(backend, prompt, config, chat)
+    chains = [Chain(rng=np.random.default_rng(s), slot=j) for j, s in enumerate(chain_seeds(seed, num_samples))]
+    start = time.perf_counter()
+    results = run_chains(backend, prompt_ids, config, chains, progress)
+    wall = time.perf_counter() - start
+    return [_record(backend, prompt, config, seed, j, r, wall) for j, r in enumerate(results)]
+
+
+def chain_seeds(seed: int, n: int) -> list[np.random.SeedSequence]:
+    """Independent seeds per chain; chain j's seed does not depend on n."""
+    if not isinstance(seed, int) or seed < 0:
+        raise PowerSampleError(f"seed must be an integer >= 0, got {seed!r}")
+    return np.random.SeedSequence(seed).spawn(n)
+
+
+def encode_prompt(backend: Backend, prompt: str, config: SamplerConfig, chat: bool) -> tuple[int, ...]:
+    """Prompt ids, checked: not empty, and prompt + max_new_tokens fits the model's context."""
+    if not prompt or not prompt.strip():
+        raise PowerSampleError("the prompt is empty")
+    ids = backend.encode(prompt, chat)
+    limit = backend.context_length
+    if limit is not None and len(ids) + config.max_new_tokens > limit:
+        raise PowerSampleError(
+            f"the prompt is {len(ids)} tokens; with max_new_tokens={config.max_new_tokens} it exceeds "
+            f"the model's context of {limit} tokens"
+        )
+    return ids
+
+
+def _record(
+    backend: Backend, prompt: str, config: SamplerConfig, seed: int, index: int, r: ChainResult, wall: float
+) -> SampleRecord:
+    ended = bool(r.tokens) and r.tokens[-1] in backend.eos_ids
+    return SampleRecord(
+        prompt=prompt,
+        text=backend.decode(r.tokens),
+        tokens=r.tokens,
+        token_logp=r.token_logp,
+        logp=float(np.sum(r.token_logp)) if r.token_logp else 0.0,
+        finish_reason="eos" if ended else "length",
+        tokens_generated=r.tokens_generated,
+        proposals=r.proposals,
+        accepted=r.accepted,
+        wall_seconds=wall,
+        method=config.method,
+        seed=seed,
+        sample_index=index,
+        config=config.resolved(),
+    )

@@ -1,0 +1,150 @@
+"""Exact laws by enumeration on toy models, for testing samplers (have vs want).
+
+Everything here is computed with plain probabilities over every possible sequence; nothing is sampled.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import defaultdict
+from typing import Callable, Iterator
+
+import numpy as np
+
+from powersample.backends.base import Continuation, Proposal, proposal_logprobs
+from powersample.backends.toy import ToySpec
+from powersample.config import SamplerConfig
+from powersample.samplers.chain import Chain
+from powersample.samplers.power import log_accept_ratio
+
+Law = dict[tuple[int, ...], float]
+AcceptRule = Callable[[float, Chain, int, Continuation], float]
+
+
+def power_target(spec: ToySpec, alpha: float, max_len: int) -> Law:
+    """p^alpha over the sequences of length <= max_len (complete, or cut at max_len), normalized."""
+    logp = spec.sequences(max_len)
+    return _normalize({s: alpha * lp for s, lp in logp.items()})
+
+
+def sequence_law(spec: ToySpec, proposal: Proposal, max_len: int) -> Law:
+    """Law of plain ancestral sampling from the proposal, up to max_len tokens or EOS."""
+    return {s: math.exp(lq) for s, lq in continuations(spec, proposal, (), max_len)}
+
+
+def continuations(spec: ToySpec, proposal: Proposal, prefix: tuple[int, ...], cap: int) -> Iterator:
+    """Every (suffix, log q(suffix | prefix)) drawn until EOS or total length cap, with q > 0."""
+    stack = [((), 0.0)]
+    while stack:
+        suffix, logq = stack.pop()
+        seq = prefix + suffix
+        if suffix and (len(seq) == cap or suffix[-1] == spec.eos_id):
+            yield suffix, logq
+            continue
+        row = row_logprobs(spec, seq, proposal)[1]
+        for tok in np.flatnonzero(np.isfinite(row)):
+            stack.append((suffix + (int(tok),), logq + float(row[tok])))
+
+
+def row_logprobs(spec: ToySpec, seq, proposal: Proposal) -> tuple[np.ndarray, np.ndarray]:
+    """(log p, log q) of the next token after seq."""
+    p = np.asarray(spec.row(seq))
+    logp = np.full(len(p), -np.inf)
+    np.log(p, out=logp, where=p > 0)
+    return logp, proposal_logprobs(logp, proposal)
+
+
+def as_chain(spec: ToySpec, seq: tuple[int, ...], proposal: Proposal) -> Chain:
+    """A Chain holding state seq with its per-token log p and log q."""
+    chain = Chain(rng=np.random.default_rng(0), slot=0)
+    for t, tok in enumerate(seq):
+        logp, logq = row_logprobs(spec, seq[:t], proposal)
+        chain.tokens.append(tok)
+        chain.base_logp.append(float(logp[tok]))
+        chain.proposal_logq.append(float(logq[tok]))
+    return chain
+
+
+def mh_kernel(
+    spec: ToySpec, alpha: float, proposal: Proposal, cap: int, rule: AcceptRule = log_accept_ratio
+) -> Callable[[tuple[int, ...]], Law]:
+    """K(x, .) of one MH step of stage `cap`, as a function of x, built from the code's acceptance ratio."""
+
+    @functools.cache
+    def kernel(x: tuple[int, ...]) -> Law:
+        chain, out = as_chain(spec, x, proposal), defaultdict(float)
+        for i in range(len(x)):
+            for suffix, logq in continuations(spec, proposal, x[:i], cap):
+                cont = _continuation(spec, x[:i], suffix, proposal)
+                move = math.exp(logq) / len(x) * min(1.0, math.exp(min(0.0, rule(alpha, chain, i, cont))))
+                out[x[:i] + suffix] += move
+        out[x] = 1.0 - math.fsum(v for k, v in out.items() if k != x)  # rejections and self-moves
+        return dict(out)
+
+    return kernel
+
+
+def algorithm_law(spec: ToySpec, config: SamplerConfig) -> Law:
+    """Exact law of the output of power sampling with `config` (finite steps, stages, early stop at EOS)."""
+    proposal = Proposal(config.temperature, config.top_k, config.top_p)
+    law: Law = {(): 1.0}
+    for cap in config.stage_caps():
+        done = {x: w for x, w in law.items() if x and x[-1] == spec.eos_id}
+        running = _extend_law({x: w for x, w in law.items() if x not in done}, spec, proposal, cap)
+        kernel = mh_kernel(spec, config.target_alpha, proposal, cap)
+        for _ in range(config.mcmc_steps):
+            running = apply(kernel, running)
+        law = {x: done.get(x, 0.0) + running.get(x, 0.0) for x in done.keys() | running.keys()}
+    return law
+
+
+def apply(kernel: Callable[[tuple[int, ...]], Law], law: Law) -> Law:
+    """law K."""
+    out: Law = defaultdict(float)
+    for x, w in law.items():
+        for y, k in kernel(x).items():
+            out[y] += w * k
+    return dict(out)
+
+
+def tv(a: Law, b: Law) -> float:
+    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
+def empirical(samples: list[tuple[int, ...]]) -> Law:
+    out: Law = defaultdict(float)
+    for s in samples:
+        out[s] += 1.0 / len(samples)
+    return dict(out)
+
+
+def tv_null_quantile(law: Law, n: int, q: float = 0.999, reps: int = 4000, seed: int = 12345) -> float:
+    """The q-quantile of TV(empirical, law) for n iid draws from law (multinomial null, by resampling)."""
+    probs = np.array(list(law.values()))
+    probs = probs / probs.sum()
+    counts = np.random.default_rng(seed).multinomial(n, probs, size=reps)
+    return float(np.quantile(0.5 * np.abs(counts / n - probs).sum(axis=1), q))
+
+
+def _extend_law(law: Law, spec: ToySpec, proposal: Proposal, cap: int) -> Law:
+    out: Law = defaultdict(float)
+    for x, w in law.items():
+        for suffix, logq in continuations(spec, proposal, x, cap):
+            out[x + suffix] += w * math.exp(logq)
+    return dict(out)
+
+
+def _continuation(spec: ToySpec, prefix, suffix, proposal: Proposal) -> Continuation:
+    logp, logq = [], []
+    for t, tok in enumerate(suffix):
+        lp, lq = row_logprobs(spec, prefix + suffix[:t], proposal)
+        logp.append(float(lp[tok]))
+        logq.append(float(lq[tok]))
+    return Continuation(tuple(suffix), tuple(logp), tuple(logq))
+
+
+def _normalize(logw: dict) -> Law:
+    m = max(logw.values())
+    z = math.fsum(math.exp(v - m) for v in logw.values())
+    return {k: math.exp(v - m) / z for k, v in logw.items()}

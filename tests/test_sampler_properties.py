@@ -1,0 +1,153 @@
+"""Properties of the samplers beyond their laws: detailed balance on random tables, determinism, counters."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import load_spec
+from exact_laws import apply, mh_kernel, power_target, tv
+from powersample import PowerSampleError, SamplerConfig, sample
+from powersample.backends.base import Continuation, Proposal
+from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.samplers.chain import Chain
+from powersample.samplers.power import log_accept_ratio
+
+
+@st.composite
+def toy_specs(draw):
+    """Random tables over 2-3 tokens + EOS, zeros allowed (but every row can emit something)."""
+    vocab = draw(st.integers(2, 3))
+    eos = vocab
+    def row():
+        w = draw(st.lists(st.sampled_from([0.0, 0.05, 0.2, 0.5, 1.0, 2.0]), min_size=vocab + 1, max_size=vocab + 1))
+        w = [x if sum(w) > 0 else 1.0 for x in w]
+        return [x / sum(w) for x in w]
+    prefixes = ["", "0", "1", "0,0", "0,1", "1,0", "1,1"]
+    nxt = {k: row() for k in prefixes if draw(st.booleans())}
+    return ToySpec.from_dict({"vocab": [f"t{i}" for i in range(vocab)] + ["<eos>"], "eos_id": eos,
+                              "default": row(), "next": nxt})
+
+
+@settings(max_examples=25, deadline=None)
+@given(toy_specs(), st.sampled_from([0.5, 1.0, 2.0, 4.0]), st.sampled_from([0.25, 0.5, 1.0, 2.0]), st.integers(1, 3))
+def test_detailed_balance_on_random_tables(spec, alpha, tau, cap):
+    pi = power_target(spec, alpha, cap)
+    kernel = mh_kernel(spec, alpha, Proposal(tau), cap)
+    for x in pi:
+        for y, k in kernel(x).items():
+            assert math.isclose(pi[x] * k, pi[y] * kernel(y).get(x, 0.0), rel_tol=1e-8, abs_tol=1e-14)
+    assert tv(apply(kernel, pi), pi) < 1e-10
+
+
+def test_max_swap_accepts_only_strict_increases():
+    chain = Chain(rng=np.random.default_rng(0), slot=0, tokens=[0, 1], base_logp=[-1.0, -2.0], proposal_logq=[-1.0, -1.0])
+    up = Continuation((1,), (-1.5,), (-9.0,))
+    same = Continuation((0,), (-2.0,), (-0.1,))
+    down = Continuation((0, 0), (-1.0, -1.5), (-0.1, -0.1))
+    assert log_accept_ratio(math.inf, chain, 1, up) == 0.0
+    assert log_accept_ratio(math.inf, chain, 1, same) == -math.inf
+    assert log_accept_ratio(math.inf, chain, 1, down) == -math.inf
+
+
+def test_accept_ratio_counts_both_suffixes_in_full_and_the_index_choice():
+    chain = Chain(rng=np.random.default_rng(0), slot=0, tokens=[0, 1, 1], base_logp=[-1.0, -2.0, -0.5],
+                  proposal_logq=[-0.7, -1.1, -0.2])
+    prop = Continuation((2,), (-0.3,), (-0.4,))  # EOS right away: x' is shorter
+    want = 4.0 * (-0.3 - (-2.5)) + (-1.3 - (-0.4)) + math.log(3) - math.log(2)
+    assert math.isclose(log_accept_ratio(4.0, chain, 1, prop), want, rel_tol=1e-12)
+
+
+CONFIGS = [
+    SamplerConfig(alpha=4.0, max_new_tokens=4, block_size=2, mcmc_steps=3),
+    SamplerConfig(method="max-swap", max_new_tokens=4, block_count=2, mcmc_steps=3),
+    SamplerConfig(method="base", max_new_tokens=4),
+    SamplerConfig(method="low-temp", max_new_tokens=4),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)
+def test_same_seed_same_output_and_chains_do_not_depend_on_batch(config):
+    backend = ToyBackend(load_spec("eos_trap"))
+    eight = sample(backend, "p", config, seed=7, num_samples=8)
+    again = sample(backend, "p", config, seed=7, num_samples=8)
+    three = sample(backend, "p", config, seed=7, num_samples=3)
+    trace = lambda records: [(r.tokens, r.tokens_generated, r.accepted) for r in records]  # noqa: E731
+    assert trace(eight) == trace(again)
+    assert trace(eight[:3]) == trace(three)
+    assert trace(eight) != trace(sample(backend, "p", config, seed=8, num_samples=8))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)
+def test_record_fields_are_consistent(config):
+    backend = ToyBackend(load_spec("eos_trap"))
+    for r in sample(backend, "p", config, seed=3, num_samples=20):
+        assert r.method == config.method and r.config == config.resolved()
+        assert 1 <= len(r.tokens) <= 4
+        assert r.finish_reason == ("eos" if r.tokens[-1] == 2 else "length")
+        assert r.finish_reason == "eos" or len(r.tokens) == 4
+        assert r.token_logp == backend.score((), r.tokens)
+        assert math.isclose(r.logp, sum(r.token_logp))
+        assert r.tokens_generated >= len(r.tokens) and 0 <= r.accepted <= r.proposals
+        if config.method in ("base", "low-temp"):
+            assert r.proposals == 0 and r.tokens_generated == len(r.tokens)
+        d = r.to_dict()
+        assert isinstance(d["tokens"], list) and "acceptance_rate" in d
+
+
+def test_batched_chains_share_one_backend_call_per_round():
+    backend = ToyBackend(load_spec("no_early_eos"))  # no early EOS: every chain runs every stage
+    config = SamplerConfig(max_new_tokens=6, block_size=2, mcmc_steps=4)
+    sample(backend, "p", config, num_samples=16)
+    assert backend.calls == 3 * (1 + 4)  # 3 stages x (extension + 4 MH rounds), whatever the number of chains
+
+
+def test_finished_chains_stop_costing():
+    backend = ToyBackend(load_spec("eos_trap"))
+    config = SamplerConfig(max_new_tokens=6, block_size=1, mcmc_steps=2)
+    records = sample(backend, "p", config, num_samples=50, seed=1)
+    short = [r for r in records if len(r.tokens) <= 2]
+    assert short and all(r.proposals <= 2 * 2 for r in short)  # stopped after the stage it completed in
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"alpha": 0}, "alpha"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": 300, "max_new_tokens": 256}, "block_size"),
+        ({"mcmc_steps": -1}, "mcmc_steps"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"proposal_temperature": 0.0}, "proposal_temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"method": "greedy"}, "method"),
+        ({"block_count": 0}, "block_count"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(kwargs, field):
+    with pytest.raises(PowerSampleError, match=field):
+        SamplerConfig(**kwargs)
+
+
+def test_stage_caps():
+    assert SamplerConfig(max_new_tokens=10, block_size=4).stage_caps() == [4, 8, 10]
+    assert SamplerConfig(max_new_tokens=3072).block == 192  # the paper's B = T / 16
+    assert SamplerConfig(max_new_tokens=10, block_count=16).stage_caps() == list(range(1, 11))
+
+
+def test_empty_prompt_and_bad_counts_are_errors():
+    backend = ToyBackend(load_spec("eos_trap"))
+    for prompt in ("", "   \n"):
+        with pytest.raises(PowerSampleError, match="empty"):
+            sample(backend, prompt)
+    with pytest.raises(PowerSampleError, match="num_samples"):
+        sample(backend, "p", num_samples=0)
+    with pytest.raises(PowerSampleError, match="seed"):
+        sample(backend, "p", seed=-1)
