@@ -74,8 +74,7 @@ def chain_seeds(seed: int, n: int) -> list[np.random.SeedSequence]:
 
 def encode_prompt(backend: Backend, prompt: str, config: SamplerConfig, chat: bool) -> tuple[int, ...]:
     """Prompt ids, checked: not empty, and prompt + max_new_tokens fits the model's context."""
-    if not prompt or not prompt.strip():
-        raise PowerSampleError("the prompt is empty")
+    check_prompt(prompt)
     ids = backend.encode(prompt, chat)
     limit = backend.context_length
     if limit is not None and len(ids) + config.max_new_tokens > limit:
@@ -84,6 +83,11 @@ def encode_prompt(backend: Backend, prompt: str, config: SamplerConfig, chat: bo
             f"the model's context of {limit} tokens"
         )
     return ids
+
+
+def check_prompt(prompt: str) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PowerSampleError("the prompt is empty")
 
 
 def _record(

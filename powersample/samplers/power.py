@@ -43,10 +43,10 @@ def sample_power(
     active = list(chains)
     for cap in config.stage_caps():
         _extend(backend, prompt, active, cap, proposal)
+        _report(progress)
         for _ in range(config.mcmc_steps):
             _mh_round(backend, prompt, active, cap, proposal, config.target_alpha)
-        if progress:
-            progress(1)
+            _report(progress)
         active = [c for c in active if not c.complete(backend.eos_ids)]
         if not active:
             break
@@ -54,8 +54,13 @@ def sample_power(
 
 
 def power_work_units(config: SamplerConfig) -> int:
-    """Progress units sample_power reports at most (one per stage)."""
-    return len(config.stage_caps())
+    """Progress units sample_power reports at most: one per batched backend call."""
+    return len(config.stage_caps()) * (1 + config.mcmc_steps)
+
+
+def _report(progress: Progress | None) -> None:
+    if progress:
+        progress(1)
 
 
 def _extend(backend: Backend, prompt: Tokens, chains: list[Chain], cap: int, proposal: Proposal) -> None:

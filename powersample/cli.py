@@ -1,0 +1,153 @@
+"""Command line: `powersample sample ...`. Functions here only parse arguments and dispatch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from powersample.api import check_prompt
+from powersample.config import METHODS, SamplerConfig
+from powersample.errors import PowerSampleError
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except PowerSampleError as e:
+        print(f"powersample: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("powersample: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="powersample", description="Sample from p(x)^alpha of a language model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sample", help="sample completions of a prompt", description="Sample completions of a prompt.")
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file)")
+    p.add_argument("--prompt-file", help="read the prompt from this file ('-' = stdin)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    add_sampler_options(p)
+    add_backend_options(p)
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples (chains run batched)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, config and backend => same output)")
+    p.add_argument("--output", help="append one JSON record per sample to this JSONL file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_sample)
+    return parser
+
+
+def add_sampler_options(p: argparse.ArgumentParser) -> None:
+    d = SamplerConfig()
+    g = p.add_argument_group("sampler")
+    g.add_argument("--method", choices=METHODS, default=d.method, help="sampling method (default: power)")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="power alpha of the target p^alpha (default 4)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="T (default %(default)s)")
+    blocks = g.add_mutually_exclusive_group()
+    blocks.add_argument("--block-size", type=int, help="block size B (default T / block count)")
+    blocks.add_argument("--block-count", type=int, default=d.block_count, help="number of blocks T/B (default 16)")
+    g.add_argument("--mcmc-steps", type=int, default=d.mcmc_steps, help="MH steps per stage (default 10)")
+    g.add_argument("--proposal-temperature", type=float, help="proposal temperature tau (default 1/alpha)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="proposal top-k (default off)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="proposal top-p (default off)")
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    from powersample.backends import BACKENDS
+
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", choices=BACKENDS, default="hf", help="engine (default hf)")
+    g.add_argument("--model", help="local model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--toy-spec", help="toy model JSON spec (with --backend toy)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on CPU)")
+
+
+def config_from_args(args: argparse.Namespace) -> SamplerConfig:
+    return SamplerConfig(
+        method=args.method,
+        alpha=args.alpha,
+        max_new_tokens=args.max_new_tokens,
+        block_size=args.block_size,
+        block_count=args.block_count,
+        mcmc_steps=args.mcmc_steps,
+        proposal_temperature=args.proposal_temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+
+
+def backend_from_args(args: argparse.Namespace):
+    from powersample.backends import load_backend
+
+    if not args.quiet:
+        print(f"powersample: loading the {args.backend} backend...", file=sys.stderr)
+    return load_backend(args.backend, model=args.model, toy_spec=args.toy_spec, device=args.device, dtype=args.dtype)
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from powersample.api import sample
+    from powersample.progress import progress_bar
+
+    config = config_from_args(args)  # validate before the (slow) model load
+    prompt = read_prompt(args)
+    if args.output:
+        append_jsonl(args.output, [])  # fail on an unwritable path now, not after sampling
+    backend = backend_from_args(args)
+    with progress_bar(config, args.quiet) as progress:
+        records = sample(backend, prompt, config, seed=args.seed, num_samples=args.num_samples,
+                         chat=not args.raw, progress=progress)
+    for r in records:
+        print(r.text)
+        print(summary_line(r, len(records)))
+    if args.output:
+        append_jsonl(args.output, [r.to_dict() for r in records])
+    return 0
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise PowerSampleError("give a prompt either as an argument or with --prompt-file, not both or neither")
+    prompt = args.prompt if args.prompt_file is None else _read_file(args.prompt_file)
+    check_prompt(prompt)
+    return prompt
+
+
+def _read_file(path: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PowerSampleError(f"cannot read prompt file {path}: {e}") from None
+
+
+def summary_line(r, total: int) -> str:
+    return (
+        f"[sample {r.sample_index + 1}/{total}] method={r.method} tokens={len(r.tokens)} ({r.finish_reason}) "
+        f"logp={r.logp:.2f} accepted={r.accepted}/{r.proposals} tokens_sampled={r.tokens_generated} "
+        f"wall={r.wall_seconds:.1f}s"
+    )
+
+
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    """Append rows, flushed and fsynced, so existing records are never lost."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

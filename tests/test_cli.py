@@ -1,0 +1,126 @@
+"""The command line: output, records, and one-line errors with exit code 2 for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SPECS
+from powersample.cli import main
+
+TOY = ["--backend", "toy", "--toy-spec", str(SPECS / "early_eos.json"), "--quiet"]
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_prints_text_and_summary_and_writes_records(tmp_path, capsys):
+    out_file = tmp_path / "out.jsonl"
+    argv = ["sample", "hello", *TOY, "--max-new-tokens", "4", "--block-size", "2", "--num-samples", "3",
+            "--seed", "5", "--output", str(out_file)]
+    code, out, err = run(argv, capsys)
+    assert code == 0 and err == ""
+    assert out.count("[sample ") == 3 and "method=power" in out
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert len(records) == 3
+    for r in records:
+        assert {"prompt", "text", "tokens", "logp", "tokens_generated", "proposals", "accepted", "wall_seconds",
+                "method", "config", "token_logp", "finish_reason"} <= set(r)
+        assert r["prompt"] == "hello" and r["config"]["block_size"] == 2 and r["config"]["alpha"] == 4.0
+    # appending keeps what was there, and the same seed gives the same records
+    assert run(argv, capsys)[0] == 0
+    again = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert len(again) == 6
+    assert [r["tokens"] for r in again[:3]] == [r["tokens"] for r in again[3:]]
+
+
+@pytest.mark.parametrize("method", ["power", "max-swap", "base", "low-temp"])
+def test_every_method_runs(method, capsys):
+    code, out, _ = run(["sample", "x", *TOY, "--method", method, "--max-new-tokens", "3"], capsys)
+    assert code == 0 and f"method={method}" in out
+
+
+def test_prompt_file_and_stdin(tmp_path, capsys, monkeypatch):
+    f = tmp_path / "p.txt"
+    f.write_text("a prompt\nover two lines")
+    assert run(["sample", "--prompt-file", str(f), *TOY, "--max-new-tokens", "2"], capsys)[0] == 0
+    monkeypatch.setattr(sys, "stdin", open(f))
+    assert run(["sample", "--prompt-file", "-", *TOY, "--max-new-tokens", "2"], capsys)[0] == 0
+
+
+def test_progress_bar_goes_to_stderr(capsys):
+    argv = ["sample", "x", "--backend", "toy", "--toy-spec", str(SPECS / "early_eos.json"), "--max-new-tokens", "3"]
+    code, out, err = run(argv, capsys)
+    assert code == 0 and "sampling" in err and "100%" in err and "sampling" not in out
+
+
+BAD = [
+    (["--alpha", "0"], "alpha"),
+    (["--alpha", "-2"], "alpha"),
+    (["--block-size", "0"], "block_size"),
+    (["--block-size", "9", "--max-new-tokens", "8"], "block_size"),
+    (["--mcmc-steps", "-1"], "mcmc_steps"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--proposal-temperature", "0"], "proposal_temperature"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--num-samples", "0"], "num_samples"),
+]
+
+
+@pytest.mark.parametrize("extra, word", BAD)
+def test_bad_options_exit_2_with_one_line(extra, word, capsys):
+    code, out, err = run(["sample", "x", *TOY, *extra], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and word in err and err.startswith("powersample: error:")
+
+
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["sample", "", *TOY], "empty"),
+        (["sample", "  ", *TOY], "empty"),
+        (["sample", *TOY], "prompt"),
+        (["sample", "x", "--prompt-file", "p.txt", *TOY], "prompt"),
+        (["sample", "--prompt-file", "/no/such/file", *TOY], "cannot read"),
+        (["sample", "x", "--backend", "toy", "--quiet"], "toy-spec"),
+        (["sample", "x", "--backend", "toy", "--toy-spec", "/no/such.json", "--quiet"], "cannot read"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(argv, word, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and word in err
+
+
+def test_malformed_toy_spec(tmp_path, capsys):
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({"vocab": ["a", "<eos>"], "eos_id": 1, "default": [0.5, 0.6]}))
+    code, _, err = run(["sample", "x", "--backend", "toy", "--toy-spec", str(spec), "--quiet"], capsys)
+    assert code == 2 and "'default' sums to" in err and err.count("\n") == 1
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "x", "--alpha", "four"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "x", "--method", "greedy"])
+    assert e.value.code == 2
+
+
+def test_console_script_has_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "powersample.cli", "sample", "x", "--backend", "toy", "--toy-spec", "/nope"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "cannot read" in proc.stderr
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = run(["sample", "x", *TOY, "--max-new-tokens", "2", "--output", str(tmp_path)], capsys)
+    assert code == 2 and "cannot write" in err
