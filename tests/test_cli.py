@@ -124,3 +124,34 @@ def test_console_script_has_no_traceback():
 def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
     code, _, err = run(["sample", "x", *TOY, "--max-new-tokens", "2", "--output", str(tmp_path)], capsys)
     assert code == 2 and "cannot write" in err
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_the_context_exits_2(capsys):
+    long_prompt = "word " * 9000  # SmolLM2's context is 8192 tokens
+    code, out, err = run(["sample", long_prompt, "--quiet", "--max-new-tokens", "8"], capsys)
+    assert code == 2 and out == "" and "exceeds the model's context" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["/no/such/model/dir", "missing.gguf"])
+def test_unknown_model_path_exits_2(model, capsys):
+    code, out, err = run(["sample", "x", "--quiet", "--model", model], capsys)
+    assert code == 2 and out == "" and "unknown model path" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_embedded_model_end_to_end(tmp_path, capsys):
+    out_file = tmp_path / "o.jsonl"
+    argv = ["sample", "What is 2 + 2?", "--quiet", "--max-new-tokens", "12", "--block-count", "2",
+            "--mcmc-steps", "2", "--num-samples", "2", "--output", str(out_file)]
+    code, out, err = run(argv, capsys)
+    assert code == 0 and out.count("[sample ") == 2
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    for r in records:
+        assert 1 <= len(r["tokens"]) <= 12 and r["proposals"] in (2, 4)  # 2 MH steps in each of 1 or 2 stages
+        assert r["finish_reason"] == "eos" or len(r["tokens"]) == 12
+        assert r["tokens_generated"] >= len(r["tokens"]) and r["wall_seconds"] > 0
+    assert run(argv, capsys)[0] == 0  # same seed, same output
+    again = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["tokens"] for r in again[:2]] == [r["tokens"] for r in again[2:]]
