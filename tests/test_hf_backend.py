@@ -219,3 +219,51 @@ def test_failed_conversion_is_one_line_and_leaves_no_temp_folder(tmp_path):
         embedded.convert_gguf(junk, target)
     assert "\n" not in str(err.value)
     assert not target.exists() and not list(target.parent.iterdir())
+
+
+# --- batching and buffers ---------------------------------------------------------------------------------------
+
+
+def test_batched_rows_match_single_rows(backend, prompt):
+    proposal = Proposal(temperature=0.5)
+    contexts = [prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)]  # ragged lengths: left padding at work
+    requests = [ExtendRequest(c, 8, np.random.default_rng(40 + j), 200 + j) for j, c in enumerate(contexts)]
+    before = backend.decode_forwards
+    batched = backend.extend(requests, proposal)
+    assert backend.decode_forwards - before == max(len(c.tokens) for c in batched)  # one forward per step for all
+    for j, (context, cont) in enumerate(zip(contexts, batched)):
+        alone = sample(backend, context, 8, seed=40 + j, proposal=proposal, slot=300 + j)
+        assert alone.tokens == cont.tokens
+        np.testing.assert_allclose(alone.base_logp, cont.base_logp, atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(alone.proposal_logq, cont.proposal_logq, atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_chains_share_the_prompt_prefill(backend):
+    fresh = HFBackend(backend.model, backend.tokenizer)
+    prompt = fresh.encode("A prompt no other test uses, about otters.", chat=True)
+    requests = [ExtendRequest(prompt, 3, np.random.default_rng(j), j) for j in range(4)]
+    fresh.extend(requests, BASE)
+    assert fresh.prefilled_tokens == len(prompt) + 3  # the prompt once, then one re-fed token per other chain
+
+
+def test_a_rejected_proposal_keeps_the_current_state_cached(backend, prompt):
+    """MH: propose from i (the current state's cache must survive), reject, then extend the current state."""
+    fresh = HFBackend(backend.model, backend.tokenizer)
+    current = sample(fresh, prompt, 10, seed=7, slot=0)
+    state = prompt + current.tokens
+    sample(fresh, prompt + current.tokens[:3], 6, seed=8, slot=0)  # the proposal, written to the other buffer
+    before = fresh.prefilled_tokens
+    following = sample(fresh, state, 4, seed=9, slot=0)  # rejected: continue from the current state
+    assert fresh.prefilled_tokens - before == 1  # only its last generated token, which was never fed
+    np.testing.assert_allclose(fresh.score(state, following.tokens), following.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_regenerate_from_scratch_baseline_prefills_everything(backend, prompt):
+    scratch = HFBackend(backend.model, backend.tokenizer, reuse_cache=False)
+    first = sample(scratch, prompt, 4, seed=1)
+    before = scratch.prefilled_tokens
+    again = sample(scratch, prompt + first.tokens[:2], 4, seed=2)
+    assert scratch.prefilled_tokens - before == len(prompt) + 2
+    np.testing.assert_allclose(scratch.score(prompt + first.tokens[:2], again.tokens), again.base_logp,
+                               atol=TOLERANCE, rtol=0)

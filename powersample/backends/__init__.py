@@ -15,8 +15,13 @@ def load_backend(
     toy_spec: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    reuse_cache: bool = True,
 ) -> Backend:
-    """Build a backend by name. `model` None means the embedded SmolLM2-135M-Instruct (hf)."""
+    """Build a backend by name. `model` None means the embedded SmolLM2-135M-Instruct (hf).
+
+    reuse_cache=False makes every request prefill its whole context from an empty cache, one request at a time:
+    the "regenerate from scratch" baseline of `powersample bench` (the paper's approach). Exact either way.
+    """
     if name == "toy":
         from powersample.backends.toy import ToyBackend, ToySpec
 
@@ -25,7 +30,7 @@ def load_backend(
         return ToyBackend(ToySpec.load(toy_spec))
     if name == "hf":
         hf = _import_extra("powersample.backends.hf", "hf")
-        return hf.HFBackend.load(model, device=device, dtype=dtype)
+        return hf.HFBackend.load(model, device=device, dtype=dtype, reuse_cache=reuse_cache)
     raise PowerSampleError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

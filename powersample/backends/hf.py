@@ -1,14 +1,22 @@
 """`hf`: a Hugging Face transformers causal LM behind the backend seam (`base.py`).
 
-Per new token, `extend` runs ONE forward pass and derives both distributions from its logits:
+Per new token, `extend` runs ONE forward pass for all requests together and derives both distributions from
+its logits:
 
     log p = log_softmax(logits)                        # base: temperature 1, no truncation (float64)
     log q = proposal_logprobs(log p, proposal)         # proposal: temperature, top-k, top-p, renormalized
     token = draw(log q, request.rng)                   # all randomness comes from the chain's own generator
 
-Each `slot` owns a `DynamicCache` and the ids it holds. A request crops that cache to its longest common prefix with
-the request's context and prefills only the rest, so an MH step that resamples from position i re-reads no tokens
-before i. Correctness never depends on the slot: a foreign slot only costs a longer prefill.
+Caches. Each slot (chain) owns two KV buffers, so an MH step never destroys the current state's cache: a request
+reuses the buffer with the longest common prefix with its context (any slot's, so chains share the prompt's
+prefill), crops it there, and writes into the slot's other buffer when cropping in place would lose tokens. Only
+the context tokens no buffer holds are prefilled, and at least the last context token is fed again since a cache
+keeps no logits. Correctness never depends on the slot: a foreign slot only costs a longer prefill.
+
+Batching. After the (batch-1) prefills every row has exactly one pending token, so the decoding loop stacks the
+rows' caches left-padded into one DynamicCache, with an attention mask over the padding and each row's true
+position ids, and runs one forward per step for all rows. Finished rows (EOS or their max_tokens) leave the batch
+at once and their caches go back to their buffers.
 """
 
 from __future__ import annotations
@@ -35,29 +43,58 @@ DTYPES = {  # accepted --dtype spellings; "auto" = whatever the checkpoint says
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"; anything else is only a path
 
 
-@dataclass
-class _Slot:
-    """One chain's KV cache and the token ids it holds, in order."""
+KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (keys, values), each (1, heads, L, head_dim)
 
-    cache: DynamicCache
+
+@dataclass
+class _Buffer:
+    """A cached prefix: the ids it holds and their keys and values (None when empty)."""
+
     ids: list[int] = field(default_factory=list)
+    kv: KV | None = None
+
+    def cropped(self, keep: int) -> KV | None:
+        """The first `keep` positions of the cache (views, no copy)."""
+        if keep == 0 or self.kv is None:
+            return None
+        return tuple((k[:, :, :keep], v[:, :, :keep]) for k, v in self.kv)
+
+
+@dataclass
+class _Row:
+    """One request being decoded: where its cache lives, and the token to feed next."""
+
+    request: ExtendRequest
+    buffer: _Buffer
+    next_id: int  # token to feed at the next forward
+    position: int  # its position in the sequence
+    tokens: list[int] = field(default_factory=list)
+    base_logp: list[float] = field(default_factory=list)
+    proposal_logq: list[float] = field(default_factory=list)
+
+    def continuation(self) -> Continuation:
+        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq))
 
 
 class HFBackend:
-    """Sampling and scoring with a transformers causal LM, one KV cache per slot. See the module docstring."""
+    """Sampling and scoring with a transformers causal LM; batched decoding, two KV buffers per slot."""
 
-    def __init__(self, model: Any, tokenizer: Any):
+    def __init__(self, model: Any, tokenizer: Any, reuse_cache: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.device
         self.eos_ids = _eos_ids(model, tokenizer)
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
-        self._slots: dict[int, _Slot] = {}
+        self.reuse_cache = reuse_cache  # False: every request prefills its whole context alone (bench baseline)
+        self._buffers: dict[int, tuple[_Buffer, _Buffer]] = {}
         self._forward_args = _forward_arguments(model)
         self.prefilled_tokens = 0  # context tokens fed to the model by extend(); tests check cache reuse with it
+        self.decode_forwards = 0  # batched decoding forwards; tests check that chains share them
 
     @classmethod
-    def load(cls, model: str | None, *, device: str | None = None, dtype: str | None = None) -> "HFBackend":
+    def load(
+        cls, model: str | None, *, device: str | None = None, dtype: str | None = None, reuse_cache: bool = True
+    ) -> "HFBackend":
         """Load `model`: None = the embedded SmolLM2, a local folder, a .gguf file, or a hub id.
 
         device None = cuda when available, else cpu; dtype None = float32 on cpu, bfloat16 on cuda. Every failure is
@@ -75,7 +112,7 @@ class HFBackend:
         except Exception as e:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
             what = f"unknown model path or hub id {model!r}" if is_hub else f"cannot load model {model or folder}"
             raise PowerSampleError(f"{what}: {_one_line(e)}") from None
-        return cls(lm, tokenizer)
+        return cls(lm, tokenizer, reuse_cache=reuse_cache)
 
     def encode(self, prompt: str, chat: bool = True) -> Tokens:
         """Prompt ids; with `chat` and a chat template, the prompt is one user message plus the assistant header."""
@@ -94,8 +131,15 @@ class HFBackend:
 
     @torch.inference_mode()
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
-        """One continuation per request, in order (batch 1 for now: one request after another)."""
-        return [self._extend_one(r, proposal) for r in requests]
+        """One continuation per request, in order, decoded together (one forward per step for all rows)."""
+        for r in requests:
+            self._check_length(len(r.context), r.max_tokens)
+        if len({r.slot for r in requests}) < len(requests):  # rows of one slot would share a buffer: one by one
+            return [self.extend([r], proposal)[0] for r in requests]
+        if not self.reuse_cache:  # the baseline: each request alone, from an empty cache
+            return [self._decode([self._prepare(r, _Buffer())], proposal)[0] for r in requests]
+        rows = [self._prepare(r, self._target(r)) for r in requests]
+        return self._decode(rows, proposal)
 
     @torch.inference_mode()
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
@@ -112,79 +156,138 @@ class HFBackend:
         picked = logp.gather(-1, torch.tensor(list(continuation), device=self.device)[:, None])[:, 0]
         return tuple(picked.cpu().tolist())
 
-    def _extend_one(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
-        """Draw up to max_tokens tokens from q after request.context, stopping right after an EOS."""
-        self._check_length(len(request.context), request.max_tokens)
-        slot = self._slot(request.slot)
-        logits = self._prefill(slot, request.context)
-        tokens: list[int] = []
-        base_logp: list[float] = []
-        proposal_logq: list[float] = []
-        while True:
-            logp = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()  # (V,)
-            logq = proposal_logprobs(logp, proposal)
-            token = draw(logq, request.rng)
-            tokens.append(token)
-            base_logp.append(float(logp[token]))
-            proposal_logq.append(float(logq[token]))
-            if token in self.eos_ids or len(tokens) == request.max_tokens:
-                break
-            logits = self._forward(slot, [token])
-        return Continuation(tuple(tokens), tuple(base_logp), tuple(proposal_logq))
+    # --- caches ---------------------------------------------------------------------------------------------------
 
-    def _slot(self, index: int) -> _Slot:
-        if index not in self._slots:
-            self._slots[index] = _Slot(self._new_cache())
-        return self._slots[index]
+    def _target(self, request: ExtendRequest) -> _Buffer:
+        """Point one of the slot's buffers at the longest cached prefix of the context, without losing the other.
 
-    def _new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.model.config)
-
-    def _prefill(self, slot: _Slot, context: Sequence[int]) -> torch.Tensor:
-        """Crop the slot's cache to its common prefix with `context`, feed the rest; next-token logits (V,).
-
-        At least the last context token is always fed again, since the cache keeps no logits.
+        The source is the buffer (of any slot) sharing the most leading ids with the context. It is cropped in place
+        when that loses nothing, else its prefix (views) goes to the slot's other buffer.
         """
+        own = self._buffers.setdefault(request.slot, (_Buffer(), _Buffer()))
+        candidates = [*own, *(b for s, pair in self._buffers.items() if s != request.slot for b in pair)]
+        source = max(candidates, key=lambda b: _common_prefix(b.ids, request.context))  # first best: own buffers
+        keep = min(_common_prefix(source.ids, request.context), len(request.context) - 1)
+        if source in own and len(source.ids) <= keep + 1:
+            target = source  # it holds a prefix of the context (plus at most the token we re-feed anyway)
+        else:
+            target = min((b for b in own if b is not source), key=lambda b: _common_prefix(b.ids, request.context))
+        target.kv, target.ids = source.cropped(keep), list(request.context[:keep])
+        return target
+
+    def _prepare(self, request: ExtendRequest, buffer: _Buffer) -> _Row:
+        """Prefill what `buffer` lacks of the context except its last token, which the first decoding step feeds."""
+        context = request.context
         if not context:
             raise PowerSampleError("cannot extend an empty context: the prompt encodes to no tokens")
-        keep = min(_common_prefix(slot.ids, context), len(context) - 1)
-        self._crop(slot, keep)
-        missing = list(context[keep:])
-        self.prefilled_tokens += len(missing)
-        return self._forward(slot, missing)
+        if buffer.ids != list(context[: len(buffer.ids)]) or len(buffer.ids) >= len(context):
+            buffer.kv, buffer.ids = None, []  # the baseline's fresh buffer, or a stale one
+        missing = list(context[len(buffer.ids) : -1])
+        self.prefilled_tokens += len(missing) + 1
+        if missing:
+            cache, mask, positions = _assemble([buffer.kv], [len(buffer.ids)], self.model.config, len(missing), self.device)
+            self._forward(torch.tensor([missing], device=self.device), cache, mask, positions)
+            buffer.kv, buffer.ids = _take_row(cache, 0, 0), buffer.ids + missing
+        return _Row(request, buffer, next_id=context[-1], position=len(context) - 1)
 
-    def _crop(self, slot: _Slot, keep: int) -> None:
-        """Drop all but the first `keep` cached tokens (a fresh cache when none stay or the cache can't crop)."""
-        drop = len(slot.ids) - keep
-        if drop == 0:
-            return
-        if keep > 0:
-            try:
-                slot.cache.crop(-drop)  # transformers 5.x: a negative count of tokens to remove
-            except RuntimeError:  # e.g. a sliding-window layer past its window cannot roll back
-                keep = 0
-        if keep == 0:
-            slot.cache = self._new_cache()
-        del slot.ids[keep:]
+    # --- batched decoding -----------------------------------------------------------------------------------------
 
-    def _forward(self, slot: _Slot, ids: list[int]) -> torch.Tensor:
-        """Feed `ids` after what the slot's cache holds; logits (V,) for the token after the last one."""
-        input_ids = torch.tensor([ids], device=self.device)  # (1, T)
+    def _decode(self, rows: list[_Row], proposal: Proposal) -> list[Continuation]:
+        """Decode all rows together until each hits EOS or its max_tokens; one forward per step."""
+        lengths = [len(r.buffer.ids) for r in rows]
+        cache, mask, positions = _assemble([r.buffer.kv for r in rows], lengths, self.model.config, 1, self.device)
+        pads = [mask.shape[1] - 1 - n for n in lengths]  # left padding of each row, fixed while it decodes
+        live = list(range(len(rows)))  # rows[live[b]] is batch row b
+        while live:
+            ids = torch.tensor([[rows[i].next_id] for i in live], device=self.device)
+            logits = self._forward(ids, cache, mask, positions)  # (B, V)
+            self.decode_forwards += 1
+            done = self._sample_step([rows[i] for i in live], logits, proposal)
+            for b in done:
+                self._finish(rows[live[b]], cache, b, pads[live[b]])
+            keep = [b for b in range(len(live)) if b not in done]
+            if not keep:
+                break
+            cache, mask, positions = _next_step(cache, mask, positions, keep, self.device)
+            live = [live[b] for b in keep]
+        return [r.continuation() for r in rows]
+
+    def _sample_step(self, rows: list[_Row], logits: torch.Tensor, proposal: Proposal) -> set[int]:
+        """Draw one token per row from q; returns the batch indices of rows that are now finished."""
+        logp = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()  # (B, V)
+        logq = proposal_logprobs(logp, proposal)  # (B, V)
+        done = set()
+        for b, row in enumerate(rows):
+            token = draw(logq[b], row.request.rng)
+            row.tokens.append(token)
+            row.base_logp.append(float(logp[b, token]))
+            row.proposal_logq.append(float(logq[b, token]))
+            row.buffer.ids.append(row.next_id)  # the cache now holds the token just fed
+            row.next_id, row.position = token, row.position + 1
+            if token in self.eos_ids or len(row.tokens) == row.request.max_tokens:
+                done.add(b)
+        return done
+
+    def _finish(self, row: _Row, cache: DynamicCache, b: int, pad: int) -> None:
+        # A copy, so the batch's tensors are freed once every row has left (views would pin them all).
+        row.buffer.kv = tuple((k.clone(), v.clone()) for k, v in _take_row(cache, b, pad))
+
+    def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor):
+        """Feed ids (B, T) after the cache; logits (B, V) of the next token after each row's last id."""
         args = self._forward_args
-        kwargs = {args["cache"]: slot.cache, **({"logits_to_keep": 1} if args["logits_to_keep"] else {})}
-        try:
-            out = self.model(input_ids=input_ids, use_cache=True, **kwargs)
-        except BaseException:  # an interrupted forward may have grown only some layers: start this slot afresh
-            slot.cache, slot.ids = self._new_cache(), []
-            raise
-        slot.ids.extend(ids)
-        return out.logits[0, -1]
+        kwargs = {args["cache"]: cache, **({"logits_to_keep": 1} if args["logits_to_keep"] else {})}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        return out.logits[:, -1]
 
     def _check_length(self, context: int, new: int) -> None:
         if self.context_length is not None and context + new > self.context_length:
             raise PowerSampleError(
                 f"{context} context tokens + {new} new tokens exceed the model's context length ({self.context_length})"
             )
+
+
+def _assemble(kvs: list[KV | None], lengths: list[int], config: Any, new: int, device: torch.device):
+    """Stack per-row caches left-padded into one DynamicCache, for feeding `new` tokens per row.
+
+    Returns (cache, attention mask (B, Lmax + new), position ids (B, new)).
+    """
+    width = max(lengths)
+    cache = DynamicCache(config=config)
+    if width:
+        reference = next(kv for kv in kvs if kv is not None)
+        for layer, (k0, v0) in enumerate(reference):
+            keys = torch.cat([_left_pad(kv, layer, 0, width, k0) for kv in kvs])
+            values = torch.cat([_left_pad(kv, layer, 1, width, v0) for kv in kvs])
+            cache.update(keys, values, layer)
+    mask = torch.zeros(len(kvs), width + new, dtype=torch.long, device=device)
+    for b, n in enumerate(lengths):
+        mask[b, width - n :] = 1
+    positions = torch.tensor([[n + t for t in range(new)] for n in lengths], device=mask.device)
+    return cache, mask, positions
+
+
+def _left_pad(kv: KV | None, layer: int, which: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """One row's keys or values at `layer`, zero-padded on the left to `width` positions: (1, H, width, D)."""
+    if kv is None:
+        return like.new_zeros(1, like.shape[1], width, like.shape[3])
+    t = kv[layer][which]
+    return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0)) if t.shape[2] < width else t
+
+
+def _take_row(cache: DynamicCache, b: int, pad: int) -> KV:
+    """Row b of a batched cache without its left padding (views)."""
+    return tuple((layer.keys[b : b + 1, :, pad:], layer.values[b : b + 1, :, pad:]) for layer in cache.layers)
+
+
+def _next_step(cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, keep: list[int], device):
+    """Grow the mask and positions by one step, keeping only the rows in `keep`."""
+    ones = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
+    mask, positions = torch.cat([mask, ones], dim=1), positions[:, -1:] + 1
+    if len(keep) < mask.shape[0]:
+        index = torch.tensor(keep, device=device)
+        cache.batch_select_indices(index)
+        mask, positions = mask[index], positions[index]
+    return cache, mask, positions
 
 
 def _parse_dtype(dtype: str | None, device: str) -> torch.dtype | str:
