@@ -103,7 +103,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.output:
         append_jsonl(args.output, [])  # fail on an unwritable path now, not after sampling
     backend = backend_from_args(args)
-    with progress_bar(config, args.quiet) as progress:
+    with progress_bar(config, args.quiet, chains=args.num_samples) as progress:
         records = sample(backend, prompt, config, seed=args.seed, num_samples=args.num_samples,
                          chat=not args.raw, progress=progress)
     for r in records:

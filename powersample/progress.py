@@ -11,13 +11,16 @@ from powersample.samplers import Progress, work_units
 
 
 @contextlib.contextmanager
-def progress_bar(config: SamplerConfig, quiet: bool = False, desc: str = "sampling") -> Iterator[Progress | None]:
-    """A tqdm bar over the sampler's work units; yields its update function (None when quiet)."""
+def progress_bar(
+    config: SamplerConfig, quiet: bool = False, desc: str = "sampling", chains: int = 1
+) -> Iterator[Progress | None]:
+    """A tqdm bar over the backend requests of `chains` chains; yields its update function (None when quiet)."""
     if quiet:
         yield None
         return
     from tqdm import tqdm
 
-    with tqdm(total=work_units(config), desc=desc, unit="round", file=sys.stderr, dynamic_ncols=True) as bar:
+    total = work_units(config) * chains
+    with tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True) as bar:
         yield bar.update
-        bar.update(bar.total - bar.n)  # early stop at EOS finishes the bar
+        bar.update(bar.total - bar.n)  # chains that stop early at EOS finish the bar

@@ -25,7 +25,7 @@ import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -62,18 +62,59 @@ class _Buffer:
 
 @dataclass
 class _Row:
-    """One request being decoded: where its cache lives, and the token to feed next."""
+    """One request being decoded: its cache's buffer and ids, the token to feed next, and what it has drawn."""
 
+    key: int  # the caller's key for this request (refills of one chain share it)
     request: ExtendRequest
-    buffer: _Buffer
-    next_id: int  # token to feed at the next forward
-    position: int  # its position in the sequence
+    buffer: _Buffer  # receives the row's cache when it finishes
+    ids: list[int]  # ids the row's cache holds
+    next_id: int  # token to feed at the next forward, at position len(ids)
     tokens: list[int] = field(default_factory=list)
     base_logp: list[float] = field(default_factory=list)
     proposal_logq: list[float] = field(default_factory=list)
 
     def continuation(self) -> Continuation:
         return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq))
+
+
+class _Batch:
+    """The rows being decoded, their caches stacked left-padded in one DynamicCache, with mask and positions."""
+
+    def __init__(self, config: Any, device: torch.device):
+        self.config, self.device = config, device
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.pads: list[int] = []  # left padding of each row
+
+    def add(self, new_rows: list[_Row]) -> None:
+        """Restack every row's cache (the running rows' from the batch, the new rows' from their buffers)."""
+        kvs = [_take_row(self.cache, b, pad) for b, pad in enumerate(self.pads)] + [r.buffer.kv for r in new_rows]
+        self.rows += new_rows
+        self.cache, width = _stack(kvs, [len(r.ids) for r in self.rows], self.config)
+        self.pads = [width - len(r.ids) for r in self.rows]
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids (B, 1), attention mask (B, width + 1), position ids (B, 1)) for the next step."""
+        width = self.pads[0] + len(self.rows[0].ids)
+        ids = torch.tensor([[r.next_id] for r in self.rows], device=self.device)
+        mask = torch.ones(len(self.rows), width + 1, dtype=torch.long, device=self.device)
+        for b, pad in enumerate(self.pads):
+            mask[b, :pad] = 0
+        positions = torch.tensor([[len(r.ids)] for r in self.rows], device=self.device)
+        return ids, mask, positions
+
+    def take(self, b: int) -> KV:
+        """Row b's cache as a copy (views would pin the whole batch's tensors)."""
+        return tuple((k.clone(), v.clone()) for k, v in _take_row(self.cache, b, self.pads[b]))
+
+    def drop(self, gone: list[int]) -> None:
+        keep = [b for b in range(len(self.rows)) if b not in set(gone)]
+        if len(keep) < len(self.rows) and keep:
+            self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
+        self.rows = [self.rows[b] for b in keep]
+        self.pads = [self.pads[b] for b in keep]
+        if not keep:
+            self.cache = None
 
 
 class HFBackend:
@@ -132,14 +173,43 @@ class HFBackend:
     @torch.inference_mode()
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
         """One continuation per request, in order, decoded together (one forward per step for all rows)."""
-        for r in requests:
-            self._check_length(len(r.context), r.max_tokens)
         if len({r.slot for r in requests}) < len(requests):  # rows of one slot would share a buffer: one by one
             return [self.extend([r], proposal)[0] for r in requests]
-        if not self.reuse_cache:  # the baseline: each request alone, from an empty cache
-            return [self._decode([self._prepare(r, _Buffer())], proposal)[0] for r in requests]
-        rows = [self._prepare(r, self._target(r)) for r in requests]
-        return self._decode(rows, proposal)
+        results: dict[int, Continuation] = {}
+
+        def collect(key: int, cont: Continuation) -> None:
+            results[key] = cont
+
+        self.extend_continuous(dict(enumerate(requests)), proposal, collect)
+        return [results[j] for j in range(len(requests))]
+
+    @torch.inference_mode()
+    def extend_continuous(
+        self,
+        requests: dict[int, ExtendRequest],
+        proposal: Proposal,
+        refill: Callable[[int, Continuation], ExtendRequest | None],
+    ) -> None:
+        """Decode `requests` (by key) as one batch that stays full: when a row finishes, refill(key, continuation)
+        gives that key's next request (or None), which joins the batch at the next step."""
+        if len({r.slot for r in requests.values()}) < len(requests):
+            raise ValueError("extend_continuous needs one slot per request")
+        batch, incoming = _Batch(self.model.config, self.device), list(requests.items())
+        while incoming or batch.rows:
+            if incoming:
+                batch.add([self._start(key, request) for key, request in incoming])
+                incoming = []
+            ids, mask, positions = batch.inputs()
+            logits = self._forward(ids, batch.cache, mask, positions)  # (B, V)
+            self.decode_forwards += 1
+            done = self._sample_step(batch.rows, logits, proposal)
+            finished = [(batch.rows[b], batch.take(b)) for b in done]
+            batch.drop(done)
+            for row, kv in finished:
+                row.buffer.kv, row.buffer.ids = kv, row.ids
+                request = refill(row.key, row.continuation())
+                if request is not None:
+                    incoming.append((row.key, request))
 
     @torch.inference_mode()
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
@@ -175,62 +245,41 @@ class HFBackend:
         target.kv, target.ids = source.cropped(keep), list(request.context[:keep])
         return target
 
-    def _prepare(self, request: ExtendRequest, buffer: _Buffer) -> _Row:
-        """Prefill what `buffer` lacks of the context except its last token, which the first decoding step feeds."""
-        context = request.context
-        if not context:
+    def _start(self, key: int, request: ExtendRequest) -> _Row:
+        """A row for `request`: its cache found (or, for the baseline, empty) and prefilled up to the last token."""
+        self._check_length(len(request.context), request.max_tokens)
+        if not request.context:
             raise PowerSampleError("cannot extend an empty context: the prompt encodes to no tokens")
-        if buffer.ids != list(context[: len(buffer.ids)]) or len(buffer.ids) >= len(context):
-            buffer.kv, buffer.ids = None, []  # the baseline's fresh buffer, or a stale one
-        missing = list(context[len(buffer.ids) : -1])
-        self.prefilled_tokens += len(missing) + 1
+        buffer = self._target(request) if self.reuse_cache else _Buffer()
+        self._prefill(buffer, request.context[:-1])
+        return _Row(key, request, buffer, ids=list(buffer.ids), next_id=request.context[-1])
+
+    def _prefill(self, buffer: _Buffer, ids: Sequence[int]) -> None:
+        """Feed what `buffer` lacks of `ids` (it holds a prefix of them), at batch 1."""
+        missing = list(ids[len(buffer.ids) :])
+        self.prefilled_tokens += len(missing) + 1  # + the last context token, fed by the first decoding step
         if missing:
-            cache, mask, positions = _assemble([buffer.kv], [len(buffer.ids)], self.model.config, len(missing), self.device)
+            cache, width = _stack([buffer.kv], [len(buffer.ids)], self.model.config)
+            positions = torch.arange(width, width + len(missing), device=self.device)[None]
+            mask = torch.ones(1, width + len(missing), dtype=torch.long, device=self.device)
             self._forward(torch.tensor([missing], device=self.device), cache, mask, positions)
             buffer.kv, buffer.ids = _take_row(cache, 0, 0), buffer.ids + missing
-        return _Row(request, buffer, next_id=context[-1], position=len(context) - 1)
 
-    # --- batched decoding -----------------------------------------------------------------------------------------
-
-    def _decode(self, rows: list[_Row], proposal: Proposal) -> list[Continuation]:
-        """Decode all rows together until each hits EOS or its max_tokens; one forward per step."""
-        lengths = [len(r.buffer.ids) for r in rows]
-        cache, mask, positions = _assemble([r.buffer.kv for r in rows], lengths, self.model.config, 1, self.device)
-        pads = [mask.shape[1] - 1 - n for n in lengths]  # left padding of each row, fixed while it decodes
-        live = list(range(len(rows)))  # rows[live[b]] is batch row b
-        while live:
-            ids = torch.tensor([[rows[i].next_id] for i in live], device=self.device)
-            logits = self._forward(ids, cache, mask, positions)  # (B, V)
-            self.decode_forwards += 1
-            done = self._sample_step([rows[i] for i in live], logits, proposal)
-            for b in done:
-                self._finish(rows[live[b]], cache, b, pads[live[b]])
-            keep = [b for b in range(len(live)) if b not in done]
-            if not keep:
-                break
-            cache, mask, positions = _next_step(cache, mask, positions, keep, self.device)
-            live = [live[b] for b in keep]
-        return [r.continuation() for r in rows]
-
-    def _sample_step(self, rows: list[_Row], logits: torch.Tensor, proposal: Proposal) -> set[int]:
+    def _sample_step(self, rows: list[_Row], logits: torch.Tensor, proposal: Proposal) -> list[int]:
         """Draw one token per row from q; returns the batch indices of rows that are now finished."""
         logp = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()  # (B, V)
         logq = proposal_logprobs(logp, proposal)  # (B, V)
-        done = set()
+        done = []
         for b, row in enumerate(rows):
             token = draw(logq[b], row.request.rng)
             row.tokens.append(token)
             row.base_logp.append(float(logp[b, token]))
             row.proposal_logq.append(float(logq[b, token]))
-            row.buffer.ids.append(row.next_id)  # the cache now holds the token just fed
-            row.next_id, row.position = token, row.position + 1
+            row.ids.append(row.next_id)  # the cache now holds the token just fed
+            row.next_id = token
             if token in self.eos_ids or len(row.tokens) == row.request.max_tokens:
-                done.add(b)
+                done.append(b)
         return done
-
-    def _finish(self, row: _Row, cache: DynamicCache, b: int, pad: int) -> None:
-        # A copy, so the batch's tensors are freed once every row has left (views would pin them all).
-        row.buffer.kv = tuple((k.clone(), v.clone()) for k, v in _take_row(cache, b, pad))
 
     def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor):
         """Feed ids (B, T) after the cache; logits (B, V) of the next token after each row's last id."""
@@ -246,11 +295,8 @@ class HFBackend:
             )
 
 
-def _assemble(kvs: list[KV | None], lengths: list[int], config: Any, new: int, device: torch.device):
-    """Stack per-row caches left-padded into one DynamicCache, for feeding `new` tokens per row.
-
-    Returns (cache, attention mask (B, Lmax + new), position ids (B, new)).
-    """
+def _stack(kvs: list[KV | None], lengths: list[int], config: Any) -> tuple[DynamicCache, int]:
+    """Per-row caches stacked left-padded to a common width into one DynamicCache; returns (cache, width)."""
     width = max(lengths)
     cache = DynamicCache(config=config)
     if width:
@@ -259,11 +305,7 @@ def _assemble(kvs: list[KV | None], lengths: list[int], config: Any, new: int, d
             keys = torch.cat([_left_pad(kv, layer, 0, width, k0) for kv in kvs])
             values = torch.cat([_left_pad(kv, layer, 1, width, v0) for kv in kvs])
             cache.update(keys, values, layer)
-    mask = torch.zeros(len(kvs), width + new, dtype=torch.long, device=device)
-    for b, n in enumerate(lengths):
-        mask[b, width - n :] = 1
-    positions = torch.tensor([[n + t for t in range(new)] for n in lengths], device=mask.device)
-    return cache, mask, positions
+    return cache, width
 
 
 def _left_pad(kv: KV | None, layer: int, which: int, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -277,17 +319,6 @@ def _left_pad(kv: KV | None, layer: int, which: int, width: int, like: torch.Ten
 def _take_row(cache: DynamicCache, b: int, pad: int) -> KV:
     """Row b of a batched cache without its left padding (views)."""
     return tuple((layer.keys[b : b + 1, :, pad:], layer.values[b : b + 1, :, pad:]) for layer in cache.layers)
-
-
-def _next_step(cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, keep: list[int], device):
-    """Grow the mask and positions by one step, keeping only the rows in `keep`."""
-    ones = torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)
-    mask, positions = torch.cat([mask, ones], dim=1), positions[:, -1:] + 1
-    if len(keep) < mask.shape[0]:
-        index = torch.tensor(keep, device=device)
-        cache.batch_select_indices(index)
-        mask, positions = mask[index], positions[index]
-    return cache, mask, positions
 
 
 def _parse_dtype(dtype: str | None, device: str) -> torch.dtype | str:

@@ -1,20 +1,24 @@
-"""Sampling algorithms. They know the backend seam (`powersample.backends.base`) and nothing of any engine."""
+"""Sampling algorithms. They know the backend seam (`powersample.backends.base`) and nothing of any engine.
+
+Each algorithm is one file holding a per-chain program (see `driver.py`); the driver batches the chains.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from powersample.backends.base import Backend, Tokens
+from powersample.backends.base import Backend, Proposal, Tokens
 from powersample.config import SamplerConfig
 from powersample.samplers.chain import Chain, ChainResult, Progress
-from powersample.samplers.plain import plain_work_units, sample_plain
-from powersample.samplers.power import power_work_units, sample_power
+from powersample.samplers.driver import drive
+from powersample.samplers.plain import plain_program, plain_work_units
+from powersample.samplers.power import power_program, power_work_units
 
 _SAMPLERS = {
-    "power": (sample_power, power_work_units),
-    "max-swap": (sample_power, power_work_units),
-    "base": (sample_plain, plain_work_units),
-    "low-temp": (sample_plain, plain_work_units),
+    "power": (power_program, power_work_units),
+    "max-swap": (power_program, power_work_units),
+    "base": (plain_program, plain_work_units),
+    "low-temp": (plain_program, plain_work_units),
 }
 
 
@@ -25,14 +29,15 @@ def run_chains(
     chains: Sequence[Chain],
     progress: Progress | None = None,
 ) -> list[ChainResult]:
-    """Run config.method on every chain (all chains share the prompt and advance together)."""
-    sampler, _ = _SAMPLERS[config.method]
-    return sampler(backend, prompt, config, chains, progress)
+    """Run config.method on every chain (all chains share the prompt and are batched together)."""
+    program, _ = _SAMPLERS[config.method]
+    proposal = Proposal(config.temperature, config.top_k, config.top_p)
+    return drive(backend, [program(prompt, config, c, backend.eos_ids) for c in chains], proposal, progress)
 
 
 def work_units(config: SamplerConfig) -> int:
-    """How many progress units one run_chains call reports at most."""
+    """Backend requests one chain makes at most (progress units)."""
     return _SAMPLERS[config.method][1](config)
 
 
-__all__ = ["Chain", "ChainResult", "run_chains", "work_units"]
+__all__ = ["Chain", "ChainResult", "Progress", "run_chains", "work_units"]

@@ -15,76 +15,47 @@ Acceptance. With both suffixes counted in full, whatever their lengths (L' = len
 
 and x' is accepted with probability min(1, r). `max-swap` is alpha = inf: accept iff log p of the suffix strictly
 increases. Sampling stops after the stage whose final state is complete, or after the stage that reaches T.
-
-All chains advance in lockstep: every extension and every MH round is one batched backend call.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
 
-from powersample.backends.base import Backend, Continuation, ExtendRequest, Proposal, Tokens
+from powersample.backends.base import Continuation, ExtendRequest, Tokens
 from powersample.config import SamplerConfig
-from powersample.samplers.chain import Chain, ChainResult, Progress
+from powersample.samplers.chain import Chain
+from powersample.samplers.driver import Program
 
 
-def sample_power(
-    backend: Backend,
-    prompt: Tokens,
-    config: SamplerConfig,
-    chains: Sequence[Chain],
-    progress: Progress | None = None,
-) -> list[ChainResult]:
-    """Run Algorithm 1 on every chain; returns their final states."""
-    proposal = Proposal(config.temperature, config.top_k, config.top_p)
-    active = list(chains)
+def power_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
+    """Algorithm 1 for one chain: yields each extension and proposal request, returns the final state."""
     for cap in config.stage_caps():
-        _extend(backend, prompt, active, cap, proposal)
-        _report(progress)
+        cont = yield ExtendRequest(prompt + tuple(chain.tokens), cap - len(chain.tokens), chain.rng, chain.slot)
+        chain.append(cont)
+        chain.tokens_generated += len(cont.tokens)
         for _ in range(config.mcmc_steps):
-            _mh_round(backend, prompt, active, cap, proposal, config.target_alpha)
-            _report(progress)
-        active = [c for c in active if not c.complete(backend.eos_ids)]
-        if not active:
+            i = int(chain.rng.integers(len(chain.tokens)))
+            cont = yield ExtendRequest(prompt + tuple(chain.tokens[:i]), cap - i, chain.rng, chain.slot)
+            mh_step(chain, i, cont, config.target_alpha)
+        if chain.complete(eos_ids):
             break
-    return [c.result() for c in chains]
+    return chain.result()
 
 
 def power_work_units(config: SamplerConfig) -> int:
-    """Progress units sample_power reports at most: one per batched backend call."""
+    """Backend requests one chain makes at most: an extension and mcmc_steps proposals per stage."""
     return len(config.stage_caps()) * (1 + config.mcmc_steps)
 
 
-def _report(progress: Progress | None) -> None:
-    if progress:
-        progress(1)
-
-
-def _extend(backend: Backend, prompt: Tokens, chains: list[Chain], cap: int, proposal: Proposal) -> None:
-    """Start of a stage: grow each (incomplete) state with q until EOS or `cap` tokens."""
-    requests = [ExtendRequest(prompt + tuple(c.tokens), cap - len(c.tokens), c.rng, c.slot) for c in chains]
-    for chain, cont in zip(chains, backend.extend(requests, proposal)):
-        chain.append(cont)
-        chain.tokens_generated += len(cont.tokens)
-
-
-def _mh_round(
-    backend: Backend, prompt: Tokens, chains: list[Chain], cap: int, proposal: Proposal, alpha: float
-) -> None:
-    """One MH step for every chain: draw i, propose a new suffix from i, accept or reject."""
-    cuts = [int(c.rng.integers(len(c.tokens))) for c in chains]
-    requests = [
-        ExtendRequest(prompt + tuple(c.tokens[:i]), cap - i, c.rng, c.slot) for c, i in zip(chains, cuts)
-    ]
-    for chain, i, cont in zip(chains, cuts, backend.extend(requests, proposal)):
-        chain.tokens_generated += len(cont.tokens)
-        chain.proposals += 1
-        if accept(log_accept_ratio(alpha, chain, i, cont), chain.rng):
-            chain.replace_suffix(i, cont)
-            chain.accepted += 1
+def mh_step(chain: Chain, i: int, proposed: Continuation, alpha: float) -> None:
+    """Accept or reject x' = x_<i + proposed, and count it."""
+    chain.tokens_generated += len(proposed.tokens)
+    chain.proposals += 1
+    if accept(log_accept_ratio(alpha, chain, i, proposed), chain.rng):
+        chain.replace_suffix(i, proposed)
+        chain.accepted += 1
 
 
 def log_accept_ratio(alpha: float, chain: Chain, i: int, proposed: Continuation) -> float:
