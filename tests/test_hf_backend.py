@@ -267,3 +267,20 @@ def test_regenerate_from_scratch_baseline_prefills_everything(backend, prompt):
     assert scratch.prefilled_tokens - before == len(prompt) + 2
     np.testing.assert_allclose(scratch.score(prompt + first.tokens[:2], again.tokens), again.base_logp,
                                atol=TOLERANCE, rtol=0)
+
+
+def test_continuous_batching_gives_the_same_samples_as_lockstep(backend):
+    from powersample import SamplerConfig, sample as sample_prompt
+
+    class Lockstep:  # the same backend without extend_continuous: the driver falls back to lockstep rounds
+        def __init__(self, inner):
+            self.inner, self.eos_ids, self.context_length = inner, inner.eos_ids, inner.context_length
+            self.encode, self.decode, self.extend = inner.encode, inner.decode, inner.extend
+
+    config = SamplerConfig(max_new_tokens=12, block_size=6, mcmc_steps=2)
+    continuous = sample_prompt(HFBackend(backend.model, backend.tokenizer), "Count to five.", config, num_samples=3)
+    lockstep = sample_prompt(Lockstep(HFBackend(backend.model, backend.tokenizer)), "Count to five.", config,
+                             num_samples=3)
+    for a, b in zip(continuous, lockstep):
+        assert a.tokens == b.tokens and a.accepted == b.accepted and a.tokens_generated == b.tokens_generated
+        np.testing.assert_allclose(a.token_logp, b.token_logp, atol=TOLERANCE, rtol=0)

