@@ -99,3 +99,14 @@ def test_same_generator_same_continuation_and_eos_only_last(backend, prompt):
     assert one.tokens == two.tokens
     assert not set(one.tokens[:-1]) & backend.eos_ids
     assert len(one.tokens) == 12 or one.tokens[-1] in backend.eos_ids
+
+
+def test_confidence_is_minus_the_entropy_of_the_next_token_distribution(backend, prompt):
+    cont = extend(backend, prompt, 4, seed=7, slot=70)
+    conf = backend.confidence(prompt, cont.tokens)
+    assert len(conf) == len(cont.tokens)
+    assert all(c <= 1e-12 for c in conf)  # minus an entropy
+    assert backend.confidence(prompt, ()) == ()
+    whole = backend.confidence(prompt, cont.tokens)
+    parts = backend.confidence(prompt, cont.tokens[:1]) + backend.confidence(prompt + cont.tokens[:1], cont.tokens[1:])
+    np.testing.assert_allclose(whole, parts, atol=TOLERANCE, rtol=0)

@@ -98,3 +98,13 @@ def test_same_generator_same_continuation():
     a = backend.extend([ExtendRequest((1,), 3, np.random.default_rng(5))], Proposal(0.7))
     b = backend.extend([ExtendRequest((1,), 3, np.random.default_rng(5))], Proposal(0.7))
     assert a == b
+
+
+def test_confidence_is_sum_p_log_p_of_each_row():
+    backend = ToyBackend(load_spec("eos_trap"))
+    want_first = 0.5 * math.log(0.5) + 0.2 * math.log(0.2) + 0.3 * math.log(0.3)
+    want_second = 2 * 0.1 * math.log(0.1) + 0.8 * math.log(0.8)  # after token 0
+    got = backend.confidence((), (0, 2))
+    assert math.isclose(got[0], want_first) and math.isclose(got[1], want_second)
+    assert backend.confidence((), ()) == ()
+    assert ToyBackend(load_spec("no_early_eos")).confidence((), (0,))[0] <= 0  # zeros count as 0 log 0 = 0

@@ -1,6 +1,6 @@
 """The backend seam: the only thing samplers know about an engine.
 
-Of any prefix a backend answers two questions:
+Of any prefix a backend answers two questions (plus, for evaluation, the confidence of the paper's Eq. 13):
 
 1. `extend`: sample a continuation of up to n tokens from the proposal q (the model at temperature tau, optionally
    truncated by top-k / top-p), stopping early at EOS, and return for every new token both its base log-prob
@@ -78,6 +78,11 @@ class Backend(Protocol):
         """log p of each continuation token given context and the tokens before it."""
         ...
 
+    def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
+        """Sum_x p(x | prefix) log p(x | prefix) (minus the entropy) of the base next-token distribution before
+        each continuation token: the per-position confidence of the paper's Eq. 13."""
+        ...
+
 
 def proposal_logprobs(base_logp: np.ndarray, proposal: Proposal) -> np.ndarray:
     """log q from log p over the vocabulary (last axis): temperature, then top-k, then top-p, renormalized.
@@ -127,3 +132,9 @@ def draw(logq: np.ndarray, rng: np.random.Generator) -> int:
     if token == len(cdf):  # u rounded up to the total: take the last token with q > 0
         token = int(np.flatnonzero(np.isfinite(logq))[-1])
     return token
+
+
+def negative_entropy(base_logp: np.ndarray) -> np.ndarray:
+    """Sum_x p log p over the last axis, with 0 log 0 = 0. Shapes: (..., V) -> (...)."""
+    p = np.exp(base_logp)
+    return np.sum(np.where(p > 0, p * np.where(p > 0, base_logp, 0.0), 0.0), axis=-1)

@@ -216,15 +216,27 @@ class HFBackend:
         """log p of each continuation token, from one fresh forward over context + continuation (no cache used)."""
         if not continuation:
             return ()
+        logp = self._fresh_logp(context, continuation)  # (T, V)
+        picked = logp.gather(-1, torch.tensor(list(continuation), device=self.device)[:, None])[:, 0]
+        return tuple(picked.cpu().tolist())
+
+    @torch.inference_mode()
+    def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
+        """Sum_x p log p of the next-token distribution before each continuation token (Eq. 13)."""
+        if not continuation:
+            return ()
+        logp = self._fresh_logp(context, continuation)  # (T, V)
+        return tuple(torch.special.xlogy(logp.exp(), logp.exp()).sum(-1).cpu().tolist())
+
+    def _fresh_logp(self, context: Sequence[int], continuation: Sequence[int]) -> torch.Tensor:
+        """Base log p (float64) of the next token before each continuation token, one uncached forward: (T, V)."""
         if not context:
             raise PowerSampleError("cannot score after an empty context: the prompt encodes to no tokens")
         self._check_length(len(context), len(continuation))
         ids = torch.tensor([list(context) + list(continuation)], device=self.device)
         keep = {"logits_to_keep": len(continuation) + 1} if self._forward_args["logits_to_keep"] else {}
         logits = self.model(input_ids=ids, use_cache=False, **keep).logits[0, -len(continuation) - 1 : -1]  # (T, V)
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        picked = logp.gather(-1, torch.tensor(list(continuation), device=self.device)[:, None])[:, 0]
-        return tuple(picked.cpu().tolist())
+        return torch.log_softmax(logits.double(), dim=-1)
 
     # --- caches ---------------------------------------------------------------------------------------------------
 

@@ -154,6 +154,14 @@ class ToyBackend:
             seq.append(tok)
         return tuple(out)
 
+    def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
+        seq = list(context)
+        out = []
+        for tok in continuation:
+            out.append(math.fsum(p * math.log(p) for p in self.spec.row(seq) if p > 0))
+            seq.append(tok)
+        return tuple(out)
+
     def _extend_one(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
         seq = list(request.context)
         tokens, logp, logq = [], [], []
