@@ -65,11 +65,12 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
     from powersample.backends import BACKENDS
 
     g = p.add_argument_group("backend")
-    g.add_argument("--backend", choices=BACKENDS, default="hf", help="engine (default hf)")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="engine; auto = llamacpp for GGUF models on CPU when installed, else hf (default auto)")
     g.add_argument("--model", help="local model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--toy-spec", help="toy model JSON spec (with --backend toy)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on CPU)")
+    g.add_argument("--dtype", help="hf: float32, bfloat16, float16 or auto (default: float32 on CPU)")
 
 
 def config_from_args(args: argparse.Namespace) -> SamplerConfig:
@@ -87,11 +88,12 @@ def config_from_args(args: argparse.Namespace) -> SamplerConfig:
 
 
 def backend_from_args(args: argparse.Namespace):
-    from powersample.backends import load_backend
+    from powersample.backends import load_backend, resolve_auto
 
+    name = resolve_auto(args.model, args.device, args.toy_spec) if args.backend == "auto" else args.backend
     if not args.quiet:
-        print(f"powersample: loading the {args.backend} backend...", file=sys.stderr)
-    return load_backend(args.backend, model=args.model, toy_spec=args.toy_spec, device=args.device, dtype=args.dtype)
+        print(f"powersample: loading the {name} backend...", file=sys.stderr, flush=True)
+    return load_backend(name, model=args.model, toy_spec=args.toy_spec, device=args.device, dtype=args.dtype)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:

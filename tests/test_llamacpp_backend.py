@@ -16,10 +16,16 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from powersample.backends.base import Continuation, ExtendRequest, Proposal, proposal_logprobs  # noqa: E402
-from powersample.backends.embedded import embedded_gguf_path  # noqa: E402
-from powersample.backends.llamacpp import LlamaCppBackend  # noqa: E402
-from powersample.errors import PowerSampleError  # noqa: E402
+from powersample.backends.base import (
+    Continuation,
+    ExtendRequest,
+    Proposal,
+    negative_entropy,
+    proposal_logprobs,
+)
+from powersample.backends.embedded import embedded_gguf_path
+from powersample.backends.llamacpp import LlamaCppBackend
+from powersample.errors import PowerSampleError
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +125,8 @@ def test_a_cold_proposal_has_its_own_valid_log_q(backend, prompt):
     cont = sample(backend, prompt, 8, seed=10, proposal=cold)
     logq = np.array(cont.proposal_logq)
     assert np.all(np.isfinite(logq)) and np.all(logq <= 0)
-    want = [proposal_logprobs(row, cold)[tok] for row, tok in zip(rows_after(backend, prompt, cont.tokens), cont.tokens)]
+    rows = rows_after(backend, prompt, cont.tokens)
+    want = [proposal_logprobs(row, cold)[tok] for row, tok in zip(rows, cont.tokens)]
     np.testing.assert_allclose(logq, want, atol=TOLERANCE, rtol=0)
 
 
@@ -147,6 +154,13 @@ def test_score_obeys_the_chain_rule(backend, prompt):
     parts = backend.score(prompt, a) + backend.score(prompt + a, b)
     np.testing.assert_allclose(whole, parts, atol=TOLERANCE, rtol=0)
     assert backend.score(prompt, ()) == ()
+
+
+def test_confidence_is_sum_p_log_p_of_each_row(backend, prompt):
+    cont = sample(backend, prompt, 6, seed=18)
+    want = [negative_entropy(row) for row in rows_after(backend, prompt, cont.tokens)]
+    np.testing.assert_allclose(backend.confidence(prompt, cont.tokens), want, atol=TOLERANCE, rtol=0)
+    assert all(c <= 0 for c in want) and backend.confidence(prompt, ()) == ()
 
 
 def test_eos_inside_the_chat_prompt_does_not_stop_extend(backend, prompt):

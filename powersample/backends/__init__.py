@@ -5,11 +5,11 @@ from __future__ import annotations
 from powersample.backends.base import Backend, Continuation, ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
-BACKENDS = ("toy", "hf")
+BACKENDS = ("auto", "toy", "hf", "llamacpp")
 
 
 def load_backend(
-    name: str = "hf",
+    name: str = "auto",
     *,
     model: str | None = None,
     toy_spec: str | None = None,
@@ -17,11 +17,16 @@ def load_backend(
     dtype: str | None = None,
     reuse_cache: bool = True,
 ) -> Backend:
-    """Build a backend by name. `model` None means the embedded SmolLM2-135M-Instruct (hf).
+    """Build a backend by name. `model` None means the embedded SmolLM2-135M-Instruct.
+
+    "auto" picks toy when toy_spec is given, else the fastest available engine: llamacpp for a GGUF model (the embedded one included) on a machine
+    without a GPU when llama-cpp-python is installed, else hf.
 
     reuse_cache=False makes every request prefill its whole context from an empty cache, one request at a time:
     the "regenerate from scratch" baseline of `powersample bench` (the paper's approach). Exact either way.
     """
+    if name == "auto":
+        name = resolve_auto(model, device, toy_spec)
     if name == "toy":
         from powersample.backends.toy import ToyBackend, ToySpec
 
@@ -31,7 +36,31 @@ def load_backend(
     if name == "hf":
         hf = _import_extra("powersample.backends.hf", "hf")
         return hf.HFBackend.load(model, device=device, dtype=dtype, reuse_cache=reuse_cache)
+    if name == "llamacpp":
+        if device not in (None, "cpu") or dtype is not None:
+            raise PowerSampleError("the llamacpp backend runs the GGUF as it is: --device and --dtype don't apply")
+        llamacpp = _import_extra("powersample.backends.llamacpp", "llamacpp")
+        return llamacpp.LlamaCppBackend.load(model, reuse_cache=reuse_cache)
     raise PowerSampleError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_auto(model: str | None, device: str | None, toy_spec: str | None = None) -> str:
+    """The engine "auto" means for this model and device (see load_backend); toy when a toy spec is given."""
+    import importlib.util
+
+    if toy_spec is not None:
+        return "toy"
+    gguf = model is None or model.endswith(".gguf")
+    cpu = device in (None, "cpu") and not _has_cuda()
+    return "llamacpp" if gguf and cpu and importlib.util.find_spec("llama_cpp") is not None else "hf"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ModuleNotFoundError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _import_extra(module: str, extra: str):
