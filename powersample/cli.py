@@ -43,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="append one JSON record per sample to this JSONL file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_sample)
-    from powersample.bench_cli import add_bench_parser  # local: bench_cli imports this module
+    from powersample.bench_cli import add_bench_parser  # local: these modules import this one
+    from powersample.eval.cli import add_eval_parsers
 
     add_bench_parser(sub)
+    add_eval_parsers(sub)
     return parser
 
 

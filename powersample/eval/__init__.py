@@ -1,0 +1,14 @@
+"""Evaluation: run a sampler over a task's problems and report accuracy, likelihoods and costs.
+
+    tasks/       one file per task: load problems, grade a completion (math500, humaneval, gpqa, alpacaeval)
+    sandbox.py   the one place generated code runs
+    math_grader.py  final-answer equivalence with math-verify, in a killable worker process
+    metrics.py   every number the report shows (Wilson interval, unbiased pass@k, Eq. 12 estimate)
+    records.py   a run directory: run.json, append-only records, resume
+    runner.py    the loop: sample, grade, append
+    report.py    the markdown table and the plots
+    cli.py       `powersample eval` and `powersample report`
+
+It uses only the public API (`powersample.api.sample`, `SamplerConfig`, `load_backend`); the samplers never import
+it.
+"""

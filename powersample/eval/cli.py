@@ -1,0 +1,171 @@
+"""`powersample eval` and `powersample report`. Functions here only parse arguments and dispatch.
+
+`add_eval_parsers(subparsers)` registers both subcommands on the main parser; `run_eval_cli(argv)` is a parser
+with just these two, for tests and `python -m powersample.eval.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from powersample.cli import EXIT_USAGE, add_backend_options, add_sampler_options, backend_from_args, config_from_args
+from powersample.errors import PowerSampleError
+from powersample.eval.tasks import TASK_NAMES, GradeOptions
+
+MAX_SEEDS = 100_000  # a typo like 0-99999999 should fail fast, not allocate
+
+
+def add_eval_parsers(subparsers: Any) -> None:
+    """Register `eval` and `report` on an argparse subparsers object."""
+    e = subparsers.add_parser("eval", help="evaluate a sampler on a task", description="Evaluate a sampler on a "
+                              "task: one JSONL record per (problem, seed), resumable.")  # fmt: skip
+    e.add_argument("--task", required=True, help=f"one of {', '.join(TASK_NAMES)}")
+    e.add_argument("--data", help="data file (MATH500: JSON/JSONL; GPQA: CSV; AlpacaEval: JSON; HumanEval: JSONL)")
+    e.add_argument("--seeds", default="0", help="seeds to run: 0-7, 0,2,5 or 3 (default 0)")
+    e.add_argument("--limit", help="only the first N problems")
+    e.add_argument("--shard", help="I/N: only shard I (0-based) of N, every N-th problem from the I-th")
+    e.add_argument("--output-dir", help="run directory (default runs/<task>-<method>-<config hash>)")
+    e.add_argument("--raw", action="store_true", help="no chat template: the prompt format for base models")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = e.add_argument_group("grading")
+    g.add_argument("--code-timeout", type=float, default=GradeOptions.code_timeout, help="seconds per program")
+    g.add_argument("--code-memory-mb", type=int, default=GradeOptions.code_memory_mb, help="address space (MB)")
+    g.add_argument("--math-timeout", type=float, default=GradeOptions.math_timeout, help="seconds per answer")
+    add_sampler_options(e)
+    add_backend_options(e)
+    e.set_defaults(handler=cmd_eval)
+    r = subparsers.add_parser("report", help="tabulate and plot eval runs", description="Markdown table and plots "
+                              "of one or more eval run directories.")  # fmt: skip
+    r.add_argument("run_dirs", nargs="+", help="run directories written by `powersample eval`")
+    r.add_argument("--plot-dir", default="report", help="where PNG plots and report.md go (default ./report)")
+    r.add_argument("--no-plots", action="store_true", help="print the table only")
+    r.set_defaults(handler=cmd_report)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Validate everything, load the data, check the run directory, then load the model and run."""
+    from powersample.eval.runner import make_plan, run_eval
+    from powersample.eval.tasks import get_task
+
+    config = config_from_args(args)
+    seeds, shard, limit = parse_seeds(args.seeds), parse_shard(args.shard), parse_limit(args.limit)
+    grading = _grade_options(args)
+    task = get_task(args.task)
+    problems = task.load(args.data, not args.raw)
+    plan = make_plan(task, problems, seeds=seeds, config=config, chat=not args.raw, backend=backend_identity(args),
+                     grading=grading, shard=shard, limit=limit)  # fmt: skip
+    run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(plan)
+    precheck_run_dir(run_dir, plan.identity())
+    if not args.quiet:
+        print(f"powersample: {len(plan.problems)} problems x {len(seeds)} seeds -> {run_dir}", file=sys.stderr)
+    summary = run_eval(backend_from_args(args), plan, run_dir, args.quiet)
+    accuracy = f"accuracy {summary.correct}/{summary.graded}" if summary.graded else "not graded here"
+    print(f"{task.name} {config.method}: {summary.records} records ({summary.resumed} resumed), {accuracy}; "
+          f"run directory {run_dir}")  # fmt: skip
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from powersample.eval.report import build_report
+
+    table, plots = build_report([Path(d) for d in args.run_dirs], None if args.no_plots else Path(args.plot_dir))
+    print(table)
+    for path in plots:
+        print(f"powersample: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def parse_seeds(spec: str) -> tuple[int, ...]:
+    """'0-7' -> 0..7, '0,2,5' -> (0, 2, 5), '3' -> (3,); parts may mix ('0-3,8'). Sorted, no duplicates."""
+    seeds: set[int] = set()
+    for part in str(spec).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise PowerSampleError(f"bad --seeds {spec!r}: use a seed (3), a range (0-7) or a list (0,2,5)")
+        low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+        if high - low + len(seeds) >= MAX_SEEDS:
+            raise PowerSampleError(f"bad --seeds {spec!r}: more than {MAX_SEEDS} seeds")
+        seeds.update(range(low, high + 1))
+    return tuple(sorted(seeds))
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """'I/N' -> (I, N) with 0 <= I < N; None when not sharding."""
+    if spec is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise PowerSampleError(f"bad --shard {spec!r}: use I/N with N >= 1 and 0 <= I < N (e.g. 0/4)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_limit(spec: str | None) -> int | None:
+    if spec is None:
+        return None
+    if not re.fullmatch(r"\s*\d+\s*", spec) or int(spec) < 1:
+        raise PowerSampleError(f"bad --limit {spec!r}: must be an integer >= 1")
+    return int(spec)
+
+
+def backend_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """How the backend was asked for; the toy spec counts by content, so editing it starts a new run."""
+    spec = None
+    if args.backend == "toy" and args.toy_spec:
+        try:
+            spec = hashlib.sha256(Path(args.toy_spec).read_bytes()).hexdigest()[:16]
+        except OSError as e:
+            raise PowerSampleError(f"toy spec: cannot read {args.toy_spec}: {e.strerror}") from None
+    model = args.model if args.backend != "toy" else None
+    return {"name": args.backend, "model": model, "toy_spec": spec, "device": args.device, "dtype": args.dtype}
+
+
+def default_run_dir(plan: Any) -> Path:
+    from powersample.eval.records import identity_hash
+
+    return Path("runs") / f"{plan.task.name}-{plan.config.method}-{identity_hash(plan.identity())}"
+
+
+def precheck_run_dir(run_dir: Path, identity: dict[str, Any]) -> None:
+    """Refuse a directory holding another config before the (slow) model load."""
+    from powersample.eval.records import RUN_FILE, check_identity, read_run
+
+    if (run_dir / RUN_FILE).exists():
+        check_identity(run_dir, read_run(run_dir).get("identity"), identity)
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise PowerSampleError(f"--output-dir {run_dir} is not a directory")
+
+
+def _grade_options(args: argparse.Namespace) -> GradeOptions:
+    timeouts = (args.code_timeout, args.math_timeout)
+    if not all(math.isfinite(t) and t > 0 for t in timeouts) or args.code_memory_mb < 64:
+        raise PowerSampleError("--code-timeout and --math-timeout must be finite and > 0, --code-memory-mb >= 64")
+    return GradeOptions(args.code_timeout, args.code_memory_mb, args.math_timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="powersample", description="Evaluate and report power sampling.")
+    add_eval_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def run_eval_cli(argv: Sequence[str] | None = None) -> int:
+    """`powersample eval|report ...` with PowerSampleError as a one-line message and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PowerSampleError as e:
+        print(f"powersample: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("powersample: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run_eval_cli())

@@ -1,0 +1,63 @@
+"""Every number the report shows, as small pure functions (STYLE point 10: metrics live in one module)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; (0, 1) with no trials.
+
+    Unlike the normal interval it stays inside [0, 1] and is sensible at 0/n and n/n, which matters for the small
+    per-method samples an evaluation run produces.
+    """
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021, the HumanEval paper):
+
+        pass@k = 1 - C(n - c, k) / C(n, k)
+
+    computed as a running product so it never overflows.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_pass_at_k(counts: Iterable[tuple[int, int]], k: int) -> float | None:
+    """Mean pass@k over problems given (n, c) per problem; problems with fewer than k samples are left out."""
+    values = [pass_at_k(n, c, k) for n, c in counts if n >= k]
+    return sum(values) / len(values) if values else None
+
+
+def estimated_tokens(max_new_tokens: int, block_size: int, mcmc_steps: int, mcmc: bool) -> float:
+    """The paper's Eq. 12 estimate of tokens sampled per sample: N_MCMC * T^2 / (4B) + T (just T without MCMC).
+
+    Each of the T/B stages makes N_MCMC proposals, each resampling on average half the current length.
+    """
+    t = max_new_tokens
+    return (mcmc_steps * t * t / (4 * block_size) if mcmc else 0.0) + t
+
+
+def mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None (None when there are none)."""
+    present = [v for v in values if v is not None]
+    return math.fsum(present) / len(present) if present else None
+
+
+def per_token(logp: float, length: int) -> float | None:
+    """Log-likelihood per token (nats), the quantity of the paper's Fig. 4; None for an empty completion."""
+    return logp / length if length else None

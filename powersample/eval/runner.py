@@ -1,0 +1,181 @@
+"""Running an evaluation: sample every (problem, seed) pair not yet done, grade it, append its record.
+
+Each pair is one call `sample(backend, prompt, config, seed=s, num_samples=1)`, so the record for seed s is
+exactly what `powersample sample --seed s` gives for that prompt, whatever was run before or beside it. Pairs are
+independent: a killed run resumes where it stopped, and shards or extra seeds can be added later. (Batching
+several pairs into one backend call would be faster on a GPU, but `sample()` derives every chain's seed from one
+seed, so it would change the records; that is a later optimization.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from powersample.api import SampleRecord, sample
+from powersample.backends import Backend
+from powersample.config import SamplerConfig
+from powersample.errors import PowerSampleError
+from powersample.eval import metrics
+from powersample.eval.records import SCHEMA, RecordWriter, load_records, open_run, record_key, records_path
+from powersample.eval.tasks import GradeOptions, Problem, Task, problems_digest
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Everything that decides the records of a run, and which of them this process makes."""
+
+    task: Task
+    problems: tuple[Problem, ...]  # this process's problems (after --limit and --shard)
+    data_digest: str  # hash of the task's whole data set (see tasks.problems_digest)
+    seeds: tuple[int, ...]
+    config: SamplerConfig
+    chat: bool  # prompts through the chat template
+    backend: dict[str, Any]  # how the backend was asked for: name, model, toy spec digest, device, dtype
+    grading: GradeOptions = GradeOptions()
+    shard: tuple[int, int] | None = None  # (index, count)
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for records to belong in one run (seeds, limit and shard choose among them)."""
+        return {
+            "schema": SCHEMA, "task": self.task.name, "data": self.data_digest, "chat": self.chat,
+            "config": self.config.resolved(), "backend": self.backend, "grading": asdict(self.grading),
+        }  # fmt: skip
+
+    @property
+    def generator(self) -> str:
+        """A name for the outputs: method and model."""
+        model = self.backend.get("model") or ("toy" if self.backend.get("name") == "toy" else "SmolLM2-135M-Instruct")
+        return f"powersample-{self.config.method}-{Path(str(model)).name}"
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """How a run ended: the selected pairs' records (resumed ones included)."""
+
+    records: int  # records of the selected pairs now on disk
+    resumed: int  # of which were there before this run
+    correct: int
+    graded: int  # records with a verdict (AlpacaEval has none)
+    run_dir: Path
+
+
+def make_plan(
+    task: Task,
+    problems: list[Problem],
+    *,
+    seeds: tuple[int, ...],
+    config: SamplerConfig,
+    chat: bool,
+    backend: dict[str, Any],
+    grading: GradeOptions = GradeOptions(),
+    limit: int | None = None,
+    shard: tuple[int, int] | None = None,
+) -> EvalPlan:
+    """A plan over `problems` (the task's whole data set, which the identity hashes), selecting with limit and shard."""
+    return EvalPlan(
+        task=task, problems=tuple(select(problems, limit, shard)), data_digest=problems_digest(problems),
+        seeds=seeds, config=config, chat=chat, backend=backend, grading=grading, shard=shard,
+    )  # fmt: skip
+
+
+def select(problems: list[Problem], limit: int | None, shard: tuple[int, int] | None) -> list[Problem]:
+    """The first `limit` problems, then every n-th from index i for shard (i, n)."""
+    chosen = problems[:limit] if limit is not None else problems
+    return chosen[shard[0] :: shard[1]] if shard is not None else chosen
+
+
+def run_eval(backend: Backend, plan: EvalPlan, run_dir: Path, quiet: bool = False) -> EvalSummary:
+    """Make every missing record of the plan in run_dir, appending each as soon as it is graded."""
+    open_run(run_dir, plan.identity(), {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generator": plan.generator})
+    wanted = {(p.id, s) for p in plan.problems for s in plan.seeds}
+    done = {record_key(r): r for r in load_records(run_dir) if record_key(r) in wanted}
+    todo = [(p, s) for p in plan.problems for s in plan.seeds if (p.id, s) not in done]
+    tally = _Tally.of(done.values())
+    bar = _bar(plan, len(wanted), len(done), tally, quiet)
+    with RecordWriter(records_path(run_dir, plan.shard)) as writer, bar as update:
+        for problem, seed in todo:
+            record = evaluate_one(backend, plan, problem, seed)
+            writer.write(record)
+            tally.add(record)
+            update(tally)
+    if plan.task.export is not None:
+        plan.task.export(run_dir, list(plan.problems), load_records(run_dir), plan.generator)
+    return EvalSummary(len(wanted), len(done), tally.correct, tally.graded, run_dir)
+
+
+def evaluate_one(backend: Backend, plan: EvalPlan, problem: Problem, seed: int) -> dict[str, Any]:
+    """Sample one completion, grade it, and build its record."""
+    try:
+        [sampled] = sample(backend, problem.prompt, plan.config, seed=seed, num_samples=1, chat=plan.chat)
+    except PowerSampleError as e:
+        raise PowerSampleError(f"{plan.task.name} problem {problem.id}: {e}") from None
+    start = time.perf_counter()
+    grade = plan.task.grade(problem, sampled.text, plan.grading)
+    graded_in = time.perf_counter() - start
+    record = sampled.to_dict()
+    record["completion"] = record.pop("text")
+    record.update(
+        task=plan.task.name, problem_id=problem.id, gold=problem.gold, chat=plan.chat,
+        answer=grade.answer, correct=grade.correct, grade_detail=grade.detail, grade_seconds=graded_in,
+        logp_per_token=metrics.per_token(sampled.logp, len(sampled.tokens)),
+        confidence=confidence(backend, problem.prompt, plan.chat, sampled),
+    )  # fmt: skip
+    return record
+
+
+def confidence(backend: Backend, prompt: str, chat: bool, sampled: SampleRecord) -> float | None:
+    """Eq. 13: the mean over generated positions of sum_x p log p of the base next-token distribution.
+
+    None when the backend cannot say (it has no `confidence` method) or nothing was generated.
+    """
+    per_position = getattr(backend, "confidence", None)
+    if per_position is None or not sampled.tokens:
+        return None
+    return metrics.mean(per_position(backend.encode(prompt, chat), sampled.tokens))
+
+
+@dataclass
+class _Tally:
+    """Running accuracy for the progress bar."""
+
+    correct: int = 0
+    graded: int = 0
+
+    @classmethod
+    def of(cls, records: Any) -> "_Tally":
+        tally = cls()
+        for r in records:
+            tally.add(r)
+        return tally
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record.get("correct") is not None:
+            self.graded += 1
+            self.correct += bool(record["correct"])
+
+    def text(self) -> str:
+        return f"acc={self.correct}/{self.graded}={self.correct / self.graded:.3f}" if self.graded else ""
+
+
+@contextlib.contextmanager
+def _bar(plan: EvalPlan, total: int, done: int, tally: _Tally, quiet: bool) -> Iterator[Any]:
+    """A tqdm bar over (problem, seed) pairs, with ETA and the running accuracy; yields its update function."""
+    if quiet:
+        yield lambda tally: None
+        return
+    from tqdm import tqdm
+
+    desc = f"{plan.task.name} {plan.config.method}"
+    with tqdm(total=total, initial=done, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True) as bar:
+        bar.set_postfix_str(tally.text())
+
+        def update(tally: _Tally) -> None:
+            bar.set_postfix_str(tally.text(), refresh=False)
+            bar.update(1)
+
+        yield update

@@ -1,0 +1,55 @@
+"""MATH500: the 500-problem MATH test subset of the paper, graded by final-answer equivalence (math-verify).
+
+Data: `--data FILE` (JSON or JSONL with `problem` or `prompt`, and `answer`; the shared MATH500.json works), or
+else `HuggingFaceH4/MATH-500` through `datasets` when the hub is reachable.
+"""
+
+from __future__ import annotations
+
+from powersample.errors import PowerSampleError
+from powersample.eval import math_grader
+from powersample.eval.data import field, read_records
+from powersample.eval.tasks import Grade, GradeOptions, Problem, Task
+
+# The paper's prompt for base models; instruct models get the same text through their chat template.
+PROMPT = (
+    "Can you solve the following math problem? {problem} "
+    "Please reason step by step, and put your final answer within \\boxed{{}}."
+)
+HUB_ID = "HuggingFaceH4/MATH-500"
+
+
+def load(data: str | None, chat: bool) -> list[Problem]:
+    """Problems from `data`, or from the hub when no file is given."""
+    rows = read_records(data) if data else _from_hub()
+    source = data or HUB_ID
+    problems = []
+    for i, row in enumerate(rows):
+        text = field(row, ("problem", "prompt"), source, i)
+        gold = field(row, ("answer",), source, i)
+        pid = str(row.get("unique_id") or row.get("id") or i)
+        problems.append(Problem(id=pid, prompt=PROMPT.format(problem=text), gold=gold))
+    return problems
+
+
+def grade(problem: Problem, completion: str, options: GradeOptions) -> Grade:
+    """Correct when the last \\boxed{} answer is equivalent to the gold answer."""
+    answer = math_grader.last_boxed(completion)
+    if answer is None:
+        return Grade(answer=None, correct=False, detail="no boxed answer")
+    correct, why = math_grader.equivalent(problem.gold or "", answer, options.math_timeout)
+    return Grade(answer=answer, correct=correct, detail=why)
+
+
+def _from_hub() -> list[dict]:
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise PowerSampleError(f"math500 needs --data FILE, or `pip install datasets` to fetch {HUB_ID}") from None
+    try:
+        return [dict(row) for row in datasets.load_dataset(HUB_ID, split="test")]
+    except Exception as e:  # offline, gated, renamed: all mean "give me a file"
+        raise PowerSampleError(f"cannot load {HUB_ID} ({type(e).__name__}); pass --data FILE") from None
+
+
+TASK = Task(name="math500", load=load, grade=grade)
