@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from powersample.bench import (
     PROMPTS,
@@ -24,9 +24,8 @@ from powersample.bench import (
     total_work_units,
     write_json,
 )
-from powersample.cli import EXIT_USAGE, add_backend_options, add_sampler_options, config_from_args
+from powersample.cli import add_backend_options, add_sampler_options, config_from_args
 from powersample.config import SamplerConfig
-from powersample.errors import PowerSampleError
 
 FULL = {"max_new_tokens": 192, "block_size": 48, "mcmc_steps": 4, "prompts": 3, "chains": 8}  # the issue's target
 QUICK = {"max_new_tokens": 16, "block_size": 8, "mcmc_steps": 2, "prompts": 1, "chains": 2}  # --quick, for CI
@@ -57,21 +56,6 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     # None = "not given": filled from the FULL or QUICK profile by options_from_args
     p.set_defaults(handler=_cmd_bench, max_new_tokens=None, block_size=None, block_count=None, mcmc_steps=None)
     return p
-
-
-def run_bench_cli(argv: Sequence[str] | None = None) -> int:
-    """`powersample bench ARGS` on its own parser, with cli.main's error handling (exit 2 for bad input)."""
-    parser = argparse.ArgumentParser(prog="powersample")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except PowerSampleError as e:
-        print(f"powersample: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("powersample: interrupted", file=sys.stderr)
-        return 130
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:

@@ -22,7 +22,8 @@ from powersample.bench import (
     expected_tokens_full_length,
     run_bench,
 )
-from powersample.bench_cli import add_bench_parser, options_from_args, run_bench_cli
+from powersample.bench_cli import add_bench_parser, options_from_args
+from powersample.cli import main as run_bench_cli
 from powersample.config import SamplerConfig
 
 SPEC = str(SPECS / "no_early_eos.json")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import SHARED_DATA
-from powersample.eval.cli import run_eval_cli
+from powersample.cli import main as run_eval_cli
 from powersample.eval.records import load_records
 
 MATH500 = SHARED_DATA / "MATH500.json"

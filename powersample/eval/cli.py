@@ -1,7 +1,7 @@
 """`powersample eval` and `powersample report`. Functions here only parse arguments and dispatch.
 
-`add_eval_parsers(subparsers)` registers both subcommands on the main parser; `run_eval_cli(argv)` is a parser
-with just these two, for tests and `python -m powersample.eval.cli`.
+`add_eval_parsers(subparsers)` registers both subcommands on the main parser (`powersample.cli`);
+`python -m powersample.eval.cli` runs that main parser.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from powersample.cli import EXIT_USAGE, add_backend_options, add_sampler_options, backend_from_args, config_from_args
+from powersample.cli import add_backend_options, add_sampler_options, backend_from_args, config_from_args
 from powersample.errors import PowerSampleError
 from powersample.eval.tasks import TASK_NAMES, GradeOptions
 
@@ -148,24 +148,7 @@ def _grade_options(args: argparse.Namespace) -> GradeOptions:
     return GradeOptions(args.code_timeout, args.code_memory_mb, args.math_timeout)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="powersample", description="Evaluate and report power sampling.")
-    add_eval_parsers(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def run_eval_cli(argv: Sequence[str] | None = None) -> int:
-    """`powersample eval|report ...` with PowerSampleError as a one-line message and exit code 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except PowerSampleError as e:
-        print(f"powersample: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("powersample: interrupted", file=sys.stderr)
-        return 130
-
-
 if __name__ == "__main__":
-    sys.exit(run_eval_cli())
+    from powersample.cli import main
+
+    sys.exit(main())
