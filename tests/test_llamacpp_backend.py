@@ -1,7 +1,8 @@
-"""The llamacpp backend on the embedded SmolLM2 GGUF: the seam's promises, cache reuse, agreement with transformers,
-and one-line load errors.
+"""The llamacpp backend on the embedded SmolLM2 GGUF: the seam's promises, cache reuse, batching, agreement with
+transformers, and one-line load errors.
 
-One module-scoped backend serves every test (it loads in well under a second); continuations stay short. The two
+One module-scoped backend serves every test (it loads in well under a second); tests that count evaluated tokens
+build a fresh backend on the same model (`fresh`), whose caches start empty. Continuations stay short. The two
 transformers comparisons share one module-scoped tokenizer + model loaded from the same GGUF (~20 s on 2 cores).
 """
 
@@ -61,6 +62,11 @@ def hf():
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     return tokenizer, model.eval()
+
+
+def fresh(backend: LlamaCppBackend, **kwargs) -> LlamaCppBackend:
+    """A backend on the same model with empty caches (a context of its own)."""
+    return LlamaCppBackend(backend.llm, n_ctx=backend.context_length, **kwargs)
 
 
 def sample(backend, context, n, seed, proposal=BASE, slot=0) -> Continuation:
@@ -226,3 +232,115 @@ def test_missing_llama_cpp_names_the_pip_command(monkeypatch):
     with pytest.raises(PowerSampleError, match="pip install llama-cpp-python") as err:
         LlamaCppBackend.load(None)
     assert "\n" not in str(err.value)
+
+
+def test_bad_max_slots_is_a_one_line_error(backend):
+    with pytest.raises(PowerSampleError, match="max_slots must be between") as err:
+        fresh(backend, max_slots=0)
+    assert "\n" not in str(err.value)
+
+
+# --- batching and sequences -------------------------------------------------------------------------------------
+
+
+def test_batched_rows_match_single_rows(backend, prompt):
+    batched_backend = fresh(backend)
+    proposal = Proposal(temperature=0.5)
+    contexts = [prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)]  # ragged lengths, one shared prompt
+    requests = [ExtendRequest(c, 8, np.random.default_rng(40 + j), j) for j, c in enumerate(contexts)]
+    batched = batched_backend.extend(requests, proposal)
+    # Prefills: the prompt for row 0, then prompt[-1] and 28 for row 1; rows 2 and 3 copy cached prefixes. Then
+    # one llama_decode per step serves every row.
+    assert batched_backend.decode_calls == 2 + max(len(c.tokens) for c in batched)
+    for j, (context, cont) in enumerate(zip(contexts, batched)):
+        alone = sample(backend, context, 8, seed=40 + j, proposal=proposal, slot=300 + j)
+        assert alone.tokens == cont.tokens
+        np.testing.assert_allclose(alone.base_logp, cont.base_logp, atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(alone.proposal_logq, cont.proposal_logq, atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_chains_share_the_prompt_prefill(backend):
+    shared = fresh(backend)
+    prompt = shared.encode("A prompt no other test uses, about otters.", chat=True)
+    requests = [ExtendRequest(prompt, 3, np.random.default_rng(j), j) for j in range(4)]
+    conts = shared.extend(requests, BASE)
+    fed_context = shared.evaluated_tokens - sum(len(c.tokens) - 1 for c in conts)  # minus the drawn tokens re-fed
+    assert fed_context == len(prompt) + 3  # the prompt once, then one re-fed token per other chain
+
+
+def test_a_rejected_proposal_keeps_the_current_state_cached(backend, prompt):
+    """MH: propose from i (the current state's cache must survive), reject, then extend the current state."""
+    chain = fresh(backend)
+    current = sample(chain, prompt, 10, seed=7, slot=0)
+    state = prompt + current.tokens
+    sample(chain, prompt + current.tokens[:3], 6, seed=8, slot=0)  # the proposal, in the slot's other sequence
+    before = chain.evaluated_tokens
+    following = sample(chain, state, 4, seed=9, slot=0)  # rejected: continue from the current state
+    assert chain.evaluated_tokens - before == len(following.tokens)  # state[-1], never fed, then drawn ones
+    np.testing.assert_allclose(chain.score(state, following.tokens), following.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_more_chains_than_slots_wait_for_a_free_row(backend, prompt):
+    narrow = fresh(backend, max_slots=2)
+    contexts = [prompt, prompt + (28,), prompt + (11,), prompt[:-2]]
+    requests = [ExtendRequest(c, 5, np.random.default_rng(60 + j), 10 + j) for j, c in enumerate(contexts)]
+    for j, (context, cont) in enumerate(zip(contexts, narrow.extend(requests, BASE))):
+        alone = sample(backend, context, 5, seed=60 + j, slot=400 + j)
+        assert alone.tokens == cont.tokens
+        np.testing.assert_allclose(alone.base_logp, cont.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_regenerate_from_scratch_baseline_evaluates_everything(backend, prompt):
+    scratch = fresh(backend, reuse_cache=False)
+    first = sample(scratch, prompt, 4, seed=1)
+    context = prompt + first.tokens[:2]
+    before = scratch.evaluated_tokens
+    again = sample(scratch, context, 4, seed=2)
+    assert scratch.evaluated_tokens - before == len(context) + len(again.tokens) - 1
+    np.testing.assert_allclose(scratch.score(context, again.tokens), again.base_logp, atol=TOLERANCE, rtol=0)
+    before = scratch.decode_calls
+    conts = scratch.extend([ExtendRequest(prompt, 3, np.random.default_rng(j), j) for j in range(2)], BASE)
+    assert scratch.decode_calls - before == sum(1 + len(c.tokens) for c in conts)  # one request at a time
+
+
+def test_a_long_prefill_scores_like_token_by_token_decoding(backend, prompt):
+    """Prefills are fed in physical batches of fewer than 64 tokens: from 64 on, llama.cpp's tiled attention kernel
+    rounds differently, and log p of a long prompt's continuation moved by ~0.3 between sampling and scoring."""
+    long = fresh(backend)
+    context = prompt + long.encode(" Think about the colors of the rainbow, one by one." * 8, chat=False)
+    assert len(context) > 100
+    cont = sample(long, context, 6, seed=23)
+    long.clear_caches()  # score from scratch: a prefill of context + continuation in one llama_decode
+    np.testing.assert_allclose(long.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_growing_the_cache_moves_every_sequence_exactly(backend, prompt):
+    grown = fresh(backend)
+    first = sample(grown, prompt, 8, seed=21, slot=0)
+    long_text = grown.encode(" red green blue" * 80, chat=False)  # ~240 tokens: past the first 256 of room
+    grown.score(prompt, long_text)
+    context = prompt + first.tokens[:4]
+    before = grown.evaluated_tokens
+    cont = sample(grown, context, 4, seed=22, slot=0)  # slot 0's cells were moved, not recomputed
+    assert grown.evaluated_tokens - before == len(cont.tokens)
+    want = sample(fresh(backend), context, 4, seed=22)
+    assert cont.tokens == want.tokens
+    np.testing.assert_allclose(cont.base_logp, want.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_continuous_batching_gives_the_same_samples_as_lockstep(backend):
+    from powersample import SamplerConfig
+    from powersample import sample as sample_prompt
+
+    class Lockstep:  # the same backend without extend_continuous: the driver falls back to lockstep rounds
+        def __init__(self, inner):
+            self.inner, self.eos_ids, self.context_length = inner, inner.eos_ids, inner.context_length
+            self.encode, self.decode, self.extend = inner.encode, inner.decode, inner.extend
+
+    config = SamplerConfig(max_new_tokens=12, block_size=6, mcmc_steps=2)
+    continuous = sample_prompt(fresh(backend), "Count to five.", config, num_samples=3)
+    lockstep = sample_prompt(Lockstep(fresh(backend)), "Count to five.", config, num_samples=3)
+    for a, b in zip(continuous, lockstep):
+        assert a.tokens == b.tokens and a.accepted == b.accepted and a.tokens_generated == b.tokens_generated
+        np.testing.assert_allclose(a.token_logp, b.token_logp, atol=TOLERANCE, rtol=0)

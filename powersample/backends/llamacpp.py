@@ -1,34 +1,57 @@
 """`llamacpp`: a GGUF model run by llama.cpp (through llama-cpp-python) behind the backend seam (`base.py`).
 
-`score` and `confidence` (the paper's Eq. 13) read one logits row per continuation token from a batched decode.
-Per new token, `extend` runs ONE llama.cpp decode and derives both distributions from its last logits row:
+Per decoding step, `extend` runs ONE llama.cpp decode for every live request (one token per row) and derives both
+distributions from each row's logits:
 
-    log p = logits - logsumexp(logits)                 # base: temperature 1, no truncation (float64)
+    log p = logits - logsumexp(logits)                 # base: temperature 1, no truncation (float64), (B, V)
     log q = proposal_logprobs(log p, proposal)         # proposal: temperature, top-k, top-p, renormalized
-    token = draw(log q, request.rng)                   # all randomness comes from the chain's own generator
+    token = draw(log q[b], request.rng)                # all randomness comes from each chain's own generator
 
 llama.cpp's own sampler is never used. We drive the low-level C API (our own `llama_batch`, `llama_decode`,
-`llama_get_logits_ith`) so that each decode computes exactly the logits rows we read: the last one when extending,
-one per continuation token when scoring. `Llama.scores` is never read: with `logits_all=False` it stays zero, and
-`logits_all=True` costs n_ctx x vocab x 4 bytes (1.6 GB for SmolLM2 at n_ctx 8192) for no gain in speed.
+`llama_get_logits_ith`) so that each decode computes exactly the logits rows we read. The `Llama` object only lends
+its model, tokenizer and metadata; its own context is kept tiny.
 
-Caches. Slot s uses KV cache s % n_caches (a llama.cpp context each, all sharing the model's weights), which holds
-the ids it was fed. A request cuts the cache back to its longest common prefix with the request's tokens
-(`llama_memory_seq_rm`) and decodes only the rest, always at least one token, so a logits row read was computed
-for this very prefix and is never a stale one. Correctness never depends on the slot: a foreign cache only costs a
-longer prefill. A cache costs ~180 MB at n_ctx 8192 for SmolLM2-135M and ~0.1 s to create; sharing one cache among
-chains would instead re-read each chain's generated tokens on every switch, and a batched prefill here is only
-about 2x faster per token than decoding.
+Caches. One llama.cpp context holds 2 x max_slots + 1 sequences, each in its own KV stream (`kv_unified=False`).
+Slot s owns two (pairs go to slots least recently used first): a lane, where its requests are decoded, and a bank,
+so an MH proposal never destroys the current state's cache. A request takes the longest common prefix with its
+context from any sequence (another slot's too, so chains share the prompt): from its own lane by cutting it back,
+after saving the lane in the bank when the cut loses tokens; from the bank or another sequence by copying it into
+the lane (ties go to the lane when the cut is free, else to the bank). Only the context tokens no sequence holds
+are prefilled, and at least the last context token is fed again, by the first decoding step, since a cache keeps
+no logits. The last sequence is scratch space for `score`, `confidence` and `next_token_logp`. Correctness never
+depends on the slot: a foreign slot only costs a longer prefill.
 
-Flash attention is on because without it llama.cpp's CPU kernels give a token's keys and values slightly different
-values when it is decoded alone or in a batch (log p then moved by up to ~0.5), so log p would depend on how the
-cache was filled; with it, sampling, scoring and rewinding give bit-identical log-probs.
+Batching. `extend_continuous` keeps up to max_slots rows decoding: a finished row (EOS or max_tokens) leaves at
+once and its chain's next request, from `refill`, joins at the next step. `extend` is the same loop with no refills.
+Lanes are sequences 0 .. max_slots - 1 and rows are fed in lane order, because llama.cpp only puts consecutive
+sequence ids of separate streams in one physical batch: chains 0..n-1 decode as one batch; gaps left by finished
+rows split a step into one physical batch per run of consecutive lanes (same numbers, a little slower).
+
+Same numbers however the work is batched. llama.cpp's quantized CPU kernels quantize activations to 8 bits, so the
+tiniest change in an attention sum moves log p by up to ~0.5; we keep every row's arithmetic the same whether it
+is decoded alone or batched, cached or fresh, prefilled or decoded one token at a time:
+- flash attention, whose per-row kernel skips masked cells (without it a token's keys and values depend on its
+  batch);
+- physical batches (n_ubatch) of fewer than 64 tokens: from 64 query rows on, llama.cpp switches to a tiled
+  attention kernel that rounds differently;
+- one KV stream per sequence rather than one shared pool of cells (`kv_unified`): in a shared pool, freed cells
+  are refilled out of position order, and attention summed in another order gives another log p. In a stream of
+  its own a sequence's cells stay in position order; a copy is a whole-stream copy, kept in order.
+The one exception: with n_threads > 1, a row alone in its physical batch (a lone request, or a lane with no live
+neighbour) whose sequence exceeds 256 tokens takes llama.cpp's split-KV kernel, which sums attention per thread, so
+its log p can differ from a batched one. With one thread (the default on 2 cores) that kernel rounds the same.
+
+Memory. Every sequence gets room for the longest request seen so far (at least 256 tokens, at most n_ctx): the KV
+cache takes (2 x max_slots + 1) x room x (bytes per token: 23 KB for SmolLM2-135M). The context grows, moving
+every sequence's cells over exactly, when a request needs more room.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,36 +71,67 @@ from powersample.backends.embedded import embedded_gguf_path
 from powersample.errors import PowerSampleError
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
-N_BATCH = 512  # most tokens per llama_decode call; longer inputs are fed in chunks
-N_CACHES = 4  # KV caches (llama.cpp contexts) kept; slot s uses cache s % N_CACHES
+N_BATCH = 512  # most tokens per llama_decode call; longer prefills are fed in chunks
+N_UBATCH = 32  # tokens per physical batch: below 64, so llama.cpp never takes its tiled attention kernel
+MAX_SLOTS = 16  # rows decoded together at most; each slot owns two sequences
+MOST_SLOTS = 127  # llama.cpp allows 256 sequences: 2 per slot + the scratch one
+MIN_ROOM = 256  # tokens per sequence the context starts with (llama.cpp rounds up to a multiple of 256)
+TINY_CTX = 256  # the Llama object's own context, never used for decoding
 INSTALL_HINT = "the llamacpp backend needs llama-cpp-python: pip install llama-cpp-python"
 
+Item = tuple[int, int, int, bool]  # one batch entry: (token id, position, sequence id, compute its logits)
 
-@dataclass
-class _Cache:
-    """One llama.cpp context (its KV cache, sequence 0) and the token ids it holds, in order."""
 
-    ctx: Any  # llama_context_p
-    memory: Any  # llama_memory_t of ctx
+@dataclass(eq=False)
+class _Seq:
+    """One sequence of the KV cache: its llama.cpp id and the ids its cells hold (positions 0, 1, ...)."""
+
+    seq_id: int
     ids: list[int] = field(default_factory=list)
 
 
-class LlamaCppBackend:
-    """Sampling and scoring with a GGUF model through llama.cpp, one KV cache per slot. See the module docstring."""
+@dataclass(eq=False)
+class _Row:
+    """One request being decoded: its sequence, the token to feed next, and what it has drawn."""
 
-    def __init__(self, llm: Any, n_caches: int = N_CACHES, reuse_cache: bool = True):
+    key: int  # the caller's key for this request (refills of one chain share it)
+    request: ExtendRequest
+    seq: _Seq  # holds the context up to (not including) next_id
+    next_id: int  # token to feed at the next step, at position len(seq.ids)
+    tokens: list[int] = field(default_factory=list)
+    base_logp: list[float] = field(default_factory=list)
+    proposal_logq: list[float] = field(default_factory=list)
+
+    def continuation(self) -> Continuation:
+        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq))
+
+
+Refill = Callable[[int, Continuation], "ExtendRequest | None"]
+
+
+class LlamaCppBackend:
+    """Sampling and scoring with a GGUF model through llama.cpp; batched decoding, two sequences per slot."""
+
+    def __init__(self, llm: Any, *, n_ctx: int | None = None, max_slots: int = MAX_SLOTS, reuse_cache: bool = True):
+        if not 1 <= max_slots <= MOST_SLOTS:
+            raise PowerSampleError(f"max_slots must be between 1 and {MOST_SLOTS}, got {max_slots}")
         self._lib = _import_llama_cpp()
-        self.reuse_cache = reuse_cache  # False: every request decodes its whole context afresh (bench baseline)
-        self.llm = llm  # a llama_cpp.Llama; its own context serves as cache 0
+        self.llm = llm  # a llama_cpp.Llama: model, tokenizer and metadata
+        self.reuse_cache = reuse_cache  # False: every request decodes its whole context afresh, alone (baseline)
+        self.max_slots = max_slots
         self._vocab = self._lib.llama_model_get_vocab(llm.model)
         self.n_vocab: int = llm.n_vocab()
         self.eos_ids = _eos_ids(self._lib, self._vocab, llm.metadata)
-        self.context_length: int | None = llm.n_ctx()
-        self._caches: list[_Cache | None] = [_Cache(llm.ctx, self._lib.llama_get_memory(llm.ctx))]
-        self._caches += [None] * (max(1, n_caches) - 1)  # the others are created on first use
+        self.context_length: int | None = n_ctx or llm.n_ctx()  # the most tokens one sequence may hold
+        self._seqs = [_Seq(i) for i in range(2 * max_slots + 1)]  # lanes, banks, scratch (module docstring)
+        self._ctx, self._room = self._new_context(min(MIN_ROOM, self.context_length))
+        self._memory = self._lib.llama_get_memory(self._ctx)
+        self._lanes: OrderedDict[int, int] = OrderedDict()  # slot -> its lane's index, least recently used first
         self._batch = self._lib.llama_batch_init(N_BATCH, 0, 1)
-        self._scratch = np.empty(self.n_vocab)  # (V,) float64, for exp() inside _logp_row
-        self.evaluated_tokens = 0  # tokens fed to llama_decode, all caches; tests check cache reuse with it
+        self._logp = np.empty((max_slots, self.n_vocab))  # (B, V) float64, reused: fresh pages cost ~0.3 ms a row
+        self._exp = np.empty((max_slots, self.n_vocab))  # (B, V) scratch for exp()
+        self.evaluated_tokens = 0  # tokens fed to llama_decode; tests check cache reuse with it
+        self.decode_calls = 0  # llama_decode calls; tests check that one serves every row of a step
 
     @classmethod
     def load(
@@ -86,14 +140,15 @@ class LlamaCppBackend:
         *,
         n_ctx: int | None = None,
         n_threads: int | None = None,
-        n_caches: int = N_CACHES,
+        max_slots: int = MAX_SLOTS,
         reuse_cache: bool = True,
     ) -> LlamaCppBackend:
         """Load a GGUF file: None = the embedded SmolLM2-135M-Instruct (Q4_1).
 
-        n_ctx None = the model's training context; n_threads None = half the logical cores (llama-cpp-python's own
-        default: one per physical core), for decoding and prefill alike. Every failure is a one-line
-        PowerSampleError.
+        n_ctx: the most tokens one sequence may hold; None = the model's training context (memory grows with the
+        longest request, not with n_ctx: module docstring). n_threads None = half the logical cores
+        (llama-cpp-python's own default: one per physical core), for decoding and prefill alike. max_slots: rows
+        decoded together. Every failure is a one-line PowerSampleError.
         """
         llama_cpp = _import_llama_cpp()
         path = embedded_gguf_path() if model is None else _check_gguf(Path(model).expanduser())
@@ -101,25 +156,24 @@ class LlamaCppBackend:
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path),
-                n_ctx=n_ctx or 0,  # 0 = the model's training context
-                n_batch=N_BATCH,
+                n_ctx=TINY_CTX,  # unused: decoding runs in the backend's own context
                 n_threads=threads,
                 n_threads_batch=threads,  # its default, every core, spins badly when a core is busy elsewhere
-                logits_all=False,  # Llama.scores stays unused; we read rows with llama_get_logits_ith
-                flash_attn=True,  # makes log p independent of how the cache was filled (module docstring)
+                logits_all=False,
+                flash_attn=True,
                 verbose=False,
             )
         except Exception as e:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
             raise PowerSampleError(f"cannot load model {path}: {_one_line(e)}") from None
-        return cls(llm, n_caches, reuse_cache)
+        n_ctx = n_ctx or int(llama_cpp.llama_model_n_ctx_train(llm.model))
+        return cls(llm, n_ctx=n_ctx, max_slots=max_slots, reuse_cache=reuse_cache)
 
     def close(self) -> None:
-        """Free the extra contexts and the batch (the Llama frees its own context and the model); then unusable."""
-        lib, caches, batch = self._lib, getattr(self, "_caches", []), getattr(self, "_batch", None)
-        for cache in caches[1:]:
-            if cache is not None:
-                lib.llama_free(cache.ctx)
-        self._caches, self._batch = caches[:1], None
+        """Free the context and the batch (the Llama frees its own context and the model); then unusable."""
+        lib, ctx, batch = self._lib, getattr(self, "_ctx", None), getattr(self, "_batch", None)
+        self._ctx, self._batch = None, None
+        if ctx is not None:
+            lib.llama_free(ctx)
         if batch is not None:
             lib.llama_batch_free(batch)
 
@@ -147,12 +201,215 @@ class LlamaCppBackend:
         """Text of `tokens`; special (control) tokens render as nothing."""
         return self.llm.detokenize(list(tokens), special=False).decode("utf-8", errors="replace")
 
+    # --- extending ------------------------------------------------------------------------------------------------
+
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
-        """One continuation per request, in order (batch 1: one request after another)."""
-        return [self._extend_one(r, proposal) for r in requests]
+        """One continuation per request, in order, decoded together (one llama_decode per step for all rows).
+
+        Requests sharing a slot run one after another, in order; so do all requests when reuse_cache is False."""
+        results: dict[int, Continuation] = {}
+
+        def collect(key: int, cont: Continuation) -> None:
+            results[key] = cont
+
+        self._run(dict(enumerate(requests)), proposal, collect)
+        return [results[j] for j in range(len(requests))]
+
+    def extend_continuous(self, requests: dict[int, ExtendRequest], proposal: Proposal, refill: Refill) -> None:
+        """Decode `requests` (by key) as one batch that stays full: when a row finishes, refill(key, continuation)
+        gives that key's next request (or None), which joins the batch at the next step."""
+        if len({r.slot for r in requests.values()}) < len(requests):
+            raise ValueError("extend_continuous needs one slot per request")
+        self._run(requests, proposal, refill)
+
+    def _run(self, requests: dict[int, ExtendRequest], proposal: Proposal, refill: Refill) -> None:
+        """The decoding loop: admit waiting requests (up to the capacity, one row per slot), step, retire rows."""
+        capacity = self.max_slots if self.reuse_cache else 1
+        rows: list[_Row] = []
+        waiting = list(requests.items())
+        while waiting or rows:
+            admitted, waiting = _admit(waiting, rows, capacity)
+            rows = sorted(rows + self._start(admitted, rows), key=lambda row: row.seq.seq_id)  # lane order
+            done = self._step(rows, proposal)
+            finished, rows = [rows[b] for b in done], [r for b, r in enumerate(rows) if b not in done]
+            for row in finished:
+                request = refill(row.key, row.continuation())
+                if request is not None:
+                    waiting.append((row.key, request))
+
+    def _start(self, admitted: list[tuple[int, ExtendRequest]], rows: list[_Row]) -> list[_Row]:
+        """Rows for the admitted requests, each one's sequence found and prefilled up to its last context token.
+
+        Rows start one after another, so a row whose prefix another new row just prefilled (the shared prompt)
+        copies it instead of prefilling it again.
+        """
+        for _, request in admitted:
+            self._check_request(request)
+        if admitted:  # before any copy below: a copy lands at the next decode, and growing reads the cells
+            self._reserve(max(len(request.context) + request.max_tokens for _, request in admitted))
+        busy_slots = {row.request.slot for row in rows} | {request.slot for _, request in admitted}
+        new_rows = []
+        for key, request in admitted:
+            seq = self._target(request.context, self._lane(request.slot, busy_slots))
+            self._prefill(seq, request.context[len(seq.ids) : -1])
+            new_rows.append(_Row(key, request, seq, next_id=request.context[-1]))
+        return new_rows
+
+    def _step(self, rows: list[_Row], proposal: Proposal) -> list[int]:
+        """One llama_decode feeding every row its next token; draws one token per row from q. Returns the indices
+        of the rows that are now finished (EOS or max_tokens)."""
+        self._decode([(row.next_id, len(row.seq.ids), row.seq.seq_id, True) for row in rows])
+        logp = self._logp_rows(range(len(rows)))  # (B, V)
+        logq = proposal_logprobs(logp, proposal)  # (B, V)
+        done = []
+        for b, row in enumerate(rows):
+            row.seq.ids.append(row.next_id)  # its cells now hold the token just fed
+            token = draw(logq[b], row.request.rng)
+            row.tokens.append(token)
+            row.base_logp.append(float(logp[b, token]))
+            row.proposal_logq.append(float(logq[b, token]))
+            row.next_id = token
+            if token in self.eos_ids or len(row.tokens) == row.request.max_tokens:
+                done.append(b)
+        return done
+
+    def _check_request(self, request: ExtendRequest) -> None:
+        self._check_length(len(request.context), request.max_tokens)
+        if not request.context:
+            raise PowerSampleError("cannot extend an empty context: the prompt encodes to no tokens")
+
+    # --- sequences ------------------------------------------------------------------------------------------------
+
+    def _lane(self, slot: int, busy_slots: set[int]) -> int:
+        """The index of `slot`'s lane; a new slot takes a free one, else the least recently used idle slot's."""
+        if slot in self._lanes:
+            self._lanes.move_to_end(slot)
+        elif len(self._lanes) < self.max_slots:
+            self._lanes[slot] = len(self._lanes)
+        else:
+            idle = next(s for s in self._lanes if s not in busy_slots)  # rows <= max_slots: one is always idle
+            self._lanes[slot] = self._lanes.pop(idle)
+        return self._lanes[slot]
+
+    def _target(self, context: Tokens, k: int) -> _Seq:
+        """Lane k, made to hold the longest cached prefix of context[:-1] without losing the state it held.
+
+        Cutting the lane in place is free; when the cut would drop tokens, the lane is first saved in the bank,
+        unless the bank holds as long a prefix, which is then copied into the lane instead.
+        """
+        lane, bank = self._seqs[k], self._seqs[self.max_slots + k]
+        if not self.reuse_cache:
+            self._cut(lane, 0)
+            return lane
+        other, common = self._best_source(context, exclude=(lane, bank))
+        at_lane, at_bank = _common_prefix(lane.ids, context), _common_prefix(bank.ids, context)
+        best = max(at_lane, at_bank, common)
+        keep = min(best, len(context) - 1)
+        lossy = len(lane.ids) > keep + 1  # it holds more than a prefix of the context (plus the token re-fed anyway)
+        if at_lane == best and not (lossy and at_bank == best):
+            if lossy:
+                self._copy(lane, bank)
+        else:
+            self._copy(bank if at_bank == best else other, lane)
+        self._cut(lane, keep)
+        return lane
+
+    def _best_source(self, ids: Sequence[int], exclude: Sequence[_Seq] = ()) -> tuple[_Seq, int]:
+        """(the sequence sharing the longest prefix with ids, that length), among all but `exclude`."""
+        candidates = [s for s in self._seqs if s not in exclude]
+        common = [_common_prefix(s.ids, ids) for s in candidates]
+        best = int(np.argmax(common))  # the first maximum
+        return candidates[best], common[best]
+
+    def _cut(self, seq: _Seq, keep: int) -> None:
+        """Drop the sequence's cells from position `keep` on."""
+        if keep >= len(seq.ids):
+            return
+        if not self._lib.llama_memory_seq_rm(self._memory, seq.seq_id, keep, -1):  # a recurrent model: start over
+            self._lib.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)  # removing a whole sequence never fails
+            keep = 0
+        del seq.ids[keep:]
+
+    def _copy(self, source: _Seq, target: _Seq) -> None:
+        """Make `target` hold what `source` holds. llama.cpp copies the whole stream at the next decode, before
+        that decode runs; nothing is recomputed."""
+        self._cut(target, 0)
+        if source.ids:
+            self._lib.llama_memory_seq_cp(self._memory, source.seq_id, target.seq_id, -1, -1)
+            target.ids = list(source.ids)
+
+    def clear_caches(self) -> None:
+        """Empty every sequence, so that the next request is evaluated from scratch (e.g. to time a cold start)."""
+        self._lib.llama_memory_clear(self._memory, True)
+        for seq in self._seqs:
+            seq.ids.clear()
+
+    # --- the context ----------------------------------------------------------------------------------------------
+
+    def _new_context(self, room: int) -> tuple[Any, int]:
+        """(a llama.cpp context with a KV stream of `room` tokens per sequence, the room llama.cpp gave)."""
+        lib, n_seq = self._lib, len(self._seqs)
+        params = type(self.llm.context_params).from_buffer_copy(self.llm.context_params)  # threads etc.
+        params.n_ctx, params.n_seq_max, params.kv_unified = room * n_seq, n_seq, False  # a stream per sequence
+        params.n_batch, params.n_ubatch = N_BATCH, N_UBATCH
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED  # log p independent of batching (docstring)
+        ctx = lib.llama_init_from_model(self.llm.model, params)
+        if ctx is None:
+            raise PowerSampleError(f"llama.cpp could not create a KV cache of {n_seq} x {room} tokens (out of memory?)")
+        return ctx, int(lib.llama_n_ctx_seq(ctx))
+
+    def _reserve(self, length: int) -> None:
+        """Give every sequence room for `length` tokens: a bigger context (at least double), cells moved over."""
+        if length <= self._room:
+            return
+        ctx, room = self._new_context(min(max(length, 2 * self._room), self.context_length or length))
+        for seq in self._seqs:
+            if seq.ids and not _move_cells(self._lib, self._ctx, ctx, seq.seq_id):
+                seq.ids.clear()  # could not be moved: it only costs a prefill later
+        self._lib.llama_free(self._ctx)
+        self._ctx, self._room, self._memory = ctx, room, self._lib.llama_get_memory(ctx)
+
+    # --- decoding -------------------------------------------------------------------------------------------------
+
+    def _prefill(self, seq: _Seq, ids: Sequence[int]) -> None:
+        """Append `ids` to the sequence, in chunks of N_BATCH tokens, computing no logits."""
+        for start in range(0, len(ids), N_BATCH):
+            chunk, past = ids[start : start + N_BATCH], len(seq.ids)
+            self._decode([(token, past + i, seq.seq_id, False) for i, token in enumerate(chunk)])
+            seq.ids.extend(chunk)
+
+    def _decode(self, items: Sequence[Item]) -> None:
+        """One llama_decode of `items` (at most N_BATCH), entries as many as tokens."""
+        batch = self._batch
+        batch.n_tokens = len(items)
+        for i, (token, pos, seq_id, logits) in enumerate(items):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = logits
+        status = self._lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            why = "no room left in the KV cache" if status == 1 else f"llama_decode returned {status}"
+            raise PowerSampleError(f"llama.cpp could not decode {len(items)} tokens ({why})")
+        self.decode_calls += 1
+        self.evaluated_tokens += len(items)
+
+    def _logp_rows(self, indices: Sequence[int]) -> np.ndarray:
+        """log p after each given batch index of the last decode: log_softmax in float64, (B, V), a reused buffer."""
+        n = len(indices)
+        logp, scratch = self._logp[:n], self._exp[:n]
+        for b, i in enumerate(indices):
+            logp[b] = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+        logp -= logp.max(axis=1, keepdims=True)
+        np.exp(logp, out=scratch)
+        logp -= np.log(scratch.sum(axis=1, keepdims=True))  # log p = logits - logsumexp(logits)
+        return logp
+
+    # --- scoring --------------------------------------------------------------------------------------------------
 
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
-        """log p of each continuation token, in the cache sharing the longest prefix with context + continuation."""
+        """log p of each continuation token, decoded in the scratch sequence after the longest cached prefix."""
         return tuple(float(logp[token]) for logp, token in self._rows(context, continuation))
 
     def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
@@ -163,118 +420,41 @@ class LlamaCppBackend:
         """Base log p over the whole vocabulary for the token after `context`: (V,) float64. For tests and tools."""
         if not context:
             raise PowerSampleError("cannot score after an empty context: there are no logits for a first token")
-        ids = list(context)
-        return self._next_logp(self._best_cache(ids), ids)
-
-    def clear_caches(self) -> None:
-        """Empty every KV cache, so that the next request is evaluated from scratch (e.g. to time a cold start)."""
-        for cache in self._caches:
-            if cache is not None:
-                self._rewind(cache, 0)
-
-    def _extend_one(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
-        """Draw up to max_tokens tokens from q after request.context, stopping right after an EOS."""
-        self._check_length(len(request.context), request.max_tokens)
-        if not request.context:
-            raise PowerSampleError("cannot extend an empty context: the prompt encodes to no tokens")
-        cache, ids = self._cache(request.slot), list(request.context)
-        if not self.reuse_cache:
-            self._rewind(cache, 0)
-        tokens: list[int] = []
-        base_logp: list[float] = []
-        proposal_logq: list[float] = []
-        while True:
-            logp = self._next_logp(cache, ids)  # (V,)
-            logq = proposal_logprobs(logp, proposal)
-            token = draw(logq, request.rng)
-            tokens.append(token)
-            base_logp.append(float(logp[token]))
-            proposal_logq.append(float(logq[token]))
-            if token in self.eos_ids or len(tokens) == request.max_tokens:
-                break
-            ids.append(token)  # the next _feed decodes just this token
-        return Continuation(tuple(tokens), tuple(base_logp), tuple(proposal_logq))
-
-    def _cache(self, slot: int) -> _Cache:
-        """The cache serving `slot`, creating its context on first use."""
-        index = slot % len(self._caches)
-        cache = self._caches[index]
-        if cache is None:
-            ctx = self._lib.llama_init_from_model(self.llm.model, self.llm.context_params)
-            if ctx is None:
-                raise PowerSampleError(f"llama.cpp could not create a context for cache {index} (out of memory?)")
-            cache = self._caches[index] = _Cache(ctx, self._lib.llama_get_memory(ctx))
-        return cache
+        self._check_length(len(context), 0)
+        ((logp, _),) = self._scratch_rows(list(context), first_output=len(context) - 1)
+        return logp.copy()
 
     def _rows(self, context: Sequence[int], continuation: Sequence[int]) -> Iterator[tuple[np.ndarray, int]]:
-        """(base log p row (V,), the token it predicts) before each continuation token, from the best cache."""
+        """(base log p row (V,), the token it predicts) before each continuation token."""
         if not continuation:
             return
         self._check_length(len(context), len(continuation))
         if not context:
             raise PowerSampleError("cannot score after an empty context: there are no logits for a first token")
         ids = list(context) + list(continuation)
-        cache = self._best_cache(ids)
-        for i, pos in self._feed(cache, ids, first_output=len(context) - 1, end_output=len(ids) - 1):
-            yield self._logp_row(cache, i), ids[pos + 1]
+        for logp, pos in self._scratch_rows(ids[:-1], first_output=len(context) - 1):
+            yield logp, ids[pos + 1]
 
-    def _best_cache(self, ids: list[int]) -> _Cache:
-        """The existing cache sharing the longest prefix with `ids` (for requests without a slot)."""
-        return max((c for c in self._caches if c is not None), key=lambda c: _common_prefix(c.ids, ids))
+    def _scratch_rows(self, ids: list[int], first_output: int) -> Iterator[tuple[np.ndarray, int]]:
+        """(log p row (V,), position) after each position from first_output to the end of `ids`.
 
-    def _next_logp(self, cache: _Cache, ids: list[int]) -> np.ndarray:
-        """log p of the token after `ids`, leaving `cache` holding exactly `ids`: (V,)."""
-        ((last, _),) = self._feed(cache, ids, first_output=len(ids) - 1, end_output=len(ids))
-        return self._logp_row(cache, last)
-
-    def _feed(self, cache: _Cache, ids: list[int], first_output: int, end_output: int) -> Iterator[tuple[int, int]]:
-        """Make `cache` hold `ids`, computing logits at positions [first_output, end_output).
-
-        The cache is first cut back to its common prefix with `ids`, but never past first_output, so every position
-        whose logits we read is decoded now. Yields (batch index, position) for each such position right after its
-        chunk is decoded; read the row before advancing the iterator.
+        The scratch sequence takes the longest cached prefix (of any sequence), never past first_output, so every
+        row read is decoded now; rows are yielded right after their chunk's decode (read one before advancing).
         """
-        keep = min(_common_prefix(cache.ids, ids), first_output)
-        self._rewind(cache, keep)
-        for start in range(keep, len(ids), N_BATCH):
-            chunk = ids[start : start + N_BATCH]
-            wanted = range(max(first_output, start), min(end_output, start + len(chunk)))
-            self._decode(cache, chunk, [pos - start for pos in wanted])
-            yield from ((pos - start, pos) for pos in wanted)
+        scratch = self._seqs[-1]
+        self._reserve(len(ids))
+        source, common = self._best_source(ids, exclude=(scratch,))
+        if common > _common_prefix(scratch.ids, ids):
+            self._copy(source, scratch)
+        self._cut(scratch, min(_common_prefix(scratch.ids, ids), first_output))
+        for start in range(len(scratch.ids), len(ids), N_BATCH):
+            chunk, wanted = ids[start : start + N_BATCH], range(max(first_output, start), start + N_BATCH)
+            self._decode([(t, start + i, scratch.seq_id, start + i in wanted) for i, t in enumerate(chunk)])
+            scratch.ids.extend(chunk)
+            for pos in range(wanted.start, start + len(chunk)):
+                yield self._logp_rows([pos - start])[0], pos
 
-    def _rewind(self, cache: _Cache, keep: int) -> None:
-        """Drop every cached position from `keep` on (keys, values and ids)."""
-        if keep == len(cache.ids):
-            return
-        if not self._lib.llama_memory_seq_rm(cache.memory, 0, keep, -1):  # e.g. a recurrent model: start over
-            self._lib.llama_memory_clear(cache.memory, True)
-            keep = 0
-        del cache.ids[keep:]
-
-    def _decode(self, cache: _Cache, chunk: list[int], outputs: Sequence[int]) -> None:
-        """Append `chunk` (<= N_BATCH ids) to the cache in one llama_decode, with logits at batch indices `outputs`."""
-        batch, past, wanted = self._batch, len(cache.ids), set(outputs)
-        batch.n_tokens = len(chunk)
-        for i, token in enumerate(chunk):
-            batch.token[i] = token
-            batch.pos[i] = past + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i in wanted
-        status = self._lib.llama_decode(cache.ctx, batch)
-        if status != 0:
-            raise PowerSampleError(f"llama.cpp could not decode {len(chunk)} tokens (llama_decode returned {status})")
-        cache.ids.extend(chunk)
-        self.evaluated_tokens += len(chunk)
-
-    def _logp_row(self, cache: _Cache, i: int) -> np.ndarray:
-        """log p of the token after batch index i of the cache's last decode: log_softmax in float64, (V,)."""
-        pointer = self._lib.llama_get_logits_ith(cache.ctx, i)
-        logp = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)  # a copy of the float32 row
-        logp -= logp.max()
-        np.exp(logp, out=self._scratch)  # reused: a fresh 400 KB temporary per token costs ~0.3 ms of page faults
-        logp -= np.log(self._scratch.sum())  # log p = logits - logsumexp(logits)
-        return logp
+    # --- text -----------------------------------------------------------------------------------------------------
 
     def _render_chat(self, template: str, prompt: str) -> str:
         """The chat template applied to one user message, rendered the way transformers' apply_chat_template does."""
@@ -294,6 +474,29 @@ class LlamaCppBackend:
             raise PowerSampleError(
                 f"{context} context tokens + {new} new tokens exceed the model's context length ({self.context_length})"
             )
+
+
+def _admit(
+    waiting: list[tuple[int, ExtendRequest]], rows: list[_Row], capacity: int
+) -> tuple[list[tuple[int, ExtendRequest]], list[tuple[int, ExtendRequest]]]:
+    """(requests that start now, requests that keep waiting), in order: up to `capacity` rows, one row per slot."""
+    busy = {row.request.slot for row in rows}
+    admitted, rest = [], []
+    for key, request in waiting:
+        if len(rows) + len(admitted) < capacity and request.slot not in busy:
+            admitted.append((key, request))
+            busy.add(request.slot)
+        else:
+            rest.append((key, request))
+    return admitted, rest
+
+
+def _move_cells(lib: Any, old: Any, new: Any, seq_id: int) -> bool:
+    """Copy one sequence's cells (positions, keys, values: the exact bytes) from context `old` to `new`."""
+    size = lib.llama_state_seq_get_size(old, seq_id)
+    buffer = (ctypes.c_uint8 * size)()
+    written = lib.llama_state_seq_get_data(old, buffer, size, seq_id)
+    return bool(written) and bool(lib.llama_state_seq_set_data(new, buffer, written, seq_id))
 
 
 def _import_llama_cpp() -> Any:
