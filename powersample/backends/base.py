@@ -20,6 +20,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from powersample.errors import PowerSampleError
+
 Tokens = tuple[int, ...]
 
 
@@ -138,3 +140,33 @@ def negative_entropy(base_logp: np.ndarray) -> np.ndarray:
     """Sum_x p log p over the last axis, with 0 log 0 = 0. Shapes: (..., V) -> (...)."""
     p = np.exp(base_logp)
     return np.sum(np.where(p > 0, p * np.where(p > 0, base_logp, 0.0), 0.0), axis=-1)
+
+
+# --- helpers shared by the engine backends ---------------------------------------------------------------------
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix; the usual case (b extends a) is one C-speed comparison."""
+    if len(a) <= len(b) and list(a) == list(b[: len(a)]):
+        return len(a)
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def check_fits(context_length: int | None, context: int, new: int) -> None:
+    """A one-line PowerSampleError when `context` + `new` tokens exceed the model's context length."""
+    if context_length is not None and context + new > context_length:
+        raise PowerSampleError(
+            f"{context} context tokens + {new} new tokens exceed the model's context length ({context_length})"
+        )
+
+
+def one_line(error: BaseException) -> str:
+    """The first non-empty line of an engine's error message, at most 300 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -30,7 +30,17 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from powersample.backends.base import Continuation, ExtendRequest, Proposal, Tokens, draw, proposal_logprobs
+from powersample.backends.base import (
+    Continuation,
+    ExtendRequest,
+    Proposal,
+    Tokens,
+    check_fits,
+    common_prefix,
+    draw,
+    one_line,
+    proposal_logprobs,
+)
 from powersample.backends.embedded import embedded_model_dir, quiet_loading
 from powersample.errors import PowerSampleError
 
@@ -152,7 +162,7 @@ class HFBackend:
                 lm = lm.to(device)
         except Exception as e:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
             what = f"unknown model path or hub id {model!r}" if is_hub else f"cannot load model {model or folder}"
-            raise PowerSampleError(f"{what}: {_one_line(e)}") from None
+            raise PowerSampleError(f"{what}: {one_line(e)}") from None
         return cls(lm, tokenizer, reuse_cache=reuse_cache)
 
     def encode(self, prompt: str, chat: bool = True) -> Tokens:
@@ -248,12 +258,12 @@ class HFBackend:
         """
         own = self._buffers.setdefault(request.slot, (_Buffer(), _Buffer()))
         candidates = [*own, *(b for s, pair in self._buffers.items() if s != request.slot for b in pair)]
-        source = max(candidates, key=lambda b: _common_prefix(b.ids, request.context))  # first best: own buffers
-        keep = min(_common_prefix(source.ids, request.context), len(request.context) - 1)
+        source = max(candidates, key=lambda b: common_prefix(b.ids, request.context))  # first best: own buffers
+        keep = min(common_prefix(source.ids, request.context), len(request.context) - 1)
         if source in own and len(source.ids) <= keep + 1:
             target = source  # it holds a prefix of the context (plus at most the token we re-feed anyway)
         else:
-            target = min((b for b in own if b is not source), key=lambda b: _common_prefix(b.ids, request.context))
+            target = min((b for b in own if b is not source), key=lambda b: common_prefix(b.ids, request.context))
         target.kv, target.ids = source.cropped(keep), list(request.context[:keep])
         return target
 
@@ -301,10 +311,7 @@ class HFBackend:
         return out.logits[:, -1]
 
     def _check_length(self, context: int, new: int) -> None:
-        if self.context_length is not None and context + new > self.context_length:
-            raise PowerSampleError(
-                f"{context} context tokens + {new} new tokens exceed the model's context length ({self.context_length})"
-            )
+        check_fits(self.context_length, context, new)
 
 
 def _stack(kvs: list[KV | None], lengths: list[int], config: Any) -> tuple[DynamicCache, int]:
@@ -373,18 +380,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
     ids.add(tokenizer.eos_token_id)
     return frozenset(int(i) for i in ids if i is not None)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -63,8 +63,11 @@ from powersample.backends.base import (
     ExtendRequest,
     Proposal,
     Tokens,
+    check_fits,
+    common_prefix,
     draw,
     negative_entropy,
+    one_line,
     proposal_logprobs,
 )
 from powersample.backends.embedded import embedded_gguf_path
@@ -164,7 +167,7 @@ class LlamaCppBackend:
                 verbose=False,
             )
         except Exception as e:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
-            raise PowerSampleError(f"cannot load model {path}: {_one_line(e)}") from None
+            raise PowerSampleError(f"cannot load model {path}: {one_line(e)}") from None
         n_ctx = n_ctx or int(llama_cpp.llama_model_n_ctx_train(llm.model))
         return cls(llm, n_ctx=n_ctx, max_slots=max_slots, reuse_cache=reuse_cache)
 
@@ -302,7 +305,7 @@ class LlamaCppBackend:
             self._cut(lane, 0)
             return lane
         other, common = self._best_source(context, exclude=(lane, bank))
-        at_lane, at_bank = _common_prefix(lane.ids, context), _common_prefix(bank.ids, context)
+        at_lane, at_bank = common_prefix(lane.ids, context), common_prefix(bank.ids, context)
         best = max(at_lane, at_bank, common)
         keep = min(best, len(context) - 1)
         lossy = len(lane.ids) > keep + 1  # it holds more than a prefix of the context (plus the token re-fed anyway)
@@ -317,7 +320,7 @@ class LlamaCppBackend:
     def _best_source(self, ids: Sequence[int], exclude: Sequence[_Seq] = ()) -> tuple[_Seq, int]:
         """(the sequence sharing the longest prefix with ids, that length), among all but `exclude`."""
         candidates = [s for s in self._seqs if s not in exclude]
-        common = [_common_prefix(s.ids, ids) for s in candidates]
+        common = [common_prefix(s.ids, ids) for s in candidates]
         best = int(np.argmax(common))  # the first maximum
         return candidates[best], common[best]
 
@@ -444,9 +447,9 @@ class LlamaCppBackend:
         scratch = self._seqs[-1]
         self._reserve(len(ids))
         source, common = self._best_source(ids, exclude=(scratch,))
-        if common > _common_prefix(scratch.ids, ids):
+        if common > common_prefix(scratch.ids, ids):
             self._copy(source, scratch)
-        self._cut(scratch, min(_common_prefix(scratch.ids, ids), first_output))
+        self._cut(scratch, min(common_prefix(scratch.ids, ids), first_output))
         for start in range(len(scratch.ids), len(ids), N_BATCH):
             chunk, wanted = ids[start : start + N_BATCH], range(max(first_output, start), start + N_BATCH)
             self._decode([(t, start + i, scratch.seq_id, start + i in wanted) for i, t in enumerate(chunk)])
@@ -470,10 +473,7 @@ class LlamaCppBackend:
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
 
     def _check_length(self, context: int, new: int) -> None:
-        if self.context_length is not None and context + new > self.context_length:
-            raise PowerSampleError(
-                f"{context} context tokens + {new} new tokens exceed the model's context length ({self.context_length})"
-            )
+        check_fits(self.context_length, context, new)
 
 
 def _admit(
@@ -532,21 +532,3 @@ def _eos_ids(lib: Any, vocab: Any, metadata: dict[str, str]) -> frozenset[int]:
     """
     ids = {int(lib.llama_vocab_eos(vocab)), int(metadata.get("tokenizer.ggml.eot_token_id", -1))}
     return frozenset(i for i in ids if i >= 0)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix; the usual case (b extends a) is one C-speed list comparison."""
-    if len(a) <= len(b) and a == b[: len(a)]:
-        return len(a)
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
