@@ -66,10 +66,11 @@ class BackendChoice:
     toy_spec: str | None = None  # with name="toy"
     device: str | None = None
     dtype: str | None = None
+    threads: int | None = None  # engine CPU threads; None = the engine's default
 
     def load(self, reuse_cache: bool = True) -> Backend:
         return load_backend(self.name, model=self.model, toy_spec=self.toy_spec, device=self.device,
-                            dtype=self.dtype, reuse_cache=reuse_cache)
+                            dtype=self.dtype, reuse_cache=reuse_cache, threads=self.threads)
 
     def describe(self) -> str:
         """The model, in words, for the table and the JSON."""

@@ -64,7 +64,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
         config=bench_config(args, profile),
         prompts=bench_prompts(args, profile),
-        backend=BackendChoice(backend_name(args), args.model, args.toy_spec, args.device, args.dtype),
+        backend=BackendChoice(backend_name(args), args.model, args.toy_spec, args.device, args.dtype, args.threads),
         chains=profile["chains"] if args.chains is None else args.chains,
         repeats=args.repeats,
         seed=args.seed,

@@ -76,6 +76,7 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--toy-spec", help="toy model JSON spec (with --backend toy)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", help="hf: float32, bfloat16, float16 or auto (default: float32 on CPU)")
+    g.add_argument("--threads", type=int, help="CPU threads of the engine (default: the engine's own)")
 
 
 def config_from_args(args: argparse.Namespace) -> SamplerConfig:
@@ -98,7 +99,8 @@ def backend_from_args(args: argparse.Namespace):
     name = resolve_auto(args.model, args.device, args.toy_spec) if args.backend == "auto" else args.backend
     if not args.quiet:
         print(f"powersample: loading the {name} backend...", file=sys.stderr, flush=True)
-    return load_backend(name, model=args.model, toy_spec=args.toy_spec, device=args.device, dtype=args.dtype)
+    return load_backend(name, model=args.model, toy_spec=args.toy_spec, device=args.device, dtype=args.dtype,
+                        threads=args.threads)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:

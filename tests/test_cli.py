@@ -155,3 +155,21 @@ def test_embedded_model_end_to_end(tmp_path, capsys):
     assert run(argv, capsys)[0] == 0  # same seed, same output
     again = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["tokens"] for r in again[:2]] == [r["tokens"] for r in again[2:]]
+
+
+def test_bad_thread_count_exits_2(capsys):
+    code, out, err = run(["sample", "x", *TOY, "--threads", "0"], capsys)
+    assert code == 2 and "threads" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_threads_option_sets_the_engine_threads(capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        code, out, _ = run(["sample", "2+2=", "--backend", "hf", "--threads", "1", "--quiet", "--max-new-tokens", "4",
+                            "--mcmc-steps", "1", "--block-count", "1"], capsys)
+        assert code == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

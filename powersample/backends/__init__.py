@@ -16,6 +16,7 @@ def load_backend(
     device: str | None = None,
     dtype: str | None = None,
     reuse_cache: bool = True,
+    threads: int | None = None,
 ) -> Backend:
     """Build a backend by name. `model` None means the embedded SmolLM2-135M-Instruct.
 
@@ -24,7 +25,11 @@ def load_backend(
 
     reuse_cache=False makes every request prefill its whole context from an empty cache, one request at a time:
     the "regenerate from scratch" baseline of `powersample bench` (the paper's approach). Exact either way.
+    threads sets the CPU threads (hf: torch's, for the whole process; llamacpp: llama.cpp's); None = the engine's
+    default. On a small shared machine one thread can be much faster than two.
     """
+    if threads is not None and threads < 1:
+        raise PowerSampleError(f"threads must be >= 1, got {threads}")
     if name == "auto":
         name = resolve_auto(model, device, toy_spec)
     if name == "toy":
@@ -35,12 +40,12 @@ def load_backend(
         return ToyBackend(ToySpec.load(toy_spec))
     if name == "hf":
         hf = _import_extra("powersample.backends.hf", "hf")
-        return hf.HFBackend.load(model, device=device, dtype=dtype, reuse_cache=reuse_cache)
+        return hf.HFBackend.load(model, device=device, dtype=dtype, reuse_cache=reuse_cache, threads=threads)
     if name == "llamacpp":
         if device not in (None, "cpu") or dtype is not None:
             raise PowerSampleError("the llamacpp backend runs the GGUF as it is: --device and --dtype don't apply")
         llamacpp = _import_extra("powersample.backends.llamacpp", "llamacpp")
-        return llamacpp.LlamaCppBackend.load(model, reuse_cache=reuse_cache)
+        return llamacpp.LlamaCppBackend.load(model, reuse_cache=reuse_cache, n_threads=threads)
     raise PowerSampleError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -144,13 +144,22 @@ class HFBackend:
 
     @classmethod
     def load(
-        cls, model: str | None, *, device: str | None = None, dtype: str | None = None, reuse_cache: bool = True
+        cls,
+        model: str | None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        reuse_cache: bool = True,
+        threads: int | None = None,
     ) -> "HFBackend":
         """Load `model`: None = the embedded SmolLM2, a local folder, a .gguf file, or a hub id.
 
-        device None = cuda when available, else cpu; dtype None = float32 on cpu, bfloat16 on cuda. Every failure is
-        a one-line PowerSampleError.
+        device None = cuda when available, else cpu; dtype None = float32 on cpu, bfloat16 on cuda; threads sets
+        torch's CPU threads for the whole process (None = torch's default). Every failure is a one-line
+        PowerSampleError.
         """
+        if threads is not None:
+            torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = _parse_dtype(dtype, device)
         folder, gguf_file = _resolve_model(model)
