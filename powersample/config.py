@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from powersample.backends.base import Proposal
 from powersample.errors import PowerSampleError
 
 METHODS = ("power", "max-swap", "base", "low-temp")
@@ -50,6 +51,11 @@ class SamplerConfig:
         if self.proposal_temperature is not None:
             return self.proposal_temperature
         return 1.0 / self.alpha
+
+    @property
+    def proposal(self) -> Proposal:
+        """The distribution tokens are drawn from: temperature, then top-k, then top-p."""
+        return Proposal(self.temperature, self.top_k, self.top_p)
 
     @property
     def target_alpha(self) -> float:

@@ -87,7 +87,7 @@ def mh_kernel(
 
 def algorithm_law(spec: ToySpec, config: SamplerConfig) -> Law:
     """Exact law of the output of power sampling with `config` (finite steps, stages, early stop at EOS)."""
-    proposal = Proposal(config.temperature, config.top_k, config.top_p)
+    proposal = config.proposal
     law: Law = {(): 1.0}
     for cap in config.stage_caps():
         done = {x: w for x, w in law.items() if x and x[-1] == spec.eos_id}

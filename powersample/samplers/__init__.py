@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from powersample.backends.base import Backend, Proposal, Tokens
+from powersample.backends.base import Backend, Tokens
 from powersample.config import SamplerConfig
 from powersample.samplers.chain import Chain, ChainResult, Progress
 from powersample.samplers.driver import drive
@@ -31,7 +31,7 @@ def run_chains(
 ) -> list[ChainResult]:
     """Run config.method on every chain (all chains share the prompt and are batched together)."""
     program, _ = _SAMPLERS[config.method]
-    proposal = Proposal(config.temperature, config.top_k, config.top_p)
+    proposal = config.proposal
     return drive(backend, [program(prompt, config, c, backend.eos_ids) for c in chains], proposal, progress)
 
 
