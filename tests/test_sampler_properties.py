@@ -156,14 +156,12 @@ def test_empty_prompt_and_bad_counts_are_errors():
 class ContinuousToy(ToyBackend):
     """A toy backend that serves chains continuously (a FIFO of requests), not in lockstep rounds."""
 
-    def extend_continuous(self, requests, proposal, refill):
+    def extend_continuous(self, requests, proposal, refill, poll=None):
         queue = list(requests.items())
         while queue:
             key, request = queue.pop(0)
             [cont] = self.extend([request], proposal)
-            nxt = refill(key, cont)
-            if nxt is not None:
-                queue.append((key, nxt))
+            queue += refill(key, cont).items()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)

@@ -16,7 +16,7 @@ with the request's context, so correctness never depends on the hint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -47,6 +47,7 @@ class ExtendRequest:
     max_tokens: int  # >= 1
     rng: np.random.Generator  # the chain's own generator; every draw for this request comes from it
     slot: int = 0  # the chain's cache slot
+    alternatives: int = 0  # also report the likeliest this-many next tokens after `context` (base log p)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,17 @@ class Continuation:
     tokens: Tokens  # new ids; the last one is EOS iff the model stopped by itself
     base_logp: tuple[float, ...]  # log p(token | prefix), temperature 1, no truncation
     proposal_logq: tuple[float, ...]  # log q(token | prefix) under the Proposal it was drawn from
+    alternatives: tuple[tuple[int, float], ...] = ()  # (id, base log p) of the request's `alternatives` likeliest
+    # first tokens, likeliest first (ties by id); empty unless asked for
+
+
+# Continuous batching (optional backend method `extend_continuous(requests, proposal, refill, poll=None)`): the
+# backend decodes `requests` (a dict key -> ExtendRequest, one slot per request) as one batch that stays full. When a
+# row finishes it calls refill(key, continuation), which returns the requests that start now (new keys, possibly
+# none); before each decoding step it calls poll(), which returns requests that arrived meanwhile. It returns once
+# no row is left and poll() has nothing.
+Refill = Callable[[int, "Continuation"], Mapping[int, "ExtendRequest"]]
+Poll = Callable[[], Mapping[int, "ExtendRequest"]]
 
 
 class Backend(Protocol):
@@ -99,6 +111,14 @@ def proposal_logprobs(base_logp: np.ndarray, proposal: Proposal) -> np.ndarray:
     if proposal.top_p < 1.0:
         logq = log_normalize(_keep_top_p(logq, proposal.top_p))
     return logq
+
+
+def top_alternatives(base_logp: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The k likeliest ids of a 1-D log p row with their log p, likeliest first, ties broken by the smaller id."""
+    if k <= 0:
+        return ()
+    order = np.lexsort((np.arange(len(base_logp)), -base_logp))[:k]
+    return tuple((int(t), float(base_logp[t])) for t in order)
 
 
 def log_normalize(logits: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -33,13 +33,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from powersample.backends.base import (
     Continuation,
     ExtendRequest,
+    Poll,
     Proposal,
+    Refill,
     Tokens,
     check_fits,
     common_prefix,
     draw,
     one_line,
     proposal_logprobs,
+    top_alternatives,
 )
 from powersample.backends.embedded import embedded_model_dir, quiet_loading
 from powersample.errors import PowerSampleError
@@ -82,9 +85,10 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     base_logp: list[float] = field(default_factory=list)
     proposal_logq: list[float] = field(default_factory=list)
+    alternatives: tuple[tuple[int, float], ...] = ()
 
     def continuation(self) -> Continuation:
-        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq))
+        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives)
 
 
 class _Batch:
@@ -196,26 +200,26 @@ class HFBackend:
             return [self.extend([r], proposal)[0] for r in requests]
         results: dict[int, Continuation] = {}
 
-        def collect(key: int, cont: Continuation) -> None:
+        def collect(key: int, cont: Continuation) -> dict:
             results[key] = cont
+            return {}
 
         self.extend_continuous(dict(enumerate(requests)), proposal, collect)
         return [results[j] for j in range(len(requests))]
 
     @torch.inference_mode()
     def extend_continuous(
-        self,
-        requests: dict[int, ExtendRequest],
-        proposal: Proposal,
-        refill: Callable[[int, Continuation], ExtendRequest | None],
+        self, requests: Mapping[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None
     ) -> None:
         """Decode `requests` (by key) as one batch that stays full: when a row finishes, refill(key, continuation)
-        gives that key's next request (or None), which joins the batch at the next step."""
-        if len({r.slot for r in requests.values()}) < len(requests):
-            raise ValueError("extend_continuous needs one slot per request")
+        gives the requests that start now, and poll() those that arrived; they join the batch at the next step."""
         batch, incoming = _Batch(self.model.config, self.device), list(requests.items())
-        while incoming or batch.rows:
+        while True:
+            incoming += (poll() if poll else {}).items()
+            if not (incoming or batch.rows):
+                return
             if incoming:
+                _check_slots(incoming, batch.rows)
                 batch.add([self._start(key, request) for key, request in incoming])
                 incoming = []
             ids, mask, positions = batch.inputs()
@@ -226,9 +230,7 @@ class HFBackend:
             batch.drop(done)
             for row, kv in finished:
                 row.buffer.kv, row.buffer.ids = kv, row.ids
-                request = refill(row.key, row.continuation())
-                if request is not None:
-                    incoming.append((row.key, request))
+                incoming += refill(row.key, row.continuation()).items()
 
     @torch.inference_mode()
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
@@ -302,6 +304,8 @@ class HFBackend:
         logq = proposal_logprobs(logp, proposal)  # (B, V)
         done = []
         for b, row in enumerate(rows):
+            if not row.tokens and row.request.alternatives:
+                row.alternatives = top_alternatives(logp[b], row.request.alternatives)
             token = draw(logq[b], row.request.rng)
             row.tokens.append(token)
             row.base_logp.append(float(logp[b, token]))
@@ -321,6 +325,13 @@ class HFBackend:
 
     def _check_length(self, context: int, new: int) -> None:
         check_fits(self.context_length, context, new)
+
+
+def _check_slots(incoming: list[tuple[int, ExtendRequest]], rows: list[_Row]) -> None:
+    """Rows decoding together need distinct slots (a slot's buffers hold one row's cache)."""
+    slots = [r.slot for _, r in incoming] + [row.request.slot for row in rows]
+    if len(set(slots)) < len(slots):
+        raise ValueError("extend_continuous needs one slot per request in flight")
 
 
 def _stack(kvs: list[KV | None], lengths: list[int], config: Any) -> tuple[DynamicCache, int]:

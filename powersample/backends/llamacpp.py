@@ -51,7 +51,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,9 @@ import numpy as np
 from powersample.backends.base import (
     Continuation,
     ExtendRequest,
+    Poll,
     Proposal,
+    Refill,
     Tokens,
     check_fits,
     common_prefix,
@@ -69,6 +71,7 @@ from powersample.backends.base import (
     negative_entropy,
     one_line,
     proposal_logprobs,
+    top_alternatives,
 )
 from powersample.backends.embedded import embedded_gguf_path
 from powersample.errors import PowerSampleError
@@ -97,19 +100,17 @@ class _Seq:
 class _Row:
     """One request being decoded: its sequence, the token to feed next, and what it has drawn."""
 
-    key: int  # the caller's key for this request (refills of one chain share it)
+    key: int  # the caller's key for this request
     request: ExtendRequest
     seq: _Seq  # holds the context up to (not including) next_id
     next_id: int  # token to feed at the next step, at position len(seq.ids)
     tokens: list[int] = field(default_factory=list)
     base_logp: list[float] = field(default_factory=list)
     proposal_logq: list[float] = field(default_factory=list)
+    alternatives: tuple[tuple[int, float], ...] = ()
 
     def continuation(self) -> Continuation:
-        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq))
-
-
-Refill = Callable[[int, Continuation], "ExtendRequest | None"]
+        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives)
 
 
 class LlamaCppBackend:
@@ -212,33 +213,35 @@ class LlamaCppBackend:
         Requests sharing a slot run one after another, in order; so do all requests when reuse_cache is False."""
         results: dict[int, Continuation] = {}
 
-        def collect(key: int, cont: Continuation) -> None:
+        def collect(key: int, cont: Continuation) -> dict:
             results[key] = cont
+            return {}
 
         self._run(dict(enumerate(requests)), proposal, collect)
         return [results[j] for j in range(len(requests))]
 
-    def extend_continuous(self, requests: dict[int, ExtendRequest], proposal: Proposal, refill: Refill) -> None:
+    def extend_continuous(
+        self, requests: Mapping[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None
+    ) -> None:
         """Decode `requests` (by key) as one batch that stays full: when a row finishes, refill(key, continuation)
-        gives that key's next request (or None), which joins the batch at the next step."""
-        if len({r.slot for r in requests.values()}) < len(requests):
-            raise ValueError("extend_continuous needs one slot per request")
-        self._run(requests, proposal, refill)
+        gives the requests that start now, and poll() those that arrived; they join the batch at the next step."""
+        self._run(dict(requests), proposal, refill, poll)
 
-    def _run(self, requests: dict[int, ExtendRequest], proposal: Proposal, refill: Refill) -> None:
+    def _run(self, requests: dict[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None):
         """The decoding loop: admit waiting requests (up to the capacity, one row per slot), step, retire rows."""
         capacity = self.max_slots if self.reuse_cache else 1
         rows: list[_Row] = []
         waiting = list(requests.items())
-        while waiting or rows:
+        while True:
+            waiting += (poll() if poll else {}).items()
+            if not (waiting or rows):
+                return
             admitted, waiting = _admit(waiting, rows, capacity)
             rows = sorted(rows + self._start(admitted, rows), key=lambda row: row.seq.seq_id)  # lane order
             done = self._step(rows, proposal)
             finished, rows = [rows[b] for b in done], [r for b, r in enumerate(rows) if b not in done]
             for row in finished:
-                request = refill(row.key, row.continuation())
-                if request is not None:
-                    waiting.append((row.key, request))
+                waiting += refill(row.key, row.continuation()).items()
 
     def _start(self, admitted: list[tuple[int, ExtendRequest]], rows: list[_Row]) -> list[_Row]:
         """Rows for the admitted requests, each one's sequence found and prefilled up to its last context token.
@@ -266,6 +269,8 @@ class LlamaCppBackend:
         logq = proposal_logprobs(logp, proposal)  # (B, V)
         done = []
         for b, row in enumerate(rows):
+            if not row.tokens and row.request.alternatives:
+                row.alternatives = top_alternatives(logp[b], row.request.alternatives)
             row.seq.ids.append(row.next_id)  # its cells now hold the token just fed
             token = draw(logq[b], row.request.rng)
             row.tokens.append(token)

@@ -23,7 +23,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from powersample.backends.base import Continuation, ExtendRequest, Proposal, Tokens, proposal_logprobs
+from powersample.backends.base import (
+    Continuation,
+    ExtendRequest,
+    Proposal,
+    Tokens,
+    proposal_logprobs,
+    top_alternatives,
+)
 from powersample.errors import PowerSampleError
 
 ROW_TOLERANCE = 1e-6  # how far a row's sum may be from 1
@@ -165,6 +172,11 @@ class ToyBackend:
     def _extend_one(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
         seq = list(request.context)
         tokens, logp, logq = [], [], []
+        alternatives = (
+            top_alternatives(np.asarray(self._table(seq, proposal).base_logp), request.alternatives)
+            if request.alternatives
+            else ()
+        )
         for _ in range(request.max_tokens):
             table = self._table(seq, proposal)
             u = request.rng.random() * table.cdf[-1]
@@ -177,7 +189,7 @@ class ToyBackend:
             seq.append(tok)
             if tok == self.spec.eos_id:
                 break
-        return Continuation(tuple(tokens), tuple(logp), tuple(logq))
+        return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives)
 
     def _table(self, generated: Sequence[int], proposal: Proposal) -> _Table:
         row = self.spec.row(generated)
