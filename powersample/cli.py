@@ -64,6 +64,18 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proposal-temperature", type=float, help="proposal temperature tau (default 1/alpha)")
     g.add_argument("--top-k", type=int, default=d.top_k, help="proposal top-k (default off)")
     g.add_argument("--top-p", type=float, default=d.top_p, help="proposal top-p (default off)")
+    g.add_argument("--tries", type=int, default=d.tries, help="power-mtm: proposals per MH step (default %(default)s)")
+    g.add_argument("--particles", type=int, default=d.particles, help="power-smc: particles (default %(default)s)")
+    g.add_argument("--ess-threshold", type=float, default=d.ess_threshold,
+                   help="power-smc: resample when ESS < this x particles (default %(default)s)")
+    g.add_argument("--alpha-ramp", type=int, default=d.alpha_ramp,
+                   help="power-smc: tokens over which alpha ramps up from 1 (default 0 = off)")
+    g.add_argument("--candidates", type=int, default=d.candidates,
+                   help="power-rollout: K likeliest next tokens weighed per step (default %(default)s)")
+    g.add_argument("--rollouts", type=int, default=d.rollouts,
+                   help="power-rollout: M rollouts per candidate (default %(default)s)")
+    g.add_argument("--rollout-horizon", type=int, default=d.rollout_horizon,
+                   help="power-rollout: tokens per rollout (default 0 = up to T)")
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
@@ -90,7 +102,11 @@ def config_from_args(args: argparse.Namespace) -> SamplerConfig:
         proposal_temperature=args.proposal_temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        **{name: getattr(args, name) for name in _METHOD_KNOBS},
     )
+
+
+_METHOD_KNOBS = ("tries", "particles", "ess_threshold", "alpha_ramp", "candidates", "rollouts", "rollout_horizon")
 
 
 def backend_from_args(args: argparse.Namespace):

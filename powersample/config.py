@@ -8,15 +8,15 @@ from dataclasses import asdict, dataclass
 from powersample.backends.base import Proposal
 from powersample.errors import PowerSampleError
 
-METHODS = ("power", "max-swap", "base", "low-temp")
-MCMC_METHODS = ("power", "max-swap")
+METHODS = ("power", "max-swap", "power-mtm", "power-smc", "power-rollout", "base", "low-temp")
+MCMC_METHODS = ("power", "max-swap", "power-mtm")  # Metropolis-Hastings: proposals and acceptances
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """How to sample. Field defaults follow the paper (Karan & Du, 2025, Sec. 4)."""
 
-    method: str = "power"  # power | max-swap (alpha = inf) | base (tau = 1) | low-temp (tau = 1/alpha)
+    method: str = "power"  # one of METHODS; base = tau 1, low-temp = tau 1/alpha, max-swap = alpha inf
     alpha: float = 4.0  # exponent of the target p^alpha; 1 = the base model itself
     max_new_tokens: int = 256  # T: the most tokens generated after the prompt
     block_size: int | None = None  # B; None = ceil(T / block_count)
@@ -25,6 +25,13 @@ class SamplerConfig:
     proposal_temperature: float | None = None  # tau of the proposal; None = 1/alpha
     top_k: int = 0  # proposal truncation to the k likeliest tokens; 0 = off
     top_p: float = 1.0  # proposal nucleus truncation; 1.0 = off
+    tries: int = 4  # power-mtm: proposals per MH step, drawn in one batched call
+    particles: int = 16  # power-smc: particles per sample
+    ess_threshold: float = 0.5  # power-smc: resample when the effective sample size < ess_threshold * particles
+    alpha_ramp: int = 0  # power-smc: tokens over which the exponent ramps from 1 up to alpha; 0 = no ramp
+    candidates: int = 8  # power-rollout: K, the likeliest next tokens weighed at each step
+    rollouts: int = 4  # power-rollout: M, rollouts per candidate estimating its future power mass
+    rollout_horizon: int = 0  # power-rollout: tokens per rollout; 0 = up to T
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -42,11 +49,19 @@ class SamplerConfig:
             _check(_finite(t) and t > 0, f"proposal_temperature must be a number > 0, got {t}")
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(self.tries >= 1, f"tries must be >= 1, got {self.tries}")
+        _check(self.particles >= 1, f"particles must be >= 1, got {self.particles}")
+        e = self.ess_threshold
+        _check(_finite(e) and 0 <= e <= 1, f"ess_threshold must be in [0, 1], got {e}")
+        _check(self.alpha_ramp >= 0, f"alpha_ramp must be >= 0 (0 = off), got {self.alpha_ramp}")
+        _check(self.candidates >= 1, f"candidates must be >= 1, got {self.candidates}")
+        _check(self.rollouts >= 1, f"rollouts must be >= 1, got {self.rollouts}")
+        _check(self.rollout_horizon >= 0, f"rollout_horizon must be >= 0 (0 = up to T), got {self.rollout_horizon}")
 
     @property
     def temperature(self) -> float:
         """The temperature tokens are drawn at: the MH proposal's, or the plain sampler's."""
-        if self.method == "base":
+        if self.method in ("base", "power-rollout"):  # power-rollout: rollouts follow the base model
             return 1.0
         if self.proposal_temperature is not None:
             return self.proposal_temperature

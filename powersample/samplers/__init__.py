@@ -9,6 +9,7 @@ from typing import Sequence
 
 from powersample.backends.base import Backend, Tokens
 from powersample.config import SamplerConfig
+from powersample.errors import PowerSampleError
 from powersample.samplers.chain import Chain, ChainResult, Progress
 from powersample.samplers.driver import drive
 from powersample.samplers.plain import plain_program, plain_work_units
@@ -30,14 +31,20 @@ def run_chains(
     progress: Progress | None = None,
 ) -> list[ChainResult]:
     """Run config.method on every chain (all chains share the prompt and are batched together)."""
-    program, _ = _SAMPLERS[config.method]
+    program, _ = _sampler(config.method)
     proposal = config.proposal
     return drive(backend, [program(prompt, config, c, backend.eos_ids) for c in chains], proposal, progress)
 
 
 def work_units(config: SamplerConfig) -> int:
     """Backend requests one chain makes at most (progress units)."""
-    return _SAMPLERS[config.method][1](config)
+    return _sampler(config.method)[1](config)
+
+
+def _sampler(method: str):
+    if method not in _SAMPLERS:
+        raise PowerSampleError(f"method {method!r} has no sampler in this version")
+    return _SAMPLERS[method]
 
 
 __all__ = ["Chain", "ChainResult", "Progress", "run_chains", "work_units"]
