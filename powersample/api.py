@@ -90,6 +90,13 @@ def check_prompt(prompt: str) -> None:
         raise PowerSampleError("the prompt is empty")
 
 
+def chain_record(
+    backend: Backend, prompt: str, config: SamplerConfig, seed: int, index: int, result: ChainResult, wall: float
+) -> SampleRecord:
+    """The SampleRecord of one chain's result, for callers that run chains themselves (the server)."""
+    return _record(backend, prompt, config, seed, index, result, wall)
+
+
 def _record(
     backend: Backend, prompt: str, config: SamplerConfig, seed: int, index: int, r: ChainResult, wall: float
 ) -> SampleRecord:

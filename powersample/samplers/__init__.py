@@ -11,7 +11,7 @@ from powersample.backends.base import Backend, Tokens
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.samplers.chain import Chain, ChainResult, Progress
-from powersample.samplers.driver import drive
+from powersample.samplers.driver import Program, drive
 from powersample.samplers.plain import plain_program, plain_work_units
 from powersample.samplers.power import power_program, power_work_units
 
@@ -31,9 +31,13 @@ def run_chains(
     progress: Progress | None = None,
 ) -> list[ChainResult]:
     """Run config.method on every chain (all chains share the prompt and are batched together)."""
+    return drive(backend, programs(backend, prompt, config, chains), config.proposal, progress)
+
+
+def programs(backend: Backend, prompt: Tokens, config: SamplerConfig, chains: Sequence[Chain]) -> list[Program]:
+    """One config.method program per chain, for callers that drive programs themselves (the server's engine)."""
     program, _ = _sampler(config.method)
-    proposal = config.proposal
-    return drive(backend, [program(prompt, config, c, backend.eos_ids) for c in chains], proposal, progress)
+    return [program(prompt, config, c, backend.eos_ids) for c in chains]
 
 
 def work_units(config: SamplerConfig) -> int:
@@ -47,4 +51,4 @@ def _sampler(method: str):
     return _SAMPLERS[method]
 
 
-__all__ = ["Chain", "ChainResult", "Progress", "run_chains", "work_units"]
+__all__ = ["Chain", "ChainResult", "Program", "Progress", "programs", "run_chains", "work_units"]
