@@ -148,3 +148,62 @@ def _normalize(logw: dict) -> Law:
     m = max(logw.values())
     z = math.fsum(math.exp(v - m) for v in logw.values())
     return {k: math.exp(v - m) / z for k, v in logw.items()}
+
+
+# --- power-mtm: the multiple-try kernel, every k-tuple of tries enumerated -------------------------------------
+
+TryWeight = Callable[[float, int, tuple, tuple], float]  # (alpha, i, suffix log p, suffix log q) -> log w
+
+
+def mtm_kernel(spec: ToySpec, alpha: float, proposal: Proposal, cap: int, tries: int, weight: TryWeight | None = None):
+    """K(x, .) of one multiple-try step of stage `cap`, built from the code's try weight: every index i, every
+    k-tuple of tries with its q-probability, the pick ∝ w and the acceptance min(1, W / (W - w_J + w(x)))."""
+    from powersample.samplers.mtm import log_weight
+
+    weight = weight or log_weight
+
+    @functools.cache
+    def kernel(x: tuple[int, ...]) -> Law:
+        chain, out = as_chain(spec, x, proposal), defaultdict(float)
+        for i in range(len(x)):
+            suffixes = continuations(spec, proposal, x[:i], cap)
+            conts = [(s, lq, _continuation(spec, x[:i], s, proposal)) for s, lq in suffixes]
+            log_q = np.array([lq for _, lq, _ in conts])
+            log_w = np.array([weight(alpha, i, c.base_logp, c.proposal_logq) for _, _, c in conts])
+            log_w_x = weight(alpha, i, tuple(chain.base_logp[i:]), tuple(chain.proposal_logq[i:]))
+            for (s, _, _), move in zip(conts, _mtm_moves(log_q, log_w, log_w_x, tries)):
+                out[x[:i] + s] += move / len(x)
+        out[x] = 1.0 - math.fsum(v for k, v in out.items() if k != x)
+        return dict(out)
+
+    return kernel
+
+
+def _mtm_moves(log_q: np.ndarray, log_w: np.ndarray, log_w_x: float, k: int) -> np.ndarray:
+    """P(the step picks and accepts suffix s), for each of the n suffixes, over all n^k tuples of tries. (n,)"""
+    n = len(log_q)
+    idx = np.stack(np.meshgrid(*[np.arange(n)] * k, indexing="ij"), axis=-1).reshape(-1, k)  # (n^k, k)
+    shift = max(float(log_w.max()), log_w_x)
+    w, w_x = np.exp(log_w - shift)[idx], math.exp(log_w_x - shift)  # (n^k, k)
+    prob = np.exp(log_q[idx].sum(axis=1))  # (n^k,) q-probability of the tuple
+    total = w.sum(axis=1)
+    out = np.zeros(n)
+    for j in range(k):
+        references = total - w[:, j] + w_x  # the other tries and the current state
+        move = prob * (w[:, j] / total) * np.minimum(1.0, total / references)
+        out += np.bincount(idx[:, j], weights=move, minlength=n)
+    return out
+
+
+def mtm_algorithm_law(spec: ToySpec, config: SamplerConfig, weight: TryWeight | None = None) -> Law:
+    """Exact law of power-mtm's output with `config` (extension and mcmc_steps MTM steps per stage, early stop)."""
+    proposal = config.proposal
+    law: Law = {(): 1.0}
+    for cap in config.stage_caps():
+        done = {x: w for x, w in law.items() if x and x[-1] == spec.eos_id}
+        running = _extend_law({x: w for x, w in law.items() if x not in done}, spec, proposal, cap)
+        kernel = mtm_kernel(spec, config.alpha, proposal, cap, config.tries, weight)
+        for _ in range(config.mcmc_steps):
+            running = apply(kernel, running)
+        law = {x: done.get(x, 0.0) + running.get(x, 0.0) for x in done.keys() | running.keys()}
+    return law
