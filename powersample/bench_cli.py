@@ -26,7 +26,16 @@ from powersample.bench import (
 )
 from powersample.cli import add_backend_options, add_sampler_options, config_from_args
 from powersample.config import SamplerConfig
+from powersample.errors import PowerSampleError
+from powersample.fidelity import DEFAULT_SPECS, FidelityOptions, ToyTarget
 
+FIDELITY_HELP = """Toy mode (the default): TV distance to the exact p^alpha against tokens sampled, for every
+registered method over a sweep of its knobs, on enumerable toy specs. Model mode (with --backend hf or llamacpp,
+or --model): base log-likelihood per token of the outputs against tokens sampled and wall per sample. The sweeps
+are fixed; of the sampler options only --alpha and --max-new-tokens apply (T default: 6 for toy specs, 48 for a
+model; --quick: 8 for a model). Methods with no registered sampler are skipped and named in the output."""
+FIDELITY_REFUSED = {"mcmc_steps": "--mcmc-steps", "block_size": "--block-size", "block_count": "--block-count",
+                    "chains": "--chains", "json_path": "--json"}  # bench flags that --fidelity does not use
 FULL = {"max_new_tokens": 192, "block_size": 48, "mcmc_steps": 4, "prompts": 3, "chains": 8}  # the issue's target
 QUICK = {"max_new_tokens": 16, "block_size": 8, "mcmc_steps": 2, "prompts": 1, "chains": 2}  # --quick, for CI
 
@@ -53,9 +62,22 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every phase (default 0)")
     g.add_argument("--raw", action="store_true", help="send the prompts as-is, without the chat template")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_fidelity_options(p)
     # None = "not given": filled from the FULL or QUICK profile by options_from_args
     p.set_defaults(handler=_cmd_bench, max_new_tokens=None, block_size=None, block_count=None, mcmc_steps=None)
     return p
+
+
+def add_fidelity_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fidelity per compute (--fidelity)", FIDELITY_HELP)
+    g.add_argument("--fidelity", action="store_true", help="measure fidelity per compute instead of speed")
+    g.add_argument("--spec", action="append", metavar="NAME|PATH",
+                   help="toy target: a shipped spec name or a JSON file; repeatable (default: "
+                        f"{' and '.join(DEFAULT_SPECS)})")
+    g.add_argument("--samples", type=int, help="toy: samples per setting (default 1000, --quick 200); model: "
+                                               "samples per prompt (default 4, --quick 1)")
+    g.add_argument("--output-dir", default="fidelity",
+                   help="where fidelity_<toy|model>.{json,md,png} go (default ./fidelity)")
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
@@ -106,6 +128,8 @@ def bench_prompts(args: argparse.Namespace, profile: dict) -> tuple[str, ...]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.fidelity:
+        return _cmd_fidelity(args)
     options = options_from_args(args)  # validate before the (slow) model load
     if args.json_path:
         check_writable(args.json_path)
@@ -142,6 +166,91 @@ def _progress(options: BenchOptions, quiet: bool) -> Iterator[Update | None]:
 
     with tqdm(total=total_work_units(options), desc="bench", unit="round", file=sys.stderr,
               dynamic_ncols=True) as bar:
+        def update(desc: str, n: int) -> None:
+            bar.set_description(desc, refresh=False)
+            bar.update(n)
+
+        yield update
+
+
+# -- --fidelity --------------------------------------------------------------------------------------------------
+
+
+def fidelity_mode(args: argparse.Namespace) -> str:
+    """toy unless a model engine is asked for (--backend hf|llamacpp, or --model)."""
+    return "toy" if args.backend in ("auto", "toy") and args.model is None else "model"
+
+
+def fidelity_options_from_args(args: argparse.Namespace) -> FidelityOptions:
+    """The validated fidelity options; bench-only flags that it would ignore are refused."""
+    for key, flag in FIDELITY_REFUSED.items():
+        if getattr(args, key) is not None:
+            raise PowerSampleError(f"{flag} does not apply to --fidelity (it sweeps its own settings)")
+    mode = fidelity_mode(args)
+    if mode == "toy":
+        t = 6 if args.max_new_tokens is None else args.max_new_tokens
+        names = (args.spec or []) + ([args.toy_spec] if args.toy_spec else [])
+        return FidelityOptions("toy", args.alpha, t, _samples(args, 1000, 200), args.seed, args.quick,
+                               targets=tuple(ToyTarget.resolve(n, t) for n in names or DEFAULT_SPECS))
+    if args.spec:
+        raise PowerSampleError("--spec names a toy target; it does not apply with a model backend")
+    t = (8 if args.quick else 48) if args.max_new_tokens is None else args.max_new_tokens
+    profile = QUICK if args.quick else FULL
+    return FidelityOptions("model", args.alpha, t, _samples(args, 4, 1), args.seed, args.quick,
+                           prompts=bench_prompts(args, profile), chat=not args.raw)
+
+
+def _samples(args: argparse.Namespace, full: int, quick: int) -> int:
+    return (quick if args.quick else full) if args.samples is None else args.samples
+
+
+def _cmd_fidelity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from powersample import fidelity
+
+    options = fidelity_options_from_args(args)  # validate before the (slow) model load
+    out_dir = Path(args.output_dir)
+    fidelity.prepare_dir(out_dir)
+
+    def keep(data: dict) -> None:  # the partial JSON after each setting, so an interrupted run keeps its data
+        fidelity.write_json(out_dir, data)
+
+    if options.mode == "toy":
+        with _fidelity_bar(fidelity.toy_units(options), args.quiet) as update:
+            data = fidelity.run_toy(options, update, keep)
+    else:
+        backend, described = _load_model(args)
+        with _fidelity_bar(fidelity.model_units(options), args.quiet) as update:
+            data = fidelity.run_model(options, backend, described, update, keep)
+    written = fidelity.write_outputs(out_dir, data)
+    print(fidelity.render_table(data))
+    for path in written:
+        print(f"powersample: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _load_model(args: argparse.Namespace):
+    """The backend of the model comparison, and its description for the JSON."""
+    from powersample.bench import backend_dict
+
+    choice = BackendChoice(backend_name(args), args.model, None, args.device, args.dtype, args.threads)
+    if not args.quiet:
+        print(f"powersample: loading the {choice.name} backend...", file=sys.stderr)
+    backend = choice.load()
+    device = getattr(backend, "device", None)
+    return backend, backend_dict(choice, None if device is None else str(device))
+
+
+@contextlib.contextmanager
+def _fidelity_bar(total: int, quiet: bool) -> Iterator[Update | None]:
+    """One tqdm bar on stderr, named after the running setting."""
+    if quiet:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="fidelity", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
         def update(desc: str, n: int) -> None:
             bar.set_description(desc, refresh=False)
             bar.update(n)

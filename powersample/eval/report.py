@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from powersample.config import MCMC_METHODS
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
-from powersample.eval.records import identity_hash, load_records, read_run, record_key, write_bytes_atomic
+from powersample.eval.records import RUN_FILE, identity_hash, load_records, read_run, record_key, write_bytes_atomic
 
 LABEL_KEYS = ("alpha", "mcmc_steps", "max_new_tokens", "block_size", "proposal_temperature", "top_k", "top_p")
 
@@ -42,16 +42,24 @@ class Row:
 
 
 def build_report(run_dirs: list[Path], plot_dir: Path | None) -> tuple[str, list[Path]]:
-    """The markdown table, and the paths of the plots written to plot_dir (none when it is None)."""
-    rows = load_rows(run_dirs)
-    table = markdown_table(rows)
+    """The markdown table, and the paths of the plots written to plot_dir (none when it is None).
+
+    Directories holding `powersample bench --fidelity` results add their tables and PNGs (powersample.fidelity).
+    """
+    from powersample.fidelity import fidelity_section, has_fidelity
+
+    eval_dirs = [d for d in run_dirs if not has_fidelity(d) or (d / RUN_FILE).is_file()]
+    rows = load_rows(eval_dirs)
+    if plot_dir is not None:
+        try:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PowerSampleError(f"cannot create plot directory {plot_dir}: {e.strerror}") from None
+    sections = [fidelity_section(d, plot_dir) for d in run_dirs if has_fidelity(d)]
+    table = "\n\n".join([markdown_table(rows)] * bool(eval_dirs) + [text for text, _ in sections])
     if plot_dir is None:
         return table, []
-    try:
-        plot_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PowerSampleError(f"cannot create plot directory {plot_dir}: {e.strerror}") from None
-    plots = write_plots(rows, plot_dir)
+    plots = write_plots(rows, plot_dir) + [p for _, copied in sections for p in copied]
     write_bytes_atomic(plot_dir / "report.md", (table + "\n").encode())
     return table, plots
 

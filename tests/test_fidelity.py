@@ -1,0 +1,151 @@
+"""`powersample bench --fidelity`: the exact law, the quick run's files, the order TV puts samplers in on the trap
+spec, the report section, and bad input (exit 2). Toy backend only, quick settings; no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import SPECS, load_spec
+from exact_laws import power_target
+from powersample import fidelity
+from powersample.backends.toy import ToyBackend
+from powersample.cli import main
+from powersample.eval.report import build_report
+from powersample.fidelity import FidelityOptions, Setting, ToyTarget
+
+ALL_SPECS = sorted(p.stem for p in SPECS.glob("*.json"))
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def quick_dir(tmp_path_factory):
+    """One quick toy run on the trap spec, shared by the tests that read its files."""
+    out = tmp_path_factory.mktemp("fidelity")
+    assert main(["bench", "--fidelity", "--quick", "--quiet", "--spec", "fidelity_trap", "--output-dir",
+                 str(out)]) == 0  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("name", ALL_SPECS)
+@pytest.mark.parametrize("alpha", [1.0, 4.0])
+def test_exact_law_sums_to_one_and_matches_enumeration(name, alpha):
+    spec = load_spec(name)
+    law = fidelity.power_law(spec, alpha, 4)
+    assert math.fsum(law.values()) == pytest.approx(1.0, abs=1e-12)
+    want = power_target(spec, alpha, 4)
+    assert law.keys() == want.keys()
+    assert max(abs(law[s] - want[s]) for s in law) < 1e-12
+
+
+def test_exact_law_at_alpha_one_is_the_model():
+    spec = load_spec("fidelity_eos")
+    law = fidelity.power_law(spec, 1.0, 6)
+    for seq, logp in spec.sequences(6).items():
+        assert law[seq] == pytest.approx(math.exp(logp), rel=1e-9)
+
+
+def test_tv_floor_shrinks_with_more_samples():
+    law = fidelity.power_law(load_spec("fidelity_trap"), 4.0, 6)
+    small, small_q95 = fidelity.tv_floor(law, 50)
+    large, _ = fidelity.tv_floor(law, 5000)
+    assert 0 < large < small <= small_q95 <= 1
+    assert fidelity.tv_distance(law, law) == 0.0
+    assert fidelity.tv_distance({(0,): 1.0}, {(1,): 1.0}) == 1.0
+
+
+def test_quick_run_writes_table_json_and_png(quick_dir):
+    files = fidelity.paths(quick_dir, "toy")
+    data = json.loads(files["json"].read_text())
+    assert data["complete"] is True and data["mode"] == "toy" and data["samples"] == 200
+    [target] = data["targets"]
+    assert target["spec"] == "fidelity_trap" and 0 < target["floor"] <= target["floor_q95"] < 1
+    methods = {p["method"] for p in target["points"]} | {s["method"] for s in data["skipped"]}
+    assert methods == {"base", "low-temp", "power", "power-mtm", "power-smc", "power-rollout"}
+    for p in target["points"]:
+        assert 0 <= p["tv"] <= 1 and p["tokens_per_sample"] >= p["mean_length"] > 0 and p["calls"] >= 1
+    table = files["md"].read_text()
+    assert "| method | knobs | TV | TV floor | tokens/sample | calls |" in table
+    assert files["png"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_unregistered_methods_are_skipped_with_a_note(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(fidelity, "registered", lambda method: method in ("base", "low-temp"))
+    code, out, _ = run_cli(["bench", "--fidelity", "--quick", "--quiet", "--spec", "eos_trap", "--output-dir",
+                            str(tmp_path)], capsys)  # fmt: skip
+    assert code == 0
+    data = json.loads(fidelity.paths(tmp_path, "toy")["json"].read_text())
+    assert {p["method"] for p in data["targets"][0]["points"]} == {"base", "low-temp"}
+    assert [s["method"] for s in data["skipped"]] == ["power", "power-mtm", "power-smc", "power-rollout"]
+    assert "power-smc: no sampler registered" in out
+
+
+def test_power_with_many_steps_beats_low_temp_on_the_trap_spec():
+    """Low temperature is myopic and lands in the trap; MH at 16 steps per stage gets close to p^alpha."""
+    spec = load_spec("fidelity_trap")
+    law = fidelity.power_law(spec, 4.0, 6)
+    options = FidelityOptions("toy", 4.0, 6, samples=400, targets=(ToyTarget.resolve("fidelity_trap", 6),))
+    backend = ToyBackend(spec)
+    low = fidelity.toy_point(backend, law, Setting("low-temp"), options, 6)
+    power = fidelity.toy_point(backend, law, Setting("power", (("block_count", 6), ("mcmc_steps", 16))), options, 6)
+    assert power.tv < 0.5 * low.tv
+    assert power.tokens_per_sample > low.tokens_per_sample
+
+
+def test_model_mode_on_a_toy_backend_renders(tmp_path):
+    """The model comparison's code path, with the toy backend standing in for a model."""
+    options = FidelityOptions("model", 4.0, 4, samples=2, quick=True, prompts=("p",))
+    data = fidelity.run_model(options, ToyBackend(load_spec("eos_trap")), {"name": "toy", "model": "eos_trap"})
+    base = next(p for p in data["points"] if p["method"] == "base")
+    assert base["wall_vs_base"] == pytest.approx(1.0) and base["samples"] == 2
+    assert all(p["logp_per_token"] <= 0 and p["tokens_per_sample"] >= p["mean_length"] for p in data["points"])
+    written = fidelity.write_outputs(tmp_path, data)
+    assert {p.name for p in written} == {"fidelity_model.json", "fidelity_model.md", "fidelity_model.png"}
+    text, _ = fidelity.fidelity_section(tmp_path, None)
+    assert "log-lik/token" in text and "fidelity_model.png" in text
+
+
+def test_report_renders_the_fidelity_section(quick_dir, tmp_path, capsys):
+    table, plots = build_report([quick_dir], tmp_path / "report")
+    assert "Fidelity per compute" in table and "| power |" in table
+    assert "![fidelity per compute, toy](fidelity_toy.png)" in table
+    assert (tmp_path / "report" / "fidelity_toy.png").read_bytes().startswith(b"\x89PNG")
+    assert tmp_path / "report" / "fidelity_toy.png" in plots
+    assert "Fidelity per compute" in (tmp_path / "report" / "report.md").read_text()
+    code, out, _ = run_cli(["report", str(quick_dir), "--no-plots"], capsys)
+    assert code == 0 and "TV floor" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["--samples", "0"],
+    ["--spec", "no-such-spec"],
+    ["--mcmc-steps", "3"],
+    ["--json", "x.json"],
+    ["--alpha", "0"],
+    ["--max-new-tokens", "14"],  # too many sequences to enumerate
+    ["--spec", "fidelity_trap", "--backend", "hf"],  # a toy spec with a model backend
+])  # fmt: skip
+def test_bad_input_exits_2(argv, tmp_path, capsys):
+    code, _, err = run_cli(["bench", "--fidelity", "--quick", "--quiet", "--output-dir", str(tmp_path), *argv],
+                           capsys)
+    assert code == 2 and "powersample: error:" in err
+
+
+def test_malformed_spec_and_results_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"vocab": ["a"], "eos_id": 3}')
+    code, _, err = run_cli(["bench", "--fidelity", "--quiet", "--spec", str(bad), "--output-dir",
+                            str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 2 and "toy spec" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "fidelity_toy.json").write_text("{not json")
+    code, _, err = run_cli(["report", str(broken), "--no-plots"], capsys)
+    assert code == 2 and "fidelity results" in err
