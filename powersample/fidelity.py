@@ -459,12 +459,13 @@ def _colors(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _plain_ticks(ax: Any) -> None:
     """Tick labels like 0.03 and 100 rather than 3x10^-2 on the log axes."""
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        if axis.get_scale() == "log":
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(NullFormatter())
 
 
 def _plot_curve(ax: Any, points: list[dict[str, Any]], x: str, y: str, label: str, color: str) -> None:
