@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_sample)
     from powersample.bench_cli import add_bench_parser  # local: these modules import this one
     from powersample.eval.cli import add_eval_parsers
+    from powersample.server.cli import add_serve_parser
 
     add_bench_parser(sub)
     add_eval_parsers(sub)
+    add_serve_parser(sub)
     return parser
 
 

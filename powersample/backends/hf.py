@@ -190,6 +190,16 @@ class HFBackend:
             ids = [self.tokenizer.bos_token_id]  # an empty prompt: sample unconditionally from BOS
         return tuple(int(t) for t in ids)
 
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Tokens:
+        """Ids of a chat conversation ({"role", "content"} dicts) plus the assistant header, through the chat
+        template; a model without one gets the plain transcript "role: content" per line, then "assistant:"."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return self.encode(transcript, chat=False)
+        template = self.tokenizer.apply_chat_template
+        ids = template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        return tuple(int(t) for t in ids)
+
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 

@@ -201,6 +201,16 @@ class LlamaCppBackend:
             ids = [self.llm.token_bos()]  # an empty prompt: sample unconditionally from BOS
         return tuple(int(t) for t in ids)
 
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Tokens:
+        """Ids of a chat conversation ({"role", "content"} dicts) plus the assistant header, through the chat
+        template; a model without one gets the plain transcript "role: content" per line, then "assistant:"."""
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return self.encode(transcript, chat=False)
+        text = self._render_messages(template, messages)
+        return tuple(int(t) for t in self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
     def decode(self, tokens: Sequence[int]) -> str:
         """Text of `tokens`; special (control) tokens render as nothing."""
         return self.llm.detokenize(list(tokens), special=False).decode("utf-8", errors="replace")
@@ -466,12 +476,16 @@ class LlamaCppBackend:
 
     def _render_chat(self, template: str, prompt: str) -> str:
         """The chat template applied to one user message, rendered the way transformers' apply_chat_template does."""
+        return self._render_messages(template, [{"role": "user", "content": prompt}])
+
+    def _render_messages(self, template: str, messages: Sequence[Mapping[str, str]]) -> str:
+        """The chat template applied to a conversation, plus the assistant header."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         formatter = Jinja2ChatFormatter(
             template, eos_token=self._piece(self.llm.token_eos()), bos_token=self._piece(self.llm.token_bos())
         )
-        return formatter(messages=[{"role": "user", "content": prompt}]).prompt
+        return formatter(messages=[dict(m) for m in messages]).prompt
 
     def _piece(self, token: int) -> str:
         """The text of one (possibly special) token; '' for -1, llama.cpp's 'none'."""

@@ -145,6 +145,10 @@ class ToyBackend:
     def encode(self, prompt: str, chat: bool = True) -> Tokens:
         return ()
 
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Tokens:
+        """A chat conversation's ids: none, like any prompt (the toy model ignores its prompt)."""
+        return ()
+
     def decode(self, tokens: Sequence[int]) -> str:
         return "".join(self.spec.vocab[t] for t in tokens if t not in self.eos_ids)
 

@@ -1,0 +1,332 @@
+"""The FastAPI app: OpenAI's `/v1/completions` and `/v1/chat/completions` over the batching engine.
+
+A handler reads and checks the body (size first, then JSON, then types and limits), encodes the prompt, builds one
+sampler program per chain (`n` chains per prompt, seeded as `powersample sample --seed S --num-samples n` seeds
+them, so the same seed gives the same samples), and submits them to the engine as one Job. It then waits for the
+job while watching the client: a client that disconnects, or a request past the timeout, stops the job (its chains
+free their slots at their next request boundary: see `engine.py`).
+
+Every failure is OpenAI's error JSON: 400 for bad fields and limits (naming the field), 401 without the API key,
+404 for unknown paths, 413 for an oversized body, 429 when the engine is full, 504 past the request timeout, and
+500 only for a failure of the engine itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from powersample.api import SampleRecord, chain_record, chain_seeds
+from powersample.backends.base import Backend, Tokens, one_line
+from powersample.cli import append_jsonl
+from powersample.config import SamplerConfig
+from powersample.errors import PowerSampleError
+from powersample.samplers import Chain, programs
+from powersample.server import protocol as wire
+from powersample.server.engine import Engine, Job, Stopped
+from powersample.server.protocol import ApiError, ChatBody, CompletionBody, Limits
+
+POLL_SECONDS = 0.1  # how often a waiting handler checks its client and its deadline
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `powersample serve` was started with."""
+
+    defaults: SamplerConfig = field(default_factory=SamplerConfig)  # a request's fields override these
+    model_name: str = "powersample"  # the id /v1/models lists and responses carry
+    backend_name: str = "unknown"
+    api_key: str | None = None  # None = no authentication
+    limits: Limits = field(default_factory=Limits)
+    output: str | None = None  # append one JSON record per returned sample to this JSONL file
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked request, ready to run: its prompts' texts and ids, the config, the seed and the chain count."""
+
+    texts: list[str]  # what each record's `prompt` says (chat: the messages as JSON)
+    prompt_ids: list[Tokens]
+    config: SamplerConfig
+    seed: int
+    n: int
+    ignored: list[str]
+
+
+def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
+    """The server's app over `backend`; the engine thread starts and stops with the app's lifespan."""
+    engine = Engine(backend)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="powersample", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(_authenticate(settings.api_key))])  # fmt: skip
+    app.state.engine, app.state.settings = engine, settings
+    _add_error_handlers(app)
+    server = _Server(backend, engine, settings)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": settings.model_name, "backend": settings.backend_name, **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": settings.model_name, "object": "model", "created": server.started, "owned_by": "powersample"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> JSONResponse:
+        return JSONResponse(await server.completions(request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> JSONResponse:
+        return JSONResponse(await server.chat(request))
+
+    return app
+
+
+class _Server:
+    """The two generation endpoints' work, between the HTTP layer and the engine."""
+
+    def __init__(self, backend: Backend, engine: Engine, settings: Settings):
+        self.backend, self.engine, self.settings = backend, engine, settings
+        self.started = int(time.time())
+        self._log_lock = threading.Lock()
+
+    async def completions(self, request: Request) -> dict:
+        body = wire.parse_body(CompletionBody, await read_json(request, self.settings.limits.max_body_bytes))
+        wire.check_limits(body, self.settings.limits)
+        config, ignored = wire.sampler_config(body, self.settings.defaults)
+        texts = wire.prompt_list(body)
+        ids = [self._checked(self.backend.encode(t, False), config, "prompt") for t in texts]
+        plan = _Plan(texts, ids, config, _seed(body), body.n, ignored)
+        records = await self._run(request, plan)
+        logprobs = body.logprobs
+        outputs = [wire.finish(self.backend.decode, r, wire.stop_strings(body), logprobs is not None) for r in records]
+        choices = [
+            {"text": o.text, "index": i, "finish_reason": o.finish_reason,
+             "logprobs": wire.completion_logprobs(o, logprobs) if logprobs is not None else None}
+            for i, o in enumerate(outputs)
+        ]  # fmt: skip
+        response = self._response("text_completion", plan, records, outputs, choices)
+        await self._log(response["id"], records, outputs)
+        return response
+
+    async def chat(self, request: Request) -> dict:
+        body = wire.parse_body(ChatBody, await read_json(request, self.settings.limits.max_body_bytes))
+        wire.check_limits(body, self.settings.limits)
+        config, ignored = wire.sampler_config(body, self.settings.defaults)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        ids = self._checked(encode_messages(self.backend, messages), config, "messages")
+        plan = _Plan([json.dumps(messages)], [ids], config, _seed(body), body.n, ignored)
+        records = await self._run(request, plan)
+        want = body.logprobs
+        outputs = [wire.finish(self.backend.decode, r, wire.stop_strings(body), want) for r in records]
+        top = body.top_logprobs or 0
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": o.text, "refusal": None},
+             "finish_reason": o.finish_reason, "logprobs": wire.chat_logprobs(o, top) if want else None}
+            for i, o in enumerate(outputs)
+        ]  # fmt: skip
+        response = self._response("chat.completion", plan, records, outputs, choices)
+        await self._log(response["id"], records, outputs)
+        return response
+
+    def _checked(self, ids: Tokens, config: SamplerConfig, param: str) -> Tokens:
+        limit = self.backend.context_length
+        if limit is not None and len(ids) + config.max_new_tokens > limit:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; with max_tokens={config.max_new_tokens} it "
+                           f"exceeds the model's context of {limit} tokens", param=param,
+                           code="context_length_exceeded")  # fmt: skip
+        return ids
+
+    async def _run(self, request: Request, plan: _Plan) -> list[SampleRecord]:
+        """Run every chain of the plan in the engine; one record per (prompt, chain), prompt-major."""
+        try:
+            progs = [p for ids in plan.prompt_ids for p in programs(self.backend, ids, plan.config, _chains(plan))]
+        except PowerSampleError as e:
+            raise ApiError(400, str(e), param="method") from None
+        limits = self.settings.limits
+        if self.engine.chains_in_flight() + len(progs) > limits.max_queued_chains:
+            for p in progs:
+                p.close()
+            raise ApiError(429, f"the server is full ({limits.max_queued_chains} chains in flight); retry later",
+                           kind="rate_limit_error", code="server_busy")  # fmt: skip
+        start = time.perf_counter()
+        outcomes = await _await_job(request, self.engine, progs, plan.config, limits.request_timeout)
+        wall = time.perf_counter() - start
+        return [
+            chain_record(self.backend, plan.texts[k // plan.n], plan.config, plan.seed, k % plan.n, outcome, wall)
+            for k, outcome in enumerate(outcomes)
+        ]
+
+    def _response(self, kind: str, plan: _Plan, records: Sequence[SampleRecord], outputs, choices) -> dict:
+        prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
+        return {
+            **wire.envelope(kind, self.settings.model_name),
+            "choices": choices,
+            "usage": wire.usage(prompt_tokens, outputs),
+            "power_sampling": wire.power_sampling(plan.config, plan.seed, records, plan.ignored),
+        }
+
+    async def _log(self, request_id: str, records: Sequence[SampleRecord], outputs) -> None:
+        """Append the samples (with the text returned and its finish reason) to --output, off the event loop."""
+        if not self.settings.output:
+            return
+        rows = [
+            {**r.to_dict(), "request_id": request_id, "response_text": o.text, "response_finish_reason":
+             o.finish_reason} for r, o in zip(records, outputs)
+        ]  # fmt: skip
+
+        def write() -> None:
+            with self._log_lock:
+                append_jsonl(self.settings.output, rows)
+
+        await asyncio.to_thread(write)
+
+
+def encode_messages(backend: Backend, messages: list[dict]) -> Tokens:
+    """A conversation's prompt ids: the backend's `encode_messages` (its chat template) when it has one; else one
+    user message goes through `encode(chat=True)` and longer ones as the plain transcript "role: content" lines."""
+    encode = getattr(backend, "encode_messages", None)
+    if encode is not None:
+        return encode(messages)
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return backend.encode(messages[0]["content"], True)
+    return backend.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", False)
+
+
+def _chains(plan: _Plan) -> list[Chain]:
+    return [Chain(rng=np.random.default_rng(s), slot=j) for j, s in enumerate(chain_seeds(plan.seed, plan.n))]
+
+
+def _seed(body: wire._Body) -> int:
+    return body.seed if body.seed is not None else wire.new_seed()
+
+
+async def _await_job(request: Request, engine: Engine, progs: list, config: SamplerConfig, timeout: float) -> list:
+    """Submit the chains and wait for them, stopping them when the client leaves or the timeout passes."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def on_done(outcomes: list) -> None:  # from the engine thread
+        try:
+            loop.call_soon_threadsafe(_settle, future, list(outcomes))
+        except RuntimeError:  # the event loop is gone (shutdown): nobody waits any more
+            pass
+
+    job = Job(progs, config.proposal, time.monotonic() + timeout, on_done)
+    engine.submit(job)
+    try:
+        while not future.done():
+            await asyncio.wait({future}, timeout=POLL_SECONDS)
+            if future.done():
+                break
+            if await request.is_disconnected():
+                job.stop("client disconnected")
+                raise ApiError(499, "the client closed the request", code="client_closed")
+            if job.stopped():
+                raise ApiError(504, f"the request took longer than the server's request timeout ({timeout:g} s); "
+                               "its chains were stopped", kind="timeout_error", code="timeout")  # fmt: skip
+    finally:
+        if not future.done():
+            job.stop("request abandoned")
+    return _results(future.result(), timeout)
+
+
+def _settle(future: asyncio.Future, outcomes: list) -> None:
+    if not future.done():
+        future.set_result(outcomes)
+
+
+def _results(outcomes: list, timeout: float) -> list:
+    """The chains' results; a failed chain fails the request (400 for bad input, 504 stopped, else 500)."""
+    for outcome in outcomes:
+        if isinstance(outcome, Stopped):
+            raise ApiError(504, f"the request was stopped ({outcome})", kind="timeout_error", code="stopped")
+        if isinstance(outcome, PowerSampleError):
+            raise ApiError(400, str(outcome))
+        if isinstance(outcome, BaseException):
+            raise ApiError(500, f"the engine failed: {one_line(outcome)}", kind="server_error", code="engine_error")
+    return outcomes
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body parsed as JSON, refused with 413 past `limit` bytes (by Content-Length, and while streaming)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "the Content-Length header is not a number")
+        if int(declared) > limit:
+            raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"the request body is not valid JSON: {one_line(e)}", code="invalid_json") from None
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body exceeds the server's limit of {limit} bytes", code="body_too_large")
+
+
+def _authenticate(api_key: str | None):
+    """A dependency refusing (401) requests without `Authorization: Bearer <api_key>`; no check without a key."""
+
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                           kind="authentication_error", code="invalid_api_key")  # fmt: skip
+
+    return check
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        body = ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", kind=kind).body()
+        return JSONResponse(body, status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(ApiError(400, str(error.errors()[:1])).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        body = ApiError(500, f"internal error: {one_line(error)}", kind="server_error").body()
+        return JSONResponse(body, status_code=500)

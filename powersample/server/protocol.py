@@ -1,0 +1,346 @@
+"""The OpenAI wire format: request bodies in (validated), the rule from request fields to a SamplerConfig, and
+responses out (choices, stop truncation, log-probs, usage and the `power_sampling` object).
+
+Field rules (the README's "Serve" section repeats them):
+
+- `temperature`: for the plain methods (`base`, `low-temp`) it is the sampling temperature, and 0 means greedy
+  (the proposal truncated to its top token). For the MCMC methods it is ignored and listed in
+  `power_sampling.ignored`: p^alpha sets its own sharpness, and clients such as lm-evaluation-harness send
+  `temperature: 0` by default. Their proposal temperature is `proposal_temperature` (default 1/alpha).
+- `top_p`: the proposal's top-p, for every method.
+- `stop`: sampling runs to EOS or `max_tokens` (a stop string does not end a chain: p^alpha is a law over whole
+  sequences); the text is then cut before the earliest stop string, with finish_reason "stop".
+- `logprobs`: the base model's log p (temperature 1) of each returned token. The engine keeps no other entries of
+  each distribution, so `top_logprobs` holds only the sampled token.
+- Unknown fields are ignored and listed in `power_sampling.ignored`; `stream: true`, `echo: true` and token-id
+  prompts get a 400.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Optional, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from powersample.api import SampleRecord
+from powersample.config import MCMC_METHODS, SamplerConfig
+from powersample.errors import PowerSampleError
+
+PLAIN_METHODS = ("base", "low-temp")
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Over a limit: 400 naming the field (413 for the body)."""
+
+    max_body_bytes: int = 1_000_000  # request body, checked before parsing
+    max_tokens: int = 4096  # max_tokens per sample
+    max_n: int = 16  # samples per prompt
+    max_prompts: int = 16  # prompts per completions request (a list prompt)
+    max_stop: int = 16  # stop strings
+    request_timeout: float = 600.0  # seconds from arrival; then the request's chains are stopped (504)
+    max_queued_chains: int = 256  # chains waiting or running in the engine; more gets 429
+
+
+# --- request bodies ---------------------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    """Fields both endpoints share. Strict types: "5" is not a number here."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: Optional[str] = None  # echoed back; the server serves one model whatever the name
+    max_tokens: Optional[int] = None  # default: the server's --max-new-tokens
+    n: int = 1
+    seed: Optional[int] = None  # None: a random seed, reported in power_sampling.seed
+    stop: Union[str, list[str], None] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stream: Optional[bool] = None
+    user: Optional[str] = None
+    # power sampling (the openai SDK's extra_body); None = the server's command-line default
+    method: Optional[str] = None
+    alpha: Optional[float] = None
+    mcmc_steps: Optional[int] = None
+    block_size: Optional[int] = None
+    block_count: Optional[int] = None
+    proposal_temperature: Optional[float] = None
+    top_k: Optional[int] = None
+
+
+class CompletionBody(_Body):
+    prompt: Union[str, list[str]]
+    logprobs: Optional[int] = None  # 0..5: OpenAI's legacy completions field
+    echo: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None  # the newer name of max_tokens; wins when both are given
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None  # 0..20, with logprobs
+
+
+_SHARED = set(_Body.model_fields)
+
+
+def parse_body(model: type[_Body], data: Any) -> _Body:
+    """Validate a parsed JSON body; the first problem becomes a 400 naming its field."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        error = e.errors()[0]
+        loc = [str(part) for part in error["loc"]]
+        field = loc[0] if loc else None
+        where = ".".join(loc) or "body"
+        if error["type"] == "missing":
+            raise ApiError(400, f"'{where}' is required", param=field, code="missing_field") from None
+        raise ApiError(400, f"'{where}': {error['msg']}", param=field, code="invalid_type") from None
+
+
+def check_limits(body: _Body, limits: Limits) -> None:
+    """Limits and unsupported options, each a 400 naming the field."""
+    if body.stream:
+        raise ApiError(400, "stream is not supported: power sampling rewrites earlier tokens until its last MH "
+                       "step, so nothing is final before the end; send stream: false", param="stream")  # fmt: skip
+    max_tokens = _max_tokens(body)
+    if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
+        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+        raise ApiError(400, f"{param} must be between 1 and {limits.max_tokens}, got {max_tokens}", param=param)
+    if not 1 <= body.n <= limits.max_n:
+        raise ApiError(400, f"n must be between 1 and {limits.max_n}, got {body.n}", param="n")
+    if body.seed is not None and body.seed < 0:
+        raise ApiError(400, f"seed must be >= 0, got {body.seed}", param="seed")
+    stops = stop_strings(body)
+    if len(stops) > limits.max_stop or any(not s for s in stops):
+        raise ApiError(400, f"stop must be at most {limits.max_stop} non-empty strings", param="stop")
+    if body.temperature is not None and not (math.isfinite(body.temperature) and 0 <= body.temperature <= 2):
+        raise ApiError(400, f"temperature must be between 0 and 2, got {body.temperature}", param="temperature")
+    if isinstance(body, CompletionBody):
+        _check_completion(body, limits)
+    elif isinstance(body, ChatBody):
+        _check_chat(body)
+
+
+def _check_completion(body: CompletionBody, limits: Limits) -> None:
+    prompts = prompt_list(body)
+    if not prompts:
+        raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+    if len(prompts) > limits.max_prompts:
+        raise ApiError(400, f"prompt may hold at most {limits.max_prompts} prompts, got {len(prompts)}",
+                       param="prompt")  # fmt: skip
+    if any(not p.strip() for p in prompts):
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    if body.echo:
+        raise ApiError(400, "echo is not supported", param="echo")
+    if body.logprobs is not None and not 0 <= body.logprobs <= 5:
+        raise ApiError(400, f"logprobs must be between 0 and 5, got {body.logprobs}", param="logprobs")
+
+
+def _check_chat(body: ChatBody) -> None:
+    if not any(m.text().strip() for m in body.messages):
+        raise ApiError(400, "the messages are empty: no message has any text", param="messages")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        raise ApiError(400, f"top_logprobs must be between 0 and 20, got {body.top_logprobs}", param="top_logprobs")
+
+
+def prompt_list(body: CompletionBody) -> list[str]:
+    return [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+
+
+def stop_strings(body: _Body) -> list[str]:
+    if body.stop is None:
+        return []
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop)
+
+
+def _max_tokens(body: _Body) -> int | None:
+    newer = getattr(body, "max_completion_tokens", None)
+    return newer if newer is not None else body.max_tokens
+
+
+# --- request -> sampler config ------------------------------------------------------------------------------------
+
+
+def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig, list[str]]:
+    """The request's SamplerConfig (the server's defaults, overridden by the body), and the fields ignored."""
+    over: dict[str, Any] = {"method": body.method or defaults.method}
+    for name in ("alpha", "mcmc_steps", "block_size", "proposal_temperature", "top_k", "top_p"):
+        if getattr(body, name) is not None:
+            over[name] = getattr(body, name)
+    if body.block_count is not None:
+        over.update(block_count=body.block_count, block_size=None if body.block_size is None else body.block_size)
+    max_tokens = _max_tokens(body)
+    if max_tokens is not None:
+        over["max_new_tokens"] = max_tokens
+        if body.block_size is None and body.block_count is None and defaults.block_size is not None:
+            # the server's fixed default B, clipped to this request's T
+            over["block_size"] = min(defaults.block_size, max_tokens)
+    ignored = sorted(set(body.model_extra or {}))
+    if body.temperature is not None:
+        if over["method"] in PLAIN_METHODS:
+            over.update(_plain_temperature(over["method"], body.temperature, body.proposal_temperature))
+        else:
+            ignored.append("temperature")
+    try:
+        return replace(defaults, **over), ignored
+    except PowerSampleError as e:
+        raise ApiError(400, str(e), param=_param_of(str(e), over)) from None
+
+
+def _plain_temperature(method: str, temperature: float, explicit: float | None) -> dict:
+    """Plain sampling at `temperature`; 0 = greedy (top-k 1). An explicit proposal_temperature wins."""
+    if temperature == 0:
+        return {"top_k": 1}
+    if explicit is not None or (method == "base" and temperature == 1.0):
+        return {}
+    return {"method": "low-temp", "proposal_temperature": temperature}
+
+
+def _param_of(message: str, over: dict) -> str | None:
+    """The request field a SamplerConfig message is about (its messages start with the field's name)."""
+    if message.startswith("unknown method"):
+        return "method"
+    first = message.split(" ", 1)[0]
+    return {"max_new_tokens": "max_tokens"}.get(first, first if first in over or first in _SHARED else None)
+
+
+def new_seed() -> int:
+    return secrets.randbits(31)
+
+
+# --- responses ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Output:
+    """One returned sample: its text after stop truncation, and the tokens behind it."""
+
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    tokens: tuple[int, ...]  # the returned tokens: a final EOS and tokens after a stop string dropped
+    pieces: tuple[str, ...]  # text of each returned token (empty unless asked for)
+    offsets: tuple[int, ...]  # character offset of each token's piece in `text` (empty unless asked for)
+    logp: tuple[float, ...]  # base log p of each returned token
+    completion_tokens: int  # returned tokens, the final EOS counted when it ends the sample
+
+
+def finish(decode, record: SampleRecord, stops: Sequence[str], want_pieces: bool) -> Output:
+    """Cut the record's text before its earliest stop string, and find the tokens behind what is left."""
+    ended = record.finish_reason == "eos"
+    tokens = record.tokens[:-1] if ended else record.tokens
+    cut = min((i for i in (record.text.find(s) for s in stops) if i >= 0), default=-1)
+    text = record.text if cut < 0 else record.text[:cut]
+    if cut < 0 and not want_pieces:
+        return Output(text, "stop" if ended else "length", tokens, (), (), record.token_logp[: len(tokens)],
+                      len(record.tokens))  # fmt: skip
+    pieces, offsets = _pieces(decode, tokens)
+    keep = len(tokens) if cut < 0 else sum(1 for o in offsets if o < cut)
+    count = len(record.tokens) if cut < 0 else keep
+    return Output(text, "stop" if ended or cut >= 0 else "length", tokens[:keep], pieces[:keep], offsets[:keep],
+                  record.token_logp[:keep], count)  # fmt: skip
+
+
+def _pieces(decode, tokens: Sequence[int]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Each token's text as the growth of the decoded prefix, so the pieces add up to the text."""
+    pieces, offsets, before = [], [], ""
+    for i in range(len(tokens)):
+        text = decode(tokens[: i + 1])
+        start = min(len(before), len(text))
+        pieces.append(text[start:])
+        offsets.append(start)
+        before = text
+    return tuple(pieces), tuple(offsets)
+
+
+def completion_logprobs(out: Output, top: int) -> dict:
+    """OpenAI's legacy completions log-probs; top_logprobs holds only the sampled token (see module docstring)."""
+    return {
+        "tokens": list(out.pieces),
+        "token_logprobs": list(out.logp),
+        "top_logprobs": [{piece: lp} for piece, lp in zip(out.pieces, out.logp)] if top > 0 else None,
+        "text_offset": list(out.offsets),
+    }
+
+
+def chat_logprobs(out: Output, top: int) -> dict:
+    """OpenAI's chat log-probs; top_logprobs holds only the sampled token (see module docstring)."""
+
+    def entry(piece: str, lp: float) -> dict:
+        return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+
+    content = [
+        {**entry(piece, lp), "top_logprobs": [entry(piece, lp)] if top > 0 else []}
+        for piece, lp in zip(out.pieces, out.logp)
+    ]
+    return {"content": content, "refusal": None}
+
+
+def power_sampling(config: SamplerConfig, seed: int, records: Sequence[SampleRecord], ignored: list[str]) -> dict:
+    """The extension object: what ran, and how the chains went."""
+    proposals = sum(r.proposals for r in records)
+    accepted = sum(r.accepted for r in records)
+    return {
+        "method": config.method,
+        "seed": seed,
+        "config": config.resolved(),
+        "acceptance_rate": accepted / proposals if config.method in MCMC_METHODS and proposals else None,
+        "proposals": proposals,
+        "accepted": accepted,
+        "tokens_sampled": sum(r.tokens_generated for r in records),
+        "wall_seconds": max((r.wall_seconds for r in records), default=0.0),
+        "chains": [
+            {"index": j, "logp": r.logp, "finish_reason": r.finish_reason, "proposals": r.proposals,
+             "accepted": r.accepted, "acceptance_rate": r.acceptance_rate, "tokens_sampled": r.tokens_generated}
+            for j, r in enumerate(records)
+        ],  # fmt: skip
+        "ignored": ignored,
+    }
+
+
+def envelope(kind: str, model: str) -> dict:
+    """id, object, created and model of a response."""
+    prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": model}
+
+
+def usage(prompt_tokens: int, outputs: Sequence[Output]) -> dict:
+    completion = sum(o.completion_tokens for o in outputs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
