@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from powersample.api import SampleRecord, sample
 from powersample.backends import Backend
@@ -89,23 +89,41 @@ def select(problems: list[Problem], limit: int | None, shard: tuple[int, int] | 
     return chosen[shard[0] :: shard[1]] if shard is not None else chosen
 
 
+Unit = tuple[Problem, int]  # one (problem, seed): the unit of work, of records and of resuming
+MakeRecords = Callable[[list[Unit]], Iterable[dict[str, Any]]]  # units to do -> their records, in any order
+
+
 def run_eval(backend: Backend, plan: EvalPlan, run_dir: Path, quiet: bool = False) -> EvalSummary:
     """Make every missing record of the plan in run_dir, appending each as soon as it is graded."""
+    return run_plan(plan, run_dir, lambda todo: (evaluate_one(backend, plan, p, s) for p, s in todo), quiet)
+
+
+def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bool = False) -> EvalSummary:
+    """Open run_dir, find the plan's units not done yet, and append the records `make_records` yields for them.
+
+    `make_records` is this process's loop (`run_eval`) or a pool of workers (`distributed.py`); either way only
+    this function writes. A record for a unit that is done already, or not in the plan, is dropped, so a unit is
+    written once even when a worker that died had finished it.
+    """
     open_run(run_dir, plan.identity(), {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generator": plan.generator})
     wanted = {(p.id, s) for p in plan.problems for s in plan.seeds}
     done = {record_key(r): r for r in load_records(run_dir) if record_key(r) in wanted}
+    resumed = len(done)
     todo = [(p, s) for p in plan.problems for s in plan.seeds if (p.id, s) not in done]
     tally = _Tally.of(done.values())
-    bar = _bar(plan, len(wanted), len(done), tally, quiet)
+    bar = _bar(plan, len(wanted), resumed, tally, quiet)
     with RecordWriter(records_path(run_dir, plan.shard)) as writer, bar as update:
-        for problem, seed in todo:
-            record = evaluate_one(backend, plan, problem, seed)
+        for record in make_records(todo):
+            key = record_key(record)
+            if key in done or key not in wanted:
+                continue
             writer.write(record)
+            done[key] = record
             tally.add(record)
             update(tally)
     if plan.task.export is not None:
         plan.task.export(run_dir, list(plan.problems), load_records(run_dir), plan.generator)
-    return EvalSummary(len(wanted), len(done), tally.correct, tally.graded, run_dir)
+    return EvalSummary(len(wanted), resumed, tally.correct, tally.graded, run_dir)
 
 
 def evaluate_one(backend: Backend, plan: EvalPlan, problem: Problem, seed: int) -> dict[str, Any]:
