@@ -6,6 +6,7 @@
     metrics.py   every number the report shows (Wilson interval, unbiased pass@k, Eq. 12 estimate)
     records.py   a run directory: run.json, append-only records, resume
     runner.py    the loop: sample, grade, append
+    distributed.py  the same units on Ray actors (`--ray`); imported only then, so Ray stays optional
     report.py    the markdown table and the plots
     cli.py       `powersample eval` and `powersample report`
 

@@ -37,6 +37,7 @@ def add_eval_parsers(subparsers: Any) -> None:
     g.add_argument("--code-timeout", type=float, default=GradeOptions.code_timeout, help="seconds per program")
     g.add_argument("--code-memory-mb", type=int, default=GradeOptions.code_memory_mb, help="address space (MB)")
     g.add_argument("--math-timeout", type=float, default=GradeOptions.math_timeout, help="seconds per answer")
+    add_ray_options(e)
     add_sampler_options(e)
     add_backend_options(e)
     e.set_defaults(handler=cmd_eval)
@@ -48,12 +49,27 @@ def add_eval_parsers(subparsers: Any) -> None:
     r.set_defaults(handler=cmd_report)
 
 
+def add_ray_options(e: argparse.ArgumentParser) -> None:
+    g = e.add_argument_group("Ray (data-parallel; pip install 'powersample[ray]')")
+    g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="spread the (problem, seed) units over Ray actors: no ADDRESS = start a local Ray (or join "
+                        "$RAY_ADDRESS), auto = the cluster running here, else HOST:PORT or ray://HOST:PORT")
+    g.add_argument("--workers", metavar="N", help="Ray actors, one backend each (default: one per GPU, else one "
+                                                  "per CPU)")
+    g.add_argument("--gpus-per-worker", metavar="G", help="GPUs per actor (default 1 when the cluster has GPUs, 0 "
+                                                          "for the toy and llamacpp engines)")
+    g.add_argument("--cpus-per-worker", metavar="C", help="CPUs per actor (default 1)")
+    g.add_argument("--ray-temp-dir", metavar="DIR", help="Ray's temp and log directory when starting a local Ray "
+                                                         "(default Ray's)")  # fmt: skip
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Validate everything, load the data, check the run directory, then load the model and run."""
     from powersample.eval.runner import make_plan, run_eval
     from powersample.eval.tasks import get_task
 
     config = config_from_args(args)
+    ray_options = parse_ray_options(args)
     seeds, shard, limit = parse_seeds(args.seeds), parse_shard(args.shard), parse_limit(args.limit)
     grading = _grade_options(args)
     task = get_task(args.task)
@@ -64,7 +80,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     precheck_run_dir(run_dir, plan.identity())
     if not args.quiet:
         print(f"powersample: {len(plan.problems)} problems x {len(seeds)} seeds -> {run_dir}", file=sys.stderr)
-    summary = run_eval(backend_from_args(args), plan, run_dir, args.quiet)
+    if ray_options is None:
+        summary = run_eval(backend_from_args(args), plan, run_dir, args.quiet)
+    else:
+        from powersample.eval.distributed import run_eval_ray
+
+        summary = run_eval_ray(worker_args(args), plan, run_dir, ray_options, args.quiet)
     accuracy = f"accuracy {summary.correct}/{summary.graded}" if summary.graded else "not graded here"
     print(f"{task.name} {config.method}: {summary.records} records ({summary.resumed} resumed), {accuracy}; "
           f"run directory {run_dir}")  # fmt: skip
@@ -111,6 +132,45 @@ def parse_limit(spec: str | None) -> int | None:
     if not re.fullmatch(r"\s*\d+\s*", spec) or int(spec) < 1:
         raise PowerSampleError(f"bad --limit {spec!r}: must be an integer >= 1")
     return int(spec)
+
+
+def parse_ray_options(args: argparse.Namespace) -> Any:
+    """A `distributed.RayOptions` for --ray (checking that Ray imports), None without it."""
+    ray_only = {"--workers": args.workers, "--gpus-per-worker": args.gpus_per_worker,
+                "--cpus-per-worker": args.cpus_per_worker, "--ray-temp-dir": args.ray_temp_dir}  # fmt: skip
+    if args.ray is None:
+        given = [name for name, value in ray_only.items() if value is not None]
+        if given:
+            raise PowerSampleError(f"{given[0]} needs --ray")
+        return None
+    from powersample.eval.distributed import RayOptions, require_ray
+
+    workers = None if args.workers is None else _number("--workers", args.workers, integer=True, low=1)
+    gpus = None if args.gpus_per_worker is None else _number("--gpus-per-worker", args.gpus_per_worker, low=0)
+    cpus = 1.0 if args.cpus_per_worker is None else _number("--cpus-per-worker", args.cpus_per_worker, low=0)
+    require_ray()
+    address = args.ray.strip() or None
+    return RayOptions(address, workers, gpus, cpus, args.ray_temp_dir)
+
+
+def _number(option: str, text: str, *, low: float, integer: bool = False) -> Any:
+    """An integer >= low, or a finite number >= low, from an option's text."""
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < low:
+        raise PowerSampleError(f"bad {option} {text!r}: must be {'an integer' if integer else 'a number'} >= {low}")
+    return value
+
+
+def worker_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments a Ray worker builds its backend from: the CLI's own, quiet, without the handler."""
+    kept = {k: v for k, v in vars(args).items() if k != "handler"}
+    for name in ("model", "toy_spec"):  # local files as absolute paths: a worker's directory may differ
+        if kept.get(name) and Path(kept[name]).exists():
+            kept[name] = str(Path(kept[name]).resolve())
+    return argparse.Namespace(**{**kept, "quiet": True})
 
 
 def backend_identity(args: argparse.Namespace) -> dict[str, Any]:
