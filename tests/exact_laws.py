@@ -150,6 +150,58 @@ def _normalize(logw: dict) -> Law:
     return {k: math.exp(v - m) / z for k, v in logw.items()}
 
 
+# --- power-rollout: the limit of its law as M (and, for blocks, the pool L) grows ------------------------------
+
+
+def rollout_limit_law(spec: ToySpec, config: SamplerConfig) -> Law:
+    """Exact law of power-rollout's output as M -> infinity (and L -> infinity for blocks): each step draws one of
+    its K candidates ∝ p(unit)^alpha * zeta_H(prefix + unit), with zeta_H from rollouts cut at H tokens (or T)."""
+    law: Law = defaultdict(float)
+    frontier: list[tuple[tuple[int, ...], float]] = [((), 1.0)]
+    while frontier:
+        x, w = frontier.pop()
+        if len(x) == config.max_new_tokens or (x and x[-1] == spec.eos_id):
+            law[x] += w
+            continue
+        for unit, prob in rollout_step_law(spec, config, x).items():
+            frontier.append((x + unit, w * prob))
+    return dict(law)
+
+
+def rollout_step_law(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...]) -> Law:
+    """Limit law of the unit (token or block) appended after x."""
+    units = _rollout_candidates(spec, config, x)
+    return _normalize({u: config.alpha * lp + _log_future_mass(spec, config, x + u) for u, lp in units})
+
+
+def _rollout_candidates(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...]) -> list:
+    """(unit, log p) of the K candidates: the likeliest tokens (ties by id), or blocks q can draw (ties by ids)."""
+    proposal, k = config.proposal, config.candidates
+    if not config.block_size or config.block_size == 1:
+        logp = row_logprobs(spec, x, proposal)[0]
+        order = sorted(np.flatnonzero(np.isfinite(logp)), key=lambda t: (-logp[t], t))[:k]
+        return [((int(t),), float(logp[t])) for t in order]
+    cap = min(len(x) + config.block_size, config.max_new_tokens)
+    blocks = [(s, _suffix_logp(spec, x, s, proposal)) for s, _ in continuations(spec, proposal, x, cap)]
+    return sorted(blocks, key=lambda b: (-b[1], b[0]))[:k]
+
+
+def _log_future_mass(spec: ToySpec, config: SamplerConfig, s: tuple[int, ...]) -> float:
+    """log zeta_H(s): log sum of p(r | s)^alpha over the rollouts r that q can draw after s, cut at H tokens or T."""
+    if len(s) == config.max_new_tokens or s[-1] == spec.eos_id:
+        return 0.0
+    h = config.rollout_horizon or config.max_new_tokens
+    cap = min(len(s) + h, config.max_new_tokens)
+    rollouts = continuations(spec, config.proposal, s, cap)
+    logs = [config.alpha * _suffix_logp(spec, s, r, config.proposal) for r, _ in rollouts]
+    peak = max(logs)
+    return peak + math.log(math.fsum(math.exp(v - peak) for v in logs))
+
+
+def _suffix_logp(spec: ToySpec, prefix: tuple[int, ...], suffix: tuple[int, ...], proposal: Proposal) -> float:
+    return math.fsum(_continuation(spec, prefix, suffix, proposal).base_logp)
+
+
 # --- power-mtm: the multiple-try kernel, every k-tuple of tries enumerated -------------------------------------
 
 TryWeight = Callable[[float, int, tuple, tuple], float]  # (alpha, i, suffix log p, suffix log q) -> log w

@@ -1,0 +1,197 @@
+"""power-rollout against exact enumeration on toy models: its M -> infinity limit, convergence in M, EOS, batching."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import SPECS, load_spec
+from exact_laws import empirical, power_target, rollout_limit_law, tv, tv_null_quantile
+from powersample import SamplerConfig, sample
+from powersample.backends.toy import ToyBackend
+from powersample.cli import main
+from powersample.samplers import work_units
+from powersample.samplers.rollout import candidate_probs
+
+N = 1500  # samples per sampled test; each is an independent chain
+
+
+def rollout_config(**knobs) -> SamplerConfig:
+    return SamplerConfig(method="power-rollout", **{"alpha": 4.0, **knobs})
+
+
+def draw(spec_name: str, config: SamplerConfig, n: int = N, seed: int = 0) -> list[tuple[int, ...]]:
+    return [r.tokens for r in sample(ToyBackend(load_spec(spec_name)), "x", config, seed=seed, num_samples=n)]
+
+
+def assert_follows(samples: list[tuple[int, ...]], law: dict) -> None:
+    """TV(empirical, law) must be within the 99.9% quantile of the multinomial null for len(samples) draws."""
+    have, bound = tv(empirical(samples), law), tv_null_quantile(law, len(samples))
+    assert set(empirical(samples)) <= {k for k, v in law.items() if v > 0}, "a sample outside the support"
+    assert have <= bound, f"TV {have:.4f} > null 99.9% quantile {bound:.4f}"
+
+
+# --- the exact limit (M -> infinity), by enumeration --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec_name", ["early_eos", "eos_trap", "no_early_eos", "fidelity_eos"])
+@pytest.mark.parametrize("max_len", [3, 4])
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_limit_is_p_alpha_with_every_candidate_and_a_full_horizon(spec_name, max_len, block_size):
+    """Every next token (block) is a candidate and rollouts reach T: the token-level law is p^alpha exactly."""
+    spec = load_spec(spec_name)
+    config = rollout_config(alpha=3.0, max_new_tokens=max_len, candidates=len(spec.vocab) ** 2, block_size=block_size)
+    assert tv(rollout_limit_law(spec, config), power_target(spec, 3.0, max_len)) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "spec_name, knobs",
+    [("early_eos", dict(candidates=2, rollout_horizon=1)), ("no_early_eos", dict(candidates=1)),
+     ("fidelity_eos", dict(candidates=3, rollout_horizon=1))],
+)
+def test_few_candidates_or_a_short_horizon_are_approximations(spec_name, knobs):
+    config = rollout_config(max_new_tokens=4, **knobs)
+    spec = load_spec(spec_name)
+    assert tv(rollout_limit_law(spec, config), power_target(spec, 4.0, 4)) > 0.02
+
+
+# --- samples against the limit --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec_name, knobs",
+    [
+        ("early_eos", dict(max_new_tokens=3, candidates=3)),  # = p^alpha
+        ("eos_trap", dict(max_new_tokens=4, candidates=2, rollout_horizon=1)),
+        ("fidelity_eos", dict(max_new_tokens=3, candidates=3, rollout_horizon=1)),
+        ("no_early_eos", dict(max_new_tokens=4, candidates=3, block_size=2)),
+        ("eos_trap", dict(max_new_tokens=4, candidates=3, block_size=3)),
+    ],
+)
+def test_samples_follow_the_limit_law_at_large_m(spec_name, knobs):
+    config = rollout_config(rollouts=16, **knobs)
+    assert_follows(draw(spec_name, config), rollout_limit_law(load_spec(spec_name), config))
+
+
+@pytest.mark.parametrize("spec_name, max_len", [("eos_trap", 4), ("no_early_eos", 3)])
+def test_law_converges_as_m_grows(spec_name, max_len):
+    """Finite-M weights are ratios of estimates, hence biased: M = 1 is visibly off; the jackknifed M = 4 is much
+    closer, and M = 16 is within sampling noise of the limit (here p^alpha, EOS included)."""
+    spec = load_spec(spec_name)
+    want = power_target(spec, 4.0, max_len)
+    have = {}
+    for m in (1, 4, 16):
+        config = rollout_config(max_new_tokens=max_len, candidates=len(spec.vocab), rollouts=m)
+        have[m] = tv(empirical(draw(spec_name, config, seed=m)), want)
+    bound = tv_null_quantile(want, N)
+    assert have[1] > 2 * bound and have[1] > 2 * have[4] and have[1] > 2 * have[16]
+    assert have[16] <= bound
+
+
+def test_jackknife_reduces_the_bias_of_the_candidate_law():
+    """Two candidates with lognormal rollout weights: the mean of the jackknifed law is nearer the truth."""
+    rng = np.random.default_rng(0)
+    sigma, mu, m, reps = 1.0, np.array([[0.0], [0.7]]), 8, 20000
+    log_head = np.array([0.3, 0.0])
+    log_zeta = mu[:, 0] + sigma**2 / 2  # E[exp(N(mu, sigma^2))]
+    truth = np.exp(log_head + log_zeta) / np.exp(log_head + log_zeta).sum()
+    plain, jack = np.zeros(2), np.zeros(2)
+    for _ in range(reps):
+        log_w = mu + sigma * rng.standard_normal((2, m))
+        z = log_head + np.log(np.exp(log_w).mean(axis=1))
+        plain += np.exp(z - z.max()) / np.exp(z - z.max()).sum() / reps
+        jack += candidate_probs(log_head, log_w) / reps
+    assert abs(jack[0] - truth[0]) < 0.5 * abs(plain[0] - truth[0])
+
+
+def test_candidate_law_is_exact_when_the_rollouts_agree():
+    log_head, log_w = np.array([-1.0, -2.0, -0.5]), np.tile(np.array([[0.2], [1.5], [-3.0]]), (1, 5))
+    want = np.exp(log_head + log_w[:, 0]) / np.exp(log_head + log_w[:, 0]).sum()
+    assert candidate_probs(log_head, log_w) == pytest.approx(want, rel=1e-12)
+    assert candidate_probs(log_head, log_w[:, :1]) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_proposal_truncation_is_weighed_by_p_over_q():
+    """With top-k the rollouts come from q != p; the weights p^alpha / q keep the law on q's support exact."""
+    config = rollout_config(max_new_tokens=3, candidates=3, rollouts=16, top_k=2)
+    assert_follows(draw("early_eos", config), rollout_limit_law(load_spec("early_eos"), config))
+
+
+# --- batching, counters, records ------------------------------------------------------------------------------
+
+
+class Counting(ToyBackend):
+    """A lockstep toy backend that records each call's width and every token it draws."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.widths: list[int] = []
+        self.alternatives: list[int] = []
+        self.drawn = 0
+
+    def extend(self, requests, proposal):
+        self.widths.append(len(requests))
+        self.alternatives.append(sum(r.alternatives > 0 for r in requests))
+        out = super().extend(requests, proposal)
+        self.drawn += sum(len(c.tokens) for c in out)
+        return out
+
+
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_one_backend_call_for_candidates_and_one_for_all_rollouts(block_size):
+    """Chains share calls; each step is a candidates call then ONE call with every chain's K*M rollouts (no rollout
+    call at the last step, where zeta = 1)."""
+    k, m, chains, t = 2, 3, 5, 4
+    backend = Counting(load_spec("no_early_eos"))  # no EOS: every chain takes every step
+    config = rollout_config(max_new_tokens=t, candidates=k, rollouts=m, block_size=block_size)
+    results = sample(backend, "x", config, seed=1, num_samples=chains)
+    steps = t // (block_size or 1)
+    assert backend.calls == 2 * steps - 1
+    if block_size is None:
+        assert backend.widths == [chains, chains * k * m] * (steps - 1) + [chains]
+        assert backend.alternatives == [chains, 0] * (steps - 1) + [chains]
+    else:  # L = K*M candidate blocks per chain, then at most K*M rollouts per chain (fewer when blocks coincide)
+        assert backend.widths[0::2] == [chains * k * m] * steps and backend.widths[1] <= chains * k * m
+    assert sum(r.tokens_generated for r in results) == backend.drawn
+    assert all(len(r.tokens) == t and r.proposals == r.accepted == 0 for r in results)
+
+
+@pytest.mark.parametrize("spec_name", ["early_eos", "eos_trap"])
+def test_records_and_progress(spec_name):
+    backend = Counting(load_spec(spec_name))
+    config = rollout_config(max_new_tokens=4, candidates=2, rollouts=3, rollout_horizon=2)
+    done = []
+    records = sample(backend, "x", config, seed=3, num_samples=20, progress=done.append)
+    for r in records:
+        assert r.tokens and (r.tokens[-1] == backend.spec.eos_id or len(r.tokens) == 4)
+        assert list(r.token_logp) == pytest.approx(list(backend.score((), r.tokens)))
+        assert math.isclose(r.logp, math.fsum(r.token_logp))
+    assert sum(r.tokens_generated for r in records) == backend.drawn
+    assert sum(done) <= work_units(config) * 20
+    again = sample(Counting(load_spec(spec_name)), "x", config, seed=3, num_samples=20)
+    assert [r.tokens for r in again] == [r.tokens for r in records]
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+TOY = ["sample", "x", "--backend", "toy", "--toy-spec", str(SPECS / "eos_trap.json"), "--quiet",
+       "--method", "power-rollout", "--max-new-tokens", "3"]
+
+
+def test_cli_runs_power_rollout(capsys):
+    assert main([*TOY, "--candidates", "2", "--rollouts", "2", "--rollout-horizon", "1", "--num-samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("method=power-rollout") == 2
+
+
+@pytest.mark.parametrize(
+    "extra, word",
+    [(["--candidates", "0"], "candidates"), (["--rollouts", "0"], "rollouts"), (["--rollouts", "-3"], "rollouts"),
+     (["--rollout-horizon", "-1"], "rollout_horizon"), (["--proposal-temperature", "0.5"], "proposal_temperature")],
+)
+def test_cli_bad_knobs_exit_2_with_one_line(extra, word, capsys):
+    code = main([*TOY, *extra])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and word in err and err.startswith("powersample: error:")
