@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from dataclasses import dataclass
 from typing import Iterator
 
 from powersample.bench import (
@@ -24,7 +25,8 @@ from powersample.bench import (
     total_work_units,
     write_json,
 )
-from powersample.cli import add_backend_options, add_sampler_options, config_from_args
+from powersample.backends import Backend, load_backend
+from powersample.cli import add_backend_options, add_sampler_options, config_from_args, vllm_options
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.fidelity import DEFAULT_SPECS, FidelityOptions, ToyTarget
@@ -86,13 +88,38 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
         config=bench_config(args, profile),
         prompts=bench_prompts(args, profile),
-        backend=BackendChoice(backend_name(args), args.model, args.toy_spec, args.device, args.dtype, args.threads),
+        backend=backend_choice(args),
         chains=profile["chains"] if args.chains is None else args.chains,
         repeats=args.repeats,
         seed=args.seed,
         chat=not args.raw,
         quick=args.quick,
     )
+
+
+@dataclass(frozen=True)
+class EngineChoice(BackendChoice):
+    """A BackendChoice that also carries vLLM's engine options (--backend vllm); both loads get them."""
+
+    tensor_parallel_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+
+    def load(self, reuse_cache: bool = True) -> Backend:
+        return load_backend(self.name, model=self.model, toy_spec=self.toy_spec, device=self.device,
+                            dtype=self.dtype, reuse_cache=reuse_cache, threads=self.threads,
+                            tensor_parallel_size=self.tensor_parallel_size,
+                            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len)
+
+
+def backend_choice(args: argparse.Namespace) -> BackendChoice:
+    """The backend to load, with vLLM's engine options when any was given (the vllm engine is started only once:
+    the scratch phase reuses it with the prefix cache off)."""
+    choice = (backend_name(args), args.model, args.toy_spec, args.device, args.dtype, args.threads)
+    engine = vllm_options(args)
+    if all(v is None for v in engine.values()):
+        return BackendChoice(*choice)
+    return EngineChoice(*choice, **engine)
 
 
 def backend_name(args: argparse.Namespace) -> str:

