@@ -10,17 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import httpx
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-import powersample  # noqa: E402
-from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
-from powersample.config import SamplerConfig  # noqa: E402
-from powersample.server.app import Settings, create_app  # noqa: E402
-from powersample.server.background import background_server  # noqa: E402
-from powersample.server.protocol import Limits  # noqa: E402
+import powersample
+from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.config import SamplerConfig
+from powersample.server.app import Settings, create_app
+from powersample.server.background import background_server
+from powersample.server.protocol import Limits
 
 # Words, so that texts are long enough for stop strings; EOS is likely only after "."
 WORDS = {
@@ -414,3 +415,81 @@ def test_hf_and_llamacpp_render_conversations_alike():
     assert hf.encode_messages(conversation) == llama.encode_messages(conversation)
     one = [{"role": "user", "content": "Hi"}]
     assert hf.encode_messages(one) == hf.encode("Hi", True) and llama.encode_messages(one) == llama.encode("Hi", True)
+
+
+def test_the_engine_serves_proposals_in_turn_without_starving_any():
+    from powersample.samplers import Chain, programs
+    from powersample.server.engine import Engine, Job
+
+    backend, finished = SlowToy(delay=0.01), []
+    engine = Engine(backend)
+
+    def job(name: str, alpha: float, steps: int) -> Job:
+        config = replace(DEFAULTS, alpha=alpha, mcmc_steps=steps)
+        progs = programs(backend, (), config, [Chain(np.random.default_rng(0), slot=0)])
+        return Job(progs, config.proposal, time.monotonic() + 60, lambda outcomes: finished.append(name))
+
+    engine.start()
+    try:
+        engine.submit(job("A", 2.0, 6))  # a long run with alpha 2's proposal
+        time.sleep(0.05)
+        engine.submit(job("B", 4.0, 1))  # another proposal: it must not wait behind later alpha-2 jobs
+        engine.submit(job("C", 2.0, 1))
+        deadline = time.monotonic() + 30
+        while len(finished) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.close()
+    assert finished == ["A", "B", "C"] and engine.chains_in_flight() == 0
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+
+
+def test_serve_command_line_starts_serves_and_stops(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    spec = tmp_path / "words.json"
+    spec.write_text(json.dumps(WORDS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "served.jsonl"
+    cmd = [sys.executable, "-m", "powersample.cli", "serve", "--backend", "toy", "--toy-spec", str(spec), "--port",
+           str(port), "--max-new-tokens", "6", "--api-key", "k", "--output", str(log), "--quiet"]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", headers={"authorization": "Bearer k"}).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.communicate()[1]
+            time.sleep(0.1)
+        resp = client(url, key="k").completions.create(model="words", prompt="x", n=2, seed=3)
+        assert resp.model == "toy:words" and resp.model_extra["power_sampling"]["config"]["max_new_tokens"] == 6
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["response_text"] for r in rows] == [c.text for c in resp.choices] and rows[0]["seed"] == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-n", "0"], "--max-n must be >= 1"),
+    (["--request-timeout", "0"], "--request-timeout must be > 0"),
+    (["--max-new-tokens", "50", "--max-tokens-limit", "10"], "exceeds --max-tokens-limit"),
+    (["--alpha", "0"], "alpha must be"),
+    (["--port", "70000"], "--port must be"),
+])  # fmt: skip
+def test_serve_rejects_bad_options_before_loading(flags, message, capsys):
+    from powersample.cli import main
+
+    assert main(["serve", "--backend", "toy", "--toy-spec", "missing.json", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -7,8 +7,8 @@ job while watching the client: a client that disconnects, or a request past the 
 free their slots at their next request boundary: see `engine.py`).
 
 Every failure is OpenAI's error JSON: 400 for bad fields and limits (naming the field), 401 without the API key,
-404 for unknown paths, 413 for an oversized body, 429 when the engine is full, 504 past the request timeout, and
-500 only for a failure of the engine itself.
+404 for unknown paths, 405 for a wrong HTTP method, 413 for an oversized body, 429 when the engine is full, 504 past
+the request timeout, 503 for requests stopped by a shutdown, and 500 only for a failure of the engine itself.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -244,8 +245,7 @@ async def _await_job(request: Request, engine: Engine, progs: list, config: Samp
                 job.stop("client disconnected")
                 raise ApiError(499, "the client closed the request", code="client_closed")
             if job.stopped():
-                raise ApiError(504, f"the request took longer than the server's request timeout ({timeout:g} s); "
-                               "its chains were stopped", kind="timeout_error", code="timeout")  # fmt: skip
+                raise _timeout_error(timeout)
     finally:
         if not future.done():
             job.stop("request abandoned")
@@ -258,15 +258,22 @@ def _settle(future: asyncio.Future, outcomes: list) -> None:
 
 
 def _results(outcomes: list, timeout: float) -> list:
-    """The chains' results; a failed chain fails the request (400 for bad input, 504 stopped, else 500)."""
+    """The chains' results; a failed chain fails the request (400 bad input, 504 timeout, 503 shutdown, else 500)."""
     for outcome in outcomes:
-        if isinstance(outcome, Stopped):
-            raise ApiError(504, f"the request was stopped ({outcome})", kind="timeout_error", code="stopped")
+        if isinstance(outcome, Stopped) and str(outcome) == "timeout":
+            raise _timeout_error(timeout)
+        if isinstance(outcome, Stopped):  # the server is shutting down
+            raise ApiError(503, f"the request was stopped: {outcome}", kind="server_error", code="stopped")
         if isinstance(outcome, PowerSampleError):
             raise ApiError(400, str(outcome))
         if isinstance(outcome, BaseException):
             raise ApiError(500, f"the engine failed: {one_line(outcome)}", kind="server_error", code="engine_error")
     return outcomes
+
+
+def _timeout_error(timeout: float) -> ApiError:
+    return ApiError(504, f"the request took longer than the server's request timeout ({timeout:g} s); its chains "
+                    "were stopped", kind="timeout_error", code="timeout")  # fmt: skip
 
 
 async def read_json(request: Request, limit: int) -> Any:

@@ -8,7 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from powersample.cli import add_backend_options, add_sampler_options, append_jsonl, backend_from_args, config_from_args
+from powersample.cli import (
+    add_backend_options,
+    add_sampler_options,
+    append_jsonl,
+    backend_from_args,
+    config_from_args,
+)
 from powersample.errors import PowerSampleError
 
 DESCRIPTION = """Serve power sampling over the OpenAI API: POST /v1/completions and /v1/chat/completions, GET

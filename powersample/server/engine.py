@@ -5,10 +5,11 @@ runs a `Scheduler` whose `admit` hook hands it the jobs that arrived meanwhile, 
 already decoding (continuous backends poll it every decoding step, lockstep ones every round) instead of waiting
 for the running requests to finish.
 
-One Scheduler serves one Proposal (temperature, top-k, top-p). Jobs are taken strictly in arrival order: a run
-admits the jobs at the head of the queue while they share its proposal, and stops admitting at the first job with
-another proposal. That run then drains and the next one serves the other proposal. So requests with the same
-proposal batch together, and no proposal can starve another.
+One Scheduler serves one Proposal (temperature, top-k, top-p), so requests are grouped by proposal. A run serves the
+proposal of the oldest waiting job: when it starts it takes every waiting job with that proposal, and while it runs
+it admits newcomers with that proposal only as long as no job with another proposal waits. Once one does, the run
+stops admitting, drains, and the next run serves the oldest waiting job's proposal. So same-proposal requests batch
+together, and a request with another proposal waits at most for the running jobs to finish (no starvation).
 
 Stopping. A job is stopped when its client disconnects or its deadline passes. Each of its programs is wrapped
 (`_guarded`) so that it checks the job before it makes its next request: a program only runs again when its last
@@ -22,14 +23,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence, Union
 
 from powersample.backends.base import Backend, Proposal
 from powersample.samplers import ChainResult
 from powersample.samplers.driver import Program, Reply, Scheduler, Step
 
-Outcome = Union[ChainResult, BaseException]
+Outcome = ChainResult | BaseException
 JobDone = Callable[[list[Outcome]], None]  # gets every chain's outcome, in chain order
 
 
@@ -123,20 +124,24 @@ class Engine:
                     self._cv.wait()
                 if not self._queue:
                     return
-                proposal = self._queue[0].proposal
+                proposal = self._queue[0].proposal  # the oldest job's
                 self.runs += 1
                 self._chains_in_run = 0
             try:
-                Scheduler(self.backend, proposal, admit=lambda: self._admit(proposal)).run()
+                Scheduler(self.backend, proposal, admit=_Turn(self, proposal)).run()
             except BaseException as error:  # noqa: BLE001 - an engine failure fails its jobs, never the server
                 self._fail_running(error)
 
-    def _admit(self, proposal: Proposal) -> list[tuple[Program, Callable]]:
-        """The head-of-queue jobs with `proposal` (stopped ones are answered at once, without running)."""
+    def _admit(self, proposal: Proposal, first: bool) -> list[tuple[Program, Callable]]:
+        """The waiting jobs with `proposal`: all of them at the start of a run, later only while no job with another
+        proposal waits (see the module docstring). Stopped jobs are answered at once, without running."""
         admitted = []
         with self._cv:
-            while self._queue and self._queue[0].proposal == proposal:
-                job = self._queue.popleft()
+            if not first and any(job.proposal != proposal for job in self._queue):
+                return []
+            mine = [job for job in self._queue if job.proposal == proposal]
+            self._queue = deque(job for job in self._queue if job.proposal != proposal)
+            for job in mine:
                 if job.stopped():
                     self._drop(job)
                     continue
@@ -178,6 +183,17 @@ class Engine:
             job.outcomes = [o if o is not None else error for o in job.outcomes]
             job.remaining = 0
             job.on_done(job.outcomes)
+
+
+class _Turn:
+    """The `admit` hook of one Scheduler run: its first call starts the run (see Engine._admit)."""
+
+    def __init__(self, engine: Engine, proposal: Proposal):
+        self.engine, self.proposal, self.first = engine, proposal, True
+
+    def __call__(self) -> list[tuple[Program, Callable]]:
+        taken, self.first = self.engine._admit(self.proposal, self.first), False
+        return taken
 
 
 def _guarded(program: Program, job: Job) -> Iterator[Step]:

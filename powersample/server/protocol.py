@@ -22,8 +22,9 @@ import math
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -67,28 +68,28 @@ class _Body(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow")
 
-    model: Optional[str] = None  # echoed back; the server serves one model whatever the name
-    max_tokens: Optional[int] = None  # default: the server's --max-new-tokens
+    model: str | None = None  # echoed back; the server serves one model whatever the name
+    max_tokens: int | None = None  # default: the server's --max-new-tokens
     n: int = 1
-    seed: Optional[int] = None  # None: a random seed, reported in power_sampling.seed
-    stop: Union[str, list[str], None] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    stream: Optional[bool] = None
-    user: Optional[str] = None
+    seed: int | None = None  # None: a random seed, reported in power_sampling.seed
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = None
+    user: str | None = None
     # power sampling (the openai SDK's extra_body); None = the server's command-line default
-    method: Optional[str] = None
-    alpha: Optional[float] = None
-    mcmc_steps: Optional[int] = None
-    block_size: Optional[int] = None
-    block_count: Optional[int] = None
-    proposal_temperature: Optional[float] = None
-    top_k: Optional[int] = None
+    method: str | None = None
+    alpha: float | None = None
+    mcmc_steps: int | None = None
+    block_size: int | None = None
+    block_count: int | None = None
+    proposal_temperature: float | None = None
+    top_k: int | None = None
 
 
 class CompletionBody(_Body):
-    prompt: Union[str, list[str]]
-    logprobs: Optional[int] = None  # 0..5: OpenAI's legacy completions field
+    prompt: str | list[str]
+    logprobs: int | None = None  # 0..5: OpenAI's legacy completions field
     echo: bool = False
 
 
@@ -101,7 +102,7 @@ class ContentPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -111,9 +112,9 @@ class Message(BaseModel):
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None  # the newer name of max_tokens; wins when both are given
+    max_completion_tokens: int | None = None  # the newer name of max_tokens; wins when both are given
     logprobs: bool = False
-    top_logprobs: Optional[int] = None  # 0..20, with logprobs
+    top_logprobs: int | None = None  # 0..20, with logprobs
 
 
 _SHARED = set(_Body.model_fields)
@@ -330,7 +331,7 @@ def power_sampling(config: SamplerConfig, seed: int, records: Sequence[SampleRec
             {"index": j, "logp": r.logp, "finish_reason": r.finish_reason, "proposals": r.proposals,
              "accepted": r.accepted, "acceptance_rate": r.acceptance_rate, "tokens_sampled": r.tokens_generated}
             for j, r in enumerate(records)
-        ],  # fmt: skip
+        ],
         "ignored": ignored,
     }
 
