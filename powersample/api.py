@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,6 +33,8 @@ class SampleRecord:
     seed: int
     sample_index: int  # which of num_samples
     config: dict  # SamplerConfig.resolved()
+    particles: list[dict] | None = None  # power-smc with return_particles: every particle as {"text", "tokens",
+    # "logp", "weight"} (weights normalized); None otherwise, and then left out of to_dict()
 
     @property
     def acceptance_rate(self) -> float:
@@ -41,6 +44,8 @@ class SampleRecord:
         out = asdict(self)
         out["tokens"], out["token_logp"] = list(self.tokens), list(self.token_logp)
         out["acceptance_rate"] = self.acceptance_rate
+        if self.particles is None:
+            del out["particles"]  # every other method's record keeps its shape
         return out
 
 
@@ -53,12 +58,18 @@ def sample(
     num_samples: int = 1,
     chat: bool = True,
     progress: Progress | None = None,
+    return_particles: bool = False,
 ) -> list[SampleRecord]:
-    """Draw `num_samples` independent samples for `prompt` (chains run batched). Same seed => same output."""
+    """Draw `num_samples` independent samples for `prompt` (chains run batched). Same seed => same output.
+
+    `return_particles` (power-smc only) also returns every particle of each sample with its normalized weight."""
     if num_samples < 1:
         raise PowerSampleError(f"num_samples must be >= 1, got {num_samples}")
+    if return_particles and config.method != "power-smc":
+        raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
     prompt_ids = encode_prompt(backend, prompt, config, chat)
-    chains = [Chain(rng=np.random.default_rng(s), slot=j) for j, s in enumerate(chain_seeds(seed, num_samples))]
+    seeds = chain_seeds(seed, num_samples)
+    chains = [Chain(np.random.default_rng(s), slot=j, return_particles=return_particles) for j, s in enumerate(seeds)]
     start = time.perf_counter()
     results = run_chains(backend, prompt_ids, config, chains, progress)
     wall = time.perf_counter() - start
@@ -116,4 +127,15 @@ def _record(
         seed=seed,
         sample_index=index,
         config=config.resolved(),
+        particles=_particles(backend, r),
     )
+
+
+def _particles(backend: Backend, r: ChainResult) -> list[dict] | None:
+    if r.particles is None:
+        return None
+    return [
+        {"text": backend.decode(p.tokens), "tokens": list(p.tokens), "logp": math.fsum(p.token_logp),
+         "weight": p.weight}
+        for p in r.particles
+    ]

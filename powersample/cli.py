@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, config and backend => same output)")
     p.add_argument("--output", help="append one JSON record per sample to this JSONL file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--return-particles", action="store_true",
+                   help="power-smc: also put every particle with its weight in the records")
     p.set_defaults(handler=_cmd_sample)
     from powersample.bench_cli import add_bench_parser  # local: these modules import this one
     from powersample.eval.cli import add_eval_parsers
@@ -148,7 +150,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     backend = backend_from_args(args)
     with progress_bar(config, args.quiet, chains=args.num_samples) as progress:
         records = sample(backend, prompt, config, seed=args.seed, num_samples=args.num_samples,
-                         chat=not args.raw, progress=progress)
+                         chat=not args.raw, progress=progress, return_particles=args.return_particles)
     for r in records:
         print(r.text)
         print(summary_line(r, len(records)))

@@ -25,10 +25,15 @@ class SamplerConfig:
     proposal_temperature: float | None = None  # tau of the proposal; None = 1/alpha
     top_k: int = 0  # proposal truncation to the k likeliest tokens; 0 = off
     top_p: float = 1.0  # proposal nucleus truncation; 1.0 = off
-    tries: int = 4  # power-mtm: proposals per MH step, drawn in one batched call
-    particles: int = 16  # power-smc: particles per sample
-    ess_threshold: float = 0.5  # power-smc: resample when the effective sample size < ess_threshold * particles
+    tries: int = 4  # power-mtm: proposals per MH step, drawn in one batched call; 1 = power, draw for draw
+    # power-smc (Azizi et al., 2026): particles and ess_threshold as in the authors' MATH500 script
+    # (github.com/ArminAzizi98/Power-SMC, power_samp_math.py: n_particles=64, ess_threshold=0.5)
+    particles: int = 64  # power-smc: particles per sample, advanced together (one batched call per token)
+    ess_threshold: float = 0.5  # power-smc: resample when the effective sample size < ess_threshold * particles;
+    # 0 = never (plain sequential importance sampling)
     alpha_ramp: int = 0  # power-smc: tokens over which the exponent ramps from 1 up to alpha; 0 = no ramp
+    # (kept off: the authors' ramp also moves the proposal to 1/a_t; ours stays at tau, so a ramp changes only the
+    # intermediate weights that resampling sees)
     candidates: int = 8  # power-rollout: K, the likeliest next tokens weighed at each step
     rollouts: int = 4  # power-rollout: M, rollouts per candidate estimating its future power mass
     rollout_horizon: int = 0  # power-rollout: tokens per rollout; 0 = up to T

@@ -405,13 +405,18 @@ def test_embedded_model_chat_uses_the_chat_template(embedded):
     assert "You answer in French." in rendered and rendered.index("French") < rendered.index("2 + 2")
 
 
-@pytest.mark.slow
-def test_hf_and_llamacpp_render_conversations_alike():
-    pytest.importorskip("llama_cpp")
+@pytest.fixture(scope="module")
+def hf_backend():
     pytest.importorskip("transformers")
+    return powersample.load_backend("hf", threads=1)
+
+
+@pytest.mark.slow
+def test_hf_and_llamacpp_render_conversations_alike(hf_backend):
+    pytest.importorskip("llama_cpp")
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]  # fmt: skip
-    hf, llama = powersample.load_backend("hf"), powersample.load_backend("llamacpp")
+    hf, llama = hf_backend, powersample.load_backend("llamacpp")
     assert hf.encode_messages(conversation) == llama.encode_messages(conversation)
     one = [{"role": "user", "content": "Hi"}]
     assert hf.encode_messages(one) == hf.encode("Hi", True) and llama.encode_messages(one) == llama.encode("Hi", True)
@@ -493,3 +498,21 @@ def test_serve_rejects_bad_options_before_loading(flags, message, capsys):
 
     assert main(["serve", "--backend", "toy", "--toy-spec", "missing.json", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_hf_backend_batches_concurrent_requests(hf_backend):
+    backend = hf_backend
+    bodies = [{"prompt": f"Count to {k}:", "max_tokens": 6, "block_size": 3, "mcmc_steps": 1, "seed": k, "n": 2,
+               "logprobs": 0} for k in range(3)]  # fmt: skip
+    with serve(backend) as url:
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=120), bodies))
+        state = wait_idle(url)
+    assert [r.status_code for r in replies] == [200] * 3 and state["chains_in_flight"] == 0
+    for reply in replies:
+        for choice in reply.json()["choices"]:
+            assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
+            assert all(lp <= 0 for lp in choice["logprobs"]["token_logprobs"])
+    tokens = sum(r.json()["power_sampling"]["tokens_sampled"] for r in replies)
+    assert backend.decode_forwards < tokens  # chains of different requests shared forwards

@@ -15,12 +15,14 @@ from powersample.samplers.driver import Program, drive
 from powersample.samplers.mtm import mtm_program, mtm_work_units
 from powersample.samplers.plain import plain_program, plain_work_units
 from powersample.samplers.power import power_program, power_work_units
+from powersample.samplers.smc import smc_program, smc_work_units
 from powersample.samplers.rollout import rollout_program, rollout_work_units
 
 _SAMPLERS = {
     "power": (power_program, power_work_units),
     "max-swap": (power_program, power_work_units),
     "power-mtm": (mtm_program, mtm_work_units),
+    "power-smc": (smc_program, smc_work_units),
     "base": (plain_program, plain_work_units),
     "low-temp": (plain_program, plain_work_units),
     "power-rollout": (rollout_program, rollout_work_units),

@@ -24,6 +24,7 @@ class Chain:
     tokens_generated: int = 0  # every token drawn, rejected proposals included
     proposals: int = 0
     accepted: int = 0
+    return_particles: bool = False  # power-smc: the result also holds every particle with its weight
 
     def complete(self, eos_ids: frozenset[int]) -> bool:
         """A state is complete when it ends in EOS (EOS is never inside it)."""
@@ -58,3 +59,13 @@ class ChainResult:
     tokens_generated: int  # every token drawn, rejected proposals included
     proposals: int  # MH proposals made
     accepted: int  # MH proposals accepted
+    particles: tuple["WeightedParticle", ...] | None = None  # power-smc, when asked: every particle; else None
+
+
+@dataclass(frozen=True)
+class WeightedParticle:
+    """One SMC particle at the end of a run, with its normalized importance weight."""
+
+    tokens: Tokens  # generated ids, ending in EOS when complete
+    token_logp: tuple[float, ...]  # base log p of each token (nats)
+    weight: float  # normalized: the particles' weights sum to 1
