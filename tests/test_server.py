@@ -188,6 +188,12 @@ def test_list_prompts_give_n_choices_each(toy_url):
     assert texts[:2] == texts[2:]  # the toy model ignores the prompt, and each prompt's chains use the same seeds
 
 
+def test_null_fields_take_their_defaults(toy_url):
+    nulls = {"n": None, "echo": None, "stream": None, "max_tokens": None, "stop": None, "logprobs": None}
+    resp = httpx.post(f"{toy_url}/v1/completions", json={"prompt": "x", **nulls})
+    assert resp.status_code == 200 and len(resp.json()["choices"]) == 1
+
+
 def test_unknown_fields_are_ignored_and_listed(toy_url):
     resp = httpx.post(f"{toy_url}/v1/completions", json={"prompt": "x", "max_tokens": 3, "do_sample": False})
     assert resp.status_code == 200 and resp.json()["power_sampling"]["ignored"] == ["do_sample"]
@@ -201,6 +207,10 @@ BAD = [
     ("completions", b"[1, 2]", 400, None, None),
     ("completions", b'{"prompt": "x", "alpha": NaN}', 400, None, "invalid_json"),
     ("completions", b"\xff\xfe\x00", 400, None, "invalid_json"),
+    ("completions", b"[" * 100_000 + b"]" * 100_000, 400, None, "invalid_json"),
+    ("completions", b'{"prompt": "x", "alpha": Infinity}', 400, None, "invalid_json"),
+    ("completions", {"prompt": "x", "alpha": True}, 400, "alpha", "invalid_type"),
+    ("completions", {"prompt": None}, 400, "prompt", "missing_field"),
     ("completions", {"max_tokens": 3}, 400, "prompt", "missing_field"),
     ("completions", {"prompt": "x", "n": "2"}, 400, "n", "invalid_type"),
     ("completions", {"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens", "invalid_type"),

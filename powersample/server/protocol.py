@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from powersample.api import SampleRecord
 from powersample.config import MCMC_METHODS, SamplerConfig
@@ -67,6 +67,12 @@ class _Body(BaseModel):
     """Fields both endpoints share. Strict types: "5" is not a number here."""
 
     model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """A field sent as null takes its default, as in OpenAI's API."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     model: str | None = None  # echoed back; the server serves one model whatever the name
     max_tokens: int | None = None  # default: the server's --max-new-tokens
