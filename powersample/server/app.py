@@ -121,7 +121,7 @@ class _Server:
         plan = _Plan(texts, ids, config, _seed(body), body.n, ignored)
         records = await self._run(request, plan)
         logprobs = body.logprobs
-        outputs = [wire.finish(self.backend.decode, r, wire.stop_strings(body), logprobs is not None) for r in records]
+        outputs = await self._outputs(records, wire.stop_strings(body), logprobs is not None)
         choices = [
             {"text": o.text, "index": i, "finish_reason": o.finish_reason,
              "logprobs": wire.completion_logprobs(o, logprobs) if logprobs is not None else None}
@@ -140,7 +140,7 @@ class _Server:
         plan = _Plan([json.dumps(messages)], [ids], config, _seed(body), body.n, ignored)
         records = await self._run(request, plan)
         want = body.logprobs
-        outputs = [wire.finish(self.backend.decode, r, wire.stop_strings(body), want) for r in records]
+        outputs = await self._outputs(records, wire.stop_strings(body), want)
         top = body.top_logprobs or 0
         choices = [
             {"index": i, "message": {"role": "assistant", "content": o.text, "refusal": None},
@@ -150,6 +150,10 @@ class _Server:
         response = self._response("chat.completion", plan, records, outputs, choices)
         await self._log(response["id"], records, outputs)
         return response
+
+    async def _outputs(self, records: Sequence[SampleRecord], stops: list[str], pieces: bool) -> list[wire.Output]:
+        """Stop truncation and per-token texts, off the event loop (a token's text costs a decode of its prefix)."""
+        return await asyncio.to_thread(lambda: [wire.finish(self.backend.decode, r, stops, pieces) for r in records])
 
     def _checked(self, ids: Tokens, config: SamplerConfig, param: str) -> Tokens:
         limit = self.backend.context_length
