@@ -38,7 +38,9 @@ approximations; finite M adds the bias of a ratio of estimates (O(1/M), O(1/M^2)
 (candidates, blocks, rollouts) counts in tokens_generated; there are no MH proposals. A kept token's proposal_logq is
 the log probability with which this sampler chose its token (block), on the block's first token, 0 on the others.
 
-Defaults: K = 8 (`candidates`), M = 4 (`rollouts`), H = 0 = up to T (`rollout_horizon`); see config.py.
+Defaults: K = 8 (`candidates`), M = 4 (`rollouts`), H = 0 = up to T (`rollout_horizon`), token level; see config.py.
+Two public reimplementations of the paper use K = 8, M = 8, H = 192 (and B = 192 with 32-64 candidate blocks for
+the block variant); we could not check these against the paper's text, so the defaults were left as they were.
 """
 
 from __future__ import annotations
