@@ -99,9 +99,11 @@ def test_a_resampling_step_hits_the_prefix_cache_for_prompt_and_x_before_i(backe
     block = backend.llm.llm_engine.vllm_config.cache_config.block_size
     [first] = backend.extend(requests(prompt, 3 * block, seeds=[11]), Proposal(0.5))
     context = prompt + first.tokens[: 2 * block]  # resample from i = 2 blocks into the answer
-    before = backend.cached_tokens
-    backend.extend(requests(context, 4, seeds=[12]), Proposal(0.5))
+    before, scored_before = backend.cached_tokens, backend.scored_cached_tokens
+    [cont] = backend.extend(requests(context, 4, seeds=[12]), Proposal(0.5))
     assert backend.cached_tokens - before >= (len(context) - 1) // block * block  # every whole block but the last
+    assert backend.scored_cached_tokens - scored_before >= (len(context) - 1) // block * block  # log p: the same
+    np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=1e-4, rtol=0)
 
 
 def test_same_seed_same_tokens_within_a_batch_of_others(backend, prompt):

@@ -12,10 +12,10 @@ tied token.
     score:      prompt log-probs of the given continuation (raw: prompt tokens never go through the sampler)
     confidence: full-vocabulary prompt log-probs, sum_x p log p per position (costly: V numbers per position)
 
-Step 2 is a batched prefill, not a decode. It cannot use the prefix cache (vLLM recomputes the whole prompt of a
-request that asks for prompt log-probs), so on long contexts it costs a prefill of the context per call; decoding
-still dominates on a GPU. When q = p (tau = 1, no truncation) the numbers of step 1 are log p already and step 2 is
-skipped.
+Step 2 is a batched prefill, not a decode, and it reads the prefix cache too, under a salt of its own: vLLM only
+returns prompt log-probs of tokens it computes, and unsalted it would find the continuation itself cached by step 1.
+Salted, it finds prompt + x_<i as scored when the current state was proposed, and computes only the new suffix.
+When q = p (tau = 1, no truncation) the numbers of step 1 are log p already and step 2 is skipped.
 
 Randomness: each request draws one 63-bit seed from its chain's generator and hands it to vLLM as the request's
 seed, so a chain's tokens depend only on its own generator (and, as with every engine, on the engine's numerics).
@@ -32,16 +32,23 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import vllm
-from vllm.inputs import TokensPrompt
 
-from powersample.backends.base import (
+# vLLM logs every step at INFO to stdout, where our CLI prints samples and tables: keep its warnings, on stderr,
+# unless the caller set these. Read when vllm is first imported, and inherited by its engine processes.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import vllm  # noqa: E402 - after the logging settings above
+from vllm.inputs import TokensPrompt  # noqa: E402
+
+from powersample.backends.base import (  # noqa: E402
     Continuation,
     ExtendRequest,
     Proposal,
@@ -49,8 +56,9 @@ from powersample.backends.base import (
     check_fits,
     one_line,
 )
-from powersample.errors import PowerSampleError
+from powersample.errors import PowerSampleError  # noqa: E402
 
+SCORE_SALT = "powersample-score"  # prefix-cache salt of scoring requests (see VLLMBackend._prompt_logprobs)
 MIN_TEMPERATURE = 0.01  # vLLM raises smaller temperatures to 0.01 (`_MAX_TEMP`), which would change q
 CPU_MEMORY_FRACTION = 0.3  # default share of memory for weights + KV cache on a CPU-only machine (vLLM's: 0.9)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
@@ -129,7 +137,8 @@ class VLLMBackend:
         self.device = _device_name()
         self.reuse_cache = reuse_cache  # False: every request skips the prefix cache and runs alone (bench baseline)
         self.engine_calls = 0  # vllm generate() calls; tests check that a batch is one call
-        self.cached_tokens = 0  # context tokens extend() found in the prefix cache; tests check cache reuse
+        self.cached_tokens = 0  # context tokens extend()'s sampling found in the prefix cache; tests check reuse
+        self.scored_cached_tokens = 0  # the same for its scoring (log p) requests, under their salt
 
     @classmethod
     def load(
@@ -240,16 +249,19 @@ class VLLMBackend:
             stop_token_ids=sorted(self.eos_ids),
         )
 
-    def _params(self, **kwargs: Any) -> Any:
-        skip_cache = None if self.reuse_cache else True  # None: vLLM's default (skip only for prompt log-probs)
+    def _params(self, read_cache: bool = False, **kwargs: Any) -> Any:
+        """SamplingParams with ids only; read_cache lets a prompt log-probs request read the prefix cache."""
+        skip_cache = True if not self.reuse_cache else (False if read_cache else None)  # None: vLLM's default
         return vllm.SamplingParams(detokenize=False, flat_logprobs=True, skip_reading_prefix_cache=skip_cache,
                                    **kwargs)
 
-    def _generate(self, contexts: Sequence[Tokens], params: Sequence[Any]) -> list[Any]:
-        """One `LLM.generate` over token prompts (one per request when the cache is off: the batch-1 baseline)."""
+    def _generate(self, contexts: Sequence[Tokens], params: Sequence[Any], salt: str | None = None) -> list[Any]:
+        """One `LLM.generate` over token prompts (one per request when the cache is off: the batch-1 baseline);
+        `salt` keeps the requests' prefix cache apart from unsalted requests'."""
         if not self.reuse_cache and len(contexts) > 1:
-            return [self._generate([c], [p])[0] for c, p in zip(contexts, params)]
-        prompts = [TokensPrompt(prompt_token_ids=list(c)) for c in contexts]
+            return [self._generate([c], [p], salt)[0] for c, p in zip(contexts, params)]
+        extra = {"cache_salt": salt} if salt and self.reuse_cache else {}
+        prompts = [TokensPrompt(prompt_token_ids=list(c), **extra) for c in contexts]
         self.engine_calls += 1
         try:
             return self.llm.generate(prompts, list(params), use_tqdm=False)
@@ -261,9 +273,22 @@ class VLLMBackend:
     ) -> list[tuple[list[float], tuple[tuple[int, float], ...]]]:
         """Per request: log p of each continuation token, and the `alternatives` likeliest first tokens (id, log p).
 
-        One engine call; each request's prompt is context + continuation, scored at temperature 1."""
-        params = [self._params(max_tokens=1, prompt_logprobs=k) for k in alternatives]
-        outs = self._generate([c + t for c, t in zip(contexts, continuations)], params)
+        One engine call; each request's prompt is context + continuation, scored at temperature 1. vLLM returns
+        prompt log-probs only from the first token it computes, so these requests read the prefix cache under their
+        own salt: unsalted, the blocks the sampling request has just cached would swallow the continuation's rows;
+        salted, the hit is the context as scored before (prompt + x_<i was scored when it was proposed). A request
+        whose hit still reaches into its continuation (those tokens were scored before) is redone without the cache.
+        """
+        prompts = [c + t for c, t in zip(contexts, continuations)]
+        outs = self._generate(prompts, [self._params(True, max_tokens=1, prompt_logprobs=k) for k in alternatives],
+                              salt=SCORE_SALT)
+        redo = [j for j, (out, c) in enumerate(zip(outs, contexts)) if (out.num_cached_tokens or 0) > len(c) - 1]
+        self.scored_cached_tokens += sum(out.num_cached_tokens or 0 for j, out in enumerate(outs) if j not in redo)
+        if redo:
+            again = self._generate([prompts[j] for j in redo],
+                                   [self._params(max_tokens=1, prompt_logprobs=alternatives[j]) for j in redo])
+            for j, out in zip(redo, again):
+                outs[j] = out
         results = []
         for out, context, tokens, k in zip(outs, contexts, continuations, alternatives):
             rows, start = out.prompt_logprobs, len(context)
