@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from powersample.backends.base import Backend
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.samplers import Chain, ChainResult, Progress, run_chains
+from powersample.samplers import Chain, ChainResult, Progress, programs, run_chains
+from powersample.samplers.driver import Scheduler
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,61 @@ def sample(
     results = run_chains(backend, prompt_ids, config, chains, progress)
     wall = time.perf_counter() - start
     return [_record(backend, prompt, config, seed, j, r, wall) for j, r in enumerate(results)]
+
+
+def sample_many(
+    backend: Backend,
+    jobs: Sequence[tuple[str, int]],
+    config: SamplerConfig = SamplerConfig(),
+    *,
+    num_samples: int = 1,
+    chat: bool = True,
+    progress: Progress | None = None,
+) -> list[list[SampleRecord] | PowerSampleError]:
+    """Sample many (prompt, seed) jobs with all their chains batched together in one engine run.
+
+    Job j's records are exactly those of sample(backend, prompt_j, config, seed=seed_j, num_samples=...): each chain
+    draws from its own generator, whatever runs beside it. A job that cannot run (its prompt is empty or too long, or
+    its sampler fails) gets its PowerSampleError in place of its records; the other jobs still run. wall_seconds is
+    the time from the start of the run to the job's last chain finishing.
+    """
+    if num_samples < 1:
+        raise PowerSampleError(f"num_samples must be >= 1, got {num_samples}")
+    out: list = [None] * len(jobs)
+    work, start = [], time.perf_counter()
+    for j, (prompt, seed) in enumerate(jobs):
+        try:
+            prompt_ids = encode_prompt(backend, prompt, config, chat)
+            chains = [Chain(np.random.default_rng(s), slot=c) for c, s in enumerate(chain_seeds(seed, num_samples))]
+        except PowerSampleError as error:
+            out[j] = error
+            continue
+        done = _job_done(backend, prompt, config, seed, num_samples, start, lambda recs, j=j: out.__setitem__(j, recs))
+        work += [(program, done(c)) for c, program in enumerate(programs(backend, prompt_ids, config, chains))]
+    Scheduler(backend, config.proposal, progress).run(work)
+    return out
+
+
+def _job_done(backend, prompt, config, seed, n, start, finish) -> Callable[[int], Callable]:
+    """Callbacks for one job's n chains: once all are back, finish(records) (or finish(the first error))."""
+    results: dict[int, ChainResult | BaseException] = {}
+
+    def chain_done(index: int) -> Callable:
+        def done(outcome: ChainResult | BaseException) -> None:
+            results[index] = outcome
+            if len(results) < n:
+                return
+            wall = time.perf_counter() - start
+            errors = [r for r in results.values() if isinstance(r, BaseException)]
+            if errors:
+                error = errors[0]
+                finish(error if isinstance(error, PowerSampleError) else PowerSampleError(f"sampler failed: {error}"))
+            else:
+                finish([_record(backend, prompt, config, seed, c, results[c], wall) for c in range(n)])
+
+        return done
+
+    return chain_done
 
 
 def chain_seeds(seed: int, n: int) -> list[np.random.SeedSequence]:

@@ -86,6 +86,20 @@ class NoConfidence:
         return getattr(self._inner, name)
 
 
+@pytest.mark.parametrize("method", ["power", "power-smc", "base"])
+def test_records_do_not_depend_on_the_batch(method, files, tmp_path, capsys):
+    """--batch N samples N (problem, seed) pairs through shared engine calls; each record is still exactly what
+    `powersample sample --seed s` gives for its prompt."""
+    spec, data = files
+    runs = {}
+    for batch in (1, 5):
+        out = tmp_path / f"batch{batch}"
+        argv = eval_argv(spec, data, out, "--seeds", "0-2", "--method", method, "--batch", str(batch))
+        assert run_eval_cli(argv) == 0
+        runs[batch] = sorted((r["problem_id"], r["seed"], r["tokens"], r["logp"]) for r in read_lines(out))
+    assert runs[1] == runs[5] and len(runs[1]) == 18
+
+
 def test_confidence_is_null_without_backend_support(files, tmp_path):
     spec, data = files
     task = get_task("math500")
@@ -260,6 +274,7 @@ BAD = [
     (["--task", "math500", "--data", "GOOD", "--limit", "0"], "--limit"),
     (["--task", "math500", "--data", "GOOD", "--alpha", "0"], "alpha"),
     (["--task", "math500", "--data", "GOOD", "--code-timeout", "0"], "code-timeout"),
+    (["--task", "math500", "--data", "GOOD", "--batch", "0"], "--batch"),
 ]
 
 

@@ -32,6 +32,8 @@ def add_eval_parsers(subparsers: Any) -> None:
     e.add_argument("--shard", help="I/N: only shard I (0-based) of N, every N-th problem from the I-th")
     e.add_argument("--output-dir", help="run directory (default runs/<task>-<method>-<config hash>)")
     e.add_argument("--raw", action="store_true", help="no chat template: the prompt format for base models")
+    e.add_argument("--batch", type=int, default=8, help="(problem, seed) pairs sampled together, their chains "
+                   "sharing every engine call (default %(default)s; records do not depend on it)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     g = e.add_argument_group("grading")
     g.add_argument("--code-timeout", type=float, default=GradeOptions.code_timeout, help="seconds per program")
@@ -69,6 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from powersample.eval.tasks import get_task
 
     config = config_from_args(args)
+    if args.batch < 1:
+        raise PowerSampleError(f"--batch must be >= 1, got {args.batch}")
     ray_options = parse_ray_options(args)
     seeds, shard, limit = parse_seeds(args.seeds), parse_shard(args.shard), parse_limit(args.limit)
     grading = _grade_options(args)
@@ -81,11 +85,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"powersample: {len(plan.problems)} problems x {len(seeds)} seeds -> {run_dir}", file=sys.stderr)
     if ray_options is None:
-        summary = run_eval(backend_from_args(args), plan, run_dir, args.quiet)
+        summary = run_eval(backend_from_args(args), plan, run_dir, args.quiet, batch=args.batch)
     else:
         from powersample.eval.distributed import run_eval_ray
 
-        summary = run_eval_ray(worker_args(args), plan, run_dir, ray_options, args.quiet)
+        summary = run_eval_ray(worker_args(args), plan, run_dir, ray_options, args.quiet, batch=args.batch)
     accuracy = f"accuracy {summary.correct}/{summary.graded}" if summary.graded else "not graded here"
     print(f"{task.name} {config.method}: {summary.records} records ({summary.resumed} resumed), {accuracy}; "
           f"run directory {run_dir}")  # fmt: skip

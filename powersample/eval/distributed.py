@@ -1,12 +1,13 @@
 """Data-parallel evaluation on Ray (`powersample eval --ray`): the same units and records, many backends.
 
     driver (this process)                            workers (Ray actors, one backend each)
-    run_plan: resume, dedup, write, progress bar  <- WorkerPool.records(todo) <- UnitWorker.run(problem, seed)
+    run_plan: resume, dedup, write, progress bar  <- WorkerPool.records(todo) <- UnitWorker.run(units)
                                                      a queue of units, at most       builds its backend once,
-                                                     IN_FLIGHT on each actor         then evaluate_one per unit
+                                                     IN_FLIGHT batches on each       then samples each batch
+                                                     actor                           together (evaluate_batches)
 
-The unit is one (problem, seed), as in the single-process runner, and a worker makes its record with the same
-`evaluate_one`, so a record is what `powersample sample --seed s` gives whichever worker made it, and a run can be
+The unit is one (problem, seed), as in the single-process runner, and a worker makes its records with the same
+`evaluate_batches` (a batch of `--batch` units shares every engine call), so a record is what `powersample sample --seed s` gives whichever worker made it, and a run can be
 resumed with or without Ray. Only the driver writes. When an actor dies (`RayActorError`), each of its unfinished
 units goes back to the queue and a fresh actor takes its place; a unit's record is written once, since the
 driver keeps only the first record per unit (`runner.run_plan`).
@@ -28,9 +29,9 @@ from typing import Any, Callable, Iterator
 
 from powersample.errors import PowerSampleError
 from powersample.eval.records import record_key
-from powersample.eval.runner import EvalPlan, EvalSummary, Unit, evaluate_one, run_plan
+from powersample.eval.runner import EvalPlan, EvalSummary, Unit, evaluate_batches, run_plan
 
-IN_FLIGHT = 2  # units sent to an actor ahead of time, so it never waits for the driver between units
+IN_FLIGHT = 2  # batches of units sent to an actor ahead of time, so it never waits for the driver between units
 RESTARTS_PER_WORKER = 3  # fresh actors the pool may start, per worker, to replace ones that died
 MAX_ATTEMPTS = 3  # a unit whose worker died this many times while running it stops the run
 CPU_BACKENDS = ("toy", "llamacpp")  # engines that never use a GPU, so their actors ask for none by default
@@ -153,7 +154,12 @@ def _init_kwargs(options: RayOptions) -> dict[str, Any]:
 
 
 def run_eval_ray(
-    backend_args: argparse.Namespace, plan: EvalPlan, run_dir: Path, options: RayOptions, quiet: bool = False
+    backend_args: argparse.Namespace,
+    plan: EvalPlan,
+    run_dir: Path,
+    options: RayOptions,
+    quiet: bool = False,
+    batch: int = 1,
 ) -> EvalSummary:
     """`run_eval` with the units spread over Ray actors, each building its backend from `backend_args` (the
     CLI's arguments: whatever `powersample.cli.backend_from_args` reads)."""
@@ -162,7 +168,7 @@ def run_eval_ray(
         if not quiet:
             print(f"powersample: up to {placement.workers} Ray worker(s), {placement.gpus:g} GPU and "
                   f"{placement.cpus:g} CPU each", file=sys.stderr, flush=True)  # fmt: skip
-        pool = WorkerPool(ray, backend_args, plan, placement)
+        pool = WorkerPool(ray, backend_args, plan, placement, batch)
         try:
             return run_plan(plan, run_dir, pool.records, quiet)
         finally:
@@ -174,17 +180,17 @@ def _backend_name(args: argparse.Namespace) -> str:
 
 
 class UnitWorker:
-    """The body of one Ray actor: builds its backend on the first unit, then makes each unit's record."""
+    """The body of one Ray actor: builds its backend on the first batch, then makes each batch's records."""
 
     def __init__(self, backend_args: argparse.Namespace, plan: EvalPlan):
         self._args, self._plan, self._backend = backend_args, plan, None
 
-    def run(self, problem: Any, seed: int) -> dict[str, Any]:
+    def run(self, units: list[Unit]) -> list[dict[str, Any]]:
         if self._backend is None:
             from powersample.cli import backend_from_args
 
             self._backend = backend_from_args(self._args)
-        return evaluate_one(self._backend, self._plan, problem, seed)
+        return list(evaluate_batches(self._backend, self._plan, units, len(units)))
 
 
 @dataclass
@@ -192,15 +198,17 @@ class _Worker:
     """The driver's view of one actor."""
 
     actor: Any  # the Ray actor handle
-    in_flight: int = 0  # units sent and not yet answered
+    in_flight: int = 0  # batches sent and not yet answered
     dead: bool = False
 
 
 class WorkerPool:
     """Actors that make records for units; the driver's queue, the re-queueing of a dead actor's units."""
 
-    def __init__(self, ray: Any, backend_args: argparse.Namespace, plan: EvalPlan, placement: WorkerPlacement):
-        self._ray, self._placement = ray, placement
+    def __init__(
+        self, ray: Any, backend_args: argparse.Namespace, plan: EvalPlan, placement: WorkerPlacement, batch: int = 1
+    ):
+        self._ray, self._placement, self._batch = ray, placement, batch
         self._actor_class = ray.remote(UnitWorker).options(num_gpus=placement.gpus, num_cpus=placement.cpus)
         self._args_ref, self._plan_ref = ray.put(backend_args), ray.put(plan)
         self.workers: list[_Worker] = []
@@ -214,15 +222,13 @@ class WorkerPool:
             return
         self.workers = [self._start() for _ in range(min(self._placement.workers, len(todo)))]
         queue = collections.deque(todo)
-        pending: dict[Any, tuple[_Worker, Unit]] = {}  # result ref -> (its actor, its unit)
+        pending: dict[Any, tuple[_Worker, list[Unit]]] = {}  # result ref -> (its actor, its units)
         while queue or pending:
             self._fill(queue, pending)
             [ref], _ = self._ray.wait(list(pending), num_returns=1)
-            worker, unit = pending.pop(ref)
+            worker, units = pending.pop(ref)
             worker.in_flight -= 1
-            record = self._result(ref, worker, unit, queue)
-            if record is not None:
-                yield record
+            yield from self._result(ref, worker, units, queue)
 
     def close(self) -> None:
         """Stop every actor (they would outlive this run when the driver stays connected to Ray)."""
@@ -234,15 +240,15 @@ class WorkerPool:
     def _start(self) -> _Worker:
         return _Worker(self._actor_class.remote(self._args_ref, self._plan_ref))
 
-    def _fill(self, queue: collections.deque[Unit], pending: dict[Any, tuple[_Worker, Unit]]) -> None:
+    def _fill(self, queue: collections.deque[Unit], pending: dict[Any, tuple[_Worker, list[Unit]]]) -> None:
         for worker in self.workers:
             while not worker.dead and worker.in_flight < IN_FLIGHT and queue:
-                unit = queue.popleft()
-                pending[worker.actor.run.remote(*unit)] = (worker, unit)
+                units = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
+                pending[worker.actor.run.remote(units)] = (worker, units)
                 worker.in_flight += 1
 
-    def _result(self, ref: Any, worker: _Worker, unit: Unit, queue: collections.deque[Unit]) -> dict | None:
-        """The unit's record; None when its actor died (the unit is queued again, the actor replaced)."""
+    def _result(self, ref: Any, worker: _Worker, units: list[Unit], queue: collections.deque[Unit]) -> list[dict]:
+        """The units' records; none when their actor died (the units are queued again, the actor replaced)."""
         from ray.exceptions import RayActorError, RayTaskError
 
         try:
@@ -252,22 +258,23 @@ class WorkerPool:
                 lines = [line.strip() for line in str(e).splitlines() if line.strip()]
                 raise PowerSampleError(f"a Ray worker could not start ({lines[-1] if lines else type(e).__name__}); "
                                        "is this powersample installed on every node?") from None  # fmt: skip
-            self._lost(worker, unit, queue)
-            return None
+            self._lost(worker, units, queue)
+            return []
         except RayTaskError as e:  # the unit itself failed; a bad input is one line, a bug a traceback
             if isinstance(e.cause, PowerSampleError):
                 raise PowerSampleError(str(e.cause)) from None
             raise
 
-    def _lost(self, worker: _Worker, unit: Unit, queue: collections.deque[Unit]) -> None:
-        """Queue the unit again (first in line) and, once per dead actor, start its replacement."""
-        key = record_key({"problem_id": unit[0].id, "seed": unit[1]})
-        self._attempts[key] += 1
-        if self._attempts[key] >= MAX_ATTEMPTS:
-            raise PowerSampleError(f"problem {key[0]} seed {key[1]}: {MAX_ATTEMPTS} Ray workers died while it was "
-                                   "theirs (out of memory?); see Ray's logs")  # fmt: skip
-        queue.appendleft(unit)
-        self.requeued += 1
+    def _lost(self, worker: _Worker, units: list[Unit], queue: collections.deque[Unit]) -> None:
+        """Queue the units again (first in line) and, once per dead actor, start its replacement."""
+        for unit in units:
+            key = record_key({"problem_id": unit[0].id, "seed": unit[1]})
+            self._attempts[key] += 1
+            if self._attempts[key] >= MAX_ATTEMPTS:
+                raise PowerSampleError(f"problem {key[0]} seed {key[1]}: {MAX_ATTEMPTS} Ray workers died while it "
+                                       "was theirs (out of memory?); see Ray's logs")  # fmt: skip
+        queue.extendleft(reversed(units))
+        self.requeued += len(units)
         if worker.dead:
             return
         worker.dead = True

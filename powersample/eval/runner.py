@@ -1,10 +1,10 @@
 """Running an evaluation: sample every (problem, seed) pair not yet done, grade it, append its record.
 
-Each pair is one call `sample(backend, prompt, config, seed=s, num_samples=1)`, so the record for seed s is
-exactly what `powersample sample --seed s` gives for that prompt, whatever was run before or beside it. Pairs are
-independent: a killed run resumes where it stopped, and shards or extra seeds can be added later. (Batching
-several pairs into one backend call would be faster on a GPU, but `sample()` derives every chain's seed from one
-seed, so it would change the records; that is a later optimization.)
+The record of each pair is exactly what `powersample sample --seed s` gives for that prompt, whatever was run
+before or beside it: each chain draws from its own generator. So pairs are independent: a killed run resumes where
+it stopped, and shards or extra seeds can be added later. `batch` pairs are sampled together (`api.sample_many`):
+all their chains advance through the same engine calls, which is what keeps a GPU engine busy; a killed run loses
+at most the batch in flight.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from powersample.api import SampleRecord, sample
+from powersample.api import SampleRecord, sample_many
 from powersample.backends import Backend
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
@@ -93,9 +93,23 @@ Unit = tuple[Problem, int]  # one (problem, seed): the unit of work, of records 
 MakeRecords = Callable[[list[Unit]], Iterable[dict[str, Any]]]  # units to do -> their records, in any order
 
 
-def run_eval(backend: Backend, plan: EvalPlan, run_dir: Path, quiet: bool = False) -> EvalSummary:
-    """Make every missing record of the plan in run_dir, appending each as soon as it is graded."""
-    return run_plan(plan, run_dir, lambda todo: (evaluate_one(backend, plan, p, s) for p, s in todo), quiet)
+def run_eval(backend: Backend, plan: EvalPlan, run_dir: Path, quiet: bool = False, batch: int = 1) -> EvalSummary:
+    """Make every missing record of the plan in run_dir, `batch` pairs sampled together, appending each record as
+    soon as it is graded."""
+    if batch < 1:
+        raise PowerSampleError(f"batch must be >= 1, got {batch}")
+    return run_plan(plan, run_dir, lambda todo: evaluate_batches(backend, plan, todo, batch), quiet)
+
+
+def evaluate_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: int) -> Iterator[dict[str, Any]]:
+    """The records of `todo`, sampled `batch` units at a time."""
+    for first in range(0, len(todo), batch):
+        units = todo[first : first + batch]
+        sampled = sample_many(backend, [(p.prompt, s) for p, s in units], plan.config, chat=plan.chat)
+        for (problem, _), outcome in zip(units, sampled):
+            if isinstance(outcome, PowerSampleError):
+                raise PowerSampleError(f"{plan.task.name} problem {problem.id}: {outcome}") from None
+            yield grade_record(backend, plan, problem, outcome[0])
 
 
 def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bool = False) -> EvalSummary:
@@ -126,12 +140,8 @@ def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bo
     return EvalSummary(len(wanted), resumed, tally.correct, tally.graded, run_dir)
 
 
-def evaluate_one(backend: Backend, plan: EvalPlan, problem: Problem, seed: int) -> dict[str, Any]:
-    """Sample one completion, grade it, and build its record."""
-    try:
-        [sampled] = sample(backend, problem.prompt, plan.config, seed=seed, num_samples=1, chat=plan.chat)
-    except PowerSampleError as e:
-        raise PowerSampleError(f"{plan.task.name} problem {problem.id}: {e}") from None
+def grade_record(backend: Backend, plan: EvalPlan, problem: Problem, sampled: SampleRecord) -> dict[str, Any]:
+    """Grade one sample and build its record."""
     start = time.perf_counter()
     grade = plan.task.grade(problem, sampled.text, plan.grading)
     graded_in = time.perf_counter() - start
