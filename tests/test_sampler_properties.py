@@ -67,10 +67,14 @@ CONFIGS = [
     SamplerConfig(method="max-swap", max_new_tokens=4, block_count=2, mcmc_steps=3),
     SamplerConfig(method="base", max_new_tokens=4),
     SamplerConfig(method="low-temp", max_new_tokens=4),
+    SamplerConfig(method="power-mtm", max_new_tokens=4, block_size=2, mcmc_steps=2, tries=3),
+    SamplerConfig(method="power-smc", max_new_tokens=4, block_size=2, particles=6, ess_threshold=0.9),
+    SamplerConfig(method="power-rollout", max_new_tokens=4, candidates=2, rollouts=3),
+    SamplerConfig(method="power-rollout", max_new_tokens=4, block_size=2, candidates=2, rollouts=2),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.block_size}")
 def test_same_seed_same_output_and_chains_do_not_depend_on_batch(config):
     backend = ToyBackend(load_spec("eos_trap"))
     eight = sample(backend, "p", config, seed=7, num_samples=8)
@@ -82,7 +86,7 @@ def test_same_seed_same_output_and_chains_do_not_depend_on_batch(config):
     assert trace(eight) != trace(sample(backend, "p", config, seed=8, num_samples=8))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.block_size}")
 def test_record_fields_are_consistent(config):
     backend = ToyBackend(load_spec("eos_trap"))
     for r in sample(backend, "p", config, seed=3, num_samples=20):
@@ -154,19 +158,20 @@ def test_empty_prompt_and_bad_counts_are_errors():
 
 
 class ContinuousToy(ToyBackend):
-    """A toy backend that serves chains continuously (a FIFO of requests), not in lockstep rounds."""
+    """A toy backend that serves requests continuously, newest first (not in lockstep rounds, nor in their order)."""
 
     def extend_continuous(self, requests, proposal, refill, poll=None):
         queue = list(requests.items())
         while queue:
-            key, request = queue.pop(0)
+            key, request = queue.pop()
             [cont] = self.extend([request], proposal)
             queue += refill(key, cont).items()
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.method)
-def test_continuous_schedule_gives_the_same_samples_as_lockstep(config):
-    spec = load_spec("eos_trap")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.block_size}")
+@pytest.mark.parametrize("spec_name", ["eos_trap", "early_eos", "no_early_eos"])
+def test_continuous_schedule_gives_the_same_samples_as_lockstep(config, spec_name):
+    spec = load_spec(spec_name)
     lockstep = sample(ToyBackend(spec), "p", config, seed=11, num_samples=12)
     continuous = sample(ContinuousToy(spec), "p", config, seed=11, num_samples=12)
     assert [r.to_dict() | {"wall_seconds": 0} for r in lockstep] == [

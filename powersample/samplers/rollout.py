@@ -62,10 +62,17 @@ Weigh = Generator[tuple[ExtendRequest, ...], tuple[Continuation, ...], None]
 def rollout_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
     """One sample: token (or block) steps until EOS or T tokens."""
     check_config(config)
+    rngs = member_rngs(chain, config.candidates * config.rollouts)
     while len(chain.tokens) < config.max_new_tokens and not chain.complete(eos_ids):
         step = token_step if _block(config) == 1 else block_step
-        yield from step(prompt, config, chain, eos_ids)
+        yield from step(prompt, config, chain, eos_ids, rngs)
     return chain.result()
+
+
+def member_rngs(chain: Chain, n: int) -> list[np.random.Generator]:
+    """One generator per member of a tuple step, spawned from the chain's: the members' draws then do not depend on
+    the order in which the engine serves them, so a seed gives the same sample in any schedule."""
+    return [np.random.default_rng(int(s)) for s in chain.rng.integers(2**63, size=n)]
 
 
 def rollout_work_units(config: SamplerConfig) -> int:
@@ -86,23 +93,24 @@ def check_config(config: SamplerConfig) -> None:
         )
 
 
-def token_step(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Weigh:
+def token_step(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int], rngs: list) -> Weigh:
     """The K likeliest next tokens, then one rollout step to weigh them, then one of them."""
     context = prompt + tuple(chain.tokens)
     probe = yield ExtendRequest(context, 1, chain.rng, slot=0, alternatives=config.candidates)
     chain.tokens_generated += len(probe.tokens)  # drawn, not kept
     units = [Continuation((t,), (lp,), (lp,)) for t, lp in probe.alternatives if lp > -math.inf]
-    yield from weigh_and_choose(context, units, config, chain, eos_ids)
+    yield from weigh_and_choose(context, units, config, chain, eos_ids, rngs)
 
 
-def block_step(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Weigh:
+def block_step(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int], rngs: list) -> Weigh:
     """L = K*M candidate blocks drawn at once; the K likeliest distinct ones are weighed like tokens."""
     context = prompt + tuple(chain.tokens)
     size = min(_block(config), config.max_new_tokens - len(chain.tokens))
     pool = config.candidates * config.rollouts
-    blocks = yield tuple(ExtendRequest(context, size, chain.rng, slot=j) for j in range(pool))
+    blocks = yield tuple(ExtendRequest(context, size, rngs[j], slot=j) for j in range(pool))
     chain.tokens_generated += sum(len(b.tokens) for b in blocks)
-    yield from weigh_and_choose(context, likeliest_distinct(blocks, config.candidates), config, chain, eos_ids)
+    candidates = likeliest_distinct(blocks, config.candidates)
+    yield from weigh_and_choose(context, candidates, config, chain, eos_ids, rngs)
 
 
 def likeliest_distinct(blocks: Sequence[Continuation], k: int) -> list[Continuation]:
@@ -112,10 +120,15 @@ def likeliest_distinct(blocks: Sequence[Continuation], k: int) -> list[Continuat
 
 
 def weigh_and_choose(
-    context: Tokens, units: list[Continuation], config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]
+    context: Tokens,
+    units: list[Continuation],
+    config: SamplerConfig,
+    chain: Chain,
+    eos_ids: frozenset[int],
+    rngs: list[np.random.Generator],
 ) -> Weigh:
     """Roll out after every candidate unit (one tuple step), then append one unit drawn ∝ p^alpha * zeta_hat."""
-    requests, owners = rollout_requests(context, units, config, len(chain.tokens), eos_ids, chain.rng)
+    requests, owners = rollout_requests(context, units, config, len(chain.tokens), eos_ids, rngs)
     rollouts = yield tuple(requests)
     chain.tokens_generated += sum(len(r.tokens) for r in rollouts)
     log_w = np.zeros((len(units), config.rollouts))  # (K, M); units without rollouts keep zeta = 1
@@ -130,7 +143,7 @@ def weigh_and_choose(
 
 
 def rollout_requests(
-    context: Tokens, units: list[Continuation], config: SamplerConfig, done: int, eos_ids: frozenset[int], rng
+    context: Tokens, units: list[Continuation], config: SamplerConfig, done: int, eos_ids: frozenset[int], rngs: list
 ) -> tuple[list[ExtendRequest], list[tuple[int, int]]]:
     """M rollouts after each unit that neither ends in EOS nor reaches T; with (unit, rollout) of each request."""
     requests, owners = [], []
@@ -140,7 +153,7 @@ def rollout_requests(
             continue
         n = min(config.rollout_horizon, rest) if config.rollout_horizon else rest
         for m in range(config.rollouts):
-            requests.append(ExtendRequest(context + unit.tokens, n, rng, slot=len(requests)))
+            requests.append(ExtendRequest(context + unit.tokens, n, rngs[len(requests)], slot=len(requests)))
             owners.append((k, m))
     return requests, owners
 
