@@ -57,6 +57,8 @@ def resamples(monkeypatch):
         ("eos_trap", {"ess_threshold": 0.9, "proposal_temperature": 1.0}, True),
         ("early_eos", {"ess_threshold": 0.9, "alpha_ramp": 2}, True),
         ("no_early_eos", {"alpha": 6.0, "ess_threshold": 0.5, "alpha_ramp": 3, "proposal_temperature": 1.0}, True),
+        ("early_eos", {"block_size": 2, "ess_threshold": 1.0, "proposal_temperature": 1.0}, True),  # ESS per block
+        ("eos_trap", {"block_size": 3, "ess_threshold": 0.9, "alpha_ramp": 2}, True),  # a block that ends at T
     ],
 )
 def test_weighted_particles_converge_to_p_alpha(spec_name, kwargs, resampled, resamples):
@@ -72,18 +74,22 @@ def test_weighted_particles_converge_to_p_alpha(spec_name, kwargs, resampled, re
     assert (resamples[0] > 0) == resampled
 
 
-def test_always_resampling_resamples_after_every_step_but_the_last(resamples):
-    config = smc_config(particles=8, ess_threshold=1.0, proposal_temperature=1.0)
-    sample(ToyBackend(load_spec("no_early_eos")), "p", config)  # no EOS: every particle runs all 4 steps
-    assert resamples[0] == 3
+@pytest.mark.parametrize("block, steps", [(1, 4), (2, 2), (3, 2)])
+def test_always_resampling_resamples_after_every_step_but_the_last(block, steps, resamples):
+    config = smc_config(particles=8, ess_threshold=1.0, proposal_temperature=1.0, block_size=block)
+    backend = Recording(load_spec("no_early_eos"))  # no EOS: every particle runs all T = 4 tokens
+    sample(backend, "p", config)
+    assert resamples[0] == steps - 1 and len(backend.sizes) == steps
 
 
+@pytest.mark.parametrize("block", [1, 3])
 @pytest.mark.parametrize("ramp", [0, 2, 10])
 @pytest.mark.parametrize("spec_name", ["eos_trap", "early_eos"])
-def test_final_weights_are_p_alpha_over_q_whatever_the_ramp(spec_name, ramp):
-    """Without resampling the weights must telescope to p(x)^alpha / q(x) exactly, a ramp longer than T included."""
+def test_final_weights_are_p_alpha_over_q_whatever_the_ramp(spec_name, ramp, block):
+    """Without resampling the weights must telescope to p(x)^alpha / q(x) exactly, a ramp longer than T included,
+    whatever the block of tokens between ESS checks."""
     spec = load_spec(spec_name)
-    config = smc_config(particles=64, ess_threshold=0.0, alpha_ramp=ramp, proposal_temperature=0.5)
+    config = smc_config(particles=64, ess_threshold=0.0, alpha_ramp=ramp, proposal_temperature=0.5, block_size=block)
     [record] = sample(ToyBackend(spec), "p", config, seed=5, return_particles=True)
     law_q = sequence_law(spec, Proposal(0.5), 4)
     log_w = np.array([4.0 * p["logp"] - math.log(law_q[tuple(p["tokens"])]) for p in record.particles])

@@ -3,21 +3,23 @@
 Target. pi(x) ∝ p(x)^alpha over sequences x of at most T tokens: complete ones (ending in EOS) with their full
 probability, EOS-free ones of exactly T tokens with their prefix probability (power's last stage).
 
-Proposal. N = particles particles start empty. At each step t = 1, 2, ... every live particle (no EOS yet) draws one
-token from q (the model at tau = config.temperature, 1/alpha by default); all of them in one batched call. A
-particle that emitted EOS stops. The run ends at t = T or when no particle is live.
+Proposal. N = particles particles start empty. At each step every live particle (no EOS yet) draws its next block
+of up to B tokens (config.block; --block-size 1 is the paper's token-by-token scheme, the default B = T / block_count
+checks the ESS every B tokens, like the authors' code) from q (the model at tau = config.temperature, 1/alpha by
+default), stopping early at EOS; all of them in one batched call. A particle that emitted EOS stops. The run ends at
+t = T or when no particle is live.
 
 Weights. Intermediate targets gamma_t(x) = p(x_{1:t})^{a_t} (a finished x counts with its full p), with the exponent
 a_t = 1 + (alpha - 1) * min(t, R) / R over a ramp of R = alpha_ramp tokens (a_t = alpha when R = 0; a_0 = 1).
-The incremental log weight log gamma_t(x_{1:t}) - log gamma_{t-1}(x_{1:t-1}) - log q(x_t | x_<t) is
+A step from length s to t adds the incremental log weight log gamma_t(x_{1:t}) - log gamma_s(x_{1:s}) - log q(x_{s+1:t})
 
-    live:      a_t * log p(x_t | x_<t) + (a_t - a_{t-1}) * log p(x_<t) - log q(x_t | x_<t)
-    finished:  (a_t - a_{t-1}) * log p(x)                       # 0 once the ramp is over: weight factor 1
+    a_t * log p(x_{1:t}) - a_s * log p(x_{1:s}) - log q(x_{s+1:t} | x_{1:s})
 
-and when the run ends at step t every particle gets (alpha - a_t) * log p(x). The weights telescope to
+(a particle finished before s has no new tokens: (a_t - a_s) * log p(x), 0 once the ramp is over: weight factor
+1), and when the run ends at length t every particle gets (alpha - a_t) * log p(x). The weights telescope to
 p(x)^alpha / q(x): the importance weight for pi, exactly, with or without a ramp or an early end.
 
-Resampling. After each step that leaves a live particle and t < T, if the effective sample size
+Resampling. After each step that leaves a live particle and t < T (so only at block boundaries), if the effective sample size
 (sum w)^2 / sum w^2 < ess_threshold * N, the particles are resampled systematically (one uniform, N evenly spaced
 points) and their weights reset to equal. ess_threshold 0 = plain sequential importance sampling.
 
@@ -64,20 +66,21 @@ class Particle:
 
 
 def smc_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
-    """Power-SMC for one sample: yields one tuple step per token for all live particles, returns the chosen one."""
+    """Power-SMC for one sample: yields one tuple step per block for all live particles, returns the chosen one."""
     n, horizon = config.particles, config.max_new_tokens
     rngs = [np.random.default_rng(int(s)) for s in chain.rng.integers(2**63, size=n)]
     particles, log_w = [Particle() for _ in range(n)], np.zeros(n)  # (N,)
     t, exponent = 0, 1.0
     while t < horizon and any(not p.done for p in particles):
-        t += 1
+        t, before = min(t + config.block, horizon), np.array([p.logp for p in particles])
         live = [m for m, p in enumerate(particles) if not p.done]
-        conts = yield tuple(ExtendRequest(prompt + tuple(particles[m].tokens), 1, rngs[m], m) for m in live)
-        a_t = ramp_exponent(config, t)
-        log_w += (a_t - exponent) * np.array([p.logp for p in particles])  # raise every prefix to a_t
+        size = t - len(particles[live[0]].tokens)  # live particles all hold the same number of tokens
+        conts = yield tuple(ExtendRequest(prompt + tuple(particles[m].tokens), size, rngs[m], m) for m in live)
         for m, cont in zip(live, conts):
-            log_w[m] += a_t * cont.base_logp[0] - cont.proposal_logq[0]  # the new token: p^a_t / q
+            log_w[m] -= math.fsum(cont.proposal_logq)
             particles[m].add(cont, eos_ids)
+        a_t = ramp_exponent(config, t)
+        log_w += a_t * np.array([p.logp for p in particles]) - exponent * before  # gamma_t / gamma_s
         chain.tokens_generated += sum(len(c.tokens) for c in conts)
         exponent = a_t
         if t < horizon and any(not p.done for p in particles) and ess(log_w) < config.ess_threshold * n:
@@ -87,8 +90,8 @@ def smc_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
 
 
 def smc_work_units(config: SamplerConfig) -> int:
-    """Backend requests one sample makes at most: a one-token request per particle per step."""
-    return config.particles * config.max_new_tokens
+    """Backend requests one sample makes at most: a request per particle per block."""
+    return config.particles * math.ceil(config.max_new_tokens / config.block)
 
 
 def ramp_exponent(config: SamplerConfig, t: int) -> float:
