@@ -78,6 +78,12 @@ def test_log_p_and_log_q_agree_with_the_hf_backend(backend, hf, prompt, proposal
         np.testing.assert_allclose([lp for _, lp in cont.alternatives], [lp for _, lp in want], atol=HF_TOLERANCE)
 
 
+def test_confidence_agrees_with_the_hf_backend(backend, hf, prompt):
+    [cont] = backend.extend(requests(prompt, 20, seeds=[3]), Proposal(1.0))
+    have = backend.confidence(prompt, cont.tokens)  # 20 positions: more than one engine call of CONFIDENCE_BATCH
+    np.testing.assert_allclose(have, hf.confidence(prompt, cont.tokens), atol=HF_TOLERANCE, rtol=0)
+
+
 def hf_logp(hf, context, continuation) -> np.ndarray:
     """The hf backend's base log p (float64) of the next token before each continuation token: (T, V)."""
     import torch

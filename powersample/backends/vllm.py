@@ -10,7 +10,7 @@ tied token.
       1. one engine call, every request in it:   tokens, log q       (seeded per request; prefix cache hit)
       2. when q != p, one more engine call:       log p = prompt log-probs of context + tokens (temperature 1)
     score:      prompt log-probs of the given continuation (raw: prompt tokens never go through the sampler)
-    confidence: full-vocabulary prompt log-probs, sum_x p log p per position (costly: V numbers per position)
+    confidence: one-token requests at temperature 1 returning all V log-probs, sum_x p log p per position
 
 Step 2 is a batched prefill, not a decode, and it reads the prefix cache too, under a salt of its own: vLLM only
 returns prompt log-probs of tokens it computes, and unsalted it would find the continuation itself cached by step 1.
@@ -59,6 +59,7 @@ from powersample.backends.base import (  # noqa: E402
 from powersample.errors import PowerSampleError  # noqa: E402
 
 SCORE_SALT = "powersample-score"  # prefix-cache salt of scoring requests (see VLLMBackend._prompt_logprobs)
+CONFIDENCE_BATCH = 16  # positions per engine call in confidence(); each returns V log-probs
 MIN_TEMPERATURE = 0.01  # vLLM raises smaller temperatures to 0.01 (`_MAX_TEMP`), which would change q
 CPU_MEMORY_FRACTION = 0.3  # default share of memory for weights + KV cache on a CPU-only machine (vLLM's: 0.9)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
@@ -223,17 +224,26 @@ class VLLMBackend:
     def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Sum_x p log p of the next-token distribution before each continuation token (Eq. 13).
 
-        vLLM returns the whole vocabulary's log p for every position of the request (context included), so this
-        costs (len(context) + len(continuation)) x V numbers through the engine's output path.
+        One one-token request per position, at temperature 1 and asking for the whole vocabulary's log-probs:
+        the request's prompt is the prefix before that position, found in the prefix cache (the sampling requests
+        cached it). Positions go CONFIDENCE_BATCH to an engine call, so memory stays at that many times V numbers
+        whatever the length (prompt log-probs would return V numbers for every prompt position too).
         """
         if not continuation:
             return ()
         self._check_context(context, len(continuation))
-        ids = list(context) + list(continuation)
-        params = self._params(max_tokens=1, prompt_logprobs=-1)
-        [out] = self._generate([tuple(ids)], [params])
-        rows = out.prompt_logprobs
-        return tuple(_negative_entropy(rows, i) for i in range(len(context), len(ids)))
+        ids = tuple(context) + tuple(continuation)
+        params = self._params(max_tokens=1, temperature=1.0, logprobs=self._vocab_size())  # q = p: log p
+        values: list[float] = []
+        for lo in range(len(context), len(ids), CONFIDENCE_BATCH):
+            prefixes = [ids[:end] for end in range(lo, min(lo + CONFIDENCE_BATCH, len(ids)))]
+            outs = self._generate(prefixes, [params] * len(prefixes))
+            values += [_negative_entropy(out.outputs[0].logprobs, 0) for out in outs]
+        return tuple(values)
+
+    def _vocab_size(self) -> int:
+        """Width of the model's logits (may exceed the tokenizer's vocabulary)."""
+        return int(self.llm.llm_engine.model_config.get_vocab_size())
 
     # --- engine calls ---------------------------------------------------------------------------------------------
 
@@ -360,8 +370,9 @@ def _top(rows: Any, position: int, k: int) -> tuple[tuple[int, float], ...]:
 
 def _negative_entropy(rows: Any, position: int) -> float:
     """Sum_x p log p at `position` from the full-vocabulary log-probs (float64; 0 log 0 = 0)."""
-    _, logprobs = _entries(rows, position)
-    logp = np.asarray(logprobs, dtype=np.float64)
+    ids, logprobs = _entries(rows, position)
+    unique = dict(zip(ids, logprobs))  # the sampled token comes first and again in its place in the vocabulary
+    logp = np.fromiter(unique.values(), dtype=np.float64, count=len(unique))
     p = np.exp(logp)
     return float(np.sum(np.where(p > 0, p * np.where(p > 0, logp, 0.0), 0.0)))
 
