@@ -28,7 +28,7 @@ class SamplerConfig:
     tries: int = 4  # power-mtm: proposals per MH step, drawn in one batched call; 1 = power, draw for draw
     # power-smc (Azizi et al., 2026): particles and ess_threshold as in the authors' MATH500 script
     # (github.com/ArminAzizi98/Power-SMC, power_samp_math.py: n_particles=64, ess_threshold=0.5)
-    particles: int = 64  # power-smc: particles per sample, advanced together (one batched call per token)
+    particles: int = 64  # power-smc: particles per sample, advanced together (one batched call per block)
     ess_threshold: float = 0.5  # power-smc: resample when the effective sample size < ess_threshold * particles;
     # 0 = never (plain sequential importance sampling)
     alpha_ramp: int = 0  # power-smc: tokens over which the exponent ramps from 1 up to alpha; 0 = no ramp

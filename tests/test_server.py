@@ -106,6 +106,22 @@ def test_completions_equal_powersample_sample_with_the_same_seed(toy_url):
     assert resp.usage.completion_tokens == sum(len(r.tokens) for r in want)
 
 
+@pytest.mark.parametrize("extra", [
+    {"method": "power-smc", "particles": 5, "ess_threshold": 0.9, "alpha_ramp": 2, "block_size": 2},
+    {"method": "power-mtm", "tries": 3, "mcmc_steps": 2, "block_size": 3},
+    {"method": "power-rollout", "candidates": 2, "rollouts": 2, "rollout_horizon": 2, "block_size": 1},
+])
+def test_every_method_and_its_knobs_through_extra_body(toy_url, extra):
+    resp = client(toy_url).completions.create(model="toy-words", prompt="x", n=2, seed=4, max_tokens=5,
+                                              extra_body=extra)  # fmt: skip
+    ps = resp.model_extra["power_sampling"]
+    assert all(ps["config"][k] == v for k, v in extra.items()) and not ps.get("ignored")
+    knobs = {k: v for k, v in extra.items() if k != "method"}
+    config = SamplerConfig(method=extra["method"], max_new_tokens=5, **knobs)
+    want = powersample.sample(word_backend(), "x", config, seed=4, num_samples=2, chat=False)
+    assert [c.text for c in sorted(resp.choices, key=lambda c: c.index)] == [r.text for r in want]
+
+
 def test_seed_gives_the_same_samples_and_other_seeds_differ(toy_url):
     def texts(seed):
         resp = client(toy_url).completions.create(model="m", prompt="x", n=4, seed=seed, max_tokens=12)

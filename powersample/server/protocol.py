@@ -91,6 +91,13 @@ class _Body(BaseModel):
     block_count: int | None = None
     proposal_temperature: float | None = None
     top_k: int | None = None
+    tries: int | None = None  # power-mtm
+    particles: int | None = None  # power-smc
+    ess_threshold: float | None = None
+    alpha_ramp: int | None = None
+    candidates: int | None = None  # power-rollout
+    rollouts: int | None = None
+    rollout_horizon: int | None = None
 
 
 class CompletionBody(_Body):
@@ -206,10 +213,13 @@ def _max_tokens(body: _Body) -> int | None:
 # --- request -> sampler config ------------------------------------------------------------------------------------
 
 
+METHOD_KNOBS = ("tries", "particles", "ess_threshold", "alpha_ramp", "candidates", "rollouts", "rollout_horizon")
+
+
 def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig, list[str]]:
     """The request's SamplerConfig (the server's defaults, overridden by the body), and the fields ignored."""
     over: dict[str, Any] = {"method": body.method or defaults.method}
-    for name in ("alpha", "mcmc_steps", "block_size", "proposal_temperature", "top_k", "top_p"):
+    for name in ("alpha", "mcmc_steps", "block_size", "proposal_temperature", "top_k", "top_p", *METHOD_KNOBS):
         if getattr(body, name) is not None:
             over[name] = getattr(body, name)
     if body.block_count is not None:
