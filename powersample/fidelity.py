@@ -116,7 +116,7 @@ def model_settings(max_new_tokens: int, quick: bool) -> list[Setting]:
         Setting("base"), Setting("low-temp"),
         *sweep("power", "mcmc_steps", (1, 4), {"block_count": 4}),
         *sweep("power-mtm", "tries", (4,), {"mcmc_steps": 1, "block_count": 4}),
-        *sweep("power-smc", "particles", (4, 16)),
+        *sweep("power-smc", "particles", (4, 16, 64)),
         *sweep("power-rollout", "rollouts", (1, 4), rollout),
     ]  # fmt: skip
 
@@ -314,14 +314,8 @@ class ModelPoint:
                 "wall_vs_base": ratio}  # fmt: skip
 
 
-def model_point(backend: Any, setting: Setting, options: FidelityOptions, update: Update | None) -> ModelPoint:
-    """One sample per call, for every prompt and every seed."""
-    config = setting.config(options.alpha, options.max_new_tokens)
-    records = []
-    for prompt in options.prompts:
-        for k in range(options.samples):
-            records += sample(backend, prompt, config, seed=options.seed + k, num_samples=1, chat=options.chat)
-            _tick(update, f"{setting.method} {setting.knob_text}")
+def model_point(setting: Setting, records: list[Any]) -> ModelPoint:
+    """The averages of one setting's records (SampleRecord) so far."""
     n = len(records)
     return ModelPoint(setting, n, sum(r.logp / max(1, len(r.tokens)) for r in records) / n,
                       sum(len(r.tokens) for r in records) / n,
@@ -332,20 +326,33 @@ def model_point(backend: Any, setting: Setting, options: FidelityOptions, update
 
 def run_model(options: FidelityOptions, backend: Any, describe: dict[str, Any], update: Update | None = None,
               on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Every registered setting on the loaded backend; `describe` names it in the JSON."""
+    """Every registered setting on the loaded backend; `describe` names it in the JSON.
+
+    The settings take turns within each (prompt, seed) round, so that load from other jobs on a shared machine
+    slows them alike rather than whichever setting happened to run at the time.
+    """
     settings, skipped = split_registered(model_settings(options.max_new_tokens, options.quick))
     out = _header(options) | {"backend": describe, "prompts": list(options.prompts), "skipped": skipped,
                               "points": []}
     sample(backend, options.prompts[0], SamplerConfig(method="base", max_new_tokens=min(4, options.max_new_tokens)),
            seed=options.seed, chat=options.chat)  # untimed warm-up: first-call allocations stay out of the walls
-    points: list[ModelPoint] = []
-    for setting in settings:
-        points.append(model_point(backend, setting, options, update))
-        base = next((p.wall_per_sample for p in points if p.setting.method == "base"), None)
-        out["points"] = [p.to_dict(base) for p in points]
-        if on_progress:
-            on_progress(out)
-    return out | {"complete": True}
+    records: dict[Setting, list[Any]] = {s: [] for s in settings}
+    for prompt in options.prompts:
+        for k in range(options.samples):
+            for setting in settings:
+                config = setting.config(options.alpha, options.max_new_tokens)
+                records[setting] += sample(backend, prompt, config, seed=options.seed + k, chat=options.chat)
+                _tick(update, f"{setting.method} {setting.knob_text}")
+            out["points"] = _model_points(records)
+            if on_progress:
+                on_progress(out)
+    return out | {"complete": True, "load_average_end": list(os.getloadavg())}
+
+
+def _model_points(records: dict[Setting, list[Any]]) -> list[dict[str, Any]]:
+    points = [model_point(s, rs) for s, rs in records.items() if rs]
+    base = next((p.wall_per_sample for p in points if p.setting.method == "base"), None)
+    return [p.to_dict(base) for p in points]
 
 
 def model_units(options: FidelityOptions) -> int:
@@ -392,7 +399,13 @@ def _title(data: dict[str, Any]) -> str:
     b = data["backend"]
     return (f"Fidelity per compute on {b['model']} ({b['name']}{', ' + b['device'] if b.get('device') else ''}, "
             f"{data['machine']['cpu_count']} CPUs): alpha={data['alpha']:g}, T={data['max_new_tokens']}, "
-            f"{len(data['prompts'])} prompt(s) x {data['samples']} seed(s), one sample per call{state}")
+            f"{len(data['prompts'])} prompt(s) x {data['samples']} seed(s), one sample per call; load average "
+            f"{_load(data['machine'].get('load_average_start'))} at the start, {_load(data.get('load_average_end'))} "
+            f"at the end{state}")
+
+
+def _load(values: list[float] | None) -> str:
+    return "-" if not values else f"{values[0]:.1f}"
 
 
 def _knobs(point: dict[str, Any]) -> str:
@@ -418,9 +431,12 @@ def toy_figure(data: dict[str, Any]) -> Any:
     for ax, t in zip(fig.axes, targets, strict=True):
         for curve, points in _curves(t["points"]).items():
             _plot_curve(ax, points, "tokens_per_sample", "tv", curve, colors[curve])
-        ax.axhline(t["floor"], linestyle="--", color="gray", label=f"TV floor: {data['samples']} exact samples")
+        ax.axhline(t["floor"], linestyle="--", color="gray", label=f"TV floor: mean of {data['samples']} exact samples")
         ax.set(xscale="log", yscale="log", xlabel="tokens sampled per sample", ylabel="TV to exact p^alpha",
                title=f"{t['spec']} (T={t['max_new_tokens']}, alpha={data['alpha']:g})")
+        low, high = ax.get_ylim()
+        ax.axhspan(low, t["floor_q95"], color="gray", alpha=0.12, label="within sampling noise (95%)")
+        ax.set_ylim(low, high)
         _plain_ticks(ax)
     fig.axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
@@ -436,6 +452,9 @@ def model_figure(data: dict[str, Any]) -> Any:
             _plot_curve(ax, points, x, "logp_per_token", curve, colors[curve])
         ax.set(xscale="log", xlabel=label, ylabel="base log-likelihood per token")
         _plain_ticks(ax)
+    base = next((p["wall_per_sample"] for p in data["points"] if p["method"] == "base"), None)
+    if base:
+        fig.axes[1].axvline(2 * base, linestyle="--", color="gray", label="2x the wall of a base sample")
     fig.suptitle(f"{data['backend']['model']}, T={data['max_new_tokens']}, alpha={data['alpha']:g}", fontsize=9)
     fig.axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
@@ -497,6 +516,17 @@ def _png(fig: Any) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
+    return _palette_png(buffer.getvalue())
+
+
+def _palette_png(png: bytes) -> bytes:
+    """The same image with a 256-colour palette: about 4x smaller, and the plot's few colours survive (octree)."""
+    from PIL import Image  # a matplotlib dependency
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    buffer = io.BytesIO()
+    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+        buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 
