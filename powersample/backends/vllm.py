@@ -6,14 +6,22 @@ distribution it drew that token from: the logits at temperature tau, then top-k,
 That is our proposal q (`proposal_logprobs` in base.py), up to ties at a top-k boundary, where vLLM keeps every
 tied token.
 
-    extend(requests, proposal):
-      1. one engine call, every request in it:   tokens, log q       (seeded per request; prefix cache hit)
-      2. when q != p, one more engine call:       log p = prompt log-probs of context + tokens (temperature 1)
+    extend_continuous(requests, proposal, refill, poll), per request, in one engine loop shared by all:
+      1. a draw request:                          tokens, log q       (seeded per request; prefix cache hit)
+      2. when q != p, once 1 is done, a scoring request: log p = prompt log-probs of context + tokens (temperature 1)
+      3. once the continuation is complete, refill(key, continuation): its chain's next requests join at once
+    extend:     the same loop with no refills (a batch of requests, one continuation each)
     score:      prompt log-probs of the given continuation (raw: prompt tokens never go through the sampler)
     confidence: one-token requests at temperature 1 returning all V log-probs, sum_x p log p per position
 
-Step 2 is a batched prefill, not a decode, and it reads the prefix cache too, under a salt of its own: vLLM only
-returns prompt log-probs of tokens it computes, and unsalted it would find the continuation itself cached by step 1.
+Continuous batching. The loop drives the engine under `vllm.LLM` request by request (`LLMEngine.add_request`,
+`step`, `abort_request`), so the engine's batch stays full: a request that finishes is followed at the next step by
+its next stage or its chain's next request, instead of waiting for the longest request of a lockstep round. A
+chain's requests, seeds and tokens are the same in either schedule; only the batch a token is computed in differs.
+If anything raises in the loop (a refill, a poll, a bad request), the requests still in the engine are aborted.
+
+Step 2 is a prefill, not a decode, and it reads the prefix cache too, under a salt of its own: vLLM only returns
+prompt log-probs of tokens it computes, and unsalted it would find the continuation itself cached by step 1.
 Salted, it finds prompt + x_<i as scored when the current state was proposed, and computes only the new suffix.
 When q = p (tau = 1, no truncation) the numbers of step 1 are log p already and step 2 is skipped.
 
@@ -22,7 +30,8 @@ seed, so a chain's tokens depend only on its own generator (and, as with every e
 
 Caches: vLLM's prefix cache is shared by all requests and keyed by content, so slots are not needed; a
 resampling step from position i finds prompt + x_<i in the cache (in whole KV blocks). `reuse_cache=False` (the
-bench's regenerate-from-scratch baseline) makes every request skip the cache and run alone.
+bench's regenerate-from-scratch baseline) makes every request skip the cache and run alone (one in the engine at a
+time).
 
 Engines are kept per process and options (`engine`): loading the same model twice, as `powersample bench` does for
 its baseline, reuses the running engine.
@@ -34,7 +43,8 @@ import atexit
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -47,11 +57,14 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import vllm  # noqa: E402 - after the logging settings above
 from vllm.inputs import TokensPrompt  # noqa: E402
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
 
 from powersample.backends.base import (  # noqa: E402
     Continuation,
     ExtendRequest,
+    Poll,
     Proposal,
+    Refill,
     Tokens,
     check_fits,
     one_line,
@@ -137,9 +150,11 @@ class VLLMBackend:
         self.eos_ids = _eos_ids(self.tokenizer, config.model)
         self.device = _device_name()
         self.reuse_cache = reuse_cache  # False: every request skips the prefix cache and runs alone (bench baseline)
-        self.engine_calls = 0  # vllm generate() calls; tests check that a batch is one call
+        self.engine_calls = 0  # engine runs (a generate() call, or one loop of extend / extend_continuous)
         self.cached_tokens = 0  # context tokens extend()'s sampling found in the prefix cache; tests check reuse
         self.scored_cached_tokens = 0  # the same for its scoring (log p) requests, under their salt
+        self.engine_steps = 0  # engine steps of extend's loops; tests check that continuous batching saves steps
+        self.most_in_flight = 0  # most requests (draws and scorings) in the engine at once; tests check batching
 
     @classmethod
     def load(
@@ -194,24 +209,59 @@ class VLLMBackend:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
-        """One continuation per request, in order: all requests in one engine call (two when q != p)."""
-        if not requests:
-            return []
+        """One continuation per request, in order: all requests in one engine loop, a request's scoring (q != p)
+        starting as soon as its draw is done."""
+        results: dict[int, Continuation] = {}
+
+        def collect(key: int, cont: Continuation) -> dict:
+            results[key] = cont
+            return {}
+
+        self.extend_continuous(dict(enumerate(requests)), proposal, collect)
+        return [results[j] for j in range(len(requests))]
+
+    def extend_continuous(
+        self, requests: Mapping[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None
+    ) -> None:
+        """Run `requests` (by key) in one engine loop that stays full: when a request's continuation is complete,
+        refill(key, continuation) gives the requests that start now, and poll(), called once per engine step, those
+        that arrived; both join the engine's batch at its next step. Returns once nothing is in flight and poll()
+        has nothing. On any exception the requests still in the engine are aborted."""
         self._check_proposal(proposal)
-        for r in requests:
-            self._check_context(r.context, r.max_tokens)
-        drawn = self._generate([r.context for r in requests], [self._sampling(r, proposal) for r in requests])
-        tokens = [self._tokens(out, r) for out, r in zip(drawn, requests)]
-        self.cached_tokens += sum(out.num_cached_tokens or 0 for out in drawn)
-        logq = [_sampled_logprobs(out.outputs[0].logprobs, t) for out, t in zip(drawn, tokens)]
-        if proposal.is_base:  # q = p: the numbers vLLM returned are log p already
-            logp = logq
-            alternatives = [_top(out.outputs[0].logprobs, 0, r.alternatives) for out, r in zip(drawn, requests)]
-        else:
-            scored = self._prompt_logprobs([r.context for r in requests], tokens, [r.alternatives for r in requests])
-            logp = [s[0] for s in scored]
-            alternatives = [s[1] for s in scored]
-        return [Continuation(t, tuple(p), tuple(q), a) for t, p, q, a in zip(tokens, logp, logq, alternatives)]
+        engine = self.llm.llm_engine
+        capacity = None if self.reuse_cache else 1  # the baseline runs one request at a time
+        waiting: deque[_Job] = deque()  # jobs whose next stage is not in the engine yet
+        flight: dict[str, _Job] = {}  # engine request id -> job
+
+        def intake(new: Mapping[int, ExtendRequest]) -> None:
+            for request in new.values():  # every request checked before any draws its seed
+                self._check_context(request.context, request.max_tokens)
+            waiting.extend(_Job(key, r, self._sampling(r, proposal)) for key, r in new.items())
+
+        try:
+            intake(requests)
+            self.engine_calls += 1
+            while True:
+                intake(poll() if poll else {})
+                while waiting and (capacity is None or len(flight) < capacity):
+                    job = waiting.popleft()
+                    flight[self._submit(job)] = job
+                if not flight:
+                    return
+                self.most_in_flight = max(self.most_in_flight, len(flight))
+                self.engine_steps += 1
+                for out in engine.step():
+                    job = flight.pop(out.request_id, None) if out.finished else None
+                    if job is None:
+                        continue
+                    if not self._advance(job, out, proposal):
+                        waiting.appendleft(job)  # its next stage goes first
+                    else:
+                        intake(refill(job.key, job.continuation()))
+        except BaseException:
+            if flight:  # leave nothing running in the engine: a later call would collect it
+                engine.abort_request(list(flight), internal=False)
+            raise
 
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """log p of each continuation token given context and the tokens before it (prompt log-probs)."""
@@ -265,6 +315,48 @@ class VLLMBackend:
         return vllm.SamplingParams(detokenize=False, flat_logprobs=True, skip_reading_prefix_cache=skip_cache,
                                    **kwargs)
 
+    def _submit(self, job: _Job) -> str:
+        """Add the job's current stage to the engine as one request; its request id."""
+        request = job.request
+        if job.stage == "draw":
+            prompt, params, salt = request.context, job.params, None
+        else:  # score (salted, reading the cache) or rescore (unsalted, computing everything): see _prompt_logprobs
+            scored = job.stage == "score"
+            prompt, salt = tuple(request.context) + job.tokens, SCORE_SALT if scored else None
+            params = self._params(scored, max_tokens=1, prompt_logprobs=request.alternatives)
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it finishes
+        extra = {"cache_salt": salt} if salt and self.reuse_cache else {}
+        request_id = str(next(self.llm.request_counter))  # the counter LLM.generate() numbers its requests with
+        render = getattr(self.llm, "_preprocess_cmpl_one", None)  # what LLM.generate() adds; else the raw prompt
+        try:
+            engine_input = TokensPrompt(prompt_token_ids=list(prompt), **extra)
+            self.llm.llm_engine.add_request(request_id, render(engine_input) if render else engine_input, params)
+        except (ValueError, TypeError) as e:  # vLLM's checks of a request
+            raise PowerSampleError(f"vLLM refused the request: {one_line(e)}") from None
+        return request_id
+
+    def _advance(self, job: _Job, out: Any, proposal: Proposal) -> bool:
+        """Read a finished stage of `job` into it; True once its continuation is complete, else it moves on to its
+        next stage (scoring when q != p; rescoring without the cache when the salted hit reached the tokens)."""
+        request = job.request
+        if job.stage == "draw":
+            job.tokens = self._tokens(out, request)
+            self.cached_tokens += out.num_cached_tokens or 0
+            job.logq = _sampled_logprobs(out.outputs[0].logprobs, job.tokens)
+            if proposal.is_base:  # q = p: the numbers vLLM returned are log p already
+                job.logp, job.alternatives = job.logq, _top(out.outputs[0].logprobs, 0, request.alternatives)
+                return True
+            job.stage = "score"
+            return False
+        cached = out.num_cached_tokens or 0
+        if job.stage == "score" and cached > len(request.context) - 1:
+            job.stage = "rescore"
+            return False
+        if job.stage == "score":
+            self.scored_cached_tokens += cached
+        job.logp, job.alternatives = _scored(out, len(request.context), job.tokens, request.alternatives)
+        return True
+
     def _generate(self, contexts: Sequence[Tokens], params: Sequence[Any], salt: str | None = None) -> list[Any]:
         """One `LLM.generate` over token prompts (one per request when the cache is off: the batch-1 baseline);
         `salt` keeps the requests' prefix cache apart from unsalted requests'."""
@@ -299,12 +391,7 @@ class VLLMBackend:
                                    [self._params(max_tokens=1, prompt_logprobs=alternatives[j]) for j in redo])
             for j, out in zip(redo, again):
                 outs[j] = out
-        results = []
-        for out, context, tokens, k in zip(outs, contexts, continuations, alternatives):
-            rows, start = out.prompt_logprobs, len(context)
-            logp = [_logprob_of(rows, start + i, token) for i, token in enumerate(tokens)]
-            results.append((logp, _top(rows, start, k)))
-        return results
+        return [_scored(out, len(c), t, k) for out, c, t, k in zip(outs, contexts, continuations, alternatives)]
 
     def _tokens(self, out: Any, request: ExtendRequest) -> Tokens:
         """The request's new ids; vLLM includes the stop token. Anything but EOS-or-max_tokens is an engine error."""
@@ -333,7 +420,32 @@ class VLLMBackend:
         check_fits(self.context_length, len(context), new)
 
 
+@dataclass
+class _Job:
+    """One ExtendRequest on its way through the engine loop: drawn, then (q != p) scored, rescored if need be."""
+
+    key: int  # the caller's key
+    request: ExtendRequest
+    params: Any  # the draw's SamplingParams, seeded from the chain's generator when the request came in
+    stage: str = "draw"  # draw -> score -> rescore (only when the salted hit reached into the tokens)
+    tokens: Tokens = ()
+    logq: list[float] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)
+    alternatives: tuple[tuple[int, float], ...] = ()
+
+    def continuation(self) -> Continuation:
+        return Continuation(self.tokens, tuple(self.logp), tuple(self.logq), self.alternatives)
+
+
 # --- reading vLLM's log-probs -----------------------------------------------------------------------------------
+
+
+def _scored(out: Any, start: int, tokens: Tokens, k: int) -> tuple[list[float], tuple[tuple[int, float], ...]]:
+    """From a prompt log-probs output of context + tokens (context of length `start`): log p of each token, and the
+    k likeliest first tokens (id, log p)."""
+    rows = out.prompt_logprobs
+    return [_logprob_of(rows, start + i, token) for i, token in enumerate(tokens)], _top(rows, start, k)
+
 
 
 def _entries(rows: Any, position: int) -> tuple[list[int], list[float]]:
