@@ -74,7 +74,7 @@ def sample(
     start = time.perf_counter()
     results = run_chains(backend, prompt_ids, config, chains, progress)
     wall = time.perf_counter() - start
-    return [_record(backend, prompt, config, seed, j, r, wall) for j, r in enumerate(results)]
+    return [chain_record(backend, prompt, config, seed, j, r, wall) for j, r in enumerate(results)]
 
 
 def sample_many(
@@ -125,7 +125,7 @@ def _job_done(backend, prompt, config, seed, n, start, finish) -> Callable[[int]
                 error = errors[0]
                 finish(error if isinstance(error, PowerSampleError) else PowerSampleError(f"sampler failed: {error}"))
             else:
-                finish([_record(backend, prompt, config, seed, c, results[c], wall) for c in range(n)])
+                finish([chain_record(backend, prompt, config, seed, c, results[c], wall) for c in range(n)])
 
         return done
 
@@ -158,15 +158,9 @@ def check_prompt(prompt: str) -> None:
 
 
 def chain_record(
-    backend: Backend, prompt: str, config: SamplerConfig, seed: int, index: int, result: ChainResult, wall: float
-) -> SampleRecord:
-    """The SampleRecord of one chain's result, for callers that run chains themselves (the server)."""
-    return _record(backend, prompt, config, seed, index, result, wall)
-
-
-def _record(
     backend: Backend, prompt: str, config: SamplerConfig, seed: int, index: int, r: ChainResult, wall: float
 ) -> SampleRecord:
+    """The SampleRecord of one chain's result (also for callers that run chains themselves: the server)."""
     ended = bool(r.tokens) and r.tokens[-1] in backend.eos_ids
     return SampleRecord(
         prompt=prompt,
