@@ -165,6 +165,23 @@ def negative_entropy(base_logp: np.ndarray) -> np.ndarray:
 # --- helpers shared by the engine backends ---------------------------------------------------------------------
 
 
+def extend_in_one_run(
+    run: Callable[[dict[int, "ExtendRequest"], "Proposal", Refill], None],
+    requests: Sequence["ExtendRequest"],
+    proposal: "Proposal",
+) -> list["Continuation"]:
+    """`extend` for a backend whose continuous loop is `run(requests, proposal, refill)`: every request in one run,
+    none refilled; the continuations in request order."""
+    results: dict[int, Continuation] = {}
+
+    def collect(key: int, cont: Continuation) -> dict:
+        results[key] = cont
+        return {}
+
+    run(dict(enumerate(requests)), proposal, collect)
+    return [results[j] for j in range(len(requests))]
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix; the usual case (b extends a) is one C-speed comparison."""
     if len(a) <= len(b) and list(a) == list(b[: len(a)]):

@@ -25,7 +25,7 @@ import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -40,11 +40,13 @@ from powersample.backends.base import (
     check_fits,
     common_prefix,
     draw,
+    extend_in_one_run,
     one_line,
     proposal_logprobs,
     top_alternatives,
 )
 from powersample.backends.embedded import embedded_model_dir, quiet_loading
+from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids
 from powersample.errors import PowerSampleError
 
 DTYPES = {  # accepted --dtype spellings; "auto" = whatever the checkpoint says
@@ -180,25 +182,11 @@ class HFBackend:
 
     def encode(self, prompt: str, chat: bool = True) -> Tokens:
         """Prompt ids; with `chat` and a chat template, the prompt is one user message plus the assistant header."""
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            template = self.tokenizer.apply_chat_template
-            ids = template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        else:
-            ids = self.tokenizer(prompt)["input_ids"]
-        if not ids and self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id]  # an empty prompt: sample unconditionally from BOS
-        return tuple(int(t) for t in ids)
+        return encode_prompt_ids(self.tokenizer, prompt, chat)
 
     def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Tokens:
-        """Ids of a chat conversation ({"role", "content"} dicts) plus the assistant header, through the chat
-        template; a model without one gets the plain transcript "role: content" per line, then "assistant:"."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return self.encode(transcript, chat=False)
-        template = self.tokenizer.apply_chat_template
-        ids = template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        return tuple(int(t) for t in ids)
+        """Ids of a chat conversation plus the assistant header (see backends/tokenizer.py)."""
+        return encode_message_ids(self.tokenizer, messages)
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
@@ -208,14 +196,7 @@ class HFBackend:
         """One continuation per request, in order, decoded together (one forward per step for all rows)."""
         if len({r.slot for r in requests}) < len(requests):  # rows of one slot would share a buffer: one by one
             return [self.extend([r], proposal)[0] for r in requests]
-        results: dict[int, Continuation] = {}
-
-        def collect(key: int, cont: Continuation) -> dict:
-            results[key] = cont
-            return {}
-
-        self.extend_continuous(dict(enumerate(requests)), proposal, collect)
-        return [results[j] for j in range(len(requests))]
+        return extend_in_one_run(self.extend_continuous, requests, proposal)
 
     @torch.inference_mode()
     def extend_continuous(

@@ -51,7 +51,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ from powersample.backends.base import (
     check_fits,
     common_prefix,
     draw,
+    extend_in_one_run,
     negative_entropy,
     one_line,
     proposal_logprobs,
@@ -221,14 +222,7 @@ class LlamaCppBackend:
         """One continuation per request, in order, decoded together (one llama_decode per step for all rows).
 
         Requests sharing a slot run one after another, in order; so do all requests when reuse_cache is False."""
-        results: dict[int, Continuation] = {}
-
-        def collect(key: int, cont: Continuation) -> dict:
-            results[key] = cont
-            return {}
-
-        self._run(dict(enumerate(requests)), proposal, collect)
-        return [results[j] for j in range(len(requests))]
+        return extend_in_one_run(self._run, requests, proposal)
 
     def extend_continuous(
         self, requests: Mapping[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None

@@ -67,8 +67,10 @@ from powersample.backends.base import (  # noqa: E402
     Refill,
     Tokens,
     check_fits,
+    extend_in_one_run,
     one_line,
 )
+from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids  # noqa: E402
 from powersample.errors import PowerSampleError  # noqa: E402
 
 SCORE_SALT = "powersample-score"  # prefix-cache salt of scoring requests (see VLLMBackend._prompt_logprobs)
@@ -185,25 +187,11 @@ class VLLMBackend:
 
     def encode(self, prompt: str, chat: bool = True) -> Tokens:
         """Prompt ids; with `chat` and a chat template, the prompt is one user message plus the assistant header."""
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"]
-        else:
-            ids = self.tokenizer(prompt)["input_ids"]
-        if not ids and self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id]  # an empty prompt: sample unconditionally from BOS
-        return tuple(int(t) for t in ids)
+        return encode_prompt_ids(self.tokenizer, prompt, chat)
 
     def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Tokens:
-        """Ids of a chat conversation ({"role", "content"} dicts) plus the assistant header, through the chat
-        template; a model without one gets the plain transcript "role: content" per line, then "assistant:"."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return self.encode(transcript, chat=False)
-        template = self.tokenizer.apply_chat_template
-        ids = template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        return tuple(int(t) for t in ids)
+        """Ids of a chat conversation plus the assistant header (see backends/tokenizer.py)."""
+        return encode_message_ids(self.tokenizer, messages)
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
@@ -211,14 +199,7 @@ class VLLMBackend:
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
         """One continuation per request, in order: all requests in one engine loop, a request's scoring (q != p)
         starting as soon as its draw is done."""
-        results: dict[int, Continuation] = {}
-
-        def collect(key: int, cont: Continuation) -> dict:
-            results[key] = cont
-            return {}
-
-        self.extend_continuous(dict(enumerate(requests)), proposal, collect)
-        return [results[j] for j in range(len(requests))]
+        return extend_in_one_run(self.extend_continuous, requests, proposal)
 
     def extend_continuous(
         self, requests: Mapping[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None

@@ -1,0 +1,28 @@
+"""Prompt encoding with a Hugging Face tokenizer, shared by the engines that use one (hf, vllm)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from powersample.backends.base import Tokens
+
+
+def encode_prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> Tokens:
+    """Prompt ids; with `chat` and a chat template, the prompt is one user message plus the assistant header."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return encode_message_ids(tokenizer, [{"role": "user", "content": prompt}])
+    ids = tokenizer(prompt)["input_ids"]
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]  # an empty prompt: sample unconditionally from BOS
+    return tuple(int(t) for t in ids)
+
+
+def encode_message_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> Tokens:
+    """Ids of a chat conversation ({"role", "content"} dicts) plus the assistant header, through the chat template;
+    a tokenizer without one gets the plain transcript "role: content" per line, then "assistant:"."""
+    if not getattr(tokenizer, "chat_template", None):
+        transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return encode_prompt_ids(tokenizer, transcript, chat=False)
+    template = tokenizer.apply_chat_template
+    ids = template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return tuple(int(t) for t in ids)
