@@ -128,6 +128,16 @@ def log_normalize(logits: np.ndarray) -> np.ndarray:
     return logits - peak - total
 
 
+def logsumexp(x: np.ndarray | Sequence[float], axis: int = -1) -> np.ndarray:
+    """log sum exp(x) along `axis` (a float for 1-D input); -inf where every entry is -inf."""
+    x = np.asarray(x, dtype=float)
+    peak = np.max(x, axis=axis, keepdims=True)
+    shift = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        total = np.log(np.sum(np.exp(x - shift), axis=axis, keepdims=True))
+    return np.squeeze(total + shift, axis=axis)
+
+
 def _keep_top_k(logq: np.ndarray, k: int) -> np.ndarray:
     drop = np.argpartition(-logq, k - 1, axis=-1)[..., k:]
     out = logq.copy()
@@ -180,6 +190,12 @@ def extend_in_one_run(
 
     run(dict(enumerate(requests)), proposal, collect)
     return [results[j] for j in range(len(requests))]
+
+
+def plain_transcript(messages: Sequence[Mapping[str, str]]) -> str:
+    """A chat conversation as plain text for models without a chat template: "role: content" per line, then
+    "assistant:"."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

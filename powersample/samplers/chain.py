@@ -26,6 +26,11 @@ class Chain:
     accepted: int = 0
     return_particles: bool = False  # power-smc: the result also holds every particle with its weight
 
+    def spawn_rngs(self, n: int) -> list[np.random.Generator]:
+        """n generators seeded from the chain's, one per member of a tuple step: the members' draws then do not
+        depend on the order in which the engine serves them, so a seed gives the same sample in any schedule."""
+        return [np.random.default_rng(int(s)) for s in self.rng.integers(2**63, size=n)]
+
     def complete(self, eos_ids: frozenset[int]) -> bool:
         """A state is complete when it ends in EOS (EOS is never inside it)."""
         return bool(self.tokens) and self.tokens[-1] in eos_ids

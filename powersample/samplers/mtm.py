@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from powersample.backends.base import Continuation, ExtendRequest, Tokens
+from powersample.backends.base import Continuation, ExtendRequest, Tokens, draw, logsumexp
 from powersample.config import SamplerConfig
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program
@@ -68,7 +68,7 @@ def try_rngs(chain: Chain, k: int) -> list[np.random.Generator]:
     children seeded from it, so a try's tokens never depend on how the engine interleaves the batch."""
     if k == 1:
         return [chain.rng]
-    return [chain.rng] + [np.random.default_rng(int(s)) for s in chain.rng.integers(2**63, size=k - 1)]
+    return [chain.rng] + chain.spawn_rngs(k - 1)
 
 
 def mtm_step(chain: Chain, i: int, tries: Sequence[Continuation], alpha: float) -> None:
@@ -91,24 +91,9 @@ def log_weight(alpha: float, i: int, base_logp: Sequence[float], proposal_logq: 
 def log_accept_ratio(log_w: Sequence[float], j: int, log_w_current: float) -> float:
     """log of sum_j w(y_j) / (sum_j w(y_j) - w(y_J) + w(x)), the reference sum taken without subtraction."""
     references = [lw for m, lw in enumerate(log_w) if m != j] + [log_w_current]
-    return logsumexp(log_w) - logsumexp(references)
+    return float(logsumexp(log_w) - logsumexp(references))
 
 
 def pick(log_w: Sequence[float], rng: np.random.Generator) -> int:
     """Index J with probability w_J / sum w; no draw when there is one try (so k = 1 draws like `power`)."""
-    if len(log_w) == 1:
-        return 0
-    total = logsumexp(log_w)
-    u, acc = rng.random(), 0.0
-    for m, lw in enumerate(log_w):
-        acc += math.exp(lw - total)
-        if u < acc:
-            return m
-    return max(m for m, lw in enumerate(log_w) if lw > -math.inf)  # u rounded up to the total: the last possible
-
-
-def logsumexp(xs: Sequence[float]) -> float:
-    top = max(xs)
-    if math.isinf(top):
-        return top
-    return top + math.log(math.fsum(math.exp(x - top) for x in xs))
+    return 0 if len(log_w) == 1 else draw(np.asarray(log_w), rng)

@@ -50,7 +50,7 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from powersample.backends.base import Continuation, ExtendRequest, Tokens, draw
+from powersample.backends.base import Continuation, ExtendRequest, Tokens, draw, logsumexp
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.samplers.chain import Chain
@@ -62,17 +62,12 @@ Weigh = Generator[tuple[ExtendRequest, ...], tuple[Continuation, ...], None]
 def rollout_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
     """One sample: token (or block) steps until EOS or T tokens."""
     check_config(config)
-    rngs = member_rngs(chain, config.candidates * config.rollouts)
+    rngs = chain.spawn_rngs(config.candidates * config.rollouts)
     while len(chain.tokens) < config.max_new_tokens and not chain.complete(eos_ids):
         step = token_step if _block(config) == 1 else block_step
         yield from step(prompt, config, chain, eos_ids, rngs)
     return chain.result()
 
-
-def member_rngs(chain: Chain, n: int) -> list[np.random.Generator]:
-    """One generator per member of a tuple step, spawned from the chain's: the members' draws then do not depend on
-    the order in which the engine serves them, so a seed gives the same sample in any schedule."""
-    return [np.random.default_rng(int(s)) for s in chain.rng.integers(2**63, size=n)]
 
 
 def rollout_work_units(config: SamplerConfig) -> int:
@@ -161,7 +156,7 @@ def rollout_requests(
 def candidate_probs(log_head: np.ndarray, log_w: np.ndarray) -> np.ndarray:
     """Jackknifed law over K candidates from log p^alpha (K,) and rollout log weights (K, M); see the docstring."""
     m = log_w.shape[1]
-    probs = _softmax(log_head + _logsumexp(log_w) - math.log(m))  # P_hat, (K,)
+    probs = _softmax(log_head + logsumexp(log_w) - math.log(m))  # P_hat, (K,)
     if m == 1:
         return probs
     loo = _leave_one_out_logsumexp(log_w) - math.log(m - 1)  # (K, M): log zeta_hat without rollout m
@@ -177,12 +172,6 @@ def _leave_one_out_logsumexp(log_w: np.ndarray) -> np.ndarray:
     before = np.hstack([pad, np.logaddexp.accumulate(log_w, axis=1)[:, :-1]])
     after = np.hstack([np.logaddexp.accumulate(log_w[:, ::-1], axis=1)[:, ::-1][:, 1:], pad])
     return np.logaddexp(before, after)
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    """Along the last axis; rows here are finite."""
-    peak = np.max(x, axis=-1)
-    return peak + np.log(np.sum(np.exp(x - peak[..., None]), axis=-1))
 
 
 def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from powersample.backends.base import Continuation, ExtendRequest, Tokens
+from powersample.backends.base import Continuation, ExtendRequest, Tokens, draw, logsumexp
 from powersample.config import SamplerConfig
 from powersample.samplers.chain import Chain, ChainResult, WeightedParticle
 from powersample.samplers.driver import Program
@@ -68,7 +68,7 @@ class Particle:
 def smc_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
     """Power-SMC for one sample: yields one tuple step per block for all live particles, returns the chosen one."""
     n, horizon = config.particles, config.max_new_tokens
-    rngs = [np.random.default_rng(int(s)) for s in chain.rng.integers(2**63, size=n)]
+    rngs = chain.spawn_rngs(n)
     particles, log_w = [Particle() for _ in range(n)], np.zeros(n)  # (N,)
     t, exponent = 0, 1.0
     while t < horizon and any(not p.done for p in particles):
@@ -86,7 +86,7 @@ def smc_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
         if t < horizon and any(not p.done for p in particles) and ess(log_w) < config.ess_threshold * n:
             particles, log_w = resample(particles, log_w, chain.rng)
     log_w += (config.alpha - exponent) * np.array([p.logp for p in particles])  # the rest of the ramp, if any
-    return choose(chain, particles, normalized(log_w))
+    return choose(chain, particles, log_w)
 
 
 def smc_work_units(config: SamplerConfig) -> int:
@@ -103,12 +103,12 @@ def ramp_exponent(config: SamplerConfig, t: int) -> float:
 
 def ess(log_w: np.ndarray) -> float:
     """Effective sample size (sum w)^2 / sum w^2, from log weights."""
-    return float(np.exp(2 * _logsumexp(log_w) - _logsumexp(2 * log_w)))
+    return float(np.exp(2 * logsumexp(log_w) - logsumexp(2 * log_w)))
 
 
 def normalized(log_w: np.ndarray) -> np.ndarray:
     """w / sum w, from log weights. (N,)"""
-    return np.exp(log_w - _logsumexp(log_w))
+    return np.exp(log_w - logsumexp(log_w))
 
 
 def resample(
@@ -121,20 +121,14 @@ def resample(
     return [particles[k].copy() for k in picks], np.zeros(n)
 
 
-def choose(chain: Chain, particles: list[Particle], weights: np.ndarray) -> ChainResult:
-    """The chain's state becomes one particle drawn ∝ weights; the result holds every particle if asked."""
-    pick = min(int(np.searchsorted(np.cumsum(weights), chain.rng.random(), side="right")), len(particles) - 1)
-    chosen = particles[pick]
+def choose(chain: Chain, particles: list[Particle], log_w: np.ndarray) -> ChainResult:
+    """The chain's state becomes one particle drawn ∝ its weight; the result holds every particle (with its
+    normalized weight) if asked."""
+    chosen = particles[draw(log_w, chain.rng)]
     chain.tokens, chain.base_logp, chain.proposal_logq = chosen.tokens, chosen.base_logp, chosen.proposal_logq
     result = chain.result()
     if not chain.return_particles:
         return result
+    weights = normalized(log_w)
     everyone = [WeightedParticle(tuple(p.tokens), tuple(p.base_logp), float(w)) for p, w in zip(particles, weights)]
     return replace(result, particles=tuple(everyone))
-
-
-def _logsumexp(x: np.ndarray) -> float:
-    top = float(np.max(x))
-    if math.isinf(top):
-        return top
-    return top + math.log(float(np.sum(np.exp(x - top))))
