@@ -69,8 +69,7 @@ def sample(
     if return_particles and config.method != "power-smc":
         raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
     prompt_ids = encode_prompt(backend, prompt, config, chat)
-    seeds = chain_seeds(seed, num_samples)
-    chains = [Chain(np.random.default_rng(s), slot=j, return_particles=return_particles) for j, s in enumerate(seeds)]
+    chains = make_chains(seed, num_samples, return_particles)
     start = time.perf_counter()
     results = run_chains(backend, prompt_ids, config, chains, progress)
     wall = time.perf_counter() - start
@@ -100,7 +99,7 @@ def sample_many(
     for j, (prompt, seed) in enumerate(jobs):
         try:
             prompt_ids = encode_prompt(backend, prompt, config, chat)
-            chains = [Chain(np.random.default_rng(s), slot=c) for c, s in enumerate(chain_seeds(seed, num_samples))]
+            chains = make_chains(seed, num_samples)
         except PowerSampleError as error:
             out[j] = error
             continue
@@ -130,6 +129,12 @@ def _job_done(backend, prompt, config, seed, n, start, finish) -> Callable[[int]
         return done
 
     return chain_done
+
+
+def make_chains(seed: int, n: int, return_particles: bool = False) -> list[Chain]:
+    """The n chains of one sample() call: chain j draws from its own generator, seeded by chain_seeds(seed, n)[j]."""
+    return [Chain(np.random.default_rng(s), slot=j, return_particles=return_particles)
+            for j, s in enumerate(chain_seeds(seed, n))]  # fmt: skip
 
 
 def chain_seeds(seed: int, n: int) -> list[np.random.SeedSequence]:

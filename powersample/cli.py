@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from powersample.api import check_prompt
-from powersample.config import METHODS, SamplerConfig
+from powersample.config import METHOD_KNOBS, METHODS, SamplerConfig
 from powersample.errors import PowerSampleError
 
 EXIT_USAGE = 2
@@ -116,11 +116,8 @@ def config_from_args(args: argparse.Namespace) -> SamplerConfig:
         proposal_temperature=args.proposal_temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        **{name: getattr(args, name) for name in _METHOD_KNOBS},
+        **{name: getattr(args, name) for name in METHOD_KNOBS},
     )
-
-
-_METHOD_KNOBS = ("tries", "particles", "ess_threshold", "alpha_ramp", "candidates", "rollouts", "rollout_horizon")
 
 
 def backend_from_args(args: argparse.Namespace):

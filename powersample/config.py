@@ -10,6 +10,8 @@ from powersample.errors import PowerSampleError
 
 METHODS = ("power", "max-swap", "power-mtm", "power-smc", "power-rollout", "base", "low-temp")
 MCMC_METHODS = ("power", "max-swap", "power-mtm")  # Metropolis-Hastings: proposals and acceptances
+# the knobs of one method each (power-mtm; power-smc; power-rollout): a CLI option and a request field apiece
+METHOD_KNOBS = ("tries", "particles", "ess_threshold", "alpha_ramp", "candidates", "rollouts", "rollout_horizon")
 
 
 @dataclass(frozen=True)

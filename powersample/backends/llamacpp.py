@@ -71,6 +71,7 @@ from powersample.backends.base import (
     extend_in_one_run,
     negative_entropy,
     one_line,
+    plain_transcript,
     proposal_logprobs,
     top_alternatives,
 )
@@ -207,8 +208,7 @@ class LlamaCppBackend:
         template; a model without one gets the plain transcript "role: content" per line, then "assistant:"."""
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
-            transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return self.encode(transcript, chat=False)
+            return self.encode(plain_transcript(messages), chat=False)
         text = self._render_messages(template, messages)
         return tuple(int(t) for t in self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 

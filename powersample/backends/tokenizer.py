@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from powersample.backends.base import Tokens
+from powersample.backends.base import Tokens, plain_transcript
 
 
 def encode_prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> Tokens:
@@ -21,8 +21,7 @@ def encode_message_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) ->
     """Ids of a chat conversation ({"role", "content"} dicts) plus the assistant header, through the chat template;
     a tokenizer without one gets the plain transcript "role: content" per line, then "assistant:"."""
     if not getattr(tokenizer, "chat_template", None):
-        transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return encode_prompt_ids(tokenizer, transcript, chat=False)
+        return encode_prompt_ids(tokenizer, plain_transcript(messages), chat=False)
     template = tokenizer.apply_chat_template
     ids = template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     return tuple(int(t) for t in ids)

@@ -23,18 +23,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from powersample.api import SampleRecord, chain_record, chain_seeds
-from powersample.backends.base import Backend, Tokens, one_line
+from powersample.api import SampleRecord, chain_record, make_chains
+from powersample.backends.base import Backend, Tokens, one_line, plain_transcript
 from powersample.cli import append_jsonl
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.samplers import Chain, programs
+from powersample.samplers import programs
 from powersample.server import protocol as wire
 from powersample.server.engine import Engine, Job, Stopped
 from powersample.server.protocol import ApiError, ChatBody, CompletionBody, Limits
@@ -166,7 +165,7 @@ class _Server:
     async def _run(self, request: Request, plan: _Plan) -> list[SampleRecord]:
         """Run every chain of the plan in the engine; one record per (prompt, chain), prompt-major."""
         try:
-            progs = [p for ids in plan.prompt_ids for p in programs(self.backend, ids, plan.config, _chains(plan))]
+            progs = [p for ids in plan.prompt_ids for p in programs(self.backend, ids, plan.config, make_chains(plan.seed, plan.n))]
         except PowerSampleError as e:
             raise ApiError(400, str(e), param="method") from None
         limits = self.settings.limits
@@ -216,11 +215,7 @@ def encode_messages(backend: Backend, messages: list[dict]) -> Tokens:
         return encode(messages)
     if len(messages) == 1 and messages[0]["role"] == "user":
         return backend.encode(messages[0]["content"], True)
-    return backend.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", False)
-
-
-def _chains(plan: _Plan) -> list[Chain]:
-    return [Chain(rng=np.random.default_rng(s), slot=j) for j, s in enumerate(chain_seeds(plan.seed, plan.n))]
+    return backend.encode(plain_transcript(messages), False)
 
 
 def _seed(body: wire._Body) -> int:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from powersample.api import SampleRecord
-from powersample.config import MCMC_METHODS, SamplerConfig
+from powersample.config import MCMC_METHODS, METHOD_KNOBS, SamplerConfig
 from powersample.errors import PowerSampleError
 
 PLAIN_METHODS = ("base", "low-temp")
@@ -211,9 +211,6 @@ def _max_tokens(body: _Body) -> int | None:
 
 
 # --- request -> sampler config ------------------------------------------------------------------------------------
-
-
-METHOD_KNOBS = ("tries", "particles", "ess_threshold", "alpha_ramp", "candidates", "rollouts", "rollout_horizon")
 
 
 def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig, list[str]]:
