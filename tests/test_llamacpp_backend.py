@@ -66,7 +66,7 @@ def hf():
 
 def fresh(backend: LlamaCppBackend, **kwargs) -> LlamaCppBackend:
     """A backend on the same model with empty caches (a context of its own)."""
-    return LlamaCppBackend(backend.llm, n_ctx=backend.context_length, **kwargs)
+    return LlamaCppBackend(backend.weights, n_ctx=backend.context_length, **kwargs)
 
 
 def sample(backend, context, n, seed, proposal=BASE, slot=0) -> Continuation:

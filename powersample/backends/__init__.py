@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from powersample.backends.base import Backend, Continuation, ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
@@ -20,6 +22,7 @@ def load_backend(
     tensor_parallel_size: int | None = None,
     gpu_memory_utilization: float | None = None,
     max_model_len: int | None = None,
+    quant: str | None = None,
 ) -> Backend:
     """Build a backend by name. `model` None means the embedded SmolLM2-135M-Instruct.
 
@@ -31,7 +34,11 @@ def load_backend(
     threads sets the CPU threads (hf: torch's, for the whole process; llamacpp: llama.cpp's); None = the engine's
     default. On a small shared machine one thread can be much faster than two.
     tensor_parallel_size, gpu_memory_utilization and max_model_len are vLLM's engine options (vllm only; None =
-    the backend's defaults, which run on a CPU-only machine too).
+    the backend's defaults, which run on a CPU-only machine too). quant (llamacpp only) re-quantizes the GGUF once
+    to that type, cached, and loads the copy.
+
+    llama.cpp is first tried in a child process, once per machine, engine build and model (`probe.py`): if that
+    crashes, "auto" falls back to hf with a one-line warning and "llamacpp" is refused with a one-line error.
     """
     if threads is not None and threads < 1:
         raise PowerSampleError(f"threads must be >= 1, got {threads}")
@@ -40,6 +47,10 @@ def load_backend(
     if name != "vllm" and any(v is not None for v in vllm_options.values()):
         raise PowerSampleError("--tensor-parallel-size, --gpu-memory-utilization and --max-model-len apply to "
                                "--backend vllm only")
+    if quant is not None and name not in ("auto", "llamacpp"):
+        raise PowerSampleError("--quant applies to --backend llamacpp only")
+    if quant is not None:
+        name = "llamacpp"  # a re-quantized GGUF is llama.cpp's
     if name == "auto":
         name = resolve_auto(model, device, toy_spec)
     if name == "toy":
@@ -55,21 +66,40 @@ def load_backend(
         if device not in (None, "cpu") or dtype is not None:
             raise PowerSampleError("the llamacpp backend runs the GGUF as it is: --device and --dtype don't apply")
         llamacpp = _import_extra("powersample.backends.llamacpp", "llamacpp")
-        return llamacpp.LlamaCppBackend.load(model, reuse_cache=reuse_cache, n_threads=threads)
+        _require_probe(llamacpp, model, quant)
+        return llamacpp.LlamaCppBackend.load(model, reuse_cache=reuse_cache, n_threads=threads, quant=quant)
     if name == "vllm":
         return _load_vllm(model, device, dtype, reuse_cache, threads, vllm_options)
     raise PowerSampleError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def resolve_auto(model: str | None, device: str | None, toy_spec: str | None = None) -> str:
-    """The engine "auto" means for this model and device (see load_backend); toy when a toy spec is given."""
+    """The engine "auto" means for this model and device (see load_backend); toy when a toy spec is given.
+
+    llamacpp for a GGUF model on a CPU-only machine with llama-cpp-python installed, unless its probe crashed on this
+    machine: then hf, with one line on stderr saying why."""
     import importlib.util
 
     if toy_spec is not None:
         return "toy"
     gguf = model is None or model.endswith(".gguf")
     cpu = device in (None, "cpu") and not _has_cuda()
-    return "llamacpp" if gguf and cpu and importlib.util.find_spec("llama_cpp") is not None else "hf"
+    if not (gguf and cpu and importlib.util.find_spec("llama_cpp") is not None):
+        return "hf"
+    outcome = _import_extra("powersample.backends.llamacpp", "llamacpp").probe_outcome(model)
+    if outcome.ok:
+        return "llamacpp"
+    print(f"powersample: llama.cpp crashed on this machine when probed ({outcome.detail}); using the hf backend "
+          f"instead (to probe again, delete {outcome.path})", file=sys.stderr, flush=True)
+    return "hf"
+
+
+def _require_probe(llamacpp, model: str | None, quant: str | None) -> None:
+    """Refuse, in one line, to run llama.cpp in-process where its probe crashed (probe.py)."""
+    outcome = llamacpp.probe_outcome(model, quant)
+    if not outcome.ok:
+        raise PowerSampleError(f"llama.cpp crashed on this machine when probed ({outcome.detail}), so the llamacpp "
+                               f"backend would crash too: use --backend hf (to probe again, delete {outcome.path})")
 
 
 def _load_vllm(model, device, dtype, reuse_cache, threads, options) -> Backend:

@@ -8,8 +8,9 @@ distributions from each row's logits:
     token = draw(log q[b], request.rng)                # all randomness comes from each chain's own generator
 
 llama.cpp's own sampler is never used. We drive the low-level C API (our own `llama_batch`, `llama_decode`,
-`llama_get_logits_ith`) so that each decode computes exactly the logits rows we read. The `Llama` object only lends
-its model, tokenizer and metadata; its own context is kept tiny.
+`llama_get_logits_ith`) so that each decode computes exactly the logits rows we read. llama-cpp-python's
+`LlamaModel` only lends the model, tokenizer and metadata. It is loaded with the weights placed so that llama.cpp's
+AMX buffer type, which crashes on Sapphire-Rapids-class CPUs, gets none (`llamacpp_placement.py`).
 
 Caches. One llama.cpp context holds 2 x max_slots + 1 sequences, each in its own KV stream (`kv_unified=False`).
 Slot s owns two (pairs go to slots least recently used first): a lane, where its requests are decoded, and a bank,
@@ -49,7 +50,10 @@ every sequence's cells over exactly, when a request needs more room.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import sys
+import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from powersample.backends import probe
 from powersample.backends.base import (
     Continuation,
     ExtendRequest,
@@ -75,7 +80,8 @@ from powersample.backends.base import (
     proposal_logprobs,
     top_alternatives,
 )
-from powersample.backends.embedded import embedded_gguf_path
+from powersample.backends.embedded import cache_root, embedded_gguf_path, publish
+from powersample.backends.llamacpp_placement import ModelParams, Placement, model_params, placement_for
 from powersample.errors import PowerSampleError
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
@@ -84,7 +90,7 @@ N_UBATCH = 32  # tokens per physical batch: below 64, so llama.cpp never takes i
 MAX_SLOTS = 16  # rows decoded together at most; each slot owns two sequences
 MOST_SLOTS = 127  # llama.cpp allows 256 sequences: 2 per slot + the scratch one
 MIN_ROOM = 256  # tokens per sequence the context starts with (llama.cpp rounds up to a multiple of 256)
-TINY_CTX = 256  # the Llama object's own context, never used for decoding
+QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0", "iq4_nl": "IQ4_NL", "f16": "F16", "bf16": "BF16"}  # --quant: llama_ftype
 INSTALL_HINT = "the llamacpp backend needs llama-cpp-python: pip install llama-cpp-python"
 
 Item = tuple[int, int, int, bool]  # one batch entry: (token id, position, sequence id, compute its logits)
@@ -115,20 +121,48 @@ class _Row:
         return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives)
 
 
+@dataclass(eq=False)
+class Weights:
+    """A loaded GGUF: llama-cpp-python's LlamaModel (weights, tokenizer), its metadata, and how it was loaded."""
+
+    model: Any  # llama_cpp._internals.LlamaModel
+    metadata: dict[str, str]
+    threads: int  # llama.cpp's CPU threads, for decoding and prefill alike
+    placement: Placement  # where llama.cpp put the weights (never in its AMX buffer type, unless opted in)
+    params: ModelParams  # the llama_model_params it was loaded with (their override array must outlive the model)
+
+    @classmethod
+    def load(cls, llama_cpp: Any, path: Path, threads: int) -> Weights:
+        """Load `path` with the safe placement for this machine; failures are one-line PowerSampleErrors."""
+        from llama_cpp import _internals
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)
+        placement = placement_for(llama_cpp, path)
+        params = model_params(llama_cpp, placement)
+        try:
+            model = _internals.LlamaModel(path_model=str(path), params=params.params, verbose=False)
+        except Exception as e:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
+            raise PowerSampleError(f"cannot load model {path}: {one_line(e)}") from None
+        return cls(model, model.metadata(), threads, placement, params)
+
+
 class LlamaCppBackend:
     """Sampling and scoring with a GGUF model through llama.cpp; batched decoding, two sequences per slot."""
 
-    def __init__(self, llm: Any, *, n_ctx: int | None = None, max_slots: int = MAX_SLOTS, reuse_cache: bool = True):
+    def __init__(self, weights: Weights, *, n_ctx: int | None = None, max_slots: int = MAX_SLOTS,
+                 reuse_cache: bool = True):
         if not 1 <= max_slots <= MOST_SLOTS:
             raise PowerSampleError(f"max_slots must be between 1 and {MOST_SLOTS}, got {max_slots}")
         self._lib = _import_llama_cpp()
-        self.llm = llm  # a llama_cpp.Llama: model, tokenizer and metadata
+        self.weights = weights  # model, tokenizer, metadata, threads, placement
+        self.llm = weights.model  # llama-cpp-python's LlamaModel: tokenize, detokenize, special tokens
         self.reuse_cache = reuse_cache  # False: every request decodes its whole context afresh, alone (baseline)
         self.max_slots = max_slots
-        self._vocab = self._lib.llama_model_get_vocab(llm.model)
-        self.n_vocab: int = llm.n_vocab()
-        self.eos_ids = _eos_ids(self._lib, self._vocab, llm.metadata)
-        self.context_length: int | None = n_ctx or llm.n_ctx()  # the most tokens one sequence may hold
+        self._vocab = self._lib.llama_model_get_vocab(self.llm.model)
+        self.n_vocab: int = self.llm.n_vocab()
+        self.eos_ids = _eos_ids(self._lib, self._vocab, weights.metadata)
+        self.context_length: int | None = n_ctx or self.llm.n_ctx_train()  # the most tokens one sequence may hold
         self._seqs = [_Seq(i) for i in range(2 * max_slots + 1)]  # lanes, banks, scratch (module docstring)
         self._ctx, self._room = self._new_context(min(MIN_ROOM, self.context_length))
         self._memory = self._lib.llama_get_memory(self._ctx)
@@ -148,31 +182,22 @@ class LlamaCppBackend:
         n_threads: int | None = None,
         max_slots: int = MAX_SLOTS,
         reuse_cache: bool = True,
+        quant: str | None = None,
     ) -> LlamaCppBackend:
         """Load a GGUF file: None = the embedded SmolLM2-135M-Instruct (Q4_1).
 
         n_ctx: the most tokens one sequence may hold; None = the model's training context (memory grows with the
         longest request, not with n_ctx: module docstring). n_threads None = half the logical cores
         (llama-cpp-python's own default: one per physical core), for decoding and prefill alike. max_slots: rows
-        decoded together. Every failure is a one-line PowerSampleError.
+        decoded together. quant: re-quantize the file once to this type (`QUANTS`), cached, and load the copy.
+        The weights are placed so that llama.cpp's AMX path, which crashes, is never used (`llamacpp_placement`).
+        Every failure is a one-line PowerSampleError.
         """
         llama_cpp = _import_llama_cpp()
-        path = embedded_gguf_path() if model is None else _check_gguf(Path(model).expanduser())
-        threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
-        try:
-            llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=TINY_CTX,  # unused: decoding runs in the backend's own context
-                n_threads=threads,
-                n_threads_batch=threads,  # its default, every core, spins badly when a core is busy elsewhere
-                logits_all=False,
-                flash_attn=True,
-                verbose=False,
-            )
-        except Exception as e:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
-            raise PowerSampleError(f"cannot load model {path}: {one_line(e)}") from None
-        n_ctx = n_ctx or int(llama_cpp.llama_model_n_ctx_train(llm.model))
-        return cls(llm, n_ctx=n_ctx, max_slots=max_slots, reuse_cache=reuse_cache)
+        path = model_path(llama_cpp, model, quant)
+        weights = Weights.load(llama_cpp, path, n_threads or max(1, (os.cpu_count() or 2) // 2))
+        n_ctx = n_ctx or int(llama_cpp.llama_model_n_ctx_train(weights.model.model))
+        return cls(weights, n_ctx=n_ctx, max_slots=max_slots, reuse_cache=reuse_cache)
 
     def close(self) -> None:
         """Free the context and the batch (the Llama frees its own context and the model); then unusable."""
@@ -193,7 +218,7 @@ class LlamaCppBackend:
         Special tokens written in the text (the template's `<|im_start|>`, ...) are parsed as special tokens, as
         transformers does; BOS is added only to a plain prompt whose model asks for it (a template writes its own).
         """
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        template = self.weights.metadata.get("tokenizer.chat_template")
         if chat and template:
             text, add_bos = self._render_chat(template, prompt), False
         else:
@@ -206,7 +231,7 @@ class LlamaCppBackend:
     def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Tokens:
         """Ids of a chat conversation ({"role", "content"} dicts) plus the assistant header, through the chat
         template; a model without one gets the plain transcript "role: content" per line, then "assistant:"."""
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        template = self.weights.metadata.get("tokenizer.chat_template")
         if not template:
             return self.encode(plain_transcript(messages), chat=False)
         text = self._render_messages(template, messages)
@@ -361,7 +386,9 @@ class LlamaCppBackend:
     def _new_context(self, room: int) -> tuple[Any, int]:
         """(a llama.cpp context with a KV stream of `room` tokens per sequence, the room llama.cpp gave)."""
         lib, n_seq = self._lib, len(self._seqs)
-        params = type(self.llm.context_params).from_buffer_copy(self.llm.context_params)  # threads etc.
+        params = lib.llama_context_default_params()
+        params.n_threads = params.n_threads_batch = self.weights.threads  # llama.cpp's batch default, every core,
+        # spins badly when a core is busy elsewhere
         params.n_ctx, params.n_seq_max, params.kv_unified = room * n_seq, n_seq, False  # a stream per sequence
         params.n_batch, params.n_ubatch = N_BATCH, N_UBATCH
         params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED  # log p independent of batching (docstring)
@@ -521,6 +548,99 @@ def _import_llama_cpp() -> Any:
             raise
         raise PowerSampleError(INSTALL_HINT) from None
     return llama_cpp
+
+
+def model_path(llama_cpp: Any, model: str | None, quant: str | None) -> Path:
+    """The GGUF file to load: `model` (None = the embedded one), re-quantized to `quant` when given."""
+    path = embedded_gguf_path() if model is None else _check_gguf(Path(model).expanduser())
+    return path if quant is None else requantized(llama_cpp, path, quant)
+
+
+# -- the probe: does this machine run llama.cpp in-process? (probe.py) ----------------------------------------------
+
+PROBE_CHILD = "import sys; from powersample.backends.llamacpp import probe_child; probe_child(sys.argv[1])"
+
+
+def probe_outcome(model: str | None, quant: str | None = None) -> probe.Outcome:
+    """Whether llama.cpp loads and decodes this model here without crashing: a child process tries it once per
+    (llama.cpp build, CPU, model file, placement), and the outcome is cached."""
+    llama_cpp = _import_llama_cpp()
+    path = model_path(llama_cpp, model, quant)
+    return probe.probe(_probe_key(llama_cpp, path, placement_for(llama_cpp, path)), _probe_command(path))
+
+
+def probe_child(path: str) -> None:
+    """The probe's child: load `path` as the backend does and decode a few tokens for two batched rows."""
+    backend = LlamaCppBackend.load(path, n_ctx=MIN_ROOM, max_slots=2)
+    context = backend.encode("Hello", chat=False)
+    requests = [ExtendRequest(context, 4, np.random.default_rng(seed), slot=seed) for seed in range(2)]
+    backend.extend(requests, Proposal(temperature=1.0))
+    backend.close()
+
+
+def _probe_command(path: Path) -> list[str]:
+    return [sys.executable, "-c", PROBE_CHILD, str(path)]
+
+
+def _probe_key(llama_cpp: Any, path: Path, placement: Placement) -> dict[str, str]:
+    """What the outcome depends on: the engine build, the CPU, the model file and where its weights go."""
+    library = Path(llama_cpp.__file__).parent / "lib"
+    builds = sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in library.iterdir()
+                    if f.is_file() and not f.is_symlink())
+    source = path.resolve()
+    return {
+        "engine": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}", "build": ";".join(builds),
+        "cpu": _cpu_identity(), "model": f"{source}:{source.stat().st_size}:{source.stat().st_mtime_ns}",
+        "placement": f"{placement.label}:{len(placement.repack)}",
+    }
+
+
+def _cpu_identity() -> str:
+    """The CPU's model name and feature flags (Linux: /proc/cpuinfo), else what the platform module says."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        info = []
+    fields = {}
+    for line in info:
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:16]
+    return f"{platform.machine()}|{fields.get('model name', platform.processor())}|{flags}"
+
+
+def requantized(llama_cpp: Any, path: Path, quant: str) -> Path:
+    """A copy of `path` with every tensor re-quantized to `quant` (llama.cpp's quantizer), made once and cached in
+    $POWERSAMPLE_CACHE/models as <name>.<quant>.gguf; written to a temporary file and renamed into place."""
+    if quant not in QUANTS:
+        raise PowerSampleError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    source = path.resolve()
+    stat = source.stat()
+    digest = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{path.stem}.{quant}-{digest}.gguf"  # one copy per source file version
+    if target.is_file():
+        return target
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)  # the quantizer logs every tensor
+    print(f"powersample: re-quantizing {path.name} to {quant} once into {target} ...", file=sys.stderr, flush=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{QUANTS[quant]}")
+    params.allow_requantize, params.pure = True, True  # from quantized weights; every tensor of the one type
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        raise PowerSampleError(f"cannot write to {target.parent} ({e.strerror}); set POWERSAMPLE_CACHE") from None
+    try:
+        if llama_cpp.llama_model_quantize(str(path).encode(), tmp.encode(), params) != 0:
+            raise PowerSampleError(f"llama.cpp could not re-quantize {path} to {quant}")
+        return publish(Path(tmp), target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # a no-op once renamed
 
 
 def _check_gguf(path: Path) -> Path:

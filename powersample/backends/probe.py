@@ -1,0 +1,95 @@
+"""A native engine's first run on a machine happens in a child process, so that a crash costs a warning, not the run.
+
+A native engine that crashes (llama.cpp on an AMX CPU: a segfault or an illegal instruction on the first decode)
+takes the whole process down, with no message. So before a native engine is used in-process, a child process loads
+the same model the same way and decodes a few tokens. The outcome is cached per key (engine build, CPU, model file,
+weight placement) as a small JSON file under $POWERSAMPLE_CACHE/probes: later runs read it and start no child.
+When the child dies, `--backend auto` falls back to hf with one line on stderr, and an explicit `--backend llamacpp`
+is refused with a one-line error; delete the cached file (the message names it) to probe again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from powersample.backends.embedded import cache_root
+
+PROBE_TIMEOUT = 300.0  # seconds the child may take (it loads the model once and decodes a few tokens)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the probe child ended."""
+
+    ok: bool
+    detail: str  # "" when ok; else "killed by SIGSEGV", "exit code 1: <its last line>" or "timed out after ..."
+    path: Path  # the cached outcome
+
+
+def probe(key: Mapping[str, str], command: Sequence[str], timeout: float = PROBE_TIMEOUT) -> Outcome:
+    """The cached outcome for `key`, or run `command` once (a child that exits 0 when the engine works) and cache it."""
+    path = cache_root() / "probes" / f"{_digest(key)}.json"
+    cached = _read(path, key)
+    if cached is not None:
+        return cached
+    ok, detail = _run(command, timeout)
+    _write(path, {"key": dict(key), "ok": ok, "detail": detail})
+    return Outcome(ok, detail, path)
+
+
+def _run(command: Sequence[str], timeout: float) -> tuple[bool, str]:
+    try:
+        done = subprocess.run(list(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout:.0f} s"
+    except OSError as e:
+        return False, f"could not start: {e.strerror}"
+    if done.returncode == 0:
+        return True, ""
+    if done.returncode < 0:
+        return False, f"killed by {_signal_name(-done.returncode)}"
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    return False, f"exit code {done.returncode}" + (f": {lines[-1].strip()[:200]}" if lines else "")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _digest(key: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _read(path: Path, key: Mapping[str, str]) -> Outcome | None:
+    """The outcome stored at `path` for exactly this key; None when absent or unreadable (then we probe again)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data["key"] == dict(key) and isinstance(data["ok"], bool):
+            return Outcome(data["ok"], str(data["detail"]), path)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _write(path: Path, data: dict) -> None:
+    """Write atomically (temporary file, then rename); a cache we cannot write only means probing again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
