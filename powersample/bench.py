@@ -67,10 +67,11 @@ class BackendChoice:
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None  # engine CPU threads; None = the engine's default
+    quant: str | None = None  # llamacpp: load the GGUF re-quantized to this type (--quant)
 
     def load(self, reuse_cache: bool = True) -> Backend:
         return load_backend(self.name, model=self.model, toy_spec=self.toy_spec, device=self.device,
-                            dtype=self.dtype, reuse_cache=reuse_cache, threads=self.threads)
+                            dtype=self.dtype, reuse_cache=reuse_cache, threads=self.threads, quant=self.quant)
 
     def describe(self) -> str:
         """The model, in words, for the table and the JSON."""
@@ -278,7 +279,7 @@ def run_bench(
     options: BenchOptions, update: Update | None = None, on_progress: Callable[[BenchResult], None] | None = None
 ) -> BenchResult:
     """Run every phase; `update` drives a progress bar, `on_progress` sees the partial result after each call."""
-    date, load_average = _now(), os.getloadavg()
+    date, load_average = utc_now(), os.getloadavg()
     backend = options.backend.load()
     run = _Run(options, machine_info(load_average), date, update, on_progress, _device(backend))
     warm_up(backend, options)
@@ -559,7 +560,7 @@ def _torch_info() -> dict[str, Any] | None:
 
 def backend_dict(choice: BackendChoice, device: str | None) -> dict[str, Any]:
     return {"name": choice.name, "model": choice.describe(), "toy_spec": choice.toy_spec, "device": device,
-            "dtype": choice.dtype}
+            "dtype": choice.dtype, "threads": choice.threads, "quant": choice.quant}
 
 
 def options_dict(o: BenchOptions) -> dict[str, Any]:
@@ -582,7 +583,7 @@ def _device(backend: Backend) -> str | None:
     return None if device is None else str(device)
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from powersample.bench import (
@@ -64,6 +64,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every phase (default 0)")
     g.add_argument("--raw", action="store_true", help="send the prompts as-is, without the chat template")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--engines", metavar="A,B,...",
+                   help="compare engine configurations side by side, taking turns: NAME[:KEY=VALUE...] with keys "
+                        "threads, dtype, quant, device (e.g. llamacpp,llamacpp:quant=iq4_nl,hf:dtype=bfloat16); "
+                        "runs plain decoding at batch 1 and power sampling with 1 and K chains")
     add_fidelity_options(p)
     # None = "not given": filled from the FULL or QUICK profile by options_from_args
     p.set_defaults(handler=_cmd_bench, max_new_tokens=None, block_size=None, block_count=None, mcmc_steps=None)
@@ -107,7 +111,7 @@ class EngineChoice(BackendChoice):
 
     def load(self, reuse_cache: bool = True) -> Backend:
         return load_backend(self.name, model=self.model, toy_spec=self.toy_spec, device=self.device,
-                            dtype=self.dtype, reuse_cache=reuse_cache, threads=self.threads,
+                            dtype=self.dtype, reuse_cache=reuse_cache, threads=self.threads, quant=self.quant,
                             tensor_parallel_size=self.tensor_parallel_size,
                             gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len)
 
@@ -115,7 +119,7 @@ class EngineChoice(BackendChoice):
 def backend_choice(args: argparse.Namespace) -> BackendChoice:
     """The backend to load, with vLLM's engine options when any was given (the vllm engine is started only once:
     the scratch phase reuses it with the prefix cache off)."""
-    choice = (backend_name(args), args.model, args.toy_spec, args.device, args.dtype, args.threads)
+    choice = (backend_name(args), args.model, args.toy_spec, args.device, args.dtype, args.threads, args.quant)
     engine = vllm_options(args)
     if all(v is None for v in engine.values()):
         return BackendChoice(*choice)
@@ -128,6 +132,8 @@ def backend_name(args: argparse.Namespace) -> str:
 
     if args.backend != "auto":
         return args.backend
+    if args.quant is not None:
+        return "llamacpp"  # --quant means llamacpp
     return resolve_auto(args.model, args.device, args.toy_spec)
 
 
@@ -157,6 +163,8 @@ def bench_prompts(args: argparse.Namespace, profile: dict) -> tuple[str, ...]:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.fidelity:
         return _cmd_fidelity(args)
+    if args.engines:
+        return _cmd_engines(args)
     options = options_from_args(args)  # validate before the (slow) model load
     if args.json_path:
         check_writable(args.json_path)
@@ -164,7 +172,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"powersample: loading the {options.backend.name} backend...", file=sys.stderr)
     latest: list[BenchResult] = []
     try:
-        with _progress(options, args.quiet) as update:
+        with _bar(total_work_units(options), "bench", "round", args.quiet) as update:
             result = run_bench(options, update, lambda r: _keep(r, latest, args.json_path))
     except KeyboardInterrupt:
         if latest:  # the partial JSON is on disk already; show its table too
@@ -176,28 +184,50 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keep(result: BenchResult, latest: list[BenchResult], json_path: str | None) -> None:
-    """After each call: remember the partial result and rewrite the JSON, so an interrupted run keeps its data."""
-    latest[:] = [result]
-    if json_path:
-        write_json(json_path, result)
+def _cmd_engines(args: argparse.Namespace) -> int:
+    """`bench --engines`: the candidates side by side (bench_engines.py)."""
+    from powersample import bench_engines
+
+    if args.backend != "auto" or args.toy_spec or args.quant:
+        raise PowerSampleError("--engines names its own backends and options: drop --backend, --toy-spec, --quant")
+    candidates = bench_engines.parse_candidates(args.engines, args.model)
+    options = replace(options_from_args(args), backend=candidates[0].choice)  # validate before loading
+    if args.json_path:
+        check_writable(args.json_path)
+
+    def keep(result: bench_engines.EnginesResult) -> None:  # the partial JSON after each call
+        if args.json_path:
+            write_json(args.json_path, result)
+
+    with _bar(bench_engines.total_units(options, candidates), "engines", "call", args.quiet) as update:
+        result = bench_engines.run_engines(options, candidates, update, keep)
+    if args.json_path:
+        write_json(args.json_path, result)
+    print(bench_engines.format_engines(result))
+    return 0
 
 
 @contextlib.contextmanager
-def _progress(options: BenchOptions, quiet: bool) -> Iterator[Update | None]:
-    """One tqdm bar on stderr across every phase, named after the running phase."""
+def _bar(total: int, desc: str, unit: str, quiet: bool) -> Iterator[Update | None]:
+    """One tqdm bar on stderr, named after what runs now."""
     if quiet:
         yield None
         return
     from tqdm import tqdm
 
-    with tqdm(total=total_work_units(options), desc="bench", unit="round", file=sys.stderr,
-              dynamic_ncols=True) as bar:
-        def update(desc: str, n: int) -> None:
-            bar.set_description(desc, refresh=False)
+    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
+        def update(text: str, n: int) -> None:
+            bar.set_description(text, refresh=False)
             bar.update(n)
 
         yield update
+
+
+def _keep(result: BenchResult, latest: list[BenchResult], json_path: str | None) -> None:
+    """After each call: remember the partial result and rewrite the JSON, so an interrupted run keeps its data."""
+    latest[:] = [result]
+    if json_path:
+        write_json(json_path, result)
 
 
 # -- --fidelity --------------------------------------------------------------------------------------------------
@@ -244,11 +274,11 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
         fidelity.write_json(out_dir, data)
 
     if options.mode == "toy":
-        with _fidelity_bar(fidelity.toy_units(options), args.quiet) as update:
+        with _bar(fidelity.toy_units(options), "fidelity", "run", args.quiet) as update:
             data = fidelity.run_toy(options, update, keep)
     else:
         backend, described = _load_model(args)
-        with _fidelity_bar(fidelity.model_units(options), args.quiet) as update:
+        with _bar(fidelity.model_units(options), "fidelity", "run", args.quiet) as update:
             data = fidelity.run_model(options, backend, described, update, keep)
     written = fidelity.write_outputs(out_dir, data)
     print(fidelity.render_table(data))
@@ -267,19 +297,3 @@ def _load_model(args: argparse.Namespace):
     backend = choice.load()
     device = getattr(backend, "device", None)
     return backend, backend_dict(choice, None if device is None else str(device))
-
-
-@contextlib.contextmanager
-def _fidelity_bar(total: int, quiet: bool) -> Iterator[Update | None]:
-    """One tqdm bar on stderr, named after the running setting."""
-    if quiet:
-        yield None
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc="fidelity", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
-        def update(desc: str, n: int) -> None:
-            bar.set_description(desc, refresh=False)
-            bar.update(n)
-
-        yield update

@@ -84,6 +84,7 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
     from powersample.backends import BACKENDS
+    from powersample.backends.llamacpp import QUANTS
 
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -94,6 +95,8 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", help="hf, vllm: float32, bfloat16, float16 or auto (default: float32 on CPU)")
     g.add_argument("--threads", type=int, help="CPU threads of the engine (default: the engine's own)")
+    g.add_argument("--quant", choices=QUANTS, help="llamacpp: re-quantize the GGUF once to this type (cached) and "
+                                                   "load the copy; see the README's Performance section")
     add_vllm_options(g)
 
 
@@ -123,11 +126,14 @@ def config_from_args(args: argparse.Namespace) -> SamplerConfig:
 def backend_from_args(args: argparse.Namespace):
     from powersample.backends import load_backend, resolve_auto
 
-    name = resolve_auto(args.model, args.device, args.toy_spec) if args.backend == "auto" else args.backend
+    quant = getattr(args, "quant", None)
+    name = args.backend
+    if name == "auto":  # --quant means llamacpp
+        name = "llamacpp" if quant else resolve_auto(args.model, args.device, args.toy_spec)
     if not args.quiet:
         print(f"powersample: loading the {name} backend...", file=sys.stderr, flush=True)
     return load_backend(name, model=args.model, toy_spec=args.toy_spec, device=args.device, dtype=args.dtype,
-                        threads=args.threads, **vllm_options(args))
+                        threads=args.threads, quant=quant, **vllm_options(args))
 
 
 def vllm_options(args: argparse.Namespace) -> dict:

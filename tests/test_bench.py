@@ -14,6 +14,7 @@ import pytest
 from conftest import SPECS
 from powersample.api import sample
 from powersample.backends import load_backend
+from powersample.errors import PowerSampleError
 from powersample.bench import (
     PROMPTS,
     BackendChoice,
@@ -261,3 +262,16 @@ def test_quick_on_the_embedded_model(tmp_path, capsys, one_torch_thread):
     check_consistency(data)
     assert data["backend"]["device"] == "cpu" and data["machine"]["torch"]["version"]
     assert data["machine"]["torch"]["threads"] == 1
+
+
+def test_engine_candidates_parse_and_refuse_bad_specs():
+    from powersample.bench_engines import parse_candidates
+
+    a, b, c = parse_candidates("llamacpp, llamacpp:threads=2:quant=iq4_nl ,hf:dtype=bfloat16", None)
+    assert (a.choice.name, a.choice.threads, a.choice.quant) == ("llamacpp", None, None)
+    assert (b.spec, b.choice.threads, b.choice.quant) == ("llamacpp:threads=2:quant=iq4_nl", 2, "iq4_nl")
+    assert (c.choice.name, c.choice.dtype) == ("hf", "bfloat16")
+    for bad, message in {"": "at least one", "toy": "must be hf, llamacpp or vllm", "hf:threads=0": "threads",
+                         "hf:color=red": "options are", "hf,hf": "twice", "hf:dtype=": "options are"}.items():
+        with pytest.raises(PowerSampleError, match=message):
+            parse_candidates(bad, None)

@@ -344,3 +344,40 @@ def test_continuous_batching_gives_the_same_samples_as_lockstep(backend):
     for a, b in zip(continuous, lockstep):
         assert a.tokens == b.tokens and a.accepted == b.accepted and a.tokens_generated == b.tokens_generated
         np.testing.assert_allclose(a.token_logp, b.token_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_quant_copy_is_made_once_cached_and_close_to_the_original(backend, prompt, tmp_path, monkeypatch):
+    """--quant q8_0: one re-quantized copy in the cache, reused by the next load; Q8_0 of Q4_1 is nearly lossless."""
+    import llama_cpp
+
+    monkeypatch.setenv("POWERSAMPLE_CACHE", str(tmp_path))
+    copy = LlamaCppBackend.load(None, n_ctx=2048, quant="q8_0")
+    [made] = (tmp_path / "models").glob("*.q8_0-*.gguf")
+    assert copy.weights.model.path_model == str(made)
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda *a: pytest.fail("re-quantized a cached copy"))
+    again = LlamaCppBackend.load(None, n_ctx=2048, quant="q8_0")
+    assert again.weights.model.path_model == str(made)
+    tokens = sample(backend, prompt, 8, seed=3).tokens
+    np.testing.assert_allclose(again.score(prompt, tokens), backend.score(prompt, tokens), atol=0.5)
+
+
+def test_quant_errors_are_one_line():
+    from powersample.backends import load_backend
+
+    with pytest.raises(PowerSampleError, match="unknown --quant 'q3_x'"):
+        LlamaCppBackend.load(None, quant="q3_x")
+    with pytest.raises(PowerSampleError, match="--quant applies to --backend llamacpp only"):
+        load_backend("hf", quant="q8_0")
+
+
+def test_weights_stay_off_amx_unless_opted_in(backend, monkeypatch):
+    """On a build with llama.cpp's AMX buffer type (this CPU has AMX), the embedded Q4_1 loads without extra buffer
+    types; elsewhere llama.cpp's own choice. The opt-in restores llama.cpp's own choice everywhere."""
+    import llama_cpp
+
+    from powersample.backends.llamacpp_placement import AMX_OPT_IN, engine_info, placement_for
+
+    amx = "AMX" in engine_info(llama_cpp).extra_bufts
+    assert backend.weights.placement.extra_bufts is not amx
+    monkeypatch.setenv(AMX_OPT_IN, "1")
+    assert placement_for(llama_cpp, embedded_gguf_path()).extra_bufts

@@ -186,7 +186,10 @@ def backend_identity(args: argparse.Namespace) -> dict[str, Any]:
         except OSError as e:
             raise PowerSampleError(f"toy spec: cannot read {args.toy_spec}: {e.strerror}") from None
     model = args.model if args.backend != "toy" else None
-    return {"name": args.backend, "model": model, "toy_spec": spec, "device": args.device, "dtype": args.dtype}
+    identity = {"name": args.backend, "model": model, "toy_spec": spec, "device": args.device, "dtype": args.dtype}
+    if getattr(args, "quant", None):  # only when given, so that runs made before --quant existed keep their hash
+        identity["quant"] = args.quant
+    return identity
 
 
 def default_run_dir(plan: Any) -> Path:
