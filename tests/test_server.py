@@ -290,11 +290,16 @@ def test_unknown_paths_and_methods():
 
 def test_the_api_key_is_required_on_every_endpoint():
     with serve(api_key="s3cret") as url:
-        for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
+        for method, path in [("GET", "/openapi.json"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
                              ("POST", "/v1/chat/completions")]:  # fmt: skip
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
                 resp = httpx.request(method, url + path, json={"prompt": "x"}, headers=headers)
                 assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"
+            # /health is the one exception: a bare liveness answer without the key, the details behind it
+            for headers in ({}, {"authorization": "Bearer wrong"}):
+                assert httpx.get(f"{url}/health", headers=headers).json() == {"status": "ok"}
+            detail = httpx.get(f"{url}/health", headers={"authorization": "Bearer s3cret"}).json()
+            assert detail["status"] == "ok" and detail["engine_alive"] and "chains_in_flight" in detail
         with pytest.raises(openai.AuthenticationError):
             client(url, key="wrong").completions.create(model="m", prompt="x", max_tokens=2)
         resp = client(url, key="s3cret").completions.create(model="m", prompt="x", max_tokens=2)
