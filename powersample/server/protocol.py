@@ -61,7 +61,7 @@ class Limits:
     max_queued_chains: int = 256  # chains waiting or running in the engine; more gets 429
     # the work of a request, not its chain count: members = prompts x n x sequences per chain (particles, tries,
     # candidates x rollouts; 1 for power), each set up (a generator) before the first engine request
-    max_members: int = 16_384  # members of one request; more gets 400
+    max_members: int = 4096  # members of one request; more gets 400 (their setup: about 25 us and 2 KB each)
     max_work: int = 2**22  # members x max_tokens of one request (tokens its sequences may hold); more gets 400
     max_queued_work: int = 2**24  # members x max_tokens of every request waiting or running; more gets 429
     max_mcmc_steps: int = 1000  # mcmc_steps of one request (the MCMC methods); more gets 400
