@@ -96,8 +96,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings, http = _settings(args), _http_limits(args)  # validate before the (slow) model load
     if args.output:
         append_jsonl(args.output, [])  # fail on an unwritable path now
-    _warn_if_exposed(args.host, args.api_key)
     sock = _listen(args.host, args.port)  # a bad or busy address fails now, before the model loads
+    _warn_if_exposed(args.host, args.api_key)
     with sock:
         backend = backend_from_args(args)
         app = create_app(backend, settings)
