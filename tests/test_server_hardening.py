@@ -389,3 +389,24 @@ def test_token_pieces_run_inside_the_request_timeout():
         resp = post(base, {"prompt": "x", "max_tokens": 12, "logprobs": 1, "method": "base"})
         backend.release.set()
     assert backend.entered.is_set() and resp.status_code == 504, resp.text
+
+
+# --- the served OpenAPI document ---------------------------------------------------------------------------------
+
+
+def test_the_served_document_describes_the_real_bodies_and_limits():
+    with serve(limits=Limits(max_tokens=99, max_n=7)) as base:
+        doc = httpx.get(f"{base}/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    body = schemas["CompletionBody"]["properties"]
+    assert {"prompt", "alpha", "method", "mcmc_steps", "particles", "tries", "candidates", "rollouts"} <= set(body)
+    assert {"messages", "max_completion_tokens", "top_logprobs"} <= set(schemas["ChatBody"]["properties"])
+    ints = {name: next(b for b in body[name].get("anyOf", [body[name]]) if b.get("type") == "integer")
+            for name in ("max_tokens", "n")}  # fmt: skip
+    assert ints["max_tokens"]["maximum"] == 99 and ints["n"]["maximum"] == 7
+    post_op = doc["paths"]["/v1/completions"]["post"]
+    assert post_op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/CompletionBody")
+    ok = post_op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["$ref"].endswith("/CompletionResponse") and "power_sampling" in schemas["CompletionResponse"]["properties"]
+    assert {"400", "413", "415", "429", "504"} <= set(post_op["responses"])
+    assert "/openapi.json" not in doc["paths"]

@@ -120,7 +120,7 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
 
     @app.get("/openapi.json", dependencies=keyed, include_in_schema=False)
     async def openapi() -> dict:
-        return schema.openapi(app)
+        return schema.openapi(app, settings.limits)
 
     return app
 

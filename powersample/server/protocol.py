@@ -173,12 +173,23 @@ def check_limits(body: _Body, limits: Limits) -> None:
     stops = stop_strings(body)
     if len(stops) > limits.max_stop or any(not s for s in stops):
         raise ApiError(400, f"stop must be at most {limits.max_stop} non-empty strings", param="stop")
+    _check_counts(body, limits)
     if body.temperature is not None and not (math.isfinite(body.temperature) and 0 <= body.temperature <= 2):
         raise ApiError(400, f"temperature must be between 0 and 2, got {body.temperature}", param="temperature")
     if isinstance(body, CompletionBody):
         _check_completion(body, limits)
     elif isinstance(body, ChatBody):
         _check_chat(body)
+
+
+def _check_counts(body: _Body, limits: Limits) -> None:
+    """Counts sent past what any request may run are refused whatever the method (the served document's ranges)."""
+    caps = {"mcmc_steps": limits.max_mcmc_steps, "tries": limits.max_members, "particles": limits.max_members,
+            "candidates": limits.max_members, "rollouts": limits.max_members}  # fmt: skip
+    for name, cap in caps.items():
+        value = getattr(body, name)
+        if value is not None and value > cap:
+            raise ApiError(400, f"{name} must be at most {cap}, got {value}", param=name, code="over_limit")
 
 
 def _check_completion(body: CompletionBody, limits: Limits) -> None:

@@ -12,7 +12,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 
-from powersample.server.protocol import ChatBody, CompletionBody
+from powersample.config import METHODS, SCALE_RANGE
+from powersample.server.protocol import ChatBody, CompletionBody, Limits
 
 _REF = "#/components/schemas/{model}"
 
@@ -172,8 +173,10 @@ def request_body(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def openapi(app: FastAPI) -> dict:
-    """The app's OpenAPI document, with the request-body models added to its components (built once)."""
+def openapi(app: FastAPI, limits: Limits) -> dict:
+    """The app's OpenAPI document, with the request-body models added to its components and each field's range
+    under this server's `limits` (built once). Rules that join fields (block_size <= max_tokens, the work budget)
+    are the handlers' alone: a body inside every range may still get a 400."""
     if app.openapi_schema is None:
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                           description="power sampling p(x)^alpha behind the OpenAI API")  # fmt: skip
@@ -181,6 +184,53 @@ def openapi(app: FastAPI) -> dict:
         for model in (CompletionBody, ChatBody):
             body = model.model_json_schema(ref_template=_REF)
             components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
+            components[model.__name__] = _bounded(body, limits)
         app.openapi_schema = doc
     return app.openapi_schema
+
+
+def field_ranges(limits: Limits) -> dict[str, dict]:
+    """JSON-schema constraints of the request fields the handlers range-check (config.py, protocol.check_limits)."""
+    lo, hi = SCALE_RANGE
+    count = {"minimum": 1, "maximum": limits.max_members}
+    return {
+        "max_tokens": {"minimum": 1, "maximum": limits.max_tokens},
+        "max_completion_tokens": {"minimum": 1, "maximum": limits.max_tokens},
+        "n": {"minimum": 1, "maximum": limits.max_n},
+        "seed": {"minimum": 0},
+        "temperature": {"minimum": 0, "maximum": 2},
+        "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+        "method": {"enum": list(METHODS)},
+        "alpha": {"minimum": lo, "maximum": hi},
+        "proposal_temperature": {"minimum": lo, "maximum": hi},
+        "mcmc_steps": {"minimum": 0, "maximum": limits.max_mcmc_steps},
+        "block_size": {"minimum": 1, "maximum": limits.max_tokens},
+        "block_count": {"minimum": 1},
+        "top_k": {"minimum": 0},
+        "tries": count,
+        "particles": count,
+        "candidates": count,
+        "rollouts": count,
+        "ess_threshold": {"minimum": 0, "maximum": 1},
+        "alpha_ramp": {"minimum": 0},
+        "rollout_horizon": {"minimum": 0},
+        "logprobs": {"minimum": 0, "maximum": 5},
+        "top_logprobs": {"minimum": 0, "maximum": 20},
+    }
+
+
+def _bounded(body: dict, limits: Limits) -> dict:
+    """`body`'s schema with field_ranges applied to the non-null branch of each field."""
+    ranges = field_ranges(limits)
+    for name, prop in body.get("properties", {}).items():
+        extra = ranges.get(name)
+        if extra is None:
+            continue
+        branches = prop.get("anyOf", [prop])
+        for branch in branches:
+            kind = branch.get("type")
+            if kind in ("integer", "number") and "enum" not in extra:
+                branch.update(extra)
+            elif kind == "string" and "enum" in extra:
+                branch.update(extra)
+    return body
