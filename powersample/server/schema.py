@@ -219,9 +219,34 @@ def field_ranges(limits: Limits) -> dict[str, dict]:
     }
 
 
+def _nullable(prop: dict) -> None:
+    """prop, in place, as anyOf [prop, null] (its title and default stay outside)."""
+    meta = {k: prop.pop(k) for k in ("title", "default", "description") if k in prop}
+    inner = dict(prop)
+    prop.clear()
+    prop.update(anyOf=inner.pop("anyOf") + [{"type": "null"}] if "anyOf" in inner else [inner, {"type": "null"}],
+                **meta)  # fmt: skip
+
+
 def _bounded(body: dict, limits: Limits) -> dict:
     """`body`'s schema with field_ranges applied to the non-null branch of each field."""
     ranges = field_ranges(limits)
+    required = set(body.get("required", []))
+    for name, prop in body.get("properties", {}).items():
+        if name not in required and not any(b.get("type") == "null" for b in prop.get("anyOf", [])):
+            _nullable(prop)  # null takes the default (protocol._Body._null_is_default)
+    prompt = body.get("properties", {}).get("prompt")
+    if prompt is not None:  # every prompt must hold some text; a list holds 1..max_prompts of them
+        for branch in prompt.get("anyOf", [prompt]):
+            text = branch if branch.get("type") == "string" else branch.get("items", {})
+            text["pattern"] = r"\S"
+            if branch.get("type") == "array":
+                branch.update(minItems=1, maxItems=limits.max_prompts)
+    for branch in body.get("properties", {}).get("stop", {}).get("anyOf", []):  # 1..max_stop non-empty strings
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        elif branch.get("type") == "array":
+            branch.update(maxItems=limits.max_stop, items={"type": "string", "minLength": 1})
     for name, prop in body.get("properties", {}).items():
         extra = ranges.get(name)
         if extra is None:
