@@ -309,8 +309,8 @@ def test_a_client_that_leaves_mid_body_leaves_no_traceback():
 
 
 def test_slow_headers_and_bodies_are_cut_off():
-    http = HttpLimits(header_timeout=0.3, body_timeout=0.3)
-    with watched_server(http, body_timeout=0.3) as (base, finished, escaped, logged):
+    http = HttpLimits(header_timeout=2.0, body_timeout=0.5)  # the headers below follow their connect at once
+    with watched_server(http, body_timeout=0.5) as (base, finished, escaped, logged):
         silent = [connect(base) for _ in range(10)]  # slowloris: connect, then nothing
         partial = [connect(base) for _ in range(10)]  # or half the headers
         for sock in partial:
@@ -385,7 +385,7 @@ def test_token_pieces_run_inside_the_request_timeout():
     backend = SlowDecode()
     spec = dict(WORDS, default=[0.2, 0.2, 0.2, 0.2, 0.2, 0, 0, 0], next={})  # no EOS: every sample is 12 tokens
     backend.inner = ToyBackend(ToySpec.from_dict(spec))
-    with serve(backend, limits=Limits(request_timeout=1.0)) as base:
+    with serve(backend, limits=Limits(request_timeout=3.0)) as base:
         resp = post(base, {"prompt": "x", "max_tokens": 12, "logprobs": 1, "method": "base"})
         backend.release.set()
     assert backend.entered.is_set() and resp.status_code == 504, resp.text
