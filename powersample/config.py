@@ -12,6 +12,11 @@ METHODS = ("power", "max-swap", "power-mtm", "power-smc", "power-rollout", "base
 MCMC_METHODS = ("power", "max-swap", "power-mtm")  # Metropolis-Hastings: proposals and acceptances
 # the knobs of one method each (power-mtm; power-smc; power-rollout): a CLI option and a request field apiece
 METHOD_KNOBS = ("tries", "particles", "ess_threshold", "alpha_ramp", "candidates", "rollouts", "rollout_horizon")
+# Scales (alpha, and the proposal temperature, 1/alpha by default) outside this range are refused: their reciprocals
+# and products with log-probabilities overflow to inf (5e-324 has 1/x = inf) and the weights become NaN.
+SCALE_RANGE = (1e-6, 1e6)
+MAX_MEMBERS = 2**24  # most sequences one chain may hold (particles, tries, candidates x rollouts): numpy's limits
+MAX_INT = 2**62  # every integer field stays below this, so numpy never sees an int64 overflow
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,12 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        lo, hi = SCALE_RANGE
         _check(_finite(self.alpha) and self.alpha > 0, f"alpha must be a number > 0, got {self.alpha}")
+        _check(lo <= self.alpha <= hi, f"alpha must be between {lo:g} and {hi:g}, got {self.alpha}")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            _check(value is None or value < MAX_INT, f"{name} must be < 2^62, got {value}")
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.block_size is not None:
             _check(
@@ -54,6 +64,7 @@ class SamplerConfig:
         if self.proposal_temperature is not None:
             t = self.proposal_temperature
             _check(_finite(t) and t > 0, f"proposal_temperature must be a number > 0, got {t}")
+            _check(lo <= t <= hi, f"proposal_temperature must be between {lo:g} and {hi:g}, got {t}")
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.tries >= 1, f"tries must be >= 1, got {self.tries}")
@@ -64,6 +75,23 @@ class SamplerConfig:
         _check(self.candidates >= 1, f"candidates must be >= 1, got {self.candidates}")
         _check(self.rollouts >= 1, f"rollouts must be >= 1, got {self.rollouts}")
         _check(self.rollout_horizon >= 0, f"rollout_horizon must be >= 0 (0 = up to T), got {self.rollout_horizon}")
+        _check(self.members <= MAX_MEMBERS, f"{self.member_field} must keep the sequences per chain at most "
+               f"{MAX_MEMBERS}, got {self.members}")  # fmt: skip
+        bad = [k for k, v in self.resolved().items() if isinstance(v, float) and not math.isfinite(v)]
+        _check(not bad, f"{', '.join(bad)} must be finite")  # derived values (1/alpha) included
+
+    @property
+    def members(self) -> int:
+        """Sequences one chain holds at once: its particles (power-smc), tries (power-mtm) or candidates x rollouts
+        (power-rollout); 1 for the others. The cost of a chain's setup and memory grows with it."""
+        return {"power-mtm": self.tries, "power-smc": self.particles,
+                "power-rollout": self.candidates * self.rollouts}.get(self.method, 1)  # fmt: skip
+
+    @property
+    def member_field(self) -> str:
+        """The field that sets `members` (what an error about it names)."""
+        rollout = "candidates" if self.candidates >= self.rollouts else "rollouts"
+        return {"power-mtm": "tries", "power-smc": "particles", "power-rollout": rollout}.get(self.method, "n")
 
     @property
     def temperature(self) -> float:
@@ -101,6 +129,10 @@ class SamplerConfig:
         out = asdict(self)
         out.update(block_size=self.block, proposal_temperature=self.temperature)
         return out
+
+
+_INT_FIELDS = ("max_new_tokens", "block_size", "block_count", "mcmc_steps", "top_k", "tries", "particles",
+               "alpha_ramp", "candidates", "rollouts", "rollout_horizon")
 
 
 def _finite(x: float) -> bool:

@@ -290,11 +290,16 @@ def test_unknown_paths_and_methods():
 
 def test_the_api_key_is_required_on_every_endpoint():
     with serve(api_key="s3cret") as url:
-        for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
+        for method, path in [("GET", "/openapi.json"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
                              ("POST", "/v1/chat/completions")]:  # fmt: skip
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
                 resp = httpx.request(method, url + path, json={"prompt": "x"}, headers=headers)
                 assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"
+            # /health is the one exception: a bare liveness answer without the key, the details behind it
+            for headers in ({}, {"authorization": "Bearer wrong"}):
+                assert httpx.get(f"{url}/health", headers=headers).json() == {"status": "ok"}
+            detail = httpx.get(f"{url}/health", headers={"authorization": "Bearer s3cret"}).json()
+            assert detail["status"] == "ok" and detail["engine_alive"] and "chains_in_flight" in detail
         with pytest.raises(openai.AuthenticationError):
             client(url, key="wrong").completions.create(model="m", prompt="x", max_tokens=2)
         resp = client(url, key="s3cret").completions.create(model="m", prompt="x", max_tokens=2)
@@ -518,12 +523,38 @@ def test_serve_command_line_starts_serves_and_stops(tmp_path):
     (["--max-new-tokens", "50", "--max-tokens-limit", "10"], "exceeds --max-tokens-limit"),
     (["--alpha", "0"], "alpha must be"),
     (["--port", "70000"], "--port must be"),
+    (["--max-tokens-limit", "0"], "--max-tokens-limit must be >= 1, got 0"),
+    (["--max-members", "0"], "--max-members must be >= 1"),
+    (["--max-work", "-1"], "--max-work must be >= 1"),
+    (["--header-timeout", "0"], "--header-timeout must be > 0"),
+    (["--keep-alive-timeout", "-1"], "--keep-alive-timeout must be > 0"),
+    (["--mcmc-steps", "20", "--max-mcmc-steps", "10"], "--mcmc-steps (20) exceeds --max-mcmc-steps (10)"),
+    (["--method", "power-smc", "--particles", "5000"], "--particles gives 5000 sequences per chain, over --max-members"),
+    (["--alpha", "5e-324"], "alpha must be between"),
+    (["--proposal-temperature", "1e-310"], "proposal_temperature must be between"),
+    (["--api-key", ""], "--api-key (or $POWERSAMPLE_API_KEY) is empty"),
+    (["--host", "no such host!"], "--host 'no such host!' is not an address of this machine"),
+    (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:8000"),  # TEST-NET: not this machine's
 ])  # fmt: skip
 def test_serve_rejects_bad_options_before_loading(flags, message, capsys):
     from powersample.cli import main
 
     assert main(["serve", "--backend", "toy", "--toy-spec", "missing.json", *flags]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_serve_on_a_busy_port_exits_2_before_loading(capsys):
+    import socket
+
+    from powersample.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--backend", "toy", "--toy-spec", "missing.json", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 @pytest.mark.slow

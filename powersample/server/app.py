@@ -7,8 +7,10 @@ job while watching the client: a client that disconnects, or a request past the 
 free their slots at their next request boundary: see `engine.py`).
 
 Every failure is OpenAI's error JSON: 400 for bad fields and limits (naming the field), 401 without the API key,
-404 for unknown paths, 405 for a wrong HTTP method, 413 for an oversized body, 429 when the engine is full, 504 past
-the request timeout, 503 for requests stopped by a shutdown, and 500 only for a failure of the engine itself.
+403 for a foreign Host or Origin (see `guard.py`), 404 for unknown paths, 405 for a wrong HTTP method (with Allow),
+408 for a body that does not arrive in time, 413 for an oversized body, 415 for a body that is not
+application/json, 429 when the engine is full (with Retry-After), 504 past the request timeout, 503 for requests
+stopped by a shutdown, and 500 only for a failure of the engine itself.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from powersample.api import SampleRecord, chain_record, make_chains
 from powersample.backends.base import Backend, Tokens, one_line, plain_transcript
@@ -35,7 +38,9 @@ from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.samplers import programs
 from powersample.server import protocol as wire
+from powersample.server import schema
 from powersample.server.engine import Engine, Job, Stopped
+from powersample.server.guard import add_guards
 from powersample.server.protocol import ApiError, ChatBody, CompletionBody, Limits
 
 POLL_SECONDS = 0.1  # how often a waiting handler checks its client and its deadline
@@ -51,6 +56,10 @@ class Settings:
     api_key: str | None = None  # None = no authentication
     limits: Limits = field(default_factory=Limits)
     output: str | None = None  # append one JSON record per returned sample to this JSONL file
+    bind_host: str = "127.0.0.1"  # the address served: requests must name it (or a loopback name) as their Host
+    allowed_hosts: tuple[str, ...] = ()  # further Host names allowed; "*" = any (see guard.py)
+    cors_origin: str | None = None  # the one web origin allowed to call the server from a browser; None = none
+    body_timeout: float = 30.0  # seconds for a request's body to arrive once its headers have; then 408
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,8 @@ class _Plan:
     seed: int
     n: int
     ignored: list[str]
+    work: int  # members x max_tokens (protocol.check_budget)
+    deadline: float  # time.monotonic() past which the request is stopped (504)
 
 
 def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
@@ -77,30 +88,50 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
         finally:
             await asyncio.to_thread(engine.close)
 
-    app = FastAPI(title="powersample", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  dependencies=[Depends(_authenticate(settings.api_key))])  # fmt: skip
+    app = FastAPI(title="powersample", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)  # fmt: skip
     app.state.engine, app.state.settings = engine, settings
     _add_error_handlers(app)
+    add_guards(app, settings.bind_host, settings.allowed_hosts, settings.cors_origin)
     server = _Server(backend, engine, settings)
+    keyed = [Depends(_authenticate(settings.api_key))]
 
-    @app.get("/health")
-    async def health() -> dict:
+    @app.get("/health", responses=schema.responses(schema.Health))
+    async def health(request: Request) -> dict:
+        """Liveness: {"status": "ok"} for anyone; the engine's state too with the API key (or without a key)."""
+        if not _key_ok(request, settings.api_key):
+            return {"status": "ok"}
         return {"status": "ok", "model": settings.model_name, "backend": settings.backend_name, **engine.stats()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed, responses=schema.responses(schema.ModelList))
     async def models() -> dict:
         card = {"id": settings.model_name, "object": "model", "created": server.started, "owned_by": "powersample"}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=keyed, openapi_extra=schema.request_body(CompletionBody),
+              responses=schema.responses(schema.CompletionResponse, generation=True))  # fmt: skip
     async def completions(request: Request) -> JSONResponse:
         return JSONResponse(await server.completions(request))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed, openapi_extra=schema.request_body(ChatBody),
+              responses=schema.responses(schema.ChatResponse, generation=True))  # fmt: skip
     async def chat_completions(request: Request) -> JSONResponse:
         return JSONResponse(await server.chat(request))
 
+    @app.get("/openapi.json", dependencies=keyed, include_in_schema=False)
+    async def openapi() -> dict:
+        return schema.openapi(app, settings.limits)
+
     return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("powersample")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class _Server:
@@ -112,15 +143,17 @@ class _Server:
         self._log_lock = threading.Lock()
 
     async def completions(self, request: Request) -> dict:
-        body = wire.parse_body(CompletionBody, await read_json(request, self.settings.limits.max_body_bytes))
+        deadline = time.monotonic() + self.settings.limits.request_timeout
+        body = wire.parse_body(CompletionBody, await self._read(request))
         wire.check_limits(body, self.settings.limits)
         config, ignored = wire.sampler_config(body, self.settings.defaults)
         texts = wire.prompt_list(body)
+        work = wire.check_budget(config, len(texts), body.n, self.settings.limits)
         ids = [self._checked(self.backend.encode(t, False), config, "prompt") for t in texts]
-        plan = _Plan(texts, ids, config, _seed(body), body.n, ignored)
+        plan = _Plan(texts, ids, config, _seed(body), body.n, ignored, work, deadline)
         records = await self._run(request, plan)
         logprobs = body.logprobs
-        outputs = await self._outputs(records, wire.stop_strings(body), logprobs is not None)
+        outputs = await self._outputs(request, plan, records, wire.stop_strings(body), logprobs is not None)
         choices = [
             {"text": o.text, "index": i, "finish_reason": o.finish_reason,
              "logprobs": wire.completion_logprobs(o, logprobs) if logprobs is not None else None}
@@ -131,15 +164,17 @@ class _Server:
         return response
 
     async def chat(self, request: Request) -> dict:
-        body = wire.parse_body(ChatBody, await read_json(request, self.settings.limits.max_body_bytes))
+        deadline = time.monotonic() + self.settings.limits.request_timeout
+        body = wire.parse_body(ChatBody, await self._read(request))
         wire.check_limits(body, self.settings.limits)
         config, ignored = wire.sampler_config(body, self.settings.defaults)
+        work = wire.check_budget(config, 1, body.n, self.settings.limits)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = self._checked(encode_messages(self.backend, messages), config, "messages")
-        plan = _Plan([json.dumps(messages)], [ids], config, _seed(body), body.n, ignored)
+        plan = _Plan([json.dumps(messages)], [ids], config, _seed(body), body.n, ignored, work, deadline)
         records = await self._run(request, plan)
         want = body.logprobs
-        outputs = await self._outputs(records, wire.stop_strings(body), want)
+        outputs = await self._outputs(request, plan, records, wire.stop_strings(body), want)
         top = body.top_logprobs or 0
         choices = [
             {"index": i, "message": {"role": "assistant", "content": o.text, "refusal": None},
@@ -150,9 +185,29 @@ class _Server:
         await self._log(response["id"], records, outputs)
         return response
 
-    async def _outputs(self, records: Sequence[SampleRecord], stops: list[str], pieces: bool) -> list[wire.Output]:
-        """Stop truncation and per-token texts, off the event loop (a token's text costs a decode of its prefix)."""
-        return await asyncio.to_thread(lambda: [wire.finish(self.backend.decode, r, stops, pieces) for r in records])
+    async def _read(self, request: Request) -> Any:
+        return await read_json(request, self.settings.limits.max_body_bytes, self.settings.body_timeout)
+
+    async def _outputs(self, request: Request, plan: _Plan, records: Sequence[SampleRecord], stops: list[str],
+                       pieces: bool) -> list[wire.Output]:  # fmt: skip
+        """Stop truncation and per-token texts, off the event loop and inside the request's deadline: a client that
+        leaves, or the timeout, stops them at the next token."""
+        stop = threading.Event()
+
+        def check() -> None:
+            if stop.is_set():
+                raise Stopped("stopped")
+
+        def work() -> list[wire.Output]:
+            return [wire.finish(self.backend.decode, r, stops, pieces, check) for r in records]
+
+        task = asyncio.ensure_future(asyncio.to_thread(work))
+        try:
+            await _watch(request, task, plan.deadline, lambda reason: stop.set(), self.settings.limits.request_timeout)
+        finally:
+            stop.set()  # a no-op once done; else the thread ends at its next token
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" log
+        return task.result()
 
     def _checked(self, ids: Tokens, config: SamplerConfig, param: str) -> Tokens:
         limit = self.backend.context_length
@@ -164,18 +219,18 @@ class _Server:
 
     async def _run(self, request: Request, plan: _Plan) -> list[SampleRecord]:
         """Run every chain of the plan in the engine; one record per (prompt, chain), prompt-major."""
+        limits = self.settings.limits
+        busy = self.engine.chains_in_flight() + len(plan.prompt_ids) * plan.n > limits.max_queued_chains
+        if busy or self.engine.work_in_flight() + plan.work > limits.max_queued_work:
+            raise ApiError(429, "the server is full (chains or their work in flight at the limit); retry later",
+                           kind="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": str(limits.retry_after)})  # fmt: skip
         try:
             progs = [p for ids in plan.prompt_ids for p in programs(self.backend, ids, plan.config, make_chains(plan.seed, plan.n))]
         except PowerSampleError as e:
             raise ApiError(400, str(e), param="method") from None
-        limits = self.settings.limits
-        if self.engine.chains_in_flight() + len(progs) > limits.max_queued_chains:
-            for p in progs:
-                p.close()
-            raise ApiError(429, f"the server is full ({limits.max_queued_chains} chains in flight); retry later",
-                           kind="rate_limit_error", code="server_busy")  # fmt: skip
         start = time.perf_counter()
-        outcomes = await _await_job(request, self.engine, progs, plan.config, limits.request_timeout)
+        outcomes = await _await_job(request, self.engine, progs, plan, limits.request_timeout)
         wall = time.perf_counter() - start
         return [
             chain_record(self.backend, plan.texts[k // plan.n], plan.config, plan.seed, k % plan.n, outcome, wall)
@@ -222,7 +277,7 @@ def _seed(body: wire._Body) -> int:
     return body.seed if body.seed is not None else wire.new_seed()
 
 
-async def _await_job(request: Request, engine: Engine, progs: list, config: SamplerConfig, timeout: float) -> list:
+async def _await_job(request: Request, engine: Engine, progs: list, plan: _Plan, timeout: float) -> list:
     """Submit the chains and wait for them, stopping them when the client leaves or the timeout passes."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
@@ -233,22 +288,32 @@ async def _await_job(request: Request, engine: Engine, progs: list, config: Samp
         except RuntimeError:  # the event loop is gone (shutdown): nobody waits any more
             pass
 
-    job = Job(progs, config.proposal, time.monotonic() + timeout, on_done)
+    job = Job(progs, plan.config.proposal, plan.deadline, on_done, work=plan.work)
     engine.submit(job)
     try:
-        while not future.done():
-            await asyncio.wait({future}, timeout=POLL_SECONDS)
-            if future.done():
-                break
-            if await request.is_disconnected():
-                job.stop("client disconnected")
-                raise ApiError(499, "the client closed the request", code="client_closed")
-            if job.stopped():
-                raise _timeout_error(timeout)
+        await _watch(request, future, plan.deadline, job.stop, timeout)
     finally:
         if not future.done():
             job.stop("request abandoned")
     return _results(future.result(), timeout)
+
+
+async def _watch(request: Request, work: asyncio.Future, deadline: float, stop, timeout: float) -> None:
+    """Wait for `work`; when the client disconnects or the deadline passes first, stop(reason) and answer 499/504."""
+    while not work.done():
+        await asyncio.wait({work}, timeout=POLL_SECONDS)
+        if work.done():
+            return
+        if await request.is_disconnected():
+            stop("client disconnected")
+            raise _client_closed()
+        if time.monotonic() > deadline:
+            stop("timeout")
+            raise _timeout_error(timeout)
+
+
+def _client_closed() -> ApiError:
+    return ApiError(499, "the client closed the request", code="client_closed")
 
 
 def _settle(future: asyncio.Future, outcomes: list) -> None:
@@ -275,24 +340,40 @@ def _timeout_error(timeout: float) -> ApiError:
                     "were stopped", kind="timeout_error", code="timeout")  # fmt: skip
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body parsed as JSON, refused with 413 past `limit` bytes (by Content-Length, and while streaming)."""
+async def read_json(request: Request, limit: int, timeout: float = 30.0) -> Any:
+    """The body parsed as JSON: 413 past `limit` bytes (by Content-Length, and while streaming), 408 when it takes
+    longer than `timeout` seconds to arrive, 415 unless it is application/json (a browser's cross-site "simple
+    request" cannot send that type), 499 when the client leaves halfway."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise ApiError(400, "the Content-Length header is not a number")
         if int(declared) > limit:
             raise _too_large(limit)
+    try:
+        raw = await asyncio.wait_for(_read_body(request, limit), timeout)
+    except ClientDisconnect:
+        raise _client_closed() from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="body_timeout") from None
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"the request body must be sent as 'Content-Type: application/json', not "
+                       f"{media or 'no type'!r}", code="unsupported_media_type")  # fmt: skip
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"the request body is not valid JSON: {one_line(e)}", code="invalid_json") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks), parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"the request body is not valid JSON: {one_line(e)}", code="invalid_json") from None
+    return b"".join(chunks)
 
 
 def _no_constant(name: str) -> float:
@@ -307,26 +388,31 @@ def _authenticate(api_key: str | None):
     """A dependency refusing (401) requests without `Authorization: Bearer <api_key>`; no check without a key."""
 
     async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+        if not _key_ok(request, api_key):
             raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                            kind="authentication_error", code="invalid_api_key")  # fmt: skip
 
     return check
 
 
+def _key_ok(request: Request, api_key: str | None) -> bool:
+    """True without a key, or when the request sends 'Authorization: Bearer <api_key>' (compared in constant time)."""
+    if api_key is None:
+        return True
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), api_key.encode())
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         body = ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", kind=kind).body()
-        return JSONResponse(body, status_code=error.status_code)
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)  # 405 keeps its Allow
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -46,6 +46,7 @@ class Job:
     proposal: Proposal
     deadline: float  # time.monotonic() after which the job is stopped
     on_done: JobDone  # called once, from the engine thread, with one outcome per program
+    work: int = 0  # members x max_tokens of the job (see protocol.check_budget): counted until the job is done
     outcomes: list = field(default_factory=list)
     remaining: int = 0  # programs not finished yet
     stop_reason: str | None = None
@@ -103,6 +104,11 @@ class Engine:
         """Chains waiting or running: 0 means nothing is left in the engine."""
         with self._cv:
             return sum(job.remaining for job in self._queue) + sum(job.remaining for job in self._running)
+
+    def work_in_flight(self) -> int:
+        """The work of the jobs waiting or running (a job counts in full until its last chain is done)."""
+        with self._cv:
+            return sum(job.work for job in (*self._queue, *self._running) if job.remaining)
 
     def stats(self) -> dict:
         with self._cv:

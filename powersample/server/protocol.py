@@ -22,7 +22,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -39,9 +39,10 @@ class ApiError(Exception):
     """An error answered as OpenAI's `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):  # fmt: skip
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers  # sent with the response (Retry-After on a 429)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -58,6 +59,13 @@ class Limits:
     max_stop: int = 16  # stop strings
     request_timeout: float = 600.0  # seconds from arrival; then the request's chains are stopped (504)
     max_queued_chains: int = 256  # chains waiting or running in the engine; more gets 429
+    # the work of a request, not its chain count: members = prompts x n x sequences per chain (particles, tries,
+    # candidates x rollouts; 1 for power), each set up (a generator) before the first engine request
+    max_members: int = 4096  # members of one request; more gets 400 (their setup: about 25 us and 2 KB each)
+    max_work: int = 2**22  # members x max_tokens of one request (tokens its sequences may hold); more gets 400
+    max_queued_work: int = 2**24  # members x max_tokens of every request waiting or running; more gets 429
+    max_mcmc_steps: int = 1000  # mcmc_steps of one request (the MCMC methods); more gets 400
+    retry_after: int = 1  # seconds a 429 tells the client to wait (its Retry-After header)
 
 
 # --- request bodies ---------------------------------------------------------------------------------------------
@@ -165,12 +173,23 @@ def check_limits(body: _Body, limits: Limits) -> None:
     stops = stop_strings(body)
     if len(stops) > limits.max_stop or any(not s for s in stops):
         raise ApiError(400, f"stop must be at most {limits.max_stop} non-empty strings", param="stop")
+    _check_counts(body, limits)
     if body.temperature is not None and not (math.isfinite(body.temperature) and 0 <= body.temperature <= 2):
         raise ApiError(400, f"temperature must be between 0 and 2, got {body.temperature}", param="temperature")
     if isinstance(body, CompletionBody):
         _check_completion(body, limits)
     elif isinstance(body, ChatBody):
         _check_chat(body)
+
+
+def _check_counts(body: _Body, limits: Limits) -> None:
+    """Counts sent past what any request may run are refused whatever the method (the served document's ranges)."""
+    caps = {"mcmc_steps": limits.max_mcmc_steps, "tries": limits.max_members, "particles": limits.max_members,
+            "candidates": limits.max_members, "rollouts": limits.max_members}  # fmt: skip
+    for name, cap in caps.items():
+        value = getattr(body, name)
+        if value is not None and value > cap:
+            raise ApiError(400, f"{name} must be at most {cap}, got {value}", param=name, code="over_limit")
 
 
 def _check_completion(body: CompletionBody, limits: Limits) -> None:
@@ -213,9 +232,30 @@ def _max_tokens(body: _Body) -> int | None:
 # --- request -> sampler config ------------------------------------------------------------------------------------
 
 
+def check_budget(config: SamplerConfig, prompts: int, n: int, limits: Limits) -> int:
+    """The request's work (members x max_tokens), checked against the per-request limits: each a 400 naming the
+    field that sets it. Checked before any chain exists, so a huge request costs nothing."""
+    if config.method in MCMC_METHODS and config.mcmc_steps > limits.max_mcmc_steps:
+        raise ApiError(400, f"mcmc_steps must be at most {limits.max_mcmc_steps}, got {config.mcmc_steps}",
+                       param="mcmc_steps", code="over_limit")  # fmt: skip
+    members = prompts * n * config.members
+    what = f"{prompts} prompt(s) x n {n} x {config.member_field} {config.members}"
+    param = config.member_field if config.members > 1 else "n"
+    if members > limits.max_members:
+        raise ApiError(400, f"the request asks for {members} sequences ({what}); the server's limit is "
+                       f"{limits.max_members}", param=param, code="over_limit")  # fmt: skip
+    work = members * config.max_new_tokens
+    if work > limits.max_work:
+        param = "max_tokens" if config.members == 1 and n == 1 else param
+        raise ApiError(400, f"the request asks for {work} tokens of sequences ({what} x max_tokens "
+                       f"{config.max_new_tokens}); the server's limit is {limits.max_work}", param=param,
+                       code="over_limit")  # fmt: skip
+    return work
+
+
 def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig, list[str]]:
     """The request's SamplerConfig (the server's defaults, overridden by the body), and the fields ignored."""
-    over: dict[str, Any] = {"method": body.method or defaults.method}
+    over: dict[str, Any] = {"method": defaults.method if body.method is None else body.method}
     for name in ("alpha", "mcmc_steps", "block_size", "proposal_temperature", "top_k", "top_p", *METHOD_KNOBS):
         if getattr(body, name) is not None:
             over[name] = getattr(body, name)
@@ -276,8 +316,10 @@ class Output:
     completion_tokens: int  # returned tokens, the final EOS counted when it ends the sample
 
 
-def finish(decode, record: SampleRecord, stops: Sequence[str], want_pieces: bool) -> Output:
-    """Cut the record's text before its earliest stop string, and find the tokens behind what is left."""
+def finish(decode, record: SampleRecord, stops: Sequence[str], want_pieces: bool,
+           check: Callable[[], None] | None = None) -> Output:  # fmt: skip
+    """Cut the record's text before its earliest stop string, and find the tokens behind what is left. `check` is
+    called before each token's piece (it raises to stop the work: the client left, or the deadline passed)."""
     ended = record.finish_reason == "eos"
     tokens = record.tokens[:-1] if ended else record.tokens
     cut = min((i for i in (record.text.find(s) for s in stops) if i >= 0), default=-1)
@@ -285,21 +327,36 @@ def finish(decode, record: SampleRecord, stops: Sequence[str], want_pieces: bool
     if cut < 0 and not want_pieces:
         return Output(text, "stop" if ended else "length", tokens, (), (), record.token_logp[: len(tokens)],
                       len(record.tokens))  # fmt: skip
-    pieces, offsets = _pieces(decode, tokens)
+    pieces, offsets = _pieces(decode, tokens, check)
     keep = len(tokens) if cut < 0 else sum(1 for o in offsets if o < cut)
     count = len(record.tokens) if cut < 0 else keep
     return Output(text, "stop" if ended or cut >= 0 else "length", tokens[:keep], pieces[:keep], offsets[:keep],
                   record.token_logp[:keep], count)  # fmt: skip
 
 
-def _pieces(decode, tokens: Sequence[int]) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """Each token's text as the growth of the decoded prefix, so the pieces add up to the text."""
-    pieces, offsets, before = [], [], ""
+PIECE_WINDOW = 8  # tokens of context each token's piece is decoded with (detokenizers look only a few tokens back)
+
+
+def _pieces(decode, tokens: Sequence[int], check: Callable[[], None] | None = None,
+            window: int = PIECE_WINDOW) -> tuple[tuple[str, ...], tuple[int, ...]]:  # fmt: skip
+    """Each token's text as the growth of the decoded text when the token is added, so the pieces add up to the text.
+
+    Incremental: the growth is measured on a window that starts at a multiple of `window` tokens, between `window`
+    and 2 `window` tokens back, so one decode of at most 2 `window` + 1 tokens per token (and one more per window
+    move): linear in T, where decoding every prefix is quadratic. Both texts of a growth are decoded from the same
+    start, so a detokenizer's handling of a sequence's first token (a dropped leading space) cancels out."""
+    pieces, offsets, start, before, offset = [], [], 0, "", 0
     for i in range(len(tokens)):
-        text = decode(tokens[: i + 1])
-        start = min(len(before), len(text))
-        pieces.append(text[start:])
-        offsets.append(start)
+        if check is not None:
+            check()
+        begin = max(0, (i // window - 1) * window)
+        if begin != start:
+            start, before = begin, decode(tokens[begin:i])
+        text = decode(tokens[start : i + 1])
+        piece = text[min(len(before), len(text)) :]
+        pieces.append(piece)
+        offsets.append(offset)
+        offset += len(piece)
         before = text
     return tuple(pieces), tuple(offsets)
 

@@ -1,0 +1,261 @@
+"""The served OpenAPI document (`GET /openapi.json`): request bodies from the very models that validate them
+(`protocol.CompletionBody`, `protocol.ChatBody`, power-sampling fields included) and the responses the handlers
+build, so a fuzzer (schemathesis) can check every answer against it. The handlers parse bodies themselves (size
+first, then JSON, then the model: see `app.read_json`), so the request bodies are added to FastAPI's document here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict
+
+from powersample.config import METHODS, SCALE_RANGE
+from powersample.server.protocol import ChatBody, CompletionBody, Limits
+
+_REF = "#/components/schemas/{model}"
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Out):
+    """OpenAI's error body, for every 4xx and 5xx."""
+
+    error: ErrorDetail
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChainStats(_Out):
+    index: int
+    logp: float
+    finish_reason: Literal["eos", "length"]
+    proposals: int
+    accepted: int
+    acceptance_rate: float
+    tokens_sampled: int
+
+
+class PowerSampling(_Out):
+    """The extension object of every generation response (protocol.power_sampling)."""
+
+    method: str
+    seed: int
+    config: dict[str, Any]  # SamplerConfig.resolved()
+    acceptance_rate: float | None
+    proposals: int
+    accepted: int
+    tokens_sampled: int
+    wall_seconds: float
+    chains: list[ChainStats]
+    ignored: list[str]
+
+
+class CompletionLogprobs(_Out):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(_Out):
+    text: str
+    index: int
+    finish_reason: Literal["stop", "length"]
+    logprobs: CompletionLogprobs | None
+
+
+class CompletionResponse(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    power_sampling: PowerSampling
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    content: list[TokenLogprob]
+    refusal: None
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: ChatLogprobs | None
+
+
+class ChatResponse(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    power_sampling: PowerSampling
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Out):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    """{"status": "ok"}; with the API key (or without a key) also the model, the backend and the engine's state."""
+
+    status: Literal["ok"]
+    model: str | None = None
+    backend: str | None = None
+    chains_in_flight: int | None = None
+    requests_waiting: int | None = None
+    requests_running: int | None = None
+    scheduler_runs: int | None = None
+    peak_chains: int | None = None
+    engine_alive: bool | None = None
+
+
+_ERRORS = {401: "no valid API key", 403: "a foreign Host or Origin", 500: "the engine failed"}
+_GENERATION_ERRORS = {400: "a bad field or a limit (param names the field)", 408: "the body did not arrive in time",
+                      413: "the body is too large", 415: "the body is not application/json",
+                      429: "the server is full (Retry-After)", 499: "the client closed the request",
+                      503: "stopped by a shutdown", 504: "past the request timeout"}  # fmt: skip
+
+
+def responses(model: type[BaseModel], generation: bool = False) -> dict[int | str, dict]:
+    """The `responses` of a route: `model` for 200, the error body for each error status it can answer."""
+    errors = {**_ERRORS, **(_GENERATION_ERRORS if generation else {})}
+    return {200: {"model": model}, **{s: {"model": ErrorResponse, "description": d} for s, d in errors.items()}}
+
+
+def request_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` declaring `model` as the route's JSON body."""
+    ref = {"$ref": _REF.format(model=model.__name__)}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def openapi(app: FastAPI, limits: Limits) -> dict:
+    """The app's OpenAPI document, with the request-body models added to its components and each field's range
+    under this server's `limits` (built once). Rules that join fields (block_size <= max_tokens, the work budget)
+    are the handlers' alone: a body inside every range may still get a 400."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                          description="power sampling p(x)^alpha behind the OpenAI API")  # fmt: skip
+        components = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionBody, ChatBody):
+            body = model.model_json_schema(ref_template=_REF)
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = _bounded(body, limits)
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def field_ranges(limits: Limits) -> dict[str, dict]:
+    """JSON-schema constraints of the request fields the handlers range-check (config.py, protocol.check_limits)."""
+    lo, hi = SCALE_RANGE
+    count = {"minimum": 1, "maximum": limits.max_members}
+    return {
+        "max_tokens": {"minimum": 1, "maximum": limits.max_tokens},
+        "max_completion_tokens": {"minimum": 1, "maximum": limits.max_tokens},
+        "n": {"minimum": 1, "maximum": limits.max_n},
+        "seed": {"minimum": 0},
+        "temperature": {"minimum": 0, "maximum": 2},
+        "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+        "method": {"enum": list(METHODS)},
+        "alpha": {"minimum": lo, "maximum": hi},
+        "proposal_temperature": {"minimum": lo, "maximum": hi},
+        "mcmc_steps": {"minimum": 0, "maximum": limits.max_mcmc_steps},
+        "block_size": {"minimum": 1, "maximum": limits.max_tokens},
+        "block_count": {"minimum": 1},
+        "top_k": {"minimum": 0},
+        "tries": count,
+        "particles": count,
+        "candidates": count,
+        "rollouts": count,
+        "ess_threshold": {"minimum": 0, "maximum": 1},
+        "alpha_ramp": {"minimum": 0},
+        "rollout_horizon": {"minimum": 0},
+        "logprobs": {"minimum": 0, "maximum": 5},
+        "top_logprobs": {"minimum": 0, "maximum": 20},
+    }
+
+
+def _nullable(prop: dict) -> None:
+    """prop, in place, as anyOf [prop, null] (its title and default stay outside)."""
+    meta = {k: prop.pop(k) for k in ("title", "default", "description") if k in prop}
+    inner = dict(prop)
+    prop.clear()
+    prop.update(anyOf=inner.pop("anyOf") + [{"type": "null"}] if "anyOf" in inner else [inner, {"type": "null"}],
+                **meta)  # fmt: skip
+
+
+def _bounded(body: dict, limits: Limits) -> dict:
+    """`body`'s schema with field_ranges applied to the non-null branch of each field."""
+    ranges = field_ranges(limits)
+    required = set(body.get("required", []))
+    for name, prop in body.get("properties", {}).items():
+        if name not in required and not any(b.get("type") == "null" for b in prop.get("anyOf", [])):
+            _nullable(prop)  # null takes the default (protocol._Body._null_is_default)
+    prompt = body.get("properties", {}).get("prompt")
+    if prompt is not None:  # every prompt must hold some text; a list holds 1..max_prompts of them
+        for branch in prompt.get("anyOf", [prompt]):
+            text = branch if branch.get("type") == "string" else branch.get("items", {})
+            text["pattern"] = r"\S"
+            if branch.get("type") == "array":
+                branch.update(minItems=1, maxItems=limits.max_prompts)
+    for branch in body.get("properties", {}).get("stop", {}).get("anyOf", []):  # 1..max_stop non-empty strings
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        elif branch.get("type") == "array":
+            branch.update(maxItems=limits.max_stop, items={"type": "string", "minLength": 1})
+    for name, prop in body.get("properties", {}).items():
+        extra = ranges.get(name)
+        if extra is None:
+            continue
+        branches = prop.get("anyOf", [prop])
+        for branch in branches:
+            kind = branch.get("type")
+            if kind in ("integer", "number") and "enum" not in extra:
+                branch.update(extra)
+            elif kind == "string" and "enum" in extra:
+                branch.update(extra)
+    return body
