@@ -125,10 +125,11 @@ def run_engines(
     torch_threads = _torch_threads()
     backends = [_load(c, options, update) for c in candidates]
     calls: list[list[list[CallStats]]] = [[[] for _ in engine_phases(options)] for _ in candidates]
+    loads: list[list[tuple[float, ...]]] = [[() for _ in engine_phases(options)] for _ in candidates]  # after each
 
     def result(complete: bool) -> EnginesResult:
-        rows = tuple(EngineRow(c, _placement(b), _phase_results(options, per_phase))
-                     for c, b, per_phase in zip(candidates, backends, calls))
+        rows = tuple(EngineRow(c, _placement(b), _phase_results(options, per_phase, per_load))
+                     for c, b, per_phase, per_load in zip(candidates, backends, calls, loads))
         return EnginesResult(options, machine, date, rows, complete)
 
     for repeat in range(options.repeats):
@@ -137,6 +138,7 @@ def run_engines(
                 for c, (candidate, backend) in enumerate(zip(candidates, backends)):
                     _use_threads(candidate.choice, torch_threads)
                     calls[c][p].append(run_call(backend, options, phase, repeat, index, None))
+                    loads[c][p] = os.getloadavg()
                     if update:
                         update(f"{candidate.spec}: {phase.name}", 1)
                     if on_progress:
@@ -152,9 +154,10 @@ def _load(candidate: Candidate, options: BenchOptions, update: Update | None) ->
     return backend
 
 
-def _phase_results(options: BenchOptions, per_phase: list[list[CallStats]]) -> tuple[PhaseResult, ...]:
-    return tuple(PhaseResult(phase, tuple(calls), peak_rss_kb(), os.getloadavg())
-                 for phase, calls in zip(engine_phases(options), per_phase) if calls)
+def _phase_results(options: BenchOptions, per_phase: list[list[CallStats]],
+                   per_load: list[tuple[float, ...]]) -> tuple[PhaseResult, ...]:
+    return tuple(PhaseResult(phase, tuple(calls), peak_rss_kb(), load)
+                 for phase, calls, load in zip(engine_phases(options), per_phase, per_load) if calls)
 
 
 def _placement(backend: Backend) -> str | None:
@@ -181,22 +184,30 @@ def _use_threads(choice: BackendChoice, default: int | None) -> None:
 
 
 def format_engines(result: EnginesResult) -> str:
-    """The side-by-side table: per candidate, rates and wall per sample, and speed relative to the first."""
+    """The side-by-side table: per candidate, tokens/s of each phase (rejected proposals included: comparable across
+    engines whose samples differ in length), wall per sample, and power-1 tokens/s relative to the first."""
     o, c = result.options, result.options.config
     state = "" if result.complete else " [PARTIAL]"
     head = (f"powersample bench --engines: {c.method} alpha={c.alpha:g} T={c.max_new_tokens} B={c.block} "
             f"N={c.mcmc_steps}; {len(o.prompts)} prompt(s), K={o.chains}, {o.repeats} repeat(s), "
-            f"{result.machine['cpu_count']} CPUs{state}")
-    cols = f"{'engine':<28} {'plain tok/s b1':>14} {'power-1 s/sample':>16} {'power-K s/sample':>16} {'vs first':>8}"
+            f"{result.machine['cpu_count']} CPUs, load average {result.machine['load_average_start'][0]:.1f} at "
+            f"start{state}")
+    cols = (f"{'engine':<28} {'plain-1 tok/s':>13} {'power-1 tok/s':>13} {'power-K tok/s':>13} "
+            f"{'power-1 s/sample':>16} {'vs first':>8}")
     lines = [head, "", cols]
-    first = _wall(result.rows[0], "power-1") if result.rows else None
+    first = _rate(result.rows[0], "power-1") if result.rows else None
     for row in result.rows:
-        plain, one, k = row.phase("plain-1"), _wall(row, "power-1"), _wall(row, "power-K")
-        speed = f"{first / one:.2f}x" if first and one else "-"
-        lines.append(f"{row.candidate.spec:<28} {_num(plain.tokens_per_second if plain else None):>14} "
-                     f"{_num(one):>16} {_num(k):>16} {speed:>8}")
+        one = _rate(row, "power-1")
+        speed = f"{one / first:.2f}x" if first and one else "-"
+        lines.append(f"{row.candidate.spec:<28} {_num(_rate(row, 'plain-1')):>13} {_num(one):>13} "
+                     f"{_num(_rate(row, 'power-K')):>13} {_num(_wall(row, 'power-1')):>16} {speed:>8}")
     lines += ["", *(f"{r.candidate.spec}: {r.placement}" for r in result.rows if r.placement)]
     return "\n".join(lines)
+
+
+def _rate(row: EngineRow, name: str) -> float | None:
+    phase = row.phase(name)
+    return phase.tokens_per_second if phase else None
 
 
 def _wall(row: EngineRow, name: str) -> float | None:

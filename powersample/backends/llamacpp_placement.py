@@ -78,10 +78,11 @@ def choose_placement(engine: Engine, tensors: Sequence[Tensor], allow_amx: bool)
     if "AMX" not in engine.extra_bufts:
         return Placement(True, reason="no AMX buffer type in this build: llama.cpp's own choice")
     eligible = [t for t in tensors if t.type in AMX_TYPES and not _lookup_only(t, tensors)]
-    stuck = sorted({t.type for t in eligible if not can_repack(t, engine)})
+    stuck = [t for t in eligible if not can_repack(t, engine)]
     if stuck:
-        return Placement(False, reason=f"AMX present and {', '.join(stuck)} weights have no CPU repack: "
-                                       "no extra buffer types")
+        kinds = sorted({f"tied {t.name} ({t.type})" if t.name == TOKEN_EMBD else t.type for t in stuck})
+        return Placement(False, reason=f"AMX present and {len(stuck)} weights it would take can't be placed in "
+                                       f"CPU_REPACK ({', '.join(kinds)}): no extra buffer types")
     if not eligible:
         return Placement(True, reason="AMX present, but no weight of a type it takes: llama.cpp's own choice")
     if "CPU_REPACK" not in engine.extra_bufts:
