@@ -1,5 +1,8 @@
 """`powersample bench --engines A,B,...`: engine configurations side by side, in one run on one machine.
 
+It answers "which engine is fastest here, and does it run the same model?": besides speed, each candidate's
+KL divergence from the first candidate's model is estimated from `score`, so a re-quantized copy shows its cost.
+
 Each candidate is a backend with options, `NAME[:KEY=VALUE...]` with keys threads, dtype, quant and device:
 `llamacpp`, `llamacpp:threads=2`, `llamacpp:quant=iq4_nl`, `hf:dtype=bfloat16:threads=1`. Every candidate is loaded
 once; then, for each repeat, prompt and phase, the candidates take turns, so that other load on the machine hits them
@@ -14,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from powersample.api import sample
 from powersample.backends import Backend
 from powersample.bench import (
     BackendChoice,
@@ -80,6 +84,7 @@ class EngineRow:
     candidate: Candidate
     placement: str | None  # llamacpp: where llama.cpp put the weights (llamacpp_placement.Placement.reason)
     phases: tuple[PhaseResult, ...]
+    kl: float | None = None  # nats per token, KL(first candidate's model || this one's); None: tokenizers differ
 
     def phase(self, name: str) -> PhaseResult | None:
         return next((p for p in self.phases if p.phase.name == name), None)
@@ -87,7 +92,7 @@ class EngineRow:
     def to_dict(self) -> dict[str, Any]:
         c = self.candidate.choice
         return {"spec": self.candidate.spec, "backend": c.name, "threads": c.threads, "dtype": c.dtype,
-                "quant": c.quant, "placement": self.placement,
+                "quant": c.quant, "placement": self.placement, "kl_from_first": self.kl,
                 "phases": {p.phase.name: p.to_dict() for p in self.phases}}
 
 
@@ -128,10 +133,11 @@ def run_engines(
     loads: list[list[tuple[float, ...]]] = [[() for _ in engine_phases(options)] for _ in candidates]  # after each
 
     def result(complete: bool) -> EnginesResult:
-        rows = tuple(EngineRow(c, _placement(b), _phase_results(options, per_phase, per_load))
-                     for c, b, per_phase, per_load in zip(candidates, backends, calls, loads))
+        rows = tuple(EngineRow(c, _placement(b), _phase_results(options, per_phase, per_load), d)
+                     for c, b, per_phase, per_load, d in zip(candidates, backends, calls, loads, divergence))
         return EnginesResult(options, machine, date, rows, complete)
 
+    divergence = _divergences(options, backends)
     for repeat in range(options.repeats):
         for index in range(len(options.prompts)):
             for p, phase in enumerate(engine_phases(options)):
@@ -144,6 +150,27 @@ def run_engines(
                     if on_progress:
                         on_progress(result(False))
     return result(True)
+
+
+def _divergences(options: BenchOptions, backends: Sequence[Backend]) -> list[float | None]:
+    """Per candidate, KL(p_first || p_candidate) in nats per token, estimated on the first candidate's own plain
+    samples (one per prompt, seed + i): the mean over their tokens of log p_first - log p_candidate, both from
+    `score`. Engines running the same weights give about 0; a re-quantized copy shows how far it moved."""
+    first, texts = backends[0], []
+    for i, prompt in enumerate(options.prompts):
+        [record] = sample(first, prompt, options.plain_config, seed=options.seed + i, chat=options.chat)
+        texts.append((prompt, record.tokens, record.token_logp))
+    out: list[float | None] = []
+    for backend in backends:
+        gaps = []
+        for prompt, tokens, logp in texts:
+            context = backend.encode(prompt, options.chat)
+            if context != first.encode(prompt, options.chat):
+                gaps = None
+                break
+            gaps += [a - b for a, b in zip(logp, backend.score(context, tokens))]
+        out.append(None if not gaps else sum(gaps) / len(gaps))
+    return out
 
 
 def _load(candidate: Candidate, options: BenchOptions, update: Update | None) -> Backend:
@@ -193,14 +220,15 @@ def format_engines(result: EnginesResult) -> str:
             f"{result.machine['cpu_count']} CPUs, load average {result.machine['load_average_start'][0]:.1f} at "
             f"start{state}")
     cols = (f"{'engine':<28} {'plain-1 tok/s':>13} {'power-1 tok/s':>13} {'power-K tok/s':>13} "
-            f"{'power-1 s/sample':>16} {'vs first':>8}")
+            f"{'power-1 s/sample':>16} {'vs first':>8} {'KL nats/tok':>11}")
     lines = [head, "", cols]
     first = _rate(result.rows[0], "power-1") if result.rows else None
     for row in result.rows:
         one = _rate(row, "power-1")
         speed = f"{one / first:.2f}x" if first and one else "-"
         lines.append(f"{row.candidate.spec:<28} {_num(_rate(row, 'plain-1')):>13} {_num(one):>13} "
-                     f"{_num(_rate(row, 'power-K')):>13} {_num(_wall(row, 'power-1')):>16} {speed:>8}")
+                     f"{_num(_rate(row, 'power-K')):>13} {_num(_wall(row, 'power-1')):>16} {speed:>8} "
+                     f"{_num(row.kl, 3):>11}")
     lines += ["", *(f"{r.candidate.spec}: {r.placement}" for r in result.rows if r.placement)]
     return "\n".join(lines)
 
@@ -215,6 +243,6 @@ def _wall(row: EngineRow, name: str) -> float | None:
     return phase.wall_per_sample if phase else None
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
