@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     plan = make_plan(task, problems, seeds=seeds, config=config, chat=not args.raw, backend=backend_identity(args),
                      grading=grading, shard=shard, limit=limit)  # fmt: skip
     run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(plan)
-    precheck_run_dir(run_dir, plan.identity())
+    precheck_run_dir(run_dir, plan.identity(), shard)
     if not args.quiet:
         print(f"powersample: {len(plan.problems)} problems x {len(seeds)} seeds -> {run_dir}", file=sys.stderr)
     if ray_options is None:
@@ -195,14 +195,16 @@ def default_run_dir(plan: Any) -> Path:
     return Path("runs") / f"{plan.task.name}-{plan.config.method}-{identity_hash(plan.identity())}"
 
 
-def precheck_run_dir(run_dir: Path, identity: dict[str, Any]) -> None:
-    """Refuse a directory holding another config before the (slow) model load."""
-    from powersample.eval.records import RUN_FILE, check_identity, read_run
+def precheck_run_dir(run_dir: Path, identity: dict[str, Any], shard: tuple[int, int] | None = None) -> None:
+    """Refuse a directory holding another config, or one that another eval of this shard is writing, before the
+    (slow) model load."""
+    from powersample.eval.records import RUN_FILE, check_identity, check_unlocked, read_run, records_path
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PowerSampleError(f"--output-dir {run_dir} is not a directory")
     if (run_dir / RUN_FILE).exists():
         check_identity(run_dir, read_run(run_dir).get("identity"), identity)
-    elif run_dir.exists() and not run_dir.is_dir():
-        raise PowerSampleError(f"--output-dir {run_dir} is not a directory")
+    check_unlocked(records_path(run_dir, shard))
 
 
 def _grade_options(args: argparse.Namespace) -> GradeOptions:
