@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -106,7 +107,11 @@ def add_vllm_options(g: argparse._ArgumentGroup) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SamplerConfig:
-    return SamplerConfig(
+    """The validated SamplerConfig of the sampler options, with the method's own checks done now, before any
+    model loads (power-rollout's refusal of a proposal temperature would otherwise come after the load)."""
+    if math.isfinite(args.alpha) and args.alpha > 0 and not math.isfinite(1 / args.alpha):
+        raise PowerSampleError(f"alpha must be a number > 0 whose inverse is finite, got {args.alpha}")
+    config = SamplerConfig(
         method=args.method,
         alpha=args.alpha,
         max_new_tokens=args.max_new_tokens,
@@ -118,6 +123,21 @@ def config_from_args(args: argparse.Namespace) -> SamplerConfig:
         top_p=args.top_p,
         **{name: getattr(args, name) for name in METHOD_KNOBS},
     )
+    if config.method == "power-rollout":
+        from powersample.samplers.rollout import check_config
+
+        check_config(config)
+    return config
+
+
+def check_sample_args(args: argparse.Namespace, config: SamplerConfig) -> None:
+    """What `api.sample` would refuse, refused before the model loads (same messages)."""
+    if args.num_samples < 1:
+        raise PowerSampleError(f"num_samples must be >= 1, got {args.num_samples}")
+    if args.seed < 0:
+        raise PowerSampleError(f"seed must be an integer >= 0, got {args.seed}")
+    if args.return_particles and config.method != "power-smc":
+        raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
 
 
 def backend_from_args(args: argparse.Namespace):
@@ -141,6 +161,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from powersample.progress import progress_bar
 
     config = config_from_args(args)  # validate before the (slow) model load
+    check_sample_args(args, config)
     prompt = read_prompt(args)
     if args.output:
         append_jsonl(args.output, [])  # fail on an unwritable path now, not after sampling
@@ -180,11 +201,15 @@ def summary_line(r, total: int) -> str:
 
 
 def append_jsonl(path: str, rows: list[dict]) -> None:
-    """Append rows, flushed and fsynced, so existing records are never lost."""
+    """Append rows, flushed and fsynced, so existing records are never lost. Every row is encoded first, and a
+    non-finite number refused: a bare Infinity or NaN would make the file invalid JSON."""
+    try:
+        lines = "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+    except ValueError:
+        raise PowerSampleError(f"not writing {path}: a record holds a non-finite number") from None
     try:
         with open(path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            f.write(lines)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:

@@ -1,0 +1,116 @@
+"""Issue 12 on the command line: every bad input a careless user gives sample, bench and serve is one line on
+stderr and exit 2 (C1, C2, C5, C8), found before the model loads where it does not need the model."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import SPECS
+from powersample.cli import main
+
+SPEC = str(SPECS / "early_eos.json")
+TOY = ["--backend", "toy", "--toy-spec", SPEC]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_line_error(code: int, capsys, *words: str) -> str:
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", (code, out, err)
+    assert err.count("\n") == 1 and err.startswith("powersample: error:") and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+    return err
+
+
+@pytest.fixture
+def bad_specs(tmp_path) -> dict[str, Path]:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(Path("/bin/ls").read_bytes()[:4096] if Path("/bin/ls").exists() else b"\x7fELF\xff\xfe\x00")
+    digits = tmp_path / "digits.json"
+    digits.write_text('{"vocab": ["a", "<eos>"], "eos_id": ' + "7" * 5000 + ', "default": [0.5, 0.5]}')
+    big_int = tmp_path / "big_int.json"  # parses (under the digit limit) but is too large for a float
+    big_int.write_text('{"vocab": ["a", "<eos>"], "eos_id": 1, "default": [' + "9" * 400 + ", 0]}")
+    return {"deep": deep, "binary": binary, "digits": digits, "big_int": big_int}
+
+
+# --- C1, C2: toy specs that are not JSON, or not a spec --------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, words", [("deep", ["nested too deeply"]), ("binary", ["not UTF-8"]),
+                                         ("digits", ["integer string conversion"]),
+                                         ("big_int", ["finite numbers"])])  # fmt: skip
+@pytest.mark.parametrize("command", ["sample", "bench", "serve"])
+def test_a_bad_toy_spec_is_one_line(command, kind, words, bad_specs, capsys):
+    spec = str(bad_specs[kind])
+    argv = {
+        "sample": ["sample", "x", "--backend", "toy", "--toy-spec", spec, "--quiet"],
+        "bench": ["bench", "--quick", "--backend", "toy", "--toy-spec", spec, "--quiet"],
+        "serve": ["serve", "--backend", "toy", "--toy-spec", spec, "--quiet", "--port", str(free_port())],
+    }[command]
+    one_line_error(main(argv), capsys, "toy spec", *words)
+
+
+@pytest.mark.parametrize("kind", ["deep", "binary", "digits", "big_int"])
+def test_a_bad_fidelity_spec_is_one_line(kind, bad_specs, capsys):
+    one_line_error(main(["bench", "--fidelity", "--spec", str(bad_specs[kind]), "--quiet"]), capsys, "toy spec")
+
+
+# --- C5: a non-finite derived value never reaches a record -------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", ["5e-324", "1e-310"])
+def test_a_subnormal_alpha_is_refused_and_nothing_is_written(alpha, tmp_path, capsys):
+    out = tmp_path / "records.jsonl"
+    code = main(["sample", "x", *TOY, "--quiet", "--alpha", alpha, "--output", str(out)])
+    one_line_error(code, capsys, "alpha")
+    assert not out.exists() or out.read_text() == ""
+
+
+def test_records_are_never_written_with_non_finite_numbers(tmp_path):
+    from powersample.cli import append_jsonl
+    from powersample.errors import PowerSampleError
+
+    out = tmp_path / "records.jsonl"
+    append_jsonl(str(out), [{"a": 1.0}])
+    with pytest.raises(PowerSampleError, match="non-finite"):
+        append_jsonl(str(out), [{"a": 2.0}, {"a": float("inf")}])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [{"a": 1.0}]  # nothing half-written
+
+
+# --- C8: what does not need the model is refused before it loads --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, word",
+    [
+        (["--num-samples", "0"], "num_samples"),
+        (["--seed", "-1"], "seed"),
+        (["--return-particles"], "power-smc"),
+        (["--method", "power-rollout", "--proposal-temperature", "0.5"], "proposal_temperature"),
+    ],
+)
+def test_sample_refuses_before_loading(extra, word, capsys):
+    # no --quiet: the "loading the backend" line would show if the model were loaded first
+    err = one_line_error(main(["sample", "x", *TOY, *extra]), capsys, word)
+    assert "loading" not in err
+
+
+def test_eval_and_bench_refuse_rollout_temperature_before_loading(tmp_path, capsys):
+    rollout = ["--method", "power-rollout", "--proposal-temperature", "0.5"]
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    argv = ["eval", "--task", "math500", "--data", str(data), *TOY, *rollout, "--output-dir", str(tmp_path / "r")]
+    one_line_error(main(argv), capsys, "proposal_temperature")
+    assert not (tmp_path / "r").exists()
+    err = one_line_error(main(["bench", "--quick", *TOY, *rollout]), capsys, "proposal_temperature")
+    assert "loading" not in err
