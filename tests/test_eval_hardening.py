@@ -10,6 +10,7 @@ import pytest
 
 from powersample.cli import main
 from powersample.errors import PowerSampleError
+from powersample.eval.records import load_records
 
 SPEC = {"vocab": ["The answer is ", "\\boxed{1}", "\\boxed{2}", "<eos>"], "eos_id": 3,
         "default": [0.1, 0.4, 0.3, 0.2], "next": {"": [0.5, 0.3, 0.2, 0.0]}}  # fmt: skip
@@ -95,3 +96,108 @@ def test_duplicate_ids_in_humaneval_data(tmp_path):
     write_jsonl(data, [{**row, "test": 3}])
     with pytest.raises(PowerSampleError, match="test must be text"):
         get_task("humaneval").load(str(data), False)
+
+
+# --- C1, C4: data and records files that are not what they should be ---------------------------------------------
+
+
+def test_deeply_nested_data_is_one_line(spec, tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    assert main(eval_argv(spec, deep, tmp_path / "run")) == 2
+    one_line_error(capsys, str(deep))
+    jsonl = tmp_path / "deep.jsonl"
+    jsonl.write_text('{"problem": "1+1", "answer": "2"}\n' + "[" * 100_000 + "\n")
+    assert main(eval_argv(spec, jsonl, tmp_path / "run")) == 2
+    one_line_error(capsys, "line 2", "nested too deeply")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_deeply_nested_toy_spec_in_eval_is_one_line(tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1", "answer": "2"}])
+    assert main(eval_argv(deep, data, tmp_path / "run")) == 2
+    one_line_error(capsys, "toy spec", "nested too deeply")
+
+
+@pytest.fixture
+def run_dir(spec, tmp_path, capsys) -> Path:
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": f"q{i}", "answer": "1"} for i in range(3)])
+    out = tmp_path / "run"
+    assert main(eval_argv(spec, data, out)) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_a_deeply_nested_record_line_is_skipped_as_foreign(run_dir, capsys):
+    with open(run_dir / "records.jsonl", "a") as f:
+        f.write("[" * 100_000 + "\n")
+    assert len(load_records(run_dir)) == 3
+    assert main(["report", str(run_dir), "--no-plots"]) == 0
+
+
+def test_records_file_that_is_a_directory(spec, run_dir, tmp_path, capsys):
+    (run_dir / "records.jsonl").rename(run_dir / "moved")
+    (run_dir / "records.jsonl").mkdir()
+    assert main(["report", str(run_dir), "--no-plots"]) == 2
+    one_line_error(capsys, "records.jsonl")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": f"q{i}", "answer": "1"} for i in range(3)])
+    assert main(eval_argv(spec, data, run_dir)) == 2
+    one_line_error(capsys, "records.jsonl")
+
+
+# --- C3: report trusts nothing it reads ---------------------------------------------------------------------------
+
+
+def edit_run(run_dir: Path, edit) -> None:
+    path = run_dir / "run.json"
+    header = json.loads(path.read_text())
+    edit(header)
+    path.write_text(json.dumps(header))
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda h: h.update(identity={}), ["run.json", "'task'"]),
+        (lambda h: h["identity"].pop("config"), ["run.json", "'config'"]),
+        (lambda h: h["identity"].update(config=[]), ["run.json", "'config'"]),
+        (lambda h: h["identity"]["config"].pop("method"), ["run.json", "'method'"]),
+        (lambda h: h["identity"]["config"].update(max_new_tokens="6"), ["run.json", "'max_new_tokens'"]),
+        (lambda h: h["identity"]["config"].update(alpha=[4]), ["run.json", "'alpha'"]),
+        (lambda h: h["identity"].update(chat=[]), ["run.json", "'chat'"]),
+    ],
+)
+def test_report_refuses_a_damaged_run_json(edit, words, run_dir, capsys):
+    edit_run(run_dir, edit)
+    assert main(["report", str(run_dir), "--no-plots"]) == 2
+    one_line_error(capsys, *words)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda r: r.pop("tokens"), ["has no 'tokens'"]),
+        (lambda r: r.update(tokens=3), ["'tokens'"]),
+        (lambda r: r.pop("wall_seconds"), ["'wall_seconds'"]),
+        (lambda r: r.update(proposals="many"), ["'proposals'"]),
+        (lambda r: r.update(correct="yes"), ["'correct'"]),
+        (lambda r: r.update(logp_per_token=float("inf")), ["'logp_per_token'"]),
+        (lambda r: r.update(problem_id=["p"]), ["'problem_id'"]),
+    ],
+)
+def test_report_refuses_a_damaged_record(edit, words, run_dir, capsys):
+    path = run_dir / "records.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    edit(records[1])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["report", str(run_dir), "--no-plots"]) == 2
+    one_line_error(capsys, f"{path} line 2", *words)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not text", b"[" * 100_000, b"{}", b'{"identity": 3}'])
+def test_report_refuses_a_run_json_that_is_not_json(content, run_dir, capsys):
+    (run_dir / "run.json").write_bytes(content)
+    assert main(["report", str(run_dir), "--no-plots"]) == 2
+    one_line_error(capsys, "run.json")
