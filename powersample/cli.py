@@ -21,13 +21,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
     except PowerSampleError as e:
         print(f"powersample: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("powersample: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as the shell's own tools do
+        _drop_stdout()
+        return 128 + 13  # 128 + SIGPIPE
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests); nothing to flush
+        pass
+    finally:
+        os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +125,10 @@ def add_vllm_options(g: argparse._ArgumentGroup) -> None:
 def config_from_args(args: argparse.Namespace) -> SamplerConfig:
     """The validated SamplerConfig of the sampler options, with the method's own checks done now, before any
     model loads (power-rollout's refusal of a proposal temperature would otherwise come after the load)."""
-    if math.isfinite(args.alpha) and args.alpha > 0 and not math.isfinite(1 / args.alpha):
-        raise PowerSampleError(f"alpha must be a number > 0 whose inverse is finite, got {args.alpha}")
+    for name in ("alpha", "proposal_temperature"):  # subnormal: 1/x overflows into inf temperatures and weights
+        x = getattr(args, name)
+        if x is not None and math.isfinite(x) and x > 0 and not math.isfinite(1 / x):
+            raise PowerSampleError(f"{name} must be a number > 0 whose inverse is finite, got {x}")
     config = SamplerConfig(
         method=args.method,
         alpha=args.alpha,
@@ -169,11 +187,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     with progress_bar(config, args.quiet, chains=args.num_samples) as progress:
         records = sample(backend, prompt, config, seed=args.seed, num_samples=args.num_samples,
                          chat=not args.raw, progress=progress, return_particles=args.return_particles)
+    if args.output:  # first: the records are kept even if printing fails (a closed pipe)
+        append_jsonl(args.output, [r.to_dict() for r in records])
     for r in records:
         print(r.text)
         print(summary_line(r, len(records)))
-    if args.output:
-        append_jsonl(args.output, [r.to_dict() for r in records])
     return 0
 
 

@@ -4,7 +4,10 @@ stderr and exit 2 (C1, C2, C5, C8), found before the model loads where it does n
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from conftest import SPECS
 from powersample.cli import main
 
+REPO = Path(__file__).resolve().parent.parent
 SPEC = str(SPECS / "early_eos.json")
 TOY = ["--backend", "toy", "--toy-spec", SPEC]
 
@@ -114,3 +118,43 @@ def test_eval_and_bench_refuse_rollout_temperature_before_loading(tmp_path, caps
     assert not (tmp_path / "r").exists()
     err = one_line_error(main(["bench", "--quick", *TOY, *rollout]), capsys, "proposal_temperature")
     assert "loading" not in err
+
+
+@pytest.mark.parametrize("method", ["power-mtm", "power-smc"])
+@pytest.mark.parametrize("tau", ["5e-324", "1e-310"])
+def test_a_subnormal_proposal_temperature_is_refused(method, tau, capsys):
+    code = main(["sample", "x", *TOY, "--quiet", "--method", method, "--proposal-temperature", tau])
+    one_line_error(code, capsys, "proposal_temperature")
+
+
+# --- a closed stdout (`powersample ... | head`) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("many", [False, True])  # the text fits the buffer (fails at the final flush) or not
+def test_a_closed_stdout_is_quiet_and_keeps_the_records(many, tmp_path):
+    out = tmp_path / "records.jsonl"
+    read, write = os.pipe()
+    os.close(read)  # closed before the child starts: its first write to stdout fails, every time
+    argv = [sys.executable, "-m", "powersample.cli", "sample", "x", *TOY, "--quiet", "--output", str(out),
+            "--num-samples", "3000" if many else "1"]  # fmt: skip
+    try:
+        done = subprocess.run(argv, cwd=REPO, stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
+    assert len(out.read_text().splitlines()) == (3000 if many else 1)
+
+
+def test_report_into_a_closed_pipe_is_quiet(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    run = tmp_path / "run"
+    assert main(["eval", "--task", "math500", "--data", str(data), *TOY, "--quiet", "--output-dir", str(run)]) == 0
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "powersample.cli", "report", str(run), "--no-plots"], cwd=REPO,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
