@@ -167,6 +167,10 @@ def edit_run(run_dir: Path, edit) -> None:
         (lambda h: h["identity"]["config"].update(max_new_tokens="6"), ["run.json", "'max_new_tokens'"]),
         (lambda h: h["identity"]["config"].update(alpha=[4]), ["run.json", "'alpha'"]),
         (lambda h: h["identity"].update(chat=[]), ["run.json", "'chat'"]),
+        (lambda h: h["identity"].update(task="../../escaped"), ["run.json", "'task'"]),  # it names plot files
+        (lambda h: h["identity"]["config"].update(block_size=0), ["run.json", "block_size"]),  # divides
+        (lambda h: h["identity"]["config"].update(max_new_tokens=10**400), ["run.json", "'max_new_tokens'"]),
+        (lambda h: h["identity"]["config"].update(method="nope"), ["run.json", "unknown method"]),
     ],
 )
 def test_report_refuses_a_damaged_run_json(edit, words, run_dir, capsys):
@@ -185,6 +189,9 @@ def test_report_refuses_a_damaged_run_json(edit, words, run_dir, capsys):
         (lambda r: r.update(correct="yes"), ["'correct'"]),
         (lambda r: r.update(logp_per_token=float("inf")), ["'logp_per_token'"]),
         (lambda r: r.update(problem_id=["p"]), ["'problem_id'"]),
+        (lambda r: r.update(tokens_generated=10**4000), ["'tokens_generated'"]),  # no float holds it
+        (lambda r: r.update(wall_seconds=1e308), ["'wall_seconds'"]),  # sums overflow
+        (lambda r: r.update(logp_per_token=-1e308), ["'logp_per_token'"]),
     ],
 )
 def test_report_refuses_a_damaged_record(edit, words, run_dir, capsys):

@@ -13,14 +13,16 @@ PNG (matplotlib, Agg, no pyplot state) per task:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from powersample.config import MCMC_METHODS
+from powersample.config import MCMC_METHODS, SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
 from powersample.eval.records import RUN_FILE, identity_hash, iter_records, read_run, record_key, write_bytes_atomic
@@ -96,7 +98,15 @@ def read_identity(run_dir: Path) -> dict[str, Any]:
     identity = read_run(run_dir)["identity"]
     where = str(run_dir / RUN_FILE)
     check_fields(identity, IDENTITY_FIELDS, where, "identity")
-    check_fields(identity["config"], CONFIG_FIELDS, where, "identity.config")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", identity["task"]):  # it names the plot files
+        raise PowerSampleError(f"{where}: identity has a bad 'task' {identity['task'][:40]!r}")
+    config = identity["config"]
+    check_fields(config, CONFIG_FIELDS, where, "identity.config")
+    known = {f.name for f in dataclasses.fields(SamplerConfig)}
+    try:  # the one validation of a config: ranges too (a block size of 0 would divide by zero)
+        SamplerConfig(**{k: v for k, v in config.items() if k in known})
+    except (PowerSampleError, TypeError) as e:
+        raise PowerSampleError(f"{where}: identity.config is not a valid sampler config ({e})") from None
     return identity
 
 
@@ -109,14 +119,16 @@ def check_fields(obj: dict[str, Any], fields: dict[str, Any], where: str, what: 
             continue
         types = tuple(k for k in kinds if k is not None)
         wrong_bool = isinstance(value, bool) and bool not in types
-        finite = not isinstance(value, float) or math.isfinite(value)
-        if value is None or not isinstance(value, types) or wrong_bool or not finite:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        sane = not number or abs(value) <= MAX_MAGNITUDE  # False for inf and NaN too; no float conversion
+        if value is None or not isinstance(value, types) or wrong_bool or not sane:
             shown = [k for k in kinds if not (k is int and float in kinds)]  # int or float: "a number"
             names = " or ".join("null" if k is None else _TYPE_NAMES[k] for k in shown)
             problem = "has no" if key not in obj else "has a bad"
             raise PowerSampleError(f"{where}: {what} {problem} {key!r} (expected {names})")
 
 
+MAX_MAGNITUDE = 2**53  # numbers beyond are no measurement: sums and means of them would overflow floats
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
                dict: "an object"}  # fmt: skip
 
