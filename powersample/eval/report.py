@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
