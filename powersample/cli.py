@@ -200,6 +200,10 @@ def read_prompt(args: argparse.Namespace) -> str:
         raise PowerSampleError("give a prompt either as an argument or with --prompt-file, not both or neither")
     prompt = args.prompt if args.prompt_file is None else _read_file(args.prompt_file)
     check_prompt(prompt)
+    try:  # bytes that are not UTF-8 in argv arrive as lone surrogates; a prompt file with them is refused too
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PowerSampleError("the prompt is not UTF-8 text") from None
     return prompt
 
 

@@ -158,3 +158,13 @@ def test_report_into_a_closed_pipe_is_quiet(tmp_path, capsys):
     finally:
         os.close(write)
     assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+def test_a_toy_vocab_with_a_lone_surrogate_is_refused(tmp_path, capsys):
+    spec = tmp_path / "surrogate.json"
+    spec.write_text('{"vocab": ["\\ud800", "<eos>"], "eos_id": 1, "default": [0.0, 1.0], "next": {"": [1.0, 0.0]}}')
+    one_line_error(main(["sample", "x", "--backend", "toy", "--toy-spec", str(spec), "--quiet"]), capsys, "surrogate")
+
+
+def test_a_prompt_that_is_not_utf8_is_refused(capsys):
+    one_line_error(main(["sample", "caf\udce9", *TOY, "--quiet"]), capsys, "not UTF-8")  # b"caf\xe9" in argv

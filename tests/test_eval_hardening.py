@@ -208,3 +208,36 @@ def test_report_refuses_a_run_json_that_is_not_json(content, run_dir, capsys):
     (run_dir / "run.json").write_bytes(content)
     assert main(["report", str(run_dir), "--no-plots"]) == 2
     one_line_error(capsys, "run.json")
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--data", ""], ["--data is empty"]),  # else: a download of the hub's MATH-500
+        (["--output-dir", " "], ["--output-dir is empty"]),
+        (["--code-timeout", "1e308"], ["--code-timeout"]),  # the sandbox's CPU rlimit would overflow
+        (["--code-memory-mb", "9" * 20], ["--code-memory-mb"]),
+        (["--math-timeout", "1e20"], ["--math-timeout"]),
+    ],
+)
+def test_eval_options_out_of_range(extra, words, spec, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a relative path like " " would land
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1", "answer": "2"}])
+    argv = eval_argv(spec, data, tmp_path / "run")
+    for i in range(0, len(extra), 2):  # replace a given option's value, else add it
+        if extra[i] in argv:
+            argv[argv.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            argv += extra[i : i + 2]
+    assert main(argv) == 2
+    one_line_error(capsys, *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_code_limits_still_run(spec, tmp_path, capsys):
+    row = {"task_id": "t/0", "prompt": "def f():\n", "test": "def check(f):\n    assert f() == 1\n", "entry_point": "f"}
+    data = write_jsonl(tmp_path / "he.jsonl", [row])
+    argv = eval_argv(spec, data, tmp_path / "run", "--code-timeout", "86400")
+    argv[argv.index("math500")] = "humaneval"
+    assert main(argv) == 0  # the largest allowed limits still run
+    assert len(load_records(tmp_path / "run")) == 1
