@@ -125,10 +125,8 @@ def add_vllm_options(g: argparse._ArgumentGroup) -> None:
 def config_from_args(args: argparse.Namespace) -> SamplerConfig:
     """The validated SamplerConfig of the sampler options, with the method's own checks done now, before any
     model loads (power-rollout's refusal of a proposal temperature would otherwise come after the load)."""
-    for name in ("alpha", "proposal_temperature"):  # subnormal: 1/x overflows into inf temperatures and weights
-        x = getattr(args, name)
-        if x is not None and math.isfinite(x) and x > 0 and not math.isfinite(1 / x):
-            raise PowerSampleError(f"{name} must be a number > 0 whose inverse is finite, got {x}")
+    for name in ("alpha", "proposal_temperature"):
+        check_inverse_finite(name, getattr(args, name))
     config = SamplerConfig(
         method=args.method,
         alpha=args.alpha,
@@ -145,13 +143,41 @@ def config_from_args(args: argparse.Namespace) -> SamplerConfig:
         from powersample.samplers.rollout import check_config
 
         check_config(config)
+    check_members(config, 1)
     return config
+
+
+def check_inverse_finite(name: str, x: float | None) -> None:
+    """Refuse a subnormal alpha or temperature: 1/x overflows into infinite temperatures and weights (NaN draws)."""
+    if x is not None and math.isfinite(x) and x > 0 and not math.isfinite(1 / x):
+        raise PowerSampleError(f"{name} must be a number > 0 whose inverse is finite, got {x}")
+
+
+MAX_MEMBERS = 1_000_000  # chains x members per chain in one run: each member has its own generator (~2 KB), and
+# numpy refuses dimensions past 2^63 long before (a traceback, not an answer)
+
+
+def members(config: SamplerConfig) -> int:
+    """Sequences one chain of config.method carries at once."""
+    return {"power-smc": config.particles, "power-mtm": config.tries,
+            "power-rollout": config.candidates * config.rollouts}.get(config.method, 1)  # fmt: skip
+
+
+def check_members(config: SamplerConfig, chains: int, option: str = "--num-samples") -> None:
+    """A one-line error instead of a run that cannot start: chains x members per chain within MAX_MEMBERS."""
+    total = chains * members(config)
+    if total > MAX_MEMBERS:
+        knob = {"power-smc": "--particles", "power-mtm": "--tries", "power-rollout": "--candidates x --rollouts"}
+        per_chain = f" x {knob[config.method]} ({members(config)})" if config.method in knob else ""
+        raise PowerSampleError(f"{option} ({chains}){per_chain} asks for {total} sequences at once; at most "
+                               f"{MAX_MEMBERS} (run more commands with other seeds)")  # fmt: skip
 
 
 def check_sample_args(args: argparse.Namespace, config: SamplerConfig) -> None:
     """What `api.sample` would refuse, refused before the model loads (same messages)."""
     if args.num_samples < 1:
         raise PowerSampleError(f"num_samples must be >= 1, got {args.num_samples}")
+    check_members(config, args.num_samples)
     if args.seed < 0:
         raise PowerSampleError(f"seed must be an integer >= 0, got {args.seed}")
     if args.return_particles and config.method != "power-smc":
