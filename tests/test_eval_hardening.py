@@ -241,3 +241,10 @@ def test_the_largest_code_limits_still_run(spec, tmp_path, capsys):
     argv[argv.index("math500")] = "humaneval"
     assert main(argv) == 0  # the largest allowed limits still run
     assert len(load_records(tmp_path / "run")) == 1
+
+
+def test_a_batch_too_large_to_hold_is_one_line(spec, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": f"q{i}", "answer": "1"} for i in range(3)])
+    argv = eval_argv(spec, data, tmp_path / "run", "--method", "power-smc", "--particles", "500000", "--batch", "8")
+    assert main(argv) == 2  # 3 pairs at once x 500,000 particles
+    one_line_error(capsys, "--batch (3)", "--particles")

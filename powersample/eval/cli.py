@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from powersample.cli import add_backend_options, add_sampler_options, backend_from_args, config_from_args
+from powersample.cli import (
+    add_backend_options,
+    add_sampler_options,
+    backend_from_args,
+    check_members,
+    config_from_args,
+)
 from powersample.errors import PowerSampleError
 from powersample.eval.tasks import TASK_NAMES, GradeOptions
 
@@ -81,6 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     problems = task.load(args.data, not args.raw)
     plan = make_plan(task, problems, seeds=seeds, config=config, chat=not args.raw, backend=backend_identity(args),
                      grading=grading, shard=shard, limit=limit)  # fmt: skip
+    check_members(config, min(args.batch, len(plan.problems) * len(seeds)), "--batch")  # pairs sampled at once
     run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(plan)
     precheck_run_dir(run_dir, plan.identity(), shard)
     if not args.quiet:
