@@ -26,7 +26,15 @@ from powersample.bench import (
     write_json,
 )
 from powersample.backends import Backend, load_backend
-from powersample.cli import add_backend_options, add_sampler_options, config_from_args, vllm_options
+from powersample.cli import (
+    MAX_MEMBERS,
+    add_backend_options,
+    add_sampler_options,
+    check_inverse_finite,
+    check_members,
+    config_from_args,
+    vllm_options,
+)
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.fidelity import DEFAULT_SPECS, FidelityOptions, ToyTarget
@@ -89,11 +97,14 @@ def add_fidelity_options(p: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """The validated options: explicit flags, else the --quick or full profile."""
     profile = QUICK if args.quick else FULL
+    config = bench_config(args, profile)
+    chains = profile["chains"] if args.chains is None else args.chains
+    check_members(config, chains, "--chains")
     return BenchOptions(
-        config=bench_config(args, profile),
+        config=config,
         prompts=bench_prompts(args, profile),
         backend=backend_choice(args),
-        chains=profile["chains"] if args.chains is None else args.chains,
+        chains=chains,
         repeats=args.repeats,
         seed=args.seed,
         chat=not args.raw,
@@ -243,6 +254,9 @@ def fidelity_options_from_args(args: argparse.Namespace) -> FidelityOptions:
     for key, flag in FIDELITY_REFUSED.items():
         if getattr(args, key) is not None:
             raise PowerSampleError(f"{flag} does not apply to --fidelity (it sweeps its own settings)")
+    check_inverse_finite("alpha", args.alpha)
+    if args.samples is not None and not 1 <= args.samples <= MAX_MEMBERS:
+        raise PowerSampleError(f"--samples must be between 1 and {MAX_MEMBERS}, got {args.samples}")
     mode = fidelity_mode(args)
     if mode == "toy":
         t = 6 if args.max_new_tokens is None else args.max_new_tokens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,13 +21,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
     except PowerSampleError as e:
         print(f"powersample: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("powersample: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as the shell's own tools do
+        _drop_stdout()
+        return 128 + 13  # 128 + SIGPIPE
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests); nothing to flush
+        pass
+    finally:
+        os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +126,11 @@ def add_vllm_options(g: argparse._ArgumentGroup) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SamplerConfig:
-    return SamplerConfig(
+    """The validated SamplerConfig of the sampler options, with the method's own checks done now, before any
+    model loads (power-rollout's refusal of a proposal temperature would otherwise come after the load)."""
+    for name in ("alpha", "proposal_temperature"):
+        check_inverse_finite(name, getattr(args, name))
+    config = SamplerConfig(
         method=args.method,
         alpha=args.alpha,
         max_new_tokens=args.max_new_tokens,
@@ -121,6 +142,49 @@ def config_from_args(args: argparse.Namespace) -> SamplerConfig:
         top_p=args.top_p,
         **{name: getattr(args, name) for name in METHOD_KNOBS},
     )
+    if config.method == "power-rollout":
+        from powersample.samplers.rollout import check_config
+
+        check_config(config)
+    check_members(config, 1)
+    return config
+
+
+def check_inverse_finite(name: str, x: float | None) -> None:
+    """Refuse a subnormal alpha or temperature: 1/x overflows into infinite temperatures and weights (NaN draws)."""
+    if x is not None and math.isfinite(x) and x > 0 and not math.isfinite(1 / x):
+        raise PowerSampleError(f"{name} must be a number > 0 whose inverse is finite, got {x}")
+
+
+MAX_MEMBERS = 1_000_000  # chains x members per chain in one run: each member has its own generator (~2 KB), and
+# numpy refuses dimensions past 2^63 long before (a traceback, not an answer)
+
+
+def members(config: SamplerConfig) -> int:
+    """Sequences one chain of config.method carries at once."""
+    return {"power-smc": config.particles, "power-mtm": config.tries,
+            "power-rollout": config.candidates * config.rollouts}.get(config.method, 1)  # fmt: skip
+
+
+def check_members(config: SamplerConfig, chains: int, option: str = "--num-samples") -> None:
+    """A one-line error instead of a run that cannot start: chains x members per chain within MAX_MEMBERS."""
+    total = chains * members(config)
+    if total > MAX_MEMBERS:
+        knob = {"power-smc": "--particles", "power-mtm": "--tries", "power-rollout": "--candidates x --rollouts"}
+        per_chain = f" x {knob[config.method]} ({members(config)})" if config.method in knob else ""
+        raise PowerSampleError(f"{option} ({chains}){per_chain} asks for {total} sequences at once; at most "
+                               f"{MAX_MEMBERS} (run more commands with other seeds)")  # fmt: skip
+
+
+def check_sample_args(args: argparse.Namespace, config: SamplerConfig) -> None:
+    """What `api.sample` would refuse, refused before the model loads (same messages)."""
+    if args.num_samples < 1:
+        raise PowerSampleError(f"num_samples must be >= 1, got {args.num_samples}")
+    check_members(config, args.num_samples)
+    if args.seed < 0:
+        raise PowerSampleError(f"seed must be an integer >= 0, got {args.seed}")
+    if args.return_particles and config.method != "power-smc":
+        raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
 
 
 def backend_from_args(args: argparse.Namespace):
@@ -147,6 +211,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from powersample.progress import progress_bar
 
     config = config_from_args(args)  # validate before the (slow) model load
+    check_sample_args(args, config)
     prompt = read_prompt(args)
     if args.output:
         append_jsonl(args.output, [])  # fail on an unwritable path now, not after sampling
@@ -154,11 +219,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     with progress_bar(config, args.quiet, chains=args.num_samples) as progress:
         records = sample(backend, prompt, config, seed=args.seed, num_samples=args.num_samples,
                          chat=not args.raw, progress=progress, return_particles=args.return_particles)
+    if args.output:  # first: the records are kept even if printing fails (a closed pipe)
+        append_jsonl(args.output, [r.to_dict() for r in records])
     for r in records:
         print(r.text)
         print(summary_line(r, len(records)))
-    if args.output:
-        append_jsonl(args.output, [r.to_dict() for r in records])
     return 0
 
 
@@ -167,6 +232,10 @@ def read_prompt(args: argparse.Namespace) -> str:
         raise PowerSampleError("give a prompt either as an argument or with --prompt-file, not both or neither")
     prompt = args.prompt if args.prompt_file is None else _read_file(args.prompt_file)
     check_prompt(prompt)
+    try:  # bytes that are not UTF-8 in argv arrive as lone surrogates; a prompt file with them is refused too
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PowerSampleError("the prompt is not UTF-8 text") from None
     return prompt
 
 
@@ -186,11 +255,15 @@ def summary_line(r, total: int) -> str:
 
 
 def append_jsonl(path: str, rows: list[dict]) -> None:
-    """Append rows, flushed and fsynced, so existing records are never lost."""
+    """Append rows, flushed and fsynced, so existing records are never lost. Every row is encoded first, and a
+    non-finite number refused: a bare Infinity or NaN would make the file invalid JSON."""
+    try:
+        lines = "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+    except ValueError:
+        raise PowerSampleError(f"not writing {path}: a record holds a non-finite number") from None
     try:
         with open(path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            f.write(lines)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:

@@ -1,5 +1,30 @@
-"""The one exception type users see: a bad input, explained in one line."""
+"""The one exception type users see: a bad input, explained in one line; and the one way user JSON is parsed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
 
 
 class PowerSampleError(ValueError):
     """A user error (bad option, bad file, bad prompt). The CLI prints it as one line and exits with code 2."""
+
+
+def parse_json(text: str | bytes, source: str) -> Any:
+    """json.loads for anything a user hands us (a data file, a toy spec, a run's files, a JSONL line).
+
+    Every way it can fail is one PowerSampleError "`source` is not valid JSON (why)": bad syntax, bytes that are
+    not UTF-8, nesting deeper than the parser's recursion limit (RecursionError, not a ValueError) and an integer
+    past Python's int string-conversion limit (a ValueError that is not a JSONDecodeError).
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        why = f"{e.msg}, line {e.lineno} column {e.colno}"
+    except UnicodeDecodeError:
+        why = "not UTF-8 text"
+    except RecursionError:
+        why = "nested too deeply"
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion: ...; use sys..."
+        why = str(e).split(";")[0].strip() or type(e).__name__
+    raise PowerSampleError(f"{source} is not valid JSON ({why})")

@@ -312,7 +312,7 @@ def test_one_writer_per_records_file(tmp_path):
     from powersample.eval.records import RecordWriter
 
     path = tmp_path / "records.jsonl"
-    hold = "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.lockf(f, fcntl.LOCK_EX)\n"
+    hold = "import fcntl, sys, time\nf = open(sys.argv[1] + '.lock', 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
     hold += "print('locked', flush=True)\n"
     holder = subprocess.Popen([sys.executable, "-c", hold + "time.sleep(60)", str(path)], stdout=subprocess.PIPE)
     try:

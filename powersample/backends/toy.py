@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from powersample.backends.base import (
     proposal_logprobs,
     top_alternatives,
 )
-from powersample.errors import PowerSampleError
+from powersample.errors import PowerSampleError, parse_json
 
 ROW_TOLERANCE = 1e-6  # how far a row's sum may be from 1
 
@@ -53,6 +52,8 @@ class ToySpec:
         vocab = spec.get("vocab")
         if not isinstance(vocab, list) or not vocab or not all(isinstance(v, str) for v in vocab):
             raise PowerSampleError("toy spec: 'vocab' must be a non-empty list of strings")
+        if not all(_is_unicode(v) for v in vocab):  # "\ud800" is valid JSON, but no text can be printed with it
+            raise PowerSampleError("toy spec: 'vocab' holds a string with a lone surrogate (not Unicode text)")
         eos_id = spec.get("eos_id")
         if not isinstance(eos_id, int) or isinstance(eos_id, bool) or not 0 <= eos_id < len(vocab):
             raise PowerSampleError(f"toy spec: 'eos_id' must be an integer in [0, {len(vocab) - 1}], got {eos_id!r}")
@@ -65,15 +66,12 @@ class ToySpec:
 
     @classmethod
     def load(cls, path: str | Path) -> "ToySpec":
+        """Read and validate a spec file; an unreadable, binary or malformed file is a one-line error."""
         try:
-            text = Path(path).read_text()
+            data = Path(path).read_bytes()
         except OSError as e:
             raise PowerSampleError(f"toy spec: cannot read {path}: {e.strerror}") from None
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PowerSampleError(f"toy spec: {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        return cls.from_dict(spec)
+        return cls.from_dict(parse_json(data, f"toy spec: {path}"))
 
     def row(self, generated: Sequence[int]) -> tuple[float, ...]:
         """Next-token probabilities after `generated`."""
@@ -113,13 +111,31 @@ def _prefix_key(key: Any, vocab_size: int, eos_id: int) -> str:
 def _row(row: Any, vocab_size: int, name: str) -> tuple[float, ...]:
     if not isinstance(row, list) or len(row) != vocab_size:
         raise PowerSampleError(f"toy spec: {name} must be a list of {vocab_size} probabilities (the vocab's length)")
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row):
+    if not all(_finite_number(x) for x in row):
         raise PowerSampleError(f"toy spec: {name} must hold only finite numbers")
     if any(x < 0 for x in row):
         raise PowerSampleError(f"toy spec: {name} has a negative entry")
     if abs(math.fsum(row) - 1.0) > ROW_TOLERANCE:
         raise PowerSampleError(f"toy spec: {name} sums to {math.fsum(row):.9g}, not 1")
     return tuple(float(x) for x in row)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _finite_number(x: Any) -> bool:
+    """A JSON number that is a finite float (an integer too large for a float is not)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from powersample.cli import add_backend_options, add_sampler_options, backend_from_args, config_from_args
+from powersample.cli import (
+    add_backend_options,
+    add_sampler_options,
+    backend_from_args,
+    check_members,
+    config_from_args,
+)
 from powersample.errors import PowerSampleError
 from powersample.eval.tasks import TASK_NAMES, GradeOptions
 
@@ -76,12 +82,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ray_options = parse_ray_options(args)
     seeds, shard, limit = parse_seeds(args.seeds), parse_shard(args.shard), parse_limit(args.limit)
     grading = _grade_options(args)
+    check_paths(args)
     task = get_task(args.task)
     problems = task.load(args.data, not args.raw)
     plan = make_plan(task, problems, seeds=seeds, config=config, chat=not args.raw, backend=backend_identity(args),
                      grading=grading, shard=shard, limit=limit)  # fmt: skip
+    check_members(config, min(args.batch, len(plan.problems) * len(seeds)), "--batch")  # pairs sampled at once
     run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(plan)
-    precheck_run_dir(run_dir, plan.identity())
+    precheck_run_dir(run_dir, plan.identity(), shard)
     if not args.quiet:
         print(f"powersample: {len(plan.problems)} problems x {len(seeds)} seeds -> {run_dir}", file=sys.stderr)
     if ray_options is None:
@@ -198,21 +206,36 @@ def default_run_dir(plan: Any) -> Path:
     return Path("runs") / f"{plan.task.name}-{plan.config.method}-{identity_hash(plan.identity())}"
 
 
-def precheck_run_dir(run_dir: Path, identity: dict[str, Any]) -> None:
-    """Refuse a directory holding another config before the (slow) model load."""
-    from powersample.eval.records import RUN_FILE, check_identity, read_run
+def precheck_run_dir(run_dir: Path, identity: dict[str, Any], shard: tuple[int, int] | None = None) -> None:
+    """Refuse a directory holding another config, or one that another eval of this shard is writing, before the
+    (slow) model load."""
+    from powersample.eval.records import RUN_FILE, check_identity, check_unlocked, read_run, records_path
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PowerSampleError(f"--output-dir {run_dir} is not a directory")
     if (run_dir / RUN_FILE).exists():
         check_identity(run_dir, read_run(run_dir).get("identity"), identity)
-    elif run_dir.exists() and not run_dir.is_dir():
-        raise PowerSampleError(f"--output-dir {run_dir} is not a directory")
+    check_unlocked(records_path(run_dir, shard))
+
+
+MAX_TIMEOUT = 86_400.0  # a day per program or answer: more is a typo, and must fit the sandbox's CPU rlimit
+MAX_MEMORY_MB = 1 << 30  # a petabyte: more does not fit an rlimit once in bytes
 
 
 def _grade_options(args: argparse.Namespace) -> GradeOptions:
     timeouts = (args.code_timeout, args.math_timeout)
-    if not all(math.isfinite(t) and t > 0 for t in timeouts) or args.code_memory_mb < 64:
-        raise PowerSampleError("--code-timeout and --math-timeout must be finite and > 0, --code-memory-mb >= 64")
+    if not all(math.isfinite(t) and 0 < t <= MAX_TIMEOUT for t in timeouts):
+        raise PowerSampleError(f"--code-timeout and --math-timeout must be > 0 and at most {MAX_TIMEOUT:g} seconds")
+    if not 64 <= args.code_memory_mb <= MAX_MEMORY_MB:
+        raise PowerSampleError(f"--code-memory-mb must be between 64 and {MAX_MEMORY_MB}")
     return GradeOptions(args.code_timeout, args.code_memory_mb, args.math_timeout)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """An empty path would silently mean another thing (--data: the hub; --output-dir: the default directory)."""
+    for option, value in (("--data", args.data), ("--output-dir", args.output_dir)):
+        if value is not None and not value.strip():
+            raise PowerSampleError(f"{option} is empty")
 
 
 if __name__ == "__main__":

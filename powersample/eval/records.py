@@ -7,13 +7,15 @@
 
 Resuming reads every records file and skips the (problem, seed) pairs already there. A killed run loses at most
 the record in flight: its torn last line is ignored, and cut off before the next append. Each records file has one
-writer at a time (an exclusive lock; a second process on the same shard is refused). A directory whose
+writer at a time: an exclusive flock on its `<records file>.lock`, held from before resuming reads the records until
+the run ends, refuses a second writer of the same shard, in another process or this one. A directory whose
 run.json names a different identity is refused, so records of different configs never mix; seeds, --limit and
 --shard are not part of the identity (they only choose which records to make), so a run can be extended.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -22,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from powersample.errors import PowerSampleError
+from powersample.errors import PowerSampleError, parse_json
 
 RUN_FILE = "run.json"
 SCHEMA = 1  # bump when records change meaning; part of the identity
@@ -49,11 +51,10 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     """The parsed run.json of a run directory."""
     path = run_dir / RUN_FILE
     try:
-        header = json.loads(path.read_text())
+        data = path.read_bytes()
     except OSError as e:
         raise PowerSampleError(f"{run_dir} is not a run directory (cannot read {RUN_FILE}: {e.strerror})") from None
-    except json.JSONDecodeError:
-        raise PowerSampleError(f"{path} is not valid JSON") from None
+    header = parse_json(data, str(path))
     if not isinstance(header, dict) or not isinstance(header.get("identity"), dict):
         raise PowerSampleError(f"{path} has no run identity")
     return header
@@ -87,66 +88,149 @@ def records_path(run_dir: Path, shard: tuple[int, int] | None) -> Path:
 def load_records(run_dir: Path) -> list[dict[str, Any]]:
     """Every complete record of the run, the first one per (problem, seed); torn or foreign lines are skipped."""
     seen: dict[tuple[str, int], dict[str, Any]] = {}
-    for path in sorted(run_dir.glob("records*.jsonl")):
-        for record in _read_lines(path):
-            seen.setdefault(record_key(record), record)
+    for _, _, record in iter_records(run_dir):
+        seen.setdefault(record_key(record), record)
     return list(seen.values())
+
+
+def iter_records(run_dir: Path) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """(file, line number, record) of every complete record line of every records file, duplicates included."""
+    for path in sorted(run_dir.glob("records*.jsonl")):
+        for n, record in _read_lines(path):
+            yield path, n, record
 
 
 def record_key(record: dict[str, Any]) -> tuple[str, int]:
     return str(record["problem_id"]), int(record["seed"])
 
 
-def _read_lines(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as f:
-        for line in f:
+def _read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        f = open(path, "rb")  # noqa: SIM115  (closed below)
+    except OSError as e:  # a directory, unreadable, ...
+        raise PowerSampleError(f"cannot read records file {path}: {e.strerror}") from None
+    with f:
+        for n, line in enumerate(f, 1):
             if not line.endswith(b"\n"):  # torn: the writer was killed mid-line (or is writing it now)
                 break
             try:
-                record = json.loads(line)
+                record = parse_json(line, str(path))
                 record_key(record)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, OverflowError):  # PowerSampleError is a ValueError
                 continue
-            yield record
+            yield n, record
 
 
 def repair_tail(path: Path) -> None:
-    """Cut a torn last line off our own records file, so the next append starts on a fresh line."""
-    if not path.exists():
+    """Cut a torn last line off our own records file, so the next append starts on a fresh line.
+
+    Call it only while holding the file's lock (RecordWriter does): another writer could be mid-line."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            keep = data.rfind(b"\n") + 1
+            if keep != len(data):
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+    except FileNotFoundError:
         return
-    with open(path, "rb+") as f:
-        data = f.read()
-        keep = data.rfind(b"\n") + 1
-        if keep != len(data):
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
+    except OSError as e:
+        raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of a records file (a separate file: see RecordWriter)."""
+    return path.with_name(path.name + ".lock")
+
+
+def check_unlocked(path: Path) -> None:
+    """Refuse now, before the model loads, when another writer holds the records file's lock (RecordWriter takes
+    the lock for real; this only fails early)."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file yet (or none readable): nobody to wait for, RecordWriter will tell
+    try:
+        _flock(fd, path)
+    finally:
+        os.close(fd)  # releases the probe's lock
+
+
+def _flock(fd: int, path: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise PowerSampleError(f"another eval is writing {path}; wait for it or use another --shard") from None
+        raise PowerSampleError(f"cannot lock {lock_path(path)}: {e.strerror}") from None
+
+
+_HELD_LOCKS: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (the math grader's worker): close the inherited lock descriptors, so a child that
+    outlives a killed parent does not keep the lock (a flock belongs to the open file, which fork shares)."""
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 class RecordWriter:
-    """Appends records one line at a time: write, flush, fsync, so a kill loses at most the line in flight."""
+    """The one writer of a records file. Appends records one line at a time: write, flush, fsync, so a kill loses
+    at most the line in flight.
+
+    The lock is an exclusive flock on a separate lock file, held until close(). Not a POSIX lock on the records
+    file itself: closing any descriptor of a file drops every POSIX lock the process holds on it, so reading the
+    records (resume, repair) would silently free it; and POSIX locks do not exclude a second writer in the same
+    process. A flock is per open file, so a second RecordWriter is refused wherever it runs.
+    """
 
     def __init__(self, path: Path):
+        self.path = path
         try:
+            self._lock = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise PowerSampleError(f"cannot write {lock_path(path)}: {e.strerror}") from None
+        try:
+            _flock(self._lock, path)
+            repair_tail(path)  # safe now: we are the only writer
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed by close())
         except OSError as e:
+            os.close(self._lock)
             raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
-        # One writer per file: a second process on the same shard would cut our lines as "torn". A POSIX lock,
-        # not flock: forked children (the math grader's worker) inherit flocks but not POSIX locks.
-        try:
-            fcntl.lockf(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._file.close()
-            raise PowerSampleError(f"another eval is writing {path}; wait for it or use another --shard") from None
-        repair_tail(path)
+        except BaseException:
+            os.close(self._lock)
+            raise
+        _HELD_LOCKS.add(self._lock)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        """Append one record; a non-finite number is refused rather than written as invalid JSON (Infinity)."""
+        try:
+            line = json.dumps(record, allow_nan=False) + "\n"
+        except ValueError:
+            raise PowerSampleError(
+                f"the record of problem {record.get('problem_id')!r} seed {record.get('seed')!r} holds a non-finite "
+                f"number; not writing it to {self.path}"
+            ) from None
+        self._file.write(line)
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        """Close the records file, then release the lock."""
+        try:
+            self._file.close()
+        finally:
+            _HELD_LOCKS.discard(self._lock)
+            os.close(self._lock)
 
     def __enter__(self) -> "RecordWriter":
         return self
@@ -156,8 +240,13 @@ class RecordWriter:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a part (see write_bytes_atomic)."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Write JSON so that readers see the old file or the new one, never a part (see write_bytes_atomic).
+    Non-finite numbers are refused: they would make the file invalid JSON."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError:
+        raise PowerSampleError(f"not writing {path}: it would hold a non-finite number") from None
+    write_bytes_atomic(path, (text + "\n").encode())
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

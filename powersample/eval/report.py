@@ -13,16 +13,18 @@ PNG (matplotlib, Agg, no pyplot state) per task:
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from powersample.config import MCMC_METHODS
+from powersample.config import MCMC_METHODS, SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
-from powersample.eval.records import RUN_FILE, identity_hash, load_records, read_run, record_key, write_bytes_atomic
+from powersample.eval.records import RUN_FILE, identity_hash, iter_records, read_run, record_key, write_bytes_atomic
 
 LABEL_KEYS = ("alpha", "mcmc_steps", "max_new_tokens", "block_size", "proposal_temperature", "top_k", "top_p")
 
@@ -68,13 +70,66 @@ def load_rows(run_dirs: list[Path]) -> list[Row]:
     """Read every run, merge runs with the same identity, and label them."""
     merged: dict[str, tuple[dict[str, Any], dict[tuple[str, int], dict]]] = {}
     for run_dir in run_dirs:
-        identity = read_run(run_dir)["identity"]
+        identity = read_identity(run_dir)
         _, records = merged.setdefault(identity_hash(identity), (identity, {}))
-        for r in load_records(run_dir):
+        for path, line, r in iter_records(run_dir):
+            check_fields(r, RECORD_FIELDS, f"{path} line {line}", "record")
             records.setdefault(record_key(r), r)
     identities = [identity for identity, _ in merged.values()]
     rows = [Row(i["task"], label(i, identities), i["config"], tuple(recs.values())) for i, recs in merged.values()]
     return sorted(rows, key=lambda row: (row.task, row.label))
+
+
+# What the report reads of a run, checked first so that a damaged or foreign file is a one-line error naming it.
+# A type, or a tuple of types where None means the field may be null or absent.
+_NUMBER = (int, float)
+IDENTITY_FIELDS = {"task": str, "config": dict, "backend": dict, "chat": bool}
+CONFIG_FIELDS = {"method": str, "max_new_tokens": int, "block_size": int, "mcmc_steps": int, "alpha": _NUMBER,
+                 **{k: (*_NUMBER, None) for k in LABEL_KEYS if k not in ("max_new_tokens", "block_size", "mcmc_steps",
+                                                                       "alpha")}}  # fmt: skip
+RECORD_FIELDS = {"problem_id": (str, int), "tokens": list, "wall_seconds": _NUMBER, "proposals": int, "accepted": int,
+                 "tokens_generated": int, "correct": (bool, None), "logp_per_token": (*_NUMBER, None),
+                 "confidence": (*_NUMBER, None)}  # fmt: skip
+
+
+def read_identity(run_dir: Path) -> dict[str, Any]:
+    """run.json's identity, with every field the report uses checked."""
+    identity = read_run(run_dir)["identity"]
+    where = str(run_dir / RUN_FILE)
+    check_fields(identity, IDENTITY_FIELDS, where, "identity")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", identity["task"]):  # it names the plot files
+        raise PowerSampleError(f"{where}: identity has a bad 'task' {identity['task'][:40]!r}")
+    config = identity["config"]
+    check_fields(config, CONFIG_FIELDS, where, "identity.config")
+    known = {f.name for f in dataclasses.fields(SamplerConfig)}
+    try:  # the one validation of a config: ranges too (a block size of 0 would divide by zero)
+        SamplerConfig(**{k: v for k, v in config.items() if k in known})
+    except (PowerSampleError, TypeError) as e:
+        raise PowerSampleError(f"{where}: identity.config is not a valid sampler config ({e})") from None
+    return identity
+
+
+def check_fields(obj: dict[str, Any], fields: dict[str, Any], where: str, what: str) -> None:
+    """A one-line error naming `where` and the first field of `obj` that is missing or of the wrong type."""
+    for key, kinds in fields.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        value = obj.get(key)
+        if value is None and None in kinds:
+            continue
+        types = tuple(k for k in kinds if k is not None)
+        wrong_bool = isinstance(value, bool) and bool not in types
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        sane = not number or abs(value) <= MAX_MAGNITUDE  # False for inf and NaN too; no float conversion
+        if value is None or not isinstance(value, types) or wrong_bool or not sane:
+            shown = [k for k in kinds if not (k is int and float in kinds)]  # int or float: "a number"
+            names = " or ".join("null" if k is None else _TYPE_NAMES[k] for k in shown)
+            problem = "has no" if key not in obj else "has a bad"
+            raise PowerSampleError(f"{where}: {what} {problem} {key!r} (expected {names})")
+
+
+MAX_MAGNITUDE = 2**53  # numbers beyond are no measurement: sums and means of them would overflow floats
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+               dict: "an object"}  # fmt: skip
 
 
 def label(identity: dict[str, Any], all_identities: list[dict[str, Any]]) -> str:

@@ -121,20 +121,21 @@ def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bo
     """
     open_run(run_dir, plan.identity(), {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generator": plan.generator})
     wanted = {(p.id, s) for p in plan.problems for s in plan.seeds}
-    done = {record_key(r): r for r in load_records(run_dir) if record_key(r) in wanted}
-    resumed = len(done)
-    todo = [(p, s) for p in plan.problems for s in plan.seeds if (p.id, s) not in done]
-    tally = _Tally.of(done.values())
-    bar = _bar(plan, len(wanted), resumed, tally, quiet)
-    with RecordWriter(records_path(run_dir, plan.shard)) as writer, bar as update:
-        for record in make_records(todo):
-            key = record_key(record)
-            if key in done or key not in wanted:
-                continue
-            writer.write(record)
-            done[key] = record
-            tally.add(record)
-            update(tally)
+    # The lock first: what is done is read while no one else can add to it, so two runs never both do a unit.
+    with RecordWriter(records_path(run_dir, plan.shard)) as writer:
+        done = {record_key(r): r for r in load_records(run_dir) if record_key(r) in wanted}
+        resumed = len(done)
+        todo = [(p, s) for p in plan.problems for s in plan.seeds if (p.id, s) not in done]
+        tally = _Tally.of(done.values())
+        with _bar(plan, len(wanted), resumed, tally, quiet) as update:
+            for record in make_records(todo):
+                key = record_key(record)
+                if key in done or key not in wanted:
+                    continue
+                writer.write(record)
+                done[key] = record
+                tally.add(record)
+                update(tally)
     if plan.task.export is not None:
         plan.task.export(run_dir, list(plan.problems), load_records(run_dir), plan.generator)
     return EvalSummary(len(wanted), resumed, tally.correct, tally.graded, run_dir)

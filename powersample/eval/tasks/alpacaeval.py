@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from powersample.errors import PowerSampleError
-from powersample.eval.data import field, read_records
+from powersample.eval.data import check_unique_ids, field, read_records
 from powersample.eval.records import write_json_atomic
 from powersample.eval.tasks import Grade, GradeOptions, Problem, Task
 
@@ -19,11 +19,13 @@ def load(data: str | None, chat: bool) -> list[Problem]:
     """One problem per instruction, sent as-is."""
     if data is None:
         raise PowerSampleError("alpacaeval needs --data FILE (the alpaca_eval JSON of instructions)")
-    problems = []
-    for i, row in enumerate(read_records(data)):
-        instruction = field(row, ("instruction",), data, i)
+    problems, ids = [], []
+    for i, (place, row) in enumerate(read_records(data)):
+        instruction = field(row, ("instruction",), data, place)
         extra = {"dataset": str(row.get("dataset", "alpaca_eval"))}
         problems.append(Problem(id=str(row.get("id", i)), prompt=instruction, gold=None, extra=extra))
+        ids.append((place, problems[-1].id))
+    check_unique_ids(data, ids)
     return problems
 
 

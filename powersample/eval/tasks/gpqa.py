@@ -13,7 +13,7 @@ import re
 import zlib
 
 from powersample.errors import PowerSampleError
-from powersample.eval.data import read_csv
+from powersample.eval.data import Place, check_unique_ids, read_csv
 from powersample.eval.tasks import Grade, GradeOptions, Problem, Task
 
 COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
@@ -29,9 +29,10 @@ def load(data: str | None, chat: bool) -> list[Problem]:
     """Questions with shuffled choices; the gold answer is the correct choice's letter."""
     if data is None:
         raise PowerSampleError("gpqa is gated: download GPQA Diamond yourself and pass its CSV with --data FILE")
-    problems = []
+    problems, ids = [], []
     for i, row in enumerate(read_csv(data, COLUMNS)):
         pid = (row.get("Record ID") or "").strip() or str(i)
+        ids.append((Place("row", i + 2), pid))
         choices = [row[c].strip() for c in COLUMNS[1:]]
         if not row["Question"].strip() or not all(choices):
             raise PowerSampleError(f"{data}: row {i + 2} has an empty question or choice")
@@ -40,6 +41,7 @@ def load(data: str | None, chat: bool) -> list[Problem]:
         gold = LETTERS[order.index(0)]  # choice 0 is the correct answer
         prompt = PROMPT.format(question=row["Question"].strip(), choices=listed)
         problems.append(Problem(id=pid, prompt=prompt, gold=gold, extra={"order": order}))
+    check_unique_ids(data, ids)
     return problems
 
 

