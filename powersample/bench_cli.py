@@ -27,10 +27,9 @@ from powersample.bench import (
 )
 from powersample.backends import Backend, load_backend
 from powersample.cli import (
-    MAX_MEMBERS,
+    MAX_SEQUENCES,
     add_backend_options,
     add_sampler_options,
-    check_inverse_finite,
     check_members,
     config_from_args,
     vllm_options,
@@ -254,9 +253,9 @@ def fidelity_options_from_args(args: argparse.Namespace) -> FidelityOptions:
     for key, flag in FIDELITY_REFUSED.items():
         if getattr(args, key) is not None:
             raise PowerSampleError(f"{flag} does not apply to --fidelity (it sweeps its own settings)")
-    check_inverse_finite("alpha", args.alpha)
-    if args.samples is not None and not 1 <= args.samples <= MAX_MEMBERS:
-        raise PowerSampleError(f"--samples must be between 1 and {MAX_MEMBERS}, got {args.samples}")
+    SamplerConfig(alpha=args.alpha)  # alpha checked as every sampler checks it
+    if args.samples is not None and not 1 <= args.samples <= MAX_SEQUENCES:
+        raise PowerSampleError(f"--samples must be between 1 and {MAX_SEQUENCES}, got {args.samples}")
     mode = fidelity_mode(args)
     if mode == "toy":
         t = 6 if args.max_new_tokens is None else args.max_new_tokens

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -128,8 +127,6 @@ def add_vllm_options(g: argparse._ArgumentGroup) -> None:
 def config_from_args(args: argparse.Namespace) -> SamplerConfig:
     """The validated SamplerConfig of the sampler options, with the method's own checks done now, before any
     model loads (power-rollout's refusal of a proposal temperature would otherwise come after the load)."""
-    for name in ("alpha", "proposal_temperature"):
-        check_inverse_finite(name, getattr(args, name))
     config = SamplerConfig(
         method=args.method,
         alpha=args.alpha,
@@ -150,30 +147,18 @@ def config_from_args(args: argparse.Namespace) -> SamplerConfig:
     return config
 
 
-def check_inverse_finite(name: str, x: float | None) -> None:
-    """Refuse a subnormal alpha or temperature: 1/x overflows into infinite temperatures and weights (NaN draws)."""
-    if x is not None and math.isfinite(x) and x > 0 and not math.isfinite(1 / x):
-        raise PowerSampleError(f"{name} must be a number > 0 whose inverse is finite, got {x}")
-
-
-MAX_MEMBERS = 1_000_000  # chains x members per chain in one run: each member has its own generator (~2 KB), and
+MAX_SEQUENCES = 1_000_000  # chains x members per chain in one run: each member has its own generator (~2 KB), and
 # numpy refuses dimensions past 2^63 long before (a traceback, not an answer)
 
 
-def members(config: SamplerConfig) -> int:
-    """Sequences one chain of config.method carries at once."""
-    return {"power-smc": config.particles, "power-mtm": config.tries,
-            "power-rollout": config.candidates * config.rollouts}.get(config.method, 1)  # fmt: skip
-
-
 def check_members(config: SamplerConfig, chains: int, option: str = "--num-samples") -> None:
-    """A one-line error instead of a run that cannot start: chains x members per chain within MAX_MEMBERS."""
-    total = chains * members(config)
-    if total > MAX_MEMBERS:
+    """A one-line error instead of a run that cannot start: chains x members per chain within MAX_SEQUENCES."""
+    total = chains * config.members
+    if total > MAX_SEQUENCES:
         knob = {"power-smc": "--particles", "power-mtm": "--tries", "power-rollout": "--candidates x --rollouts"}
-        per_chain = f" x {knob[config.method]} ({members(config)})" if config.method in knob else ""
+        per_chain = f" x {knob[config.method]} ({config.members})" if config.method in knob else ""
         raise PowerSampleError(f"{option} ({chains}){per_chain} asks for {total} sequences at once; at most "
-                               f"{MAX_MEMBERS} (run more commands with other seeds)")  # fmt: skip
+                               f"{MAX_SEQUENCES} (run more commands with other seeds)")  # fmt: skip
 
 
 def check_sample_args(args: argparse.Namespace, config: SamplerConfig) -> None:

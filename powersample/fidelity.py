@@ -548,14 +548,14 @@ def prepare_dir(out_dir: Path) -> None:
 
 
 def write_json(out_dir: Path, data: dict[str, Any]) -> None:
-    from powersample.eval.records import write_bytes_atomic
+    from powersample.io import write_bytes_atomic
 
     write_bytes_atomic(paths(out_dir, data["mode"])["json"], (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_outputs(out_dir: Path, data: dict[str, Any]) -> list[Path]:
     """The JSON, the markdown table and the PNG; returns their paths."""
-    from powersample.eval.records import write_bytes_atomic
+    from powersample.io import write_bytes_atomic
 
     files = paths(out_dir, data["mode"])
     write_json(out_dir, data)
@@ -600,7 +600,7 @@ def fidelity_section(path: Path, plot_dir: Path | None) -> tuple[str, list[Path]
 
 def _place_png(png: Path, plot_dir: Path | None, copied: list[Path]) -> str:
     """The link to the PNG: its copy in plot_dir (atomic) when there is one, else the file where it is."""
-    from powersample.eval.records import write_bytes_atomic
+    from powersample.io import write_bytes_atomic
 
     if plot_dir is None:
         return str(png)

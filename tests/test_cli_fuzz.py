@@ -147,10 +147,10 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def no_listening():
-    """`serve` with good arguments would listen forever: stop just before uvicorn.run."""
+    """`serve` with good arguments would listen forever: stop just before uvicorn serves."""
     uvicorn = pytest.importorskip("uvicorn")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+        mp.setattr(uvicorn.Server, "run", lambda *args, **kwargs: None)
         yield
 
 

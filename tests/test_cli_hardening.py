@@ -178,32 +178,32 @@ HUGE = "9" * 20
 @pytest.mark.parametrize(
     "argv, word",
     [
-        (["sample", "x", "--method", "power-smc", "--particles", HUGE], "--particles"),
-        (["sample", "x", "--method", "power-mtm", "--tries", HUGE], "--tries"),
-        (["sample", "x", "--method", "power-rollout", "--candidates", HUGE], "--candidates"),
-        (["sample", "x", "--method", "power-rollout", "--rollouts", HUGE], "--rollouts"),
+        (["sample", "x", "--method", "power-smc", "--particles", HUGE], "particles must be < 2^62"),
+        (["sample", "x", "--method", "power-mtm", "--tries", HUGE], "tries must be < 2^62"),
+        (["sample", "x", "--method", "power-rollout", "--candidates", HUGE], "candidates must be < 2^62"),
+        (["sample", "x", "--method", "power-rollout", "--rollouts", HUGE], "rollouts must be < 2^62"),
         (["sample", "x", "--num-samples", HUGE], "--num-samples"),
         (["sample", "x", "--method", "power-smc", "--particles", "1000", "--num-samples", "1001"], "--num-samples"),
         (["bench", "--quick", "--chains", HUGE], "--chains"),
         (["bench", "--fidelity", "--quick", "--samples", HUGE], "--samples"),
         (["bench", "--fidelity", "--quick", "--alpha", "5e-324"], "alpha"),
-        (["serve", "--method", "power-smc", "--particles", HUGE], "--particles"),
+        (["serve", "--method", "power-smc", "--particles", HUGE], "particles must be < 2^62"),
     ],
 )
 def test_counts_too_large_to_run_are_one_line(argv, word, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # bench --fidelity writes ./fidelity once past its checks
     uvicorn = pytest.importorskip("uvicorn")
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("serve got past its checks"))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: pytest.fail("serve got past its checks"))
     one_line_error(main([*argv, *TOY, "--quiet"]), capsys, word)
 
 
 def test_the_cap_is_on_sequences_at_once():
     from powersample import SamplerConfig
-    from powersample.cli import MAX_MEMBERS, check_members
+    from powersample.cli import MAX_SEQUENCES, check_members
     from powersample.errors import PowerSampleError
 
     smc = SamplerConfig(method="power-smc", particles=64)
-    check_members(smc, MAX_MEMBERS // 64)  # exactly at the cap: allowed
+    check_members(smc, MAX_SEQUENCES // 64)  # exactly at the cap: allowed
     with pytest.raises(PowerSampleError, match="asks for 1000000064 sequences"):
-        check_members(smc, MAX_MEMBERS // 64 * 1000 + 1)
-    check_members(SamplerConfig(method="power"), MAX_MEMBERS)
+        check_members(smc, MAX_SEQUENCES // 64 * 1000 + 1)
+    check_members(SamplerConfig(method="power"), MAX_SEQUENCES)

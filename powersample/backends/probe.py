@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from powersample.backends.embedded import cache_root
+from powersample.errors import PowerSampleError
+from powersample.io import write_json_atomic
 
 PROBE_TIMEOUT = 300.0  # seconds the child may take (it loads the model once and decodes a few tokens)
 
@@ -84,12 +84,9 @@ def _read(path: Path, key: Mapping[str, str]) -> Outcome | None:
 
 
 def _write(path: Path, data: dict) -> None:
-    """Write atomically (temporary file, then rename); a cache we cannot write only means probing again next time."""
+    """Write atomically; a cache we cannot write only means probing again next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except OSError:
+        write_json_atomic(path, data)
+    except (OSError, PowerSampleError):
         pass

@@ -20,11 +20,11 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from powersample.errors import PowerSampleError, parse_json
+from powersample.io import write_json_atomic
 
 RUN_FILE = "run.json"
 SCHEMA = 1  # bump when records change meaning; part of the identity
@@ -237,30 +237,3 @@ class RecordWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a part (see write_bytes_atomic).
-    Non-finite numbers are refused: they would make the file invalid JSON."""
-    try:
-        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
-    except ValueError:
-        raise PowerSampleError(f"not writing {path}: it would hold a non-finite number") from None
-    write_bytes_atomic(path, (text + "\n").encode())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync it, then rename it over `path`."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None

@@ -24,7 +24,8 @@ from typing import Any, Iterable
 from powersample.config import MCMC_METHODS, SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
-from powersample.eval.records import RUN_FILE, identity_hash, iter_records, read_run, record_key, write_bytes_atomic
+from powersample.eval.records import RUN_FILE, identity_hash, iter_records, read_run, record_key
+from powersample.io import write_bytes_atomic
 
 LABEL_KEYS = ("alpha", "mcmc_steps", "max_new_tokens", "block_size", "proposal_temperature", "top_k", "top_p")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from powersample.errors import PowerSampleError
 from powersample.eval.data import check_unique_ids, field, read_records
-from powersample.eval.records import write_json_atomic
+from powersample.io import write_json_atomic
 from powersample.eval.tasks import Grade, GradeOptions, Problem, Task
 
 
