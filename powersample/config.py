@@ -16,6 +16,7 @@ METHOD_KNOBS = ("tries", "particles", "ess_threshold", "alpha_ramp", "candidates
 # and products with log-probabilities overflow to inf (5e-324 has 1/x = inf) and the weights become NaN.
 SCALE_RANGE = (1e-6, 1e6)
 MAX_MEMBERS = 2**24  # most sequences one chain may hold (particles, tries, candidates x rollouts): numpy's limits
+MAX_STAGES = 2**20  # most stages (T / B) a config may have: its stage list is built at once
 MAX_INT = 2**62  # every integer field stays below this, so numpy never sees an int64 overflow
 
 
@@ -77,6 +78,9 @@ class SamplerConfig:
         _check(self.rollout_horizon >= 0, f"rollout_horizon must be >= 0 (0 = up to T), got {self.rollout_horizon}")
         _check(self.members <= MAX_MEMBERS, f"{self.member_field} must keep the sequences per chain at most "
                f"{MAX_MEMBERS}, got {self.members}")  # fmt: skip
+        stages = -(-self.max_new_tokens // self.block)  # ceil(T / B), in integers: T may exceed a float's precision
+        _check(stages <= MAX_STAGES, f"max_new_tokens / block size gives {stages} stages; at most {MAX_STAGES} "
+               f"(raise the block size)")  # fmt: skip
         bad = [k for k, v in self.resolved().items() if isinstance(v, float) and not math.isfinite(v)]
         _check(not bad, f"{', '.join(bad)} must be finite")  # derived values (1/alpha) included
 

@@ -207,3 +207,15 @@ def test_the_cap_is_on_sequences_at_once():
     with pytest.raises(PowerSampleError, match="asks for 1000000064 sequences"):
         check_members(smc, MAX_SEQUENCES // 64 * 1000 + 1)
     check_members(SamplerConfig(method="power"), MAX_SEQUENCES)
+
+
+def test_a_stage_list_too_long_to_build_is_one_line(capsys):
+    """T = 10^18 with B = 1 used to hang building 10^18 stage caps before the first token."""
+    from powersample import SamplerConfig
+    from powersample.errors import PowerSampleError
+
+    with pytest.raises(PowerSampleError, match="stages; at most"):
+        SamplerConfig(max_new_tokens=10**18, block_size=1)
+    assert len(SamplerConfig(max_new_tokens=10**18, block_size=10**14).stage_caps()) == 10**4
+    one_line_error(main(["sample", "x", *TOY, "--max-new-tokens", str(10**18), "--block-size", "1"]), capsys,
+                   "stages; at most")
