@@ -12,30 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from eval_toy import eval_argv, write_jsonl, write_spec
 from powersample.errors import PowerSampleError
 from powersample.eval.records import RecordWriter, load_records, repair_tail
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC = {"vocab": ["The answer is ", "\\boxed{1}", "\\boxed{2}", "<eos>"], "eos_id": 3,
-        "default": [0.1, 0.4, 0.3, 0.2], "next": {"": [0.5, 0.3, 0.2, 0.0]}}  # fmt: skip
-SAMPLER = ["--max-new-tokens", "6", "--block-count", "2", "--mcmc-steps", "2"]
 
 
 @pytest.fixture
 def spec(tmp_path) -> Path:
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(SPEC))
-    return path
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def eval_argv(spec: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--task", "math500", "--data", str(data), "--backend", "toy", "--toy-spec", str(spec), *SAMPLER,
-            "--output-dir", str(out), "--quiet", *extra]  # fmt: skip
+    return write_spec(tmp_path)
 
 
 # --- E1: one writer per records file ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from eval_toy import eval_argv
 from powersample.cli import build_parser
 from powersample.cli import main as run_cli
 from powersample.eval.records import load_records
@@ -30,7 +31,6 @@ REPO = Path(__file__).resolve().parent.parent
 BOXED = {"vocab": ["The answer is ", "\\boxed{1}", "\\boxed{\\frac12}", "<eos>"], "eos_id": 3,
          "default": [0.1, 0.4, 0.3, 0.2], "next": {"": [0.5, 0.3, 0.2, 0.0]}}  # fmt: skip
 LONG = {**BOXED, "default": [0.33, 0.33, 0.33, 0.01], "next": {}}
-SAMPLER = ["--max-new-tokens", "6", "--block-count", "2", "--mcmc-steps", "2"]
 TIMES = ("wall_seconds", "grade_seconds")  # the only fields that may differ between two runs
 
 
@@ -45,11 +45,6 @@ def files(tmp_path):
     data.write_text("".join(json.dumps({"problem": f"What is {i}/2?", "answer": "0.5" if i % 2 else "1",
                                         "id": f"p{i}"}) + "\n" for i in range(40)))  # fmt: skip
     return specs[0], specs[1], data
-
-
-def eval_argv(spec, data, out, *extra) -> list[str]:
-    return ["eval", "--task", "math500", "--data", str(data), "--backend", "toy", "--toy-spec", str(spec), *SAMPLER,
-            "--output-dir", str(out), "--quiet", *extra]  # fmt: skip
 
 
 def timeless(records: list[dict]) -> dict[tuple, dict]:

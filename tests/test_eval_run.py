@@ -17,6 +17,7 @@ from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend, ToySpec
 from powersample.cli import main as run_eval_cli
 from powersample.eval.cli import parse_seeds, parse_shard
+from eval_toy import eval_argv
 from powersample.eval.records import load_records
 from powersample.eval.runner import make_plan, run_eval
 from powersample.eval.tasks import get_task
@@ -25,7 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 # A toy "model" whose tokens are boxed answers, so records get graded both ways.
 BOXED_SPEC = {"vocab": ["The answer is ", "\\boxed{1}", "\\boxed{\\frac12}", "<eos>"], "eos_id": 3,
               "default": [0.1, 0.4, 0.3, 0.2], "next": {"": [0.5, 0.3, 0.2, 0.0]}}  # fmt: skip
-SAMPLER = ["--max-new-tokens", "6", "--block-count", "2", "--mcmc-steps", "2"]
 
 
 @pytest.fixture
@@ -40,11 +40,6 @@ def files(tmp_path):
 
 def toy(spec) -> list[str]:
     return ["--backend", "toy", "--toy-spec", str(spec)]
-
-
-def eval_argv(spec, data, out, *extra) -> list[str]:
-    return ["eval", "--task", "math500", "--data", str(data), *toy(spec), *SAMPLER, "--output-dir", str(out),
-            "--quiet", *extra]  # fmt: skip
 
 
 def read_lines(out: Path) -> list[dict]:
