@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+from powersample.backends import Backend, load_backend
 from powersample.bench import (
     PROMPTS,
     BackendChoice,
@@ -25,7 +26,6 @@ from powersample.bench import (
     total_work_units,
     write_json,
 )
-from powersample.backends import Backend, load_backend
 from powersample.cli import (
     MAX_SEQUENCES,
     add_backend_options,

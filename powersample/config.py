@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from powersample.backends.base import Proposal
+from powersample.core.types import Proposal
 from powersample.errors import PowerSampleError
 
 METHODS = ("power", "max-swap", "power-mtm", "power-smc", "power-rollout", "base", "low-temp")

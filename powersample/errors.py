@@ -28,3 +28,10 @@ def parse_json(text: str | bytes, source: str) -> Any:
     except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion: ...; use sys..."
         why = str(e).split(";")[0].strip() or type(e).__name__
     raise PowerSampleError(f"{source} is not valid JSON ({why})")
+
+
+def one_line(error: BaseException) -> str:
+    """The first non-empty line of an engine's error message, at most 300 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

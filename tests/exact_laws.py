@@ -12,9 +12,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from powersample.backends.base import Continuation, Proposal, proposal_logprobs
 from powersample.backends.toy import ToySpec
 from powersample.config import SamplerConfig
+from powersample.core.numerics import proposal_logprobs
+from powersample.core.types import Continuation, Proposal
 from powersample.samplers.chain import Chain
 from powersample.samplers.power import log_accept_ratio
 

@@ -10,11 +10,10 @@ import math
 import statistics
 
 import pytest
-
 from conftest import SPECS
+
 from powersample.api import sample
 from powersample.backends import load_backend
-from powersample.errors import PowerSampleError
 from powersample.bench import (
     PROMPTS,
     BackendChoice,
@@ -26,6 +25,7 @@ from powersample.bench import (
 from powersample.bench_cli import add_bench_parser, options_from_args
 from powersample.cli import main as run_bench_cli
 from powersample.config import SamplerConfig
+from powersample.errors import PowerSampleError
 
 SPEC = str(SPECS / "no_early_eos.json")
 TOY = ["--backend", "toy", "--toy-spec", SPEC]

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import SPECS
+
 from powersample.cli import main
 
 TOY = ["--backend", "toy", "--toy-spec", str(SPECS / "early_eos.json"), "--quiet"]

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SPECS
+
 from powersample.cli import main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import load_spec
-from powersample.backends.base import ExtendRequest, Proposal
+
 from powersample.backends.toy import ToyBackend
+from powersample.core.types import ExtendRequest, Proposal
 from powersample.samplers.chain import ChainResult
 from powersample.samplers.driver import Scheduler, drive
 

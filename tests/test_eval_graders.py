@@ -6,12 +6,11 @@ import json
 import time
 
 import pytest
-
 from conftest import SHARED_DATA
+
 from powersample.errors import PowerSampleError
 from powersample.eval import math_grader
-from powersample.eval.tasks import GradeOptions, Problem, get_task
-from powersample.eval.tasks import gpqa, humaneval
+from powersample.eval.tasks import GradeOptions, Problem, get_task, gpqa, humaneval
 
 MATH500 = SHARED_DATA / "MATH500.json"
 FAST = GradeOptions(code_timeout=5.0, math_timeout=5.0)

@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from eval_toy import eval_argv, write_jsonl, write_spec
 
 from powersample.cli import main
-from eval_toy import eval_argv, write_jsonl, write_spec
 from powersample.errors import PowerSampleError
 from powersample.eval.records import load_records
-
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from eval_toy import eval_argv
+
 from powersample.cli import build_parser
 from powersample.cli import main as run_cli
 from powersample.eval.records import load_records

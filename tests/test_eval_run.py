@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SPECS
+from eval_toy import eval_argv
+
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend, ToySpec
 from powersample.cli import main as run_eval_cli
 from powersample.eval.cli import parse_seeds, parse_shard
-from eval_toy import eval_argv
 from powersample.eval.records import load_records
 from powersample.eval.runner import make_plan, run_eval
 from powersample.eval.tasks import get_task

@@ -6,7 +6,6 @@ import functools
 import math
 
 import pytest
-
 from conftest import load_spec
 from exact_laws import (
     algorithm_law,
@@ -18,9 +17,10 @@ from exact_laws import (
     tv,
     tv_null_quantile,
 )
+
 from powersample import SamplerConfig, sample
-from powersample.backends.base import Proposal
 from powersample.backends.toy import ToyBackend
+from powersample.core.types import Proposal
 
 N = 3000  # samples per test; each is an independent chain
 
@@ -140,7 +140,7 @@ def test_the_papers_acceptance_rule_is_biased_when_eos_comes_early():
 
 def _papers_kernel(spec, alpha, proposal, cap):
     """The paper's code: proposals capped at len(x), current sums cut to the proposal's length, no log L term."""
-    from exact_laws import as_chain, continuations, _continuation
+    from exact_laws import _continuation, as_chain, continuations
 
     @functools.cache
     def kernel(x):

@@ -7,9 +7,9 @@ import json
 import math
 
 import pytest
-
 from conftest import SPECS, load_spec
 from exact_laws import power_target
+
 from powersample import fidelity
 from powersample.backends.toy import ToyBackend
 from powersample.cli import main

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from powersample.backends import embedded
-from powersample.backends.base import Continuation, ExtendRequest, Proposal, proposal_logprobs
+from powersample.core.numerics import proposal_logprobs
+from powersample.core.types import Continuation, ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
 torch = pytest.importorskip("torch")
@@ -270,7 +271,8 @@ def test_regenerate_from_scratch_baseline_prefills_everything(backend, prompt):
 
 
 def test_continuous_batching_gives_the_same_samples_as_lockstep(backend):
-    from powersample import SamplerConfig, sample as sample_prompt
+    from powersample import SamplerConfig
+    from powersample import sample as sample_prompt
 
     class Lockstep:  # the same backend without extend_continuous: the driver falls back to lockstep rounds
         def __init__(self, inner):

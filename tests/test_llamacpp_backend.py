@@ -17,15 +17,10 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from powersample.backends.base import (
-    Continuation,
-    ExtendRequest,
-    Proposal,
-    negative_entropy,
-    proposal_logprobs,
-)
 from powersample.backends.embedded import embedded_gguf_path
 from powersample.backends.llamacpp import LlamaCppBackend
+from powersample.core.numerics import negative_entropy, proposal_logprobs
+from powersample.core.types import Continuation, ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
 pytestmark = pytest.mark.slow

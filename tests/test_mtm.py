@@ -6,17 +6,17 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from conftest import SPECS, load_spec
 from exact_laws import algorithm_law, apply, mh_kernel, mtm_algorithm_law, mtm_kernel, power_target, tv
-from powersample import SamplerConfig, sample
-from powersample.backends.base import Proposal
-from powersample.backends.toy import ToyBackend
-from powersample.cli import main
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_exactness import assert_follows, draw
 from test_sampler_properties import toy_specs
+
+from powersample import SamplerConfig, sample
+from powersample.backends.toy import ToyBackend
+from powersample.cli import main
+from powersample.core.types import Proposal
 
 # --- the kernel: detailed balance for p^alpha, whatever the number of tries ------------------------------------
 

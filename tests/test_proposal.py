@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from powersample.backends.base import Proposal, draw, proposal_logprobs
+from powersample.core.numerics import draw, proposal_logprobs
+from powersample.core.types import Proposal
 
 probs_strategy = st.lists(st.floats(0.0, 1.0), min_size=2, max_size=12).filter(lambda p: sum(p) > 1e-3)
 

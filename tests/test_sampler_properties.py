@@ -6,14 +6,14 @@ import math
 
 import numpy as np
 import pytest
+from conftest import load_spec
+from exact_laws import apply, mh_kernel, power_target, tv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import load_spec
-from exact_laws import apply, mh_kernel, power_target, tv
 from powersample import PowerSampleError, SamplerConfig, sample
-from powersample.backends.base import Continuation, Proposal
 from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.core.types import Continuation, Proposal
 from powersample.samplers.chain import Chain
 from powersample.samplers.power import log_accept_ratio
 

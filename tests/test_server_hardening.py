@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
 
-from test_server import DEFAULTS, SlowToy, WORDS, serve, word_backend  # noqa: E402
+from test_server import DEFAULTS, WORDS, SlowToy, serve, word_backend  # noqa: E402
 
 from powersample.api import SampleRecord  # noqa: E402
 from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402

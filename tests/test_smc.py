@@ -10,14 +10,14 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-
-import powersample.samplers.smc as smc
 from conftest import SPECS, load_spec
 from exact_laws import empirical, power_target, sequence_law, tv, tv_null_quantile
+
+import powersample.samplers.smc as smc
 from powersample import PowerSampleError, SamplerConfig, sample
-from powersample.backends.base import Proposal
 from powersample.backends.toy import ToyBackend
 from powersample.cli import main
+from powersample.core.types import Proposal
 
 
 def smc_config(**kwargs) -> SamplerConfig:

@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import load_spec
-from powersample.backends.base import ExtendRequest, Proposal
+
 from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.core.types import ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
 GOOD = {"vocab": ["a", "b", "<eos>"], "eos_id": 2, "default": [0.34, 0.33, 0.33], "next": {"": [0.42, 0.58, 0.0]}}

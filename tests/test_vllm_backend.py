@@ -26,7 +26,8 @@ from test_conformance import (  # noqa: E402 - the shared suite, collected here 
 )
 
 from powersample.backends import load_backend  # noqa: E402
-from powersample.backends.base import ExtendRequest, Proposal, proposal_logprobs, top_alternatives  # noqa: E402
+from powersample.core.numerics import proposal_logprobs, top_alternatives
+from powersample.core.types import ExtendRequest, Proposal
 from powersample.errors import PowerSampleError  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

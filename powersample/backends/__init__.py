@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from powersample.backends.base import Backend, Continuation, ExtendRequest, Proposal
+from powersample.backends.base import Backend
+from powersample.core.types import Continuation, ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
 BACKENDS = ("auto", "toy", "hf", "llamacpp", "vllm")

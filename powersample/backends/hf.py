@@ -30,24 +30,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from powersample.backends.base import (
-    Continuation,
-    ExtendRequest,
-    Poll,
-    Proposal,
-    Refill,
-    Tokens,
-    check_fits,
-    common_prefix,
-    draw,
-    extend_in_one_run,
-    one_line,
-    proposal_logprobs,
-    top_alternatives,
-)
 from powersample.backends.embedded import embedded_model_dir, quiet_loading
+from powersample.backends.engine import check_fits, common_prefix, extend_in_one_run
 from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids
-from powersample.errors import PowerSampleError
+from powersample.core.numerics import draw, proposal_logprobs, top_alternatives
+from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
+from powersample.errors import PowerSampleError, one_line
 
 DTYPES = {  # accepted --dtype spellings; "auto" = whatever the checkpoint says
     "float32": torch.float32, "fp32": torch.float32,

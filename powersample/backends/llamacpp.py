@@ -63,26 +63,13 @@ from typing import Any
 import numpy as np
 
 from powersample.backends import probe
-from powersample.backends.base import (
-    Continuation,
-    ExtendRequest,
-    Poll,
-    Proposal,
-    Refill,
-    Tokens,
-    check_fits,
-    common_prefix,
-    draw,
-    extend_in_one_run,
-    negative_entropy,
-    one_line,
-    plain_transcript,
-    proposal_logprobs,
-    top_alternatives,
-)
 from powersample.backends.embedded import cache_root, embedded_gguf_path, publish
+from powersample.backends.engine import check_fits, common_prefix, extend_in_one_run
 from powersample.backends.llamacpp_placement import ModelParams, Placement, model_params, placement_for
-from powersample.errors import PowerSampleError
+from powersample.backends.tokenizer import plain_transcript
+from powersample.core.numerics import draw, negative_entropy, proposal_logprobs, top_alternatives
+from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
+from powersample.errors import PowerSampleError, one_line
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 N_BATCH = 512  # most tokens per llama_decode call; longer prefills are fed in chunks

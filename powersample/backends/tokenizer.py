@@ -1,10 +1,11 @@
-"""Prompt encoding with a Hugging Face tokenizer, shared by the engines that use one (hf, vllm)."""
+"""Prompt formatting: the plain transcript of a chat for models without a template (every engine), and prompt
+encoding with a Hugging Face tokenizer, shared by the engines that use one (hf, vllm)."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from powersample.backends.base import Tokens, plain_transcript
+from powersample.core.types import Tokens
 
 
 def encode_prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> Tokens:
@@ -25,3 +26,9 @@ def encode_message_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) ->
     template = tokenizer.apply_chat_template
     ids = template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     return tuple(int(t) for t in ids)
+
+
+def plain_transcript(messages: Sequence[Mapping[str, str]]) -> str:
+    """A chat conversation as plain text for models without a chat template: "role: content" per line, then
+    "assistant:"."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"

@@ -22,14 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from powersample.backends.base import (
-    Continuation,
-    ExtendRequest,
-    Proposal,
-    Tokens,
-    proposal_logprobs,
-    top_alternatives,
-)
+from powersample.core.numerics import proposal_logprobs, top_alternatives
+from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
 from powersample.errors import PowerSampleError, parse_json
 
 ROW_TOLERANCE = 1e-6  # how far a row's sum may be from 1

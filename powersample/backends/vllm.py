@@ -59,19 +59,13 @@ import vllm  # noqa: E402 - after the logging settings above
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 
-from powersample.backends.base import (  # noqa: E402
-    Continuation,
-    ExtendRequest,
-    Poll,
-    Proposal,
-    Refill,
-    Tokens,
-    check_fits,
-    extend_in_one_run,
+from powersample.backends.engine import check_fits, extend_in_one_run
+from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids  # noqa: E402
+from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
+from powersample.errors import (
+    PowerSampleError,  # noqa: E402
     one_line,
 )
-from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids  # noqa: E402
-from powersample.errors import PowerSampleError  # noqa: E402
 
 SCORE_SALT = "powersample-score"  # prefix-cache salt of scoring requests (see VLLMBackend._prompt_logprobs)
 CONFIDENCE_BATCH = 16  # positions per engine call in confidence(); each returns V log-probs

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from powersample.backends.base import Backend, Tokens
+from powersample.backends.base import Backend
 from powersample.config import SamplerConfig
+from powersample.core.types import Tokens
 from powersample.errors import PowerSampleError
 from powersample.samplers.chain import Chain, ChainResult, Progress
 from powersample.samplers.driver import Program, drive
 from powersample.samplers.mtm import mtm_program, mtm_work_units
 from powersample.samplers.plain import plain_program, plain_work_units
 from powersample.samplers.power import power_program, power_work_units
-from powersample.samplers.smc import smc_program, smc_work_units
 from powersample.samplers.rollout import rollout_program, rollout_work_units
+from powersample.samplers.smc import smc_program, smc_work_units
 
 _SAMPLERS = {
     "power": (power_program, power_work_units),

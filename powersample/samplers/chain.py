@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from powersample.backends.base import Continuation, Tokens
+from powersample.core.types import Continuation, Tokens
 
 Progress = Callable[[int], None]  # called with a number of finished work units
 

@@ -18,7 +18,8 @@ import heapq
 from dataclasses import dataclass, field, replace
 from typing import Callable, Generator, Iterable, Sequence, Union
 
-from powersample.backends.base import Backend, Continuation, ExtendRequest, Proposal
+from powersample.backends.base import Backend
+from powersample.core.types import Continuation, ExtendRequest, Proposal
 from powersample.samplers.chain import ChainResult, Progress
 
 Step = Union[ExtendRequest, tuple[ExtendRequest, ...]]

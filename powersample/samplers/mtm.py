@@ -34,8 +34,9 @@ from typing import Sequence
 
 import numpy as np
 
-from powersample.backends.base import Continuation, ExtendRequest, Tokens, draw, logsumexp
 from powersample.config import SamplerConfig
+from powersample.core.numerics import draw, logsumexp
+from powersample.core.types import Continuation, ExtendRequest, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program
 from powersample.samplers.power import accept

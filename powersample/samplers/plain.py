@@ -5,8 +5,8 @@ Target: the proposal q itself, token by token, up to T tokens or EOS. No MCMC: o
 
 from __future__ import annotations
 
-from powersample.backends.base import ExtendRequest, Tokens
 from powersample.config import SamplerConfig
+from powersample.core.types import ExtendRequest, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program
 

@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from powersample.backends.base import Continuation, ExtendRequest, Tokens
 from powersample.config import SamplerConfig
+from powersample.core.types import Continuation, ExtendRequest, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program
 

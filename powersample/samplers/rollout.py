@@ -50,8 +50,9 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from powersample.backends.base import Continuation, ExtendRequest, Tokens, draw, logsumexp
 from powersample.config import SamplerConfig
+from powersample.core.numerics import draw, logsumexp
+from powersample.core.types import Continuation, ExtendRequest, Tokens
 from powersample.errors import PowerSampleError
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program

@@ -38,8 +38,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from powersample.backends.base import Continuation, ExtendRequest, Tokens, draw, logsumexp
 from powersample.config import SamplerConfig
+from powersample.core.numerics import draw, logsumexp
+from powersample.core.types import Continuation, ExtendRequest, Tokens
 from powersample.samplers.chain import Chain, ChainResult, WeightedParticle
 from powersample.samplers.driver import Program
 

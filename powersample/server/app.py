@@ -32,10 +32,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from powersample.api import SampleRecord, chain_record, make_chains
-from powersample.backends.base import Backend, Tokens, one_line, plain_transcript
+from powersample.backends.base import Backend
+from powersample.backends.tokenizer import plain_transcript
 from powersample.cli import append_jsonl
 from powersample.config import SamplerConfig
-from powersample.errors import PowerSampleError
+from powersample.core.types import Tokens
+from powersample.errors import PowerSampleError, one_line
 from powersample.samplers import programs
 from powersample.server import protocol as wire
 from powersample.server import schema

@@ -26,7 +26,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from powersample.backends.base import Backend, Proposal
+from powersample.backends.base import Backend
+from powersample.core.types import Proposal
 from powersample.samplers import ChainResult
 from powersample.samplers.driver import Program, Reply, Scheduler, Step
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from powersample.errors import PowerSampleError
 from powersample.eval.data import check_unique_ids, field, read_records
-from powersample.io import write_json_atomic
 from powersample.eval.tasks import Grade, GradeOptions, Problem, Task
+from powersample.io import write_json_atomic
 
 
 def load(data: str | None, chat: bool) -> list[Problem]:
