@@ -11,8 +11,9 @@ Karan & Du (2025), "Reasoning with Sampling: Your Base Model is Smarter Than You
 
 from powersample.api import SampleRecord, sample
 from powersample.backends import load_backend
-from powersample.config import METHODS, SamplerConfig
+from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
+from powersample.samplers.registry import METHODS
 
 __version__ = "0.1.0"
 

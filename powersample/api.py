@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from powersample.backends.base import Backend
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.samplers import Chain, ChainResult, Progress, programs, run_chains
+from powersample.io import progress_bar
+from powersample.samplers import Chain, ChainResult, Progress, programs, registry, run_chains
 from powersample.samplers.driver import Scheduler
 
 
@@ -105,7 +107,7 @@ def sample_many(
             continue
         done = _job_done(backend, prompt, config, seed, num_samples, start, lambda recs, j=j: out.__setitem__(j, recs))
         work += [(program, done(c)) for c, program in enumerate(programs(backend, prompt_ids, config, chains))]
-    Scheduler(backend, config.proposal, progress).run(work)
+    Scheduler(backend, registry.proposal(config), progress).run(work)
     return out
 
 
@@ -181,7 +183,7 @@ def chain_record(
         method=config.method,
         seed=seed,
         sample_index=index,
-        config=config.resolved(),
+        config=registry.resolved(config),
         particles=_particles(backend, r),
     )
 
@@ -194,3 +196,15 @@ def _particles(backend: Backend, r: ChainResult) -> list[dict] | None:
          "weight": p.weight}
         for p in r.particles
     ]
+
+
+@contextlib.contextmanager
+def sampling_bar(config: SamplerConfig, quiet: bool = False, desc: str = "sampling",
+                 chains: int = 1) -> Iterator[Progress | None]:  # fmt: skip
+    """A progress bar over the backend requests of `chains` chains; yields its update function (None when quiet)."""
+    with progress_bar(registry.work_units(config) * chains, desc, "req", quiet=quiet) as bar:
+        if bar is None:
+            yield None
+            return
+        yield bar.update
+        bar.update(bar.total - bar.n)  # chains that stop early at EOS finish the bar

@@ -30,16 +30,17 @@ import resource
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from powersample.api import sample
-from powersample.backends import load_backend
+from powersample.backends import BackendSpec
 from powersample.backends.base import Backend
-from powersample.config import MCMC_METHODS, SamplerConfig
+from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.samplers import work_units
+from powersample.samplers import registry
+from powersample.samplers.registry import MCMC_METHODS, work_units
 
 PROMPTS = (  # built-in prompts: short math and reasoning questions
     "What is 17 * 24? Think step by step, then give the answer.",
@@ -58,39 +59,12 @@ Update = Callable[[str, int], None]  # (phase label, finished work units): drive
 
 
 @dataclass(frozen=True)
-class BackendChoice:
-    """Which backend to load (twice: as is, and with reuse_cache=False for the scratch phase)."""
-
-    name: str = "hf"  # toy | hf
-    model: str | None = None  # None = the embedded model
-    toy_spec: str | None = None  # with name="toy"
-    device: str | None = None
-    dtype: str | None = None
-    threads: int | None = None  # engine CPU threads; None = the engine's default
-    quant: str | None = None  # llamacpp: load the GGUF re-quantized to this type (--quant)
-
-    def load(self, reuse_cache: bool = True) -> Backend:
-        return load_backend(self.name, model=self.model, toy_spec=self.toy_spec, device=self.device,
-                            dtype=self.dtype, reuse_cache=reuse_cache, threads=self.threads, quant=self.quant)
-
-    def describe(self) -> str:
-        """The model, in words, for the table and the JSON."""
-        if self.name == "toy":
-            return f"toy spec {self.toy_spec}"
-        if self.model is None:
-            from powersample.backends.embedded import EMBEDDED_MODEL
-
-            return f"embedded {EMBEDDED_MODEL}"
-        return self.model
-
-
-@dataclass(frozen=True)
 class BenchOptions:
     """One benchmark run. Validated at construction."""
 
     config: SamplerConfig  # the MCMC config of the power phases (method power or max-swap)
     prompts: tuple[str, ...]  # the same prompts in every phase
-    backend: BackendChoice = BackendChoice()
+    backend: BackendSpec = BackendSpec("hf")  # loaded twice: as is, and with reuse_cache=False (scratch phase)
     chains: int = 8  # K: chains per prompt in the batched phases
     repeats: int = 1  # R: each phase runs R times; medians are reported
     seed: int = 0  # prompt i uses seed + i in every phase and repeat
@@ -265,7 +239,7 @@ class BenchResult:
         return {
             "benchmark": "powersample bench", "complete": self.complete, "date": self.date,
             "machine": self.machine, "backend": backend_dict(self.options.backend, self.device),
-            "config": self.options.config.resolved(), "plain_config": self.options.plain_config.resolved(),
+            "config": registry.resolved(self.options.config), "plain_config": registry.resolved(self.options.plain_config),
             "options": options_dict(self.options),
             "phases": {p.phase.name: p.to_dict() for p in self.phases},
             "eq12": self.eq12(), "targets": {t.name: t.to_dict() for t in self.targets()},
@@ -287,7 +261,7 @@ def run_bench(
         if not phase.reuse_cache:
             del backend  # the scratch backend replaces it; ru_maxrss keeps the peak anyway
             run.say(phase.label, 0, "loading")
-            backend = options.backend.load(reuse_cache=False)
+            backend = replace(options.backend, reuse_cache=False).load()
             warm_up(backend, options)
         run.run_phase(backend, phase)
     return run.result(complete=True)
@@ -558,9 +532,9 @@ def _torch_info() -> dict[str, Any] | None:
     return {"version": version, "threads": torch.get_num_threads() if torch else None}
 
 
-def backend_dict(choice: BackendChoice, device: str | None) -> dict[str, Any]:
-    return {"name": choice.name, "model": choice.describe(), "toy_spec": choice.toy_spec, "device": device,
-            "dtype": choice.dtype, "threads": choice.threads, "quant": choice.quant}
+def backend_dict(spec: BackendSpec, device: str | None) -> dict[str, Any]:
+    return {"name": spec.name, "model": spec.describe(), "toy_spec": spec.toy_spec, "device": device,
+            "dtype": spec.dtype, "threads": spec.threads, "quant": spec.quant}
 
 
 def options_dict(o: BenchOptions) -> dict[str, Any]:

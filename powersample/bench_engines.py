@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from powersample.api import sample
-from powersample.backends import Backend
+from powersample.backends import Backend, BackendSpec
 from powersample.bench import (
-    BackendChoice,
     BenchOptions,
     CallStats,
     Phase,
@@ -35,6 +34,7 @@ from powersample.bench import (
     warm_up,
 )
 from powersample.errors import PowerSampleError
+from powersample.samplers import registry
 
 ENGINE_PHASES = ("plain-1", "power-1", "power-K")  # bench's phases that tell engines apart
 KEYS = ("threads", "dtype", "quant", "device")  # what a candidate may set
@@ -45,7 +45,7 @@ class Candidate:
     """One engine configuration: its spelling on the command line and the backend it loads."""
 
     spec: str
-    choice: BackendChoice
+    choice: BackendSpec
 
 
 def parse_candidates(text: str, model: str | None) -> tuple[Candidate, ...]:
@@ -58,7 +58,7 @@ def parse_candidates(text: str, model: str | None) -> tuple[Candidate, ...]:
     return tuple(Candidate(spec, _choice(spec, model)) for spec in specs)
 
 
-def _choice(spec: str, model: str | None) -> BackendChoice:
+def _choice(spec: str, model: str | None) -> BackendSpec:
     name, *options = spec.split(":")
     if name not in ("hf", "llamacpp", "vllm"):
         raise PowerSampleError(f"--engines candidate {spec!r}: the backend must be hf, llamacpp or vllm")
@@ -68,7 +68,7 @@ def _choice(spec: str, model: str | None) -> BackendChoice:
         if key not in KEYS or not value:
             raise PowerSampleError(f"--engines candidate {spec!r}: options are {', '.join(k + '=' for k in KEYS)}")
         fields[key] = _threads(spec, value) if key == "threads" else value
-    return BackendChoice(name, model, None, **fields)
+    return BackendSpec(name, model, None, **fields)
 
 
 def _threads(spec: str, value: str) -> int:
@@ -108,7 +108,7 @@ class EnginesResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"benchmark": "powersample bench --engines", "complete": self.complete, "date": self.date,
-                "machine": self.machine, "config": self.options.config.resolved(),
+                "machine": self.machine, "config": registry.resolved(self.options.config),
                 "options": options_dict(self.options), "engines": [r.to_dict() for r in self.rows]}
 
 
@@ -201,7 +201,7 @@ def _torch_threads() -> int | None:
     return torch.get_num_threads()
 
 
-def _use_threads(choice: BackendChoice, default: int | None) -> None:
+def _use_threads(choice: BackendSpec, default: int | None) -> None:
     """torch's thread count is process-wide (the hf backend sets it at load): set each hf candidate's before its
     turn. llama.cpp's threads belong to each backend's own context."""
     if choice.name == "hf" and default is not None:

@@ -38,7 +38,7 @@ from powersample.api import sample
 from powersample.backends.toy import ToyBackend, ToySpec
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.samplers import work_units
+from powersample.samplers.registry import work_units
 
 SPEC_DIR = Path(__file__).resolve().parent / "toy_specs"
 DEFAULT_SPECS = ("fidelity_trap", "fidelity_eos")  # toy targets when --spec is not given

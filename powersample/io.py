@@ -1,12 +1,20 @@
-"""Durable writes: a file is replaced whole or not at all, so a crash or a reader never sees half of it."""
+"""Every durable write, and the one progress bar.
+
+A JSON or report file is replaced whole or not at all (write_*_atomic), so a crash or a reader never sees half of
+it; a JSONL log is appended to, fsynced, so existing records are never lost (append_jsonl). Long work shows one tqdm
+bar on stderr with ETA (progress_bar)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from tqdm import tqdm
 
 from powersample.errors import PowerSampleError
 
@@ -36,3 +44,29 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append rows, flushed and fsynced, so existing records are never lost. Every row is encoded first, and a
+    non-finite number refused: a bare Infinity or NaN would make the file invalid JSON."""
+    try:
+        lines = "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+    except ValueError:
+        raise PowerSampleError(f"not writing {path}: a record holds a non-finite number") from None
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, unit: str, *, initial: int = 0, quiet: bool = False) -> Iterator[tqdm | None]:
+    """The progress bar of every long job: tqdm on stderr, with ETA; None when quiet."""
+    if quiet:
+        yield None
+        return
+    with tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar

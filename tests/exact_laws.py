@@ -16,6 +16,7 @@ from powersample.backends.toy import ToySpec
 from powersample.config import SamplerConfig
 from powersample.core.numerics import proposal_logprobs
 from powersample.core.types import Continuation, Proposal
+from powersample.samplers import registry
 from powersample.samplers.chain import Chain
 from powersample.samplers.power import log_accept_ratio
 
@@ -88,12 +89,12 @@ def mh_kernel(
 
 def algorithm_law(spec: ToySpec, config: SamplerConfig) -> Law:
     """Exact law of the output of power sampling with `config` (finite steps, stages, early stop at EOS)."""
-    proposal = config.proposal
+    proposal = registry.proposal(config)
     law: Law = {(): 1.0}
     for cap in config.stage_caps():
         done = {x: w for x, w in law.items() if x and x[-1] == spec.eos_id}
         running = _extend_law({x: w for x, w in law.items() if x not in done}, spec, proposal, cap)
-        kernel = mh_kernel(spec, config.target_alpha, proposal, cap)
+        kernel = mh_kernel(spec, (math.inf if config.method == "max-swap" else config.alpha), proposal, cap)
         for _ in range(config.mcmc_steps):
             running = apply(kernel, running)
         law = {x: done.get(x, 0.0) + running.get(x, 0.0) for x in done.keys() | running.keys()}
@@ -177,7 +178,7 @@ def rollout_step_law(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...]) -
 
 def _rollout_candidates(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...]) -> list:
     """(unit, log p) of the K candidates: the likeliest tokens (ties by id), or blocks q can draw (ties by ids)."""
-    proposal, k = config.proposal, config.candidates
+    proposal, k = registry.proposal(config), config.candidates
     if not config.block_size or config.block_size == 1:
         logp = row_logprobs(spec, x, proposal)[0]
         order = sorted(np.flatnonzero(np.isfinite(logp)), key=lambda t: (-logp[t], t))[:k]
@@ -193,8 +194,8 @@ def _log_future_mass(spec: ToySpec, config: SamplerConfig, s: tuple[int, ...]) -
         return 0.0
     h = config.rollout_horizon or config.max_new_tokens
     cap = min(len(s) + h, config.max_new_tokens)
-    rollouts = continuations(spec, config.proposal, s, cap)
-    logs = [config.alpha * _suffix_logp(spec, s, r, config.proposal) for r, _ in rollouts]
+    rollouts = continuations(spec, registry.proposal(config), s, cap)
+    logs = [config.alpha * _suffix_logp(spec, s, r, registry.proposal(config)) for r, _ in rollouts]
     peak = max(logs)
     return peak + math.log(math.fsum(math.exp(v - peak) for v in logs))
 
@@ -250,7 +251,7 @@ def _mtm_moves(log_q: np.ndarray, log_w: np.ndarray, log_w_x: float, k: int) -> 
 
 def mtm_algorithm_law(spec: ToySpec, config: SamplerConfig, weight: TryWeight | None = None) -> Law:
     """Exact law of power-mtm's output with `config` (extension and mcmc_steps MTM steps per stage, early stop)."""
-    proposal = config.proposal
+    proposal = registry.proposal(config)
     law: Law = {(): 1.0}
     for cap in config.stage_caps():
         done = {x: w for x, w in law.items() if x and x[-1] == spec.eos_id}

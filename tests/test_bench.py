@@ -13,17 +13,16 @@ import pytest
 from conftest import SPECS
 
 from powersample.api import sample
-from powersample.backends import load_backend
+from powersample.backends import BackendSpec, load_backend
 from powersample.bench import (
     PROMPTS,
-    BackendChoice,
     BenchOptions,
     eq12_tokens_per_sample,
     expected_tokens_full_length,
     run_bench,
 )
-from powersample.bench_cli import add_bench_parser, options_from_args
 from powersample.cli import main as run_bench_cli
+from powersample.cli.bench import add_bench_parser, options_from_args
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 
@@ -189,7 +188,7 @@ def test_progress_bar_on_stderr_and_partial_json(tmp_path, capsys):
     assert code == 0 and "100%" in err and "regenerate from scratch" in err and "100%" not in out
     partial = []
     options = BenchOptions(SamplerConfig(max_new_tokens=4, block_size=2, mcmc_steps=1), ("x", "y"),
-                           BackendChoice("toy", toy_spec=SPEC), chains=2)
+                           BackendSpec("toy", toy_spec=SPEC), chains=2)
     final = run_bench(options, on_progress=partial.append)
     assert len(partial) == 5 * 2 and not any(r.complete for r in partial) and final.complete
     assert [len(r.phases) for r in partial] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]

@@ -81,8 +81,8 @@ def test_a_subnormal_alpha_is_refused_and_nothing_is_written(alpha, tmp_path, ca
 
 
 def test_records_are_never_written_with_non_finite_numbers(tmp_path):
-    from powersample.cli import append_jsonl
     from powersample.errors import PowerSampleError
+    from powersample.io import append_jsonl
 
     out = tmp_path / "records.jsonl"
     append_jsonl(str(out), [{"a": 1.0}])
@@ -199,7 +199,7 @@ def test_counts_too_large_to_run_are_one_line(argv, word, capsys, monkeypatch, t
 
 def test_the_cap_is_on_sequences_at_once():
     from powersample import SamplerConfig
-    from powersample.cli import MAX_SEQUENCES, check_members
+    from powersample.cli.options import MAX_SEQUENCES, check_members
     from powersample.errors import PowerSampleError
 
     smc = SamplerConfig(method="power-smc", particles=64)

@@ -101,7 +101,7 @@ def test_two_evals_on_one_directory(spec, tmp_path):
     the directory, before loading the model; the first loses nothing and writes every record once."""
     data = write_jsonl(tmp_path / "math.jsonl", [{"problem": f"q{i}", "answer": "1"} for i in range(40)])
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "powersample.eval.cli", *eval_argv(spec, data, out, "--seeds", "0-4")]
+    argv = [sys.executable, "-m", "powersample.cli", *eval_argv(spec, data, out, "--seeds", "0-4")]
     argv.remove("--quiet")  # the progress bar appears once the first run holds the lock: the handshake
     first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

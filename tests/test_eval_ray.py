@@ -66,7 +66,7 @@ def subprocess_env() -> dict[str, str]:
 
 def test_ray_auto_without_a_cluster_is_one_line_exit_2(files, tmp_path):
     spec, _, data = files
-    argv = [sys.executable, "-m", "powersample.eval.cli", *eval_argv(spec, data, tmp_path / "run", "--ray", "auto")]
+    argv = [sys.executable, "-m", "powersample.cli", *eval_argv(spec, data, tmp_path / "run", "--ray", "auto")]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert done.returncode == 2 and done.stdout == "", done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("powersample: error: cannot connect to the Ray")
@@ -144,7 +144,7 @@ def test_toy_run_on_ray_equals_the_single_process_run(cluster, files, tmp_path, 
 
 
 def test_a_killed_worker_has_its_units_redone_and_written_once(cluster, files, tmp_path):
-    from powersample.eval.cli import worker_args
+    from powersample.cli.options import backend_spec
     from powersample.eval.distributed import WorkerPlacement, WorkerPool
     from powersample.eval.runner import run_plan
 
@@ -153,7 +153,8 @@ def test_a_killed_worker_has_its_units_redone_and_written_once(cluster, files, t
     argv = eval_argv(spec, data, out, "--limit", "6", "--seeds", "0-3", "--max-new-tokens", "48", "--block-count",
                      "4", "--mcmc-steps", "10")  # fmt: skip
     plan = plan_of(argv)
-    pool = WorkerPool(ray, worker_args(build_parser().parse_args(argv)), plan, WorkerPlacement(2, 0.0, 1.0))
+    pool = WorkerPool(ray, backend_spec(build_parser().parse_args(argv)).portable(), plan,
+                      WorkerPlacement(2, 0.0, 1.0))
 
     def kill_worker_0_after_the_first_record(todo):
         for i, record in enumerate(pool.records(todo)):
@@ -174,15 +175,15 @@ def test_a_killed_worker_has_its_units_redone_and_written_once(cluster, files, t
 
 def plan_of(argv: list[str]):
     """The EvalPlan `powersample eval` makes for argv."""
-    from powersample.cli import config_from_args
-    from powersample.eval.cli import backend_identity, parse_limit, parse_seeds
+    from powersample.cli.eval import parse_limit, parse_seeds
+    from powersample.cli.options import backend_spec, config_from_args
     from powersample.eval.runner import make_plan
     from powersample.eval.tasks import get_task
 
     args = build_parser().parse_args(argv)
     task = get_task(args.task)
     return make_plan(task, task.load(args.data, not args.raw), seeds=parse_seeds(args.seeds),
-                     config=config_from_args(args), chat=not args.raw, backend=backend_identity(args),
+                     config=config_from_args(args), chat=not args.raw, backend=backend_spec(args).identity(),
                      limit=parse_limit(args.limit))  # fmt: skip
 
 
@@ -190,7 +191,7 @@ def test_a_killed_driver_resumes_on_ray_or_without(cluster, files, tmp_path, cap
     spec, _, data = files
     out, clean = tmp_path / "run", tmp_path / "clean"
     extra = ("--seeds", "0-9", "--max-new-tokens", "24", "--block-count", "3", "--mcmc-steps", "6")
-    argv = [sys.executable, "-m", "powersample.eval.cli", *eval_argv(spec, data, out, *extra, "--ray", cluster)]
+    argv = [sys.executable, "-m", "powersample.cli", *eval_argv(spec, data, out, *extra, "--ray", cluster)]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=subprocess_env())
     records = out / "records.jsonl"
     deadline = time.monotonic() + 120

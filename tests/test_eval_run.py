@@ -17,7 +17,7 @@ from eval_toy import eval_argv
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend, ToySpec
 from powersample.cli import main as run_eval_cli
-from powersample.eval.cli import parse_seeds, parse_shard
+from powersample.cli.eval import parse_seeds, parse_shard
 from powersample.eval.records import load_records
 from powersample.eval.runner import make_plan, run_eval
 from powersample.eval.tasks import get_task
@@ -151,7 +151,7 @@ def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tmp_path):
     spec.write_text(json.dumps(BOXED_SPEC))
     data = tmp_path / "math.json"
     data.write_text(json.dumps([{"problem": f"q{i}", "answer": str(i % 3)} for i in range(100)]))
-    argv = [sys.executable, "-m", "powersample.eval.cli", *eval_argv(spec, data, tmp_path / "run", "--seeds", "0-19")]
+    argv = [sys.executable, "-m", "powersample.cli", *eval_argv(spec, data, tmp_path / "run", "--seeds", "0-19")]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     records = tmp_path / "run" / "records.jsonl"
     deadline = time.monotonic() + 120
@@ -174,7 +174,7 @@ def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tmp_path):
     keys = [(r["problem_id"], r["seed"]) for r in rows]
     assert len(keys) == len(set(keys)) == 2000
     clean = tmp_path / "clean"
-    argv_clean = [sys.executable, "-m", "powersample.eval.cli", *eval_argv(spec, data, clean, "--seeds", "0-19")]
+    argv_clean = [sys.executable, "-m", "powersample.cli", *eval_argv(spec, data, clean, "--seeds", "0-19")]
     assert subprocess.run(argv_clean, cwd=REPO, capture_output=True, timeout=300).returncode == 0
     want = {(r["problem_id"], r["seed"]): (r["tokens"], r["correct"]) for r in load_records(clean)}
     assert {k: (r["tokens"], r["correct"]) for k, r in zip(keys, rows, strict=True)} == want
@@ -287,7 +287,7 @@ def test_bad_input_is_one_line_and_exit_2(args, word, files, tmp_path, capsys):
 
 
 def test_module_entry_point_reports_errors(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "powersample.eval.cli", "eval", "--task", "nope"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "powersample.cli", "eval", "--task", "nope"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert (
         done.returncode == 2
@@ -325,7 +325,7 @@ def test_one_writer_per_records_file(tmp_path):
 def test_add_eval_parsers_plugs_into_another_parser(files, tmp_path):
     import argparse
 
-    from powersample.eval.cli import add_eval_parsers
+    from powersample.cli.eval import add_eval_parsers
 
     parser = argparse.ArgumentParser(prog="powersample")
     add_eval_parsers(parser.add_subparsers(dest="command", required=True))

@@ -17,6 +17,7 @@ from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend
 from powersample.cli import main
 from powersample.core.types import Proposal
+from powersample.samplers import registry
 
 # --- the kernel: detailed balance for p^alpha, whatever the number of tries ------------------------------------
 
@@ -122,7 +123,7 @@ def test_counters_and_record_shape():
     backend = ToyBackend(load_spec("eos_trap"))
     config = SamplerConfig(method="power-mtm", max_new_tokens=4, block_size=2, mcmc_steps=3, tries=3)
     for r in sample(backend, "p", config, seed=3, num_samples=30):
-        assert r.method == "power-mtm" and r.config == config.resolved()
+        assert r.method == "power-mtm" and r.config == registry.resolved(config)
         assert r.token_logp == backend.score((), r.tokens)
         assert r.tokens_generated >= len(r.tokens) + r.proposals * 3  # every try counts, one token at least
         assert "particles" not in r.to_dict()

@@ -82,14 +82,14 @@ def crashing_llamacpp(monkeypatch):
     except PowerSampleError as e:
         pytest.skip(str(e))
     monkeypatch.setattr(llamacpp, "_probe_command", lambda path: SEGFAULT)
-    monkeypatch.setattr("powersample.backends._has_cuda", lambda: False)
+    monkeypatch.setattr("powersample.backends.spec._has_cuda", lambda: False)
     return llamacpp
 
 
 def test_auto_falls_back_to_hf_with_one_line_when_the_probe_crashes(crashing_llamacpp, capsys):
-    from powersample.backends import resolve_auto
+    from powersample.backends import BackendSpec
 
-    assert resolve_auto(None, None) == "hf"
+    assert BackendSpec().resolved().name == "hf"
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "crashed" in lines[0] and "SIGSEGV" in lines[0] and "hf" in lines[0]
 
@@ -105,15 +105,15 @@ def test_explicit_llamacpp_is_refused_in_one_line_when_the_probe_crashes(crashin
 def test_the_real_probe_passes_here(monkeypatch):
     """On this machine (AMX or not) the safe placement decodes in a child: auto keeps llama.cpp."""
     pytest.importorskip("llama_cpp")
-    from powersample.backends import llamacpp, resolve_auto
+    from powersample.backends import BackendSpec, llamacpp
 
-    monkeypatch.setattr("powersample.backends._has_cuda", lambda: False)
+    monkeypatch.setattr("powersample.backends.spec._has_cuda", lambda: False)
     try:
         outcome = llamacpp.probe_outcome(None)
     except PowerSampleError as e:
         pytest.skip(str(e))
     assert outcome.ok, outcome.detail
-    assert resolve_auto(None, None) == "llamacpp"
+    assert BackendSpec().resolved().name == "llamacpp"
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from exact_laws import empirical, power_target, rollout_limit_law, tv, tv_null_q
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend
 from powersample.cli import main
-from powersample.samplers import work_units
+from powersample.samplers.registry import work_units
 from powersample.samplers.rollout import candidate_probs
 
 N = 1500  # samples per sampled test; each is an independent chain

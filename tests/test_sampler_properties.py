@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from powersample import PowerSampleError, SamplerConfig, sample
 from powersample.backends.toy import ToyBackend, ToySpec
 from powersample.core.types import Continuation, Proposal
+from powersample.samplers import registry
 from powersample.samplers.chain import Chain
 from powersample.samplers.power import log_accept_ratio
 
@@ -90,7 +91,7 @@ def test_same_seed_same_output_and_chains_do_not_depend_on_batch(config):
 def test_record_fields_are_consistent(config):
     backend = ToyBackend(load_spec("eos_trap"))
     for r in sample(backend, "p", config, seed=3, num_samples=20):
-        assert r.method == config.method and r.config == config.resolved()
+        assert r.method == config.method and r.config == registry.resolved(config)
         assert 1 <= len(r.tokens) <= 4
         assert r.finish_reason == ("eos" if r.tokens[-1] == 2 else "length")
         assert r.finish_reason == "eos" or len(r.tokens) == 4
@@ -136,8 +137,17 @@ def test_finished_chains_stop_costing():
     ],
 )
 def test_bad_configs_are_one_line_errors(kwargs, field):
-    with pytest.raises(PowerSampleError, match=field):
-        SamplerConfig(**kwargs)
+    """SamplerConfig refuses bad numbers at construction; the registry refuses a method it does not have."""
+    with pytest.raises(PowerSampleError, match=field) as err:
+        registry.check(SamplerConfig(**kwargs))
+    assert "\n" not in str(err.value)
+
+
+def test_an_unknown_method_is_refused_before_any_engine_call():
+    backend = ToyBackend(load_spec("eos_trap"))
+    with pytest.raises(PowerSampleError, match="unknown method 'greedy'; choose one of power, max-swap"):
+        sample(backend, "x", SamplerConfig(method="greedy"))
+    assert backend.calls == 0
 
 
 def test_stage_caps():

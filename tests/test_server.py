@@ -19,6 +19,7 @@ openai = pytest.importorskip("openai")
 import powersample
 from powersample.backends.toy import ToyBackend, ToySpec
 from powersample.config import SamplerConfig
+from powersample.samplers import registry
 from powersample.server.app import Settings, create_app
 from powersample.server.background import background_server
 from powersample.server.protocol import Limits
@@ -463,7 +464,7 @@ def test_the_engine_serves_proposals_in_turn_without_starving_any():
     def job(name: str, alpha: float, steps: int) -> Job:
         config = replace(DEFAULTS, alpha=alpha, mcmc_steps=steps)
         progs = programs(backend, (), config, [Chain(np.random.default_rng(0), slot=0)])
-        return Job(progs, config.proposal, time.monotonic() + 60, lambda outcomes: finished.append(name))
+        return Job(progs, registry.proposal(config), time.monotonic() + 60, lambda outcomes: finished.append(name))
 
     engine.start()
     try:

@@ -17,7 +17,6 @@ Ray is imported only here, and this module only when `--ray` is given: `import p
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import logging
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from powersample.backends import BackendSpec
 from powersample.errors import PowerSampleError
 from powersample.eval.records import record_key
 from powersample.eval.runner import EvalPlan, EvalSummary, Unit, evaluate_batches, run_plan
@@ -34,7 +34,6 @@ from powersample.eval.runner import EvalPlan, EvalSummary, Unit, evaluate_batche
 IN_FLIGHT = 2  # batches of units sent to an actor ahead of time, so it never waits for the driver between units
 RESTARTS_PER_WORKER = 3  # fresh actors the pool may start, per worker, to replace ones that died
 MAX_ATTEMPTS = 3  # a unit whose worker died this many times while running it stops the run
-CPU_BACKENDS = ("toy", "llamacpp")  # engines that never use a GPU, so their actors ask for none by default
 
 
 @dataclass(frozen=True)
@@ -61,12 +60,12 @@ class WorkerPlacement:
     cpus: float  # per actor; Ray also caps the actor's torch/OpenMP threads to it
 
     @classmethod
-    def of(cls, options: RayOptions, cluster: dict[str, float], backend_name: str) -> "WorkerPlacement":
+    def of(cls, options: RayOptions, cluster: dict[str, float], cpu_only: bool) -> "WorkerPlacement":
         """Defaults from the cluster's resources; a one-line error when the workers cannot all be placed."""
         have_gpus, have_cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
         gpus = options.gpus_per_worker
         if gpus is None:
-            gpus = 1.0 if have_gpus >= 1 and backend_name not in CPU_BACKENDS else 0.0
+            gpus = 1.0 if have_gpus >= 1 and not cpu_only else 0.0
         cpus = options.cpus_per_worker
         workers = options.workers
         if workers is None:
@@ -154,42 +153,37 @@ def _init_kwargs(options: RayOptions) -> dict[str, Any]:
 
 
 def run_eval_ray(
-    backend_args: argparse.Namespace,
+    spec: BackendSpec,
     plan: EvalPlan,
     run_dir: Path,
     options: RayOptions,
     quiet: bool = False,
     batch: int = 1,
 ) -> EvalSummary:
-    """`run_eval` with the units spread over Ray actors, each building its backend from `backend_args` (the
-    CLI's arguments: whatever `powersample.cli.backend_from_args` reads)."""
+    """`run_eval` with the units spread over Ray actors, each loading the backend `spec` describes. `auto` is
+    resolved here, once, so that every actor runs the same engine and the placement knows whether it uses a GPU."""
+    spec = spec.resolved()
     with connected(options) as ray:
-        placement = WorkerPlacement.of(options, ray.cluster_resources(), _backend_name(backend_args))
+        placement = WorkerPlacement.of(options, ray.cluster_resources(), spec.cpu_only)
         if not quiet:
             print(f"powersample: up to {placement.workers} Ray worker(s), {placement.gpus:g} GPU and "
                   f"{placement.cpus:g} CPU each", file=sys.stderr, flush=True)  # fmt: skip
-        pool = WorkerPool(ray, backend_args, plan, placement, batch)
+        pool = WorkerPool(ray, spec, plan, placement, batch)
         try:
             return run_plan(plan, run_dir, pool.records, quiet)
         finally:
             pool.close()
 
 
-def _backend_name(args: argparse.Namespace) -> str:
-    return "toy" if args.backend == "auto" and getattr(args, "toy_spec", None) else args.backend
-
-
 class UnitWorker:
     """The body of one Ray actor: builds its backend on the first batch, then makes each batch's records."""
 
-    def __init__(self, backend_args: argparse.Namespace, plan: EvalPlan):
-        self._args, self._plan, self._backend = backend_args, plan, None
+    def __init__(self, spec: BackendSpec, plan: EvalPlan):
+        self._spec, self._plan, self._backend = spec, plan, None
 
     def run(self, units: list[Unit]) -> list[dict[str, Any]]:
         if self._backend is None:
-            from powersample.cli import backend_from_args
-
-            self._backend = backend_from_args(self._args)
+            self._backend = self._spec.load()
         return list(evaluate_batches(self._backend, self._plan, units, len(units)))
 
 
@@ -206,11 +200,11 @@ class WorkerPool:
     """Actors that make records for units; the driver's queue, the re-queueing of a dead actor's units."""
 
     def __init__(
-        self, ray: Any, backend_args: argparse.Namespace, plan: EvalPlan, placement: WorkerPlacement, batch: int = 1
+        self, ray: Any, spec: BackendSpec, plan: EvalPlan, placement: WorkerPlacement, batch: int = 1
     ):
         self._ray, self._placement, self._batch = ray, placement, batch
         self._actor_class = ray.remote(UnitWorker).options(num_gpus=placement.gpus, num_cpus=placement.cpus)
-        self._args_ref, self._plan_ref = ray.put(backend_args), ray.put(plan)
+        self._spec_ref, self._plan_ref = ray.put(spec), ray.put(plan)
         self.workers: list[_Worker] = []
         self.requeued = 0  # units sent back to the queue because their actor died
         self.restarts_left = RESTARTS_PER_WORKER * placement.workers
@@ -238,7 +232,7 @@ class WorkerPool:
                 self._ray.kill(worker.actor)
 
     def _start(self) -> _Worker:
-        return _Worker(self._actor_class.remote(self._args_ref, self._plan_ref))
+        return _Worker(self._actor_class.remote(self._spec_ref, self._plan_ref))
 
     def _fill(self, queue: collections.deque[Unit], pending: dict[Any, tuple[_Worker, list[Unit]]]) -> None:
         for worker in self.workers:

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from powersample.config import MCMC_METHODS, SamplerConfig
+from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
 from powersample.eval.records import RUN_FILE, identity_hash, iter_records, read_run, record_key
 from powersample.io import write_bytes_atomic
+from powersample.samplers import registry
+from powersample.samplers.registry import MCMC_METHODS
 
 LABEL_KEYS = ("alpha", "mcmc_steps", "max_new_tokens", "block_size", "proposal_temperature", "top_k", "top_p")
 
@@ -104,7 +106,7 @@ def read_identity(run_dir: Path) -> dict[str, Any]:
     check_fields(config, CONFIG_FIELDS, where, "identity.config")
     known = {f.name for f in dataclasses.fields(SamplerConfig)}
     try:  # the one validation of a config: ranges too (a block size of 0 would divide by zero)
-        SamplerConfig(**{k: v for k, v in config.items() if k in known})
+        registry.check(SamplerConfig(**{k: v for k, v in config.items() if k in known}))
     except (PowerSampleError, TypeError) as e:
         raise PowerSampleError(f"{where}: identity.config is not a valid sampler config ({e})") from None
     return identity

@@ -23,6 +23,7 @@ from powersample.errors import PowerSampleError
 from powersample.eval import metrics
 from powersample.eval.records import SCHEMA, RecordWriter, load_records, open_run, record_key, records_path
 from powersample.eval.tasks import GradeOptions, Problem, Task, problems_digest
+from powersample.samplers import registry
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class EvalPlan:
         """What must match for records to belong in one run (seeds, limit and shard choose among them)."""
         return {
             "schema": SCHEMA, "task": self.task.name, "data": self.data_digest, "chat": self.chat,
-            "config": self.config.resolved(), "backend": self.backend, "grading": asdict(self.grading),
+            "config": registry.resolved(self.config), "backend": self.backend, "grading": asdict(self.grading),
         }  # fmt: skip
 
     @property

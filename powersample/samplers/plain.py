@@ -12,7 +12,7 @@ from powersample.samplers.driver import Program
 
 
 def plain_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
-    """One continuation of up to T tokens, drawn at config.temperature."""
+    """One continuation of up to T tokens, drawn at the method's temperature (the registry's)."""
     cont = yield ExtendRequest(prompt, config.max_new_tokens, chain.rng, chain.slot)
     chain.append(cont)
     chain.tokens_generated += len(cont.tokens)

@@ -30,7 +30,18 @@ from powersample.samplers.driver import Program
 
 
 def power_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
-    """Algorithm 1 for one chain: yields each extension and proposal request, returns the final state."""
+    """Algorithm 1 for one chain, targeting p^alpha: yields each extension and proposal request, returns the final
+    state."""
+    return mh_program(prompt, config, chain, eos_ids, config.alpha)
+
+
+def max_swap_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
+    """Algorithm 1 at alpha = infinity (`max-swap`)."""
+    return mh_program(prompt, config, chain, eos_ids, math.inf)
+
+
+def mh_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int], alpha: float) -> Program:
+    """The stages and MH steps of Algorithm 1 with target exponent `alpha`."""
     for cap in config.stage_caps():
         cont = yield ExtendRequest(prompt + tuple(chain.tokens), cap - len(chain.tokens), chain.rng, chain.slot)
         chain.append(cont)
@@ -38,7 +49,7 @@ def power_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: 
         for _ in range(config.mcmc_steps):
             i = int(chain.rng.integers(len(chain.tokens)))
             cont = yield ExtendRequest(prompt + tuple(chain.tokens[:i]), cap - i, chain.rng, chain.slot)
-            mh_step(chain, i, cont, config.target_alpha)
+            mh_step(chain, i, cont, alpha)
         if chain.complete(eos_ids):
             break
     return chain.result()

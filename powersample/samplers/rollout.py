@@ -80,7 +80,7 @@ def rollout_work_units(config: SamplerConfig) -> int:
 
 
 def check_config(config: SamplerConfig) -> None:
-    """Rollouts follow the base model (config.temperature is 1 for this method); a proposal temperature is refused
+    """Rollouts follow the base model (it draws at tau = 1); a proposal temperature is refused
     rather than silently ignored."""
     tau = config.proposal_temperature
     if tau is not None and tau != 1.0:

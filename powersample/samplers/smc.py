@@ -5,7 +5,7 @@ probability, EOS-free ones of exactly T tokens with their prefix probability (po
 
 Proposal. N = particles particles start empty. At each step every live particle (no EOS yet) draws its next block
 of up to B tokens (config.block; --block-size 1 is the paper's token-by-token scheme, the default B = T / block_count
-checks the ESS every B tokens, like the authors' code) from q (the model at tau = config.temperature, 1/alpha by
+checks the ESS every B tokens, like the authors' code) from q (the model at tau = proposal_temperature, 1/alpha by
 default), stopping early at EOS; all of them in one batched call. A particle that emitted EOS stops. The run ends at
 t = T or when no particle is live.
 

@@ -32,13 +32,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from powersample.api import SampleRecord, chain_record, make_chains
+from powersample.backends import BackendSpec
 from powersample.backends.base import Backend
 from powersample.backends.tokenizer import plain_transcript
-from powersample.cli import append_jsonl
 from powersample.config import SamplerConfig
 from powersample.core.types import Tokens
 from powersample.errors import PowerSampleError, one_line
-from powersample.samplers import programs
+from powersample.io import append_jsonl
+from powersample.samplers import programs, registry
 from powersample.server import protocol as wire
 from powersample.server import schema
 from powersample.server.engine import Engine, Job, Stopped
@@ -54,7 +55,7 @@ class Settings:
 
     defaults: SamplerConfig = field(default_factory=SamplerConfig)  # a request's fields override these
     model_name: str = "powersample"  # the id /v1/models lists and responses carry
-    backend_name: str = "unknown"
+    backend: BackendSpec | None = None  # the engine serving, resolved (None: a backend built in code)
     api_key: str | None = None  # None = no authentication
     limits: Limits = field(default_factory=Limits)
     output: str | None = None  # append one JSON record per returned sample to this JSONL file
@@ -103,7 +104,7 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
         """Liveness: {"status": "ok"} for anyone; the engine's state too with the API key (or without a key)."""
         if not _key_ok(request, settings.api_key):
             return {"status": "ok"}
-        return {"status": "ok", "model": settings.model_name, "backend": settings.backend_name, **engine.stats()}
+        return {"status": "ok", "model": settings.model_name, "backend": settings.backend.name if settings.backend else "unknown", **engine.stats()}
 
     @app.get("/v1/models", dependencies=keyed, responses=schema.responses(schema.ModelList))
     async def models() -> dict:
@@ -290,7 +291,7 @@ async def _await_job(request: Request, engine: Engine, progs: list, plan: _Plan,
         except RuntimeError:  # the event loop is gone (shutdown): nobody waits any more
             pass
 
-    job = Job(progs, plan.config.proposal, plan.deadline, on_done, work=plan.work)
+    job = Job(progs, registry.proposal(plan.config), plan.deadline, on_done, work=plan.work)
     engine.submit(job)
     try:
         await _watch(request, future, plan.deadline, job.stop, timeout)

@@ -21,18 +21,19 @@ from __future__ import annotations
 import math
 import secrets
 import time
+import typing
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from powersample.api import SampleRecord
-from powersample.config import MCMC_METHODS, METHOD_KNOBS, SamplerConfig
+from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-
-PLAIN_METHODS = ("base", "low-temp")
+from powersample.samplers import registry
+from powersample.samplers.registry import MCMC_METHODS, METHOD_KNOBS, PLAIN_METHODS
 
 
 class ApiError(Exception):
@@ -99,13 +100,18 @@ class _Body(BaseModel):
     block_count: int | None = None
     proposal_temperature: float | None = None
     top_k: int | None = None
-    tries: int | None = None  # power-mtm
-    particles: int | None = None  # power-smc
-    ess_threshold: float | None = None
-    alpha_ramp: int | None = None
-    candidates: int | None = None  # power-rollout
-    rollouts: int | None = None
-    rollout_horizon: int | None = None
+    # + one field per method knob (tries, particles, ...), from the sampler registry: see _with_knobs
+
+
+def _with_knobs(base: type[BaseModel]) -> type[BaseModel]:
+    """`base` plus one optional request field per method knob (the registry's METHOD_KNOBS, typed as in
+    SamplerConfig), so that a new sampler's knobs are request fields without an edit here."""
+    types = typing.get_type_hints(SamplerConfig)
+    knobs = {name: (types[name] | None, None) for name in METHOD_KNOBS}
+    return create_model(base.__name__, __base__=base, __module__=base.__module__, **knobs)
+
+
+_Body = _with_knobs(_Body)
 
 
 class CompletionBody(_Body):
@@ -238,15 +244,15 @@ def check_budget(config: SamplerConfig, prompts: int, n: int, limits: Limits) ->
     if config.method in MCMC_METHODS and config.mcmc_steps > limits.max_mcmc_steps:
         raise ApiError(400, f"mcmc_steps must be at most {limits.max_mcmc_steps}, got {config.mcmc_steps}",
                        param="mcmc_steps", code="over_limit")  # fmt: skip
-    members = prompts * n * config.members
-    what = f"{prompts} prompt(s) x n {n} x {config.member_field} {config.members}"
-    param = config.member_field if config.members > 1 else "n"
+    members = prompts * n * registry.members(config)
+    what = f"{prompts} prompt(s) x n {n} x {registry.member_field(config)} {registry.members(config)}"
+    param = registry.member_field(config) if registry.members(config) > 1 else "n"
     if members > limits.max_members:
         raise ApiError(400, f"the request asks for {members} sequences ({what}); the server's limit is "
                        f"{limits.max_members}", param=param, code="over_limit")  # fmt: skip
     work = members * config.max_new_tokens
     if work > limits.max_work:
-        param = "max_tokens" if config.members == 1 and n == 1 else param
+        param = "max_tokens" if registry.members(config) == 1 and n == 1 else param
         raise ApiError(400, f"the request asks for {work} tokens of sequences ({what} x max_tokens "
                        f"{config.max_new_tokens}); the server's limit is {limits.max_work}", param=param,
                        code="over_limit")  # fmt: skip
@@ -274,7 +280,9 @@ def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig,
         else:
             ignored.append("temperature")
     try:
-        return replace(defaults, **over), ignored
+        config = replace(defaults, **over)
+        registry.check(config)
+        return config, ignored
     except PowerSampleError as e:
         raise ApiError(400, str(e), param=_param_of(str(e), over)) from None
 
@@ -391,7 +399,7 @@ def power_sampling(config: SamplerConfig, seed: int, records: Sequence[SampleRec
     return {
         "method": config.method,
         "seed": seed,
-        "config": config.resolved(),
+        "config": registry.resolved(config),
         "acceptance_rate": accepted / proposals if config.method in MCMC_METHODS and proposals else None,
         "proposals": proposals,
         "accepted": accepted,

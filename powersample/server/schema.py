@@ -12,7 +12,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 
-from powersample.config import METHODS, SCALE_RANGE
+from powersample.config import SCALE_RANGE
+from powersample.samplers.registry import METHODS
 from powersample.server.protocol import ChatBody, CompletionBody, Limits
 
 _REF = "#/components/schemas/{model}"

@@ -8,13 +8,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Iterator
 
-from powersample.backends import Backend, load_backend
 from powersample.bench import (
     PROMPTS,
-    BackendChoice,
     BenchOptions,
     BenchResult,
     Update,
@@ -26,13 +24,14 @@ from powersample.bench import (
     total_work_units,
     write_json,
 )
-from powersample.cli import (
+from powersample.cli.options import (
     MAX_SEQUENCES,
     add_backend_options,
     add_sampler_options,
+    backend_spec,
     check_members,
     config_from_args,
-    vllm_options,
+    load,
 )
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
@@ -102,49 +101,13 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
         config=config,
         prompts=bench_prompts(args, profile),
-        backend=backend_choice(args),
+        backend=backend_spec(args).resolved(),  # both loads, and the JSON, name one engine
         chains=chains,
         repeats=args.repeats,
         seed=args.seed,
         chat=not args.raw,
         quick=args.quick,
     )
-
-
-@dataclass(frozen=True)
-class EngineChoice(BackendChoice):
-    """A BackendChoice that also carries vLLM's engine options (--backend vllm); both loads get them."""
-
-    tensor_parallel_size: int | None = None
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-
-    def load(self, reuse_cache: bool = True) -> Backend:
-        return load_backend(self.name, model=self.model, toy_spec=self.toy_spec, device=self.device,
-                            dtype=self.dtype, reuse_cache=reuse_cache, threads=self.threads, quant=self.quant,
-                            tensor_parallel_size=self.tensor_parallel_size,
-                            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len)
-
-
-def backend_choice(args: argparse.Namespace) -> BackendChoice:
-    """The backend to load, with vLLM's engine options when any was given (the vllm engine is started only once:
-    the scratch phase reuses it with the prefix cache off)."""
-    choice = (backend_name(args), args.model, args.toy_spec, args.device, args.dtype, args.threads, args.quant)
-    engine = vllm_options(args)
-    if all(v is None for v in engine.values()):
-        return BackendChoice(*choice)
-    return EngineChoice(*choice, **engine)
-
-
-def backend_name(args: argparse.Namespace) -> str:
-    """--backend, with "auto" resolved now: both loads use, and the JSON names, one concrete engine."""
-    from powersample.backends import resolve_auto
-
-    if args.backend != "auto":
-        return args.backend
-    if args.quant is not None:
-        return "llamacpp"  # --quant means llamacpp
-    return resolve_auto(args.model, args.device, args.toy_spec)
 
 
 def bench_config(args: argparse.Namespace, profile: dict) -> SamplerConfig:
@@ -304,9 +267,7 @@ def _load_model(args: argparse.Namespace):
     """The backend of the model comparison, and its description for the JSON."""
     from powersample.bench import backend_dict
 
-    choice = BackendChoice(backend_name(args), args.model, None, args.device, args.dtype, args.threads)
-    if not args.quiet:
-        print(f"powersample: loading the {choice.name} backend...", file=sys.stderr)
-    backend = choice.load()
+    spec = replace(backend_spec(args), toy_spec=None).resolved()
+    backend = load(spec, args.quiet)
     device = getattr(backend, "device", None)
-    return backend, backend_dict(choice, None if device is None else str(device))
+    return backend, backend_dict(spec, None if device is None else str(device))

@@ -9,14 +9,11 @@ import socket
 import sys
 from pathlib import Path
 
-from powersample.cli import (
-    add_backend_options,
-    add_sampler_options,
-    append_jsonl,
-    backend_from_args,
-    config_from_args,
-)
+from powersample.backends import BackendSpec
+from powersample.cli.options import add_backend_options, add_sampler_options, backend_spec, config_from_args, load
 from powersample.errors import PowerSampleError
+from powersample.io import append_jsonl
+from powersample.samplers import registry
 
 DESCRIPTION = """Serve power sampling over the OpenAI API: POST /v1/completions and /v1/chat/completions, GET
 /v1/models and /health. The sampler options below are the defaults a request's fields override (method, alpha,
@@ -93,13 +90,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise PowerSampleError(f"serve needs {e.name!r}: pip install 'powersample[serve]'") from None
     from powersample.server.http import uvicorn_config
 
-    settings, http = _settings(args), _http_limits(args)  # validate before the (slow) model load
+    spec = backend_spec(args)
+    settings, http = _settings(args, spec), _http_limits(args)  # validate before the (slow) model load
     if args.output:
         append_jsonl(args.output, [])  # fail on an unwritable path now
     sock = _listen(args.host, args.port)  # a bad or busy address fails now, before the model loads
     _warn_if_exposed(args.host, args.api_key)
     with sock:
-        backend = backend_from_args(args)
+        backend = load(settings.backend, args.quiet)
         app = create_app(backend, settings)
         config = uvicorn_config(app, http, log_level="warning" if args.quiet else "info")
         try:
@@ -142,7 +140,7 @@ def _flag(name: str) -> str:
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace, spec: BackendSpec):
     from powersample.server.app import Settings
     from powersample.server.protocol import Limits
 
@@ -165,10 +163,7 @@ def _settings(args: argparse.Namespace):
                                "off; give a key, or leave both unset to serve without one")  # fmt: skip
     config = config_from_args(args)
     _check_defaults(config, limits)
-    from powersample.backends import resolve_auto
-
-    backend = resolve_auto(args.model, args.device, args.toy_spec) if args.backend == "auto" else args.backend
-    return Settings(defaults=config, model_name=args.model_name or _model_name(args), backend_name=backend,
+    return Settings(defaults=config, model_name=args.model_name or _model_name(args), backend=spec.resolved(),
                     api_key=args.api_key, limits=limits, output=args.output, bind_host=args.host,
                     allowed_hosts=tuple(args.allowed_host), cors_origin=args.cors_origin,
                     body_timeout=args.body_timeout)  # fmt: skip
@@ -176,19 +171,18 @@ def _settings(args: argparse.Namespace):
 
 def _check_defaults(config, limits) -> None:
     """The sampler defaults must fit the limits, or every request that keeps them would get a 400."""
-    from powersample.config import MCMC_METHODS
-
     if config.max_new_tokens > limits.max_tokens:
         raise PowerSampleError(f"--max-new-tokens ({config.max_new_tokens}) exceeds --max-tokens-limit "
                                f"({limits.max_tokens})")  # fmt: skip
-    if config.method in MCMC_METHODS and config.mcmc_steps > limits.max_mcmc_steps:
+    if config.method in registry.MCMC_METHODS and config.mcmc_steps > limits.max_mcmc_steps:
         raise PowerSampleError(f"--mcmc-steps ({config.mcmc_steps}) exceeds --max-mcmc-steps "
                                f"({limits.max_mcmc_steps})")  # fmt: skip
-    if config.members > limits.max_members:
-        raise PowerSampleError(f"--{config.member_field} gives {config.members} sequences per chain, over "
+    members = registry.members(config)
+    if members > limits.max_members:
+        raise PowerSampleError(f"--{registry.member_field(config)} gives {members} sequences per chain, over "
                                f"--max-members ({limits.max_members})")  # fmt: skip
-    if config.members * config.max_new_tokens > limits.max_work:
-        raise PowerSampleError(f"one chain's sequences x --max-new-tokens ({config.members * config.max_new_tokens}) "
+    if members * config.max_new_tokens > limits.max_work:
+        raise PowerSampleError(f"one chain's sequences x --max-new-tokens ({members * config.max_new_tokens}) "
                                f"exceeds --max-work ({limits.max_work})")  # fmt: skip
 
 

@@ -1,25 +1,24 @@
 """`powersample eval` and `powersample report`. Functions here only parse arguments and dispatch.
 
-`add_eval_parsers(subparsers)` registers both subcommands on the main parser (`powersample.cli`);
-`python -m powersample.eval.cli` runs that main parser.
+`add_eval_parsers(subparsers)` registers both subcommands on the main parser (`powersample.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from powersample.cli import (
+from powersample.cli.options import (
     add_backend_options,
     add_sampler_options,
-    backend_from_args,
+    backend_spec,
     check_members,
     config_from_args,
+    load,
 )
 from powersample.errors import PowerSampleError
 from powersample.eval.tasks import TASK_NAMES, GradeOptions
@@ -76,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from powersample.eval.runner import make_plan, run_eval
     from powersample.eval.tasks import get_task
 
-    config = config_from_args(args)
+    config, spec = config_from_args(args), backend_spec(args)
     if args.batch < 1:
         raise PowerSampleError(f"--batch must be >= 1, got {args.batch}")
     ray_options = parse_ray_options(args)
@@ -85,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_paths(args)
     task = get_task(args.task)
     problems = task.load(args.data, not args.raw)
-    plan = make_plan(task, problems, seeds=seeds, config=config, chat=not args.raw, backend=backend_identity(args),
+    plan = make_plan(task, problems, seeds=seeds, config=config, chat=not args.raw, backend=spec.identity(),
                      grading=grading, shard=shard, limit=limit)  # fmt: skip
     check_members(config, min(args.batch, len(plan.problems) * len(seeds)), "--batch")  # pairs sampled at once
     run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(plan)
@@ -93,11 +92,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"powersample: {len(plan.problems)} problems x {len(seeds)} seeds -> {run_dir}", file=sys.stderr)
     if ray_options is None:
-        summary = run_eval(backend_from_args(args), plan, run_dir, args.quiet, batch=args.batch)
+        summary = run_eval(load(spec, args.quiet), plan, run_dir, args.quiet, batch=args.batch)
     else:
         from powersample.eval.distributed import run_eval_ray
 
-        summary = run_eval_ray(worker_args(args), plan, run_dir, ray_options, args.quiet, batch=args.batch)
+        summary = run_eval_ray(spec.portable(), plan, run_dir, ray_options, args.quiet, batch=args.batch)
     accuracy = f"accuracy {summary.correct}/{summary.graded}" if summary.graded else "not graded here"
     print(f"{task.name} {config.method}: {summary.records} records ({summary.resumed} resumed), {accuracy}; "
           f"run directory {run_dir}")  # fmt: skip
@@ -176,30 +175,6 @@ def _number(option: str, text: str, *, low: float, integer: bool = False) -> Any
     return value
 
 
-def worker_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The arguments a Ray worker builds its backend from: the CLI's own, quiet, without the handler."""
-    kept = {k: v for k, v in vars(args).items() if k != "handler"}
-    for name in ("model", "toy_spec"):  # local files as absolute paths: a worker's directory may differ
-        if kept.get(name) and Path(kept[name]).exists():
-            kept[name] = str(Path(kept[name]).resolve())
-    return argparse.Namespace(**{**kept, "quiet": True})
-
-
-def backend_identity(args: argparse.Namespace) -> dict[str, Any]:
-    """How the backend was asked for; the toy spec counts by content, so editing it starts a new run."""
-    spec = None
-    if args.backend == "toy" and args.toy_spec:
-        try:
-            spec = hashlib.sha256(Path(args.toy_spec).read_bytes()).hexdigest()[:16]
-        except OSError as e:
-            raise PowerSampleError(f"toy spec: cannot read {args.toy_spec}: {e.strerror}") from None
-    model = args.model if args.backend != "toy" else None
-    identity = {"name": args.backend, "model": model, "toy_spec": spec, "device": args.device, "dtype": args.dtype}
-    if getattr(args, "quant", None):  # only when given, so that runs made before --quant existed keep their hash
-        identity["quant"] = args.quant
-    return identity
-
-
 def default_run_dir(plan: Any) -> Path:
     from powersample.eval.records import identity_hash
 
@@ -237,8 +212,3 @@ def check_paths(args: argparse.Namespace) -> None:
         if value is not None and not value.strip():
             raise PowerSampleError(f"{option} is empty")
 
-
-if __name__ == "__main__":
-    from powersample.cli import main
-
-    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The options that several subcommands share: the sampler's (derived from the sampler registry) and the backend's
+(which build a BackendSpec). Argparse stays here, at the edge: everything inward gets plain values."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+
+from powersample.backends import BACKENDS, Backend, BackendSpec
+from powersample.backends.llamacpp import QUANTS
+from powersample.config import SamplerConfig, knob_help
+from powersample.errors import PowerSampleError
+from powersample.samplers import registry
+from powersample.samplers.registry import METHODS, REGISTRY
+
+MAX_SEQUENCES = 1_000_000  # chains x members per chain in one run: each member has its own generator (~2 KB), and
+# numpy refuses dimensions past 2^63 long before (a traceback, not an answer)
+
+
+def add_sampler_options(p: argparse.ArgumentParser) -> None:
+    d = SamplerConfig()
+    g = p.add_argument_group("sampler")
+    g.add_argument("--method", choices=METHODS, default=d.method, help="sampling method (default: power)")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="power alpha of the target p^alpha (default 4)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="T (default %(default)s)")
+    blocks = g.add_mutually_exclusive_group()
+    blocks.add_argument("--block-size", type=int, help="block size B (default T / block count)")
+    blocks.add_argument("--block-count", type=int, default=d.block_count, help="number of blocks T/B (default 16)")
+    g.add_argument("--mcmc-steps", type=int, default=d.mcmc_steps, help="MH steps per stage (default 10)")
+    g.add_argument("--proposal-temperature", type=float, help="proposal temperature tau (default 1/alpha)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="proposal top-k (default off)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="proposal top-p (default off)")
+    add_knob_options(g, d)
+
+
+def add_knob_options(g: argparse._ArgumentGroup, defaults: SamplerConfig) -> None:
+    """One option per method knob, in registry order: `--tries` for power-mtm's `tries`, and so on."""
+    types = typing.get_type_hints(SamplerConfig)
+    for entry in REGISTRY.values():
+        for name in entry.knobs:
+            g.add_argument(option(name), type=types[name], default=getattr(defaults, name),
+                           help=f"{entry.name}: {knob_help(name)} (default %(default)s)")  # fmt: skip
+
+
+def option(field: str) -> str:
+    """The command-line option of a SamplerConfig field."""
+    return "--" + field.replace("_", "-")
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="engine; auto = llamacpp for GGUF models on CPU when installed, else hf; vllm = the vLLM engine "
+                        "(default auto)")  # fmt: skip
+    g.add_argument("--model", help="local model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--toy-spec", help="toy model JSON spec (with --backend toy)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", help="hf, vllm: float32, bfloat16, float16 or auto (default: float32 on CPU)")
+    g.add_argument("--threads", type=int, help="CPU threads of the engine (default: the engine's own)")
+    g.add_argument("--quant", choices=QUANTS, help="llamacpp: re-quantize the GGUF once to this type (cached) and "
+                                                   "load the copy; see the README's Performance section")  # fmt: skip
+    add_vllm_options(g)
+
+
+def add_vllm_options(g: argparse._ArgumentGroup) -> None:
+    """vLLM's engine options (--backend vllm only); None = the backend's defaults."""
+    g.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs per engine (default 1)")
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   help="vllm: share of memory for weights + KV cache (default 0.9 on GPU, 0.3 on CPU)")
+    g.add_argument("--max-model-len", type=int, help="vllm: context length of the engine (default: the model's)")
+
+
+def config_from_args(args: argparse.Namespace) -> SamplerConfig:
+    """The validated SamplerConfig of the sampler options, with the method's own checks done now, before any
+    model loads (power-rollout's refusal of a proposal temperature would otherwise come after the load)."""
+    config = SamplerConfig(
+        method=args.method,
+        alpha=args.alpha,
+        max_new_tokens=args.max_new_tokens,
+        block_size=args.block_size,
+        block_count=args.block_count,
+        mcmc_steps=args.mcmc_steps,
+        proposal_temperature=args.proposal_temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        **{name: getattr(args, name) for name in registry.METHOD_KNOBS},
+    )
+    registry.check(config)
+    check_members(config, 1)
+    return config
+
+
+def check_members(config: SamplerConfig, chains: int, option_name: str = "--num-samples") -> None:
+    """A one-line error instead of a run that cannot start: chains x members per chain within MAX_SEQUENCES."""
+    members = registry.members(config)
+    total = chains * members
+    if total > MAX_SEQUENCES:
+        knobs = registry.method(config.method).members
+        per_chain = f" x {' x '.join(option(k) for k in knobs)} ({members})" if knobs else ""
+        raise PowerSampleError(f"{option_name} ({chains}){per_chain} asks for {total} sequences at once; at most "
+                               f"{MAX_SEQUENCES} (run more commands with other seeds)")  # fmt: skip
+
+
+def backend_spec(args: argparse.Namespace) -> BackendSpec:
+    """The BackendSpec of the backend options (checked now, before any model loads)."""
+    return BackendSpec(args.backend, model=args.model, toy_spec=args.toy_spec, device=args.device, dtype=args.dtype,
+                       threads=args.threads, quant=args.quant, tensor_parallel_size=args.tensor_parallel_size,
+                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+
+
+def load(spec: BackendSpec, quiet: bool) -> Backend:
+    """Load the backend, saying which engine on stderr first (the load can take a while)."""
+    spec = spec.resolved()
+    if not quiet:
+        print(f"powersample: loading the {spec.name} backend...", file=sys.stderr, flush=True)
+    return spec.load()

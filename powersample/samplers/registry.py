@@ -1,0 +1,134 @@
+"""The one table of sampling methods. A new sampler is one file in this package plus one entry in `REGISTRY`.
+
+Everything that asks "which methods are there, which are MCMC, what does this one read, how many sequences does a
+chain hold, what does it draw at" asks this table: `powersample.config.SamplerConfig` holds only the numbers, the
+CLI's `--method` choices and per-method options, the server's request fields and every family test derive from it.
+
+Families: "mcmc" (Metropolis-Hastings: proposals and acceptances), "smc" (particles and resampling), "rollout"
+(rollout-weighted token choice) and "plain" (one draw from q).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from powersample.config import KNOB_FIELDS, MAX_MEMBERS, SamplerConfig
+from powersample.core.types import Proposal, Tokens
+from powersample.errors import PowerSampleError
+from powersample.samplers.chain import Chain
+from powersample.samplers.driver import Program
+from powersample.samplers.mtm import mtm_program, mtm_work_units
+from powersample.samplers.plain import plain_program, plain_work_units
+from powersample.samplers.power import max_swap_program, power_program, power_work_units
+from powersample.samplers.rollout import check_config as check_rollout
+from powersample.samplers.rollout import rollout_program, rollout_work_units
+from powersample.samplers.smc import smc_program, smc_work_units
+
+ProgramFactory = Callable[[Tokens, SamplerConfig, Chain, frozenset], Program]  # (prompt, config, chain, eos_ids)
+FAMILIES = ("mcmc", "smc", "rollout", "plain")
+
+
+def proposal_tau(config: SamplerConfig) -> float:
+    """The usual proposal temperature: proposal_temperature, or 1/alpha."""
+    return 1.0 / config.alpha if config.proposal_temperature is None else config.proposal_temperature
+
+
+def base_tau(config: SamplerConfig) -> float:
+    """Temperature 1: the base model itself."""
+    return 1.0
+
+
+@dataclass(frozen=True)
+class Method:
+    """One sampling method: what it runs, what it reads, and what it costs."""
+
+    name: str  # the --method / request value
+    family: str  # one of FAMILIES
+    program: ProgramFactory  # one chain's generator program (see driver.py)
+    work_units: Callable[[SamplerConfig], int]  # backend requests one chain makes at most (progress units)
+    summary: str  # one line for --help and the README
+    knobs: tuple[str, ...] = ()  # SamplerConfig fields only this method reads (a CLI option and request field each)
+    members: tuple[str, ...] = ()  # knobs whose product is the sequences one chain holds at once; () = 1
+    temperature: Callable[[SamplerConfig], float] = proposal_tau  # what tokens are drawn at
+    check: Callable[[SamplerConfig], None] | None = None  # the method's own refusals, before any model loads
+
+    def __post_init__(self) -> None:
+        assert self.family in FAMILIES, self.family
+        assert set(self.members) <= set(self.knobs) <= set(KNOB_FIELDS), (self.name, self.knobs)
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("power", "mcmc", power_program, power_work_units,
+           "block-wise Metropolis-Hastings on p^alpha (Karan & Du, 2025, Algorithm 1)"),
+    Method("max-swap", "mcmc", max_swap_program, power_work_units,
+           "power with alpha = infinity: accept iff the suffix's log p increases"),
+    Method("power-mtm", "mcmc", mtm_program, mtm_work_units,
+           "multiple-try Metropolis: `tries` proposals per step in one batched call", knobs=("tries",),
+           members=("tries",)),
+    Method("power-smc", "smc", smc_program, smc_work_units,
+           "sequential Monte Carlo over particles (Azizi et al., 2026)",
+           knobs=("particles", "ess_threshold", "alpha_ramp"), members=("particles",)),
+    Method("power-rollout", "rollout", rollout_program, rollout_work_units,
+           "token choice weighed by rollouts of its future power mass (Ji et al., 2026)",
+           knobs=("candidates", "rollouts", "rollout_horizon"), members=("candidates", "rollouts"),
+           temperature=base_tau, check=check_rollout),
+    Method("base", "plain", plain_program, plain_work_units, "the base model (tau = 1)", temperature=base_tau),
+    Method("low-temp", "plain", plain_program, plain_work_units, "the model at tau = 1/alpha"),
+)}  # fmt: skip
+
+METHODS = tuple(REGISTRY)
+MCMC_METHODS = tuple(m.name for m in REGISTRY.values() if m.family == "mcmc")
+PLAIN_METHODS = tuple(m.name for m in REGISTRY.values() if m.family == "plain")
+METHOD_KNOBS = tuple(k for k in KNOB_FIELDS if any(k in m.knobs for m in REGISTRY.values()))
+
+
+def method(name: str) -> Method:
+    """The registry entry, or a one-line error."""
+    if name not in REGISTRY:
+        raise PowerSampleError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return REGISTRY[name]
+
+
+def check(config: SamplerConfig) -> None:
+    """What the method refuses, refused now (before any model loads): the method itself, the sequences one chain
+    holds (at most MAX_MEMBERS), and the method's own checks."""
+    entry = method(config.method)
+    if members(config) > MAX_MEMBERS:
+        raise PowerSampleError(f"{member_field(config)} must keep the sequences per chain at most {MAX_MEMBERS}, "
+                               f"got {members(config)}")  # fmt: skip
+    if entry.check is not None:
+        entry.check(config)
+
+
+def members(config: SamplerConfig) -> int:
+    """Sequences one chain holds at once: its particles (power-smc), tries (power-mtm) or candidates x rollouts
+    (power-rollout); 1 for the others. The cost of a chain's setup and memory grows with it."""
+    return math.prod(getattr(config, k) for k in method(config.method).members)
+
+
+def member_field(config: SamplerConfig) -> str:
+    """The knob that sets `members` (what an error about it names): the largest; "n" for a method without one."""
+    knobs = method(config.method).members
+    return max(knobs, key=lambda k: getattr(config, k)) if knobs else "n"
+
+
+def temperature(config: SamplerConfig) -> float:
+    """The temperature tokens are drawn at: the MH proposal's, or the plain sampler's."""
+    return method(config.method).temperature(config)
+
+
+def proposal(config: SamplerConfig) -> Proposal:
+    """The distribution tokens are drawn from: temperature, then top-k, then top-p."""
+    return Proposal(temperature(config), config.top_k, config.top_p)
+
+
+def resolved(config: SamplerConfig) -> dict[str, Any]:
+    """Every field plus the values derived from them (B, the proposal temperature), as stored in records."""
+    return {**config.fields(), "block_size": config.block, "proposal_temperature": temperature(config)}
+
+
+def work_units(config: SamplerConfig) -> int:
+    """Backend requests one chain makes at most (progress units)."""
+    return method(config.method).work_units(config)
