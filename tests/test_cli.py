@@ -7,9 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SPECS
+from conftest import SPECS, load_spec
 
+from powersample import SamplerConfig, sample
+from powersample.backends.toy import ToyBackend
 from powersample.cli import main
+from powersample.samplers import registry
+from powersample.samplers.registry import METHODS
 
 TOY = ["--backend", "toy", "--toy-spec", str(SPECS / "early_eos.json"), "--quiet"]
 
@@ -40,18 +44,34 @@ def test_sample_prints_text_and_summary_and_writes_records(tmp_path, capsys):
     assert [r["tokens"] for r in again[:3]] == [r["tokens"] for r in again[3:]]
 
 
-@pytest.mark.parametrize("method", ["power", "max-swap", "base", "low-temp"])
-def test_every_method_runs(method, capsys):
-    code, out, _ = run(["sample", "x", *TOY, "--method", method, "--max-new-tokens", "3"], capsys)
-    assert code == 0 and f"method={method}" in out
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_that_method(method, tmp_path, capsys):
+    """The record the CLI writes is the one the API gives for that method: the method's own sampler ran (a
+    `base` that ran the power sampler would have made MH proposals and drawn other tokens)."""
+    out_file = tmp_path / "out.jsonl"
+    argv = ["sample", "x", *TOY, "--method", method, "--max-new-tokens", "3", "--num-samples", "4", "--seed", "3",
+            "--output", str(out_file)]
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and out.count(f"method={method} ") == 4
+    got = [json.loads(line) for line in out_file.read_text().splitlines()]
+    config = SamplerConfig(method=method, max_new_tokens=3)
+    want = sample(ToyBackend(load_spec("early_eos")), "x", config, seed=3, num_samples=4)
+    assert [(r["tokens"], r["proposals"], r["tokens_generated"]) for r in got] == \
+        [(list(w.tokens), w.proposals, w.tokens_generated) for w in want]  # fmt: skip
+    mcmc = registry.method(method).family == "mcmc"
+    assert all((r["proposals"] > 0) == mcmc for r in got)
 
 
 def test_prompt_file_and_stdin(tmp_path, capsys, monkeypatch):
-    f = tmp_path / "p.txt"
+    """The prompt sampled is the file's text, from a path or from stdin."""
+    f, out_file = tmp_path / "p.txt", tmp_path / "out.jsonl"
     f.write_text("a prompt\nover two lines")
-    assert run(["sample", "--prompt-file", str(f), *TOY, "--max-new-tokens", "2"], capsys)[0] == 0
+    argv = [*TOY, "--max-new-tokens", "2", "--output", str(out_file)]
+    assert run(["sample", "--prompt-file", str(f), *argv], capsys)[0] == 0
     monkeypatch.setattr(sys, "stdin", open(f))
-    assert run(["sample", "--prompt-file", "-", *TOY, "--max-new-tokens", "2"], capsys)[0] == 0
+    assert run(["sample", "--prompt-file", "-", *argv], capsys)[0] == 0
+    prompts = [json.loads(line)["prompt"] for line in out_file.read_text().splitlines()]
+    assert prompts == ["a prompt\nover two lines"] * 2
 
 
 def test_progress_bar_goes_to_stderr(capsys):

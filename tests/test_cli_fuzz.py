@@ -1,4 +1,4 @@
-"""A property of the whole command line (issue 12): whatever argv a user types, `powersample` exits 0 or 2 and
+"""A property of the whole command line: whatever argv a user types, `powersample` exits 0 or 2 and
 never shows a traceback.
 
 argv is built from the real option names of every subcommand (read off the parser, so new options are fuzzed too)

@@ -1,4 +1,4 @@
-"""One writer per records file (issue 12, E1): a second writer is refused wherever it runs, reading the records
+"""One writer per records file: a second writer is refused wherever it runs, reading the records
 does not free the lock, and a forked child does not keep it."""
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
 
 
 def test_two_evals_on_one_directory(spec, tmp_path):
-    """The issue's reproduction: the same eval twice on one directory. The second is refused with one line naming
+    """The same eval twice on one directory (the reported failure). The second is refused with one line naming
     the directory, before loading the model; the first loses nothing and writes every record once."""
     data = write_jsonl(tmp_path / "math.jsonl", [{"problem": f"q{i}", "answer": "1"} for i in range(40)])
     out = tmp_path / "run"

@@ -454,27 +454,46 @@ def test_hf_and_llamacpp_render_conversations_alike(hf_backend):
     assert hf.encode_messages(one) == hf.encode("Hi", True) and llama.encode_messages(one) == llama.encode("Hi", True)
 
 
+class GatedToy(SlowToy):
+    """A SlowToy whose first engine call signals `entered`, then waits for `release`: jobs submitted in between
+    are queued while the first one holds the engine, with no sleep deciding the order."""
+
+    def __init__(self):
+        super().__init__(delay=0.0)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def extend(self, requests, proposal):
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the engine"
+        return super().extend(requests, proposal)
+
+
 def test_the_engine_serves_proposals_in_turn_without_starving_any():
     from powersample.samplers import Chain, programs
     from powersample.server.engine import Engine, Job
 
-    backend, finished = SlowToy(delay=0.01), []
+    backend, finished, all_done = GatedToy(), [], threading.Event()
     engine = Engine(backend)
+
+    def done(name: str) -> None:
+        finished.append(name)
+        if len(finished) == 3:
+            all_done.set()
 
     def job(name: str, alpha: float, steps: int) -> Job:
         config = replace(DEFAULTS, alpha=alpha, mcmc_steps=steps)
         progs = programs(backend, (), config, [Chain(np.random.default_rng(0), slot=0)])
-        return Job(progs, registry.proposal(config), time.monotonic() + 60, lambda outcomes: finished.append(name))
+        return Job(progs, registry.proposal(config), time.monotonic() + 60, lambda outcomes: done(name))
 
     engine.start()
     try:
         engine.submit(job("A", 2.0, 6))  # a long run with alpha 2's proposal
-        time.sleep(0.05)
+        assert backend.entered.wait(30)  # A holds the engine now
         engine.submit(job("B", 4.0, 1))  # another proposal: it must not wait behind later alpha-2 jobs
         engine.submit(job("C", 2.0, 1))
-        deadline = time.monotonic() + 30
-        while len(finished) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        backend.release.set()
+        assert all_done.wait(30)
     finally:
         engine.close()
     assert finished == ["A", "B", "C"] and engine.chains_in_flight() == 0

@@ -1,4 +1,4 @@
-"""The server under attack and careless use (issue 12): work budgets, non-finite configs, cross-site requests, slow
+"""The server under attack and careless use: work budgets, non-finite configs, cross-site requests, slow
 and vanishing clients, error headers, and the cost of the per-token text pieces. Toy backend, loopback only."""
 
 from __future__ import annotations

@@ -8,8 +8,7 @@
     runner.py    the loop: sample, grade, append
     distributed.py  the same units on Ray actors (`--ray`); imported only then, so Ray stays optional
     report.py    the markdown table and the plots
-    cli.py       `powersample eval` and `powersample report`
 
-It uses only the public API (`powersample.api.sample`, `SamplerConfig`, `load_backend`); the samplers never import
-it.
+It builds on the API (`powersample.api.sample_many`), the sampler registry and a loaded backend (Ray workers get a
+`BackendSpec`); its command line is `powersample.cli.eval`, which it never imports, and nothing below it imports it.
 """

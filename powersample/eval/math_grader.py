@@ -1,7 +1,7 @@
 """Grading final answers of math problems with math-verify, safely.
 
 math-verify parses LaTeX into sympy and compares symbolically, so \\frac12, 0.5 and \\dfrac{1}{2} agree. Two facts
-shape this module (see FACTS.md):
+about math-verify shape this module:
 
 - the gold answer must be wrapped in $...$ before parsing, or it parses wrongly or not at all;
 - its own timeouts use signal.alarm, which only works in the main thread. So they are off (None), and every

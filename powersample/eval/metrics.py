@@ -1,4 +1,4 @@
-"""Every number the report shows, as small pure functions (STYLE point 10: metrics live in one module)."""
+"""Every number the report shows, as small pure functions."""
 
 from __future__ import annotations
 

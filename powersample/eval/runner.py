@@ -10,7 +10,6 @@ at most the batch in flight.
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from powersample.errors import PowerSampleError
 from powersample.eval import metrics
 from powersample.eval.records import SCHEMA, RecordWriter, load_records, open_run, record_key, records_path
 from powersample.eval.tasks import GradeOptions, Problem, Task, problems_digest
+from powersample.io import progress_bar
 from powersample.samplers import registry
 
 
@@ -194,14 +194,12 @@ class _Tally:
 
 @contextlib.contextmanager
 def _bar(plan: EvalPlan, total: int, done: int, tally: _Tally, quiet: bool) -> Iterator[Any]:
-    """A tqdm bar over (problem, seed) pairs, with ETA and the running accuracy; yields its update function."""
-    if quiet:
-        yield lambda tally: None
-        return
-    from tqdm import tqdm
-
+    """A progress bar over (problem, seed) pairs, with ETA and the running accuracy; yields its update function."""
     desc = f"{plan.task.name} {plan.config.method}"
-    with tqdm(total=total, initial=done, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress_bar(total, desc, "sample", initial=done, quiet=quiet) as bar:
+        if bar is None:
+            yield lambda tally: None
+            return
         bar.set_postfix_str(tally.text())
 
         def update(tally: _Tally) -> None:

@@ -1,4 +1,4 @@
-"""Evaluation tasks. Each task is data plus two functions (STYLE point 10):
+"""Evaluation tasks. Each task is data plus two functions:
 
     load(data, chat)              -> list[Problem]   # the problems, with the prompt sent to `sample()`
     grade(problem, text, options) -> Grade           # extract the answer from a completion and judge it
