@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from tqdm import tqdm
 
@@ -49,17 +49,27 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Append rows, flushed and fsynced, so existing records are never lost. Every row is encoded first, and a
     non-finite number refused: a bare Infinity or NaN would make the file invalid JSON."""
-    try:
-        lines = "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
-    except ValueError:
-        raise PowerSampleError(f"not writing {path}: a record holds a non-finite number") from None
+    lines = "".join(json_line(row, f"not writing {path}: a record holds a non-finite number") for row in rows)
     try:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+            write_durably(f, lines)
     except OSError as e:
         raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
+
+
+def json_line(row: dict, refusal: str) -> str:
+    """One JSONL line; a row holding a non-finite number is refused with the message `refusal`."""
+    try:
+        return json.dumps(row, allow_nan=False) + "\n"
+    except ValueError:
+        raise PowerSampleError(refusal) from None
+
+
+def write_durably(f: IO[str], text: str) -> None:
+    """Write to an open file, flush, and fsync, so the text is on disk when this returns."""
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 @contextlib.contextmanager

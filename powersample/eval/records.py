@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from powersample.errors import PowerSampleError, parse_json
-from powersample.io import write_json_atomic
+from powersample.io import json_line, write_durably, write_json_atomic
 
 RUN_FILE = "run.json"
 SCHEMA = 1  # bump when records change meaning; part of the identity
@@ -213,16 +213,9 @@ class RecordWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record; a non-finite number is refused rather than written as invalid JSON (Infinity)."""
-        try:
-            line = json.dumps(record, allow_nan=False) + "\n"
-        except ValueError:
-            raise PowerSampleError(
-                f"the record of problem {record.get('problem_id')!r} seed {record.get('seed')!r} holds a non-finite "
-                f"number; not writing it to {self.path}"
-            ) from None
-        self._file.write(line)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        refusal = (f"the record of problem {record.get('problem_id')!r} seed {record.get('seed')!r} holds a "
+                   f"non-finite number; not writing it to {self.path}")  # fmt: skip
+        write_durably(self._file, json_line(record, refusal))
 
     def close(self) -> None:
         """Close the records file, then release the lock."""
