@@ -1,6 +1,6 @@
 """The backend seam: the only thing samplers know about an engine.
 
-Of any prefix a backend answers two questions (plus, for evaluation, the confidence of the paper's Eq. 13):
+Of any prefix a backend answers two questions:
 
 1. `extend`: sample a continuation of up to n tokens from the proposal q (the model at temperature tau, optionally
    truncated by top-k / top-p), stopping early at EOS, and return for every new token both its base log-prob
@@ -11,17 +11,29 @@ Requests come in batches (one per chain) so that an engine can serve all chains 
 request carries its chain's random generator, so a chain's draws never depend on the rest of the batch, and a
 `slot` naming the cache it may reuse: a backend keeps one cache per slot and reuses its longest common prefix
 with the request's context, so correctness never depends on the hint.
+
+`Backend` is what every backend implements. What only some do is an optional capability, each its own Protocol:
+
+- `ContinuousBatching`: `extend_continuous`, a batch that stays full as rows finish (the driver's schedule);
+- `ChatMessages`: `encode_messages`, a whole conversation through the model's chat template (the server);
+- `Confidence`: `confidence`, the per-position confidence of the paper's Eq. 13 (evaluation).
+
+Callers ask `capability(backend, ContinuousBatching)`, the one place that checks: it returns the backend typed as
+the capability when it has every method the Protocol declares, else None. It looks the methods up with `getattr`,
+so a wrapper that forwards attributes (`__getattr__`) offers what it wraps, on every Python version (an `isinstance`
+check of a runtime Protocol would not see those since Python 3.12). The conformance suite that a backend's promises
+are checked with is `powersample.backends.conformance`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence, TypeVar
 
-from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
+from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
 
 
 class Backend(Protocol):
-    """What samplers may call. See the module docstring."""
+    """What samplers may call, and what every backend implements. See the module docstring."""
 
     eos_ids: frozenset[int]  # ids that end a sequence
     context_length: int | None  # most tokens (prompt + generated) the model accepts; None = unbounded
@@ -42,7 +54,43 @@ class Backend(Protocol):
         """log p of each continuation token given context and the tokens before it."""
         ...
 
+
+class ContinuousBatching(Protocol):
+    """A backend whose batch stays full: finished rows are refilled at once instead of waiting for a round."""
+
+    def extend_continuous(
+        self, requests: Mapping[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None
+    ) -> None:
+        """Decode `requests` (by key, one slot each) as one batch. When a row finishes, refill(key, continuation)
+        returns the requests that start now; before each step poll() returns those that arrived meanwhile. Returns
+        once no row is left and poll() has nothing."""
+        ...
+
+
+class ChatMessages(Protocol):
+    """A backend that renders a whole conversation through the model's chat template."""
+
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Tokens:
+        """Ids of a conversation ({"role", "content"} dicts) plus the assistant header."""
+        ...
+
+
+class Confidence(Protocol):
+    """A backend that reports the base model's confidence before each token."""
+
     def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Sum_x p(x | prefix) log p(x | prefix) (minus the entropy) of the base next-token distribution before
         each continuation token: the per-position confidence of the paper's Eq. 13."""
         ...
+
+
+C = TypeVar("C")
+
+
+def capability(backend: object, protocol: type[C]) -> C | None:
+    """`backend` as the optional capability `protocol` (ContinuousBatching, ChatMessages, Confidence) when it has
+    every method the Protocol declares, else None."""
+    methods = [name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")]
+    if all(callable(getattr(backend, name, None)) for name in methods):
+        return backend  # type: ignore[return-value]
+    return None

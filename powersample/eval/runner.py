@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from powersample.api import SampleRecord, sample_many
 from powersample.backends import Backend
+from powersample.backends.base import Confidence, capability
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
@@ -163,10 +164,10 @@ def confidence(backend: Backend, prompt: str, chat: bool, sampled: SampleRecord)
 
     None when the backend cannot say (it has no `confidence` method) or nothing was generated.
     """
-    per_position = getattr(backend, "confidence", None)
-    if per_position is None or not sampled.tokens:
+    scorer = capability(backend, Confidence)
+    if scorer is None or not sampled.tokens:
         return None
-    return metrics.mean(per_position(backend.encode(prompt, chat), sampled.tokens))
+    return metrics.mean(scorer.confidence(backend.encode(prompt, chat), sampled.tokens))
 
 
 @dataclass

@@ -4,9 +4,9 @@ Writing a sampler as one straight-line program per chain keeps the algorithm rea
 driver: every live program's pending requests go into one backend call. A program yields either one ExtendRequest
 (and receives one Continuation) or a tuple of them (and receives a tuple, in order): a tuple's requests are all in
 flight together, so SMC particles, multiple tries or rollouts share the engine's batch. A backend that can refill its
-batch as rows finish (`extend_continuous`) keeps it full instead of running lockstep rounds; a chain's draws come
-from its own generator in the same order either way, so the two schedules give the same samples (up to the
-engine's batched numerics).
+batch as rows finish (`extend_continuous`: the optional capability ContinuousBatching of backends/base.py) keeps it
+full instead of running lockstep rounds; a chain's draws come from its own generator in the same order either way,
+so the two schedules give the same samples (up to the engine's batched numerics).
 
 Slots. A program names its caches with its own slot numbers (0, 1, ... for the members of a tuple); the driver maps
 them to slots unique among the programs in flight, and reuses a finished program's slots for the next program.
@@ -18,7 +18,7 @@ import heapq
 from dataclasses import dataclass, field, replace
 from typing import Callable, Generator, Iterable, Sequence, Union
 
-from powersample.backends.base import Backend
+from powersample.backends.base import Backend, ContinuousBatching, capability
 from powersample.core.types import Continuation, ExtendRequest, Proposal
 from powersample.samplers.chain import ChainResult, Progress
 
@@ -75,9 +75,9 @@ class Scheduler:
         pending: dict[int, ExtendRequest] = {}
         for program, done in programs:
             pending |= self._start(program, done)
-        continuous = getattr(self.backend, "extend_continuous", None)
+        continuous = capability(self.backend, ContinuousBatching)
         if continuous is not None:
-            continuous(pending, self.proposal, self.reply, self.poll)
+            continuous.extend_continuous(pending, self.proposal, self.reply, self.poll)
         else:
             self._lockstep(pending)
 

@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from powersample.api import SampleRecord, chain_record, make_chains
 from powersample.backends import BackendSpec
-from powersample.backends.base import Backend
+from powersample.backends.base import Backend, ChatMessages, capability
 from powersample.backends.tokenizer import plain_transcript
 from powersample.config import SamplerConfig
 from powersample.core.types import Tokens
@@ -268,9 +268,9 @@ class _Server:
 def encode_messages(backend: Backend, messages: list[dict]) -> Tokens:
     """A conversation's prompt ids: the backend's `encode_messages` (its chat template) when it has one; else one
     user message goes through `encode(chat=True)` and longer ones as the plain transcript "role: content" lines."""
-    encode = getattr(backend, "encode_messages", None)
-    if encode is not None:
-        return encode(messages)
+    chat = capability(backend, ChatMessages)
+    if chat is not None:
+        return chat.encode_messages(messages)
     if len(messages) == 1 and messages[0]["role"] == "user":
         return backend.encode(messages[0]["content"], True)
     return backend.encode(plain_transcript(messages), False)
