@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from powersample.backends.base import Backend
+from powersample.backends.engine import check_fits
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.io import progress_bar
@@ -150,12 +151,7 @@ def encode_prompt(backend: Backend, prompt: str, config: SamplerConfig, chat: bo
     """Prompt ids, checked: not empty, and prompt + max_new_tokens fits the model's context."""
     check_prompt(prompt)
     ids = backend.encode(prompt, chat)
-    limit = backend.context_length
-    if limit is not None and len(ids) + config.max_new_tokens > limit:
-        raise PowerSampleError(
-            f"the prompt is {len(ids)} tokens; with max_new_tokens={config.max_new_tokens} it exceeds "
-            f"the model's context of {limit} tokens"
-        )
+    check_fits(backend.context_length, len(ids), config.max_new_tokens, knob="max_new_tokens")
     return ids
 
 

@@ -254,11 +254,11 @@ class ToyPoint:
 def toy_point(backend: ToyBackend, law: Law, setting: Setting, options: FidelityOptions, t: int) -> ToyPoint:
     """S samples of one setting in one seeded, batched call, against the exact law."""
     config = setting.config(options.alpha, t)
-    calls = backend.calls
+    calls = backend.stats.extend_calls
     records = sample(backend, "fidelity", config, seed=options.seed, num_samples=options.samples, chat=False)
     n = len(records)
     return ToyPoint(setting, tv_distance(empirical_law(r.tokens for r in records), law),
-                    sum(r.tokens_generated for r in records) / n, backend.calls - calls,
+                    sum(r.tokens_generated for r in records) / n, backend.stats.extend_calls - calls,
                     sum(len(r.tokens) for r in records) / n, records[0].wall_seconds)  # fmt: skip
 
 

@@ -67,9 +67,9 @@ def test_cropped_cache_matches_a_fresh_forward(backend, prompt):
     # The slot now caches prompt + first.tokens[:-1]. Diverge after two generated tokens: only the 3 new ids are fed.
     other = next(t for t in (13, 14, 15) if t != first.tokens[2])
     context = prompt + first.tokens[:2] + (other, 264, 3622)
-    before = backend.prefilled_tokens
+    before = backend.stats.prefilled_tokens
     cropped = sample(backend, context, 6, seed=3, slot=slot)
-    assert backend.prefilled_tokens - before == 3
+    assert backend.stats.prefilled_tokens - before == 3
     np.testing.assert_allclose(backend.score(context, cropped.tokens), cropped.base_logp, atol=TOLERANCE, rtol=0)
     fresh = sample(backend, context, 6, seed=3, slot=99)  # a slot never used: prefills everything
     assert fresh.tokens == cropped.tokens
@@ -80,9 +80,9 @@ def test_a_prefix_of_the_cache_refeeds_only_its_last_token(backend, prompt):
     slot = 4
     first = sample(backend, prompt, 8, seed=4, slot=slot)
     context = prompt + first.tokens[:3]  # wholly cached: only the last id is fed again, for its logits
-    before = backend.prefilled_tokens
+    before = backend.stats.prefilled_tokens
     cont = sample(backend, context, 6, seed=5, slot=slot)
-    assert backend.prefilled_tokens - before == 1
+    assert backend.stats.prefilled_tokens - before == 1
     np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
 
 
@@ -229,9 +229,9 @@ def test_batched_rows_match_single_rows(backend, prompt):
     proposal = Proposal(temperature=0.5)
     contexts = [prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)]  # ragged lengths: left padding at work
     requests = [ExtendRequest(c, 8, np.random.default_rng(40 + j), 200 + j) for j, c in enumerate(contexts)]
-    before = backend.decode_forwards
+    before = backend.stats.decode_forwards
     batched = backend.extend(requests, proposal)
-    assert backend.decode_forwards - before == max(len(c.tokens) for c in batched)  # one forward per step for all
+    assert backend.stats.decode_forwards - before == max(len(c.tokens) for c in batched)  # one forward per step for all
     for j, (context, cont) in enumerate(zip(contexts, batched)):
         alone = sample(backend, context, 8, seed=40 + j, proposal=proposal, slot=300 + j)
         assert alone.tokens == cont.tokens
@@ -245,7 +245,7 @@ def test_chains_share_the_prompt_prefill(backend):
     prompt = fresh.encode("A prompt no other test uses, about otters.", chat=True)
     requests = [ExtendRequest(prompt, 3, np.random.default_rng(j), j) for j in range(4)]
     fresh.extend(requests, BASE)
-    assert fresh.prefilled_tokens == len(prompt) + 3  # the prompt once, then one re-fed token per other chain
+    assert fresh.stats.prefilled_tokens == len(prompt) + 3  # the prompt once, then one re-fed token per other chain
 
 
 def test_a_rejected_proposal_keeps_the_current_state_cached(backend, prompt):
@@ -254,18 +254,18 @@ def test_a_rejected_proposal_keeps_the_current_state_cached(backend, prompt):
     current = sample(fresh, prompt, 10, seed=7, slot=0)
     state = prompt + current.tokens
     sample(fresh, prompt + current.tokens[:3], 6, seed=8, slot=0)  # the proposal, written to the other buffer
-    before = fresh.prefilled_tokens
+    before = fresh.stats.prefilled_tokens
     following = sample(fresh, state, 4, seed=9, slot=0)  # rejected: continue from the current state
-    assert fresh.prefilled_tokens - before == 1  # only its last generated token, which was never fed
+    assert fresh.stats.prefilled_tokens - before == 1  # only its last generated token, which was never fed
     np.testing.assert_allclose(fresh.score(state, following.tokens), following.base_logp, atol=TOLERANCE, rtol=0)
 
 
 def test_regenerate_from_scratch_baseline_prefills_everything(backend, prompt):
     scratch = HFBackend(backend.model, backend.tokenizer, reuse_cache=False)
     first = sample(scratch, prompt, 4, seed=1)
-    before = scratch.prefilled_tokens
+    before = scratch.stats.prefilled_tokens
     again = sample(scratch, prompt + first.tokens[:2], 4, seed=2)
-    assert scratch.prefilled_tokens - before == len(prompt) + 2
+    assert scratch.stats.prefilled_tokens - before == len(prompt) + 2
     np.testing.assert_allclose(scratch.score(prompt + first.tokens[:2], again.tokens), again.base_logp,
                                atol=TOLERANCE, rtol=0)
 

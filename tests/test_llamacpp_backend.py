@@ -88,13 +88,13 @@ def test_a_rewound_cache_matches_a_fresh_evaluation(backend, prompt):
     # then one per drawn token but the last.
     other = next(t for t in (13, 14, 15) if t != first.tokens[2])
     context = prompt + first.tokens[:2] + (other, 264, 3622)
-    before = backend.evaluated_tokens
+    before = backend.stats.evaluated_tokens
     rewound = sample(backend, context, 8, seed=3, slot=3)
-    assert backend.evaluated_tokens - before == 3 + len(rewound.tokens) - 1
+    assert backend.stats.evaluated_tokens - before == 3 + len(rewound.tokens) - 1
     backend.clear_caches()
-    before = backend.evaluated_tokens
+    before = backend.stats.evaluated_tokens
     fresh = sample(backend, context, 8, seed=3, slot=3)
-    assert backend.evaluated_tokens - before == len(context) + len(fresh.tokens) - 1  # really from scratch
+    assert backend.stats.evaluated_tokens - before == len(context) + len(fresh.tokens) - 1  # really from scratch
     assert fresh.tokens == rewound.tokens
     np.testing.assert_allclose(fresh.base_logp, rewound.base_logp, atol=TOLERANCE, rtol=0)
 
@@ -102,18 +102,18 @@ def test_a_rewound_cache_matches_a_fresh_evaluation(backend, prompt):
 def test_a_prefix_of_the_cache_redecodes_only_its_last_token(backend, prompt):
     first = sample(backend, prompt, 8, seed=4, slot=1)
     context = prompt + first.tokens[:3]  # wholly cached: the last id is decoded again, for fresh logits
-    before = backend.evaluated_tokens
+    before = backend.stats.evaluated_tokens
     cont = sample(backend, context, 1, seed=5, slot=1)
-    assert backend.evaluated_tokens - before == 1
+    assert backend.stats.evaluated_tokens - before == 1
     np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
 
 
 def test_slots_keep_their_own_caches(backend, prompt):
     a = sample(backend, prompt, 6, seed=6, slot=0)
     sample(backend, prompt, 6, seed=7, slot=2)  # another cache: leaves slot 0's alone
-    before = backend.evaluated_tokens
+    before = backend.stats.evaluated_tokens
     sample(backend, prompt + a.tokens[:-1], 1, seed=8, slot=0)
-    assert backend.evaluated_tokens - before == 1
+    assert backend.stats.evaluated_tokens - before == 1
 
 
 def test_temperature_one_gives_log_q_equal_to_log_p(backend, prompt):
@@ -246,7 +246,7 @@ def test_batched_rows_match_single_rows(backend, prompt):
     batched = batched_backend.extend(requests, proposal)
     # Prefills: the prompt for row 0, then prompt[-1] and 28 for row 1; rows 2 and 3 copy cached prefixes. Then
     # one llama_decode per step serves every row.
-    assert batched_backend.decode_calls == 2 + max(len(c.tokens) for c in batched)
+    assert batched_backend.stats.decode_calls == 2 + max(len(c.tokens) for c in batched)
     for j, (context, cont) in enumerate(zip(contexts, batched)):
         alone = sample(backend, context, 8, seed=40 + j, proposal=proposal, slot=300 + j)
         assert alone.tokens == cont.tokens
@@ -260,7 +260,7 @@ def test_chains_share_the_prompt_prefill(backend):
     prompt = shared.encode("A prompt no other test uses, about otters.", chat=True)
     requests = [ExtendRequest(prompt, 3, np.random.default_rng(j), j) for j in range(4)]
     conts = shared.extend(requests, BASE)
-    fed_context = shared.evaluated_tokens - sum(len(c.tokens) - 1 for c in conts)  # minus the drawn tokens re-fed
+    fed_context = shared.stats.evaluated_tokens - sum(len(c.tokens) - 1 for c in conts)  # minus the drawn tokens re-fed
     assert fed_context == len(prompt) + 3  # the prompt once, then one re-fed token per other chain
 
 
@@ -270,9 +270,9 @@ def test_a_rejected_proposal_keeps_the_current_state_cached(backend, prompt):
     current = sample(chain, prompt, 10, seed=7, slot=0)
     state = prompt + current.tokens
     sample(chain, prompt + current.tokens[:3], 6, seed=8, slot=0)  # the proposal, in the slot's other sequence
-    before = chain.evaluated_tokens
+    before = chain.stats.evaluated_tokens
     following = sample(chain, state, 4, seed=9, slot=0)  # rejected: continue from the current state
-    assert chain.evaluated_tokens - before == len(following.tokens)  # state[-1], never fed, then drawn ones
+    assert chain.stats.evaluated_tokens - before == len(following.tokens)  # state[-1], never fed, then drawn ones
     np.testing.assert_allclose(chain.score(state, following.tokens), following.base_logp, atol=TOLERANCE, rtol=0)
 
 
@@ -290,13 +290,13 @@ def test_regenerate_from_scratch_baseline_evaluates_everything(backend, prompt):
     scratch = fresh(backend, reuse_cache=False)
     first = sample(scratch, prompt, 4, seed=1)
     context = prompt + first.tokens[:2]
-    before = scratch.evaluated_tokens
+    before = scratch.stats.evaluated_tokens
     again = sample(scratch, context, 4, seed=2)
-    assert scratch.evaluated_tokens - before == len(context) + len(again.tokens) - 1
+    assert scratch.stats.evaluated_tokens - before == len(context) + len(again.tokens) - 1
     np.testing.assert_allclose(scratch.score(context, again.tokens), again.base_logp, atol=TOLERANCE, rtol=0)
-    before = scratch.decode_calls
+    before = scratch.stats.decode_calls
     conts = scratch.extend([ExtendRequest(prompt, 3, np.random.default_rng(j), j) for j in range(2)], BASE)
-    assert scratch.decode_calls - before == sum(1 + len(c.tokens) for c in conts)  # one request at a time
+    assert scratch.stats.decode_calls - before == sum(1 + len(c.tokens) for c in conts)  # one request at a time
 
 
 def test_a_long_prefill_scores_like_token_by_token_decoding(backend, prompt):
@@ -316,9 +316,9 @@ def test_growing_the_cache_moves_every_sequence_exactly(backend, prompt):
     long_text = grown.encode(" red green blue" * 80, chat=False)  # ~240 tokens: past the first 256 of room
     grown.score(prompt, long_text)
     context = prompt + first.tokens[:4]
-    before = grown.evaluated_tokens
+    before = grown.stats.evaluated_tokens
     cont = sample(grown, context, 4, seed=22, slot=0)  # slot 0's cells were moved, not recomputed
-    assert grown.evaluated_tokens - before == len(cont.tokens)
+    assert grown.stats.evaluated_tokens - before == len(cont.tokens)
     want = sample(fresh(backend), context, 4, seed=22)
     assert cont.tokens == want.tokens
     np.testing.assert_allclose(cont.base_logp, want.base_logp, atol=TOLERANCE, rtol=0)

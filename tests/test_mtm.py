@@ -113,7 +113,7 @@ def test_all_tries_of_all_chains_share_one_call_per_round():
     backend = ToyBackend(load_spec("no_early_eos"))  # no early EOS: every chain runs every stage
     config = SamplerConfig(method="power-mtm", max_new_tokens=6, block_size=2, mcmc_steps=4, tries=5)
     records = sample(backend, "p", config, num_samples=7)
-    assert backend.calls == 3 * (1 + 4)  # 3 stages x (extension + 4 MH rounds), whatever tries and chains
+    assert backend.stats.extend_calls == 3 * (1 + 4)  # 3 stages x (extension + 4 MH rounds), whatever tries and chains
     for r in records:
         assert r.proposals == 3 * 4 and 0 <= r.accepted <= r.proposals
         assert r.tokens_generated >= 6 + 3 * 4 * 5  # the extensions, and at least a token per try

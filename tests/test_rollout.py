@@ -148,7 +148,7 @@ def test_one_backend_call_for_candidates_and_one_for_all_rollouts(block_size):
     config = rollout_config(max_new_tokens=t, candidates=k, rollouts=m, block_size=block_size)
     results = sample(backend, "x", config, seed=1, num_samples=chains)
     steps = t // (block_size or 1)
-    assert backend.calls == 2 * steps - 1
+    assert backend.stats.extend_calls == 2 * steps - 1
     if block_size is None:
         assert backend.widths == [chains, chains * k * m] * (steps - 1) + [chains]
         assert backend.alternatives == [chains, 0] * (steps - 1) + [chains]

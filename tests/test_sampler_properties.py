@@ -108,7 +108,7 @@ def test_batched_chains_share_one_backend_call_per_round():
     backend = ToyBackend(load_spec("no_early_eos"))  # no early EOS: every chain runs every stage
     config = SamplerConfig(max_new_tokens=6, block_size=2, mcmc_steps=4)
     sample(backend, "p", config, num_samples=16)
-    assert backend.calls == 3 * (1 + 4)  # 3 stages x (extension + 4 MH rounds), whatever the number of chains
+    assert backend.stats.extend_calls == 3 * (1 + 4)  # 3 stages x (extension + 4 MH rounds), whatever the number of chains
 
 
 def test_finished_chains_stop_costing():

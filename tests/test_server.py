@@ -592,4 +592,4 @@ def test_hf_backend_batches_concurrent_requests(hf_backend):
             assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
             assert all(lp <= 0 for lp in choice["logprobs"]["token_logprobs"])
     tokens = sum(r.json()["power_sampling"]["tokens_sampled"] for r in replies)
-    assert backend.decode_forwards < tokens  # chains of different requests shared forwards
+    assert backend.stats.decode_forwards < tokens  # chains of different requests shared forwards

@@ -125,10 +125,10 @@ class Recording(ToyBackend):
 def test_all_particles_of_all_samples_share_one_call_per_token():
     backend = Recording(load_spec("no_early_eos"))  # no EOS: every particle runs all T steps
     sample(backend, "p", smc_config(max_new_tokens=5, particles=12), num_samples=3)
-    assert backend.calls == 5 and backend.sizes == [36] * 5
+    assert backend.stats.extend_calls == 5 and backend.sizes == [36] * 5
     eos = Recording(load_spec("eos_trap"))
     sample(eos, "p", smc_config(max_new_tokens=5, particles=12), num_samples=3)
-    assert eos.calls <= 5 and eos.sizes[0] == 36 and eos.sizes == sorted(eos.sizes, reverse=True)
+    assert eos.stats.extend_calls <= 5 and eos.sizes[0] == 36 and eos.sizes == sorted(eos.sizes, reverse=True)
 
 
 def test_counters_and_records():

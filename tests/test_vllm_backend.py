@@ -98,10 +98,10 @@ def hf_logp(hf, context, continuation) -> np.ndarray:
 
 @pytest.mark.parametrize("proposal", [Proposal(1.0), Proposal(0.5)], ids=["q=p", "q!=p"])
 def test_a_batch_is_one_engine_loop_with_all_its_requests_in_flight(backend, prompt, proposal):
-    before, backend.most_in_flight = backend.engine_calls, 0
+    before, backend.stats.most_in_flight = backend.stats.engine_calls, 0
     backend.extend(requests(prompt, 4, seeds=range(4)), proposal)
-    assert backend.engine_calls == before + 1  # q != p: the scoring requests join the same loop
-    assert backend.most_in_flight == 4
+    assert backend.stats.engine_calls == before + 1  # q != p: the scoring requests join the same loop
+    assert backend.stats.most_in_flight == 4
     assert not backend.llm.llm_engine.has_unfinished_requests()
 
 
@@ -109,10 +109,10 @@ def test_a_resampling_step_hits_the_prefix_cache_for_prompt_and_x_before_i(backe
     block = backend.llm.llm_engine.vllm_config.cache_config.block_size
     [first] = backend.extend(requests(prompt, 3 * block, seeds=[11]), Proposal(0.5))
     context = prompt + first.tokens[: 2 * block]  # resample from i = 2 blocks into the answer
-    before, scored_before = backend.cached_tokens, backend.scored_cached_tokens
+    before, scored_before = backend.stats.cached_tokens, backend.stats.scored_cached_tokens
     [cont] = backend.extend(requests(context, 4, seeds=[12]), Proposal(0.5))
-    assert backend.cached_tokens - before >= (len(context) - 1) // block * block  # every whole block but the last
-    assert backend.scored_cached_tokens - scored_before >= (len(context) - 1) // block * block  # log p: the same
+    assert backend.stats.cached_tokens - before >= (len(context) - 1) // block * block  # every whole block but the last
+    assert backend.stats.scored_cached_tokens - scored_before >= (len(context) - 1) // block * block  # log p: the same
     np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=1e-4, rtol=0)
 
 
@@ -141,9 +141,9 @@ def test_continuous_batching_gives_the_same_samples_as_lockstep_in_fewer_steps(b
     for x, y in zip(a, b):
         assert x.tokens == y.tokens and x.accepted == y.accepted and x.tokens_generated == y.tokens_generated
         np.testing.assert_allclose(x.token_logp, y.token_logp, atol=1e-4, rtol=0)
-    assert continuous.engine_calls == 1 < lockstep.engine_calls  # one loop for the whole run vs one per round
-    assert continuous.engine_steps < lockstep.engine_steps  # refills ran alongside the longer requests
-    assert continuous.most_in_flight == lockstep.most_in_flight == 4  # one request per chain at a time
+    assert continuous.stats.engine_calls == 1 < lockstep.stats.engine_calls  # one loop for the run vs one a round
+    assert continuous.stats.engine_steps < lockstep.stats.engine_steps  # refills ran alongside the longer requests
+    assert continuous.stats.most_in_flight == lockstep.stats.most_in_flight == 4  # one request per chain at a time
 
 
 def test_refills_and_polled_requests_join_while_others_run(backend, prompt):
@@ -156,14 +156,14 @@ def test_refills_and_polled_requests_join_while_others_run(backend, prompt):
         running_at_refill.append(1 not in done)  # the long request still decoding
         return {3: refilled} if key == 0 else {}
 
-    backend.most_in_flight = 0
-    steps = backend.engine_steps
+    backend.stats.most_in_flight = 0
+    steps = backend.stats.engine_steps
     backend.extend_continuous({0: short, 1: long_}, Proposal(1.0), refill, lambda: polls.pop() if polls else {})
     assert set(done) == {0, 1, 2, 3}
     assert len(done[1].tokens) > 8, "the test needs the long request to outlast the short ones"
     assert list(done)[-1] == 1 and running_at_refill[:3] == [True, True, True]  # 0, 2, 3 finished beside 1
-    assert backend.most_in_flight == 3  # the long request, the polled one and the refill (or short) together
-    assert backend.engine_steps - steps <= len(done[1].tokens) + 2  # the others cost no steps of their own
+    assert backend.stats.most_in_flight == 3  # the long request, the polled one and the refill (or short) together
+    assert backend.stats.engine_steps - steps <= len(done[1].tokens) + 2  # the others cost no steps of their own
     again = backend.extend(requests(prompt, 3, [33]), Proposal(1.0))[0]
     assert again.tokens == done[2].tokens  # the same seed alone gives the same tokens
 

@@ -23,6 +23,10 @@ the capability when it has every method the Protocol declares, else None. It loo
 so a wrapper that forwards attributes (`__getattr__`) offers what it wraps, on every Python version (an `isinstance`
 check of a runtime Protocol would not see those since Python 3.12). The conformance suite that a backend's promises
 are checked with is `powersample.backends.conformance`.
+
+Diagnostics are not part of the seam: a backend may count its work (calls, forwards, tokens fed, cache hits) in a
+`stats` attribute, a dataclass of counters of its own (ToyStats, HFStats, ...), read by tests and tools, never by
+samplers.
 """
 
 from __future__ import annotations

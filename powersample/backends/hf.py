@@ -22,7 +22,6 @@ at once and their caches go back to their buffers.
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,21 +30,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from powersample.backends.embedded import embedded_model_dir, quiet_loading
-from powersample.backends.engine import check_fits, common_prefix, extend_in_one_run
+from powersample.backends.engine import Row, check_fits, common_prefix, draw_step, extend_in_one_run
+from powersample.backends.hub import dtype_name, eos_ids, is_hub_id
 from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids
-from powersample.core.numerics import draw, proposal_logprobs, top_alternatives
 from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
 from powersample.errors import PowerSampleError, one_line
 
-DTYPES = {  # accepted --dtype spellings; "auto" = whatever the checkpoint says
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-    "auto": "auto",
-}  # fmt: skip
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"; anything else is only a path
-
-
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}  # by
+# hub.dtype_name; "auto" = whatever the checkpoint says
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (keys, values), each (1, heads, L, head_dim)
 
 
@@ -63,22 +55,12 @@ class _Buffer:
         return tuple((k[:, :, :keep], v[:, :, :keep]) for k, v in self.kv)
 
 
-@dataclass
-class _Row:
-    """One request being decoded: its cache's buffer and ids, the token to feed next, and what it has drawn."""
+@dataclass(eq=False, kw_only=True)
+class _Row(Row):
+    """One request being decoded (engine.Row), with its cache's buffer and the ids the cache holds."""
 
-    key: int  # the caller's key for this request (refills of one chain share it)
-    request: ExtendRequest
     buffer: _Buffer  # receives the row's cache when it finishes
-    ids: list[int]  # ids the row's cache holds
-    next_id: int  # token to feed at the next forward, at position len(ids)
-    tokens: list[int] = field(default_factory=list)
-    base_logp: list[float] = field(default_factory=list)
-    proposal_logq: list[float] = field(default_factory=list)
-    alternatives: tuple[tuple[int, float], ...] = ()
-
-    def continuation(self) -> Continuation:
-        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives)
+    ids: list[int]  # ids the row's cache holds; next_id goes at position len(ids)
 
 
 class _Batch:
@@ -121,6 +103,14 @@ class _Batch:
             self.cache = None
 
 
+@dataclass
+class HFStats:
+    """Diagnostics (not part of the seam): what the backend has done since it was built."""
+
+    prefilled_tokens: int = 0  # context tokens fed to the model by extend(); tests check cache reuse with it
+    decode_forwards: int = 0  # batched decoding forwards; tests check that chains share them
+
+
 class HFBackend:
     """Sampling and scoring with a transformers causal LM; batched decoding, two KV buffers per slot."""
 
@@ -133,8 +123,7 @@ class HFBackend:
         self.reuse_cache = reuse_cache  # False: every request prefills its whole context alone (bench baseline)
         self._buffers: dict[int, tuple[_Buffer, _Buffer]] = {}
         self._forward_args = _forward_arguments(model)
-        self.prefilled_tokens = 0  # context tokens fed to the model by extend(); tests check cache reuse with it
-        self.decode_forwards = 0  # batched decoding forwards; tests check that chains share them
+        self.stats = HFStats()  # diagnostics, for tests and tools
 
     @classmethod
     def load(
@@ -203,7 +192,7 @@ class HFBackend:
                 incoming = []
             ids, mask, positions = batch.inputs()
             logits = self._forward(ids, batch.cache, mask, positions)  # (B, V)
-            self.decode_forwards += 1
+            self.stats.decode_forwards += 1
             done = self._sample_step(batch.rows, logits, proposal)
             finished = [(batch.rows[b], batch.take(b)) for b in done]
             batch.drop(done)
@@ -264,12 +253,12 @@ class HFBackend:
             raise PowerSampleError("cannot extend an empty context: the prompt encodes to no tokens")
         buffer = self._target(request) if self.reuse_cache else _Buffer()
         self._prefill(buffer, request.context[:-1])
-        return _Row(key, request, buffer, ids=list(buffer.ids), next_id=request.context[-1])
+        return _Row(key, request, request.context[-1], buffer=buffer, ids=list(buffer.ids))
 
     def _prefill(self, buffer: _Buffer, ids: Sequence[int]) -> None:
         """Feed what `buffer` lacks of `ids` (it holds a prefix of them), at batch 1."""
         missing = list(ids[len(buffer.ids) :])
-        self.prefilled_tokens += len(missing) + 1  # + the last context token, fed by the first decoding step
+        self.stats.prefilled_tokens += len(missing) + 1  # + the last context token, fed by the first decoding step
         if missing:
             cache, width = _stack([buffer.kv], [len(buffer.ids)], self.model.config)
             positions = torch.arange(width, width + len(missing), device=self.device)[None]
@@ -279,21 +268,10 @@ class HFBackend:
 
     def _sample_step(self, rows: list[_Row], logits: torch.Tensor, proposal: Proposal) -> list[int]:
         """Draw one token per row from q; returns the batch indices of rows that are now finished."""
-        logp = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()  # (B, V)
-        logq = proposal_logprobs(logp, proposal)  # (B, V)
-        done = []
-        for b, row in enumerate(rows):
-            if not row.tokens and row.request.alternatives:
-                row.alternatives = top_alternatives(logp[b], row.request.alternatives)
-            token = draw(logq[b], row.request.rng)
-            row.tokens.append(token)
-            row.base_logp.append(float(logp[b, token]))
-            row.proposal_logq.append(float(logq[b, token]))
+        for row in rows:
             row.ids.append(row.next_id)  # the cache now holds the token just fed
-            row.next_id = token
-            if token in self.eos_ids or len(row.tokens) == row.request.max_tokens:
-                done.append(b)
-        return done
+        logp = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()  # (B, V)
+        return draw_step(rows, logp, proposal, self.eos_ids)
 
     def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor):
         """Feed ids (B, T) after the cache; logits (B, V) of the next token after each row's last id."""
@@ -340,13 +318,8 @@ def _take_row(cache: DynamicCache, b: int, pad: int) -> KV:
 
 
 def _parse_dtype(dtype: str | None, device: str) -> torch.dtype | str:
-    """The torch dtype for a --dtype spelling; None = float32 on cpu, bfloat16 elsewhere."""
-    if dtype is None:
-        return torch.float32 if device.startswith("cpu") else torch.bfloat16
-    try:
-        return DTYPES[dtype.lower()]
-    except (KeyError, AttributeError):
-        raise PowerSampleError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+    """The torch dtype for a --dtype spelling (hub.DTYPES); None = float32 on cpu, bfloat16 elsewhere."""
+    return TORCH_DTYPES[dtype_name(dtype, "float32" if device.startswith("cpu") else "bfloat16")]
 
 
 def _resolve_model(model: str | None) -> tuple[str, str | None]:
@@ -360,7 +333,7 @@ def _resolve_model(model: str | None) -> tuple[str, str | None]:
         return str(path), None
     if path.exists():
         raise PowerSampleError(f"{model} is neither a model folder nor a .gguf file")
-    if not HUB_ID.match(model) or model.endswith(".gguf"):
+    if not is_hub_id(model):
         raise PowerSampleError(f"unknown model path or hub id {model!r}: no such file or folder")
     return model, None  # a hub id; load() turns a failed download into a one-line error
 
@@ -373,9 +346,6 @@ def _forward_arguments(model: Any) -> dict[str, Any]:
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """EOS ids from the generation config (an int or a list) plus the tokenizer's EOS."""
+    """EOS ids from the model's generation config (an int or a list) plus the tokenizer's EOS."""
     generation = getattr(model, "generation_config", None)
-    eos = getattr(generation, "eos_token_id", None)
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    ids.add(tokenizer.eos_token_id)
-    return frozenset(int(i) for i in ids if i is not None)
+    return eos_ids(tokenizer.eos_token_id, getattr(generation, "eos_token_id", None))

@@ -64,10 +64,10 @@ import numpy as np
 
 from powersample.backends import probe
 from powersample.backends.embedded import cache_root, embedded_gguf_path, publish
-from powersample.backends.engine import check_fits, common_prefix, extend_in_one_run
+from powersample.backends.engine import Row, check_fits, common_prefix, draw_step, extend_in_one_run
 from powersample.backends.llamacpp_placement import ModelParams, Placement, model_params, placement_for
 from powersample.backends.tokenizer import plain_transcript
-from powersample.core.numerics import draw, negative_entropy, proposal_logprobs, top_alternatives
+from powersample.core.numerics import negative_entropy
 from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
 from powersample.errors import PowerSampleError, one_line
 
@@ -91,21 +91,12 @@ class _Seq:
     ids: list[int] = field(default_factory=list)
 
 
-@dataclass(eq=False)
-class _Row:
-    """One request being decoded: its sequence, the token to feed next, and what it has drawn."""
+@dataclass(eq=False, kw_only=True)
+class _Row(Row):
+    """One request being decoded (engine.Row), with its sequence: it holds the context up to (not including)
+    next_id, which goes at position len(seq.ids)."""
 
-    key: int  # the caller's key for this request
-    request: ExtendRequest
-    seq: _Seq  # holds the context up to (not including) next_id
-    next_id: int  # token to feed at the next step, at position len(seq.ids)
-    tokens: list[int] = field(default_factory=list)
-    base_logp: list[float] = field(default_factory=list)
-    proposal_logq: list[float] = field(default_factory=list)
-    alternatives: tuple[tuple[int, float], ...] = ()
-
-    def continuation(self) -> Continuation:
-        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives)
+    seq: _Seq
 
 
 @dataclass(eq=False)
@@ -134,6 +125,14 @@ class Weights:
         return cls(model, model.metadata(), threads, placement, params)
 
 
+@dataclass
+class LlamaCppStats:
+    """Diagnostics (not part of the seam): what the backend has done since it was built."""
+
+    evaluated_tokens: int = 0  # tokens fed to llama_decode; tests check cache reuse with it
+    decode_calls: int = 0  # llama_decode calls; tests check that one serves every row of a step
+
+
 class LlamaCppBackend:
     """Sampling and scoring with a GGUF model through llama.cpp; batched decoding, two sequences per slot."""
 
@@ -157,8 +156,7 @@ class LlamaCppBackend:
         self._batch = self._lib.llama_batch_init(N_BATCH, 0, 1)
         self._logp = np.empty((max_slots, self.n_vocab))  # (B, V) float64, reused: fresh pages cost ~0.3 ms a row
         self._exp = np.empty((max_slots, self.n_vocab))  # (B, V) scratch for exp()
-        self.evaluated_tokens = 0  # tokens fed to llama_decode; tests check cache reuse with it
-        self.decode_calls = 0  # llama_decode calls; tests check that one serves every row of a step
+        self.stats = LlamaCppStats()  # diagnostics, for tests and tools
 
     @classmethod
     def load(
@@ -274,28 +272,16 @@ class LlamaCppBackend:
         for key, request in admitted:
             seq = self._target(request.context, self._lane(request.slot, busy_slots))
             self._prefill(seq, request.context[len(seq.ids) : -1])
-            new_rows.append(_Row(key, request, seq, next_id=request.context[-1]))
+            new_rows.append(_Row(key, request, request.context[-1], seq=seq))
         return new_rows
 
     def _step(self, rows: list[_Row], proposal: Proposal) -> list[int]:
         """One llama_decode feeding every row its next token; draws one token per row from q. Returns the indices
         of the rows that are now finished (EOS or max_tokens)."""
         self._decode([(row.next_id, len(row.seq.ids), row.seq.seq_id, True) for row in rows])
-        logp = self._logp_rows(range(len(rows)))  # (B, V)
-        logq = proposal_logprobs(logp, proposal)  # (B, V)
-        done = []
-        for b, row in enumerate(rows):
-            if not row.tokens and row.request.alternatives:
-                row.alternatives = top_alternatives(logp[b], row.request.alternatives)
+        for row in rows:
             row.seq.ids.append(row.next_id)  # its cells now hold the token just fed
-            token = draw(logq[b], row.request.rng)
-            row.tokens.append(token)
-            row.base_logp.append(float(logp[b, token]))
-            row.proposal_logq.append(float(logq[b, token]))
-            row.next_id = token
-            if token in self.eos_ids or len(row.tokens) == row.request.max_tokens:
-                done.append(b)
-        return done
+        return draw_step(rows, self._logp_rows(range(len(rows))), proposal, self.eos_ids)
 
     def _check_request(self, request: ExtendRequest) -> None:
         self._check_length(len(request.context), request.max_tokens)
@@ -418,8 +404,8 @@ class LlamaCppBackend:
         if status != 0:
             why = "no room left in the KV cache" if status == 1 else f"llama_decode returned {status}"
             raise PowerSampleError(f"llama.cpp could not decode {len(items)} tokens ({why})")
-        self.decode_calls += 1
-        self.evaluated_tokens += len(items)
+        self.stats.decode_calls += 1
+        self.stats.evaluated_tokens += len(items)
 
     def _logp_rows(self, indices: Sequence[int]) -> np.ndarray:
         """log p after each given batch index of the last decode: log_softmax in float64, (B, V), a reused buffer."""

@@ -132,6 +132,13 @@ def _finite_number(x: Any) -> bool:
         return False
 
 
+@dataclass
+class ToyStats:
+    """Diagnostics (not part of the seam): what the backend has done since it was built."""
+
+    extend_calls: int = 0  # extend() calls: tests count the driver's batched calls, fidelity reports them
+
+
 @dataclass(frozen=True)
 class _Table:
     """One row under one proposal: log p, log q and q's cumulative sums for bisection."""
@@ -150,7 +157,7 @@ class ToyBackend:
         self.spec = spec
         self.eos_ids = frozenset({spec.eos_id})
         self._tables: dict[tuple[int, Proposal], _Table] = {}
-        self.calls = 0  # extend() calls, for tests that count engine calls
+        self.stats = ToyStats()  # diagnostics, for tests and tools
 
     def encode(self, prompt: str, chat: bool = True) -> Tokens:
         return ()
@@ -163,7 +170,7 @@ class ToyBackend:
         return "".join(self.spec.vocab[t] for t in tokens if t not in self.eos_ids)
 
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
-        self.calls += 1
+        self.stats.extend_calls += 1
         return [self._extend_one(r, proposal) for r in requests]
 
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:

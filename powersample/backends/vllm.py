@@ -42,7 +42,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 
 from powersample.backends.engine import check_fits, extend_in_one_run
+from powersample.backends.hub import dtype_name, eos_ids, is_hub_id
 from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids  # noqa: E402
 from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
 from powersample.errors import (
@@ -71,7 +71,6 @@ SCORE_SALT = "powersample-score"  # prefix-cache salt of scoring requests (see V
 CONFIDENCE_BATCH = 16  # positions per engine call in confidence(); each returns V log-probs
 MIN_TEMPERATURE = 0.01  # vLLM raises smaller temperatures to 0.01 (`_MAX_TEMP`), which would change q
 CPU_MEMORY_FRACTION = 0.3  # default share of memory for weights + KV cache on a CPU-only machine (vLLM's: 0.9)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
 
 
 @dataclass(frozen=True)
@@ -135,6 +134,17 @@ def shutdown_engines() -> None:
             pass
 
 
+@dataclass
+class VLLMStats:
+    """Diagnostics (not part of the seam): what the backend has done since it was built."""
+
+    engine_calls: int = 0  # engine runs (a generate() call, or one loop of extend / extend_continuous)
+    cached_tokens: int = 0  # context tokens extend()'s sampling found in the prefix cache; tests check reuse
+    scored_cached_tokens: int = 0  # the same for its scoring (log p) requests, under their salt
+    engine_steps: int = 0  # engine steps of extend's loops; tests check that continuous batching saves steps
+    most_in_flight: int = 0  # most requests (draws and scorings) in the engine at once; tests check batching
+
+
 class VLLMBackend:
     """Sampling and scoring with vLLM: one engine call per batch of requests, prefix caching, exact log p and q."""
 
@@ -146,11 +156,7 @@ class VLLMBackend:
         self.eos_ids = _eos_ids(self.tokenizer, config.model)
         self.device = _device_name()
         self.reuse_cache = reuse_cache  # False: every request skips the prefix cache and runs alone (bench baseline)
-        self.engine_calls = 0  # engine runs (a generate() call, or one loop of extend / extend_continuous)
-        self.cached_tokens = 0  # context tokens extend()'s sampling found in the prefix cache; tests check reuse
-        self.scored_cached_tokens = 0  # the same for its scoring (log p) requests, under their salt
-        self.engine_steps = 0  # engine steps of extend's loops; tests check that continuous batching saves steps
-        self.most_in_flight = 0  # most requests (draws and scorings) in the engine at once; tests check batching
+        self.stats = VLLMStats()  # diagnostics, for tests and tools
 
     @classmethod
     def load(
@@ -215,7 +221,7 @@ class VLLMBackend:
 
         try:
             intake(requests)
-            self.engine_calls += 1
+            self.stats.engine_calls += 1
             while True:
                 intake(poll() if poll else {})
                 while waiting and (capacity is None or len(flight) < capacity):
@@ -223,8 +229,8 @@ class VLLMBackend:
                     flight[self._submit(job)] = job
                 if not flight:
                     return
-                self.most_in_flight = max(self.most_in_flight, len(flight))
-                self.engine_steps += 1
+                self.stats.most_in_flight = max(self.stats.most_in_flight, len(flight))
+                self.stats.engine_steps += 1
                 for out in engine.step():
                     job = flight.pop(out.request_id, None) if out.finished else None
                     if job is None:
@@ -316,7 +322,7 @@ class VLLMBackend:
         request = job.request
         if job.stage == "draw":
             job.tokens = self._tokens(out, request)
-            self.cached_tokens += out.num_cached_tokens or 0
+            self.stats.cached_tokens += out.num_cached_tokens or 0
             job.logq = _sampled_logprobs(out.outputs[0].logprobs, job.tokens)
             if proposal.is_base:  # q = p: the numbers vLLM returned are log p already
                 job.logp, job.alternatives = job.logq, _top(out.outputs[0].logprobs, 0, request.alternatives)
@@ -328,7 +334,7 @@ class VLLMBackend:
             job.stage = "rescore"
             return False
         if job.stage == "score":
-            self.scored_cached_tokens += cached
+            self.stats.scored_cached_tokens += cached
         job.logp, job.alternatives = _scored(out, len(request.context), job.tokens, request.alternatives)
         return True
 
@@ -339,7 +345,7 @@ class VLLMBackend:
             return [self._generate([c], [p], salt)[0] for c, p in zip(contexts, params)]
         extra = {"cache_salt": salt} if salt and self.reuse_cache else {}
         prompts = [TokensPrompt(prompt_token_ids=list(c), **extra) for c in contexts]
-        self.engine_calls += 1
+        self.stats.engine_calls += 1
         try:
             return self.llm.generate(prompts, list(params), use_tqdm=False)
         except (ValueError, TypeError) as e:  # vLLM's checks of a request
@@ -360,7 +366,8 @@ class VLLMBackend:
         outs = self._generate(prompts, [self._params(True, max_tokens=1, prompt_logprobs=k) for k in alternatives],
                               salt=SCORE_SALT)
         redo = [j for j, (out, c) in enumerate(zip(outs, contexts)) if (out.num_cached_tokens or 0) > len(c) - 1]
-        self.scored_cached_tokens += sum(out.num_cached_tokens or 0 for j, out in enumerate(outs) if j not in redo)
+        kept = (out for j, out in enumerate(outs) if j not in redo)
+        self.stats.scored_cached_tokens += sum(out.num_cached_tokens or 0 for out in kept)
         if redo:
             again = self._generate([prompts[j] for j in redo],
                                    [self._params(max_tokens=1, prompt_logprobs=alternatives[j]) for j in redo])
@@ -478,22 +485,14 @@ def _resolve_model(model: str | None) -> str:
         return str(path)
     if path.suffix == ".gguf":
         raise PowerSampleError(f"the vllm backend loads model folders and hub ids, not .gguf files: {model}")
-    if path.exists() or not HUB_ID.match(model):
+    if path.exists() or not is_hub_id(model):
         raise PowerSampleError(f"unknown model path or hub id {model!r}: no such folder")
     return model  # a hub id; vLLM downloads it, or fails in one line
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # what vLLM accepts (our aliases map onto these)
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-
-
 def _parse_dtype(dtype: str | None, cpu: bool) -> str:
-    if dtype is None:
-        return "float32" if cpu else "auto"
-    name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
-    if name not in DTYPES:
-        raise PowerSampleError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return name
+    """The name vLLM gets for a --dtype spelling (hub.DTYPES); None = float32 on CPU, else the checkpoint's."""
+    return dtype_name(dtype, "float32" if cpu else "auto")
 
 
 def _device_name() -> str:
@@ -505,13 +504,10 @@ def _device_name() -> str:
 
 def _eos_ids(tokenizer: Any, model: str) -> frozenset[int]:
     """EOS ids as vLLM stops on them: the tokenizer's EOS plus the generation config's (an int or a list)."""
-    ids = {tokenizer.eos_token_id}
     try:
         from transformers import GenerationConfig
 
-        eos = GenerationConfig.from_pretrained(model).eos_token_id
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        generation = GenerationConfig.from_pretrained(model).eos_token_id
     except (OSError, ValueError):  # no generation config: the tokenizer's EOS only
-        pass
-    return frozenset(int(i) for i in ids if i is not None)
-
+        generation = None
+    return eos_ids(tokenizer.eos_token_id, generation)

@@ -34,6 +34,7 @@ from starlette.requests import ClientDisconnect
 from powersample.api import SampleRecord, chain_record, make_chains
 from powersample.backends import BackendSpec
 from powersample.backends.base import Backend, ChatMessages, capability
+from powersample.backends.engine import check_fits
 from powersample.backends.tokenizer import plain_transcript
 from powersample.config import SamplerConfig
 from powersample.core.types import Tokens
@@ -213,11 +214,10 @@ class _Server:
         return task.result()
 
     def _checked(self, ids: Tokens, config: SamplerConfig, param: str) -> Tokens:
-        limit = self.backend.context_length
-        if limit is not None and len(ids) + config.max_new_tokens > limit:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; with max_tokens={config.max_new_tokens} it "
-                           f"exceeds the model's context of {limit} tokens", param=param,
-                           code="context_length_exceeded")  # fmt: skip
+        try:
+            check_fits(self.backend.context_length, len(ids), config.max_new_tokens, knob="max_tokens")
+        except PowerSampleError as e:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
         return ids
 
     async def _run(self, request: Request, plan: _Plan) -> list[SampleRecord]:
