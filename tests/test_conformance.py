@@ -1,112 +1,145 @@
-"""One conformance suite over every backend: the promises of the seam in `powersample/backends/base.py`.
+"""The conformance suite (`powersample/backends/conformance.py`) on the toy model, that it fails broken backends,
+and the one check of optional capabilities (`base.capability`).
 
-- `score` agrees with the base log p returned while sampling (batched, ragged contexts);
-- rewinding a cache gives the same log-probs as computing from scratch;
-- tau = 1 gives log q = log p exactly; a colder proposal gives a different, valid log q;
-- score obeys the chain rule; the same generator gives the same continuation; EOS only ever comes last.
+The engines run the same suite on their own module-scoped backends: test_hf_backend.py and test_llamacpp_backend.py.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from conftest import load_spec
 
+from powersample.backends import conformance
+from powersample.backends.base import ChatMessages, Confidence, ContinuousBatching, capability
 from powersample.backends.toy import ToyBackend
-from powersample.core.types import ExtendRequest, Proposal
-
-TOLERANCE = 1e-4  # fp32 incremental decoding vs a full forward
+from powersample.core.types import Continuation
 
 
-def _hf():
-    pytest.importorskip("torch")
-    from powersample.backends.hf import HFBackend
+def toy_next_logp(backend: ToyBackend):
+    """The toy model's exact next-token log p after a context (its generated ids): its spec's row."""
 
-    return HFBackend.load(None, device="cpu", dtype="float32")
+    def next_logp(context):
+        p = np.asarray(backend.spec.row(context))
+        logp = np.full(len(p), -np.inf)
+        np.log(p, out=logp, where=p > 0)
+        return logp
 
-
-def _llamacpp():
-    pytest.importorskip("llama_cpp")
-    from powersample.backends.llamacpp import LlamaCppBackend
-
-    return LlamaCppBackend.load(None)
-
-
-FACTORIES = {
-    "toy": lambda: ToyBackend(load_spec("eos_trap")),
-    "hf": _hf,
-    "llamacpp": _llamacpp,
-}
-
-
-@pytest.fixture(scope="module", params=[
-    "toy",
-    pytest.param("hf", marks=pytest.mark.slow),
-    pytest.param("llamacpp", marks=pytest.mark.slow),
-])
-def backend(request):
-    return FACTORIES[request.param]()
+    return next_logp
 
 
 @pytest.fixture(scope="module")
-def prompt(backend):
-    return backend.encode("Name three primary colors.", chat=True)
+def subject() -> conformance.Subject:
+    backend = ToyBackend(load_spec("eos_trap"))
+    return conformance.Subject(backend, backend.encode("Name three primary colors.", chat=True),
+                               next_logp=toy_next_logp(backend))
 
 
-def extend(backend, context, n, seed, proposal=Proposal(1.0), slot=0):
-    return backend.extend([ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot)], proposal)[0]
+@pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
+def test_conformance(subject, check):
+    try:
+        check(subject)
+    except conformance.NotApplicable as e:
+        pytest.skip(str(e))
 
 
-def test_score_agrees_with_sampling(backend, prompt):
-    proposal = Proposal(0.5)
-    first = extend(backend, prompt, 3, seed=1, proposal=proposal, slot=10)
-    contexts = [prompt, prompt + first.tokens[:1], prompt + first.tokens[:2]]
-    requests = [ExtendRequest(c, 6, np.random.default_rng(j), 20 + j) for j, c in enumerate(contexts)]
-    for context, cont in zip(contexts, backend.extend(requests, proposal)):
-        assert 1 <= len(cont.tokens) == len(cont.base_logp) == len(cont.proposal_logq) <= 6
-        np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
+def test_run_names_the_checks_that_did_not_apply(subject):
+    assert conformance.run(subject) == ["context_length_is_checked"]  # the toy model's context is unbounded
+    assert conformance.run(replace(subject, next_logp=None)) == ["top_k_draws_only_from_the_top_k",
+                                                                 "context_length_is_checked"]
 
 
-def test_rewinding_gives_the_same_log_probs_as_recomputing(backend, prompt):
-    long = extend(backend, prompt, 8, seed=2, slot=30)
-    cut = prompt + long.tokens[: min(2, len(long.tokens) - 1)]
-    rewound = extend(backend, cut, 6, seed=3, slot=30)  # same slot: the cache is rewound to `cut`
-    np.testing.assert_allclose(backend.score(cut, rewound.tokens), rewound.base_logp, atol=TOLERANCE, rtol=0)
-    recomputed = extend(backend, cut, 6, seed=3, slot=31)  # a fresh slot
-    assert recomputed.tokens == rewound.tokens
-    np.testing.assert_allclose(recomputed.base_logp, rewound.base_logp, atol=TOLERANCE, rtol=0)
+# --- the suite fails broken backends ----------------------------------------------------------------------------
 
 
-def test_tau_one_gives_log_q_equal_to_log_p(backend, prompt):
-    cont = extend(backend, prompt, 6, seed=4, slot=40)
-    assert cont.proposal_logq == cont.base_logp
-    cold = extend(backend, prompt, 6, seed=4, proposal=Proposal(0.25), slot=41)
-    assert all(q <= 1e-12 for q in cold.proposal_logq)
-    assert cold.proposal_logq != cold.base_logp
+class OffScore(ToyBackend):
+    """score is off by 0.01 nat per token."""
+
+    def score(self, context, continuation):
+        return tuple(x - 0.01 for x in super().score(context, continuation))
 
 
-def test_score_obeys_the_chain_rule(backend, prompt):
-    cont = extend(backend, prompt, 6, seed=5, slot=50)
-    a, b = cont.tokens[:2], cont.tokens[2:]
-    whole = backend.score(prompt, cont.tokens)
-    parts = backend.score(prompt, a) + backend.score(prompt + a, b)
-    np.testing.assert_allclose(whole, parts, atol=TOLERANCE, rtol=0)
+class ContextBlind(ToyBackend):
+    """score ignores the context."""
+
+    def score(self, context, continuation):
+        return super().score((), continuation)
 
 
-def test_same_generator_same_continuation_and_eos_only_last(backend, prompt):
-    one = extend(backend, prompt, 12, seed=6, proposal=Proposal(1.5), slot=60)
-    two = extend(backend, prompt, 12, seed=6, proposal=Proposal(1.5), slot=61)
-    assert one.tokens == two.tokens
-    assert not set(one.tokens[:-1]) & backend.eos_ids
-    assert len(one.tokens) == 12 or one.tokens[-1] in backend.eos_ids
+class BatchDependent(ToyBackend):
+    """Rows after the first draw with the first row's generator: a chain's draws depend on the batch."""
+
+    def extend(self, requests, proposal):
+        return [self._extend_one(replace(r, rng=requests[0].rng), proposal) for r in requests]
 
 
-def test_confidence_is_minus_the_entropy_of_the_next_token_distribution(backend, prompt):
-    cont = extend(backend, prompt, 4, seed=7, slot=70)
-    conf = backend.confidence(prompt, cont.tokens)
-    assert len(conf) == len(cont.tokens)
-    assert all(c <= 1e-12 for c in conf)  # minus an entropy
-    assert backend.confidence(prompt, ()) == ()
-    whole = backend.confidence(prompt, cont.tokens)
-    parts = backend.confidence(prompt, cont.tokens[:1]) + backend.confidence(prompt + cont.tokens[:1], cont.tokens[1:])
-    np.testing.assert_allclose(whole, parts, atol=TOLERANCE, rtol=0)
+class PastEos(ToyBackend):
+    """Goes on after EOS."""
+
+    def extend(self, requests, proposal):
+        out = []
+        for r in requests:
+            c = super().extend([r], proposal)[0]
+            out.append(Continuation((2,) + c.tokens, (0.0,) + c.base_logp, (0.0,) + c.proposal_logq))
+        return out
+
+
+class Limited(ToyBackend):
+    """Claims a context length and never checks it."""
+
+    context_length = 4
+
+
+@pytest.mark.parametrize("broken, check, message", [
+    (OffScore, conformance.score_agrees_with_sampling, "score vs extend"),
+    (ContextBlind, conformance.score_obeys_the_chain_rule, "the chain rule"),
+    (BatchDependent, conformance.batched_rows_match_single_rows, "in the batch"),
+    (PastEos, conformance.eos_comes_only_last, "EOS before the last token"),
+    (Limited, conformance.context_length_is_checked, "passed the context length"),
+])
+def test_the_suite_fails_a_broken_backend(broken, check, message):
+    backend = broken(load_spec("eos_trap"))
+    with pytest.raises(AssertionError, match=message):
+        check(conformance.Subject(backend, (), next_logp=toy_next_logp(backend)))
+
+
+# --- optional capabilities --------------------------------------------------------------------------------------
+
+
+class Forwarding:
+    """A wrapper that forwards every attribute but `confidence` to the backend it wraps."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        if name == "confidence":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+class Continuous(ToyBackend):
+    def extend_continuous(self, requests, proposal, refill, poll=None):
+        raise NotImplementedError
+
+
+def test_capability_is_the_backend_when_it_has_the_methods():
+    toy = ToyBackend(load_spec("eos_trap"))
+    assert capability(toy, ChatMessages) is toy and capability(toy, Confidence) is toy
+    assert capability(toy, ContinuousBatching) is None
+    continuous = Continuous(load_spec("eos_trap"))
+    assert capability(continuous, ContinuousBatching) is continuous
+
+
+def test_capability_sees_through_forwarding_wrappers():
+    wrapped = Forwarding(ToyBackend(load_spec("eos_trap")))
+    assert capability(wrapped, ChatMessages) is wrapped  # found with getattr, as the callers did before
+    assert capability(wrapped, Confidence) is None and capability(wrapped, ContinuousBatching) is None
+
+
+def test_a_non_callable_attribute_is_not_a_capability():
+    toy = ToyBackend(load_spec("eos_trap"))
+    toy.encode_messages = None
+    assert capability(toy, ChatMessages) is None

@@ -1,5 +1,5 @@
-"""The llamacpp backend on the embedded SmolLM2 GGUF: the seam's promises, cache reuse, batching, agreement with
-transformers, and one-line load errors.
+"""The llamacpp backend on the embedded SmolLM2 GGUF: the seam's promises (the conformance suite), cache reuse,
+batching, agreement with transformers, and one-line load errors.
 
 One module-scoped backend serves every test (it loads in well under a second); tests that count evaluated tokens
 build a fresh backend on the same model (`fresh`), whose caches start empty. Continuations stay short. The two
@@ -11,15 +11,16 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp")
 
+from powersample.backends import conformance
 from powersample.backends.embedded import embedded_gguf_path
 from powersample.backends.llamacpp import LlamaCppBackend
-from powersample.core.numerics import negative_entropy, proposal_logprobs
 from powersample.core.types import Continuation, ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
@@ -64,21 +65,23 @@ def fresh(backend: LlamaCppBackend, **kwargs) -> LlamaCppBackend:
     return LlamaCppBackend(backend.weights, n_ctx=backend.context_length, **kwargs)
 
 
+def subject_of(backend, prompt) -> conformance.Subject:
+    """The backend under the conformance suite; next_logp from its scratch sequence (`next_token_logp`)."""
+    return conformance.Subject(backend, prompt, next_logp=backend.next_token_logp,
+                               contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)))  # one shared prompt
+
+
+@pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
+def test_conformance(backend, prompt, check):
+    try:
+        check(subject_of(backend, prompt))
+    except conformance.NotApplicable as e:
+        pytest.skip(str(e))
+
+
 def sample(backend, context, n, seed, proposal=BASE, slot=0) -> Continuation:
     request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot)
     return backend.extend([request], proposal)[0]
-
-
-def rows_after(backend, context, tokens) -> list[np.ndarray]:
-    """Full-vocabulary base log p before each of `tokens`: one (V,) row per token."""
-    return [backend.next_token_logp(tuple(context) + tuple(tokens[:i])) for i in range(len(tokens))]
-
-
-def test_score_agrees_with_sampling(backend, prompt):
-    for proposal in (BASE, Proposal(temperature=0.5)):
-        cont = sample(backend, prompt, 12, seed=1, proposal=proposal)
-        assert len(cont.tokens) == len(cont.base_logp) == len(cont.proposal_logq) >= 1
-        np.testing.assert_allclose(backend.score(prompt, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
 
 
 def test_a_rewound_cache_matches_a_fresh_evaluation(backend, prompt):
@@ -114,54 +117,6 @@ def test_slots_keep_their_own_caches(backend, prompt):
     before = backend.stats.evaluated_tokens
     sample(backend, prompt + a.tokens[:-1], 1, seed=8, slot=0)
     assert backend.stats.evaluated_tokens - before == 1
-
-
-def test_temperature_one_gives_log_q_equal_to_log_p(backend, prompt):
-    cont = sample(backend, prompt, 8, seed=9)
-    assert cont.proposal_logq == cont.base_logp
-
-
-def test_a_cold_proposal_has_its_own_valid_log_q(backend, prompt):
-    cold = Proposal(temperature=0.25)
-    cont = sample(backend, prompt, 8, seed=10, proposal=cold)
-    logq = np.array(cont.proposal_logq)
-    assert np.all(np.isfinite(logq)) and np.all(logq <= 0)
-    rows = rows_after(backend, prompt, cont.tokens)
-    want = [proposal_logprobs(row, cold)[tok] for row, tok in zip(rows, cont.tokens)]
-    np.testing.assert_allclose(logq, want, atol=TOLERANCE, rtol=0)
-
-
-def test_top_k_draws_only_from_the_top_k(backend, prompt):
-    cont = sample(backend, prompt, 12, seed=11, proposal=Proposal(temperature=1.0, top_k=5))
-    for row, tok in zip(rows_after(backend, prompt, cont.tokens), cont.tokens):
-        assert tok in set(np.argsort(-row)[:5].tolist())
-    assert all(q >= p for q, p in zip(cont.proposal_logq, cont.base_logp))  # renormalized mass only grows
-
-
-def test_same_seed_same_continuation(backend, prompt):
-    a = sample(backend, prompt, 12, seed=12, slot=0)
-    b = sample(backend, prompt, 12, seed=12, slot=0)  # served from the cache
-    c = sample(backend, prompt, 12, seed=12, slot=1)  # another cache
-    assert a.tokens == b.tokens == c.tokens
-    np.testing.assert_allclose(a.base_logp, c.base_logp, atol=TOLERANCE, rtol=0)
-    others = [sample(backend, prompt, 12, seed=s).tokens for s in (13, 14, 15)]
-    assert any(t != a.tokens for t in others)
-
-
-def test_score_obeys_the_chain_rule(backend, prompt):
-    a = backend.encode(" Red, yellow", chat=False)
-    b = backend.encode(" and blue.", chat=False)
-    whole = backend.score(prompt, a + b)
-    parts = backend.score(prompt, a) + backend.score(prompt + a, b)
-    np.testing.assert_allclose(whole, parts, atol=TOLERANCE, rtol=0)
-    assert backend.score(prompt, ()) == ()
-
-
-def test_confidence_is_sum_p_log_p_of_each_row(backend, prompt):
-    cont = sample(backend, prompt, 6, seed=18)
-    want = [negative_entropy(row) for row in rows_after(backend, prompt, cont.tokens)]
-    np.testing.assert_allclose(backend.confidence(prompt, cont.tokens), want, atol=TOLERANCE, rtol=0)
-    assert all(c <= 0 for c in want) and backend.confidence(prompt, ()) == ()
 
 
 def test_eos_inside_the_chat_prompt_does_not_stop_extend(backend, prompt):
@@ -200,9 +155,7 @@ def test_model_facts(backend):
     assert backend.n_vocab == 49152
 
 
-def test_length_and_empty_context_errors(backend, prompt):
-    with pytest.raises(PowerSampleError, match="context length"):
-        sample(backend, prompt, backend.context_length, seed=0)
+def test_empty_context_errors(backend, prompt):  # the context length: conformance.context_length_is_checked
     with pytest.raises(PowerSampleError, match="empty context"):
         sample(backend, (), 4, seed=0)
 
@@ -238,21 +191,13 @@ def test_bad_max_slots_is_a_one_line_error(backend):
 # --- batching and sequences -------------------------------------------------------------------------------------
 
 
-def test_batched_rows_match_single_rows(backend, prompt):
-    batched_backend = fresh(backend)
-    proposal = Proposal(temperature=0.5)
-    contexts = [prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)]  # ragged lengths, one shared prompt
-    requests = [ExtendRequest(c, 8, np.random.default_rng(40 + j), j) for j, c in enumerate(contexts)]
-    batched = batched_backend.extend(requests, proposal)
+def test_batched_rows_share_one_decode_per_step(backend, prompt):
+    batched_backend = fresh(backend)  # empty caches; the rows alone run on `backend`
+    batched = conformance.batched_rows_match_single_rows(replace(subject_of(backend, prompt), backend=batched_backend),
+                                                         alone=backend)
     # Prefills: the prompt for row 0, then prompt[-1] and 28 for row 1; rows 2 and 3 copy cached prefixes. Then
     # one llama_decode per step serves every row.
     assert batched_backend.stats.decode_calls == 2 + max(len(c.tokens) for c in batched)
-    for j, (context, cont) in enumerate(zip(contexts, batched)):
-        alone = sample(backend, context, 8, seed=40 + j, proposal=proposal, slot=300 + j)
-        assert alone.tokens == cont.tokens
-        np.testing.assert_allclose(alone.base_logp, cont.base_logp, atol=TOLERANCE, rtol=0)
-        np.testing.assert_allclose(alone.proposal_logq, cont.proposal_logq, atol=TOLERANCE, rtol=0)
-        np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
 
 
 def test_chains_share_the_prompt_prefill(backend):

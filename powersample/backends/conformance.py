@@ -1,0 +1,278 @@
+"""The backend conformance suite: the promises of the seam (`base.py`) as plain functions, for any backend.
+
+Every engine's tests run it (tests/test_conformance.py on the toy model, test_hf_backend.py, test_llamacpp_backend.py),
+and so can a third-party backend's:
+
+    from powersample.backends import conformance
+
+    subject = conformance.Subject(backend, backend.encode("Name three primary colors.", chat=True))
+    skipped = conformance.run(subject)  # every check; or each one alone: for check in conformance.CHECKS: ...
+
+A check takes a `Subject` (the backend, a prompt's ids, tolerances, and what else the caller can give) and raises
+AssertionError saying what broke, or NotApplicable when the subject lacks what the check needs (an optional
+capability, a context length, the full-vocabulary log p). It imports no test framework.
+
+The promises:
+- `score` agrees with the base log p returned while sampling (one request, or a batch of ragged contexts);
+- rewinding a cache gives the same log-probs as computing from scratch;
+- tau = 1 gives log q = log p exactly; a colder proposal gives a different, valid log q (q itself, given next_logp);
+- top-k draws only from the k likeliest tokens, and renormalizing only raises q;
+- the same generator gives the same continuation, in any slot; other generators give others;
+- EOS only ever comes last; a continuation stops at EOS or at max_tokens;
+- score obeys the chain rule; an empty continuation scores ();
+- confidence (optional) is minus the entropy of each next-token distribution, and obeys the chain rule too;
+- a row of a batch gets the same draws and log-probs as the same request alone;
+- a request past the model's context length is a one-line PowerSampleError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from powersample.backends.base import Backend, Confidence, capability
+from powersample.core.numerics import negative_entropy, proposal_logprobs
+from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
+from powersample.errors import PowerSampleError
+
+TOLERANCE = 1e-4  # fp32 incremental (cached, batched) decoding vs a full forward
+BASE = Proposal(temperature=1.0)
+NextLogp = Callable[[Tokens], np.ndarray]  # context -> base log p of the next token over the vocabulary, (V,)
+
+
+class NotApplicable(Exception):
+    """The check needs something the subject lacks; nothing was checked."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A backend under test and what the checks may use besides it."""
+
+    backend: Backend
+    prompt: Tokens  # ids to extend; may be () where the backend accepts an empty context (the toy model)
+    tolerance: float = TOLERANCE  # how far one token's log p may move between cached, batched and fresh evaluation
+    proposal_tolerance: float | None = None  # the same for a cold proposal's log q against next_logp (None: tolerance)
+    next_logp: NextLogp | None = None  # the base log p after a context, when the caller can compute it independently
+    contexts: tuple[Tokens, ...] = ()  # the batching check's ragged contexts; () = the prompt and sampled extensions
+
+
+def extend(
+    backend: Backend, context: Sequence[int], n: int, seed: int, proposal: Proposal = BASE, slot: int = 0
+) -> Continuation:
+    """One request of `n` tokens at most, drawn with a generator seeded by `seed`."""
+    return backend.extend([ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot)], proposal)[0]
+
+
+# --- the checks -------------------------------------------------------------------------------------------------
+
+
+def score_agrees_with_sampling(s: Subject) -> None:
+    """score(context, tokens) is the base log p that extend returned with the tokens, at tau = 1 and colder, for one
+    request and for a batch of ragged contexts."""
+    b = s.backend
+    for proposal in (BASE, Proposal(0.5)):
+        cont = extend(b, s.prompt, 12, seed=1, proposal=proposal)
+        _check(len(cont.tokens) == len(cont.base_logp) == len(cont.proposal_logq) >= 1,
+               f"a continuation needs one log p and one log q per token, and at least one token: {cont}")
+        _close(b.score(s.prompt, cont.tokens), cont.base_logp, s.tolerance, f"score vs extend at {proposal}")
+    proposal = Proposal(0.5)
+    first = extend(b, s.prompt, 3, seed=1, proposal=proposal, slot=10)
+    contexts = [s.prompt, s.prompt + first.tokens[:1], s.prompt + first.tokens[:2]]
+    requests = [ExtendRequest(c, 6, np.random.default_rng(j), 20 + j) for j, c in enumerate(contexts)]
+    for context, cont in zip(contexts, b.extend(requests, proposal)):
+        _check(1 <= len(cont.tokens) == len(cont.base_logp) == len(cont.proposal_logq) <= 6,
+               f"a batched row of max_tokens=6 returned {len(cont.tokens)} tokens, {len(cont.base_logp)} log p, "
+               f"{len(cont.proposal_logq)} log q")
+        _close(b.score(context, cont.tokens), cont.base_logp, s.tolerance, "score vs a batched extend")
+
+
+def rewinding_matches_recomputing(s: Subject) -> None:
+    """Extending a slot's cache back at a shorter context gives what a fresh slot computes."""
+    b = s.backend
+    long = extend(b, s.prompt, 8, seed=2, slot=30)
+    cut = s.prompt + long.tokens[: min(2, len(long.tokens) - 1)]
+    rewound = extend(b, cut, 6, seed=3, slot=30)  # same slot: the cache is rewound to `cut`
+    _close(b.score(cut, rewound.tokens), rewound.base_logp, s.tolerance, "score vs extend from a rewound cache")
+    recomputed = extend(b, cut, 6, seed=3, slot=31)  # a fresh slot
+    _check(recomputed.tokens == rewound.tokens,
+           f"a rewound cache drew {rewound.tokens}, a fresh slot {recomputed.tokens}, with the same generator")
+    _close(recomputed.base_logp, rewound.base_logp, s.tolerance, "log p from a rewound cache vs a fresh slot")
+
+
+def tau_one_gives_log_q_equal_to_log_p(s: Subject) -> None:
+    """At temperature 1 without truncation q is p: the very same numbers."""
+    cont = extend(s.backend, s.prompt, 8, seed=4, slot=40)
+    _check(cont.proposal_logq == cont.base_logp, f"tau = 1: log q {cont.proposal_logq} != log p {cont.base_logp}")
+
+
+def cold_proposal_has_its_own_valid_log_q(s: Subject) -> None:
+    """At tau = 0.25 log q is finite, <= 0 and not log p; with next_logp, it is q of the independent row."""
+    cold = Proposal(temperature=0.25)
+    cont = extend(s.backend, s.prompt, 8, seed=7, proposal=cold, slot=41)
+    logq = np.array(cont.proposal_logq)
+    _check(bool(np.all(np.isfinite(logq)) and np.all(logq <= 0)), f"log q of drawn tokens must be finite, <= 0: {logq}")
+    _check(not np.allclose(logq, cont.base_logp), f"tau = 0.25: log q {logq} is log p")
+    if s.next_logp is not None:
+        want = [proposal_logprobs(row, cold)[tok] for row, tok in _rows(s, cont.tokens)]
+        _close(logq, want, s.proposal_tolerance or s.tolerance, "log q vs q of the independent next_logp rows")
+
+
+def top_k_draws_only_from_the_top_k(s: Subject) -> None:
+    """With top-k, every drawn token is among the k likeliest of its row, and renormalized q >= p. Needs next_logp
+    (k = 5, or V - 1 for a vocabulary of at most 5)."""
+    if s.next_logp is None:
+        raise NotApplicable("top-k needs next_logp, the full-vocabulary log p of a context")
+    k = min(5, len(s.next_logp(s.prompt)) - 1)
+    cont = extend(s.backend, s.prompt, 12, seed=11, proposal=Proposal(temperature=1.0, top_k=k), slot=42)
+    for row, tok in _rows(s, cont.tokens):
+        _check(row[tok] >= np.sort(row)[-k], f"top_k={k} drew token {tok}, which is not among its row's top {k}")
+    _check(all(q >= p for q, p in zip(cont.proposal_logq, cont.base_logp)),
+           f"top-k's renormalized log q must be >= log p: {cont.proposal_logq} vs {cont.base_logp}")
+
+
+def same_generator_same_continuation(s: Subject) -> None:
+    """The same seed draws the same tokens and log p from its own slot's cache and from another slot; other seeds
+    draw something else."""
+    b = s.backend
+    one = extend(b, s.prompt, 12, seed=12, slot=5)
+    again = extend(b, s.prompt, 12, seed=12, slot=5)  # the same slot: served from its cache
+    other_slot = extend(b, s.prompt, 12, seed=12, slot=6)
+    _check(one.tokens == again.tokens == other_slot.tokens,
+           f"one generator, three draws: {one.tokens}, {again.tokens} (same slot), {other_slot.tokens} (other slot)")
+    _close(one.base_logp, again.base_logp, s.tolerance, "log p of the same draw from the slot's cache")
+    _close(one.base_logp, other_slot.base_logp, s.tolerance, "log p of the same draw in another slot")
+    others = [extend(b, s.prompt, 12, seed=seed, slot=7).tokens for seed in (13, 14, 15)]
+    _check(any(t != one.tokens for t in others), f"four generators drew the same tokens {one.tokens}")
+
+
+def eos_comes_only_last(s: Subject) -> None:
+    """A continuation stops at its first EOS or at max_tokens (checked at tau = 1.5, where EOS is likelier)."""
+    b = s.backend
+    hot = Proposal(1.5)
+    one = extend(b, s.prompt, 12, seed=6, proposal=hot, slot=60)
+    two = extend(b, s.prompt, 12, seed=6, proposal=hot, slot=61)
+    _check(one.tokens == two.tokens, f"one generator drew {one.tokens} in one slot, {two.tokens} in another")
+    _check(not set(one.tokens[:-1]) & b.eos_ids, f"EOS before the last token: {one.tokens}")
+    _check(len(one.tokens) == 12 or one.tokens[-1] in b.eos_ids,
+           f"stopped after {len(one.tokens)} of 12 tokens without EOS: {one.tokens}")
+
+
+def score_obeys_the_chain_rule(s: Subject) -> None:
+    """score(c, a + b) == score(c, a) + score(c + a, b), for sampled continuations and for encoded text; and an
+    empty continuation scores ()."""
+    b = s.backend
+    conts = [extend(b, s.prompt, 6, seed=seed, slot=50) for seed in (5, 6)]  # two: one may stop at EOS at once
+    pairs = [(c.tokens[:2], c.tokens[2:]) for c in conts]
+    text = (b.encode(" Red, yellow", chat=False), b.encode(" and blue.", chat=False))
+    if all(text):  # a model whose prompts encode to ids (not the toy's)
+        pairs.append(text)
+    for first, rest in pairs:
+        whole = b.score(s.prompt, first + rest)
+        _close(whole, b.score(s.prompt, first) + b.score(s.prompt + first, rest), s.tolerance, "the chain rule")
+    _check(b.score(s.prompt, ()) == (), "score of an empty continuation must be ()")
+
+
+def confidence_is_minus_the_entropy(s: Subject) -> None:
+    """confidence (optional: `Confidence`) gives one value <= 0 per token, obeys the chain rule, is () for an empty
+    continuation, and with next_logp is sum_x p log p of each independent row."""
+    scorer = capability(s.backend, Confidence)
+    if scorer is None:
+        raise NotApplicable("the backend has no confidence method (the optional Confidence capability)")
+    cont = extend(s.backend, s.prompt, 6, seed=7, slot=70)
+    conf = scorer.confidence(s.prompt, cont.tokens)
+    _check(len(conf) == len(cont.tokens), f"{len(conf)} confidences for {len(cont.tokens)} tokens")
+    _check(all(c <= 1e-12 for c in conf), f"minus an entropy is <= 0: {conf}")
+    _check(scorer.confidence(s.prompt, ()) == (), "confidence of an empty continuation must be ()")
+    head = cont.tokens[:1]
+    parts = scorer.confidence(s.prompt, head) + scorer.confidence(s.prompt + head, cont.tokens[1:])
+    _close(conf, parts, s.tolerance, "confidence and the chain rule")
+    if s.next_logp is not None:
+        want = [negative_entropy(row) for row, _ in _rows(s, cont.tokens)]
+        _check(all(c <= 0 for c in want), f"sum p log p of the next_logp rows must be <= 0: {want}")
+        _close(conf, want, s.tolerance, "confidence vs sum p log p of the independent next_logp rows")
+
+
+def batched_rows_match_single_rows(s: Subject, alone: Backend | None = None) -> list[Continuation]:
+    """Each row of a batch (ragged contexts, q != p) draws the same tokens with the same log p and log q as its
+    request alone (on `alone`, default the same backend), and score agrees with it. Returns the batch's
+    continuations, for callers that count what the batch cost."""
+    b, single = s.backend, alone or s.backend
+    proposal = Proposal(temperature=0.5)
+    contexts = s.contexts or _ragged(s)
+    requests = [ExtendRequest(c, 8, np.random.default_rng(40 + j), 200 + j) for j, c in enumerate(contexts)]
+    batched = b.extend(requests, proposal)
+    _check(len(batched) == len(requests), f"{len(batched)} continuations for {len(requests)} requests")
+    for j, (context, cont) in enumerate(zip(contexts, batched)):
+        one = extend(single, context, 8, seed=40 + j, proposal=proposal, slot=300 + j)
+        _check(one.tokens == cont.tokens, f"row {j} drew {cont.tokens} in the batch, {one.tokens} alone")
+        _close(one.base_logp, cont.base_logp, s.tolerance, f"row {j}'s log p, batched vs alone")
+        _close(one.proposal_logq, cont.proposal_logq, s.tolerance, f"row {j}'s log q, batched vs alone")
+        _close(single.score(context, cont.tokens), cont.base_logp, s.tolerance, f"score vs batched row {j}")
+    return batched
+
+
+def context_length_is_checked(s: Subject) -> None:
+    """A request that would pass the model's context length is a one-line PowerSampleError saying so."""
+    limit = s.backend.context_length
+    if limit is None:
+        raise NotApplicable("the backend's context is unbounded")
+    try:
+        extend(s.backend, s.prompt, limit, seed=0)
+    except PowerSampleError as e:
+        _check("context length" in str(e) and "\n" not in str(e), f"not a one-line context length error: {e!r}")
+    else:
+        raise AssertionError(f"extending {len(s.prompt)} prompt tokens by {limit} passed the context length {limit}")
+
+
+CHECKS: tuple[Callable[[Subject], object], ...] = (
+    score_agrees_with_sampling,
+    rewinding_matches_recomputing,
+    tau_one_gives_log_q_equal_to_log_p,
+    cold_proposal_has_its_own_valid_log_q,
+    top_k_draws_only_from_the_top_k,
+    same_generator_same_continuation,
+    eos_comes_only_last,
+    score_obeys_the_chain_rule,
+    confidence_is_minus_the_entropy,
+    batched_rows_match_single_rows,
+    context_length_is_checked,
+)
+
+
+def run(subject: Subject) -> list[str]:
+    """Every check on `subject`; returns the names of those that did not apply (raises at the first failure)."""
+    skipped = []
+    for check in CHECKS:
+        try:
+            check(subject)
+        except NotApplicable:
+            skipped.append(check.__name__)
+    return skipped
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _ragged(s: Subject) -> tuple[Tokens, ...]:
+    """The prompt, the prompt plus one and two sampled tokens, and the prompt again: a batch of ragged lengths."""
+    first = extend(s.backend, s.prompt, 2, seed=39, slot=199)
+    return (s.prompt, s.prompt + first.tokens, s.prompt + first.tokens[:1], s.prompt)
+
+
+def _rows(s: Subject, tokens: Tokens) -> list[tuple[np.ndarray, int]]:
+    """(next_logp row, the token drawn from it) for each token after the prompt."""
+    assert s.next_logp is not None
+    return [(s.next_logp(s.prompt + tokens[:i]), tok) for i, tok in enumerate(tokens)]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def _close(have: Sequence[float], want: Sequence[float], tolerance: float, what: str) -> None:
+    """|have - want| <= tolerance elementwise (same lengths; -inf matches -inf), else an AssertionError: `what`."""
+    np.testing.assert_allclose(np.asarray(have, dtype=float), np.asarray(want, dtype=float), atol=tolerance, rtol=0,
+                               err_msg=what)
