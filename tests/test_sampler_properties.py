@@ -147,7 +147,7 @@ def test_an_unknown_method_is_refused_before_any_engine_call():
     backend = ToyBackend(load_spec("eos_trap"))
     with pytest.raises(PowerSampleError, match="unknown method 'greedy'; choose one of power, max-swap"):
         sample(backend, "x", SamplerConfig(method="greedy"))
-    assert backend.calls == 0
+    assert backend.stats.extend_calls == 0
 
 
 def test_stage_caps():
