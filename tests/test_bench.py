@@ -267,9 +267,9 @@ def test_engine_candidates_parse_and_refuse_bad_specs():
     from powersample.tools.bench.engines import parse_candidates
 
     a, b, c = parse_candidates("llamacpp, llamacpp:threads=2:quant=iq4_nl ,hf:dtype=bfloat16", None)
-    assert (a.choice.name, a.choice.threads, a.choice.quant) == ("llamacpp", None, None)
-    assert (b.spec, b.choice.threads, b.choice.quant) == ("llamacpp:threads=2:quant=iq4_nl", 2, "iq4_nl")
-    assert (c.choice.name, c.choice.dtype) == ("hf", "bfloat16")
+    assert (a.backend.name, a.backend.threads, a.backend.quant) == ("llamacpp", None, None)
+    assert (b.spec, b.backend.threads, b.backend.quant) == ("llamacpp:threads=2:quant=iq4_nl", 2, "iq4_nl")
+    assert (c.backend.name, c.backend.dtype) == ("hf", "bfloat16")
     for bad, message in {"": "at least one", "toy": "must be hf, llamacpp or vllm", "hf:threads=0": "threads",
                          "hf:color=red": "options are", "hf,hf": "twice", "hf:dtype=": "options are"}.items():
         with pytest.raises(PowerSampleError, match=message):

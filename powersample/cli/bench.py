@@ -173,7 +173,7 @@ def _cmd_engines(args: argparse.Namespace) -> int:
     if args.backend != "auto" or args.toy_spec or args.quant:
         raise PowerSampleError("--engines names its own backends and options: drop --backend, --toy-spec, --quant")
     candidates = bench_engines.parse_candidates(args.engines, args.model)
-    options = replace(options_from_args(args), backend=candidates[0].choice)  # validate before loading
+    options = replace(options_from_args(args), backend=candidates[0].backend)  # validate before loading
     if args.json_path:
         check_writable(args.json_path)
 

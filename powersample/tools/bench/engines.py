@@ -36,8 +36,8 @@ KEYS = ("threads", "dtype", "quant", "device")  # what a candidate may set
 class Candidate:
     """One engine configuration: its spelling on the command line and the backend it loads."""
 
-    spec: str
-    choice: BackendSpec
+    spec: str  # NAME[:KEY=VALUE...], as given to --engines
+    backend: BackendSpec  # what it loads
 
 
 def parse_candidates(text: str, model: str | None) -> tuple[Candidate, ...]:
@@ -47,10 +47,10 @@ def parse_candidates(text: str, model: str | None) -> tuple[Candidate, ...]:
         raise PowerSampleError("--engines needs at least one candidate, e.g. llamacpp,hf")
     if len(set(specs)) != len(specs):
         raise PowerSampleError(f"--engines names a candidate twice: {text}")
-    return tuple(Candidate(spec, _choice(spec, model)) for spec in specs)
+    return tuple(Candidate(spec, _backend_spec(spec, model)) for spec in specs)
 
 
-def _choice(spec: str, model: str | None) -> BackendSpec:
+def _backend_spec(spec: str, model: str | None) -> BackendSpec:
     name, *options = spec.split(":")
     if name not in ("hf", "llamacpp", "vllm"):
         raise PowerSampleError(f"--engines candidate {spec!r}: the backend must be hf, llamacpp or vllm")
@@ -82,7 +82,7 @@ class EngineRow:
         return next((p for p in self.phases if p.phase.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        c = self.candidate.choice
+        c = self.candidate.backend
         return {"spec": self.candidate.spec, "backend": c.name, "threads": c.threads, "dtype": c.dtype,
                 "quant": c.quant, "placement": self.placement, "kl_from_first": self.kl,
                 "phases": {p.phase.name: p.to_dict() for p in self.phases}}
@@ -126,7 +126,7 @@ def run_engines(
         for index in range(len(options.prompts)):
             for p, phase in enumerate(engine_phases(options)):
                 for c, candidate in enumerate(candidates):
-                    _use_threads(candidate.choice, torch_threads)
+                    _use_threads(candidate.backend, torch_threads)
                     run.call(c, p, phase, repeat, index)
                     if update:
                         update(f"{candidate.spec}: {phase.name}", 1)
@@ -187,7 +187,7 @@ def _divergence(first: Backend, backend: Backend, texts: list[tuple[str, Any, An
 def _load(candidate: Candidate, options: BenchOptions, update: Update | None) -> Backend:
     if update:
         update(f"{candidate.spec}: loading", 0)
-    backend = candidate.choice.load()
+    backend = candidate.backend.load()
     warm_up(backend, options)
     return backend
 
@@ -206,11 +206,11 @@ def _torch_threads() -> int | None:
     return torch.get_num_threads()
 
 
-def _use_threads(choice: BackendSpec, default: int | None) -> None:
+def _use_threads(spec: BackendSpec, default: int | None) -> None:
     """torch's thread count is process-wide (the hf backend sets it at load): set each hf candidate's before its
     turn. llama.cpp's threads belong to each backend's own context."""
-    if choice.name == "hf" and default is not None:
+    if spec.name == "hf" and default is not None:
         import torch
 
-        torch.set_num_threads(choice.threads or default)
+        torch.set_num_threads(spec.threads or default)
 
