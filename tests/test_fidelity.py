@@ -151,3 +151,27 @@ def test_malformed_spec_and_results_exit_2(tmp_path, capsys):
     (broken / "fidelity_toy.json").write_text("{not json")
     code, _, err = run_cli(["report", str(broken), "--no-plots"], capsys)
     assert code == 2 and "fidelity results" in err
+
+
+TOOL_LAYERS = {"api", "backends", "config", "core", "errors", "io", "plots", "samplers", "tools"}  # below tools
+
+
+def imported_modules(package):
+    """(file, module) of every powersample import in the package's files, function-level imports included."""
+    import ast
+    from pathlib import Path
+
+    import powersample
+
+    root = Path(powersample.__file__).parent
+    for path in sorted((root / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            yield from ((path.name, n) for n in names if n.split(".")[0] == "powersample")
+
+
+def test_tools_import_only_lower_layers_and_eval_imports_no_tool():
+    tools = [(f, m) for f, m in imported_modules("tools") if m.split(".")[1] not in TOOL_LAYERS]
+    assert tools == []
+    assert [(f, m) for f, m in imported_modules("eval") if m.split(".")[1] in ("tools", "bench", "fidelity")] == []
