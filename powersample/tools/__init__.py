@@ -6,6 +6,6 @@ tools import core, config, backends, samplers, api, io, plots and errors, never 
 powersample.server) nor powersample.eval; the command lines live in powersample.cli.bench, and `powersample report`
 (cli) hands eval's report the fidelity section (tools.fidelity.report.SECTION), so eval never imports a tool.
 
-    common.py    what both tools share: the progress callback type, one-line checks, the UTC date, the JSON write
+    common.py    what both tools share: the progress callback, one-line checks, the warm-up, the date, the JSON write
     machine.py   the machine a run measured on: CPUs, platform, torch, load, peak RSS, the backend's device
 """

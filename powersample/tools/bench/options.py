@@ -9,7 +9,7 @@ from powersample.backends import BackendSpec
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.samplers.registry import MCMC_METHODS
-from powersample.tools.common import check
+from powersample.tools.common import WARMUP_TOKENS, check
 
 PROMPTS = (  # built-in prompts: short math and reasoning questions
     "What is 17 * 24? Think step by step, then give the answer.",
@@ -21,7 +21,6 @@ PROMPTS = (  # built-in prompts: short math and reasoning questions
     "What is the sum of the integers from 1 to 50? Explain how you compute it.",
     "A shirt costs $40 after a 20% discount. What was the original price? Show your work.",
 )
-WARMUP_TOKENS = 4  # untimed tokens each backend samples first (first-call allocations, lazy initialization)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from typing import Any, Callable
 
 from powersample.api import sample
 from powersample.backends.base import Backend
-from powersample.config import SamplerConfig
 from powersample.samplers.registry import work_units
-from powersample.tools.bench.options import WARMUP_TOKENS, BenchOptions
+from powersample.tools import common
+from powersample.tools.bench.options import BenchOptions
 from powersample.tools.bench.phases import CallStats, Phase, PhaseResult, phases
 from powersample.tools.bench.result import BenchResult
 from powersample.tools.common import Update, utc_now
@@ -100,10 +100,8 @@ def run_call(
 
 
 def warm_up(backend: Backend, options: BenchOptions) -> None:
-    """Sample a few tokens untimed, so that first-call costs (allocations, lazy init) stay out of the timings."""
-    tokens = min(WARMUP_TOKENS, options.config.max_new_tokens)
-    sample(backend, options.prompts[0], SamplerConfig(method="base", max_new_tokens=tokens),
-           seed=options.seed, chat=options.chat)
+    """The untimed warm-up (tools.common.warm_up) on the first prompt."""
+    common.warm_up(backend, options.prompts[0], options.config.max_new_tokens, options.seed, options.chat)
 
 
 def total_work_units(options: BenchOptions) -> int:

@@ -13,12 +13,9 @@ from typing import Any, Callable
 
 from powersample.api import sample
 from powersample.backends.base import Backend
-from powersample.config import SamplerConfig
-from powersample.tools.common import Update, tick
+from powersample.tools.common import Update, tick, warm_up
 from powersample.tools.fidelity.options import FidelityOptions
 from powersample.tools.fidelity.settings import Setting, model_settings, split_registered
-
-WARMUP_TOKENS = 4  # untimed tokens sampled first: first-call allocations stay out of the walls
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ def run_model(options: FidelityOptions, backend: Backend, describe: dict[str, An
     settings, skipped = split_registered(model_settings(options.max_new_tokens, options.quick))
     out = options.header() | {"backend": describe, "prompts": list(options.prompts), "skipped": skipped,
                               "points": []}
-    _warm_up(backend, options)
+    warm_up(backend, options.prompts[0], options.max_new_tokens, options.seed, options.chat)
     records: dict[Setting, list[Any]] = {s: [] for s in settings}
     for prompt in options.prompts:
         for k in range(options.samples):
@@ -73,12 +70,6 @@ def run_model(options: FidelityOptions, backend: Backend, describe: dict[str, An
             if on_progress:
                 on_progress(out)
     return out | {"complete": True, "load_average_end": list(os.getloadavg())}
-
-
-def _warm_up(backend: Backend, options: FidelityOptions) -> None:
-    """A few plain tokens, untimed."""
-    config = SamplerConfig(method="base", max_new_tokens=min(WARMUP_TOKENS, options.max_new_tokens))
-    sample(backend, options.prompts[0], config, seed=options.seed, chat=options.chat)
 
 
 def _model_points(records: dict[Setting, list[Any]]) -> list[dict[str, Any]]:
