@@ -19,11 +19,12 @@ from tqdm import tqdm
 from powersample.errors import PowerSampleError
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any, *, sort_keys: bool = True, allow_nan: bool = False) -> None:
     """Write JSON so that readers see the old file or the new one, never a part (see write_bytes_atomic).
-    Non-finite numbers are refused: they would make the file invalid JSON."""
+    Non-finite numbers are refused unless `allow_nan`: they would make the file invalid JSON. The bench tools keep
+    their keys in the order they were built (`sort_keys=False`) and write NaN as they always have."""
     try:
-        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+        text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=allow_nan)
     except ValueError:
         raise PowerSampleError(f"not writing {path}: it would hold a non-finite number") from None
     write_bytes_atomic(path, (text + "\n").encode())

@@ -1,6 +1,8 @@
 """Exact laws by enumeration on toy models, for testing samplers (have vs want).
 
-Everything here is computed with plain probabilities over every possible sequence; nothing is sampled.
+Everything here is computed with plain probabilities over every possible sequence; nothing is sampled. The target
+p^alpha, empirical laws and TV distance are the library's own (powersample.tools.fidelity.exact, which the fidelity
+tool measures samplers with); what is built here is the laws of the algorithms' outputs, from the code's kernels.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from powersample.core.types import Continuation, Proposal
 from powersample.samplers import registry
 from powersample.samplers.chain import Chain
 from powersample.samplers.power import log_accept_ratio
+from powersample.tools.fidelity.exact import Law, null_tvs
+from powersample.tools.fidelity.exact import empirical_law as empirical
+from powersample.tools.fidelity.exact import normalize as _normalize
+from powersample.tools.fidelity.exact import power_law as power_target
+from powersample.tools.fidelity.exact import tv_distance as tv
 
-Law = dict[tuple[int, ...], float]
+__all__ = ["empirical", "power_target", "tv"]  # the library's, under the names the tests use
+
 AcceptRule = Callable[[float, Chain, int, Continuation], float]
-
-
-def power_target(spec: ToySpec, alpha: float, max_len: int) -> Law:
-    """p^alpha over the sequences of length <= max_len (complete, or cut at max_len), normalized."""
-    logp = spec.sequences(max_len)
-    return _normalize({s: alpha * lp for s, lp in logp.items()})
+Kernel = Callable[[tuple[int, ...]], Law]  # x -> K(x, .)
 
 
 def sequence_law(spec: ToySpec, proposal: Proposal, max_len: int) -> Law:
@@ -90,11 +93,19 @@ def mh_kernel(
 def algorithm_law(spec: ToySpec, config: SamplerConfig) -> Law:
     """Exact law of the output of power sampling with `config` (finite steps, stages, early stop at EOS)."""
     proposal = registry.proposal(config)
+    alpha = math.inf if config.method == "max-swap" else config.alpha
+    return staged_law(spec, config, lambda cap: mh_kernel(spec, alpha, proposal, cap))
+
+
+def staged_law(spec: ToySpec, config: SamplerConfig, kernel_at: Callable[[int], Kernel]) -> Law:
+    """Exact law of a staged sampler's output: per stage cap, the incomplete states are extended with q up to the
+    cap, then moved by mcmc_steps steps of kernel_at(cap); complete states (ending in EOS) stay as they are."""
+    proposal = registry.proposal(config)
     law: Law = {(): 1.0}
     for cap in config.stage_caps():
         done = {x: w for x, w in law.items() if x and x[-1] == spec.eos_id}
         running = _extend_law({x: w for x, w in law.items() if x not in done}, spec, proposal, cap)
-        kernel = mh_kernel(spec, (math.inf if config.method == "max-swap" else config.alpha), proposal, cap)
+        kernel = kernel_at(cap)
         for _ in range(config.mcmc_steps):
             running = apply(kernel, running)
         law = {x: done.get(x, 0.0) + running.get(x, 0.0) for x in done.keys() | running.keys()}
@@ -110,23 +121,9 @@ def apply(kernel: Callable[[tuple[int, ...]], Law], law: Law) -> Law:
     return dict(out)
 
 
-def tv(a: Law, b: Law) -> float:
-    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
-
-
-def empirical(samples: list[tuple[int, ...]]) -> Law:
-    out: Law = defaultdict(float)
-    for s in samples:
-        out[s] += 1.0 / len(samples)
-    return dict(out)
-
-
 def tv_null_quantile(law: Law, n: int, q: float = 0.999, reps: int = 4000, seed: int = 12345) -> float:
     """The q-quantile of TV(empirical, law) for n iid draws from law (multinomial null, by resampling)."""
-    probs = np.array(list(law.values()))
-    probs = probs / probs.sum()
-    counts = np.random.default_rng(seed).multinomial(n, probs, size=reps)
-    return float(np.quantile(0.5 * np.abs(counts / n - probs).sum(axis=1), q))
+    return float(np.quantile(null_tvs(law, n, seed, reps), q))
 
 
 def _extend_law(law: Law, spec: ToySpec, proposal: Proposal, cap: int) -> Law:
@@ -144,12 +141,6 @@ def _continuation(spec: ToySpec, prefix, suffix, proposal: Proposal) -> Continua
         logp.append(float(lp[tok]))
         logq.append(float(lq[tok]))
     return Continuation(tuple(suffix), tuple(logp), tuple(logq))
-
-
-def _normalize(logw: dict) -> Law:
-    m = max(logw.values())
-    z = math.fsum(math.exp(v - m) for v in logw.values())
-    return {k: math.exp(v - m) / z for k, v in logw.items()}
 
 
 # --- power-rollout: the limit of its law as M (and, for blocks, the pool L) grows ------------------------------
@@ -252,12 +243,4 @@ def _mtm_moves(log_q: np.ndarray, log_w: np.ndarray, log_w_x: float, k: int) -> 
 def mtm_algorithm_law(spec: ToySpec, config: SamplerConfig, weight: TryWeight | None = None) -> Law:
     """Exact law of power-mtm's output with `config` (extension and mcmc_steps MTM steps per stage, early stop)."""
     proposal = registry.proposal(config)
-    law: Law = {(): 1.0}
-    for cap in config.stage_caps():
-        done = {x: w for x, w in law.items() if x and x[-1] == spec.eos_id}
-        running = _extend_law({x: w for x, w in law.items() if x not in done}, spec, proposal, cap)
-        kernel = mtm_kernel(spec, config.alpha, proposal, cap, config.tries, weight)
-        for _ in range(config.mcmc_steps):
-            running = apply(kernel, running)
-        law = {x: done.get(x, 0.0) + running.get(x, 0.0) for x in done.keys() | running.keys()}
-    return law
+    return staged_law(spec, config, lambda cap: mtm_kernel(spec, config.alpha, proposal, cap, config.tries, weight))

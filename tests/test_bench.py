@@ -14,17 +14,17 @@ from conftest import SPECS
 
 from powersample.api import sample
 from powersample.backends import BackendSpec, load_backend
-from powersample.bench import (
+from powersample.cli import main as run_bench_cli
+from powersample.cli.bench import add_bench_parser, options_from_args
+from powersample.config import SamplerConfig
+from powersample.errors import PowerSampleError
+from powersample.tools.bench import (
     PROMPTS,
     BenchOptions,
     eq12_tokens_per_sample,
     expected_tokens_full_length,
     run_bench,
 )
-from powersample.cli import main as run_bench_cli
-from powersample.cli.bench import add_bench_parser, options_from_args
-from powersample.config import SamplerConfig
-from powersample.errors import PowerSampleError
 
 SPEC = str(SPECS / "no_early_eos.json")
 TOY = ["--backend", "toy", "--toy-spec", SPEC]
@@ -264,12 +264,12 @@ def test_quick_on_the_embedded_model(tmp_path, capsys, one_torch_thread):
 
 
 def test_engine_candidates_parse_and_refuse_bad_specs():
-    from powersample.bench_engines import parse_candidates
+    from powersample.tools.bench.engines import parse_candidates
 
     a, b, c = parse_candidates("llamacpp, llamacpp:threads=2:quant=iq4_nl ,hf:dtype=bfloat16", None)
-    assert (a.choice.name, a.choice.threads, a.choice.quant) == ("llamacpp", None, None)
-    assert (b.spec, b.choice.threads, b.choice.quant) == ("llamacpp:threads=2:quant=iq4_nl", 2, "iq4_nl")
-    assert (c.choice.name, c.choice.dtype) == ("hf", "bfloat16")
+    assert (a.backend.name, a.backend.threads, a.backend.quant) == ("llamacpp", None, None)
+    assert (b.spec, b.backend.threads, b.backend.quant) == ("llamacpp:threads=2:quant=iq4_nl", 2, "iq4_nl")
+    assert (c.backend.name, c.backend.dtype) == ("hf", "bfloat16")
     for bad, message in {"": "at least one", "toy": "must be hf, llamacpp or vllm", "hf:threads=0": "threads",
                          "hf:color=red": "options are", "hf,hf": "twice", "hf:dtype=": "options are"}.items():
         with pytest.raises(PowerSampleError, match=message):

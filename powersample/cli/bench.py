@@ -1,6 +1,7 @@
-"""Command line of `powersample bench`: parse arguments, run `powersample.bench`, print the table, write the JSON.
+"""Command line of `powersample bench`: parse arguments, run `powersample.tools.bench` (or, with --engines, its
+engines module; with --fidelity, `powersample.tools.fidelity`), print the table, write the JSON.
 
-Register it with `add_bench_parser(subparsers)`; `run_bench_cli(argv)` runs a parser holding only `bench`.
+Register it with `add_bench_parser(subparsers)`; `powersample.cli.main(['bench', ...])` runs it.
 """
 
 from __future__ import annotations
@@ -9,21 +10,10 @@ import argparse
 import contextlib
 import sys
 from dataclasses import replace
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
-from powersample.bench import (
-    PROMPTS,
-    BenchOptions,
-    BenchResult,
-    Update,
-    check_writable,
-    format_table,
-    pick_prompts,
-    read_prompts,
-    run_bench,
-    total_work_units,
-    write_json,
-)
+from powersample.backends.base import Backend
 from powersample.cli.options import (
     MAX_SEQUENCES,
     add_backend_options,
@@ -35,7 +25,28 @@ from powersample.cli.options import (
 )
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.fidelity import DEFAULT_SPECS, FidelityOptions, ToyTarget
+from powersample.io import progress_bar
+from powersample.tools import fidelity
+from powersample.tools.bench import (
+    PROMPTS,
+    BenchOptions,
+    BenchResult,
+    backend_dict,
+    check_writable,
+    format_table,
+    pick_prompts,
+    read_prompts,
+    run_bench,
+    total_work_units,
+    write_json,
+)
+from powersample.tools.bench import engines as bench_engines
+from powersample.tools.bench.table import format_engines
+from powersample.tools.common import Update
+from powersample.tools.fidelity import DEFAULT_SPECS, FidelityOptions, ToyTarget
+from powersample.tools.fidelity.model import model_units
+from powersample.tools.fidelity.toy import toy_units
+from powersample.tools.machine import device_of
 
 FIDELITY_HELP = """Toy mode (the default): TV distance to the exact p^alpha against tokens sampled, for every
 registered method over a sweep of its knobs, on enumerable toy specs. Model mode (with --backend hf or llamacpp,
@@ -44,14 +55,14 @@ are fixed; of the sampler options only --alpha and --max-new-tokens apply (T def
 model; --quick: 8 for a model). Methods with no registered sampler are skipped and named in the output."""
 FIDELITY_REFUSED = {"mcmc_steps": "--mcmc-steps", "block_size": "--block-size", "block_count": "--block-count",
                     "chains": "--chains", "json_path": "--json"}  # bench flags that --fidelity does not use
-FULL = {"max_new_tokens": 192, "block_size": 48, "mcmc_steps": 4, "prompts": 3, "chains": 8}  # the issue's target
+FULL = {"max_new_tokens": 192, "block_size": 48, "mcmc_steps": 4, "prompts": 3, "chains": 8}  # the default profile
 QUICK = {"max_new_tokens": 16, "block_size": 8, "mcmc_steps": 2, "prompts": 1, "chains": 2}  # --quick, for CI
 
 DESCRIPTION = """Measure power sampling against plain decoding and against regenerating from scratch, in one run:
 plain decoding at batch 1 and K, power sampling with K chains and with 1 chain, and the same 1-chain run on a
-backend that prefills every request from an empty cache. Prints a table with the issue's targets; --json writes
-every raw number. Defaults: alpha 4, T=192, B=48, 4 MH steps, 3 built-in prompts, K=8 chains; --quick: T=16, B=8,
-2 steps, 1 prompt, 2 chains. Explicit flags override either profile."""
+backend that prefills every request from an empty cache. Prints a table with the targets it is judged by; --json
+writes every raw number. Defaults: alpha 4, T=192, B=48, 4 MH steps, 3 built-in prompts, K=8 chains; --quick: T=16,
+B=8, 2 steps, 1 prompt, 2 chains. Explicit flags override either profile."""
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -158,13 +169,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_engines(args: argparse.Namespace) -> int:
-    """`bench --engines`: the candidates side by side (bench_engines.py)."""
-    from powersample import bench_engines
-
+    """`bench --engines`: the candidates side by side (tools/bench/engines.py)."""
     if args.backend != "auto" or args.toy_spec or args.quant:
         raise PowerSampleError("--engines names its own backends and options: drop --backend, --toy-spec, --quant")
     candidates = bench_engines.parse_candidates(args.engines, args.model)
-    options = replace(options_from_args(args), backend=candidates[0].choice)  # validate before loading
+    options = replace(options_from_args(args), backend=candidates[0].backend)  # validate before loading
     if args.json_path:
         check_writable(args.json_path)
 
@@ -176,19 +185,18 @@ def _cmd_engines(args: argparse.Namespace) -> int:
         result = bench_engines.run_engines(options, candidates, update, keep)
     if args.json_path:
         write_json(args.json_path, result)
-    print(bench_engines.format_engines(result))
+    print(format_engines(result))
     return 0
 
 
 @contextlib.contextmanager
 def _bar(total: int, desc: str, unit: str, quiet: bool) -> Iterator[Update | None]:
-    """One tqdm bar on stderr, named after what runs now."""
-    if quiet:
-        yield None
-        return
-    from tqdm import tqdm
+    """The tools' progress callback on the one progress bar (io.progress_bar), named after what runs now."""
+    with progress_bar(total, desc, unit, quiet=quiet) as bar:
+        if bar is None:
+            yield None
+            return
 
-    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
         def update(text: str, n: int) -> None:
             bar.set_description(text, refresh=False)
             bar.update(n)
@@ -238,10 +246,6 @@ def _samples(args: argparse.Namespace, full: int, quick: int) -> int:
 
 
 def _cmd_fidelity(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from powersample import fidelity
-
     options = fidelity_options_from_args(args)  # validate before the (slow) model load
     out_dir = Path(args.output_dir)
     fidelity.prepare_dir(out_dir)
@@ -250,11 +254,11 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
         fidelity.write_json(out_dir, data)
 
     if options.mode == "toy":
-        with _bar(fidelity.toy_units(options), "fidelity", "run", args.quiet) as update:
+        with _bar(toy_units(options), "fidelity", "run", args.quiet) as update:
             data = fidelity.run_toy(options, update, keep)
     else:
         backend, described = _load_model(args)
-        with _bar(fidelity.model_units(options), "fidelity", "run", args.quiet) as update:
+        with _bar(model_units(options), "fidelity", "run", args.quiet) as update:
             data = fidelity.run_model(options, backend, described, update, keep)
     written = fidelity.write_outputs(out_dir, data)
     print(fidelity.render_table(data))
@@ -263,11 +267,8 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(args: argparse.Namespace):
+def _load_model(args: argparse.Namespace) -> tuple[Backend, dict[str, Any]]:
     """The backend of the model comparison, and its description for the JSON."""
-    from powersample.bench import backend_dict
-
     spec = replace(backend_spec(args), toy_spec=None).resolved()
     backend = load(spec, args.quiet)
-    device = getattr(backend, "device", None)
-    return backend, backend_dict(spec, None if device is None else str(device))
+    return backend, backend_dict(spec, device_of(backend))

@@ -104,9 +104,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """eval's report over the directories, with `bench --fidelity` results as sections of it."""
     from powersample.eval.report import build_report
+    from powersample.tools.fidelity.report import SECTION as FIDELITY
 
-    table, plots = build_report([Path(d) for d in args.run_dirs], None if args.no_plots else Path(args.plot_dir))
+    dirs, plot_dir = [Path(d) for d in args.run_dirs], None if args.no_plots else Path(args.plot_dir)
+    table, plots = build_report(dirs, plot_dir, sections=(FIDELITY,))
     print(table)
     for path in plots:
         print(f"powersample: wrote {path}", file=sys.stderr)

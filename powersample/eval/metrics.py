@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
+from powersample.samplers.power import eq12_tokens
+
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
@@ -44,12 +46,9 @@ def mean_pass_at_k(counts: Iterable[tuple[int, int]], k: int) -> float | None:
 
 
 def estimated_tokens(max_new_tokens: int, block_size: int, mcmc_steps: int, mcmc: bool) -> float:
-    """The paper's Eq. 12 estimate of tokens sampled per sample: N_MCMC * T^2 / (4B) + T (just T without MCMC).
-
-    Each of the T/B stages makes N_MCMC proposals, each resampling on average half the current length.
-    """
-    t = max_new_tokens
-    return (mcmc_steps * t * t / (4 * block_size) if mcmc else 0.0) + t
+    """Tokens sampled per sample: the paper's Eq. 12 estimate N_MCMC * T^2 / (4B) + T for an MCMC method (its one
+    definition, samplers.power.eq12_tokens), just T without MCMC."""
+    return eq12_tokens(max_new_tokens, block_size, mcmc_steps) if mcmc else float(max_new_tokens)
 
 
 def mean(values: Sequence[float | None]) -> float | None:

@@ -14,18 +14,18 @@ PNG (matplotlib, Agg, no pyplot state) per task:
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol, Sequence
 
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
 from powersample.eval.records import RUN_FILE, identity_hash, iter_records, read_run, record_key
 from powersample.io import write_bytes_atomic
+from powersample.plots import new_figure, png_bytes
 from powersample.samplers import registry
 from powersample.samplers.registry import MCMC_METHODS
 
@@ -46,25 +46,35 @@ class Row:
         return [bool(r["correct"]) for r in self.records if r.get("correct") is not None]
 
 
-def build_report(run_dirs: list[Path], plot_dir: Path | None) -> tuple[str, list[Path]]:
+class ReportSection(Protocol):
+    """Results other than eval runs that the report renders after its table; the caller says which (the command
+    line hands it `bench --fidelity`'s, tools.fidelity.report.SECTION), so eval imports no tool."""
+
+    def holds(self, run_dir: Path) -> bool:
+        """Whether run_dir holds such results."""
+
+    def render(self, run_dir: Path, plot_dir: Path | None) -> tuple[str, list[Path]]:
+        """The section's markdown, and the files it wrote into plot_dir (none when it is None)."""
+
+
+def build_report(run_dirs: list[Path], plot_dir: Path | None,
+                 sections: Sequence[ReportSection] = ()) -> tuple[str, list[Path]]:
     """The markdown table, and the paths of the plots written to plot_dir (none when it is None).
 
-    Directories holding `powersample bench --fidelity` results add their tables and PNGs (powersample.fidelity).
+    A directory that a section holds renders as that section; it is an eval run too when it has a run.json.
     """
-    from powersample.fidelity import fidelity_section, has_fidelity
-
-    eval_dirs = [d for d in run_dirs if not has_fidelity(d) or (d / RUN_FILE).is_file()]
+    eval_dirs = [d for d in run_dirs if not any(s.holds(d) for s in sections) or (d / RUN_FILE).is_file()]
     rows = load_rows(eval_dirs)
     if plot_dir is not None:
         try:
             plot_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise PowerSampleError(f"cannot create plot directory {plot_dir}: {e.strerror}") from None
-    sections = [fidelity_section(d, plot_dir) for d in run_dirs if has_fidelity(d)]
-    table = "\n\n".join([markdown_table(rows)] * bool(eval_dirs) + [text for text, _ in sections])
+    rendered = [s.render(d, plot_dir) for d in run_dirs for s in sections if s.holds(d)]
+    table = "\n\n".join([markdown_table(rows)] * bool(eval_dirs) + [text for text, _ in rendered])
     if plot_dir is None:
         return table, []
-    plots = write_plots(rows, plot_dir) + [p for _, copied in sections for p in copied]
+    plots = write_plots(rows, plot_dir) + [p for _, copied in rendered for p in copied]
     write_bytes_atomic(plot_dir / "report.md", (table + "\n").encode())
     return table, plots
 
@@ -321,20 +331,10 @@ def _integer_k_axis(ax: Any, most: int) -> None:
 
 
 def _figure() -> tuple[Any, Any]:
-    try:
-        from matplotlib.figure import Figure
-    except ModuleNotFoundError:
-        raise PowerSampleError("plots need matplotlib: pip install 'powersample[eval]' (or use --no-plots)") from None
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = new_figure((6, 4), 100, "plots need matplotlib: pip install 'powersample[eval]' (or use --no-plots)")
     return fig, fig.add_subplot()
 
 
 def _save(fig: Any, path: Path) -> None:
-    """Render with the Agg canvas (no pyplot, no display) and write the PNG atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    write_bytes_atomic(path, buffer.getvalue())
+    """Render the PNG (powersample.plots: Agg, no pyplot, no display) and write it atomically."""
+    write_bytes_atomic(path, png_bytes(fig))

@@ -60,6 +60,14 @@ def power_work_units(config: SamplerConfig) -> int:
     return len(config.stage_caps()) * (1 + config.mcmc_steps)
 
 
+def eq12_tokens(max_new_tokens: int, block_size: int, mcmc_steps: int) -> float:
+    """Eq. 12 of the paper: the tokens one sample costs, N T^2 / (4B) sampled by the MH steps plus the T of the
+    extensions. Stage k makes N proposals that each regenerate on average half of the current kB tokens, so the MH
+    steps sample about N * B/2 * sum_k k ~ N T^2 / (4B) tokens (bench's table, the report's Eq. 12 column)."""
+    t, b, n = max_new_tokens, block_size, mcmc_steps
+    return n * t * t / (4 * b) + t
+
+
 def mh_step(chain: Chain, i: int, proposed: Continuation, alpha: float) -> None:
     """Accept or reject x' = x_<i + proposed, and count it."""
     chain.tokens_generated += len(proposed.tokens)

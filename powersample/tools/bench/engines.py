@@ -7,7 +7,8 @@ Each candidate is a backend with options, `NAME[:KEY=VALUE...]` with keys thread
 `llamacpp`, `llamacpp:threads=2`, `llamacpp:quant=iq4_nl`, `hf:dtype=bfloat16:threads=1`. Every candidate is loaded
 once; then, for each repeat, prompt and phase, the candidates take turns, so that other load on the machine hits them
 alike. The phases are bench's plain decoding at batch 1, power sampling with one chain, and with K chains. The
-table gives each candidate's rates and its speed relative to the first candidate; `--json` writes every number.
+table (tools.bench.table.format_engines) gives each candidate's rates and its speed relative to the first candidate;
+`--json` writes every number.
 """
 
 from __future__ import annotations
@@ -19,22 +20,13 @@ from typing import Any
 
 from powersample.api import sample
 from powersample.backends import Backend, BackendSpec
-from powersample.bench import (
-    BenchOptions,
-    CallStats,
-    Phase,
-    PhaseResult,
-    Update,
-    machine_info,
-    options_dict,
-    peak_rss_kb,
-    phases,
-    run_call,
-    utc_now,
-    warm_up,
-)
 from powersample.errors import PowerSampleError
 from powersample.samplers import registry
+from powersample.tools.bench.options import BenchOptions
+from powersample.tools.bench.phases import CallStats, Phase, PhaseResult, phases
+from powersample.tools.bench.run import run_call, warm_up
+from powersample.tools.common import Update, utc_now
+from powersample.tools.machine import machine_info, peak_rss_kb
 
 ENGINE_PHASES = ("plain-1", "power-1", "power-K")  # bench's phases that tell engines apart
 KEYS = ("threads", "dtype", "quant", "device")  # what a candidate may set
@@ -44,8 +36,8 @@ KEYS = ("threads", "dtype", "quant", "device")  # what a candidate may set
 class Candidate:
     """One engine configuration: its spelling on the command line and the backend it loads."""
 
-    spec: str
-    choice: BackendSpec
+    spec: str  # NAME[:KEY=VALUE...], as given to --engines
+    backend: BackendSpec  # what it loads
 
 
 def parse_candidates(text: str, model: str | None) -> tuple[Candidate, ...]:
@@ -55,10 +47,10 @@ def parse_candidates(text: str, model: str | None) -> tuple[Candidate, ...]:
         raise PowerSampleError("--engines needs at least one candidate, e.g. llamacpp,hf")
     if len(set(specs)) != len(specs):
         raise PowerSampleError(f"--engines names a candidate twice: {text}")
-    return tuple(Candidate(spec, _choice(spec, model)) for spec in specs)
+    return tuple(Candidate(spec, _backend_spec(spec, model)) for spec in specs)
 
 
-def _choice(spec: str, model: str | None) -> BackendSpec:
+def _backend_spec(spec: str, model: str | None) -> BackendSpec:
     name, *options = spec.split(":")
     if name not in ("hf", "llamacpp", "vllm"):
         raise PowerSampleError(f"--engines candidate {spec!r}: the backend must be hf, llamacpp or vllm")
@@ -90,7 +82,7 @@ class EngineRow:
         return next((p for p in self.phases if p.phase.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        c = self.candidate.choice
+        c = self.candidate.backend
         return {"spec": self.candidate.spec, "backend": c.name, "threads": c.threads, "dtype": c.dtype,
                 "quant": c.quant, "placement": self.placement, "kl_from_first": self.kl,
                 "phases": {p.phase.name: p.to_dict() for p in self.phases}}
@@ -109,7 +101,7 @@ class EnginesResult:
     def to_dict(self) -> dict[str, Any]:
         return {"benchmark": "powersample bench --engines", "complete": self.complete, "date": self.date,
                 "machine": self.machine, "config": registry.resolved(self.options.config),
-                "options": options_dict(self.options), "engines": [r.to_dict() for r in self.rows]}
+                "options": self.options.to_dict(), "engines": [r.to_dict() for r in self.rows]}
 
 
 def engine_phases(options: BenchOptions) -> tuple[Phase, ...]:
@@ -129,27 +121,45 @@ def run_engines(
     date, machine = utc_now(), machine_info(os.getloadavg())
     torch_threads = _torch_threads()
     backends = [_load(c, options, update) for c in candidates]
-    calls: list[list[list[CallStats]]] = [[[] for _ in engine_phases(options)] for _ in candidates]
-    loads: list[list[tuple[float, ...]]] = [[() for _ in engine_phases(options)] for _ in candidates]  # after each
-
-    def result(complete: bool) -> EnginesResult:
-        rows = tuple(EngineRow(c, _placement(b), _phase_results(options, per_phase, per_load), d)
-                     for c, b, per_phase, per_load, d in zip(candidates, backends, calls, loads, divergence))
-        return EnginesResult(options, machine, date, rows, complete)
-
-    divergence = _divergences(options, backends)
+    run = _EnginesRun(options, tuple(candidates), backends, machine, date, _divergences(options, backends))
     for repeat in range(options.repeats):
         for index in range(len(options.prompts)):
             for p, phase in enumerate(engine_phases(options)):
-                for c, (candidate, backend) in enumerate(zip(candidates, backends)):
-                    _use_threads(candidate.choice, torch_threads)
-                    calls[c][p].append(run_call(backend, options, phase, repeat, index, None))
-                    loads[c][p] = os.getloadavg()
+                for c, candidate in enumerate(candidates):
+                    _use_threads(candidate.backend, torch_threads)
+                    run.call(c, p, phase, repeat, index)
                     if update:
                         update(f"{candidate.spec}: {phase.name}", 1)
                     if on_progress:
-                        on_progress(result(False))
-    return result(True)
+                        on_progress(run.result(False))
+    return run.result(True)
+
+
+class _EnginesRun:
+    """The calls so far, per candidate and phase, and the load average after each candidate's latest call."""
+
+    def __init__(self, options: BenchOptions, candidates: tuple[Candidate, ...], backends: list[Backend],
+                 machine: dict[str, Any], date: str, divergence: list[float | None]) -> None:
+        self.options, self.candidates, self.backends = options, candidates, backends
+        self.machine, self.date, self.divergence = machine, date, divergence
+        n = len(engine_phases(options))
+        self.calls: list[list[list[CallStats]]] = [[[] for _ in range(n)] for _ in candidates]
+        self.loads: list[list[tuple[float, ...]]] = [[() for _ in range(n)] for _ in candidates]
+
+    def call(self, c: int, p: int, phase: Phase, repeat: int, index: int) -> None:
+        """Candidate c's turn at phase p for one prompt."""
+        self.calls[c][p].append(run_call(self.backends[c], self.options, phase, repeat, index, None))
+        self.loads[c][p] = os.getloadavg()
+
+    def result(self, complete: bool) -> EnginesResult:
+        rows = tuple(EngineRow(c, _placement(b), self._phase_results(i), d)
+                     for i, (c, b, d) in enumerate(zip(self.candidates, self.backends, self.divergence)))
+        return EnginesResult(self.options, self.machine, self.date, rows, complete)
+
+    def _phase_results(self, c: int) -> tuple[PhaseResult, ...]:
+        return tuple(PhaseResult(phase, tuple(calls), peak_rss_kb(), load)
+                     for phase, calls, load in zip(engine_phases(self.options), self.calls[c], self.loads[c])
+                     if calls)
 
 
 def _divergences(options: BenchOptions, backends: Sequence[Backend]) -> list[float | None]:
@@ -160,31 +170,26 @@ def _divergences(options: BenchOptions, backends: Sequence[Backend]) -> list[flo
     for i, prompt in enumerate(options.prompts):
         [record] = sample(first, prompt, options.plain_config, seed=options.seed + i, chat=options.chat)
         texts.append((prompt, record.tokens, record.token_logp))
-    out: list[float | None] = []
-    for backend in backends:
-        gaps = []
-        for prompt, tokens, logp in texts:
-            context = backend.encode(prompt, options.chat)
-            if context != first.encode(prompt, options.chat):
-                gaps = None
-                break
-            gaps += [a - b for a, b in zip(logp, backend.score(context, tokens))]
-        out.append(None if not gaps else sum(gaps) / len(gaps))
-    return out
+    return [_divergence(first, backend, texts, options.chat) for backend in backends]
+
+
+def _divergence(first: Backend, backend: Backend, texts: list[tuple[str, Any, Any]], chat: bool) -> float | None:
+    """The mean log-probability gap over the texts' tokens; None when the two tokenizers encode a prompt apart."""
+    gaps: list[float] = []
+    for prompt, tokens, logp in texts:
+        context = backend.encode(prompt, chat)
+        if context != first.encode(prompt, chat):
+            return None
+        gaps += [a - b for a, b in zip(logp, backend.score(context, tokens))]
+    return None if not gaps else sum(gaps) / len(gaps)
 
 
 def _load(candidate: Candidate, options: BenchOptions, update: Update | None) -> Backend:
     if update:
         update(f"{candidate.spec}: loading", 0)
-    backend = candidate.choice.load()
+    backend = candidate.backend.load()
     warm_up(backend, options)
     return backend
-
-
-def _phase_results(options: BenchOptions, per_phase: list[list[CallStats]],
-                   per_load: list[tuple[float, ...]]) -> tuple[PhaseResult, ...]:
-    return tuple(PhaseResult(phase, tuple(calls), peak_rss_kb(), load)
-                 for phase, calls, load in zip(engine_phases(options), per_phase, per_load) if calls)
 
 
 def _placement(backend: Backend) -> str | None:
@@ -201,48 +206,11 @@ def _torch_threads() -> int | None:
     return torch.get_num_threads()
 
 
-def _use_threads(choice: BackendSpec, default: int | None) -> None:
+def _use_threads(spec: BackendSpec, default: int | None) -> None:
     """torch's thread count is process-wide (the hf backend sets it at load): set each hf candidate's before its
     turn. llama.cpp's threads belong to each backend's own context."""
-    if choice.name == "hf" and default is not None:
+    if spec.name == "hf" and default is not None:
         import torch
 
-        torch.set_num_threads(choice.threads or default)
-
-
-def format_engines(result: EnginesResult) -> str:
-    """The side-by-side table: per candidate, tokens/s of each phase (rejected proposals included: comparable across
-    engines whose samples differ in length), wall per sample, and power-1 tokens/s relative to the first."""
-    o, c = result.options, result.options.config
-    state = "" if result.complete else " [PARTIAL]"
-    head = (f"powersample bench --engines: {c.method} alpha={c.alpha:g} T={c.max_new_tokens} B={c.block} "
-            f"N={c.mcmc_steps}; {len(o.prompts)} prompt(s), K={o.chains}, {o.repeats} repeat(s), "
-            f"{result.machine['cpu_count']} CPUs, load average {result.machine['load_average_start'][0]:.1f} at "
-            f"start{state}")
-    cols = (f"{'engine':<28} {'plain-1 tok/s':>13} {'power-1 tok/s':>13} {'power-K tok/s':>13} "
-            f"{'power-1 s/sample':>16} {'vs first':>8} {'KL nats/tok':>11}")
-    lines = [head, "", cols]
-    first = _rate(result.rows[0], "power-1") if result.rows else None
-    for row in result.rows:
-        one = _rate(row, "power-1")
-        speed = f"{one / first:.2f}x" if first and one else "-"
-        lines.append(f"{row.candidate.spec:<28} {_num(_rate(row, 'plain-1')):>13} {_num(one):>13} "
-                     f"{_num(_rate(row, 'power-K')):>13} {_num(_wall(row, 'power-1')):>16} {speed:>8} "
-                     f"{_num(row.kl, 3):>11}")
-    lines += ["", *(f"{r.candidate.spec}: {r.placement}" for r in result.rows if r.placement)]
-    return "\n".join(lines)
-
-
-def _rate(row: EngineRow, name: str) -> float | None:
-    phase = row.phase(name)
-    return phase.tokens_per_second if phase else None
-
-
-def _wall(row: EngineRow, name: str) -> float | None:
-    phase = row.phase(name)
-    return phase.wall_per_sample if phase else None
-
-
-def _num(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+        torch.set_num_threads(spec.threads or default)
 

@@ -1,0 +1,132 @@
+"""The five phases of a bench run, and what one phase measured (its calls, and their medians over repeats)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from powersample.tools.bench.options import BenchOptions
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one phase runs."""
+
+    name: str  # plain-1, plain-K, power-K, power-1, scratch-1
+    label: str  # for the table
+    chains: int  # chains per prompt (the batch)
+    method: str  # "base" (plain decoding) or the MCMC config's method
+    reuse_cache: bool  # False: the regenerate-from-scratch backend
+
+    @property
+    def plain(self) -> bool:
+        return self.method == "base"
+
+
+def phases(options: BenchOptions) -> tuple[Phase, ...]:
+    """The five phases, in the order they run."""
+    k, mcmc = options.chains, options.config.method
+    return (
+        Phase("plain-1", "plain decode, batch 1", 1, "base", True),
+        Phase("plain-K", f"plain decode, batch {k}", k, "base", True),
+        Phase("power-K", f"{mcmc} sampling, {k} chains", k, mcmc, True),
+        Phase("power-1", f"{mcmc} sampling, 1 chain", 1, mcmc, True),
+        Phase("scratch-1", "regenerate from scratch, 1 chain", 1, mcmc, False),
+    )
+
+
+@dataclass(frozen=True)
+class CallStats:
+    """One `sample()` call: one prompt, `chains` samples drawn together."""
+
+    repeat: int
+    prompt_index: int
+    seed: int
+    wall_seconds: float  # sampling wall of the batch (record.wall_seconds)
+    tokens_generated: tuple[int, ...]  # per sample: every token sampled, rejected proposals included
+    lengths: tuple[int, ...]  # per sample: final length (tokens)
+    finish_reasons: tuple[str, ...]  # per sample: eos | length
+    proposals: int  # MH proposals, all samples
+    accepted: int  # accepted MH proposals, all samples
+
+    @property
+    def ended_at_eos(self) -> tuple[bool, ...]:
+        return tuple(r == "eos" for r in self.finish_reasons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repeat": self.repeat, "prompt_index": self.prompt_index, "seed": self.seed,
+                "wall_seconds": self.wall_seconds, "tokens_generated": list(self.tokens_generated),
+                "lengths": list(self.lengths), "finish_reasons": list(self.finish_reasons),
+                "proposals": self.proposals, "accepted": self.accepted}
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """The calls of one phase and what they add up to (medians over repeats)."""
+
+    phase: Phase
+    calls: tuple[CallStats, ...]
+    peak_rss_kb: int  # ru_maxrss after the phase (or after its last call so far)
+    load_average: tuple[float, ...]  # os.getloadavg() after the phase: other jobs on the machine
+
+    def _per_repeat(self, value: Callable[[CallStats], float]) -> float:
+        """Median over repeats of the sum of value(call) over a repeat's calls."""
+        repeats = sorted({c.repeat for c in self.calls})
+        return statistics.median(sum(value(c) for c in self.calls if c.repeat == r) for r in repeats)
+
+    @property
+    def samples(self) -> int:
+        """Samples per repeat (prompts done x chains)."""
+        return len({c.prompt_index for c in self.calls}) * self.phase.chains
+
+    @property
+    def wall_seconds(self) -> float:
+        return self._per_repeat(lambda c: c.wall_seconds)
+
+    @property
+    def tokens_sampled(self) -> float:
+        return self._per_repeat(lambda c: sum(c.tokens_generated))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return ratio(self.tokens_sampled, self.wall_seconds)
+
+    @property
+    def wall_per_sample(self) -> float:
+        return ratio(self.wall_seconds, self.samples)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        proposals = sum(c.proposals for c in self.calls)
+        return sum(c.accepted for c in self.calls) / proposals if proposals else None
+
+    def sample_mean(self, value: Callable[[CallStats], tuple]) -> float:
+        """Mean over every sample of every repeat of a per-sample tuple field."""
+        values = [v for c in self.calls for v in value(c)]
+        return sum(values) / len(values)
+
+    def per_sample(self) -> dict[str, float]:
+        """Means per sample: tokens sampled, final length, and the fraction that ended at EOS."""
+        return {"mean_tokens_sampled_per_sample": self.sample_mean(lambda c: c.tokens_generated),
+                "mean_length": self.sample_mean(lambda c: c.lengths),
+                "eos_fraction": self.sample_mean(lambda c: c.ended_at_eos)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.phase.name, "label": self.phase.label, "chains": self.phase.chains,
+            "method": self.phase.method, "reuse_cache": self.phase.reuse_cache,
+            "samples": self.samples, "tokens_sampled": self.tokens_sampled, "wall_seconds": self.wall_seconds,
+            "tokens_per_second": self.tokens_per_second, "wall_per_sample": self.wall_per_sample,
+            "acceptance_rate": self.acceptance_rate, **self.per_sample(),
+            "peak_rss_kb": self.peak_rss_kb, "load_average": list(self.load_average),
+            "calls": [c.to_dict() for c in self.calls],
+        }
+
+
+PhaseLookup = Callable[[str], "PhaseResult | None"]  # a run's result of the phase named, None when it has not run
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0."""
+    return a / b if b else float("nan")
