@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from powersample.backends import conformance
 from powersample.backends.toy import ToyBackend, ToySpec
 
 SPECS = Path(__file__).resolve().parent.parent / "powersample" / "toy_specs"
@@ -25,6 +26,14 @@ def toy_backend():
 # which turns a green run red. Once pytest has printed its summary, a session that started vLLM engines stops them
 # and leaves with pytest's own exit status, skipping that teardown.
 _EXIT_STATUS: list[int] = []
+
+
+def run_check(check, subject: conformance.Subject) -> None:
+    """One conformance check; a check that does not apply to the subject is a skip, saying why."""
+    try:
+        check(subject)
+    except conformance.NotApplicable as e:
+        pytest.skip(str(e))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

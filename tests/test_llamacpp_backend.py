@@ -15,13 +15,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import run_check
 
 pytest.importorskip("llama_cpp")
 
 from powersample.backends import conformance
 from powersample.backends.embedded import embedded_gguf_path
 from powersample.backends.llamacpp import LlamaCppBackend
-from powersample.core.types import Continuation, ExtendRequest, Proposal
+from powersample.core.types import ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
 pytestmark = pytest.mark.slow
@@ -73,15 +74,10 @@ def subject_of(backend, prompt) -> conformance.Subject:
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
 def test_conformance(backend, prompt, check):
-    try:
-        check(subject_of(backend, prompt))
-    except conformance.NotApplicable as e:
-        pytest.skip(str(e))
+    run_check(check, subject_of(backend, prompt))
 
 
-def sample(backend, context, n, seed, proposal=BASE, slot=0) -> Continuation:
-    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot)
-    return backend.extend([request], proposal)[0]
+sample = conformance.extend  # one request of n tokens with a generator seeded by seed
 
 
 def test_a_rewound_cache_matches_a_fresh_evaluation(backend, prompt):

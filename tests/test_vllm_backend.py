@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_check
 
 pytest.importorskip("vllm")
 
@@ -46,10 +47,7 @@ def hf():
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
 def test_conformance(backend, prompt, check):
-    try:
-        check(conformance.Subject(backend, prompt))
-    except conformance.NotApplicable as e:
-        pytest.skip(str(e))
+    run_check(check, conformance.Subject(backend, prompt))
 
 
 def requests(context, n, seeds, alternatives=0):
