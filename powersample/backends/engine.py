@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from powersample.core.numerics import draw, proposal_logprobs, top_alternatives
+from powersample.core.numerics import draw, proposal_logprobs, top_alternatives, verify_draft
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Refill
 from powersample.errors import PowerSampleError
 
@@ -33,8 +33,13 @@ def extend_in_one_run(
 
 @dataclass(eq=False)
 class Row:
-    """One request being decoded: the token to feed next and what it has drawn. Engines subclass it with where
-    the row's cache lives (keyword-only fields)."""
+    """One request being decoded: the ids to feed next and what it has drawn. Engines subclass it with where
+    the row's cache lives (keyword-only fields).
+
+    With a draft (the request's `draft`, when `speculate` > 0) a forward feeds next_id and up to `speculate` draft
+    tokens, and `verify_step` walks the logits of every fed id: each drafted token is kept or replaced exactly as
+    `core.numerics.verify_draft` says, so the row's tokens are q-distributed; after the first replacement the
+    rest of the draft is dropped."""
 
     key: int  # the caller's key for this request (refills of one chain share it)
     request: ExtendRequest
@@ -43,28 +48,66 @@ class Row:
     base_logp: list[float] = field(default_factory=list)
     proposal_logq: list[float] = field(default_factory=list)
     alternatives: tuple[tuple[int, float], ...] = ()
+    draft: list[int] = field(default_factory=list)  # draft tokens not verified yet (set by start_draft)
+    drafted: int = 0  # draft tokens verified (kept or replaced)
+    kept_drafts: int = 0  # of those, kept
+
+    def __post_init__(self) -> None:
+        if self.request.speculate > 0 and not self.tokens:
+            self.draft = list(self.request.draft[: self.request.max_tokens])
+
+    def feed(self) -> list[int]:
+        """The ids the next forward feeds for this row: next_id, then up to `speculate` draft tokens (never more
+        than the positions left after the next one)."""
+        room = self.request.max_tokens - len(self.tokens) - 1
+        return [self.next_id, *self.draft[: max(0, min(self.request.speculate, room))]]
 
     def continuation(self) -> Continuation:
         return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives)
 
 
-def draw_step(rows: Sequence[Row], logp: np.ndarray, proposal: Proposal, eos_ids: frozenset[int]) -> list[int]:
-    """One token per row from q, derived from the rows' base log p (B, V), each drawn with its request's own
-    generator and recorded with its log p and log q (and, at a row's first step, the likeliest alternatives); the
-    token becomes the row's next_id. Returns the indices of the rows now finished (EOS or max_tokens)."""
-    logq = proposal_logprobs(logp, proposal)  # (B, V)
-    done = []
+def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Proposal,
+                eos_ids: frozenset[int]) -> tuple[list[int], list[int]]:  # fmt: skip
+    """Draw each row's next tokens from the base log p after each id it fed (`logp[b]`: (len(feed), V)), with its
+    request's own generator, recording log p and log q (and, at a row's first step, the likeliest alternatives).
+
+    Returns the rows now finished (EOS or max_tokens) and, per row, how many of the ids it fed are still valid
+    (a replaced draft token invalidates the fed ids after it: the engine drops them from its cache)."""
+    done, kept = [], []
     for b, row in enumerate(rows):
-        if not row.tokens and row.request.alternatives:
-            row.alternatives = top_alternatives(logp[b], row.request.alternatives)
-        token = draw(logq[b], row.request.rng)
-        row.tokens.append(token)
-        row.base_logp.append(float(logp[b, token]))
-        row.proposal_logq.append(float(logq[b, token]))
-        row.next_id = token
-        if token in eos_ids or len(row.tokens) == row.request.max_tokens:
+        finished, valid = _walk(row, logp[b], proposal, eos_ids)
+        kept.append(valid)
+        if finished:
             done.append(b)
-    return done
+    return done, kept
+
+
+def _walk(row: Row, logp: np.ndarray, proposal: Proposal, eos_ids: frozenset[int]) -> tuple[bool, int]:
+    """One row's tokens from the logits of its fed ids; (finished, fed ids still valid). See verify_step."""
+    logq = proposal_logprobs(logp, proposal)  # (n, V)
+    for j in range(len(logp)):
+        if not row.tokens and row.request.alternatives:
+            row.alternatives = top_alternatives(logp[j], row.request.alternatives)
+        drafted = row.draft.pop(0) if row.draft else None
+        token = draw(logq[j], row.request.rng) if drafted is None else verify_draft(logq[j], drafted, row.request.rng)
+        row.tokens.append(token)
+        row.base_logp.append(float(logp[j, token]))
+        row.proposal_logq.append(float(logq[j, token]))
+        row.next_id = token
+        if drafted is not None:
+            row.drafted += 1
+            row.kept_drafts += token == drafted
+        if token in eos_ids or len(row.tokens) == row.request.max_tokens:
+            return True, j + 1
+        if token != drafted and row.draft:  # replaced: the rest of the draft (and the fed ids after j) is void
+            row.draft = []
+            return False, j + 1
+    return False, len(logp)
+
+
+def draw_step(rows: Sequence[Row], logp: np.ndarray, proposal: Proposal, eos_ids: frozenset[int]) -> list[int]:
+    """verify_step for rows that each fed one id (no draft): logp is (B, V). Returns the rows now finished."""
+    return verify_step(rows, [logp[b][None] for b in range(len(rows))], proposal, eos_ids)[0]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from powersample.backends.engine import Row, verify_step
 from powersample.core.numerics import proposal_logprobs, top_alternatives
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
 from powersample.errors import PowerSampleError, parse_json
@@ -137,6 +138,9 @@ class ToyStats:
     """Diagnostics (not part of the seam): what the backend has done since it was built."""
 
     extend_calls: int = 0  # extend() calls: tests count the driver's batched calls, fidelity reports them
+    forwards: int = 0  # sequential model evaluations a real engine would make: one per token, or per draft chunk
+    drafted: int = 0  # draft tokens verified
+    kept_drafts: int = 0  # of those, kept
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,9 @@ class ToyBackend:
         return tuple(out)
 
     def _extend_one(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
+        if request.speculate > 0 and request.draft:
+            return self._extend_drafted(request, proposal)
+        self.stats.forwards += request.max_tokens  # at most: one per token (an early EOS is not subtracted)
         seq = list(request.context)
         tokens, logp, logq = [], [], []
         alternatives = (
@@ -211,6 +218,22 @@ class ToyBackend:
             if tok == self.spec.eos_id:
                 break
         return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives)
+
+    def _extend_drafted(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
+        """The engines' speculative walk (backends.engine.verify_step) on exact rows: each loop is one forward of a
+        real engine, feeding the next id and up to `speculate` draft tokens."""
+        row = Row(0, request, next_id=-1)  # the toy model reads its rows off the generated ids, not a fed token
+        while True:
+            fed = row.feed()
+            context = list(request.context) + row.tokens
+            logp = np.array([self._table(context + fed[1 : j + 1], proposal).base_logp for j in range(len(fed))])
+            self.stats.forwards += 1
+            done, _ = verify_step([row], [logp], proposal, self.eos_ids)
+            if done:
+                break
+        self.stats.drafted += row.drafted
+        self.stats.kept_drafts += row.kept_drafts
+        return row.continuation()
 
     def _table(self, generated: Sequence[int], proposal: Proposal) -> _Table:
         row = self.spec.row(generated)

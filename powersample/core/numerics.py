@@ -3,6 +3,7 @@ draws by inverse CDF, and entropy. Numpy only; shapes are (..., V) over a vocabu
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -76,6 +77,25 @@ def draw(logq: np.ndarray, rng: np.random.Generator) -> int:
     if token == len(cdf):  # u rounded up to the total: take the last token with q > 0
         token = int(np.flatnonzero(np.isfinite(logq))[-1])
     return token
+
+
+def verify_draft(logq: np.ndarray, drafted: int, rng: np.random.Generator) -> int:
+    """One token from q (1-D log q) given a drafted guess d: speculative sampling with a deterministic draft.
+
+    d is kept with probability q(d); otherwise the token is drawn from q with d removed and renormalized. So the
+    token is exactly q-distributed, whatever d is:
+
+        P(d) = q(d),   P(v) = (1 - q(d)) * q(v) / (1 - q(d)) = q(v)  for v != d.
+
+    One uniform decides, and a rejection draws once more, both from `rng`.
+    """
+    if rng.random() < math.exp(logq[drafted]):
+        return drafted
+    residual = logq.copy()
+    residual[drafted] = -np.inf
+    if not np.isfinite(residual).any():  # q(d) = 1 up to rounding: nothing else can be drawn
+        return drafted
+    return draw(residual, rng)
 
 
 def negative_entropy(base_logp: np.ndarray) -> np.ndarray:

@@ -37,6 +37,9 @@ class ExtendRequest:
     rng: np.random.Generator  # the chain's own generator; every draw for this request comes from it
     slot: int = 0  # the chain's cache slot
     alternatives: int = 0  # also report the likeliest this-many next tokens after `context` (base log p)
+    draft: Tokens = ()  # a guess at the continuation (the chain's current suffix), verified token by token against
+    # q, so the continuation is exactly q-distributed whatever the draft (see core.numerics.verify_draft)
+    speculate: int = 0  # most draft tokens an engine verifies per forward; 0 = no draft, one token per forward
 
 
 @dataclass(frozen=True)
