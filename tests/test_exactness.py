@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import pytest
 from conftest import load_spec
@@ -54,7 +55,10 @@ def assert_follows(samples: list[tuple[int, ...]], law: dict) -> None:
         ("eos_trap", SamplerConfig(alpha=4.0, max_new_tokens=4, block_count=2, mcmc_steps=0)),
     ],
 )
-def test_output_follows_exact_law_of_the_algorithm(spec_name, config):
+@pytest.mark.parametrize("speculate", [0, 2], ids=["", "speculate=2"])
+def test_output_follows_exact_law_of_the_algorithm(spec_name, config, speculate):
+    """With speculative proposals on, the law is the same: a drafted proposal is exactly q's."""
+    config = replace(config, speculate=speculate)
     assert_follows(draw(spec_name, config), algorithm_law(load_spec(spec_name), config))
 
 

@@ -79,8 +79,9 @@ def test_dropping_the_index_term_breaks_the_target():
         ("eos_trap", {"alpha": 3.0, "max_new_tokens": 4, "block_size": 2, "mcmc_steps": 2}),
     ],
 )
-def test_output_follows_exact_law_of_the_algorithm(spec_name, kwargs, tries):
-    config = SamplerConfig(method="power-mtm", tries=tries, **kwargs)
+@pytest.mark.parametrize("speculate", [0, 2], ids=["", "speculate=2"])
+def test_output_follows_exact_law_of_the_algorithm(spec_name, kwargs, tries, speculate):
+    config = SamplerConfig(method="power-mtm", tries=tries, speculate=speculate, **kwargs)
     assert_follows(draw(spec_name, config), mtm_algorithm_law(load_spec(spec_name), config))
 
 

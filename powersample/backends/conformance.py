@@ -22,6 +22,7 @@ The promises:
 - score obeys the chain rule; an empty continuation scores ();
 - confidence (optional) is minus the entropy of each next-token distribution, and obeys the chain rule too;
 - a row of a batch gets the same draws and log-probs as the same request alone;
+- a continuation verified against a draft (speculative proposals) is like any other: EOS last, log p = score, q's log q;
 - a request past the model's context length is a one-line PowerSampleError.
 """
 
@@ -213,6 +214,28 @@ def batched_rows_match_single_rows(s: Subject, alone: Backend | None = None) -> 
     return batched
 
 
+def drafted_continuations_are_like_any(s: Subject) -> None:
+    """A continuation verified against a draft (speculate = 1, 2, 4; drafts: the model's own likely continuation,
+    the same reversed, one longer than max_tokens, one with EOS inside, none) stops at EOS or max_tokens,
+    has the base log p that `score` gives its tokens, and with next_logp the log q of q at every position. A
+    backend that does not speculate ignores the draft, and passes."""
+    b, cold = s.backend, Proposal(temperature=0.25)
+    guess = extend(b, s.prompt, 10, seed=80, proposal=cold, slot=80).tokens
+    eos = min(b.eos_ids)
+    drafts = [guess, guess[::-1], guess * 3, guess[:1] + (eos,) + guess[1:], ()]
+    for k in (1, 2, 4):
+        for j, draft in enumerate(drafts):
+            request = ExtendRequest(s.prompt, 8, np.random.default_rng(81 + j), 81, draft=draft, speculate=k)
+            cont = b.extend([request], cold)[0]
+            what = f"draft {j}, speculate {k}"
+            _check(1 <= len(cont.tokens) <= 8, f"{what}: {len(cont.tokens)} tokens for max_tokens 8")
+            _check(not set(cont.tokens[:-1]) & b.eos_ids, f"{what}: EOS before the last token: {cont.tokens}")
+            _close(b.score(s.prompt, cont.tokens), cont.base_logp, s.tolerance, f"{what}: score vs log p")
+            if s.next_logp is not None:
+                want = [float(proposal_logprobs(row, cold)[t]) for row, t in _rows(s, cont.tokens)]
+                _close(cont.proposal_logq, want, s.proposal_tolerance or s.tolerance, f"{what}: log q vs q's")
+
+
 def context_length_is_checked(s: Subject) -> None:
     """A request that would pass the model's context length is a one-line PowerSampleError saying so."""
     limit = s.backend.context_length
@@ -237,6 +260,7 @@ CHECKS: tuple[Callable[[Subject], object], ...] = (
     score_obeys_the_chain_rule,
     confidence_is_minus_the_entropy,
     batched_rows_match_single_rows,
+    drafted_continuations_are_like_any,
     context_length_is_checked,
 )
 

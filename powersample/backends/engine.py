@@ -99,8 +99,8 @@ def _walk(row: Row, logp: np.ndarray, proposal: Proposal, eos_ids: frozenset[int
             row.kept_drafts += token == drafted
         if token in eos_ids or len(row.tokens) == row.request.max_tokens:
             return True, j + 1
-        if token != drafted and row.draft:  # replaced: the rest of the draft (and the fed ids after j) is void
-            row.draft = []
+        if drafted is not None and token != drafted:  # replaced: the rest of the draft, and the fed ids after j,
+            row.draft = []  # are void
             return False, j + 1
     return False, len(logp)
 

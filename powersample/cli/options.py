@@ -31,6 +31,9 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proposal-temperature", type=float, help="proposal temperature tau (default 1/alpha)")
     g.add_argument("--top-k", type=int, default=d.top_k, help="proposal top-k (default off)")
     g.add_argument("--top-p", type=float, default=d.top_p, help="proposal top-p (default off)")
+    g.add_argument("--speculate", type=int, default=d.speculate, metavar="K",
+                   help="MCMC proposals: verify the current suffix as a draft, up to K tokens per forward; exact, "
+                        "the same law, other samples per seed (default %(default)s = off)")  # fmt: skip
     add_knob_options(g, d)
 
 
@@ -84,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> SamplerConfig:
         proposal_temperature=args.proposal_temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        speculate=args.speculate,
         **{name: getattr(args, name) for name in registry.METHOD_KNOBS},
     )
     registry.check(config)

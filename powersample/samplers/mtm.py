@@ -39,7 +39,7 @@ from powersample.core.numerics import draw, logsumexp
 from powersample.core.types import Continuation, ExtendRequest, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program
-from powersample.samplers.power import accept
+from powersample.samplers.power import accept, proposal_request
 
 
 def mtm_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
@@ -51,8 +51,8 @@ def mtm_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
         chain.tokens_generated += len(cont.tokens)
         for _ in range(config.mcmc_steps):
             i = int(chain.rng.integers(len(chain.tokens)))
-            context = prompt + tuple(chain.tokens[:i])
-            tries = yield tuple(ExtendRequest(context, cap - i, rng, slot) for slot, rng in enumerate(rngs))
+            tries = yield tuple(proposal_request(prompt, config, chain, i, cap, rng, slot)
+                                for slot, rng in enumerate(rngs))  # fmt: skip
             mtm_step(chain, i, tries, config.alpha)
         if chain.complete(eos_ids):
             break

@@ -48,7 +48,7 @@ def mh_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fro
         chain.tokens_generated += len(cont.tokens)
         for _ in range(config.mcmc_steps):
             i = int(chain.rng.integers(len(chain.tokens)))
-            cont = yield ExtendRequest(prompt + tuple(chain.tokens[:i]), cap - i, chain.rng, chain.slot)
+            cont = yield proposal_request(prompt, config, chain, i, cap, chain.rng, chain.slot)
             mh_step(chain, i, cont, alpha)
         if chain.complete(eos_ids):
             break
@@ -66,6 +66,16 @@ def eq12_tokens(max_new_tokens: int, block_size: int, mcmc_steps: int) -> float:
     steps sample about N * B/2 * sum_k k ~ N T^2 / (4B) tokens (bench's table, the report's Eq. 12 column)."""
     t, b, n = max_new_tokens, block_size, mcmc_steps
     return n * t * t / (4 * b) + t
+
+
+def proposal_request(prompt: Tokens, config: SamplerConfig, chain: Chain, i: int, cap: int,
+                     rng: np.random.Generator, slot: int) -> ExtendRequest:  # fmt: skip
+    """A fresh q-continuation of x_<i until EOS or `cap` tokens, drawn with `rng` (cache `slot`). With `speculate` on, the current
+    suffix x_>=i is its draft: the engine verifies it several tokens per forward, and the continuation is still
+    exactly q's (core.numerics.verify_draft), so the acceptance ratio is unchanged."""
+    draft = tuple(chain.tokens[i:]) if config.speculate else ()
+    return ExtendRequest(prompt + tuple(chain.tokens[:i]), cap - i, rng, slot, draft=draft,
+                         speculate=config.speculate)  # fmt: skip
 
 
 def mh_step(chain: Chain, i: int, proposed: Continuation, alpha: float) -> None:

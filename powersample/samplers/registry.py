@@ -125,8 +125,12 @@ def proposal(config: SamplerConfig) -> Proposal:
 
 
 def resolved(config: SamplerConfig) -> dict[str, Any]:
-    """Every field plus the values derived from them (B, the proposal temperature), as stored in records."""
-    return {**config.fields(), "block_size": config.block, "proposal_temperature": temperature(config)}
+    """Every field plus the values derived from them (B, the proposal temperature), as stored in records and in an
+    eval run's identity. `speculate` appears only when on, so that runs made before it existed keep their hash."""
+    out = {**config.fields(), "block_size": config.block, "proposal_temperature": temperature(config)}
+    if not config.speculate:
+        del out["speculate"]
+    return out
 
 
 def work_units(config: SamplerConfig) -> int:

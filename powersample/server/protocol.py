@@ -100,6 +100,7 @@ class _Body(BaseModel):
     block_count: int | None = None
     proposal_temperature: float | None = None
     top_k: int | None = None
+    speculate: int | None = None  # MCMC proposals: draft tokens verified per forward (0 = off)
     # + one field per method knob (tries, particles, ...), from the sampler registry: see _with_knobs
 
 
@@ -262,7 +263,8 @@ def check_budget(config: SamplerConfig, prompts: int, n: int, limits: Limits) ->
 def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig, list[str]]:
     """The request's SamplerConfig (the server's defaults, overridden by the body), and the fields ignored."""
     over: dict[str, Any] = {"method": defaults.method if body.method is None else body.method}
-    for name in ("alpha", "mcmc_steps", "block_size", "proposal_temperature", "top_k", "top_p", *METHOD_KNOBS):
+    for name in ("alpha", "mcmc_steps", "block_size", "proposal_temperature", "top_k", "top_p", "speculate",
+                 *METHOD_KNOBS):  # fmt: skip
         if getattr(body, name) is not None:
             over[name] = getattr(body, name)
     if body.block_count is not None:

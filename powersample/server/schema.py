@@ -208,6 +208,7 @@ def field_ranges(limits: Limits) -> dict[str, dict]:
         "block_size": {"minimum": 1, "maximum": limits.max_tokens},
         "block_count": {"minimum": 1},
         "top_k": {"minimum": 0},
+        "speculate": {"minimum": 0},
         "tries": count,
         "particles": count,
         "candidates": count,

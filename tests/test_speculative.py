@@ -1,0 +1,134 @@
+"""Speculative proposals are exact: a continuation verified against a draft, any draft, follows q.
+
+An engine verifies a draft (the chain's current suffix) several tokens per forward and keeps each drafted token d
+with probability q(d), else draws from q without d, renormalized (core.numerics.verify_draft). Here, on toy models,
+the law of drafted continuations is compared with q's exact law over every continuation (enumerated), for drafts that
+the model likes, an impossible token, EOS inside, a draft past max_tokens, drafts shorter than the continuation
+(fed whole in one forward) and none, at k = 1, 2, 3 tokens per forward; two mutations of the rule must fail the
+same test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from conftest import load_spec
+from exact_laws import continuations, empirical, row_logprobs, tv, tv_null_quantile
+
+from powersample.backends import engine
+from powersample.backends.toy import ToyBackend
+from powersample.core.numerics import draw, logsumexp, verify_draft
+from powersample.core.types import ExtendRequest, Proposal
+
+N = 4000  # drafted continuations per law
+MAX_TOKENS = 3
+TRUNCATED = Proposal(0.5, top_k=2)  # one token of three has q = 0 at each position: an impossible draft token
+
+
+def q_law(spec, proposal: Proposal) -> dict:
+    """q's exact law over every continuation of the empty context, until EOS or MAX_TOKENS."""
+    return {s: math.exp(lq) for s, lq in continuations(spec, proposal, (), MAX_TOKENS)}
+
+
+def likeliest(spec, proposal: Proposal, n: int) -> tuple[int, ...]:
+    seq: tuple[int, ...] = ()
+    for _ in range(n):
+        seq += (int(np.argmax(row_logprobs(spec, seq, proposal)[1])),)
+    return seq
+
+
+def drafts(spec, proposal: Proposal) -> dict[str, tuple[int, ...]]:
+    first = row_logprobs(spec, (), proposal)[1]
+    impossible = int(np.flatnonzero(~np.isfinite(first))[0]) if not np.isfinite(first).all() else None
+    best = likeliest(spec, proposal, MAX_TOKENS)
+    out = {"likeliest": best, "eos inside": (best[0], spec.eos_id, best[0]), "past max_tokens": best * 3, "none": (),
+           "one token": best[:1], "eos alone": (spec.eos_id,), "shorter": best[:2][::-1]}  # short: fully fed at once
+    if impossible is not None:
+        out["impossible token"] = (impossible,) + best[1:]
+    return out
+
+
+def drafted(backend: ToyBackend, proposal: Proposal, draft, k: int, n: int = N, seed: int = 0) -> list[tuple]:
+    rng = np.random.default_rng(seed)
+    requests = [ExtendRequest((), MAX_TOKENS, rng, draft=draft, speculate=k) for _ in range(n)]
+    return [c.tokens for c in backend.extend(requests, proposal)]
+
+
+CASES = [(name, proposal, k) for name, proposal in (("eos_trap", Proposal(0.5)), ("eos_trap", TRUNCATED),
+         ("early_eos", Proposal(0.25))) for k in (1, 2, 3)]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec_name, proposal, k", CASES)
+def test_drafted_continuations_follow_q_exactly(spec_name, proposal, k):
+    spec = load_spec(spec_name)
+    want, backend = q_law(spec, proposal), ToyBackend(spec)
+    for what, draft in drafts(spec, proposal).items():
+        have = drafted(backend, proposal, draft, k)
+        assert set(have) <= set(want), f"{what}: a continuation q cannot draw"
+        distance, bound = tv(empirical(have), want), tv_null_quantile(want, N)
+        assert distance <= bound, f"{what} draft, k={k}: TV {distance:.4f} > null 99.9% quantile {bound:.4f}"
+    assert "impossible token" in drafts(spec, proposal) or proposal != TRUNCATED
+
+
+def test_a_seed_gives_the_same_continuation_for_any_k_and_fewer_forwards_for_a_good_draft():
+    spec, cold, n = load_spec("no_early_eos"), Proposal(0.25), 6
+    best = likeliest(spec, cold, n)
+    outputs, forwards = [], []
+    for k in (1, 2, 3):
+        backend = ToyBackend(spec)
+        rng = np.random.default_rng(9)
+        requests = [ExtendRequest((), n, rng, draft=best, speculate=k) for _ in range(300)]
+        outputs.append([c.tokens for c in backend.extend(requests, cold)])
+        forwards.append(backend.stats.forwards)
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert forwards[2] < forwards[1] < forwards[0]
+    assert backend.stats.kept_drafts > 0.5 * backend.stats.drafted  # the model agrees with its likeliest path
+
+
+def accept_with_p(logq, d, rng):
+    """Mutant: keeps d with probability p(d) (q at tau 0.5 raised back to tau 1) instead of q(d)."""
+    finite = np.isfinite(logq)
+    p_d = math.exp(0.5 * logq[d] - float(logsumexp(0.5 * logq[finite])))
+    if rng.random() < p_d:
+        return d
+    residual = logq.copy()
+    residual[d] = -np.inf
+    return draw(residual, rng)
+
+
+def residual_not_renormalized(logq, d, rng):
+    """Mutant: after rejecting d, draws from q itself (d included) instead of q without d."""
+    return d if rng.random() < math.exp(logq[d]) else draw(logq, rng)
+
+
+@pytest.mark.parametrize("mutant", [accept_with_p, residual_not_renormalized])
+def test_mutations_of_the_rule_fail(mutant, monkeypatch):
+    spec, proposal = load_spec("eos_trap"), Proposal(0.5)
+    want = q_law(spec, proposal)
+    draft = drafts(spec, proposal)["likeliest"]
+    honest = tv(empirical(drafted(ToyBackend(spec), proposal, draft, 2)), want)
+    monkeypatch.setattr(engine, "verify_draft", mutant)
+    mutated = tv(empirical(drafted(ToyBackend(spec), proposal, draft, 2)), want)
+    bound = tv_null_quantile(want, N)
+    assert honest <= bound < mutated
+
+
+def test_verify_draft_keeps_d_with_probability_q_d():
+    logq = np.array([math.log(0.7), math.log(0.2), math.log(0.1), -np.inf])
+    rng = np.random.default_rng(3)
+    draws = np.array([verify_draft(logq, 0, rng) for _ in range(20000)])
+    assert np.isclose((draws == 0).mean(), 0.7, atol=0.015) and not (draws == 3).any()
+    assert all(verify_draft(logq, 3, rng) != 3 for _ in range(200))  # q(d) = 0: never kept
+    assert verify_draft(np.array([0.0, -np.inf]), 0, rng) == 0  # q(d) = 1: always kept
+
+
+def test_no_draft_means_todays_samples():
+    """speculate > 0 with an empty draft, and a draft with speculate 0, change nothing."""
+    spec = load_spec("eos_trap")
+    plain = drafted(ToyBackend(spec), Proposal(0.5), (), 0, n=200, seed=4)
+    assert drafted(ToyBackend(spec), Proposal(0.5), (0, 0, 0), 0, n=200, seed=4) == plain
+    request = ExtendRequest((), MAX_TOKENS, np.random.default_rng(1), draft=(0, 0), speculate=2)
+    assert replace(request, speculate=0).draft == (0, 0)  # the request keeps its draft; the engine ignores it
