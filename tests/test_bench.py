@@ -8,6 +8,7 @@ import datetime
 import json
 import math
 import statistics
+from dataclasses import replace
 
 import pytest
 from conftest import SPECS
@@ -28,15 +29,17 @@ from powersample.tools.bench import (
 
 SPEC = str(SPECS / "no_early_eos.json")
 TOY = ["--backend", "toy", "--toy-spec", SPEC]
-PHASES = ("plain-1", "plain-K", "power-K", "power-1", "scratch-1")
+PHASES = ("plain-1", "plain-K", "power-K", "power-1", "speculative-1", "scratch-1")
 PHASE_FIELDS = {"name", "label", "chains", "method", "reuse_cache", "samples", "tokens_sampled", "wall_seconds",
                 "tokens_per_second", "wall_per_sample", "acceptance_rate", "mean_tokens_sampled_per_sample",
-                "mean_length", "eos_fraction", "peak_rss_kb", "load_average", "calls"}
+                "mean_length", "eos_fraction", "peak_rss_kb", "load_average", "calls", "speculate", "forwards_per_sample",
+                "kept_drafts_per_forward"}
 CALL_FIELDS = {"repeat", "prompt_index", "seed", "wall_seconds", "tokens_generated", "lengths", "finish_reasons",
-               "proposals", "accepted"}
+               "proposals", "accepted", "forwards", "drafted", "kept_drafts"}
 TARGETS = {"rate_power-K_vs_plain-K": ("power-K", "plain-K", "tokens_per_second", 0.85, ">="),
            "rate_power-1_vs_plain-1": ("power-1", "plain-1", "tokens_per_second", 0.85, ">="),
            "scratch_vs_ours_1": ("scratch-1", "power-1", "wall_per_sample", 5.0, ">="),
+           "speculative_vs_plain_proposals_1": ("power-1", "speculative-1", "wall_per_sample", 1.5, ">="),
            "wall_per_sample_K_vs_1": ("power-K", "power-1", "wall_per_sample", 0.25, "<=")}
 
 
@@ -67,7 +70,7 @@ def check_fields(data, backend_name):
         assert all(CALL_FIELDS <= set(c) for c in phase["calls"])
     assert set(data["targets"]) == {*TARGETS, "peak_rss_gib_K"}
     assert {"estimate_tokens_per_sample", "expected_tokens_per_sample_full_length", "power-K", "power-1",
-            "scratch-1"} <= set(data["eq12"])
+            "speculative-1", "scratch-1"} <= set(data["eq12"])
 
 
 def check_phase(phase, prompts, repeats):
@@ -99,14 +102,33 @@ def check_consistency(data, repeats=1):
     for name in ("plain-1", "plain-K"):  # plain decoding samples exactly the tokens it keeps
         assert phases[name]["method"] == "base" and phases[name]["acceptance_rate"] is None
         assert all(c["tokens_generated"] == c["lengths"] for c in phases[name]["calls"])
-    for name in ("power-K", "power-1", "scratch-1"):
+    for name in ("power-K", "power-1", "speculative-1", "scratch-1"):
         p = phases[name]
         proposals = sum(c["proposals"] for c in p["calls"])
         assert proposals > 0 and p["acceptance_rate"] == sum(c["accepted"] for c in p["calls"]) / proposals
         assert data["eq12"][name]["actual_tokens_per_sample"] == p["mean_tokens_sampled_per_sample"]
     assert phases["plain-K"]["chains"] == phases["power-K"]["chains"] == data["options"]["chains"]
     assert phases["scratch-1"]["reuse_cache"] is False and phases["power-1"]["reuse_cache"] is True
+    assert phases["power-1"]["speculate"] == 0 < phases["speculative-1"]["speculate"] == data["options"]["speculate"]
+    check_forwards(phases)
     check_targets(data)
+
+
+def check_forwards(phases):
+    """Where the backend counts its forwards, a phase's forwards per sample are its calls' forwards per sample, and
+    kept drafts per forward those of the speculative phase's calls."""
+    for p in phases.values():
+        calls = p["calls"]
+        if any(c["forwards"] is None for c in calls):
+            assert p["forwards_per_sample"] is None
+            continue
+        assert p["forwards_per_sample"] == sum(c["forwards"] for c in calls) / len(calls)  # a call: one prompt
+        assert all(c["forwards"] >= 1 for c in calls)
+    spec = phases["speculative-1"]
+    if spec["kept_drafts_per_forward"] is not None:
+        calls = spec["calls"]
+        assert spec["kept_drafts_per_forward"] == sum(c["kept_drafts"] for c in calls) / sum(c["forwards"] for c in calls)
+        assert all(0 <= c["kept_drafts"] <= c["drafted"] for c in calls)
 
 
 def check_targets(data):
@@ -144,8 +166,9 @@ def test_token_counts_are_what_the_records_say(tmp_path, capsys):
     configs = {"base": SamplerConfig(**data["plain_config"]), "power": SamplerConfig(**data["config"])}
     for phase in data["phases"].values():
         for c in phase["calls"]:
-            records = sample(backend, data["options"]["prompts"][c["prompt_index"]], configs[phase["method"]],
-                             seed=c["seed"], num_samples=phase["chains"])
+            config = replace(configs[phase["method"]], speculate=phase["speculate"])  # speculative-1's own k
+            records = sample(backend, data["options"]["prompts"][c["prompt_index"]], config, seed=c["seed"],
+                             num_samples=phase["chains"])
             assert c["seed"] == 3 + c["prompt_index"]
             assert c["tokens_generated"] == [r.tokens_generated for r in records]
             assert c["lengths"] == [len(r.tokens) for r in records]
@@ -190,8 +213,8 @@ def test_progress_bar_on_stderr_and_partial_json(tmp_path, capsys):
     options = BenchOptions(SamplerConfig(max_new_tokens=4, block_size=2, mcmc_steps=1), ("x", "y"),
                            BackendSpec("toy", toy_spec=SPEC), chains=2)
     final = run_bench(options, on_progress=partial.append)
-    assert len(partial) == 5 * 2 and not any(r.complete for r in partial) and final.complete
-    assert [len(r.phases) for r in partial] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert len(partial) == 6 * 2 and not any(r.complete for r in partial) and final.complete
+    assert [len(r.phases) for r in partial] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
 
 
 def test_eq12_estimate():

@@ -197,7 +197,6 @@ class ToyBackend:
     def _extend_one(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
         if request.speculate > 0 and request.draft:
             return self._extend_drafted(request, proposal)
-        self.stats.forwards += request.max_tokens  # at most: one per token (an early EOS is not subtracted)
         seq = list(request.context)
         tokens, logp, logq = [], [], []
         alternatives = (
@@ -217,6 +216,7 @@ class ToyBackend:
             seq.append(tok)
             if tok == self.spec.eos_id:
                 break
+        self.stats.forwards += len(tokens)  # one per token drawn
         return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives)
 
     def _extend_drafted(self, request: ExtendRequest, proposal: Proposal) -> Continuation:

@@ -23,6 +23,9 @@ PROMPTS = (  # built-in prompts: short math and reasoning questions
 )
 
 
+SPECULATE = 8  # the speculative phase's draft tokens per forward when --speculate is not given
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     """One benchmark run. Validated at construction."""
@@ -46,6 +49,11 @@ class BenchOptions:
         check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed}")
 
     @property
+    def speculate(self) -> int:
+        """Draft tokens per forward of the speculative-1 phase: --speculate, or SPECULATE when not given."""
+        return self.config.speculate or SPECULATE
+
+    @property
     def plain_config(self) -> SamplerConfig:
         """The plain-decoding phases: method base (tau = 1) with the same T."""
         return SamplerConfig(method="base", max_new_tokens=self.config.max_new_tokens)
@@ -53,7 +61,7 @@ class BenchOptions:
     def to_dict(self) -> dict:
         """The options in the result JSON (the configs are written beside them)."""
         return {"prompts": list(self.prompts), "chains": self.chains, "repeats": self.repeats, "seed": self.seed,
-                "chat": self.chat, "quick": self.quick, "warmup_tokens": WARMUP_TOKENS,
+                "chat": self.chat, "quick": self.quick, "warmup_tokens": WARMUP_TOKENS, "speculate": self.speculate,
                 "seeds": [self.seed + i for i in range(len(self.prompts))]}
 
 

@@ -1,4 +1,4 @@
-"""The five phases of a bench run, and what one phase measured (its calls, and their medians over repeats)."""
+"""The six phases of a bench run, and what one phase measured (its calls, and their medians over repeats)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from powersample.tools.bench.options import BenchOptions
 class Phase:
     """What one phase runs."""
 
-    name: str  # plain-1, plain-K, power-K, power-1, scratch-1
+    name: str  # plain-1, plain-K, power-K, power-1, speculative-1, scratch-1
     label: str  # for the table
     chains: int  # chains per prompt (the batch)
     method: str  # "base" (plain decoding) or the MCMC config's method
     reuse_cache: bool  # False: the regenerate-from-scratch backend
+    speculate: int = 0  # draft tokens verified per forward in the MCMC proposals; 0 = off
 
     @property
     def plain(self) -> bool:
@@ -25,13 +26,14 @@ class Phase:
 
 
 def phases(options: BenchOptions) -> tuple[Phase, ...]:
-    """The five phases, in the order they run."""
-    k, mcmc = options.chains, options.config.method
+    """The six phases, in the order they run: power-1 and speculative-1 differ only in speculation."""
+    k, mcmc, spec = options.chains, options.config.method, options.speculate
     return (
         Phase("plain-1", "plain decode, batch 1", 1, "base", True),
         Phase("plain-K", f"plain decode, batch {k}", k, "base", True),
         Phase("power-K", f"{mcmc} sampling, {k} chains", k, mcmc, True),
         Phase("power-1", f"{mcmc} sampling, 1 chain", 1, mcmc, True),
+        Phase("speculative-1", f"{mcmc} sampling, 1 chain, speculate {spec}", 1, mcmc, True, spec),
         Phase("scratch-1", "regenerate from scratch, 1 chain", 1, mcmc, False),
     )
 
@@ -49,6 +51,9 @@ class CallStats:
     finish_reasons: tuple[str, ...]  # per sample: eos | length
     proposals: int  # MH proposals, all samples
     accepted: int  # accepted MH proposals, all samples
+    forwards: int | None = None  # the engine's sequential decoding forwards during the call (None: not counted)
+    drafted: int | None = None  # draft tokens verified (speculation)
+    kept_drafts: int | None = None  # of those, kept
 
     @property
     def ended_at_eos(self) -> tuple[bool, ...]:
@@ -58,7 +63,8 @@ class CallStats:
         return {"repeat": self.repeat, "prompt_index": self.prompt_index, "seed": self.seed,
                 "wall_seconds": self.wall_seconds, "tokens_generated": list(self.tokens_generated),
                 "lengths": list(self.lengths), "finish_reasons": list(self.finish_reasons),
-                "proposals": self.proposals, "accepted": self.accepted}
+                "proposals": self.proposals, "accepted": self.accepted, "forwards": self.forwards,
+                "drafted": self.drafted, "kept_drafts": self.kept_drafts}
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,21 @@ class PhaseResult:
         proposals = sum(c.proposals for c in self.calls)
         return sum(c.accepted for c in self.calls) / proposals if proposals else None
 
+    @property
+    def forwards_per_sample(self) -> float | None:
+        """Sequential decoding forwards per call, i.e. per sample of one chain (a batch's forward serves all its
+        chains)."""
+        if any(c.forwards is None for c in self.calls):
+            return None
+        return ratio(sum(c.forwards for c in self.calls), len(self.calls))
+
+    @property
+    def kept_drafts_per_forward(self) -> float | None:
+        """Draft tokens kept per forward: what one forward decodes beyond its one token (speculation)."""
+        if not self.phase.speculate or any(c.kept_drafts is None for c in self.calls):
+            return None
+        return ratio(sum(c.kept_drafts for c in self.calls), sum(c.forwards for c in self.calls))
+
     def sample_mean(self, value: Callable[[CallStats], tuple]) -> float:
         """Mean over every sample of every repeat of a per-sample tuple field."""
         values = [v for c in self.calls for v in value(c)]
@@ -118,7 +139,8 @@ class PhaseResult:
             "method": self.phase.method, "reuse_cache": self.phase.reuse_cache,
             "samples": self.samples, "tokens_sampled": self.tokens_sampled, "wall_seconds": self.wall_seconds,
             "tokens_per_second": self.tokens_per_second, "wall_per_sample": self.wall_per_sample,
-            "acceptance_rate": self.acceptance_rate, **self.per_sample(),
+            "acceptance_rate": self.acceptance_rate, **self.per_sample(), "speculate": self.phase.speculate,
+            "forwards_per_sample": self.forwards_per_sample, "kept_drafts_per_forward": self.kept_drafts_per_forward,
             "peak_rss_kb": self.peak_rss_kb, "load_average": list(self.load_average),
             "calls": [c.to_dict() for c in self.calls],
         }

@@ -86,17 +86,29 @@ def run_call(
     progress: Callable[[int], None] | None,
 ) -> CallStats:
     """One prompt of one phase: `phase.chains` samples drawn together, seeded with seed + index."""
-    config = options.plain_config if phase.plain else options.config
+    config = options.plain_config if phase.plain else replace(options.config, speculate=phase.speculate)
     seed = options.seed + index
+    before = engine_counts(backend)
     records = sample(backend, options.prompts[index], config, seed=seed, num_samples=phase.chains,
                      chat=options.chat, progress=progress)
+    counts = [None if b is None else a - b for a, b in zip(engine_counts(backend), before)]
     return CallStats(
         repeat=repeat, prompt_index=index, seed=seed, wall_seconds=records[0].wall_seconds,
         tokens_generated=tuple(r.tokens_generated for r in records),
         lengths=tuple(len(r.tokens) for r in records),
         finish_reasons=tuple(r.finish_reason for r in records),
         proposals=sum(r.proposals for r in records), accepted=sum(r.accepted for r in records),
+        forwards=counts[0], drafted=counts[1], kept_drafts=counts[2],
     )
+
+
+COUNTERS = ("forwards", "drafted", "kept_drafts")  # the backends' diagnostics (their `stats`) that bench reads
+
+
+def engine_counts(backend: Backend) -> tuple[int | None, ...]:
+    """The backend's forward and draft counters now (None where it keeps no such counter)."""
+    stats = getattr(backend, "stats", None)
+    return tuple(getattr(stats, name, None) for name in COUNTERS)
 
 
 def warm_up(backend: Backend, options: BenchOptions) -> None:

@@ -24,13 +24,15 @@ def _header(result: BenchResult) -> str:
 
 
 def _phase_rows(result: BenchResult) -> list[str]:
-    head = (f"{'phase':<34} {'samples':>7} {'tokens':>8} {'wall s':>8} {'tokens/s':>9} {'s/sample':>9} "
-            f"{'accept':>7} {'peak RSS MB':>11}")
+    head = (f"{'phase':<44} {'samples':>7} {'tokens':>8} {'wall s':>8} {'tokens/s':>9} {'s/sample':>9} "
+            f"{'accept':>7} {'fwd/sample':>10} {'kept/fwd':>8} {'peak RSS MB':>11}")
     rows = [head]
     for p in result.phases:
         acc = "-" if p.acceptance_rate is None else f"{p.acceptance_rate:.2f}"
-        rows.append(f"{p.phase.label:<34} {p.samples:>7} {p.tokens_sampled:>8.0f} {p.wall_seconds:>8.1f} "
-                    f"{p.tokens_per_second:>9.2f} {p.wall_per_sample:>9.2f} {acc:>7} "
+        fwd = "-" if p.forwards_per_sample is None else f"{p.forwards_per_sample:.0f}"
+        kept = "-" if p.kept_drafts_per_forward is None else f"{p.kept_drafts_per_forward:.2f}"
+        rows.append(f"{p.phase.label:<44} {p.samples:>7} {p.tokens_sampled:>8.0f} {p.wall_seconds:>8.1f} "
+                    f"{p.tokens_per_second:>9.2f} {p.wall_per_sample:>9.2f} {acc:>7} {fwd:>10} {kept:>8} "
                     f"{p.peak_rss_kb / 1024:>11.0f}")
     return rows
 

@@ -1,7 +1,7 @@
 """The numbers a bench run is judged by: each a ratio of two measured numbers, compared with a fixed bound.
 
 MCMC tokens/s at least 0.85 of plain decoding at the same batch; regenerating from scratch at least 5x slower per
-sample than ours; K chains at most a quarter of the wall per sample of one; peak RSS at most 2 GiB with K chains.
+sample than ours; speculative proposals at least 1.5x faster per sample than plain ones (one chain); K chains at most a quarter of the wall per sample of one; peak RSS at most 2 GiB with K chains.
 """
 
 from __future__ import annotations
@@ -62,6 +62,14 @@ def _scratch_target(phase: PhaseLookup) -> Target | None:
                   b.wall_per_sample, 5.0, ">=")
 
 
+def _speculative_target(phase: PhaseLookup) -> Target | None:
+    a, b = phase("power-1"), phase("speculative-1")
+    if a is None or b is None:
+        return None
+    return Target("speculative_vs_plain_proposals_1", f"wall/sample, 1 chain, no / k={b.phase.speculate} speculation",
+                  a.wall_per_sample, b.wall_per_sample, 1.5, ">=")
+
+
 def _batch_target(phase: PhaseLookup) -> Target | None:
     a, b = phase("power-K"), phase("power-1")
     if a is None or b is None:
@@ -82,6 +90,7 @@ TARGETS = (
     _rate_target("power-K", "plain-K", "MCMC / plain tokens/s, K chains (batch K)"),
     _rate_target("power-1", "plain-1", "MCMC / plain tokens/s, 1 chain (batch 1)"),
     _scratch_target,
+    _speculative_target,
     _batch_target,
     _rss_target,
 )
