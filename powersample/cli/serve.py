@@ -15,12 +15,12 @@ from powersample.errors import PowerSampleError
 from powersample.io import append_jsonl
 from powersample.samplers import registry
 
-DESCRIPTION = """Serve power sampling over the OpenAI API: POST /v1/completions and /v1/chat/completions, GET
-/v1/models and /health. The sampler options below are the defaults a request's fields override (method, alpha,
-mcmc_steps, block_size, block_count, proposal_temperature, top_k, top_p, speculate, every method's knobs,
-max_tokens). Binds 127.0.0.1 unless told otherwise; with --api-key (or POWERSAMPLE_API_KEY) every request needs
-'Authorization: Bearer KEY' (GET /health answers a bare {"status": "ok"} without it, for liveness probes). Requests must be application/json and name this
-server as their Host (DNS-rebinding protection; --allowed-host adds names); no web origin may call it unless
+DESCRIPTION = """Serve power sampling over the OpenAI API: POST /v1/completions and /v1/chat/completions, GET /v1/models and /health.
+The sampler options below are the defaults a request's fields override (method, alpha, mcmc_steps, block_size,
+block_count, proposal_temperature, top_k, top_p, speculate, every method's knobs, max_tokens). Binds 127.0.0.1
+unless told otherwise; with --api-key (or POWERSAMPLE_API_KEY) every request needs 'Authorization: Bearer KEY' (GET
+/health answers a bare {"status": "ok"} without it, for liveness probes). Requests must be application/json and name
+this server as their Host (DNS-rebinding protection; --allowed-host adds names); no web origin may call it unless
 --cors-origin allows one."""
 
 # the flag of each limit, where it is not --<field>
