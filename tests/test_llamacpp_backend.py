@@ -22,6 +22,7 @@ pytest.importorskip("llama_cpp")
 from powersample.backends import conformance
 from powersample.backends.embedded import embedded_gguf_path
 from powersample.backends.llamacpp import LlamaCppBackend
+from powersample.core.numerics import proposal_logprobs
 from powersample.core.types import ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
@@ -317,3 +318,128 @@ def test_weights_stay_off_amx_unless_opted_in(backend, monkeypatch):
     assert backend.weights.placement.extra_bufts is not amx
     monkeypatch.setenv(AMX_OPT_IN, "1")
     assert placement_for(llama_cpp, embedded_gguf_path()).extra_bufts
+
+
+# --- drafts: speculative proposals (issue 14) -------------------------------------------------------------------
+
+ALPHA4 = Proposal(temperature=0.25)  # power sampling's proposal at alpha = 4
+
+
+def drafted(backend, context, n, seed, draft, k, proposal=ALPHA4, slot=0):
+    """One request of n tokens at most whose draft is verified k tokens per forward."""
+    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot, draft=tuple(draft), speculate=k)
+    return backend.extend([request], proposal)[0]
+
+
+def logq_of(backend, context, tokens, proposal):
+    """log q of each token as the undrafted path computes it: the proposal of the base log p after its prefix."""
+    return [float(proposal_logprobs(backend.next_token_logp(tuple(context) + tuple(tokens[:j])), proposal)[t])
+            for j, t in enumerate(tokens)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def own(backend, prompt) -> tuple[int, ...]:
+    """The row's own likely continuation: a sample at tau 1/4, which ends in EOS after a few dozen tokens."""
+    tokens = sample(backend, prompt, 64, seed=100, proposal=ALPHA4).tokens
+    assert tokens[-1] in backend.eos_ids and len(tokens) > 20
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def drafts(backend, prompt, own) -> dict[str, tuple[tuple[int, ...], int]]:
+    """name -> (draft, max_tokens) for a request extending the prompt."""
+    (eos,) = backend.eos_ids
+    unlikely = int(np.argmin(backend.next_token_logp(prompt + own[:2])))  # q below e^-100 at tau 1/4
+    return {
+        "own": (own[:16], 16),
+        "impossible": (own[:2] + (unlikely,) + own[3:16], 16),
+        "eos_inside": (own[:5] + (eos,) + own[5:16], 16),
+        "past_max_tokens": (own, 10),
+        "empty": ((), 12),
+    }
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_a_drafted_continuation_scores_like_the_undrafted_path(backend, prompt, drafts, k):
+    cases = [(name, draft, n, ALPHA4) for name, (draft, n) in drafts.items()]
+    cases.append(("outside_top_k", *drafts["impossible"], Proposal(temperature=0.25, top_k=20)))  # q = 0 exactly
+    for name, draft, n, proposal in cases:
+        verified = backend.stats.drafted
+        cont = drafted(backend, prompt, n, seed=7, draft=draft, k=k, proposal=proposal)
+        assert (backend.stats.drafted > verified) == bool(draft), f"the {name} draft was verified iff not empty"
+        assert 1 <= len(cont.tokens) <= n and all(t not in backend.eos_ids for t in cont.tokens[:-1]), name
+        np.testing.assert_allclose(backend.score(prompt, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0,
+                                   err_msg=f"log p of the {name} draft")
+        np.testing.assert_allclose(logq_of(backend, prompt, cont.tokens, proposal), cont.proposal_logq,
+                                   atol=TOLERANCE, rtol=0, err_msg=f"log q of the {name} draft")
+        if name in ("impossible", "outside_top_k"):
+            assert cont.tokens[2] != draft[2]
+    undrafted = sample(backend, prompt, 12, seed=7, proposal=ALPHA4)
+    assert drafted(backend, prompt, 12, seed=7, draft=(), k=k).tokens == undrafted.tokens  # an empty draft: no change
+
+
+def test_a_seed_gives_the_same_drafted_continuation_whatever_k_and_batch(backend, prompt, drafts):
+    alone = {}
+    for name, (draft, n) in drafts.items():
+        by_k = [drafted(backend, prompt, n, seed=11, draft=draft, k=k) for k in (1, 2, 4)]
+        assert by_k[0].tokens == by_k[1].tokens == by_k[2].tokens, name
+        for cont in by_k[1:]:
+            np.testing.assert_allclose(cont.base_logp, by_k[0].base_logp, atol=TOLERANCE, rtol=0)
+        alone[name] = by_k[0]
+    ks = dict(zip(drafts, (4, 1, 2, 4, 2)))  # rows feeding different numbers of ids share every forward
+    forwards = {}
+    for name, (draft, n) in drafts.items():  # each row alone at its own k: the same tokens as at k = 1
+        before = backend.stats.forwards
+        assert drafted(backend, prompt, n, seed=11, draft=draft, k=ks[name]).tokens == alone[name].tokens, name
+        forwards[name] = backend.stats.forwards - before
+    requests = [ExtendRequest(prompt, n, np.random.default_rng(11), slot=20 + j, draft=draft, speculate=ks[name])
+                for j, (name, (draft, n)) in enumerate(drafts.items())]  # fmt: skip
+    before = backend.stats.forwards
+    batched = backend.extend(requests, ALPHA4)
+    assert backend.stats.forwards - before == max(forwards.values())  # one llama_decode per step serves every row
+    for name, cont in zip(drafts, batched):
+        assert cont.tokens == alone[name].tokens, name
+        np.testing.assert_allclose(cont.base_logp, alone[name].base_logp, atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(cont.proposal_logq, alone[name].proposal_logq, atol=TOLERANCE, rtol=0)
+
+
+def test_a_draft_the_model_agrees_with_takes_fewer_forwards(backend):
+    counting = backend.encode("Count from 1 to 20, separated by commas.", chat=True)
+    draft = sample(backend, counting, 16, seed=102, proposal=ALPHA4).tokens
+    stats, runs = backend.stats, {}
+    for k in (0, 4):
+        before = (stats.forwards, stats.drafted, stats.kept_drafts, stats.fed_tokens)
+        cont = drafted(backend, counting, 16, seed=2, draft=draft, k=k)
+        after = (stats.forwards, stats.drafted, stats.kept_drafts, stats.fed_tokens)
+        runs[k] = [b - a for a, b in zip(before, after)]
+        assert len(cont.tokens) == 16
+    assert runs[0] == [16, 0, 0, 16]  # undrafted: one forward and one fed id per token
+    forwards, verified, kept, fed = runs[4]
+    assert 2 * forwards <= runs[0][0]
+    assert 0 < kept <= verified <= 16 and fed <= forwards * 5
+
+
+@pytest.mark.parametrize("case", ["replaced", "past_eos"])
+def test_the_cache_is_right_after_void_draft_ids(backend, prompt, own, case):
+    """Ids fed after a replaced draft token, or after an EOS, are cut from the sequence: a second request on the
+    same slot reuses the cache and gets the log p of a fresh backend."""
+    chain = fresh(backend)
+    if case == "replaced":  # a live row: its next forward goes right after the kept ids
+        unlikely = int(np.argmin(chain.next_token_logp(prompt + own[:2])))
+        context, draft, n = prompt, own[:2] + (unlikely,) + own[3:16], 12
+    else:  # a finished row: the draft runs past the EOS that ends the continuation
+        context, draft, n = prompt + own[:-4], own[-4:] + own[:3], 16
+    before = chain.stats.fed_tokens
+    first = drafted(chain, context, n, seed=0, draft=draft, k=8)
+    if case == "replaced":
+        assert first.tokens[:2] == draft[:2] and first.tokens[2] != draft[2]
+    else:
+        assert first.tokens == own[-4:] and chain.stats.fed_tokens - before == 8  # one forward, 4 ids void
+    state = context + first.tokens
+    before = chain.stats.evaluated_tokens
+    following = sample(chain, state, 6, seed=9, proposal=ALPHA4)
+    assert chain.stats.evaluated_tokens - before == len(following.tokens)  # state[-1], never fed, then drawn ones
+    want = sample(fresh(backend), state, 6, seed=9, proposal=ALPHA4)
+    assert following.tokens == want.tokens
+    np.testing.assert_allclose(following.base_logp, want.base_logp, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(chain.score(state, following.tokens), following.base_logp, atol=TOLERANCE, rtol=0)

@@ -1,11 +1,20 @@
 """`llamacpp`: a GGUF model run by llama.cpp (through llama-cpp-python) behind the backend seam (`base.py`).
 
-Per decoding step, `extend` runs ONE llama.cpp decode for every live request (one token per row) and derives both
-distributions from each row's logits:
+Per decoding step, `extend` runs ONE llama.cpp decode for every live request and derives both distributions from
+the logits of every id a row fed:
 
-    log p = logits - logsumexp(logits)                 # base: temperature 1, no truncation (float64), (B, V)
+    log p = logits - logsumexp(logits)                 # base: temperature 1, no truncation (float64), (fed, V)
     log q = proposal_logprobs(log p, proposal)         # proposal: temperature, top-k, top-p, renormalized
-    token = draw(log q[b], request.rng)                # all randomness comes from each chain's own generator
+    token = draw(log q[j], request.rng)                # all randomness comes from each chain's own generator
+
+Drafts (speculative proposals). A row without a draft feeds one id per step, its next token. A request with a
+draft and `speculate` = k > 0 feeds `Row.feed()`: its next token, then up to k draft tokens, as consecutive
+positions of its sequence, with logits for each, so one forward verifies up to k drafted tokens
+(`engine.verify_step`: each kept with probability q, else replaced by a draw from the rest of q; exactly q
+either way). Rows feeding different numbers of ids share the one decode. After a replaced draft token, the ids fed
+after it are void: they are cut from the row's sequence (its cells and its tracked ids) before the next step, so
+the cache always holds exactly the row's context and kept tokens. A seed gives the same tokens whatever k and
+whatever the batch, since every draw is made in position order from the request's generator.
 
 llama.cpp's own sampler is never used. We drive the low-level C API (our own `llama_batch`, `llama_decode`,
 `llama_get_logits_ith`) so that each decode computes exactly the logits rows we read. llama-cpp-python's
@@ -64,7 +73,7 @@ import numpy as np
 
 from powersample.backends import probe
 from powersample.backends.embedded import cache_root, embedded_gguf_path, publish
-from powersample.backends.engine import Row, check_fits, common_prefix, draw_step, extend_in_one_run
+from powersample.backends.engine import Row, check_fits, common_prefix, extend_in_one_run, verify_step
 from powersample.backends.llamacpp_placement import ModelParams, Placement, model_params, placement_for
 from powersample.backends.tokenizer import plain_transcript
 from powersample.core.numerics import negative_entropy
@@ -97,6 +106,16 @@ class _Row(Row):
     next_id, which goes at position len(seq.ids)."""
 
     seq: _Seq
+
+    def feed(self) -> list[int]:
+        """engine.Row.feed, at most N_BATCH ids (one llama_decode): a shorter chunk changes no draw, only the
+        number of forwards."""
+        return super().feed()[:N_BATCH]
+
+    def needs(self) -> list[int]:
+        """The ids the row's sequence must hold before its next step, once it has drawn a token: the context and
+        every token but the last (its next_id)."""
+        return [*self.request.context, *self.tokens[:-1]]
 
 
 @dataclass(eq=False)
@@ -131,6 +150,10 @@ class LlamaCppStats:
 
     evaluated_tokens: int = 0  # tokens fed to llama_decode; tests check cache reuse with it
     decode_calls: int = 0  # llama_decode calls; tests check that one serves every row of a step
+    forwards: int = 0  # llama_decode calls of decoding steps (not prefills or scoring): the sequential forwards
+    fed_tokens: int = 0  # ids those forwards fed: next tokens and draft tokens, void ones included
+    drafted: int = 0  # draft tokens verified (kept or replaced), summed over finished rows
+    kept_drafts: int = 0  # of those, kept
 
 
 class LlamaCppBackend:
@@ -154,8 +177,8 @@ class LlamaCppBackend:
         self._memory = self._lib.llama_get_memory(self._ctx)
         self._lanes: OrderedDict[int, int] = OrderedDict()  # slot -> its lane's index, least recently used first
         self._batch = self._lib.llama_batch_init(N_BATCH, 0, 1)
-        self._logp = np.empty((max_slots, self.n_vocab))  # (B, V) float64, reused: fresh pages cost ~0.3 ms a row
-        self._exp = np.empty((max_slots, self.n_vocab))  # (B, V) scratch for exp()
+        self._logp = np.empty((max_slots, self.n_vocab))  # (fed, V) float64, reused: fresh pages cost ~0.3 ms a row
+        self._exp = np.empty((max_slots, self.n_vocab))  # (fed, V) scratch for exp(); both grow with drafts
         self.stats = LlamaCppStats()  # diagnostics, for tests and tools
 
     @classmethod
@@ -255,6 +278,8 @@ class LlamaCppBackend:
             done = self._step(rows, proposal)
             finished, rows = [rows[b] for b in done], [r for b, r in enumerate(rows) if b not in done]
             for row in finished:
+                self.stats.drafted += row.drafted
+                self.stats.kept_drafts += row.kept_drafts
                 waiting += refill(row.key, row.continuation()).items()
 
     def _start(self, admitted: list[tuple[int, ExtendRequest]], rows: list[_Row]) -> list[_Row]:
@@ -276,12 +301,43 @@ class LlamaCppBackend:
         return new_rows
 
     def _step(self, rows: list[_Row], proposal: Proposal) -> list[int]:
-        """One llama_decode feeding every row its next token; draws one token per row from q. Returns the indices
-        of the rows that are now finished (EOS or max_tokens)."""
-        self._decode([(row.next_id, len(row.seq.ids), row.seq.seq_id, True) for row in rows])
-        for row in rows:
-            row.seq.ids.append(row.next_id)  # its cells now hold the token just fed
-        return draw_step(rows, self._logp_rows(range(len(rows))), proposal, self.eos_ids)
+        """One decoding step: every row feeds `row.feed()` (its next token, then the draft tokens it verifies now),
+        all in one llama_decode (one per N_BATCH fed ids, should they exceed it). Returns the indices of the rows
+        that are now finished (EOS or max_tokens)."""
+        feeds = [row.feed() for row in rows]
+        done: list[int] = []
+        for group in _fitting([len(fed) for fed in feeds], N_BATCH):
+            finished = self._forward([rows[b] for b in group], [feeds[b] for b in group], proposal)
+            done += [group[b] for b in finished]
+        return done
+
+    def _forward(self, rows: list[_Row], feeds: list[list[int]], proposal: Proposal) -> list[int]:
+        """One llama_decode of each row's fed ids at the next positions of its sequence, logits for every one; the
+        rows' tokens drawn or verified from them (engine.verify_step); void fed ids cut from the cache. Returns the
+        indices of the rows now finished."""
+        items = [(token, len(row.seq.ids) + j, row.seq.seq_id, True) for row, fed in zip(rows, feeds)
+                 for j, token in enumerate(fed)]  # fmt: skip
+        self._decode(items)
+        self.stats.forwards += 1
+        self.stats.fed_tokens += len(items)
+        for row, fed in zip(rows, feeds):
+            row.seq.ids.extend(fed)  # its cells now hold the ids just fed
+        logp = self._logp_rows(range(len(items)))
+        ends = np.cumsum([len(fed) for fed in feeds]).tolist()
+        per_row = [logp[end - len(fed) : end] for fed, end in zip(feeds, ends)]  # (len(fed), V) each
+        done, valid = verify_step(rows, per_row, proposal, self.eos_ids)
+        for b, (row, fed) in enumerate(zip(rows, feeds)):
+            self._drop_void(row, len(fed) - valid[b], live=b not in done)
+        return done
+
+    def _drop_void(self, row: _Row, void: int, live: bool) -> None:
+        """Cut the last `void` fed ids (after a replaced draft token) from the row's sequence; a live row whose
+        model cannot cut a sequence's tail (recurrent) gets its kept ids prefilled again."""
+        if void == 0:
+            return
+        self._cut(row.seq, len(row.seq.ids) - void)
+        if live:
+            self._prefill(row.seq, row.needs()[len(row.seq.ids) :])
 
     def _check_request(self, request: ExtendRequest) -> None:
         self._check_length(len(request.context), request.max_tokens)
@@ -408,8 +464,10 @@ class LlamaCppBackend:
         self.stats.evaluated_tokens += len(items)
 
     def _logp_rows(self, indices: Sequence[int]) -> np.ndarray:
-        """log p after each given batch index of the last decode: log_softmax in float64, (B, V), a reused buffer."""
+        """log p after each given batch index of the last decode: log_softmax in float64, (n, V), a reused buffer."""
         n = len(indices)
+        if n > len(self._logp):  # more fed ids than ever before (drafts): grow the buffers once
+            self._logp, self._exp = np.empty((n, self.n_vocab)), np.empty((n, self.n_vocab))
         logp, scratch = self._logp[:n], self._exp[:n]
         for b, i in enumerate(indices):
             logp[b] = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
@@ -502,6 +560,20 @@ def _admit(
         else:
             rest.append((key, request))
     return admitted, rest
+
+
+def _fitting(sizes: Sequence[int], most: int) -> list[list[int]]:
+    """Consecutive runs of indices whose sizes sum to at most `most` each (every size is at most `most`): the rows
+    of one step, split into llama_decode calls only when their fed ids exceed one batch."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if not groups or total + size > most:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
 
 
 def _move_cells(lib: Any, old: Any, new: Any, seq_id: int) -> bool:
