@@ -132,3 +132,9 @@ def test_no_draft_means_todays_samples():
     assert drafted(ToyBackend(spec), Proposal(0.5), (0, 0, 0), 0, n=200, seed=4) == plain
     request = ExtendRequest((), MAX_TOKENS, np.random.default_rng(1), draft=(0, 0), speculate=2)
     assert replace(request, speculate=0).draft == (0, 0)  # the request keeps its draft; the engine ignores it
+
+
+def test_a_replaced_token_realigns_the_rest_of_the_draft():
+    assert engine.realign([5, 6, 7, 8, 9], 7) == [8, 9]  # the new token comes up ahead: go on after it
+    assert engine.realign([5, 6, 7, 8, 9], 9) == [5, 6, 7, 8, 9]  # beyond the window: a substitution
+    assert engine.realign([], 3) == []

@@ -38,8 +38,8 @@ class Row:
 
     With a draft (the request's `draft`, when `speculate` > 0) a forward feeds next_id and up to `speculate` draft
     tokens, and `verify_step` walks the logits of every fed id: each drafted token is kept or replaced exactly as
-    `core.numerics.verify_draft` says, so the row's tokens are q-distributed; after the first replacement the
-    rest of the draft is dropped."""
+    `core.numerics.verify_draft` says, so the row's tokens are q-distributed; after a replacement the fed ids
+    after it are void and the rest of the draft is re-aligned (`realign`)."""
 
     key: int  # the caller's key for this request (refills of one chain share it)
     request: ExtendRequest
@@ -99,10 +99,22 @@ def _walk(row: Row, logp: np.ndarray, proposal: Proposal, eos_ids: frozenset[int
             row.kept_drafts += token == drafted
         if token in eos_ids or len(row.tokens) == row.request.max_tokens:
             return True, j + 1
-        if drafted is not None and token != drafted:  # replaced: the rest of the draft, and the fed ids after j,
-            row.draft = []  # are void
+        if drafted is not None and token != drafted:  # replaced: the fed ids after j are void, and the rest of
+            row.draft = realign(row.draft, token)  # the draft is re-aligned to the new token
             return False, j + 1
     return False, len(logp)
+
+
+REALIGN_WINDOW = 4  # how far ahead in the draft a replaced token is looked for
+
+
+def realign(rest: list[int], token: int) -> list[int]:
+    """The draft after a drafted token was replaced by `token`: if `token` comes up in the next REALIGN_WINDOW
+    draft tokens, the draft goes on after it (the new text skipped ahead, as prompt-lookup decoding re-aligns);
+    else it goes on as it was (a one-token substitution). Any draft is exact (verify_draft): this only decides how
+    many of the next tokens are kept."""
+    ahead = rest[:REALIGN_WINDOW]
+    return rest[ahead.index(token) + 1 :] if token in ahead else rest
 
 
 def draw_step(rows: Sequence[Row], logp: np.ndarray, proposal: Proposal, eos_ids: frozenset[int]) -> list[int]:
