@@ -14,11 +14,13 @@ import pytest
 from conftest import run_check
 
 from powersample.backends import conformance, embedded
+from powersample.core.numerics import proposal_logprobs
 from powersample.core.types import ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
 
 torch = pytest.importorskip("torch")
-HFBackend = pytest.importorskip("powersample.backends.hf").HFBackend  # needs the hf extra
+hf = pytest.importorskip("powersample.backends.hf")  # needs the hf extra
+HFBackend = hf.HFBackend
 
 pytestmark = pytest.mark.slow
 
@@ -238,3 +240,181 @@ def test_continuous_batching_gives_the_same_samples_as_lockstep(backend):
     for a, b in zip(continuous, lockstep):
         assert a.tokens == b.tokens and a.accepted == b.accepted and a.tokens_generated == b.tokens_generated
         np.testing.assert_allclose(a.token_logp, b.token_logp, atol=TOLERANCE, rtol=0)
+
+
+# --- drafts: verified several tokens per forward (issue 14) -----------------------------------------------------
+
+COLD = Proposal(temperature=0.25)  # alpha = 4: the MH proposal a draft is verified against
+SHORT = "Reply with one word: yes or no. Is water wet?"  # its tau-1/4 continuation ends with EOS after a few tokens
+
+
+def drafted(backend, context, n, seed, draft, k, slot=0, proposal=COLD):
+    """One request of `n` tokens at most, verifying `draft` up to k tokens per forward."""
+    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot, draft=tuple(draft), speculate=k)
+    return backend.extend([request], proposal)[0]
+
+
+def rarest(backend, context) -> int:
+    """The least likely next token after `context`: a draft token the proposal (almost surely) replaces."""
+    return int(np.argmin(fresh_logp(backend, context)[-1]))
+
+
+@pytest.fixture(scope="module")
+def likely(backend, prompt) -> tuple[int, ...]:
+    """The prompt's own tau-1/4 continuation: the draft the model mostly agrees with."""
+    tokens = sample(backend, prompt, 16, seed=0, proposal=COLD, slot=50).tokens
+    assert len(tokens) == 16 and not backend.eos_ids & set(tokens), "the test needs 16 tokens without EOS"
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def drafts(backend, prompt, likely) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """name -> (context, draft): the row's likely continuation, one with an impossible token, one with EOS in the
+    middle, one longer than max_tokens, and an empty one."""
+    short = backend.encode(SHORT)
+    answer = sample(backend, short, 12, seed=0, proposal=COLD, slot=51).tokens
+    assert answer[-1] in backend.eos_ids and len(answer) < 10, "the test needs a short answer ending with EOS"
+    return {"likely": (prompt, likely),
+            "impossible": (prompt, likely[:2] + (rarest(backend, prompt + likely[:2]),) + likely[3:]),
+            "eos_inside": (short, answer + likely[:6]),
+            "past_max_tokens": (prompt, likely + likely),
+            "empty": (prompt, ())}  # fmt: skip
+
+
+def undrafted_logq(backend, context, tokens, proposal=COLD) -> np.ndarray:
+    """log q of each token as the undrafted path computes it: the proposal of an uncached forward's log p."""
+    logp = fresh_logp(backend, tuple(context) + tuple(tokens))[len(context) - 1 : -1]
+    return proposal_logprobs(logp, proposal)[np.arange(len(tokens)), list(tokens)]
+
+
+@pytest.mark.parametrize("name", ["likely", "impossible", "eos_inside", "past_max_tokens", "empty"])
+def test_a_drafted_continuation_has_the_undrafted_log_p_and_log_q_whatever_the_chunking(backend, drafts, name):
+    context, draft = drafts[name]
+    conts = [drafted(backend, context, 10, seed=21, draft=draft, k=k, slot=20 + k) for k in (1, 2, 4)]
+    cont = conts[0]
+    assert 1 <= len(cont.tokens) <= 10 and not backend.eos_ids & set(cont.tokens[:-1])
+    assert len(cont.tokens) == 10 or cont.tokens[-1] in backend.eos_ids
+    np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(undrafted_logq(backend, context, cont.tokens), cont.proposal_logq,
+                               atol=4 * TOLERANCE, rtol=0)  # 1/tau scales the fp32 noise
+    for other in conts[1:]:  # the same seed gives the same continuation with k = 1, 2, 4
+        assert other.tokens == cont.tokens
+        np.testing.assert_allclose(other.base_logp, cont.base_logp, atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(other.proposal_logq, cont.proposal_logq, atol=4 * TOLERANCE, rtol=0)
+    if name == "impossible":
+        assert cont.tokens[:2] == draft[:2] and cont.tokens[2] != draft[2]
+    if name == "eos_inside":
+        assert cont.tokens[-1] in backend.eos_ids and len(cont.tokens) < 10, "a short answer, ended by its EOS"
+
+
+@pytest.fixture(scope="module")
+def batched(backend, prompt, likely) -> list[tuple[ExtendRequest, object, int]]:
+    """(request, its continuation alone, its decoding forwards alone) for rows of ragged contexts with drafts of
+    different lengths and k (one undrafted), each in its own slot."""
+    rare = rarest(backend, prompt)
+    rows = [(prompt, likely, 4), (prompt + (28, 314), (rare,) * 12, 2), (prompt[:-3], (), 0),
+            (prompt, likely[:3] + (rare,) + likely[4:], 3), (prompt, likely + likely, 1)]  # fmt: skip
+    out = []
+    for j, (context, draft, k) in enumerate(rows):
+        request = ExtendRequest(context, 8, np.random.default_rng(40 + j), 40 + j, draft=draft, speculate=k)
+        before = backend.stats.decode_forwards
+        alone = backend.extend([request_copy(request)], COLD)[0]
+        out.append((request, alone, backend.stats.decode_forwards - before))
+    return out
+
+
+def assert_same(cont, alone) -> None:
+    assert cont.tokens == alone.tokens
+    np.testing.assert_allclose(cont.base_logp, alone.base_logp, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(cont.proposal_logq, alone.proposal_logq, atol=4 * TOLERANCE, rtol=0)
+
+
+def test_batched_drafted_rows_match_each_row_alone(backend, batched):
+    batch = HFBackend(backend.model, backend.tokenizer)
+    together = batch.extend([request_copy(r) for r, _, _ in batched], COLD)
+    for cont, (_, alone, _) in zip(together, batched):
+        assert_same(cont, alone)
+    assert batch.stats.decode_forwards == max(f for _, _, f in batched)  # each row's walk is its own: one forward
+    for (request, _, _), cont in zip(batched, together):
+        assert_cached_exactly(batch, request.slot, request.context + cont.tokens[:-1])
+
+
+def request_copy(request: ExtendRequest) -> ExtendRequest:
+    """The request with a fresh generator of the same seed state (a generator is consumed by its draws)."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = request.rng.bit_generator.state
+    return replace(request, rng=rng)
+
+
+def assert_cached_exactly(backend, slot, ids) -> None:
+    """One of the slot's buffers holds exactly `ids` with the keys and values an uncached forward gives them."""
+    buffer = next((b for b in backend._buffers[slot] if b.ids == list(ids)), None)
+    assert buffer is not None, f"no buffer of slot {slot} holds the valid ids"
+    with torch.inference_mode():
+        fresh = backend.model(input_ids=torch.tensor([list(ids)]), use_cache=True).cache
+    for (keys, values), layer in zip(buffer.kv, fresh.layers):
+        assert keys.shape == layer.keys.shape and values.shape == layer.values.shape
+        torch.testing.assert_close(keys, layer.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(values, layer.values, atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_with_holes_everywhere_is_restacked_and_stays_exact(backend, batched, monkeypatch):
+    """Void ids leave holes that the longest row does not cover (it rejects, a shorter row keeps its draft): the
+    batch is restacked without them (here at every such step) and every row stays as it is alone."""
+    monkeypatch.setattr(hf, "HOLES_RESTACK", 10**9)
+    adds, add = [], hf._Batch.add
+    monkeypatch.setattr(hf._Batch, "add", lambda self, rows: (adds.append(len(rows)), add(self, rows))[1])
+    batch = HFBackend(backend.model, backend.tokenizer)
+    together = batch.extend([request_copy(r) for r, _, _ in batched], COLD)
+    assert 0 in adds, "the batch was restacked without its holes"
+    for (request, alone, _), cont in zip(batched, together):
+        assert_same(cont, alone)
+        assert_cached_exactly(batch, request.slot, request.context + cont.tokens[:-1])
+
+
+def test_drafts_cut_the_forwards(backend):
+    """A draft the model agrees with (its greedy count, every token likely under q): far fewer forwards."""
+    prompt = backend.encode("Count from one to ten.")
+    greedy = sample(backend, prompt, 16, seed=0, proposal=Proposal(0.25, top_k=1), slot=52).tokens
+    assert len(greedy) == 16 and not backend.eos_ids & set(greedy)
+    forwards = {}
+    for k in (0, 4):
+        fresh = HFBackend(backend.model, backend.tokenizer)
+        conts = [drafted(fresh, prompt, 16, seed=seed, draft=greedy, k=k) for seed in (1, 2, 3)]
+        assert all(len(c.tokens) == 16 for c in conts)
+        forwards[k] = fresh.stats.decode_forwards
+        if k:
+            assert 1 <= fresh.stats.kept_drafts <= fresh.stats.drafted and fresh.stats.fed_tokens > forwards[k]
+        else:
+            assert fresh.stats.fed_tokens == forwards[k] and fresh.stats.drafted == 0
+    assert forwards[0] == 3 * 16 and forwards[4] <= forwards[0] / 2
+
+
+def test_the_cache_after_a_replaced_draft_is_the_valid_prefix(backend, prompt, likely):
+    cached = HFBackend(backend.model, backend.tokenizer)
+    draft = likely[:2] + (rarest(backend, prompt + likely[:2]),) + likely[3:]
+    first = drafted(cached, prompt, 10, seed=24, draft=draft, k=4, slot=7)
+    assert first.tokens[2] != draft[2] and cached.stats.kept_drafts < cached.stats.drafted
+    state = prompt + first.tokens
+    assert_cached_exactly(cached, 7, state[:-1])
+    before = cached.stats.prefilled_tokens
+    following = sample(cached, state, 6, seed=25, proposal=COLD, slot=7)
+    assert cached.stats.prefilled_tokens - before == 1  # its last token, never fed
+    fresh = sample(HFBackend(backend.model, backend.tokenizer), state, 6, seed=25, proposal=COLD)
+    assert following.tokens == fresh.tokens
+    np.testing.assert_allclose(following.base_logp, fresh.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_drafted_rows_join_a_running_batch(backend, batched):
+    """Continuous batching: drafted refills join rows mid-draft and decode as they would alone."""
+    requests = [r for r, _, _ in batched]
+    batch, results = HFBackend(backend.model, backend.tokenizer), {}
+    refills = {2: request_copy(requests[3]), 0: request_copy(requests[4])}
+
+    def refill(key, cont):
+        results.setdefault(key, []).append(cont)
+        return {key: refills.pop(key)} if key in refills else {}
+
+    batch.extend_continuous({j: request_copy(r) for j, r in enumerate(requests[:3])}, COLD, refill)
+    for (key, n), j in {(0, 0): 0, (1, 0): 1, (2, 0): 2, (2, 1): 3, (0, 1): 4}.items():
+        assert_same(results[key][n], batched[j][1])

@@ -13,10 +13,13 @@ prefill), crops it there, and writes into the slot's other buffer when cropping 
 the context tokens no buffer holds are prefilled, and at least the last context token is fed again since a cache
 keeps no logits. Correctness never depends on the slot: a foreign slot only costs a longer prefill.
 
-Batching. After the (batch-1) prefills every row has exactly one pending token, so the decoding loop stacks the
-rows' caches left-padded into one DynamicCache, with an attention mask over the padding and each row's true
-position ids, and runs one forward per step for all rows. Finished rows (EOS or their max_tokens) leave the batch
-at once and their caches go back to their buffers.
+Batching. After the (batch-1) prefills every row has its pending ids (`Row.feed()`: the next token, then up to
+`speculate` draft tokens), so the decoding loop stacks the rows' caches left-padded into one DynamicCache and runs
+one forward per step for all rows: rows feeding fewer ids are padded on the right, a boolean mask says which cache
+columns each row sees, and position ids are each row's own. Base log p comes from the logits of every fed id.
+After `engine.verify_step`, a row's fed ids after a replaced draft token are void: they become holes in its mask
+(columns no row uses are cut off at once; a batch with many holes is restacked). Finished rows (EOS or their
+max_tokens) leave the batch at once and their caches go back to their buffers holding exactly the valid ids.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from powersample.backends.embedded import embedded_model_dir, quiet_loading
-from powersample.backends.engine import Row, check_fits, common_prefix, draw_step, extend_in_one_run
+from powersample.backends.engine import Row, check_fits, common_prefix, extend_in_one_run, verify_step
 from powersample.backends.hub import dtype_name, eos_ids, is_hub_id
 from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids
 from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
@@ -39,6 +43,8 @@ from powersample.errors import PowerSampleError, one_line
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}  # by
 # hub.dtype_name; "auto" = whatever the checkpoint says
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (keys, values), each (1, heads, L, head_dim)
+HOLES_RESTACK = 4  # a batch with holes is restacked when more than 1/HOLES_RESTACK of its columns lie beyond what its
+# longest row needs (holes under the longest row cost nothing: the batch is that wide anyway)
 
 
 @dataclass
@@ -64,43 +70,75 @@ class _Row(Row):
 
 
 class _Batch:
-    """The rows being decoded, their caches stacked left-padded in one DynamicCache, with mask and positions."""
+    """The rows being decoded, their caches stacked in one DynamicCache, with which columns each row sees.
+
+    Invariant: row b's cache holds `rows[b].ids` in the columns where `mask[b]` is True, in order. Columns it does
+    not see are its left padding, the right padding of a chunk it fed fewer ids into than another row, and its void
+    fed ids (after a replaced draft token)."""
 
     def __init__(self, config: Any, device: torch.device):
         self.config, self.device = config, device
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
-        self.pads: list[int] = []  # left padding of each row
+        self.mask = torch.zeros(0, 0, dtype=torch.bool, device=device)  # (B, width)
 
     def add(self, new_rows: list[_Row]) -> None:
-        """Restack every row's cache (the running rows' from the batch, the new rows' from their buffers)."""
-        kvs = [_take_row(self.cache, b, pad) for b, pad in enumerate(self.pads)] + [r.buffer.kv for r in new_rows]
+        """Restack every row's cache (the running rows' from the batch, the new rows' from their buffers),
+        left-padded with no holes."""
+        kvs = [self._kv(b) for b in range(len(self.rows))] + [r.buffer.kv for r in new_rows]
         self.rows += new_rows
-        self.cache, width = _stack(kvs, [len(r.ids) for r in self.rows], self.config)
-        self.pads = [width - len(r.ids) for r in self.rows]
+        lengths = [len(r.ids) for r in self.rows]
+        self.cache, width = _stack(kvs, lengths, self.config)
+        pads = torch.tensor([width - n for n in lengths], device=self.device)
+        self.mask = torch.arange(width, device=self.device)[None] >= pads[:, None]
 
-    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input ids (B, 1), attention mask (B, width + 1), position ids (B, 1)) for the next step."""
-        width = self.pads[0] + len(self.rows[0].ids)
-        ids = torch.tensor([[r.next_id] for r in self.rows], device=self.device)
-        mask = torch.ones(len(self.rows), width + 1, dtype=torch.long, device=self.device)
-        for b, pad in enumerate(self.pads):
-            mask[b, :pad] = 0
-        positions = torch.tensor([[len(r.ids)] for r in self.rows], device=self.device)
-        return ids, mask, positions
+    def inputs(self) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(each row's fed ids, input ids (B, T), attention mask (B, width + T), position ids (B, T)) for the next
+        step: T is the longest feed; a shorter one is padded on the right with its last id, masked out."""
+        feeds = [r.feed() for r in self.rows]
+        t = max(map(len, feeds))
+        ids = torch.tensor([fed + fed[-1:] * (t - len(fed)) for fed in feeds], device=self.device)
+        positions = [[len(r.ids) + min(j, len(fed) - 1) for j in range(t)] for r, fed in zip(self.rows, feeds)]
+        seen = torch.cat([self.mask, self._first([len(fed) for fed in feeds], t)], dim=1)
+        return feeds, ids, seen.long(), torch.tensor(positions, device=self.device)
+
+    def advance(self, feeds: list[list[int]], valid: list[int]) -> None:
+        """After the forward over `feeds`: each row's cache holds its first valid[b] fed ids; the rest are holes.
+        Columns no row uses are cut off; if holes remain in many columns, the rows are restacked without them."""
+        for row, fed, n in zip(self.rows, feeds, valid):
+            row.ids += fed[:n]
+        t, used = max(map(len, feeds)), max(valid)
+        self.mask = torch.cat([self.mask, self._first(valid, used)], dim=1)
+        if used < t:  # the chunk's last columns hold only void ids and padding
+            width = self.mask.shape[1]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+        holes = self.mask.shape[1] - max(len(r.ids) for r in self.rows)  # columns beyond what the longest row needs
+        if min(valid) < used and HOLES_RESTACK * holes > self.mask.shape[1]:
+            self.add([])
 
     def take(self, b: int) -> KV:
-        """Row b's cache as a copy (views would pin the whole batch's tensors)."""
-        return tuple((k.clone(), v.clone()) for k, v in _take_row(self.cache, b, self.pads[b]))
+        """Row b's cache as a copy, exactly its ids (views would pin the whole batch's tensors)."""
+        return self._kv(b)
 
     def drop(self, gone: list[int]) -> None:
         keep = [b for b in range(len(self.rows)) if b not in set(gone)]
         if len(keep) < len(self.rows) and keep:
             self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
         self.rows = [self.rows[b] for b in keep]
-        self.pads = [self.pads[b] for b in keep]
+        self.mask = self.mask[keep]
         if not keep:
             self.cache = None
+
+    def _kv(self, b: int) -> KV:
+        """Row b's keys and values at the columns it sees (a copy): (1, heads, len(ids), head_dim) per layer."""
+        columns = self.mask[b].nonzero()[:, 0]
+        return tuple((layer.keys[b : b + 1].index_select(2, columns), layer.values[b : b + 1].index_select(2, columns))
+                     for layer in self.cache.layers)  # fmt: skip
+
+    def _first(self, counts: list[int], width: int) -> torch.Tensor:
+        """(B, width) mask of each row's first counts[b] columns."""
+        return torch.arange(width, device=self.device)[None] < torch.tensor(counts, device=self.device)[:, None]
 
 
 @dataclass
@@ -109,6 +147,14 @@ class HFStats:
 
     prefilled_tokens: int = 0  # context tokens fed to the model by extend(); tests check cache reuse with it
     decode_forwards: int = 0  # batched decoding forwards; tests check that chains share them
+    fed_tokens: int = 0  # ids fed by the decoding forwards: each row's next token and the draft tokens after it
+    drafted: int = 0  # draft tokens verified, summed over finished rows
+    kept_drafts: int = 0  # of those, kept
+
+    @property
+    def forwards(self) -> int:
+        """The decoding forwards under the toy backend's name for them (ToyStats.forwards), so tools read one name."""
+        return self.decode_forwards
 
 
 class HFBackend:
@@ -190,14 +236,18 @@ class HFBackend:
                 _check_slots(incoming, batch.rows)
                 batch.add([self._start(key, request) for key, request in incoming])
                 incoming = []
-            ids, mask, positions = batch.inputs()
-            logits = self._forward(ids, batch.cache, mask, positions)  # (B, V)
+            feeds, ids, mask, positions = batch.inputs()
+            logits = self._forward(ids, batch.cache, mask, positions, keep=ids.shape[1])  # (B, T, V)
             self.stats.decode_forwards += 1
-            done = self._sample_step(batch.rows, logits, proposal)
+            self.stats.fed_tokens += sum(map(len, feeds))
+            done, valid = verify_step(batch.rows, _fed_logp(logits, feeds), proposal, self.eos_ids)
+            batch.advance(feeds, valid)
             finished = [(batch.rows[b], batch.take(b)) for b in done]
             batch.drop(done)
             for row, kv in finished:
                 row.buffer.kv, row.buffer.ids = kv, row.ids
+                self.stats.drafted += row.drafted
+                self.stats.kept_drafts += row.kept_drafts
                 incoming += refill(row.key, row.continuation()).items()
 
     @torch.inference_mode()
@@ -264,21 +314,15 @@ class HFBackend:
             positions = torch.arange(width, width + len(missing), device=self.device)[None]
             mask = torch.ones(1, width + len(missing), dtype=torch.long, device=self.device)
             self._forward(torch.tensor([missing], device=self.device), cache, mask, positions)
-            buffer.kv, buffer.ids = _take_row(cache, 0, 0), buffer.ids + missing
+            buffer.kv, buffer.ids = tuple((la.keys, la.values) for la in cache.layers), buffer.ids + missing
 
-    def _sample_step(self, rows: list[_Row], logits: torch.Tensor, proposal: Proposal) -> list[int]:
-        """Draw one token per row from q; returns the batch indices of rows that are now finished."""
-        for row in rows:
-            row.ids.append(row.next_id)  # the cache now holds the token just fed
-        logp = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()  # (B, V)
-        return draw_step(rows, logp, proposal, self.eos_ids)
-
-    def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor):
-        """Feed ids (B, T) after the cache; logits (B, V) of the next token after each row's last id."""
+    def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor,
+                 keep: int = 1) -> torch.Tensor:  # fmt: skip
+        """Feed ids (B, T) after the cache; logits (B, keep, V) of the next token after each row's last `keep` ids."""
         args = self._forward_args
-        kwargs = {args["cache"]: cache, **({"logits_to_keep": 1} if args["logits_to_keep"] else {})}
+        kwargs = {args["cache"]: cache, **({"logits_to_keep": keep} if args["logits_to_keep"] else {})}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
-        return out.logits[:, -1]
+        return out.logits[:, -keep:]
 
     def _check_length(self, context: int, new: int) -> None:
         check_fits(self.context_length, context, new)
@@ -289,6 +333,19 @@ def _check_slots(incoming: list[tuple[int, ExtendRequest]], rows: list[_Row]) ->
     slots = [r.slot for _, r in incoming] + [row.request.slot for row in rows]
     if len(set(slots)) < len(slots):
         raise ValueError("extend_continuous needs one slot per request in flight")
+
+
+def _fed_logp(logits: torch.Tensor, feeds: list[list[int]]) -> list[np.ndarray]:
+    """Base log p (float64) after each fed id, per row: (len(feeds[b]), V), from the chunk's logits (B, T, V). Only
+    the rows' own positions are converted (a shorter feed's padding is not)."""
+    if logits.shape[1] == 1:
+        picked = logits[:, 0]
+    else:
+        rows = torch.tensor([b for b, fed in enumerate(feeds) for _ in fed], device=logits.device)
+        columns = torch.tensor([j for fed in feeds for j in range(len(fed))], device=logits.device)
+        picked = logits[rows, columns]  # (sum of feeds, V)
+    logp = torch.log_softmax(picked.double(), dim=-1).cpu().numpy()
+    return np.split(logp, np.cumsum([len(fed) for fed in feeds])[:-1])
 
 
 def _stack(kvs: list[KV | None], lengths: list[int], config: Any) -> tuple[DynamicCache, int]:
@@ -310,11 +367,6 @@ def _left_pad(kv: KV | None, layer: int, which: int, width: int, like: torch.Ten
         return like.new_zeros(1, like.shape[1], width, like.shape[3])
     t = kv[layer][which]
     return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0)) if t.shape[2] < width else t
-
-
-def _take_row(cache: DynamicCache, b: int, pad: int) -> KV:
-    """Row b of a batched cache without its left padding (views)."""
-    return tuple((layer.keys[b : b + 1, :, pad:], layer.values[b : b + 1, :, pad:]) for layer in cache.layers)
 
 
 def _parse_dtype(dtype: str | None, device: str) -> torch.dtype | str:
