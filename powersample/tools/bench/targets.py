@@ -44,38 +44,17 @@ def targets(phase: PhaseLookup) -> list[Target]:
     return [t for t in (f(phase) for f in TARGETS) if t is not None]
 
 
-def _rate_target(power: str, plain: str, label: str) -> Callable[[PhaseLookup], Target | None]:
-    """MCMC tokens/s over plain tokens/s at the same batch."""
+def _ratio_target(name: str, label: str, num: str, den: str, field: str, bound: float,
+                  op: str) -> Callable[[PhaseLookup], Target | None]:  # fmt: skip
+    """The target `field` of phase `num` over `field` of phase `den`, compared with `bound` by `op`; None until
+    both phases have run. `label` may name {num_chains} and {den_speculate}."""
     def make(phase: PhaseLookup) -> Target | None:
-        a, b = phase(power), phase(plain)
+        a, b = phase(num), phase(den)
         if a is None or b is None:
             return None
-        return Target(f"rate_{power}_vs_{plain}", label, a.tokens_per_second, b.tokens_per_second, 0.85, ">=")
+        text = label.format(num_chains=a.phase.chains, den_speculate=b.phase.speculate)
+        return Target(name, text, getattr(a, field), getattr(b, field), bound, op)
     return make
-
-
-def _scratch_target(phase: PhaseLookup) -> Target | None:
-    a, b = phase("scratch-1"), phase("power-1")
-    if a is None or b is None:
-        return None
-    return Target("scratch_vs_ours_1", "regenerate-from-scratch wall / ours, 1 chain", a.wall_per_sample,
-                  b.wall_per_sample, 5.0, ">=")
-
-
-def _speculative_target(phase: PhaseLookup) -> Target | None:
-    a, b = phase("power-1"), phase("speculative-1")
-    if a is None or b is None:
-        return None
-    return Target("speculative_vs_plain_proposals_1", f"wall/sample, 1 chain, no / k={b.phase.speculate} speculation",
-                  a.wall_per_sample, b.wall_per_sample, 1.5, ">=")
-
-
-def _batch_target(phase: PhaseLookup) -> Target | None:
-    a, b = phase("power-K"), phase("power-1")
-    if a is None or b is None:
-        return None
-    return Target("wall_per_sample_K_vs_1", f"wall per sample, {a.phase.chains} chains / 1 chain",
-                  a.wall_per_sample, b.wall_per_sample, 0.25, "<=")
 
 
 def _rss_target(phase: PhaseLookup) -> Target | None:
@@ -87,10 +66,15 @@ def _rss_target(phase: PhaseLookup) -> Target | None:
 
 
 TARGETS = (
-    _rate_target("power-K", "plain-K", "MCMC / plain tokens/s, K chains (batch K)"),
-    _rate_target("power-1", "plain-1", "MCMC / plain tokens/s, 1 chain (batch 1)"),
-    _scratch_target,
-    _speculative_target,
-    _batch_target,
+    _ratio_target("rate_power-K_vs_plain-K", "MCMC / plain tokens/s, K chains (batch K)", "power-K", "plain-K",
+                  "tokens_per_second", 0.85, ">="),
+    _ratio_target("rate_power-1_vs_plain-1", "MCMC / plain tokens/s, 1 chain (batch 1)", "power-1", "plain-1",
+                  "tokens_per_second", 0.85, ">="),
+    _ratio_target("scratch_vs_ours_1", "regenerate-from-scratch wall / ours, 1 chain", "scratch-1", "power-1",
+                  "wall_per_sample", 5.0, ">="),
+    _ratio_target("speculative_vs_plain_proposals_1", "wall/sample, 1 chain, no / k={den_speculate} speculation",
+                  "power-1", "speculative-1", "wall_per_sample", 1.5, ">="),
+    _ratio_target("wall_per_sample_K_vs_1", "wall per sample, {num_chains} chains / 1 chain", "power-K", "power-1",
+                  "wall_per_sample", 0.25, "<="),
     _rss_target,
 )
