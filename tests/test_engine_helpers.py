@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from powersample.backends import hub
-from powersample.backends.engine import Row, check_fits, draw_step
+from powersample.backends.engine import Row, check_fits, verify_step
 from powersample.core.numerics import draw, log_normalize, proposal_logprobs, top_alternatives
 from powersample.core.types import ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
@@ -27,14 +27,21 @@ def rows(n: int, max_tokens: int, alternatives: int = 0) -> list[Row]:
             for j in range(n)]
 
 
-def test_draw_step_draws_each_row_from_q_with_its_own_generator():
+def step(batch: list[Row], logp: np.ndarray, proposal: Proposal) -> list[int]:
+    """One decoding step of rows that each fed one id (no draft): logp is (B, V). Returns the rows now finished."""
+    done, kept = verify_step(batch, [row[None] for row in logp], proposal, frozenset({EOS}))
+    assert kept == [1] * len(batch)  # without a draft the one fed id always stays
+    return done
+
+
+def test_one_step_draws_each_row_from_q_with_its_own_generator():
     logp = log_normalize(log([[0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.7, 0.0]]))  # EOS (3) never drawn
     proposal = Proposal(0.5)
     logq = proposal_logprobs(logp, proposal)
     batch = rows(2, max_tokens=5, alternatives=2)
     twins = [np.random.default_rng(j) for j in range(2)]  # the same generators, drawn by hand
     for _ in range(3):
-        assert draw_step(batch, logp, proposal, frozenset({EOS})) == []
+        assert step(batch, logp, proposal) == []
         for b, row in enumerate(batch):
             want = draw(logq[b], twins[b])
             assert row.tokens[-1] == want == row.next_id
@@ -44,18 +51,18 @@ def test_draw_step_draws_each_row_from_q_with_its_own_generator():
         assert row.continuation().tokens == tuple(row.tokens)
 
 
-def test_draw_step_finishes_rows_at_eos():
+def test_one_step_finishes_rows_at_eos():
     logp = log([[0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     batch = rows(2, max_tokens=5)
-    assert draw_step(batch, logp, Proposal(1.0), frozenset({EOS})) == [0]
+    assert step(batch, logp, Proposal(1.0)) == [0]
     assert batch[0].tokens == [EOS] and batch[1].tokens == [0]
 
 
-def test_draw_step_finishes_rows_at_max_tokens():
+def test_one_step_finishes_rows_at_max_tokens():
     logp = log([[0.5, 0.5, 0.0, 0.0]] * 3)  # never EOS
     batch = rows(3, max_tokens=2)
-    assert draw_step(batch, logp, Proposal(1.0), frozenset({EOS})) == []
-    assert draw_step(batch, logp, Proposal(1.0), frozenset({EOS})) == [0, 1, 2]
+    assert step(batch, logp, Proposal(1.0)) == []
+    assert step(batch, logp, Proposal(1.0)) == [0, 1, 2]
     assert all(r.alternatives == () and r.proposal_logq == r.base_logp for r in batch)
 
 

@@ -120,11 +120,6 @@ def realign(rest: list[int], token: int) -> list[int]:
     return rest[ahead.index(token) + 1 :] if token in ahead else []
 
 
-def draw_step(rows: Sequence[Row], logp: np.ndarray, proposal: Proposal, eos_ids: frozenset[int]) -> list[int]:
-    """verify_step for rows that each fed one id (no draft): logp is (B, V). Returns the rows now finished."""
-    return verify_step(rows, [logp[b][None] for b in range(len(rows))], proposal, eos_ids)[0]
-
-
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix; the usual case (b extends a) is one C-speed comparison."""
     if len(a) <= len(b) and list(a) == list(b[: len(a)]):
