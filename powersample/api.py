@@ -15,7 +15,7 @@ from powersample.backends.engine import check_fits
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.io import progress_bar
-from powersample.samplers import Chain, ChainResult, Progress, programs, registry, run_chains
+from powersample.samplers import Chain, ChainResult, Progress, on_engine, programs, registry, run_chains
 from powersample.samplers.driver import Scheduler
 
 
@@ -179,7 +179,7 @@ def chain_record(
         method=config.method,
         seed=seed,
         sample_index=index,
-        config=registry.resolved(config),
+        config=registry.resolved(on_engine(config, backend)),
         particles=_particles(backend, r),
     )
 

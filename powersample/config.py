@@ -33,8 +33,9 @@ class SamplerConfig:
     proposal_temperature: float | None = None  # tau of the proposal; None = 1/alpha
     top_k: int = 0  # proposal truncation to the k likeliest tokens; 0 = off
     top_p: float = 1.0  # proposal nucleus truncation; 1.0 = off
-    speculate: int = 0  # MCMC proposals: verify the current suffix as a draft, up to this many tokens per forward;
-    # 0 = off. Exact either way (same law), but a seed's samples differ with it on
+    speculate: int | None = None  # MCMC proposals: verify guesses at each continuation (the current suffix, what
+    # the chain drew before), up to this many tokens per forward; 0 = off; None = the engine's own choice (what
+    # `powersample bench` measured fastest on it). It changes no sample, only the forwards (core.drafts)
     tries: int = field(default=4, metadata={"knob": "proposals per MH step, drawn in one batched call; 1 = power, "
                                                    "draw for draw"})
     # power-smc (Azizi et al., 2026): particles and ess_threshold as in the authors' MATH500 script
@@ -72,7 +73,7 @@ class SamplerConfig:
             _check(_finite(t) and t > 0, f"proposal_temperature must be a number > 0, got {t}")
             _check(lo <= t <= hi, f"proposal_temperature must be between {lo:g} and {hi:g}, got {t}")
         _check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        _check(self.speculate >= 0, f"speculate must be >= 0 (0 = off), got {self.speculate}")
+        _check(self.speculate is None or self.speculate >= 0, f"speculate must be >= 0 (0 = off), got {self.speculate}")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(self.tries >= 1, f"tries must be >= 1, got {self.tries}")
         _check(self.particles >= 1, f"particles must be >= 1, got {self.particles}")
@@ -94,6 +95,11 @@ class SamplerConfig:
         if self.block_size is not None:
             return self.block_size
         return max(1, math.ceil(self.max_new_tokens / self.block_count))
+
+    @property
+    def tau(self) -> float:
+        """The usual proposal temperature: proposal_temperature, or 1/alpha."""
+        return 1.0 / self.alpha if self.proposal_temperature is None else self.proposal_temperature
 
     def stage_caps(self) -> list[int]:
         """Length cap of each stage: B, 2B, ..., with the last one clipped to T."""

@@ -35,10 +35,11 @@ PHASE_FIELDS = {"name", "label", "chains", "method", "reuse_cache", "samples", "
                 "mean_length", "eos_fraction", "peak_rss_kb", "load_average", "calls", "speculate", "forwards_per_sample",
                 "kept_drafts_per_forward"}
 CALL_FIELDS = {"repeat", "prompt_index", "seed", "wall_seconds", "tokens_generated", "lengths", "finish_reasons",
-               "proposals", "accepted", "forwards", "drafted", "kept_drafts"}
+               "proposals", "accepted", "forwards", "drafted", "kept_drafts", "digests"}
 TARGETS = {"rate_power-K_vs_plain-K": ("power-K", "plain-K", "tokens_per_second", 0.85, ">="),
            "rate_power-1_vs_plain-1": ("power-1", "plain-1", "tokens_per_second", 0.85, ">="),
            "scratch_vs_ours_1": ("scratch-1", "power-1", "wall_per_sample", 5.0, ">="),
+           "scratch_vs_speculative_1": ("scratch-1", "speculative-1", "wall_per_sample", 4.0, ">="),
            "speculative_vs_plain_proposals_1": ("power-1", "speculative-1", "wall_per_sample", 1.5, ">="),
            "wall_per_sample_K_vs_1": ("power-K", "power-1", "wall_per_sample", 0.25, "<=")}
 
@@ -110,6 +111,10 @@ def check_consistency(data, repeats=1):
     assert phases["plain-K"]["chains"] == phases["power-K"]["chains"] == data["options"]["chains"]
     assert phases["scratch-1"]["reuse_cache"] is False and phases["power-1"]["reuse_cache"] is True
     assert phases["power-1"]["speculate"] == 0 < phases["speculative-1"]["speculate"] == data["options"]["speculate"]
+    same = data["speculative_same_samples"]  # drafts change no token: speculative-1 drew power-1's samples
+    assert same["compared"] == len(prompts) * repeats and same["same"] == same["compared"]
+    for a, b in zip(phases["power-1"]["calls"], phases["speculative-1"]["calls"]):
+        assert a["digests"] == b["digests"] and a["tokens_generated"] == b["tokens_generated"]
     check_forwards(phases)
     check_targets(data)
 
@@ -157,6 +162,18 @@ def test_quick_toy_writes_every_field_and_consistent_numbers(tmp_path, capsys):
         assert t["label"] in out
     assert "Eq. 12" in out and ("met" in out or "MISSED" in out)
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write leaves no temporary file behind
+
+
+def test_one_mh_step_per_stage_is_judged_against_plain_decoding(tmp_path, capsys):
+    """With --mcmc-steps 1 the run also states the bound on a speculative chain's wall per sample over plain
+    decoding's; with more steps it does not."""
+    code, out, _, data = bench(["--quick", *TOY, "--quiet", "--mcmc-steps", "1"], capsys, tmp_path)
+    t, phases = data["targets"]["one_step_vs_plain_1"], data["phases"]
+    assert code == 0 and t["label"] in out and (t["target"], t["op"]) == (1.3, "<=")
+    assert (t["numerator"], t["denominator"]) == (phases["speculative-1"]["wall_per_sample"],
+                                                  phases["plain-1"]["wall_per_sample"])
+    _, _, _, data = bench(["--quick", *TOY, "--quiet"], capsys, tmp_path)
+    assert "one_step_vs_plain_1" not in data["targets"]
 
 
 def test_token_counts_are_what_the_records_say(tmp_path, capsys):

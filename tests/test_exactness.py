@@ -20,8 +20,10 @@ from exact_laws import (
 )
 
 from powersample import SamplerConfig, sample
-from powersample.backends.toy import ToyBackend
-from powersample.core.types import Proposal
+from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.core.types import Floor, Proposal
+from powersample.samplers import power
+from powersample.samplers.chain import Chain
 
 N = 3000  # samples per test; each is an independent chain
 
@@ -161,3 +163,58 @@ def _papers_kernel(spec, alpha, proposal, cap):
         return out
 
     return kernel
+
+
+# --- exact early rejection ----------------------------------------------------------------------------------------
+
+# After "a" the model is sure (the state "a a a ..." scores high); after "b" it is not, so a proposal that draws a
+# "b" falls below the current state's score within a token or two, and is cut short there.
+FLOOR_SPEC = ToySpec.from_dict({"vocab": ["a", "b", "<eos>"], "eos_id": 2, "default": [0.3, 0.4, 0.3],
+                                "next": {",".join(["0"] * k): [0.9, 0.05, 0.05] for k in range(1, 6)}
+                                | {"": [0.5, 0.45, 0.05]}})  # fmt: skip
+FLOORED = SamplerConfig(alpha=2.0, max_new_tokens=5, block_count=1, mcmc_steps=4)
+
+
+def floored_samples(n: int = N) -> tuple[list[tuple[int, ...]], int]:
+    """Samples of FLOORED on FLOOR_SPEC, and the tokens they drew."""
+    records = sample(ToyBackend(FLOOR_SPEC), "ignored", FLOORED, seed=1, num_samples=n)
+    return [r.tokens for r in records], sum(r.tokens_generated for r in records)
+
+
+def test_early_rejection_draws_fewer_tokens_for_the_same_law(monkeypatch):
+    """Floors are on in every finite-step law test above (each has alpha >= 1/tau >= 1, or is max-swap); here they
+    cut proposals short, the law stays exact, and a tau where the score could rise gets no floor."""
+    samples, with_floors = floored_samples()
+    assert_follows(samples, algorithm_law(FLOOR_SPEC, FLOORED))
+    monkeypatch.setattr(power, "rejection_floor", lambda *args: None)
+    assert with_floors < 0.97 * floored_samples()[1]
+    monkeypatch.undo()
+    chain = Chain(None, 0, tokens=[0, 1], base_logp=[-1.0, -2.0], proposal_logq=[-0.5, -0.5])
+    floor = power.rejection_floor
+    assert floor(replace(FLOORED, proposal_temperature=0.2), 2.0, chain, 0, -1.0) is None  # alpha 2 < 1/tau = 5
+    assert floor(replace(FLOORED, proposal_temperature=1.5), 2.0, chain, 0, -1.0) is None  # 1/tau < 1
+    assert floor(FLOORED, 2.0, chain, 1, -1.0) == Floor(2 * -2.0 + 0.5 - math.log(2) - 1.0, 2.0, 1)
+    assert floor(FLOORED, math.inf, chain, 0, -1.0) == Floor(-3.0, math.inf)  # max-swap: beat log p, no u
+
+
+def floor_without_u(config, alpha, chain, i, log_u):
+    """Mutant: forgets log u, so it cuts every proposal whose score falls below the current state's."""
+    floor = HONEST_FLOOR(config, alpha, chain, i, log_u)
+    return floor and replace(floor, least=floor.least - log_u)
+
+
+def floor_of_log_p(config, alpha, chain, i, log_u):
+    """Mutant: scores a proposal by its log p alone (the - log q term dropped), which falls faster than its score."""
+    floor = HONEST_FLOOR(config, alpha, chain, i, log_u)
+    return floor and replace(floor, weight=math.inf, least=floor.least / alpha)
+
+
+HONEST_FLOOR = power.rejection_floor
+
+
+@pytest.mark.parametrize("mutant", [floor_without_u, floor_of_log_p])
+def test_a_wrong_floor_fails_the_exact_law(mutant, monkeypatch):
+    want = algorithm_law(FLOOR_SPEC, FLOORED)
+    monkeypatch.setattr(power, "rejection_floor", mutant)
+    samples, _ = floored_samples()
+    assert tv(empirical(samples), want) > tv_null_quantile(want, len(samples))

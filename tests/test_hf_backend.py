@@ -14,6 +14,7 @@ import pytest
 from conftest import run_check
 
 from powersample.backends import conformance, embedded
+from powersample.core.drafts import Draft
 from powersample.core.numerics import proposal_logprobs
 from powersample.core.types import ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
@@ -250,7 +251,7 @@ SHORT = "Reply with one word: yes or no. Is water wet?"  # its tau-1/4 continuat
 
 def drafted(backend, context, n, seed, draft, k, slot=0, proposal=COLD):
     """One request of `n` tokens at most, verifying `draft` up to k tokens per forward."""
-    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot, draft=tuple(draft), speculate=k)
+    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot, draft=Draft(tuple(draft)), speculate=k)
     return backend.extend([request], proposal)[0]
 
 
@@ -316,7 +317,7 @@ def batched(backend, prompt, likely) -> list[tuple[ExtendRequest, object, int]]:
             (prompt, likely[:3] + (rare,) + likely[4:], 3), (prompt, likely + likely, 1)]  # fmt: skip
     out = []
     for j, (context, draft, k) in enumerate(rows):
-        request = ExtendRequest(context, 8, np.random.default_rng(40 + j), 40 + j, draft=draft, speculate=k)
+        request = ExtendRequest(context, 8, np.random.default_rng(40 + j), 40 + j, draft=Draft(draft), speculate=k)
         before = backend.stats.decode_forwards
         alone = backend.extend([request_copy(request)], COLD)[0]
         out.append((request, alone, backend.stats.decode_forwards - before))
@@ -370,6 +371,21 @@ def test_a_batch_with_holes_everywhere_is_restacked_and_stays_exact(backend, bat
     for (request, alone, _), cont in zip(batched, together):
         assert_same(cont, alone)
         assert_cached_exactly(batch, request.slot, request.context + cont.tokens[:-1])
+
+
+def test_rows_share_the_feed_budget_and_draw_the_same_tokens(backend, batched, monkeypatch):
+    """With a budget of 8 ids per forward, 5 drafted rows feed their next token each and at most one draft token:
+    no forward feeds more than the budget, and every row draws what it draws alone."""
+    batch = HFBackend(backend.model, backend.tokenizer)
+    batch._budget = 8
+    fed = []
+    inputs = hf._Batch.inputs
+    monkeypatch.setattr(hf._Batch, "inputs", lambda self, budget: (fed.append(out := inputs(self, budget)), out)[1])
+    together = batch.extend([request_copy(r) for r, _, _ in batched], COLD)
+    for cont, (_, alone, _) in zip(together, batched):
+        assert_same(cont, alone)
+    assert all(sum(map(len, feeds)) <= max(8, len(feeds)) for feeds, *_ in fed)
+    assert any(len(f) == 2 for feeds, *_ in fed for f in feeds)  # drafts were still fed where the budget allowed
 
 
 def test_drafts_cut_the_forwards(backend):

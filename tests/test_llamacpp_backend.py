@@ -22,6 +22,7 @@ pytest.importorskip("llama_cpp")
 from powersample.backends import conformance
 from powersample.backends.embedded import embedded_gguf_path
 from powersample.backends.llamacpp import LlamaCppBackend
+from powersample.core.drafts import Draft
 from powersample.core.numerics import proposal_logprobs
 from powersample.core.types import ExtendRequest, Proposal
 from powersample.errors import PowerSampleError
@@ -327,7 +328,7 @@ ALPHA4 = Proposal(temperature=0.25)  # power sampling's proposal at alpha = 4
 
 def drafted(backend, context, n, seed, draft, k, proposal=ALPHA4, slot=0):
     """One request of n tokens at most whose draft is verified k tokens per forward."""
-    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot, draft=tuple(draft), speculate=k)
+    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot, draft=Draft(tuple(draft)), speculate=k)
     return backend.extend([request], proposal)[0]
 
 
@@ -392,7 +393,7 @@ def test_a_seed_gives_the_same_drafted_continuation_whatever_k_and_batch(backend
         before = backend.stats.forwards
         assert drafted(backend, prompt, n, seed=11, draft=draft, k=ks[name]).tokens == alone[name].tokens, name
         forwards[name] = backend.stats.forwards - before
-    requests = [ExtendRequest(prompt, n, np.random.default_rng(11), slot=20 + j, draft=draft, speculate=ks[name])
+    requests = [ExtendRequest(prompt, n, np.random.default_rng(11), slot=20 + j, draft=Draft(draft), speculate=ks[name])
                 for j, (name, (draft, n)) in enumerate(drafts.items())]  # fmt: skip
     before = backend.stats.forwards
     batched = backend.extend(requests, ALPHA4)

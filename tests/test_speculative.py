@@ -1,11 +1,12 @@
 """Speculative proposals are exact: a continuation verified against a draft, any draft, follows q.
 
-An engine verifies a draft (the chain's current suffix) several tokens per forward and keeps each drafted token d
-with probability q(d), else draws from q without d, renormalized (core.numerics.verify_draft). Here, on toy models,
-the law of drafted continuations is compared with q's exact law over every continuation (enumerated), for drafts that
-the model likes, an impossible token, EOS inside, a draft past max_tokens, drafts shorter than the continuation
-(fed whole in one forward) and none, at k = 1, 2, 3 tokens per forward; two mutations of the rule must fail the
-same test.
+An engine verifies a draft (the chain's current suffix, then lookups in what the chain drew) several tokens per
+forward: each token is drawn as without a draft, and a drafted token d is kept when the draw equals it, which
+happens with probability q(d) (core.numerics.verify_draft). Here, on toy models, the law of drafted continuations is
+compared with q's exact law over every continuation (enumerated), for drafts that the model likes, an impossible
+token, EOS inside, a draft past max_tokens, drafts shorter than the continuation (fed whole in one forward) and
+none, at k = 1, 2, 3 tokens per forward; two mutations of the rule must fail the same test. A seed draws the same
+tokens with any draft and any k as with none.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from exact_laws import continuations, empirical, row_logprobs, tv, tv_null_quant
 from powersample.backends import engine
 from powersample.backends.toy import ToyBackend
 from powersample.core.numerics import draw, logsumexp, verify_draft
+from powersample.core.drafts import Corpus, Draft
 from powersample.core.types import ExtendRequest, Proposal
 
 N = 4000  # drafted continuations per law
@@ -53,7 +55,7 @@ def drafts(spec, proposal: Proposal) -> dict[str, tuple[int, ...]]:
 
 def drafted(backend: ToyBackend, proposal: Proposal, draft, k: int, n: int = N, seed: int = 0) -> list[tuple]:
     rng = np.random.default_rng(seed)
-    requests = [ExtendRequest((), MAX_TOKENS, rng, draft=draft, speculate=k) for _ in range(n)]
+    requests = [ExtendRequest((), MAX_TOKENS, rng, draft=Draft(draft), speculate=k) for _ in range(n)]
     return [c.tokens for c in backend.extend(requests, proposal)]
 
 
@@ -80,7 +82,7 @@ def test_a_seed_gives_the_same_continuation_for_any_k_and_fewer_forwards_for_a_g
     for k in (1, 2, 3):
         backend = ToyBackend(spec)
         rng = np.random.default_rng(9)
-        requests = [ExtendRequest((), n, rng, draft=best, speculate=k) for _ in range(300)]
+        requests = [ExtendRequest((), n, rng, draft=Draft(best), speculate=k) for _ in range(300)]
         outputs.append([c.tokens for c in backend.extend(requests, cold)])
         forwards.append(backend.stats.forwards)
     assert outputs[0] == outputs[1] == outputs[2]
@@ -125,16 +127,28 @@ def test_verify_draft_keeps_d_with_probability_q_d():
     assert verify_draft(np.array([0.0, -np.inf]), 0, rng) == 0  # q(d) = 1: always kept
 
 
-def test_no_draft_means_todays_samples():
-    """speculate > 0 with an empty draft, and a draft with speculate 0, change nothing."""
-    spec = load_spec("eos_trap")
-    plain = drafted(ToyBackend(spec), Proposal(0.5), (), 0, n=200, seed=4)
-    assert drafted(ToyBackend(spec), Proposal(0.5), (0, 0, 0), 0, n=200, seed=4) == plain
-    request = ExtendRequest((), MAX_TOKENS, np.random.default_rng(1), draft=(0, 0), speculate=2)
-    assert replace(request, speculate=0).draft == (0, 0)  # the request keeps its draft; the engine ignores it
+def test_a_seed_draws_the_same_tokens_with_any_draft_and_k_as_without():
+    """The coupled rule: drafts and k change how many tokens a forward decodes, never which."""
+    for spec_name, proposal in (("eos_trap", Proposal(0.5)), ("eos_trap", TRUNCATED), ("early_eos", Proposal(0.25))):
+        spec = load_spec(spec_name)
+        plain = drafted(ToyBackend(spec), proposal, (), 0, n=300, seed=4)
+        for what, draft in drafts(spec, proposal).items():
+            for k in (1, 2, 3):
+                assert drafted(ToyBackend(spec), proposal, draft, k, n=300, seed=4) == plain, (spec_name, what, k)
 
 
-def test_a_replaced_token_realigns_the_rest_of_the_draft():
-    assert engine.realign([5, 6, 7, 8, 9], 7) == [8, 9]  # the new token comes up ahead: go on after it
-    assert engine.realign([5, 6, 7, 8, 9], 9) == []  # not within the window: no draft left
-    assert engine.realign([], 3) == []
+def test_corpus_drafts_follow_q_and_change_no_token():
+    """Drafts looked up in a corpus (after a replaced guess, or with no guess at all) are as exact as any."""
+    spec, proposal = load_spec("eos_trap"), Proposal(0.5)
+    corpus = Corpus()
+    for seq in ((0, 0, 1), (1, 0, 0), (0, 1, 2)):
+        corpus.add((), seq)
+    want, plain = q_law(spec, proposal), drafted(ToyBackend(spec), proposal, (), 0, seed=5)
+    for guess in ((), (1, 1, 1)):
+        for k in (1, 2, 3):
+            backend, rng = ToyBackend(spec), np.random.default_rng(5)
+            requests = [ExtendRequest((), MAX_TOKENS, rng, draft=Draft(guess, corpus), speculate=k) for _ in range(N)]
+            have = [c.tokens for c in backend.extend(requests, proposal)]
+            assert have == plain
+            assert tv(empirical(have), want) <= tv_null_quantile(want, N)
+            assert backend.stats.drafted > backend.stats.kept_drafts > 0  # lookups drafted, some kept, some not

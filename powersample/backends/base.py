@@ -16,7 +16,9 @@ with the request's context, so correctness never depends on the hint.
 
 - `ContinuousBatching`: `extend_continuous`, a batch that stays full as rows finish (the driver's schedule);
 - `ChatMessages`: `encode_messages`, a whole conversation through the model's chat template (the server);
-- `Confidence`: `confidence`, the per-position confidence of the paper's Eq. 13 (evaluation).
+- `Confidence`: `confidence`, the per-position confidence of the paper's Eq. 13 (evaluation);
+- `Speculation`: `default_speculate`, how many guessed tokens per forward the engine is fastest with (requests
+  whose sampler leaves `speculate` to the engine).
 
 Callers ask `capability(backend, ContinuousBatching)`, the one place that checks: it returns the backend typed as
 the capability when it has every method the Protocol declares, else None. It looks the methods up with `getattr`,
@@ -88,11 +90,20 @@ class Confidence(Protocol):
         ...
 
 
+class Speculation(Protocol):
+    """A backend that verifies a request's draft several tokens per forward (ExtendRequest.draft, .speculate)."""
+
+    def default_speculate(self) -> int:
+        """The most draft tokens per forward this engine, as loaded, is fastest with; 0 when a forward of k tokens
+        costs about k forwards of one, so drafts cost more than they save."""
+        ...
+
+
 C = TypeVar("C")
 
 
 def capability(backend: object, protocol: type[C]) -> C | None:
-    """`backend` as the optional capability `protocol` (ContinuousBatching, ChatMessages, Confidence) when it has
+    """`backend` as the optional capability `protocol` (ContinuousBatching, ChatMessages, Confidence, Speculation) when it has
     every method the Protocol declares, else None."""
     methods = [name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")]
     if all(callable(getattr(backend, name, None)) for name in methods):

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from powersample.backends.base import Backend, Confidence, capability
+from powersample.core.drafts import WINDOW, Corpus, Draft
 from powersample.core.numerics import negative_entropy, proposal_logprobs
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
 from powersample.errors import PowerSampleError
@@ -216,18 +217,23 @@ def batched_rows_match_single_rows(s: Subject, alone: Backend | None = None) -> 
 
 def drafted_continuations_are_like_any(s: Subject) -> None:
     """A continuation verified against a draft (speculate = 1, 2, 4; drafts: the model's own likely continuation,
-    the same reversed, one longer than max_tokens, one with EOS inside, none) stops at EOS or max_tokens,
-    has the base log p that `score` gives its tokens, and with next_logp the log q of q at every position. A
-    backend that does not speculate ignores the draft, and passes."""
+    the same reversed, one longer than max_tokens, one with EOS inside, none, and lookups in a corpus) draws the
+    tokens the same seed draws without a draft, stops at EOS or max_tokens, has the base log p that `score` gives
+    its tokens, and with next_logp the log q of q at every position. A backend that does not speculate ignores the
+    draft, and passes."""
     b, cold = s.backend, Proposal(temperature=0.25)
     guess = extend(b, s.prompt, 10, seed=80, proposal=cold, slot=80).tokens
-    eos = min(b.eos_ids)
-    drafts = [guess, guess[::-1], guess * 3, guess[:1] + (eos,) + guess[1:], ()]
-    for k in (1, 2, 4):
-        for j, draft in enumerate(drafts):
+    eos, corpus = min(b.eos_ids), Corpus()
+    corpus.add(s.prompt, guess[:3] + guess[4:])  # a lookup after the 3rd token guesses the 5th: one is replaced
+    drafts = [Draft(d) for d in (guess, guess[::-1], guess * 3, guess[:1] + (eos,) + guess[1:], ())]
+    drafts.append(Draft((), corpus, s.prompt[-WINDOW:]))
+    for j, draft in enumerate(drafts):
+        plain = extend(b, s.prompt, 8, seed=81 + j, proposal=cold, slot=81).tokens
+        for k in (1, 2, 4):
             request = ExtendRequest(s.prompt, 8, np.random.default_rng(81 + j), 81, draft=draft, speculate=k)
             cont = b.extend([request], cold)[0]
             what = f"draft {j}, speculate {k}"
+            _check(cont.tokens == plain, f"{what}: drew {cont.tokens}, without a draft {plain}")
             _check(1 <= len(cont.tokens) <= 8, f"{what}: {len(cont.tokens)} tokens for max_tokens 8")
             _check(not set(cont.tokens[:-1]) & b.eos_ids, f"{what}: EOS before the last token: {cont.tokens}")
             _close(b.score(s.prompt, cont.tokens), cont.base_logp, s.tolerance, f"{what}: score vs log p")

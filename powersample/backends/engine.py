@@ -36,10 +36,10 @@ class Row:
     """One request being decoded: the ids to feed next and what it has drawn. Engines subclass it with where
     the row's cache lives (keyword-only fields).
 
-    With a draft (the request's `draft`, when `speculate` > 0) a forward feeds next_id and up to `speculate` draft
-    tokens, and `verify_step` walks the logits of every fed id: each drafted token is kept or replaced exactly as
-    `core.numerics.verify_draft` says, so the row's tokens are q-distributed; after a replacement the fed ids
-    after it are void and the rest of the draft is re-aligned (`realign`)."""
+    With `speculate` = k > 0, a forward feeds next_id and up to k tokens of the row's current guess (its request's
+    `draft`, core.drafts), and `verify_step` walks the logits of every fed id: each token is drawn as without a
+    draft (core.numerics.verify_draft), and the walk goes on while the draws equal the guess. After a token that
+    differs, the fed ids after it are void and the next guess is looked up from the tokens drawn."""
 
     key: int  # the caller's key for this request (refills of one chain share it)
     request: ExtendRequest
@@ -48,19 +48,35 @@ class Row:
     base_logp: list[float] = field(default_factory=list)
     proposal_logq: list[float] = field(default_factory=list)
     alternatives: tuple[tuple[int, float], ...] = ()
-    draft: list[int] = field(default_factory=list)  # draft tokens not verified yet (set by start_draft)
-    drafted: int = 0  # draft tokens verified (kept or replaced)
+    guess: list[int] = field(default_factory=list)  # the guessed tokens after `tokens`, none verified yet
+    drafted: int = 0  # guessed tokens verified (kept or not)
     kept_drafts: int = 0  # of those, kept
+    score: float = 0.0  # the request's floor score of the tokens so far (core.types.Floor), without its length term
 
     def __post_init__(self) -> None:
         if self.request.speculate > 0 and not self.tokens:
-            self.draft = list(self.request.draft[: self.request.max_tokens])
+            self.guess = list(self.request.draft.first(self.request.max_tokens))
 
-    def feed(self) -> list[int]:
-        """The ids the next forward feeds for this row: next_id, then up to `speculate` draft tokens (never more
-        than the positions left after the next one)."""
+    def feed(self, most: int | None = None) -> list[int]:
+        """The ids the next forward feeds for this row: next_id, then up to `speculate` guessed tokens (and up to
+        `most`, the engine's share for the row this step; never more than the positions left after the next one).
+        How many are fed changes no token drawn, only how many one forward can decode."""
         room = self.request.max_tokens - len(self.tokens) - 1
-        return [self.next_id, *self.draft[: max(0, min(self.request.speculate, room))]]
+        n = min(self.request.speculate, room, self.request.speculate if most is None else most)
+        return [self.next_id, *self.guess[: max(0, n)]]
+
+    def reguess(self) -> None:
+        """The next guess, once the last one was replaced or used up (none when the request does not speculate)."""
+        if self.request.speculate > 0:
+            self.guess = list(self.request.draft.next(self.tokens, self.request.max_tokens - len(self.tokens)))
+
+    def sunk(self) -> bool:
+        """Whether the row's tokens fell below its request's floor: its proposal is sure to be rejected."""
+        floor = self.request.floor
+        if floor is None:
+            return False
+        self.score = floor.step(self.score, self.base_logp[-1], self.proposal_logq[-1])
+        return floor.below(self.score, len(self.tokens))
 
     def continuation(self) -> Continuation:
         return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives)
@@ -71,8 +87,8 @@ def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Propo
     """Draw each row's next tokens from the base log p after each id it fed (`logp[b]`: (len(feed), V)), with its
     request's own generator, recording log p and log q (and, at a row's first step, the likeliest alternatives).
 
-    Returns the rows now finished (EOS or max_tokens) and, per row, how many of the ids it fed are still valid
-    (a replaced draft token invalidates the fed ids after it: the engine drops them from its cache)."""
+    Returns the rows now finished (EOS, max_tokens, or below their floor) and, per row, how many of the ids it fed are still valid
+    (a token that differs from its guess invalidates the fed ids after it: the engine drops them from its cache)."""
     done, kept = [], []
     for b, row in enumerate(rows):
         finished, valid = _walk(row, logp[b], proposal, eos_ids)
@@ -84,40 +100,26 @@ def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Propo
 
 def _walk(row: Row, logp: np.ndarray, proposal: Proposal, eos_ids: frozenset[int]) -> tuple[bool, int]:
     """One row's tokens from the logits of its fed ids; (finished, fed ids still valid). See verify_step."""
-    logq = proposal_logprobs(logp, proposal)  # (n, V)
     for j in range(len(logp)):
         if not row.tokens and row.request.alternatives:
             row.alternatives = top_alternatives(logp[j], row.request.alternatives)
-        drafted = row.draft.pop(0) if row.draft else None
-        token = draw(logq[j], row.request.rng) if drafted is None else verify_draft(logq[j], drafted, row.request.rng)
+        logq = proposal_logprobs(logp[j], proposal)  # (V,): row by row, as the walk often stops before the last
+        guessed = row.guess.pop(0) if row.guess else None
+        token = draw(logq, row.request.rng) if guessed is None else verify_draft(logq, guessed, row.request.rng)
         row.tokens.append(token)
         row.base_logp.append(float(logp[j, token]))
-        row.proposal_logq.append(float(logq[j, token]))
+        row.proposal_logq.append(float(logq[token]))
         row.next_id = token
-        if drafted is not None:
+        if guessed is not None:
             row.drafted += 1
-            row.kept_drafts += token == drafted
-        if token in eos_ids or len(row.tokens) == row.request.max_tokens:
+            row.kept_drafts += token == guessed
+        if row.sunk() or token in eos_ids or len(row.tokens) == row.request.max_tokens:
             return True, j + 1
-        if drafted is not None and token != drafted:  # replaced: the fed ids after j are void, and the rest of
-            row.draft = realign(row.draft, token)  # the draft is re-aligned to the new token
-            return False, j + 1
+        if token != guessed or not row.guess:  # no guess, another token, or the guess used up: look up the next
+            row.reguess()
+            if guessed is not None and token != guessed:  # the fed ids after j were guesses that are now void
+                return False, j + 1
     return False, len(logp)
-
-
-REALIGN_WINDOW = 4  # how far ahead in the draft a replaced token is looked for
-
-
-def realign(rest: list[int], token: int) -> list[int]:
-    """The draft after a drafted token was replaced by `token`: if `token` comes up in the next REALIGN_WINDOW
-    draft tokens, the draft goes on after it (the new text skipped ahead, as prompt-lookup decoding re-aligns);
-    else there is no draft left. Any draft is exact (verify_draft): this only decides what is fed and kept.
-
-    Measured on the embedded model (llamacpp, k = 8): going on with the old draft as a substitution when the token
-    is not found kept 4 in 10 of those tokens and, fed for nothing, doubled the wall per token; dropping it is the
-    cheaper rule on engines whose forward grows with the tokens fed."""
-    ahead = rest[:REALIGN_WINDOW]
-    return rest[ahead.index(token) + 1 :] if token in ahead else []
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -14,12 +14,12 @@ the context tokens no buffer holds are prefilled, and at least the last context 
 keeps no logits. Correctness never depends on the slot: a foreign slot only costs a longer prefill.
 
 Batching. After the (batch-1) prefills every row has its pending ids (`Row.feed()`: the next token, then up to
-`speculate` draft tokens), so the decoding loop stacks the rows' caches left-padded into one DynamicCache and runs
+`speculate` draft tokens, within the rows' share of FEED_BUDGET ids per forward), so the decoding loop stacks the rows' caches left-padded into one DynamicCache and runs
 one forward per step for all rows: rows feeding fewer ids are padded on the right, a boolean mask says which cache
 columns each row sees, and position ids are each row's own. Base log p comes from the logits of every fed id.
 After `engine.verify_step`, a row's fed ids after a replaced draft token are void: they become holes in its mask
 (columns no row uses are cut off at once; a batch with many holes is restacked). Finished rows (EOS or their
-max_tokens) leave the batch at once and their caches go back to their buffers holding exactly the valid ids.
+max_tokens, or below their floor) leave the batch at once and their caches go back to their buffers holding exactly the valid ids.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ from powersample.errors import PowerSampleError, one_line
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}  # by
 # hub.dtype_name; "auto" = whatever the checkpoint says
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (keys, values), each (1, heads, L, head_dim)
+SPECULATE = 8  # draft tokens per forward when the sampler leaves it to the engine (Speculation): on a GPU a forward
+# of 9 ids costs about one of 1; on the CPU about 1.7x (fp32, README Performance), still a gain at 2.6 tokens/forward
+FEED_BUDGET = {"cpu": 16, "cuda": 512}  # ids one decoding forward feeds at most, all rows' draft tokens included
+# (each row feeds its next token whatever the budget): on the CPU a forward of 16 ids costs about 2.2x one of 1, of
+# 32 about 4.4x, so a batch of many rows leaves no room for drafts; other devices take cuda's
 HOLES_RESTACK = 4  # a batch with holes is restacked when more than 1/HOLES_RESTACK of its columns lie beyond what its
 # longest row needs (holes under the longest row cost nothing: the batch is that wide anyway)
 
@@ -92,10 +97,11 @@ class _Batch:
         pads = torch.tensor([width - n for n in lengths], device=self.device)
         self.mask = torch.arange(width, device=self.device)[None] >= pads[:, None]
 
-    def inputs(self) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    def inputs(self, budget: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
         """(each row's fed ids, input ids (B, T), attention mask (B, width + T), position ids (B, T)) for the next
-        step: T is the longest feed; a shorter one is padded on the right with its last id, masked out."""
-        feeds = [r.feed() for r in self.rows]
+        step: T is the longest feed; a shorter one is padded on the right with its last id, masked out. The rows'
+        feeds share `budget` ids: each row feeds its next token and up to budget // rows - 1 draft tokens."""
+        feeds = [r.feed(budget // len(self.rows) - 1) for r in self.rows]
         t = max(map(len, feeds))
         ids = torch.tensor([fed + fed[-1:] * (t - len(fed)) for fed in feeds], device=self.device)
         positions = [[len(r.ids) + min(j, len(fed) - 1) for j in range(t)] for r, fed in zip(self.rows, feeds)]
@@ -169,6 +175,7 @@ class HFBackend:
         self.reuse_cache = reuse_cache  # False: every request prefills its whole context alone (bench baseline)
         self._buffers: dict[int, tuple[_Buffer, _Buffer]] = {}
         self._forward_args = _forward_arguments(model)
+        self._budget = FEED_BUDGET.get(self.device.type, FEED_BUDGET["cuda"])
         self.stats = HFStats()  # diagnostics, for tests and tools
 
     @classmethod
@@ -207,6 +214,10 @@ class HFBackend:
         """Prompt ids; with `chat` and a chat template, the prompt is one user message plus the assistant header."""
         return encode_prompt_ids(self.tokenizer, prompt, chat)
 
+    def default_speculate(self) -> int:
+        """Draft tokens per forward when the sampler leaves it to the engine (base.Speculation)."""
+        return SPECULATE
+
     def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Tokens:
         """Ids of a chat conversation plus the assistant header (see backends/tokenizer.py)."""
         return encode_message_ids(self.tokenizer, messages)
@@ -236,7 +247,7 @@ class HFBackend:
                 _check_slots(incoming, batch.rows)
                 batch.add([self._start(key, request) for key, request in incoming])
                 incoming = []
-            feeds, ids, mask, positions = batch.inputs()
+            feeds, ids, mask, positions = batch.inputs(self._budget)
             logits = self._forward(ids, batch.cache, mask, positions, keep=ids.shape[1])  # (B, T, V)
             self.stats.decode_forwards += 1
             self.stats.fed_tokens += sum(map(len, feeds))

@@ -8,13 +8,14 @@ the logits of every id a row fed:
     token = draw(log q[j], request.rng)                # all randomness comes from each chain's own generator
 
 Drafts (speculative proposals). A row without a draft feeds one id per step, its next token. A request with a
-draft and `speculate` = k > 0 feeds `Row.feed()`: its next token, then up to k draft tokens, as consecutive
-positions of its sequence, with logits for each, so one forward verifies up to k drafted tokens
-(`engine.verify_step`: each kept with probability q, else replaced by a draw from the rest of q; exactly q
-either way). Rows feeding different numbers of ids share the one decode. After a replaced draft token, the ids fed
-after it are void: they are cut from the row's sequence (its cells and its tracked ids) before the next step, so
-the cache always holds exactly the row's context and kept tokens. A seed gives the same tokens whatever k and
-whatever the batch, since every draw is made in position order from the request's generator.
+draft and `speculate` = k > 0 feeds `Row.feed()`: its next token, then up to k guessed tokens, as consecutive
+positions of its sequence, with logits for each, so one forward can decode up to k + 1 tokens
+(`engine.verify_step`: every token is drawn as without a draft, and the walk goes on while the draws equal the
+guess). Rows feeding different numbers of ids share the one decode. After a token that differs from its guess, the
+ids fed after it are void: they are cut from the row's sequence (its cells and its tracked ids) before the next
+step, so the cache always holds exactly the row's context and kept tokens. A seed gives the same tokens whatever k,
+whatever the draft and whatever the batch. Drafts are off unless asked for (`default_speculate`): on the CPU a
+forward of k ids costs about k decodes of one.
 
 llama.cpp's own sampler is never used. We drive the low-level C API (our own `llama_batch`, `llama_decode`,
 `llama_get_logits_ith`) so that each decode computes exactly the logits rows we read. llama-cpp-python's
@@ -244,6 +245,12 @@ class LlamaCppBackend:
             return self.encode(plain_transcript(messages), chat=False)
         text = self._render_messages(template, messages)
         return tuple(int(t) for t in self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def default_speculate(self) -> int:
+        """0: drafts only when asked (base.Speculation). llama.cpp's CPU kernels cost about k single-token decodes
+        for a forward of k tokens (k = 8: 7x one decode, the embedded Q4_1 at 1 thread; q8_0 and q4_0 alike), so
+        a drafted token is never cheaper than a decoded one."""
+        return 0
 
     def decode(self, tokens: Sequence[int]) -> str:
         """Text of `tokens`; special (control) tokens render as nothing."""

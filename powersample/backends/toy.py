@@ -13,8 +13,6 @@ and a bisection: thousands of MCMC samples per second.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from powersample.backends.engine import Row, verify_step
-from powersample.core.numerics import proposal_logprobs, top_alternatives
+from powersample.core.numerics import cumulative, draw_from_cdf, proposal_logprobs, top_alternatives
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
 from powersample.errors import PowerSampleError, parse_json
 
@@ -195,8 +193,8 @@ class ToyBackend:
         return tuple(out)
 
     def _extend_one(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
-        if request.speculate > 0 and request.draft:
-            return self._extend_drafted(request, proposal)
+        if request.speculate > 0 or request.floor is not None:
+            return self._extend_walked(request, proposal)
         seq = list(request.context)
         tokens, logp, logq = [], [], []
         alternatives = (
@@ -206,10 +204,7 @@ class ToyBackend:
         )
         for _ in range(request.max_tokens):
             table = self._table(seq, proposal)
-            u = request.rng.random() * table.cdf[-1]
-            tok = min(bisect.bisect_right(table.cdf, u), len(table.cdf) - 1)
-            while table.proposal_logq[tok] == -math.inf:  # only if u rounded up onto the total
-                tok -= 1
+            tok = draw_from_cdf(table.cdf, request.rng.random(), table.proposal_logq)  # numerics.draw's exact steps
             tokens.append(tok)
             logp.append(table.base_logp[tok])
             logq.append(table.proposal_logq[tok])
@@ -219,9 +214,9 @@ class ToyBackend:
         self.stats.forwards += len(tokens)  # one per token drawn
         return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives)
 
-    def _extend_drafted(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
-        """The engines' speculative walk (backends.engine.verify_step) on exact rows: each loop is one forward of a
-        real engine, feeding the next id and up to `speculate` draft tokens."""
+    def _extend_walked(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
+        """The engines' walk (backends.engine.verify_step: drafts, floors) on exact rows: each loop is one forward of
+        a real engine, feeding the next id and up to `speculate` draft tokens. It draws what _extend_one draws."""
         row = Row(0, request, next_id=-1)  # the toy model reads its rows off the generated ids, not a fed token
         while True:
             fed = row.feed()
@@ -244,7 +239,7 @@ class ToyBackend:
             base = np.full(len(row), -np.inf)
             np.log(probs, out=base, where=probs > 0)
             logq = proposal_logprobs(base, proposal)
-            cdf = tuple(itertools.accumulate(np.exp(logq).tolist()))
+            cdf = tuple(cumulative(logq).tolist())
             table = _Table(tuple(base.tolist()), tuple(logq.tolist()), cdf)
             self._tables[key] = table
         return table

@@ -32,8 +32,9 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=d.top_k, help="proposal top-k (default off)")
     g.add_argument("--top-p", type=float, default=d.top_p, help="proposal top-p (default off)")
     g.add_argument("--speculate", type=int, default=d.speculate, metavar="K",
-                   help="MCMC proposals: verify the current suffix as a draft, up to K tokens per forward; exact, "
-                        "the same law, other samples per seed (default %(default)s = off)")  # fmt: skip
+                   help="MCMC proposals: verify guesses at each continuation (the current suffix, what the chain "
+                        "drew before) up to K tokens per forward; the same samples, fewer forwards; 0 = off "
+                        "(default: the engine's choice: 8 on hf, 0 on llamacpp and vllm)")  # fmt: skip
     add_knob_options(g, d)
 
 

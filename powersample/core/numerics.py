@@ -3,6 +3,7 @@ draws by inverse CDF, and entropy. Numpy only; shapes are (..., V) over a vocabu
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Sequence
 
@@ -71,31 +72,36 @@ def _keep_top_p(logq: np.ndarray, top_p: float) -> np.ndarray:
 
 def draw(logq: np.ndarray, rng: np.random.Generator) -> int:
     """One token id from exp(logq) (1-D) by inverse CDF; tokens with q = 0 have zero width and are never drawn."""
-    cdf = np.cumsum(np.exp(logq - np.max(logq)))
-    u = rng.random() * cdf[-1]
-    token = int(np.searchsorted(cdf, u, side="right"))
-    if token == len(cdf):  # u rounded up to the total: take the last token with q > 0
+    return draw_from_cdf(cumulative(logq), rng.random(), logq)
+
+
+def cumulative(logq: np.ndarray) -> np.ndarray:
+    """The unnormalized CDF that `draw` inverts: cumsum(exp(logq - max)). (V,)"""
+    return np.cumsum(np.exp(logq - np.max(logq)))
+
+
+def draw_from_cdf(cdf: Sequence[float] | np.ndarray, u: float, logq: Sequence[float] | np.ndarray) -> int:
+    """The token whose interval of `cdf` (from `cumulative`) holds u * total, for a uniform u in [0, 1)."""
+    token = bisect.bisect_right(cdf, u * cdf[-1])  # the first token whose cumulative mass exceeds u * total
+    if token == len(cdf):  # u * total rounded up to the total: take the last token with q > 0
         token = int(np.flatnonzero(np.isfinite(logq))[-1])
     return token
 
 
 def verify_draft(logq: np.ndarray, drafted: int, rng: np.random.Generator) -> int:
-    """One token from q (1-D log q) given a drafted guess d: speculative sampling with a deterministic draft.
+    """One token from q (1-D log q) given a drafted guess d: speculative sampling with a deterministic draft,
+    coupled to plain sampling.
 
-    d is kept with probability q(d); otherwise the token is drawn from q with d removed and renormalized. So the
-    token is exactly q-distributed, whatever d is:
+    The token is `draw(logq, rng)`, the very draw a request without a draft makes, with the same one uniform; d is
+    kept when the draw equals it. So the token is exactly q-distributed whatever d is, d is kept with probability
 
-        P(d) = q(d),   P(v) = (1 - q(d)) * q(v) / (1 - q(d)) = q(v)  for v != d.
+        P(token = d) = q(d),
 
-    One uniform decides, and a rejection draws once more, both from `rng`.
+    as with the textbook rule (keep d with probability q(d), else draw from q without d, renormalized), which it
+    equals in law; and, unlike that rule, a seed draws the same tokens with or without drafts, whatever they are.
     """
-    if rng.random() < math.exp(logq[drafted]):
-        return drafted
-    residual = logq.copy()
-    residual[drafted] = -np.inf
-    if not np.isfinite(residual).any():  # q(d) = 1 up to rounding: nothing else can be drawn
-        return drafted
-    return draw(residual, rng)
+    del drafted  # the guess decides only whether the engine's walk goes on (engine.verify_step), never the token
+    return draw(logq, rng)
 
 
 def negative_entropy(base_logp: np.ndarray) -> np.ndarray:

@@ -6,10 +6,13 @@ that answers them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
+
+from powersample.core.drafts import NO_DRAFT, Draft
 
 Tokens = tuple[int, ...]
 
@@ -29,6 +32,35 @@ class Proposal:
 
 
 @dataclass(frozen=True)
+class Floor:
+    """A score a continuation must keep reaching, or be cut short: the MH proposal it belongs to is then sure to be
+    rejected, so the tokens after that are never drawn.
+
+    The score of the first n tokens is
+
+        weight * sum(log p) - sum(log q) - log(offset + n)       (weight = inf: sum(log p) alone)
+
+    It never rises with n when every token adds weight * log p - log q <= 0: with q = p^(1/tau) / Z (Z <= 1, and
+    truncation only lowers Z) that holds for weight >= 1/tau >= 1, and for weight = inf. So once the score falls
+    below `least` (by more than SLACK, which absorbs rounding), the finished continuation's score would too."""
+
+    least: float
+    weight: float  # alpha, or inf (max-swap)
+    offset: int = 0  # tokens before the continuation (i, for a proposal from index i)
+
+    SLACK = 1e-6  # a score counts as below `least` only below least - SLACK
+
+    def step(self, score: float, base_logp: float, proposal_logq: float) -> float:
+        """The running score (without the length term) after one more token."""
+        return score + (base_logp if math.isinf(self.weight) else self.weight * base_logp - proposal_logq)
+
+    def below(self, score: float, n: int) -> bool:
+        """True when the running score of n tokens has fallen below `least` for good."""
+        length = 0.0 if math.isinf(self.weight) else math.log(self.offset + n)
+        return score - length < self.least - self.SLACK
+
+
+@dataclass(frozen=True)
 class ExtendRequest:
     """Extend `context` by up to `max_tokens` tokens drawn from the proposal, stopping after an EOS."""
 
@@ -37,9 +69,11 @@ class ExtendRequest:
     rng: np.random.Generator  # the chain's own generator; every draw for this request comes from it
     slot: int = 0  # the chain's cache slot
     alternatives: int = 0  # also report the likeliest this-many next tokens after `context` (base log p)
-    draft: Tokens = ()  # a guess at the continuation (the chain's current suffix), verified token by token against
-    # q, so the continuation is exactly q-distributed whatever the draft (see core.numerics.verify_draft)
+    draft: Draft = NO_DRAFT  # guesses at the continuation (core.drafts): they decide only how many tokens a forward
+    # decodes, never which (core.numerics.verify_draft)
     speculate: int = 0  # most draft tokens an engine verifies per forward; 0 = no draft, one token per forward
+    floor: Floor | None = None  # stop early once the score falls below it (an engine may ignore it: the sampler's
+    # test rejects such a continuation either way, finished or not)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from typing import Callable
 
 import numpy as np
 
-from powersample.core.types import Continuation, Tokens
+from powersample.core.drafts import NO_DRAFT, WINDOW, Corpus, Draft
+from powersample.core.types import Continuation, ExtendRequest, Tokens
 
 Progress = Callable[[int], None]  # called with a number of finished work units
 
@@ -25,6 +26,22 @@ class Chain:
     proposals: int = 0
     accepted: int = 0
     return_particles: bool = False  # power-smc: the result also holds every particle with its weight
+    corpus: Corpus | None = None  # what the chain has drawn, for the drafts of its requests (core.drafts); None = no
+    # drafts
+
+    def remember(self, prompt: Tokens) -> None:
+        """Keep what the chain draws from now on, starting with `prompt`, for drafts (speculative proposals)."""
+        self.corpus = Corpus()
+        self.corpus.add((), prompt)
+
+    def draft(self, context: Tokens, guess: Tokens = ()) -> Draft:
+        """The draft of a request for `context`: `guess`, then lookups in what the chain has drawn."""
+        return NO_DRAFT if self.corpus is None else Draft(guess, self.corpus, context[-WINDOW:])
+
+    def drew(self, request: ExtendRequest, cont: Continuation) -> None:
+        """Note a continuation the chain drew (kept or not) for later drafts."""
+        if self.corpus is not None:
+            self.corpus.add(request.context, cont.tokens)
 
     def spawn_rngs(self, n: int) -> list[np.random.Generator]:
         """n generators seeded from the chain's, one per member of a tuple step: the members' draws then do not

@@ -25,6 +25,9 @@ tries, which is symmetric in x and y. Averaging over i (weight 1/L(x) = pi(x, i)
 for pi. With k = 1 the ratio is w(y) / w(x): power's r, log L - log L' included.
 
 Counters: one MH step is one proposal (accepted or not); tokens_generated counts every token of every try.
+
+Randomness: i, then the uniform of the test, then the tries, then the pick. With k = 1 the ratio is power's r, so
+the one try gets power's early-rejection floor and the chain draws exactly what `power` draws.
 """
 
 from __future__ import annotations
@@ -36,24 +39,33 @@ import numpy as np
 
 from powersample.config import SamplerConfig
 from powersample.core.numerics import draw, logsumexp
-from powersample.core.types import Continuation, ExtendRequest, Tokens
+from powersample.core.types import Continuation, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program
-from powersample.samplers.power import accept, proposal_request
+from powersample.samplers.power import log_uniform, rejection_floor, suffix_request
 
 
 def mtm_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
     """Power sampling's stages, each MH step with config.tries tries in one tuple step; returns the final state."""
     rngs = try_rngs(chain, config.tries)
+    if config.speculate:
+        chain.remember(prompt)
     for cap in config.stage_caps():
-        cont = yield ExtendRequest(prompt + tuple(chain.tokens), cap - len(chain.tokens), chain.rng, 0)
+        request = suffix_request(prompt, config, chain, len(chain.tokens), cap, chain.rng, 0)
+        cont = yield request
+        chain.drew(request, cont)
         chain.append(cont)
         chain.tokens_generated += len(cont.tokens)
         for _ in range(config.mcmc_steps):
             i = int(chain.rng.integers(len(chain.tokens)))
-            tries = yield tuple(proposal_request(prompt, config, chain, i, cap, rng, slot)
-                                for slot, rng in enumerate(rngs))  # fmt: skip
-            mtm_step(chain, i, tries, config.alpha)
+            log_u = log_uniform(chain.rng)  # drawn first, as `power` does
+            floor = rejection_floor(config, config.alpha, chain, i, log_u) if len(rngs) == 1 else None  # one try: r
+            requests = tuple(suffix_request(prompt, config, chain, i, cap, rng, slot, floor)
+                             for slot, rng in enumerate(rngs))  # fmt: skip
+            tries = yield requests
+            for request, cont in zip(requests, tries):
+                chain.drew(request, cont)
+            mtm_step(chain, i, tries, config.alpha, log_u)
         if chain.complete(eos_ids):
             break
     return chain.result()
@@ -72,14 +84,14 @@ def try_rngs(chain: Chain, k: int) -> list[np.random.Generator]:
     return [chain.rng] + chain.spawn_rngs(k - 1)
 
 
-def mtm_step(chain: Chain, i: int, tries: Sequence[Continuation], alpha: float) -> None:
-    """Pick one try, accept or reject x' = x_<i + that try, and count it."""
+def mtm_step(chain: Chain, i: int, tries: Sequence[Continuation], alpha: float, log_u: float) -> None:
+    """Pick one try, accept or reject x' = x_<i + that try (log u <= log of the ratio), and count it."""
     chain.tokens_generated += sum(len(t.tokens) for t in tries)
     chain.proposals += 1
     log_w = [log_weight(alpha, i, t.base_logp, t.proposal_logq) for t in tries]
     j = pick(log_w, chain.rng)
     log_w_current = log_weight(alpha, i, chain.base_logp[i:], chain.proposal_logq[i:])
-    if accept(log_accept_ratio(log_w, j, log_w_current), chain.rng):
+    if log_u <= log_accept_ratio(log_w, j, log_w_current):
         chain.replace_suffix(i, tries[j])
         chain.accepted += 1
 

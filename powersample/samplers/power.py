@@ -15,6 +15,11 @@ Acceptance. With both suffixes counted in full, whatever their lengths (L' = len
 
 and x' is accepted with probability min(1, r). `max-swap` is alpha = inf: accept iff log p of the suffix strictly
 increases. Sampling stops after the stage whose final state is complete, or after the stage that reaches T.
+
+Early rejection (exact). The uniform u of the test log u <= log r is drawn before the proposal. The proposal's side
+of log r only falls as tokens are added (every token adds alpha log p - log q <= 0 when alpha >= 1/tau >= 1, and
+-log L' falls), so the engine stops drawing once it is below the current side + log u (`rejection_floor`): the
+test would reject it whatever came next. The chain moves exactly as without the stop; it draws fewer tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import math
 import numpy as np
 
 from powersample.config import SamplerConfig
-from powersample.core.types import Continuation, ExtendRequest, Tokens
+from powersample.core.types import Continuation, ExtendRequest, Floor, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program
 
@@ -42,14 +47,22 @@ def max_swap_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_id
 
 def mh_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int], alpha: float) -> Program:
     """The stages and MH steps of Algorithm 1 with target exponent `alpha`."""
+    if config.speculate:
+        chain.remember(prompt)
     for cap in config.stage_caps():
-        cont = yield ExtendRequest(prompt + tuple(chain.tokens), cap - len(chain.tokens), chain.rng, chain.slot)
+        request = suffix_request(prompt, config, chain, len(chain.tokens), cap, chain.rng, chain.slot)
+        cont = yield request
+        chain.drew(request, cont)
         chain.append(cont)
         chain.tokens_generated += len(cont.tokens)
         for _ in range(config.mcmc_steps):
             i = int(chain.rng.integers(len(chain.tokens)))
-            cont = yield proposal_request(prompt, config, chain, i, cap, chain.rng, chain.slot)
-            mh_step(chain, i, cont, alpha)
+            log_u = log_uniform(chain.rng)  # drawn first, so that a proposal sure to be rejected stops early
+            request = suffix_request(prompt, config, chain, i, cap, chain.rng, chain.slot,
+                                     rejection_floor(config, alpha, chain, i, log_u))  # fmt: skip
+            cont = yield request
+            chain.drew(request, cont)
+            mh_step(chain, i, cont, alpha, log_u)
         if chain.complete(eos_ids):
             break
     return chain.result()
@@ -68,21 +81,37 @@ def eq12_tokens(max_new_tokens: int, block_size: int, mcmc_steps: int) -> float:
     return n * t * t / (4 * b) + t
 
 
-def proposal_request(prompt: Tokens, config: SamplerConfig, chain: Chain, i: int, cap: int,
-                     rng: np.random.Generator, slot: int) -> ExtendRequest:  # fmt: skip
-    """A fresh q-continuation of x_<i until EOS or `cap` tokens, drawn with `rng` (cache `slot`). With `speculate` on, the current
-    suffix x_>=i is its draft: the engine verifies it several tokens per forward, and the continuation is still
-    exactly q's (core.numerics.verify_draft), so the acceptance ratio is unchanged."""
-    draft = tuple(chain.tokens[i:]) if config.speculate else ()
-    return ExtendRequest(prompt + tuple(chain.tokens[:i]), cap - i, rng, slot, draft=draft,
-                         speculate=config.speculate)  # fmt: skip
+def suffix_request(prompt: Tokens, config: SamplerConfig, chain: Chain, i: int, cap: int,
+                   rng: np.random.Generator, slot: int, floor: Floor | None = None) -> ExtendRequest:  # fmt: skip
+    """A fresh q-continuation of x_<i until EOS or `cap` tokens (or until it falls below `floor`), drawn with `rng`
+    (cache `slot`): an MH proposal, or with i = len(x) a stage's extension. With `speculate` on, its draft guesses
+    the current suffix x_>=i, then what the chain drew before (core.drafts); the engine draws the same tokens
+    either way, only in fewer forwards."""
+    context = prompt + tuple(chain.tokens[:i])
+    return ExtendRequest(context, cap - i, rng, slot, draft=chain.draft(context, tuple(chain.tokens[i:])),
+                         speculate=config.speculate, floor=floor)  # fmt: skip
 
 
-def mh_step(chain: Chain, i: int, proposed: Continuation, alpha: float) -> None:
-    """Accept or reject x' = x_<i + proposed, and count it."""
+def rejection_floor(config: SamplerConfig, alpha: float, chain: Chain, i: int, log_u: float) -> Floor | None:
+    """Exact early rejection: the proposal from i is accepted iff log u <= log r, that is iff its score
+
+        alpha * log p(x'_>=i | x_<i) - log q(x'_>=i | x_<i) - log L'  >=  the same of x, + log u
+
+    (max-swap: iff its log p beats the current suffix's). The score never rises as the proposal grows (core.types.
+    Floor) when alpha >= 1/tau >= 1, so once it is below, the rest need not be drawn. None where it could rise."""
+    if math.isinf(alpha):
+        return Floor(math.fsum(chain.base_logp[i:]), alpha)
+    if not (config.tau <= 1.0 and alpha * config.tau >= 1.0 - 1e-15):  # 1e-15: alpha * (1 / alpha) rounds below 1
+        return None
+    current = alpha * math.fsum(chain.base_logp[i:]) - math.fsum(chain.proposal_logq[i:]) - math.log(len(chain.tokens))
+    return Floor(current + log_u, alpha, i)
+
+
+def mh_step(chain: Chain, i: int, proposed: Continuation, alpha: float, log_u: float) -> None:
+    """Accept or reject x' = x_<i + proposed (a proposal cut short by its floor is always rejected), and count it."""
     chain.tokens_generated += len(proposed.tokens)
     chain.proposals += 1
-    if accept(log_accept_ratio(alpha, chain, i, proposed), chain.rng):
+    if log_u <= log_accept_ratio(alpha, chain, i, proposed):
         chain.replace_suffix(i, proposed)
         chain.accepted += 1
 
@@ -101,7 +130,6 @@ def log_accept_ratio(alpha: float, chain: Chain, i: int, proposed: Continuation)
     )
 
 
-def accept(log_r: float, rng: np.random.Generator) -> bool:
-    """True with probability min(1, exp(log_r)); u is drawn from (0, 1] so log(u) is finite."""
-    u = 1.0 - rng.random()
-    return math.log(u) <= log_r
+def log_uniform(rng: np.random.Generator) -> float:
+    """log u for u uniform on (0, 1], so that it is finite."""
+    return math.log(1.0 - rng.random())

@@ -32,7 +32,7 @@ FAMILIES = ("mcmc", "smc", "rollout", "plain")
 
 def proposal_tau(config: SamplerConfig) -> float:
     """The usual proposal temperature: proposal_temperature, or 1/alpha."""
-    return 1.0 / config.alpha if config.proposal_temperature is None else config.proposal_temperature
+    return config.tau
 
 
 def base_tau(config: SamplerConfig) -> float:

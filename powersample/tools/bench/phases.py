@@ -54,6 +54,7 @@ class CallStats:
     forwards: int | None = None  # the engine's sequential decoding forwards during the call (None: not counted)
     drafted: int | None = None  # draft tokens verified (speculation)
     kept_drafts: int | None = None  # of those, kept
+    digests: tuple[str, ...] = ()  # per sample: a short hash of its tokens, to tell whether two phases drew the same
 
     @property
     def ended_at_eos(self) -> tuple[bool, ...]:
@@ -64,7 +65,7 @@ class CallStats:
                 "wall_seconds": self.wall_seconds, "tokens_generated": list(self.tokens_generated),
                 "lengths": list(self.lengths), "finish_reasons": list(self.finish_reasons),
                 "proposals": self.proposals, "accepted": self.accepted, "forwards": self.forwards,
-                "drafted": self.drafted, "kept_drafts": self.kept_drafts}
+                "drafted": self.drafted, "kept_drafts": self.kept_drafts, "digests": list(self.digests)}
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,13 @@ class PhaseResult:
             "peak_rss_kb": self.peak_rss_kb, "load_average": list(self.load_average),
             "calls": [c.to_dict() for c in self.calls],
         }
+
+
+def same_samples(a: PhaseResult, b: PhaseResult) -> tuple[int, int]:
+    """(samples of `b` identical to `a`'s for the same prompt, repeat and chain; samples compared)."""
+    mine = {(c.repeat, c.prompt_index): c.digests for c in a.calls}
+    pairs = [(x, y) for c in b.calls for x, y in zip(mine.get((c.repeat, c.prompt_index), ()), c.digests)]
+    return sum(x == y for x, y in pairs), len(pairs)
 
 
 PhaseLookup = Callable[[str], "PhaseResult | None"]  # a run's result of the phase named, None when it has not run

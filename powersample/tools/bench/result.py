@@ -10,7 +10,7 @@ from powersample.backends import BackendSpec
 from powersample.samplers import registry
 from powersample.tools.bench.eq12 import eq12_summary
 from powersample.tools.bench.options import BenchOptions
-from powersample.tools.bench.phases import PhaseResult
+from powersample.tools.bench.phases import PhaseResult, same_samples
 from powersample.tools.bench.targets import Target, targets
 
 
@@ -31,7 +31,7 @@ class BenchResult:
 
     def targets(self) -> list[Target]:
         """The targets, for the phases that have run."""
-        return targets(self.phase)
+        return targets(self.phase, self.options.config.mcmc_steps)
 
     def eq12(self) -> dict[str, Any]:
         return eq12_summary(self.options.config, self.phase)
@@ -45,7 +45,16 @@ class BenchResult:
             "options": self.options.to_dict(),
             "phases": {p.phase.name: p.to_dict() for p in self.phases},
             "eq12": self.eq12(), "targets": {t.name: t.to_dict() for t in self.targets()},
+            "speculative_same_samples": self.same_samples(),
         }
+
+    def same_samples(self) -> dict[str, int] | None:
+        """How many of speculative-1's samples are power-1's (same prompt, repeat and chain); None until both ran."""
+        plain, drafted = self.phase("power-1"), self.phase("speculative-1")
+        if plain is None or drafted is None:
+            return None
+        same, total = same_samples(plain, drafted)
+        return {"same": same, "compared": total}
 
 
 def backend_dict(spec: BackendSpec, device: str | None) -> dict[str, Any]:

@@ -3,6 +3,7 @@ with seed + prompt index, and the partial result published after each call."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -99,6 +100,7 @@ def run_call(
         finish_reasons=tuple(r.finish_reason for r in records),
         proposals=sum(r.proposals for r in records), accepted=sum(r.accepted for r in records),
         forwards=counts[0], drafted=counts[1], kept_drafts=counts[2],
+        digests=tuple(hashlib.sha256(repr(r.tokens).encode()).hexdigest()[:12] for r in records),
     )
 
 

@@ -9,8 +9,16 @@ from powersample.tools.bench.result import BenchResult
 
 def format_table(result: BenchResult) -> str:
     """The human-readable report: phases, Eq. 12, and each target with met / missed."""
-    return "\n".join([_header(result), "", *_phase_rows(result), "", *_eq12_lines(result), "",
-                      *_target_rows(result)])
+    return "\n".join([_header(result), "", *_phase_rows(result), *_paired_line(result), "", *_eq12_lines(result),
+                      "", *_target_rows(result)])
+
+
+def _paired_line(result: BenchResult) -> list[str]:
+    """Whether the speculative phase drew power-1's samples (drafts change no token; an engine's batched
+    numerics may flip a rare draw)."""
+    paired = result.same_samples()
+    return [] if paired is None else [f"speculative-1 drew the same samples as power-1: {paired['same']} of "
+                                      f"{paired['compared']}"]
 
 
 def _header(result: BenchResult) -> str:

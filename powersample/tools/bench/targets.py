@@ -1,7 +1,10 @@
 """The numbers a bench run is judged by: each a ratio of two measured numbers, compared with a fixed bound.
 
 MCMC tokens/s at least 0.85 of plain decoding at the same batch; regenerating from scratch at least 5x slower per
-sample than ours; speculative proposals at least 1.5x faster per sample than plain ones (one chain); K chains at most a quarter of the wall per sample of one; peak RSS at most 2 GiB with K chains.
+sample than ours, and at least 4x slower than ours with speculative proposals; speculative proposals at least 1.5x
+faster per sample than plain ones (one chain: the two draw the same samples); with one MH step per stage, a
+speculative chain's wall per sample at most 1.3x plain decoding's; K chains at most a quarter of the wall per
+sample of one; peak RSS at most 2 GiB with K chains.
 """
 
 from __future__ import annotations
@@ -39,20 +42,23 @@ class Target:
                 "met": self.met}
 
 
-def targets(phase: PhaseLookup) -> list[Target]:
-    """The targets of the phases that have run (`phase` looks a run's phases up by name)."""
-    return [t for t in (f(phase) for f in TARGETS) if t is not None]
+def targets(phase: PhaseLookup, mcmc_steps: int) -> list[Target]:
+    """The targets of the phases that have run (`phase` looks a run's phases up by name); the one for a single MH
+    step per stage only when the run has mcmc_steps = 1."""
+    made = [f(phase) for f in TARGETS] + ([_one_step_target(phase)] if mcmc_steps == 1 else [])
+    return [t for t in made if t is not None]
 
 
 def _ratio_target(name: str, label: str, num: str, den: str, field: str, bound: float,
                   op: str) -> Callable[[PhaseLookup], Target | None]:  # fmt: skip
     """The target `field` of phase `num` over `field` of phase `den`, compared with `bound` by `op`; None until
-    both phases have run. `label` may name {num_chains} and {den_speculate}."""
+    both phases have run. `label` may name {num_chains}, {num_speculate} and {den_speculate}."""
     def make(phase: PhaseLookup) -> Target | None:
         a, b = phase(num), phase(den)
         if a is None or b is None:
             return None
-        text = label.format(num_chains=a.phase.chains, den_speculate=b.phase.speculate)
+        text = label.format(num_chains=a.phase.chains, num_speculate=a.phase.speculate,
+                            den_speculate=b.phase.speculate)
         return Target(name, text, getattr(a, field), getattr(b, field), bound, op)
     return make
 
@@ -65,6 +71,9 @@ def _rss_target(phase: PhaseLookup) -> Target | None:
                   2.0, "<=")
 
 
+_one_step_target = _ratio_target("one_step_vs_plain_1", "1 MH step/stage: wall/sample, k={num_speculate} / plain",
+                                 "speculative-1", "plain-1", "wall_per_sample", 1.3, "<=")
+
 TARGETS = (
     _ratio_target("rate_power-K_vs_plain-K", "MCMC / plain tokens/s, K chains (batch K)", "power-K", "plain-K",
                   "tokens_per_second", 0.85, ">="),
@@ -72,6 +81,8 @@ TARGETS = (
                   "tokens_per_second", 0.85, ">="),
     _ratio_target("scratch_vs_ours_1", "regenerate-from-scratch wall / ours, 1 chain", "scratch-1", "power-1",
                   "wall_per_sample", 5.0, ">="),
+    _ratio_target("scratch_vs_speculative_1", "regenerate-from-scratch wall / ours with k={den_speculate}, 1 chain",
+                  "scratch-1", "speculative-1", "wall_per_sample", 4.0, ">="),
     _ratio_target("speculative_vs_plain_proposals_1", "wall/sample, 1 chain, no / k={den_speculate} speculation",
                   "power-1", "speculative-1", "wall_per_sample", 1.5, ">="),
     _ratio_target("wall_per_sample_K_vs_1", "wall per sample, {num_chains} chains / 1 chain", "power-K", "power-1",
