@@ -251,7 +251,8 @@ SHORT = "Reply with one word: yes or no. Is water wet?"  # its tau-1/4 continuat
 
 def drafted(backend, context, n, seed, draft, k, slot=0, proposal=COLD):
     """One request of `n` tokens at most, verifying `draft` up to k tokens per forward."""
-    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot, draft=Draft(tuple(draft)), speculate=k)
+    rng = np.random.default_rng(seed)
+    request = ExtendRequest(tuple(context), n, rng, slot, draft=Draft(tuple(draft)), speculate=k)
     return backend.extend([request], proposal)[0]
 
 

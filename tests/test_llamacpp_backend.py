@@ -328,7 +328,8 @@ ALPHA4 = Proposal(temperature=0.25)  # power sampling's proposal at alpha = 4
 
 def drafted(backend, context, n, seed, draft, k, proposal=ALPHA4, slot=0):
     """One request of n tokens at most whose draft is verified k tokens per forward."""
-    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot, draft=Draft(tuple(draft)), speculate=k)
+    rng = np.random.default_rng(seed)
+    request = ExtendRequest(tuple(context), n, rng, slot, draft=Draft(tuple(draft)), speculate=k)
     return backend.extend([request], proposal)[0]
 
 

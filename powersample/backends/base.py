@@ -103,8 +103,8 @@ C = TypeVar("C")
 
 
 def capability(backend: object, protocol: type[C]) -> C | None:
-    """`backend` as the optional capability `protocol` (ContinuousBatching, ChatMessages, Confidence, Speculation) when it has
-    every method the Protocol declares, else None."""
+    """`backend` as the optional capability `protocol` (ContinuousBatching, ChatMessages, Confidence,
+    Speculation) when it has every method the Protocol declares, else None."""
     methods = [name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")]
     if all(callable(getattr(backend, name, None)) for name in methods):
         return backend  # type: ignore[return-value]

@@ -87,8 +87,9 @@ def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Propo
     """Draw each row's next tokens from the base log p after each id it fed (`logp[b]`: (len(feed), V)), with its
     request's own generator, recording log p and log q (and, at a row's first step, the likeliest alternatives).
 
-    Returns the rows now finished (EOS, max_tokens, or below their floor) and, per row, how many of the ids it fed are still valid
-    (a token that differs from its guess invalidates the fed ids after it: the engine drops them from its cache)."""
+    Returns the rows now finished (EOS, max_tokens, or below their floor) and, per row, how many of the ids it fed
+    are still valid (a token that differs from its guess invalidates the fed ids after it: the engine drops them from
+    its cache)."""
     done, kept = [], []
     for b, row in enumerate(rows):
         finished, valid = _walk(row, logp[b], proposal, eos_ids)

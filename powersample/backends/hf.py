@@ -14,12 +14,13 @@ the context tokens no buffer holds are prefilled, and at least the last context 
 keeps no logits. Correctness never depends on the slot: a foreign slot only costs a longer prefill.
 
 Batching. After the (batch-1) prefills every row has its pending ids (`Row.feed()`: the next token, then up to
-`speculate` draft tokens, within the rows' share of FEED_BUDGET ids per forward), so the decoding loop stacks the rows' caches left-padded into one DynamicCache and runs
-one forward per step for all rows: rows feeding fewer ids are padded on the right, a boolean mask says which cache
-columns each row sees, and position ids are each row's own. Base log p comes from the logits of every fed id.
-After `engine.verify_step`, a row's fed ids after a replaced draft token are void: they become holes in its mask
-(columns no row uses are cut off at once; a batch with many holes is restacked). Finished rows (EOS or their
-max_tokens, or below their floor) leave the batch at once and their caches go back to their buffers holding exactly the valid ids.
+`speculate` draft tokens, within the rows' share of FEED_BUDGET ids per forward), so the decoding loop stacks the
+rows' caches left-padded into one DynamicCache and runs one forward per step for all rows: rows feeding fewer ids
+are padded on the right, a boolean mask says which cache columns each row sees, and position ids are each row's
+own. Base log p comes from the logits of every fed id. After `engine.verify_step`, a row's fed ids after a token
+that differs from its guess are void: they become holes in its mask (columns no row uses are cut off at once; a
+batch with many holes is restacked). Finished rows (EOS, their max_tokens, or below their floor) leave the batch
+at once and their caches go back to their buffers holding exactly the valid ids.
 """
 
 from __future__ import annotations
