@@ -29,7 +29,7 @@ from powersample.tools.bench import (
 
 SPEC = str(SPECS / "no_early_eos.json")
 TOY = ["--backend", "toy", "--toy-spec", SPEC]
-PHASES = ("plain-1", "plain-K", "power-K", "power-1", "speculative-1", "scratch-1")
+PHASES = ("plain-1", "plain-K", "power-K", "speculative-K", "power-1", "speculative-1", "scratch-1")
 PHASE_FIELDS = {"name", "label", "chains", "method", "reuse_cache", "samples", "tokens_sampled", "wall_seconds",
                 "tokens_per_second", "wall_per_sample", "acceptance_rate", "mean_tokens_sampled_per_sample",
                 "mean_length", "eos_fraction", "peak_rss_kb", "load_average", "calls", "speculate", "forwards_per_sample",
@@ -70,8 +70,8 @@ def check_fields(data, backend_name):
         assert PHASE_FIELDS <= set(phase)
         assert all(CALL_FIELDS <= set(c) for c in phase["calls"])
     assert set(data["targets"]) == {*TARGETS, "peak_rss_gib_K"}
-    assert {"estimate_tokens_per_sample", "expected_tokens_per_sample_full_length", "power-K", "power-1",
-            "speculative-1", "scratch-1"} <= set(data["eq12"])
+    assert {"estimate_tokens_per_sample", "expected_tokens_per_sample_full_length", "power-K", "speculative-K",
+            "power-1", "speculative-1", "scratch-1"} <= set(data["eq12"])
 
 
 def check_phase(phase, prompts, repeats):
@@ -103,18 +103,21 @@ def check_consistency(data, repeats=1):
     for name in ("plain-1", "plain-K"):  # plain decoding samples exactly the tokens it keeps
         assert phases[name]["method"] == "base" and phases[name]["acceptance_rate"] is None
         assert all(c["tokens_generated"] == c["lengths"] for c in phases[name]["calls"])
-    for name in ("power-K", "power-1", "speculative-1", "scratch-1"):
+    for name in ("power-K", "speculative-K", "power-1", "speculative-1", "scratch-1"):
         p = phases[name]
         proposals = sum(c["proposals"] for c in p["calls"])
         assert proposals > 0 and p["acceptance_rate"] == sum(c["accepted"] for c in p["calls"]) / proposals
         assert data["eq12"][name]["actual_tokens_per_sample"] == p["mean_tokens_sampled_per_sample"]
     assert phases["plain-K"]["chains"] == phases["power-K"]["chains"] == data["options"]["chains"]
     assert phases["scratch-1"]["reuse_cache"] is False and phases["power-1"]["reuse_cache"] is True
-    assert phases["power-1"]["speculate"] == 0 < phases["speculative-1"]["speculate"] == data["options"]["speculate"]
-    same = data["speculative_same_samples"]  # drafts change no token: speculative-1 drew power-1's samples
-    assert same["compared"] == len(prompts) * repeats and same["same"] == same["compared"]
-    for a, b in zip(phases["power-1"]["calls"], phases["speculative-1"]["calls"]):
-        assert a["digests"] == b["digests"] and a["tokens_generated"] == b["tokens_generated"]
+    for plain, drafted in (("power-1", "speculative-1"), ("power-K", "speculative-K")):
+        assert phases[plain]["speculate"] == 0 < phases[drafted]["speculate"] == data["options"]["speculate"]
+        same = data["speculative_same_samples"][drafted]  # drafts change no token: the plain twin's samples
+        chains = phases[plain]["chains"]
+        assert same == {"same": len(prompts) * repeats * chains, "compared": len(prompts) * repeats * chains,
+                        "of": plain}
+        for a, b in zip(phases[plain]["calls"], phases[drafted]["calls"]):
+            assert a["digests"] == b["digests"] and a["tokens_generated"] == b["tokens_generated"]
     check_forwards(phases)
     check_targets(data)
 
@@ -129,11 +132,12 @@ def check_forwards(phases):
             continue
         assert p["forwards_per_sample"] == sum(c["forwards"] for c in calls) / len(calls)  # a call: one prompt
         assert all(c["forwards"] >= 1 for c in calls)
-    spec = phases["speculative-1"]
-    if spec["kept_drafts_per_forward"] is not None:
-        calls = spec["calls"]
-        assert spec["kept_drafts_per_forward"] == sum(c["kept_drafts"] for c in calls) / sum(c["forwards"] for c in calls)
-        assert all(0 <= c["kept_drafts"] <= c["drafted"] for c in calls)
+    for spec in (phases["speculative-1"], phases["speculative-K"]):
+        if spec["kept_drafts_per_forward"] is not None:
+            calls = spec["calls"]
+            kept, forwards = sum(c["kept_drafts"] for c in calls), sum(c["forwards"] for c in calls)
+            assert spec["kept_drafts_per_forward"] == kept / forwards
+            assert all(0 <= c["kept_drafts"] <= c["drafted"] for c in calls)
 
 
 def check_targets(data):
@@ -230,8 +234,8 @@ def test_progress_bar_on_stderr_and_partial_json(tmp_path, capsys):
     options = BenchOptions(SamplerConfig(max_new_tokens=4, block_size=2, mcmc_steps=1), ("x", "y"),
                            BackendSpec("toy", toy_spec=SPEC), chains=2)
     final = run_bench(options, on_progress=partial.append)
-    assert len(partial) == 6 * 2 and not any(r.complete for r in partial) and final.complete
-    assert [len(r.phases) for r in partial] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+    assert len(partial) == 7 * 2 and not any(r.complete for r in partial) and final.complete
+    assert [len(r.phases) for r in partial] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
 
 
 def test_eq12_estimate():

@@ -6,6 +6,8 @@ module promises: the continuation of the longest recent match, within one stored
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from conftest import load_spec
 
 from powersample.api import sample
@@ -13,6 +15,7 @@ from powersample.backends.toy import ToyBackend
 from powersample.config import SamplerConfig
 from powersample.core import drafts
 from powersample.core.drafts import NO_DRAFT, WINDOW, Corpus, Draft
+from powersample.samplers import on_engine
 
 
 def corpus_of(*sequences: tuple[tuple[int, ...], tuple[int, ...]]) -> Corpus:
@@ -83,3 +86,23 @@ def test_a_chain_draws_the_same_samples_with_speculation_in_fewer_forwards():
         drafted, stats = chains(method, 3)
         assert drafted == plain, method
         assert stats.kept_drafts > 0 and stats.forwards < plain_stats.forwards, method
+
+
+class _Speculating(ToyBackend):
+    """A toy that asks for 2 draft tokens per forward when the sampler leaves it to the engine."""
+
+    def default_speculate(self) -> int:
+        return 2
+
+
+def test_speculate_none_is_the_engines_choice_and_records_show_what_ran():
+    spec, config = load_spec("no_early_eos"), SamplerConfig(max_new_tokens=4, block_size=2, mcmc_steps=2)
+    assert config.speculate is None
+    assert on_engine(config, ToyBackend(spec)).speculate == 0  # an engine without the capability: off
+    assert on_engine(config, _Speculating(spec)).speculate == 2
+    assert on_engine(replace(config, speculate=5), _Speculating(spec)).speculate == 5  # asked for: kept
+    engine = _Speculating(spec)
+    [record] = sample(engine, "x", config, seed=3)
+    assert record.config["speculate"] == 2 and engine.stats.drafted > 0
+    [plain] = sample(ToyBackend(spec), "x", config, seed=3)
+    assert "speculate" not in plain.config and plain.tokens == record.tokens

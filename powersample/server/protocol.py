@@ -100,7 +100,7 @@ class _Body(BaseModel):
     block_count: int | None = None
     proposal_temperature: float | None = None
     top_k: int | None = None
-    speculate: int | None = None  # MCMC proposals: draft tokens verified per forward (0 = off)
+    speculate: int | None = None  # MCMC proposals: guessed tokens verified per forward (0 = off; unset = the engine)
     # + one field per method knob (tries, particles, ...), from the sampler registry: see _with_knobs
 
 

@@ -4,16 +4,18 @@ Phases, in this order, on the same prompts with the same seeds (prompt i uses se
 
     plain-1    method `base`, 1 chain per prompt                    the backend's decoding rate at batch 1
     plain-K    method `base`, K chains per prompt                   ... at batch K: the limit for K chains
-    power-K    the MCMC config, K chains per prompt (batched)
-    power-1    the MCMC config, 1 chain per prompt
+    power-K    the MCMC config, K chains per prompt (batched), speculation off
+    speculative-K  power-K with speculative proposals (--speculate, default 8): the same samples, other forwards
+    power-1    the MCMC config, 1 chain per prompt, speculation off
+    speculative-1  power-1 with speculative proposals
     scratch-1  power-1 on a second backend loaded with reuse_cache=False: every request prefills its whole
                context from an empty cache, one request at a time (the paper's approach)
 
 Rates count every sampled token, rejected proposals included (`SampleRecord.tokens_generated`), over the
 sampling wall (`SampleRecord.wall_seconds`: model loading and tokenization excluded). Each backend first samples
 a few tokens untimed (warm-up). Over repeats, a phase reports the median wall and the median token count.
-Peak RSS is `ru_maxrss` after each phase; the second backend is loaded only after power-1, so the peaks of the
-first four phases hold one model.
+Peak RSS is `ru_maxrss` after each phase; the second backend is loaded only after speculative-1, so the peaks of
+the first six phases hold one model.
 
 One concern per module, in the order data flows:
 

@@ -13,7 +13,7 @@ from powersample.tools.bench.options import BenchOptions
 class Phase:
     """What one phase runs."""
 
-    name: str  # plain-1, plain-K, power-K, power-1, speculative-1, scratch-1
+    name: str  # plain-1, plain-K, power-K, speculative-K, power-1, speculative-1, scratch-1
     label: str  # for the table
     chains: int  # chains per prompt (the batch)
     method: str  # "base" (plain decoding) or the MCMC config's method
@@ -26,12 +26,14 @@ class Phase:
 
 
 def phases(options: BenchOptions) -> tuple[Phase, ...]:
-    """The six phases, in the order they run: power-1 and speculative-1 differ only in speculation."""
+    """The seven phases, in the order they run: power-K and speculative-K, and power-1 and speculative-1, differ
+    only in speculation (so each pair draws the same samples)."""
     k, mcmc, spec = options.chains, options.config.method, options.speculate
     return (
         Phase("plain-1", "plain decode, batch 1", 1, "base", True),
         Phase("plain-K", f"plain decode, batch {k}", k, "base", True),
         Phase("power-K", f"{mcmc} sampling, {k} chains", k, mcmc, True),
+        Phase("speculative-K", f"{mcmc} sampling, {k} chains, speculate {spec}", k, mcmc, True, spec),
         Phase("power-1", f"{mcmc} sampling, 1 chain", 1, mcmc, True),
         Phase("speculative-1", f"{mcmc} sampling, 1 chain, speculate {spec}", 1, mcmc, True, spec),
         Phase("scratch-1", "regenerate from scratch, 1 chain", 1, mcmc, False),
@@ -145,6 +147,9 @@ class PhaseResult:
             "peak_rss_kb": self.peak_rss_kb, "load_average": list(self.load_average),
             "calls": [c.to_dict() for c in self.calls],
         }
+
+
+SPECULATIVE_TWINS = {"speculative-K": "power-K", "speculative-1": "power-1"}  # a speculative phase -> its plain twin
 
 
 def same_samples(a: PhaseResult, b: PhaseResult) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from powersample.backends import BackendSpec
 from powersample.samplers import registry
 from powersample.tools.bench.eq12 import eq12_summary
 from powersample.tools.bench.options import BenchOptions
-from powersample.tools.bench.phases import PhaseResult, same_samples
+from powersample.tools.bench.phases import SPECULATIVE_TWINS, PhaseResult, same_samples
 from powersample.tools.bench.targets import Target, targets
 
 
@@ -48,13 +48,16 @@ class BenchResult:
             "speculative_same_samples": self.same_samples(),
         }
 
-    def same_samples(self) -> dict[str, int] | None:
-        """How many of speculative-1's samples are power-1's (same prompt, repeat and chain); None until both ran."""
-        plain, drafted = self.phase("power-1"), self.phase("speculative-1")
-        if plain is None or drafted is None:
-            return None
-        same, total = same_samples(plain, drafted)
-        return {"same": same, "compared": total}
+    def same_samples(self) -> dict[str, dict[str, int]]:
+        """Per speculative phase that has run: how many of its samples are those of its plain twin (same prompt,
+        repeat and chain)."""
+        out = {}
+        for drafted, plain in SPECULATIVE_TWINS.items():
+            a, b = self.phase(plain), self.phase(drafted)
+            if a is not None and b is not None:
+                same, total = same_samples(a, b)
+                out[drafted] = {"same": same, "compared": total, "of": plain}
+        return out
 
 
 def backend_dict(spec: BackendSpec, device: str | None) -> dict[str, Any]:

@@ -14,11 +14,10 @@ def format_table(result: BenchResult) -> str:
 
 
 def _paired_line(result: BenchResult) -> list[str]:
-    """Whether the speculative phase drew power-1's samples (drafts change no token; an engine's batched
+    """Whether each speculative phase drew its plain twin's samples (drafts change no token; an engine's batched
     numerics may flip a rare draw)."""
-    paired = result.same_samples()
-    return [] if paired is None else [f"speculative-1 drew the same samples as power-1: {paired['same']} of "
-                                      f"{paired['compared']}"]
+    return [f"{name} drew the same samples as {p['of']}: {p['same']} of {p['compared']}"
+            for name, p in result.same_samples().items()]
 
 
 def _header(result: BenchResult) -> str:
