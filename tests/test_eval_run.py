@@ -244,13 +244,15 @@ def test_report_table_and_plots(files, tmp_path, capsys):
     plots = tmp_path / "plots"
     assert run_eval_cli(["report", *map(str, runs), "--plot-dir", str(plots)]) == 0
     out = capsys.readouterr().out
-    lines = out.strip().splitlines()
+    table, paired, lengths = out.strip().split("\n\n## ")  # the table, then its two sections
+    lines = table.splitlines()
+    assert paired.startswith("Paired comparisons") and lengths.startswith("Output lengths")
     assert lines[0].startswith("| task | method | n | accuracy (95% CI)") and len(lines) == 2 + 4
     assert any("| power alpha=1.0 mcmc_steps=2 |" in line for line in lines)
     assert any("| base |" in line for line in lines)
     assert any("mcmc_steps=4" in line for line in lines)
     names = {p.name for p in plots.glob("*.png")}
-    assert names == {"passk_math500.png", "loglik_math500.png", "confidence_math500.png",
+    assert names == {"passk_math500.png", "loglik_math500.png", "confidence_math500.png", "lengths_math500.png",
                      "acc_vs_alpha_math500.png", "acc_vs_mcmc_steps_math500.png"}  # fmt: skip
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots.glob("*.png"))
     assert (plots / "report.md").read_text().strip() == out.strip()

@@ -49,10 +49,13 @@ def add_eval_parsers(subparsers: Any) -> None:
     add_backend_options(e)
     e.set_defaults(handler=cmd_eval)
     r = subparsers.add_parser("report", help="tabulate and plot eval runs", description="Markdown table and plots "
-                              "of one or more eval run directories.")  # fmt: skip
-    r.add_argument("run_dirs", nargs="+", help="run directories written by `powersample eval`")
+                              "of one or more eval run directories, or of a chain trace.")  # fmt: skip
+    r.add_argument("run_dirs", nargs="*", help="run directories written by `powersample eval`")
     r.add_argument("--plot-dir", default="report", help="where PNG plots and report.md go (default ./report)")
     r.add_argument("--no-plots", action="store_true", help="print the table only")
+    r.add_argument("--trace", metavar="FILE", help="a chain trace (`powersample sample --trace`): its summary, and "
+                   "trace_chain<N>.png/.html/.md in --plot-dir")  # fmt: skip
+    r.add_argument("--chain", type=int, metavar="N", help="the trace's chain to show (default: its first)")
     r.set_defaults(handler=cmd_report)
 
 
@@ -104,13 +107,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """eval's report over the directories, with `bench --fidelity` results as sections of it."""
+    """eval's report over the directories, with `bench --fidelity` results as sections of it; and a trace's."""
     from powersample.eval.report import build_report
+    from powersample.eval.trace_report import trace_report
     from powersample.tools.fidelity.report import SECTION as FIDELITY
 
+    if not args.run_dirs and args.trace is None:
+        raise PowerSampleError("report needs run directories, or a chain trace (--trace FILE)")
+    if args.chain is not None and args.trace is None:
+        raise PowerSampleError("--chain needs --trace")
     dirs, plot_dir = [Path(d) for d in args.run_dirs], None if args.no_plots else Path(args.plot_dir)
-    table, plots = build_report(dirs, plot_dir, sections=(FIDELITY,))
-    print(table)
+    shown, plots = build_report(dirs, plot_dir, sections=(FIDELITY,)) if dirs else ("", [])
+    if args.trace is not None:
+        summary, written = trace_report(Path(args.trace), args.chain, plot_dir)
+        shown, plots = "\n\n".join(filter(None, (shown, summary))), plots + written
+    print(shown)
     for path in plots:
         print(f"powersample: wrote {path}", file=sys.stderr)
     return 0

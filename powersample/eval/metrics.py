@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from powersample.samplers.power import eq12_tokens
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -60,3 +62,9 @@ def mean(values: Sequence[float | None]) -> float | None:
 def per_token(logp: float, length: int) -> float | None:
     """Log-likelihood per token (nats), the quantity of the paper's Fig. 4; None for an empty completion."""
     return logp / length if length else None
+
+
+def percentiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
+    """The qs-th percentiles (0 to 100) of values, interpolated linearly between order statistics (numpy's default
+    rule); the values must not be empty."""
+    return [float(v) for v in np.percentile(np.asarray(values, dtype=float), qs)]

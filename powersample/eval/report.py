@@ -9,6 +9,12 @@ PNG (matplotlib, Agg, no pyplot state) per task:
     confidence_<task>.png      histograms of confidence (Eq. 13) per method (Fig. 4)
     acc_vs_alpha_<task>.png    accuracy against α, when runs differ in α (Fig. 6)
     acc_vs_mcmc_steps_<task>.png   accuracy against MCMC steps, when runs differ in them (Fig. 6)
+    acc_vs_temperature_<task>.png  accuracy and log-likelihood per token against the temperature drawn at, when
+                                   runs of a method differ in nothing else
+    lengths_<task>.png         generated length per method (p^alpha favours answers that end early)
+
+After the table come two sections: paired comparisons between rows of one task on the (problem, seed) items both
+graded (eval.paired), and each row's distribution of output lengths with the share that ended in EOS.
 """
 
 from __future__ import annotations
@@ -16,18 +22,19 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.eval import metrics
+from powersample.eval import metrics, paired
 from powersample.eval.records import RUN_FILE, identity_hash, iter_records, read_run, record_key
 from powersample.io import write_bytes_atomic
 from powersample.plots import new_figure, png_bytes
 from powersample.samplers import registry
-from powersample.samplers.registry import MCMC_METHODS
+from powersample.samplers.registry import MCMC_METHODS, METHODS, PLAIN_METHODS
 
 LABEL_KEYS = ("alpha", "mcmc_steps", "max_new_tokens", "block_size", "proposal_temperature", "top_k", "top_p")
 
@@ -40,10 +47,16 @@ class Row:
     label: str
     config: dict[str, Any]  # SamplerConfig.resolved()
     records: tuple[dict[str, Any], ...]
+    identity: dict[str, Any] = field(default_factory=dict)  # the run's (run.json), config included
 
     @property
     def graded(self) -> list[bool]:
         return [bool(r["correct"]) for r in self.records if r.get("correct") is not None]
+
+    @property
+    def verdicts(self) -> dict[tuple[str, int], bool]:
+        """Each graded record's verdict by (problem, seed): what paired comparisons match on."""
+        return {record_key(r): bool(r["correct"]) for r in self.records if r.get("correct") is not None}
 
 
 class ReportSection(Protocol):
@@ -66,17 +79,21 @@ def build_report(run_dirs: list[Path], plot_dir: Path | None,
     eval_dirs = [d for d in run_dirs if not any(s.holds(d) for s in sections) or (d / RUN_FILE).is_file()]
     rows = load_rows(eval_dirs)
     if plot_dir is not None:
-        try:
-            plot_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PowerSampleError(f"cannot create plot directory {plot_dir}: {e.strerror}") from None
+        make_plot_dir(plot_dir)
     rendered = [s.render(d, plot_dir) for d in run_dirs for s in sections if s.holds(d)]
-    table = "\n\n".join([markdown_table(rows)] * bool(eval_dirs) + [text for text, _ in rendered])
+    table = "\n\n".join([eval_markdown(rows)] * bool(eval_dirs) + [text for text, _ in rendered])
     if plot_dir is None:
         return table, []
     plots = write_plots(rows, plot_dir) + [p for _, copied in rendered for p in copied]
     write_bytes_atomic(plot_dir / "report.md", (table + "\n").encode())
     return table, plots
+
+
+def make_plot_dir(plot_dir: Path) -> None:
+    try:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PowerSampleError(f"cannot create plot directory {plot_dir}: {e.strerror}") from None
 
 
 def load_rows(run_dirs: list[Path]) -> list[Row]:
@@ -89,7 +106,7 @@ def load_rows(run_dirs: list[Path]) -> list[Row]:
             check_fields(r, RECORD_FIELDS, f"{path} line {line}", "record")
             records.setdefault(record_key(r), r)
     identities = [identity for identity, _ in merged.values()]
-    rows = [Row(i["task"], label(i, identities), i["config"], tuple(recs.values())) for i, recs in merged.values()]
+    rows = [Row(i["task"], label(i, identities), i["config"], tuple(recs.values()), i) for i, recs in merged.values()]
     return sorted(rows, key=lambda row: (row.task, row.label))
 
 
@@ -102,7 +119,7 @@ CONFIG_FIELDS = {"method": str, "max_new_tokens": int, "block_size": int, "mcmc_
                                                                        "alpha")}}  # fmt: skip
 RECORD_FIELDS = {"problem_id": (str, int), "tokens": list, "wall_seconds": _NUMBER, "proposals": int, "accepted": int,
                  "tokens_generated": int, "correct": (bool, None), "logp_per_token": (*_NUMBER, None),
-                 "confidence": (*_NUMBER, None)}  # fmt: skip
+                 "confidence": (*_NUMBER, None), "finish_reason": (str, None)}  # fmt: skip
 
 
 def read_identity(run_dir: Path) -> dict[str, Any]:
@@ -169,10 +186,19 @@ HEADER = ("task", "method", "n", "accuracy (95% CI)", "mean length", "log-lik/to
           "tokens sampled / Eq. 12", "wall")  # fmt: skip
 
 
+def eval_markdown(rows: list[Row]) -> str:
+    """The table, then the paired comparisons and the output lengths (each left out when it has no line)."""
+    return "\n\n".join(part for part in (markdown_table(rows), paired_section(rows), lengths_section(rows)) if part)
+
+
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row_cells(row)) + " |" for row in rows]
-    return "\n".join(lines)
+    return grid(HEADER, [row_cells(row) for row in rows])
+
+
+def grid(header: Sequence[str], cells: Iterable[Sequence[str]]) -> str:
+    """A markdown table: the header, then a line per row of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in cells])
 
 
 def row_cells(row: Row) -> list[str]:
@@ -206,6 +232,69 @@ def tokens_cell(row: Row) -> str:
     return f"{_num(metrics.mean([r['tokens_generated'] for r in row.records]), '.1f')} / {estimate:.1f}"
 
 
+# --- paired comparisons and output lengths -------------------------------------------------------------------
+
+MAX_ALL_PAIRS = 6  # a task with more rows compares each with its first row only (else the lines grow as rows^2)
+PAIRED_HEADER = ("task", "A", "B", "n (problems)", "accuracy A", "accuracy B", "B − A (95% CI)", "A only / B only",
+                 "McNemar p")  # fmt: skip
+PAIRED_NOTE = ("B − A: paired bootstrap over problems (all seeds of a problem resampled together). McNemar's exact "
+               "test counts the discordant items as independent, which seeds of one problem are not: with several "
+               "seeds per problem read the interval.")  # fmt: skip
+
+
+def paired_section(rows: list[Row]) -> str:
+    """B against A for pairs of rows of a task, on the (problem, seed) items both graded; "" when there are none."""
+    compared = [(a, b, result) for a, b in row_pairs(rows) if (result := paired.compare(a.verdicts, b.verdicts))]
+    if not compared:
+        return ""
+    cells = [paired_cells(a, b, result) for a, b, result in compared]
+    several = any(result.n > result.clusters for _, _, result in compared)
+    return "\n\n".join(["## Paired comparisons", grid(PAIRED_HEADER, cells)] + [PAIRED_NOTE] * several)
+
+
+def row_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """Pairs of graded rows of one task: all of them up to MAX_ALL_PAIRS rows, else each row against the first."""
+    by_task: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        if row.graded:
+            by_task[row.task].append(row)
+    pairs = []
+    for task_rows in by_task.values():
+        many = len(task_rows) > MAX_ALL_PAIRS
+        pairs += [(task_rows[0], b) for b in task_rows[1:]] if many else list(combinations(task_rows, 2))
+    return pairs
+
+
+def paired_cells(a: Row, b: Row, result: paired.Paired) -> list[str]:
+    low, high = result.interval
+    return [a.task, a.label, b.label, f"{result.n} ({result.clusters})", f"{result.accuracy_a:.3f}",
+            f"{result.accuracy_b:.3f}", f"{result.difference:+.3f} [{low:+.3f}, {high:+.3f}]",
+            f"{result.a_only} / {result.b_only}", f"{result.p_value:.3g}"]  # fmt: skip
+
+
+LENGTH_HEADER = ("task", "method", "n", "mean", "median", "10%", "90%", "ended in EOS")
+
+
+def lengths_section(rows: list[Row]) -> str:
+    """Generated tokens per sample (the final EOS included, as in the table's mean length), per row."""
+    cells = [length_cells(row) for row in rows if row.records]
+    return "\n\n".join(["## Output lengths", grid(LENGTH_HEADER, cells)]) if cells else ""
+
+
+def length_cells(row: Row) -> list[str]:
+    lengths = [len(r["tokens"]) for r in row.records]
+    median, low, high = metrics.percentiles(lengths, (50, 10, 90))
+    eos = eos_share(row.records)
+    return [row.task, row.label, str(len(lengths)), f"{metrics.mean(lengths):.1f}", f"{median:.1f}", f"{low:.1f}",
+            f"{high:.1f}", "—" if eos is None else f"{eos:.3f}"]  # fmt: skip
+
+
+def eos_share(records: Iterable[dict[str, Any]]) -> float | None:
+    """The share of samples that ended in EOS rather than at max_new_tokens; None when no record says."""
+    reasons = [r["finish_reason"] for r in records if r.get("finish_reason") is not None]
+    return sum(reason == "eos" for reason in reasons) / len(reasons) if reasons else None
+
+
 def _num(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
@@ -229,7 +318,7 @@ def write_plots(rows: list[Row], plot_dir: Path) -> list[Path]:
     for task, task_rows in by_task.items():
         for name, fig in _task_figures(task, task_rows):
             path = plot_dir / f"{name}_{task}.png"
-            _save(fig, path)
+            save_figure(fig, path)
             written.append(path)
     return written
 
@@ -240,9 +329,11 @@ def _task_figures(task: str, rows: list[Row]) -> Iterable[tuple[str, Any]]:
     yield "loglik", histogram_figure(task, rows, "logp_per_token", "log-likelihood per token (nats)")
     if any(r.get("confidence") is not None for row in rows for r in row.records):
         yield "confidence", histogram_figure(task, rows, "confidence", "confidence (Eq. 13)")
-    for key in ("alpha", "mcmc_steps"):
-        if _varies(rows, key):
-            yield f"acc_vs_{key}", sweep_figure(task, rows, key)
+    if any(row.records for row in rows):
+        yield "lengths", lengths_figure(task, rows)
+    for sweep in SWEEPS:
+        if _varies(rows, sweep):
+            yield f"acc_vs_{sweep.name}", sweep_figure(task, rows, sweep)
 
 
 def pass_at_k_curve(records: Iterable[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -258,7 +349,7 @@ def pass_at_k_curve(records: Iterable[dict[str, Any]]) -> list[tuple[int, float]
 
 
 def pass_at_k_figure(task: str, rows: list[Row]) -> Any:
-    fig, ax = _figure()
+    fig, ax = figure()
     for row in rows:
         curve = pass_at_k_curve(row.records)
         if curve:
@@ -273,7 +364,7 @@ def histogram_figure(task: str, rows: list[Row], key: str, xlabel: str) -> Any:
     """Overlaid histograms of one per-sample quantity, on bins shared by all methods so they compare."""
     import numpy as np
 
-    fig, ax = _figure()
+    fig, ax = figure()
     values = {row.label: [r[key] for r in row.records if r.get(key) is not None] for row in rows}
     pooled = [v for vs in values.values() for v in vs]
     bins = np.histogram_bin_edges(pooled, bins=min(30, max(5, len(pooled) // 4)))
@@ -285,39 +376,111 @@ def histogram_figure(task: str, rows: list[Row], key: str, xlabel: str) -> Any:
     return fig
 
 
-SWEEPS = {"alpha": ("power", "low-temp"), "mcmc_steps": ("power", "max-swap")}  # methods each setting affects
-
-
-def sweep_figure(task: str, rows: list[Row], key: str) -> Any:
-    """Accuracy with its Wilson interval against one setting, a line per method it affects; others as references."""
-    fig, ax = _figure()
-    for method, points in _sweep_points(rows, key).items():
-        xs, accs = [x for x, _ in points], [sum(g) / len(g) for _, g in points]
-        if method not in SWEEPS[key]:
-            ax.axhline(accs[0], linestyle="--", color="gray", label=f"{method} (reference)")
-            continue
-        bounds = [metrics.wilson_interval(sum(g), len(g)) for _, g in points]
-        errors = [[a - lo for a, (lo, _) in zip(accs, bounds, strict=True)],
-                  [hi - a for a, (_, hi) in zip(accs, bounds, strict=True)]]  # fmt: skip
-        ax.errorbar(xs, accs, yerr=errors, marker="o", capsize=3, label=method)
-    ax.set(xlabel=key.replace("_", " "), ylabel="accuracy", title=f"{task}: accuracy against {key}", ylim=(0, 1.02))
-    ax.legend(fontsize=8)
+def lengths_figure(task: str, rows: list[Row]) -> Any:
+    """Generated length per method as boxes: median and quartiles, whiskers at the 10% and 90% points (the
+    table's), the mean as a triangle."""
+    fig, ax = figure()
+    shown = [row for row in rows if row.records]
+    ax.boxplot([[len(r["tokens"]) for r in row.records] for row in shown], whis=(10, 90), showmeans=True,
+               showfliers=False)  # fmt: skip
+    ax.set_xticks(range(1, len(shown) + 1), [row.label for row in shown], rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="generated tokens", title=f"{task}: output length")
     return fig
 
 
-def _sweep_points(rows: list[Row], key: str) -> dict[str, list[tuple[float, list[bool]]]]:
-    """Per method, (setting, verdicts) sorted by setting."""
-    by_method: dict[str, list[tuple[float, list[bool]]]] = defaultdict(list)
-    for row in rows:
-        if row.graded:
-            by_method[row.config["method"]].append((row.config[key], row.graded))
-    return {m: sorted(points, key=lambda p: p[0]) for m, points in by_method.items()}
+def _apart_from_temperature(identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity without what only sets the temperature tokens are drawn at: the proposal temperature, and for a
+    plain method (one draw from q) alpha too."""
+    drop = {"proposal_temperature", *(["alpha"] if identity["config"]["method"] in PLAIN_METHODS else [])}
+    return {**identity, "config": {k: v for k, v in identity["config"].items() if k not in drop}}
 
 
-def _varies(rows: list[Row], key: str) -> bool:
-    """Whether graded runs of a method that `key` affects differ in it."""
-    points = _sweep_points(rows, key)
-    return any(len({x for x, _ in points.get(m, [])}) > 1 for m in SWEEPS[key])
+@dataclass(frozen=True)
+class Sweep:
+    """A plot of accuracy against one setting of the resolved config (Fig. 6)."""
+
+    key: str  # the config field on the x axis
+    name: str  # in the file name, acc_vs_<name>_<task>.png, and on the axis
+    methods: tuple[str, ...]  # methods it affects, a line each; the others are drawn as references
+    # the identity without the setting: a line holds the runs equal in it, so they differ in nothing else;
+    # None: a line holds every run of its method
+    apart: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    loglik: bool = False  # a second panel: mean log-likelihood per token against the setting
+
+
+SWEEPS = (
+    Sweep("alpha", "alpha", ("power", "low-temp")),
+    Sweep("mcmc_steps", "mcmc_steps", ("power", "max-swap")),
+    # what tokens are drawn at (registry.temperature, resolved into the config): every method draws at one
+    Sweep("proposal_temperature", "temperature", METHODS, apart=_apart_from_temperature, loglik=True),
+)
+
+
+def sweep_figure(task: str, rows: list[Row], sweep: Sweep) -> Any:
+    """Accuracy with its Wilson interval against one setting, a line per method it affects; others as references.
+    With `sweep.loglik`, the mean log-likelihood per token beside it."""
+    fig, *axes = figure(1 + sweep.loglik)
+    for name, points in _sweep_points(rows, sweep).items():
+        if points[0][1].config["method"] not in sweep.methods:
+            axes[0].axhline(_accuracy(points[0][1]), linestyle="--", color="gray", label=f"{name} (reference)")
+            continue
+        _accuracy_line(axes[0], name, points)
+        if sweep.loglik:
+            _loglik_line(axes[1], name, points)
+    xlabel = sweep.name.replace("_", " ")
+    axes[0].set(xlabel=xlabel, ylabel="accuracy", title=f"{task}: accuracy against {sweep.name}", ylim=(0, 1.02))
+    if sweep.loglik:
+        axes[1].set(xlabel=xlabel, ylabel="mean log-likelihood per token (nats)",
+                    title=f"{task}: log-likelihood per token")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:  # a panel may be empty (no log-likelihoods recorded)
+            ax.legend(fontsize=8)
+    return fig
+
+
+def _accuracy(row: Row) -> float:
+    return sum(row.graded) / len(row.graded)
+
+
+def _accuracy_line(ax: Any, name: str, points: list[tuple[float, Row]]) -> None:
+    xs, accs = [x for x, _ in points], [_accuracy(row) for _, row in points]
+    bounds = [metrics.wilson_interval(sum(row.graded), len(row.graded)) for _, row in points]
+    errors = [[a - lo for a, (lo, _) in zip(accs, bounds, strict=True)],
+              [hi - a for a, (_, hi) in zip(accs, bounds, strict=True)]]  # fmt: skip
+    ax.errorbar(xs, accs, yerr=errors, marker="o", capsize=3, label=name)
+
+
+def _loglik_line(ax: Any, name: str, points: list[tuple[float, Row]]) -> None:
+    means = [(x, metrics.mean([r.get("logp_per_token") for r in row.records])) for x, row in points]
+    shown = [(x, m) for x, m in means if m is not None]
+    if shown:
+        ax.plot([x for x, _ in shown], [m for _, m in shown], marker="o", label=name)
+
+
+def _sweep_points(rows: list[Row], sweep: Sweep) -> dict[str, list[tuple[float, Row]]]:
+    """Per line, (setting, graded row) sorted by setting."""
+    graded = [row for row in rows if row.graded]
+    by_line: dict[str, list[tuple[float, Row]]] = defaultdict(list)
+    for row, name in zip(graded, _line_names(graded, sweep), strict=True):
+        by_line[name].append((row.config[sweep.key], row))
+    return {name: sorted(points, key=lambda p: p[0]) for name, points in by_line.items()}
+
+
+def _line_names(rows: list[Row], sweep: Sweep) -> list[str]:
+    """Each row's line: its method, or with `sweep.apart` its label among the identities without the setting (and
+    the hash of that identity too when runs apart in a setting the label does not name would share a line)."""
+    if sweep.apart is None:
+        return [row.config["method"] for row in rows]
+    others = [sweep.apart(row.identity) for row in rows]
+    names, keys = [label(i, others) for i in others], [identity_hash(i) for i in others]
+    clash = {n for n in names if len({k for k, m in zip(keys, names) if m == n}) > 1}
+    return [f"{n} ({k})" if n in clash else n for n, k in zip(names, keys)]
+
+
+def _varies(rows: list[Row], sweep: Sweep) -> bool:
+    """Whether graded runs on one line of a method the setting affects differ in it."""
+    lines = _sweep_points(rows, sweep).values()
+    return any(len({x for x, _ in ps}) > 1 for ps in lines if ps[0][1].config["method"] in sweep.methods)
 
 
 def _integer_k_axis(ax: Any, most: int) -> None:
@@ -330,11 +493,12 @@ def _integer_k_axis(ax: Any, most: int) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _figure() -> tuple[Any, Any]:
-    fig = new_figure((6, 4), 100, "plots need matplotlib: pip install 'powersample[eval]' (or use --no-plots)")
-    return fig, fig.add_subplot()
+def figure(panels: int = 1) -> tuple[Any, ...]:
+    """A figure and its `panels` axes side by side."""
+    fig = new_figure((6 * panels, 4), 100, "plots need matplotlib: pip install 'powersample[eval]' (or use --no-plots)")
+    return (fig, *(fig.add_subplot(1, panels, i + 1) for i in range(panels)))
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     """Render the PNG (powersample.plots: Agg, no pyplot, no display) and write it atomically."""
     write_bytes_atomic(path, png_bytes(fig))
