@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -14,8 +14,9 @@ from powersample.backends.base import Backend
 from powersample.backends.engine import check_fits
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.io import progress_bar
+from powersample.io import json_line, progress_bar
 from powersample.samplers import Chain, ChainResult, Progress, on_engine, programs, registry, run_chains
+from powersample.samplers.chain import Trace
 from powersample.samplers.driver import Scheduler
 
 
@@ -63,20 +64,56 @@ def sample(
     chat: bool = True,
     progress: Progress | None = None,
     return_particles: bool = False,
+    trace: ChainTrace | None = None,
 ) -> list[SampleRecord]:
     """Draw `num_samples` independent samples for `prompt` (chains run batched). Same seed => same output.
 
-    `return_particles` (power-smc only) also returns every particle of each sample with its normalized weight."""
+    `return_particles` (power-smc only) also returns every particle of each sample with its normalized weight;
+    `trace` collects every chain's events (MH steps, extensions, SMC weights), chain j numbered j."""
     if num_samples < 1:
         raise PowerSampleError(f"num_samples must be >= 1, got {num_samples}")
     if return_particles and config.method != "power-smc":
         raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
     prompt_ids = encode_prompt(backend, prompt, config, chat)
     chains = make_chains(seed, num_samples, return_particles)
+    for j, chain in enumerate(chains if trace is not None else ()):
+        chain.trace = trace.start(j, prompt=prompt, method=config.method, seed=seed, sample_index=j,
+                                  config=registry.resolved(on_engine(config, backend)))  # fmt: skip
     start = time.perf_counter()
     results = run_chains(backend, prompt_ids, config, chains, progress)
     wall = time.perf_counter() - start
-    return [chain_record(backend, prompt, config, seed, j, r, wall) for j, r in enumerate(results)]
+    records = [chain_record(backend, prompt, config, seed, j, r, wall) for j, r in enumerate(results)]
+    for j, r in enumerate(records if trace is not None else ()):
+        trace.end(j, tokens=list(r.tokens), logp=r.logp, text=r.text)
+    return records
+
+
+@dataclass
+class ChainTrace:
+    """The events of traced chains (`powersample sample --trace FILE`), JSON-ready, in the order they happened.
+
+    Each event is {"event": kind, "chain": j, ...}: "start" (the prompt, method, seed and config), then the
+    sampler's own (power.note_extension, power.note_step, smc's "smc"), then "end" (the final tokens, log p and
+    text). Events that carry token ids ("tokens", or a step's "proposal") also carry "pieces", each id's text."""
+
+    backend: Backend
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def start(self, chain: int, **fields: Any) -> Trace:
+        """Record chain j's start; returns the Trace its Chain reports to."""
+        self.add(chain, {"event": "start", **fields})
+        return lambda event: self.add(chain, event)
+
+    def end(self, chain: int, **fields: Any) -> None:
+        self.add(chain, {"event": "end", **fields})
+
+    def add(self, chain: int, event: dict[str, Any]) -> None:
+        ids = event.get("tokens", event.get("proposal"))
+        pieces = {"pieces": [self.backend.decode((t,)) for t in ids]} if ids is not None else {}
+        self.events.append({"event": event["event"], "chain": chain, **event, **pieces})
+
+    def jsonl(self) -> bytes:
+        return "".join(json_line(e, "not writing the trace: an event holds a non-finite number") for e in self.events).encode()
 
 
 def sample_many(

@@ -48,6 +48,11 @@ class SamplerConfig:
                                                          "0 = no ramp"})
     # (kept off: the authors' ramp also moves the proposal to 1/a_t; ours stays at tau, so a ramp changes only the
     # intermediate weights that resampling sees)
+    # power-cut: entropy-guided cuts (samplers/power_cut.py)
+    cut_beta: float = field(default=4.0, metadata={"knob": "cuts drawn in proportion to (entropy jump)^beta; 0 = "
+                                                          "every rise in entropy alike"})
+    cut_floor: float = field(default=0.1, metadata={"knob": "share of the cut distribution spread uniformly, in "
+                                                            "(0, 1]; 1 = power's uniform cut"})
     candidates: int = field(default=8, metadata={"knob": "K, the likeliest next tokens weighed at each step"})
     rollouts: int = field(default=4, metadata={"knob": "M, rollouts per candidate estimating its future power mass"})
     rollout_horizon: int = field(default=0, metadata={"knob": "tokens per rollout; 0 = up to T"})
@@ -80,6 +85,9 @@ class SamplerConfig:
         e = self.ess_threshold
         _check(_finite(e) and 0 <= e <= 1, f"ess_threshold must be in [0, 1], got {e}")
         _check(self.alpha_ramp >= 0, f"alpha_ramp must be >= 0 (0 = off), got {self.alpha_ramp}")
+        _check(_finite(self.cut_beta) and 0 <= self.cut_beta <= 1000, f"cut_beta must be in [0, 1000], got "
+               f"{self.cut_beta}")  # fmt: skip
+        _check(_finite(self.cut_floor) and 0 < self.cut_floor <= 1, f"cut_floor must be in (0, 1], got {self.cut_floor}")
         _check(self.candidates >= 1, f"candidates must be >= 1, got {self.candidates}")
         _check(self.rollouts >= 1, f"rollouts must be >= 1, got {self.rollouts}")
         _check(self.rollout_horizon >= 0, f"rollout_horizon must be >= 0 (0 = up to T), got {self.rollout_horizon}")

@@ -20,7 +20,8 @@ from powersample.core.numerics import proposal_logprobs
 from powersample.core.types import Continuation, Proposal
 from powersample.samplers import registry
 from powersample.samplers.chain import Chain
-from powersample.samplers.power import log_accept_ratio
+from powersample.samplers.power import UNIFORM, Cuts, log_accept_ratio
+from powersample.samplers.power_cut import EntropyCuts
 from powersample.tools.fidelity.exact import Law, null_tvs
 from powersample.tools.fidelity.exact import empirical_law as empirical
 from powersample.tools.fidelity.exact import normalize as _normalize
@@ -29,7 +30,7 @@ from powersample.tools.fidelity.exact import tv_distance as tv
 
 __all__ = ["empirical", "power_target", "tv"]  # the library's, under the names the tests use
 
-AcceptRule = Callable[[float, Chain, int, Continuation], float]
+AcceptRule = Callable[[float, Chain, int, Continuation, Cuts], float]
 Kernel = Callable[[tuple[int, ...]], Law]  # x -> K(x, .)
 
 
@@ -52,6 +53,11 @@ def continuations(spec: ToySpec, proposal: Proposal, prefix: tuple[int, ...], ca
             stack.append((suffix + (int(tok),), logq + float(row[tok])))
 
 
+def entropy_after(spec: ToySpec, seq) -> float:
+    """The base entropy of the next token after seq (nats)."""
+    return -math.fsum(p * math.log(p) for p in spec.row(seq) if p > 0)
+
+
 def row_logprobs(spec: ToySpec, seq, proposal: Proposal) -> tuple[np.ndarray, np.ndarray]:
     """(log p, log q) of the next token after seq."""
     p = np.asarray(spec.row(seq))
@@ -61,10 +67,11 @@ def row_logprobs(spec: ToySpec, seq, proposal: Proposal) -> tuple[np.ndarray, np
 
 
 def as_chain(spec: ToySpec, seq: tuple[int, ...], proposal: Proposal) -> Chain:
-    """A Chain holding state seq with its per-token log p and log q."""
+    """A Chain holding state seq with its per-token log p, log q and entropy."""
     chain = Chain(rng=np.random.default_rng(0), slot=0)
     for t, tok in enumerate(seq):
         logp, logq = row_logprobs(spec, seq[:t], proposal)
+        chain.entropy.append(entropy_after(spec, seq[:t]))
         chain.tokens.append(tok)
         chain.base_logp.append(float(logp[tok]))
         chain.proposal_logq.append(float(logq[tok]))
@@ -72,17 +79,20 @@ def as_chain(spec: ToySpec, seq: tuple[int, ...], proposal: Proposal) -> Chain:
 
 
 def mh_kernel(
-    spec: ToySpec, alpha: float, proposal: Proposal, cap: int, rule: AcceptRule = log_accept_ratio
+    spec: ToySpec, alpha: float, proposal: Proposal, cap: int, rule: AcceptRule = log_accept_ratio,
+    cuts: Cuts = UNIFORM,
 ) -> Callable[[tuple[int, ...]], Law]:
-    """K(x, .) of one MH step of stage `cap`, as a function of x, built from the code's acceptance ratio."""
+    """K(x, .) of one MH step of stage `cap`, as a function of x, built from the code's cut distribution and
+    acceptance ratio."""
 
     @functools.cache
     def kernel(x: tuple[int, ...]) -> Law:
         chain, out = as_chain(spec, x, proposal), defaultdict(float)
         for i in range(len(x)):
+            cut = math.exp(cuts.log_prob(i, len(x), chain.entropy))  # c(i | x)
             for suffix, logq in continuations(spec, proposal, x[:i], cap):
                 cont = _continuation(spec, x[:i], suffix, proposal)
-                move = math.exp(logq) / len(x) * min(1.0, math.exp(min(0.0, rule(alpha, chain, i, cont))))
+                move = math.exp(logq) * cut * min(1.0, math.exp(min(0.0, rule(alpha, chain, i, cont, cuts))))
                 out[x[:i] + suffix] += move
         out[x] = 1.0 - math.fsum(v for k, v in out.items() if k != x)  # rejections and self-moves
         return dict(out)
@@ -94,7 +104,8 @@ def algorithm_law(spec: ToySpec, config: SamplerConfig) -> Law:
     """Exact law of the output of power sampling with `config` (finite steps, stages, early stop at EOS)."""
     proposal = registry.proposal(config)
     alpha = math.inf if config.method == "max-swap" else config.alpha
-    return staged_law(spec, config, lambda cap: mh_kernel(spec, alpha, proposal, cap))
+    cuts = EntropyCuts(config.cut_beta, config.cut_floor) if config.method == "power-cut" else UNIFORM
+    return staged_law(spec, config, lambda cap: mh_kernel(spec, alpha, proposal, cap, cuts=cuts))
 
 
 def staged_law(spec: ToySpec, config: SamplerConfig, kernel_at: Callable[[int], Kernel]) -> Law:
@@ -140,7 +151,8 @@ def _continuation(spec: ToySpec, prefix, suffix, proposal: Proposal) -> Continua
         lp, lq = row_logprobs(spec, prefix + suffix[:t], proposal)
         logp.append(float(lp[tok]))
         logq.append(float(lq[tok]))
-    return Continuation(tuple(suffix), tuple(logp), tuple(logq))
+    entropy = tuple(entropy_after(spec, prefix + suffix[:t]) for t in range(len(suffix)))
+    return Continuation(tuple(suffix), tuple(logp), tuple(logq), entropy=entropy)
 
 
 # --- power-rollout: the limit of its law as M (and, for blocks, the pool L) grows ------------------------------

@@ -197,15 +197,15 @@ def test_early_rejection_draws_fewer_tokens_for_the_same_law(monkeypatch):
     assert floor(FLOORED, math.inf, chain, 0, -1.0) == Floor(-3.0, math.inf)  # max-swap: beat log p, no u
 
 
-def floor_without_u(config, alpha, chain, i, log_u):
+def floor_without_u(config, alpha, chain, i, log_u, cuts=power.UNIFORM):
     """Mutant: forgets log u, so it cuts every proposal whose score falls below the current state's."""
-    floor = HONEST_FLOOR(config, alpha, chain, i, log_u)
+    floor = HONEST_FLOOR(config, alpha, chain, i, log_u, cuts)
     return floor and replace(floor, least=floor.least - log_u)
 
 
-def floor_of_log_p(config, alpha, chain, i, log_u):
+def floor_of_log_p(config, alpha, chain, i, log_u, cuts=power.UNIFORM):
     """Mutant: scores a proposal by its log p alone (the - log q term dropped), which falls faster than its score."""
-    floor = HONEST_FLOOR(config, alpha, chain, i, log_u)
+    floor = HONEST_FLOOR(config, alpha, chain, i, log_u, cuts)
     return floor and replace(floor, weight=math.inf, least=floor.least / alpha)
 
 

@@ -21,6 +21,8 @@ The promises:
 - EOS only ever comes last; a continuation stops at EOS or at max_tokens;
 - score obeys the chain rule; an empty continuation scores ();
 - confidence (optional) is minus the entropy of each next-token distribution, and obeys the chain rule too;
+- a request that asks for entropies gets one per token, each the entropy of the base next-token distribution
+  (= -confidence where the backend has it), and the same tokens and log-probs as without asking, speculated or not;
 - a row of a batch gets the same draws and log-probs as the same request alone;
 - a continuation verified against a draft (speculative proposals) is like any other: EOS last, log p = score, q's log q;
 - a request past the model's context length is a one-line PowerSampleError.
@@ -196,6 +198,34 @@ def confidence_is_minus_the_entropy(s: Subject) -> None:
         _close(conf, want, s.tolerance, "confidence vs sum p log p of the independent next_logp rows")
 
 
+def entropies_are_reported_when_asked(s: Subject) -> None:
+    """ExtendRequest.entropy = True adds one entropy >= 0 per token (nats): minus the confidence (when the backend
+    has it) and -sum p log p of the next_logp rows (when given); and it changes nothing else, batched rows and
+    drafts included."""
+    asked = [ExtendRequest(s.prompt, 6, np.random.default_rng(seed), 90 + seed, entropy=True) for seed in (3, 4)]
+    drafted = ExtendRequest(s.prompt, 6, np.random.default_rng(3), 92, draft=Draft((), Corpus(), ()), speculate=4,
+                            entropy=True)  # fmt: skip
+    try:
+        conts = s.backend.extend([*asked, drafted], BASE)
+    except PowerSampleError as e:
+        raise NotApplicable(f"the backend does not report entropies: {e}") from None
+    plain = extend(s.backend, s.prompt, 6, seed=3, slot=93)
+    for cont in conts:
+        _check(len(cont.entropy) == len(cont.tokens), f"{len(cont.entropy)} entropies for {len(cont.tokens)} tokens")
+        _check(all(h >= 0 for h in cont.entropy), f"an entropy is >= 0: {cont.entropy}")
+    for cont in (conts[0], conts[2]):
+        _check(cont.tokens == plain.tokens, f"asking for entropies changed the draw: {cont.tokens} vs {plain.tokens}")
+        _close(cont.base_logp, plain.base_logp, s.tolerance, "log p with and without entropies")
+    _check(plain.entropy == (), f"entropies came unasked: {plain.entropy}")
+    scorer = capability(s.backend, Confidence)
+    if scorer is not None:
+        _close(conts[1].entropy, [-c for c in scorer.confidence(s.prompt, conts[1].tokens)], s.tolerance,
+               "entropy vs -confidence")  # fmt: skip
+    if s.next_logp is not None:
+        _close(conts[1].entropy, [-negative_entropy(row) for row, _ in _rows(s, conts[1].tokens)], s.tolerance,
+               "entropy vs -sum p log p of the next_logp rows")  # fmt: skip
+
+
 def batched_rows_match_single_rows(s: Subject, alone: Backend | None = None) -> list[Continuation]:
     """Each row of a batch (ragged contexts, q != p) draws the same tokens with the same log p and log q as its
     request alone (on `alone`, default the same backend), and score agrees with it. Returns the batch's
@@ -265,6 +295,7 @@ CHECKS: tuple[Callable[[Subject], object], ...] = (
     eos_comes_only_last,
     score_obeys_the_chain_rule,
     confidence_is_minus_the_entropy,
+    entropies_are_reported_when_asked,
     batched_rows_match_single_rows,
     drafted_continuations_are_like_any,
     context_length_is_checked,

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from powersample.core.numerics import draw, proposal_logprobs, top_alternatives, verify_draft
+from powersample.core.numerics import draw, entropy, proposal_logprobs, top_alternatives, verify_draft
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Refill
 from powersample.errors import PowerSampleError
 
@@ -48,6 +48,7 @@ class Row:
     base_logp: list[float] = field(default_factory=list)
     proposal_logq: list[float] = field(default_factory=list)
     alternatives: tuple[tuple[int, float], ...] = ()
+    entropy: list[float] = field(default_factory=list)  # when the request asks: the base entropy before each token
     guess: list[int] = field(default_factory=list)  # the guessed tokens after `tokens`, none verified yet
     drafted: int = 0  # guessed tokens verified (kept or not)
     kept_drafts: int = 0  # of those, kept
@@ -79,13 +80,15 @@ class Row:
         return floor.below(self.score, len(self.tokens))
 
     def continuation(self) -> Continuation:
-        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives)
+        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives,
+                            tuple(self.entropy))  # fmt: skip
 
 
 def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Proposal,
                 eos_ids: frozenset[int]) -> tuple[list[int], list[int]]:  # fmt: skip
     """Draw each row's next tokens from the base log p after each id it fed (`logp[b]`: (len(feed), V)), with its
-    request's own generator, recording log p and log q (and, at a row's first step, the likeliest alternatives).
+    request's own generator, recording log p and log q (and, at a row's first step, the likeliest alternatives;
+    and the entropy of each row of log p when the request asks).
 
     Returns the rows now finished (EOS, max_tokens, or below their floor) and, per row, how many of the ids it fed
     are still valid (a token that differs from its guess invalidates the fed ids after it: the engine drops them from
@@ -110,6 +113,8 @@ def _walk(row: Row, logp: np.ndarray, proposal: Proposal, eos_ids: frozenset[int
         row.tokens.append(token)
         row.base_logp.append(float(logp[j, token]))
         row.proposal_logq.append(float(logq[token]))
+        if row.request.entropy:
+            row.entropy.append(float(entropy(logp[j])))
         row.next_id = token
         if guessed is not None:
             row.drafted += 1

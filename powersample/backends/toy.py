@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from powersample.backends.engine import Row, verify_step
-from powersample.core.numerics import cumulative, draw_from_cdf, proposal_logprobs, top_alternatives
+from powersample.core.numerics import cumulative, draw_from_cdf, entropy, proposal_logprobs, top_alternatives
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
 from powersample.errors import PowerSampleError, parse_json
 
@@ -148,6 +148,7 @@ class _Table:
     base_logp: tuple[float, ...]
     proposal_logq: tuple[float, ...]
     cdf: tuple[float, ...]
+    entropy: float  # of the base row, nats
 
 
 class ToyBackend:
@@ -196,7 +197,7 @@ class ToyBackend:
         if request.speculate > 0 or request.floor is not None:
             return self._extend_walked(request, proposal)
         seq = list(request.context)
-        tokens, logp, logq = [], [], []
+        tokens, logp, logq, entropies = [], [], [], []
         alternatives = (
             top_alternatives(np.asarray(self._table(seq, proposal).base_logp), request.alternatives)
             if request.alternatives
@@ -208,11 +209,12 @@ class ToyBackend:
             tokens.append(tok)
             logp.append(table.base_logp[tok])
             logq.append(table.proposal_logq[tok])
+            entropies += [table.entropy] * request.entropy
             seq.append(tok)
             if tok == self.spec.eos_id:
                 break
         self.stats.forwards += len(tokens)  # one per token drawn
-        return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives)
+        return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives, tuple(entropies))
 
     def _extend_walked(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
         """The engines' walk (backends.engine.verify_step: drafts, floors) on exact rows: each loop is one forward of
@@ -240,6 +242,6 @@ class ToyBackend:
             np.log(probs, out=base, where=probs > 0)
             logq = proposal_logprobs(base, proposal)
             cdf = tuple(cumulative(logq).tolist())
-            table = _Table(tuple(base.tolist()), tuple(logq.tolist()), cdf)
+            table = _Table(tuple(base.tolist()), tuple(logq.tolist()), cdf, float(entropy(base)))
             self._tables[key] = table
         return table

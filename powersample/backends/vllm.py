@@ -217,6 +217,7 @@ class VLLMBackend:
         def intake(new: Mapping[int, ExtendRequest]) -> None:
             for request in new.values():  # every request checked before any draws its seed
                 self._check_context(request.context, request.max_tokens)
+                self._check_entropy(request)
             waiting.extend(_Job(key, r, self._sampling(r, proposal)) for key, r in new.items())
 
         try:
@@ -395,6 +396,12 @@ class VLLMBackend:
                 f"the vllm backend needs a proposal temperature >= {MIN_TEMPERATURE} (vLLM raises smaller ones to "
                 f"{MIN_TEMPERATURE}), got {proposal.temperature:g}"
             )
+
+    def _check_entropy(self, request: ExtendRequest) -> None:
+        if request.entropy:  # a sampled token's row holds its top-k log-probs only; the whole row, per position,
+            # would cost V numbers per token as Python objects
+            raise PowerSampleError("the vllm backend does not report per-token entropies (power-cut needs them); use "
+                                   "the hf or llamacpp backend")  # fmt: skip
 
     def _check_context(self, context: Sequence[int], new: int) -> None:
         if not context:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from powersample.api import SampleRecord, check_prompt, sample, sampling_bar
+from powersample.api import ChainTrace, SampleRecord, check_prompt, sample, sampling_bar
 from powersample.cli.options import (
     add_backend_options,
     add_sampler_options,
@@ -18,7 +19,7 @@ from powersample.cli.options import (
 )
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.io import append_jsonl
+from powersample.io import append_jsonl, write_bytes_atomic
 
 
 def add_sample_parser(subparsers: Any) -> None:
@@ -32,6 +33,8 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (chains run batched)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, config and backend => same output)")
     p.add_argument("--output", help="append one JSON record per sample to this JSONL file")
+    p.add_argument("--trace", metavar="FILE", help="write every chain's steps to this JSONL file (MH steps: cut, "
+                   "proposal, log r and its terms, accepted; SMC weights); `powersample report --trace FILE` plots it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--return-particles", action="store_true",
                    help="power-smc: also put every particle with its weight in the records")  # fmt: skip
@@ -44,12 +47,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     if args.output:
         append_jsonl(args.output, [])  # fail on an unwritable path now, not after sampling
+    if args.trace:
+        check_writable(Path(args.trace))  # the same for the trace (written whole, atomically, at the end)
     backend = load(spec, args.quiet)
+    trace = ChainTrace(backend) if args.trace else None
     with sampling_bar(config, args.quiet, chains=args.num_samples) as progress:
-        records = sample(backend, prompt, config, seed=args.seed, num_samples=args.num_samples,
-                         chat=not args.raw, progress=progress, return_particles=args.return_particles)  # fmt: skip
+        records = sample(backend, prompt, config, seed=args.seed, num_samples=args.num_samples, chat=not args.raw,
+                         progress=progress, return_particles=args.return_particles, trace=trace)  # fmt: skip
     if args.output:  # first: the records are kept even if printing fails (a closed pipe)
         append_jsonl(args.output, [r.to_dict() for r in records])
+    if trace is not None:
+        write_bytes_atomic(Path(args.trace), trace.jsonl())
     for r in records:
         print(r.text)
         print(summary_line(r, len(records)))
@@ -65,6 +73,14 @@ def check_sample_args(args: argparse.Namespace, config: SamplerConfig) -> None:
         raise PowerSampleError(f"seed must be an integer >= 0, got {args.seed}")
     if args.return_particles and config.method != "power-smc":
         raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
+
+
+def check_writable(path: Path) -> None:
+    """A one-line error now when `path` cannot be written later (its directory missing or read-only, or a
+    directory itself); the file itself is left as it is."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PowerSampleError(f"cannot write {path}: not a writable file path")
 
 
 def read_prompt(args: argparse.Namespace) -> str:

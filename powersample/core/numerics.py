@@ -104,6 +104,11 @@ def verify_draft(logq: np.ndarray, drafted: int, rng: np.random.Generator) -> in
     return draw(logq, rng)
 
 
+def entropy(base_logp: np.ndarray) -> np.ndarray:
+    """-Sum_x p log p over the last axis, in nats, >= 0 (0 log 0 = 0). Shapes: (..., V) -> (...)."""
+    return np.maximum(-negative_entropy(base_logp), 0.0)  # rounding can leave -1e-17 for a one-hot row
+
+
 def negative_entropy(base_logp: np.ndarray) -> np.ndarray:
     """Sum_x p log p over the last axis, with 0 log 0 = 0. Shapes: (..., V) -> (...)."""
     p = np.exp(base_logp)

@@ -47,6 +47,7 @@ class Floor:
     least: float
     weight: float  # alpha, or inf (max-swap)
     offset: int = 0  # tokens before the continuation (i, for a proposal from index i)
+    per_length: bool = True  # the score has the -log(offset + n) term (a uniform cut's 1/L'); False: it has none
 
     SLACK = 1e-6  # a score counts as below `least` only below least - SLACK
 
@@ -56,7 +57,7 @@ class Floor:
 
     def below(self, score: float, n: int) -> bool:
         """True when the running score of n tokens has fallen below `least` for good."""
-        length = 0.0 if math.isinf(self.weight) else math.log(self.offset + n)
+        length = math.log(self.offset + n) if self.per_length and not math.isinf(self.weight) else 0.0
         return score - length < self.least - self.SLACK
 
 
@@ -74,6 +75,7 @@ class ExtendRequest:
     speculate: int = 0  # most draft tokens an engine verifies per forward; 0 = no draft, one token per forward
     floor: Floor | None = None  # stop early once the score falls below it (an engine may ignore it: the sampler's
     # test rejects such a continuation either way, finished or not)
+    entropy: bool = False  # also report the base next-token entropy before each token (Continuation.entropy)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class Continuation:
     proposal_logq: tuple[float, ...]  # log q(token | prefix) under the Proposal it was drawn from
     alternatives: tuple[tuple[int, float], ...] = ()  # (id, base log p) of the request's `alternatives` likeliest
     # first tokens, likeliest first (ties by id); empty unless asked for
+    entropy: tuple[float, ...] = ()  # nats >= 0: -sum_x p log p of the base next-token distribution each token was
+    # drawn after (temperature 1, no truncation); empty unless the request asked (ExtendRequest.entropy)
 
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -11,6 +11,7 @@ from powersample.core.drafts import NO_DRAFT, WINDOW, Corpus, Draft
 from powersample.core.types import Continuation, ExtendRequest, Tokens
 
 Progress = Callable[[int], None]  # called with a number of finished work units
+Trace = Callable[[dict[str, Any]], None]  # called with each event a chain records (see Chain.note)
 
 
 @dataclass
@@ -22,12 +23,20 @@ class Chain:
     tokens: list[int] = field(default_factory=list)
     base_logp: list[float] = field(default_factory=list)  # log p(x_t | x_<t), per token
     proposal_logq: list[float] = field(default_factory=list)  # log q(x_t | x_<t), per token
+    entropy: list[float] = field(default_factory=list)  # base entropy before x_t (nats), when the sampler asks for
+    # it (ExtendRequest.entropy); else empty
     tokens_generated: int = 0  # every token drawn, rejected proposals included
     proposals: int = 0
     accepted: int = 0
     return_particles: bool = False  # power-smc: the result also holds every particle with its weight
     corpus: Corpus | None = None  # what the chain has drawn, for the drafts of its requests (core.drafts); None = no
     # drafts
+    trace: Trace | None = None  # gets the chain's events (MH steps, extensions, SMC weights); None = not traced
+
+    def note(self, event: str, **fields: Any) -> None:
+        """Record one event for the trace, when the chain is traced: {"event": event, **fields}, JSON-ready."""
+        if self.trace is not None:
+            self.trace({"event": event, **fields})
 
     def remember(self, prompt: Tokens) -> None:
         """Keep what the chain draws from now on, starting with `prompt`, for drafts (speculative proposals)."""
@@ -54,13 +63,14 @@ class Chain:
 
     def replace_suffix(self, i: int, cont: Continuation) -> None:
         """x <- x_<i + cont."""
-        del self.tokens[i:], self.base_logp[i:], self.proposal_logq[i:]
+        del self.tokens[i:], self.base_logp[i:], self.proposal_logq[i:], self.entropy[i:]
         self.append(cont)
 
     def append(self, cont: Continuation) -> None:
         self.tokens.extend(cont.tokens)
         self.base_logp.extend(cont.base_logp)
         self.proposal_logq.extend(cont.proposal_logq)
+        self.entropy.extend(cont.entropy)
 
     def result(self) -> "ChainResult":
         return ChainResult(

@@ -25,6 +25,7 @@ test would reject it whatever came next. The chain moves exactly as without the 
 from __future__ import annotations
 
 import math
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -45,24 +46,64 @@ def max_swap_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_id
     return mh_program(prompt, config, chain, eos_ids, math.inf)
 
 
-def mh_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int], alpha: float) -> Program:
-    """The stages and MH steps of Algorithm 1 with target exponent `alpha`."""
+class Cuts(Protocol):
+    """Where an MH step cuts: a distribution c(i | x) over the indices of the state, and its Hastings factor."""
+
+    entropy: bool  # whether c reads the base entropy before each token (the chain's requests then ask for it)
+
+    def log_prob(self, i: int, length: int, entropy: Sequence[float]) -> float:
+        """log c(i | x) for a state x of `length` tokens with these per-token entropies."""
+        ...
+
+    def pick(self, length: int, entropy: Sequence[float], rng: np.random.Generator) -> int:
+        """An index i drawn from c(. | x)."""
+        ...
+
+    def bound(self, i: int) -> float:
+        """An upper bound on log c(i | x') over every state x' longer than i, or None when log c(i | x') is
+        exactly -log len(x') (the uniform cut, which the floor's length term follows token by token)."""
+        ...
+
+
+class UniformCuts:
+    """The paper's cut: i uniform on {0, ..., L-1}, c(i | x) = 1/L."""
+
+    entropy = False
+
+    def log_prob(self, i: int, length: int, entropy: Sequence[float]) -> float:
+        return -math.log(length)
+
+    def pick(self, length: int, entropy: Sequence[float], rng: np.random.Generator) -> int:
+        return int(rng.integers(length))
+
+    def bound(self, i: int) -> float | None:
+        return None
+
+
+UNIFORM = UniformCuts()
+
+
+def mh_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int], alpha: float,
+               cuts: Cuts = UNIFORM) -> Program:  # fmt: skip
+    """The stages and MH steps of Algorithm 1 with target exponent `alpha`, cutting where `cuts` says."""
     if config.speculate:
         chain.remember(prompt)
-    for cap in config.stage_caps():
-        request = suffix_request(prompt, config, chain, len(chain.tokens), cap, chain.rng, chain.slot)
+    for stage, cap in enumerate(config.stage_caps(), start=1):
+        at = len(chain.tokens)
+        request = suffix_request(prompt, config, chain, at, cap, chain.rng, chain.slot, entropy=cuts.entropy)
         cont = yield request
         chain.drew(request, cont)
         chain.append(cont)
         chain.tokens_generated += len(cont.tokens)
-        for _ in range(config.mcmc_steps):
-            i = int(chain.rng.integers(len(chain.tokens)))
+        note_extension(chain, stage, at, cont)
+        for step in range(config.mcmc_steps):
+            i = cuts.pick(len(chain.tokens), chain.entropy, chain.rng)
             log_u = log_uniform(chain.rng)  # drawn first, so that a proposal sure to be rejected stops early
             request = suffix_request(prompt, config, chain, i, cap, chain.rng, chain.slot,
-                                     rejection_floor(config, alpha, chain, i, log_u))  # fmt: skip
+                                     rejection_floor(config, alpha, chain, i, log_u, cuts), cuts.entropy)  # fmt: skip
             cont = yield request
             chain.drew(request, cont)
-            mh_step(chain, i, cont, alpha, log_u)
+            mh_step(chain, i, cont, alpha, log_u, cuts, (stage, step))
         if chain.complete(eos_ids):
             break
     return chain.result()
@@ -81,55 +122,96 @@ def eq12_tokens(max_new_tokens: int, block_size: int, mcmc_steps: int) -> float:
     return n * t * t / (4 * b) + t
 
 
-def suffix_request(prompt: Tokens, config: SamplerConfig, chain: Chain, i: int, cap: int,
-                   rng: np.random.Generator, slot: int, floor: Floor | None = None) -> ExtendRequest:  # fmt: skip
+def suffix_request(prompt: Tokens, config: SamplerConfig, chain: Chain, i: int, cap: int, rng: np.random.Generator,
+                   slot: int, floor: Floor | None = None, entropy: bool = False) -> ExtendRequest:  # fmt: skip
     """A fresh q-continuation of x_<i until EOS or `cap` tokens (or until it falls below `floor`), drawn with `rng`
-    (cache `slot`): an MH proposal, or with i = len(x) a stage's extension. With `speculate` on, its draft guesses
-    the current suffix x_>=i, then what the chain drew before (core.drafts); the engine draws the same tokens
-    either way, only in fewer forwards."""
+    (cache `slot`), with the base entropy before each token when `entropy`: an MH proposal, or with i = len(x) a
+    stage's extension. With `speculate` on, its draft guesses the current suffix x_>=i, then what the chain drew
+    before (core.drafts); the engine draws the same tokens either way, only in fewer forwards."""
     context = prompt + tuple(chain.tokens[:i])
     return ExtendRequest(context, cap - i, rng, slot, draft=chain.draft(context, tuple(chain.tokens[i:])),
-                         speculate=config.speculate, floor=floor)  # fmt: skip
+                         speculate=config.speculate, floor=floor, entropy=entropy)  # fmt: skip
 
 
-def rejection_floor(config: SamplerConfig, alpha: float, chain: Chain, i: int, log_u: float) -> Floor | None:
+def rejection_floor(config: SamplerConfig, alpha: float, chain: Chain, i: int, log_u: float,
+                    cuts: Cuts = UNIFORM) -> Floor | None:  # fmt: skip
     """Exact early rejection: the proposal from i is accepted iff log u <= log r, that is iff its score
 
-        alpha * log p(x'_>=i | x_<i) - log q(x'_>=i | x_<i) - log L'  >=  the same of x, + log u
+        alpha * log p(x'_>=i | x_<i) - log q(x'_>=i | x_<i) + log c(i | x')  >=  the same of x, + log u
 
-    (max-swap: iff its log p beats the current suffix's). The score never rises as the proposal grows (core.types.
-    Floor) when alpha >= 1/tau >= 1, so once it is below, the rest need not be drawn. None where it could rise."""
+    (max-swap: iff its log p beats the current suffix's). The first two terms never rise as the proposal grows
+    (core.types.Floor) when alpha >= 1/tau >= 1; the uniform cut's log c(i | x') = -log L' falls too, and any other
+    cut's is at most cuts.bound(i). So once the score is below, the rest need not be drawn. None where it could
+    rise."""
     if math.isinf(alpha):
         return Floor(math.fsum(chain.base_logp[i:]), alpha)
     if not (config.tau <= 1.0 and alpha * config.tau >= 1.0 - 1e-15):  # 1e-15: alpha * (1 / alpha) rounds below 1
         return None
-    current = alpha * math.fsum(chain.base_logp[i:]) - math.fsum(chain.proposal_logq[i:]) - math.log(len(chain.tokens))
-    return Floor(current + log_u, alpha, i)
+    current = (alpha * math.fsum(chain.base_logp[i:]) - math.fsum(chain.proposal_logq[i:])
+               + cuts.log_prob(i, len(chain.tokens), chain.entropy))  # fmt: skip
+    bound = cuts.bound(i)
+    if bound is None:
+        return Floor(current + log_u, alpha, i)
+    return Floor(current + log_u - bound, alpha, i, per_length=False)
 
 
-def mh_step(chain: Chain, i: int, proposed: Continuation, alpha: float, log_u: float) -> None:
-    """Accept or reject x' = x_<i + proposed (a proposal cut short by its floor is always rejected), and count it."""
+def mh_step(chain: Chain, i: int, proposed: Continuation, alpha: float, log_u: float, cuts: Cuts = UNIFORM,
+            where: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
+    """Accept or reject x' = x_<i + proposed (a proposal cut short by its floor is always rejected), and count it
+    (and trace it: `where` is the (stage, step))."""
     chain.tokens_generated += len(proposed.tokens)
     chain.proposals += 1
-    if log_u <= log_accept_ratio(alpha, chain, i, proposed):
+    length, terms = len(chain.tokens), log_ratio_terms(alpha, chain, i, proposed, cuts)
+    log_r = math.fsum(terms)
+    accepted = log_u <= log_r
+    if accepted:
         chain.replace_suffix(i, proposed)
         chain.accepted += 1
+    if chain.trace is not None:
+        note_step(chain, where, i, length, proposed, log_r, terms, log_u, accepted)
 
 
-def log_accept_ratio(alpha: float, chain: Chain, i: int, proposed: Continuation) -> float:
+def log_accept_ratio(alpha: float, chain: Chain, i: int, proposed: Continuation, cuts: Cuts = UNIFORM) -> float:
     """log r for replacing chain.tokens[i:] by `proposed` (see the module docstring)."""
+    return math.fsum(log_ratio_terms(alpha, chain, i, proposed, cuts))
+
+
+def log_ratio_terms(alpha: float, chain: Chain, i: int, proposed: Continuation,
+                    cuts: Cuts = UNIFORM) -> tuple[float, float, float]:  # fmt: skip
+    """The three terms of log r: target, proposal and cut (max-swap: 0 or -inf, then 0, 0)."""
     cur_logp, new_logp = math.fsum(chain.base_logp[i:]), math.fsum(proposed.base_logp)
     if math.isinf(alpha):  # max-swap: accept iff the suffix's log p strictly increases
-        return 0.0 if new_logp > cur_logp else -math.inf
+        return (0.0 if new_logp > cur_logp else -math.inf), 0.0, 0.0
     cur_logq, new_logq = math.fsum(chain.proposal_logq[i:]), math.fsum(proposed.proposal_logq)
-    cur_len, new_len = len(chain.tokens), i + len(proposed.tokens)
+    new_entropy = tuple(chain.entropy[:i]) + proposed.entropy if cuts.entropy else ()
     return (
-        alpha * (new_logp - cur_logp)  # target ratio p(x')^alpha / p(x)^alpha
-        + (cur_logq - new_logq)  # proposal ratio q(x_>=i) / q(x'_>=i)
-        + (math.log(cur_len) - math.log(new_len))  # index choice: (1/L') / (1/L)
+        alpha * (new_logp - cur_logp),  # target ratio p(x')^alpha / p(x)^alpha
+        cur_logq - new_logq,  # proposal ratio q(x_>=i) / q(x'_>=i)
+        cuts.log_prob(i, i + len(proposed.tokens), new_entropy)  # the cut: c(i | x') / c(i | x) (uniform: L / L')
+        - cuts.log_prob(i, len(chain.tokens), chain.entropy),
     )
 
 
 def log_uniform(rng: np.random.Generator) -> float:
     """log u for u uniform on (0, 1], so that it is finite."""
     return math.log(1.0 - rng.random())
+
+
+def note_extension(chain: Chain, stage: int, at: int, cont: Continuation) -> None:
+    """Trace a stage's extension, appended at index `at`."""
+    chain.note("extend", stage=stage, at=at, tokens=list(cont.tokens), base_logp=list(cont.base_logp),
+               logp=math.fsum(chain.base_logp), length=len(chain.tokens))  # fmt: skip
+
+
+def note_step(chain: Chain, where: tuple[int, int], i: int, length: int, proposed: Continuation, log_r: float,
+              terms: tuple[float, float, float], log_u: float, accepted: bool) -> None:  # fmt: skip
+    """Trace one MH step (after it moved, or not): -inf becomes None (JSON has no infinities)."""
+    stage, step = where
+    chain.note("step", stage=stage, step=step, cut=i, length=length, proposal=list(proposed.tokens),
+               proposal_logp=math.fsum(proposed.base_logp), log_r=_finite(log_r), log_u=log_u, accepted=accepted,
+               terms=dict(zip(("target", "proposal", "cut"), map(_finite, terms))),
+               logp=math.fsum(chain.base_logp), length_after=len(chain.tokens))  # fmt: skip
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None

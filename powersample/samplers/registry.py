@@ -22,6 +22,7 @@ from powersample.samplers.driver import Program
 from powersample.samplers.mtm import mtm_program, mtm_work_units
 from powersample.samplers.plain import plain_program, plain_work_units
 from powersample.samplers.power import max_swap_program, power_program, power_work_units
+from powersample.samplers.power_cut import power_cut_program
 from powersample.samplers.rollout import check_config as check_rollout
 from powersample.samplers.rollout import rollout_program, rollout_work_units
 from powersample.samplers.smc import smc_program, smc_work_units
@@ -64,6 +65,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            "block-wise Metropolis-Hastings on p^alpha (Karan & Du, 2025, Algorithm 1)"),
     Method("max-swap", "mcmc", max_swap_program, power_work_units,
            "power with alpha = infinity: accept iff the suffix's log p increases"),
+    Method("power-cut", "mcmc", power_cut_program, power_work_units,
+           "power with cuts drawn where the base model's entropy jumps, Hastings-corrected",
+           knobs=("cut_beta", "cut_floor")),
     Method("power-mtm", "mcmc", mtm_program, mtm_work_units,
            "multiple-try Metropolis: `tries` proposals per step in one batched call", knobs=("tries",),
            members=("tries",)),

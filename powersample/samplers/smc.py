@@ -84,8 +84,12 @@ def smc_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
         log_w += a_t * np.array([p.logp for p in particles]) - exponent * before  # gamma_t / gamma_s
         chain.tokens_generated += sum(len(c.tokens) for c in conts)
         exponent = a_t
-        if t < horizon and any(not p.done for p in particles) and ess(log_w) < config.ess_threshold * n:
-            particles, log_w = resample(particles, log_w, chain.rng)
+        size, weights, ancestors = ess(log_w), log_w, None
+        if t < horizon and any(not p.done for p in particles) and size < config.ess_threshold * n:
+            particles, log_w, ancestors = resample(particles, log_w, chain.rng)
+        if chain.trace is not None:
+            chain.note("smc", stage=-(-t // config.block), t=t, ess=size, log_weights=weights.tolist(),
+                       resampled=ancestors is not None, ancestors=ancestors)  # fmt: skip
     log_w += (config.alpha - exponent) * np.array([p.logp for p in particles])  # the rest of the ramp, if any
     return choose(chain, particles, log_w)
 
@@ -114,12 +118,13 @@ def normalized(log_w: np.ndarray) -> np.ndarray:
 
 def resample(
     particles: list[Particle], log_w: np.ndarray, rng: np.random.Generator
-) -> tuple[list[Particle], np.ndarray]:
-    """Systematic resampling: N evenly spaced points from one uniform; the new particles have equal weights."""
+) -> tuple[list[Particle], np.ndarray, list[int]]:
+    """Systematic resampling: N evenly spaced points from one uniform; the new particles have equal weights.
+    Also returns each new particle's ancestor (its index before)."""
     n = len(particles)
     points = (rng.random() + np.arange(n)) / n  # (N,) in [0, 1)
     picks = np.minimum(np.searchsorted(np.cumsum(normalized(log_w)), points, side="right"), n - 1)
-    return [particles[k].copy() for k in picks], np.zeros(n)
+    return [particles[k].copy() for k in picks], np.zeros(n), picks.tolist()
 
 
 def choose(chain: Chain, particles: list[Particle], log_w: np.ndarray) -> ChainResult:
