@@ -99,6 +99,7 @@ def add_fidelity_options(p: argparse.ArgumentParser) -> None:
                         f"{' and '.join(DEFAULT_SPECS)})")
     g.add_argument("--samples", type=int, help="toy: samples per setting (default 1000, --quick 200); model: "
                                                "samples per prompt (default 4, --quick 1)")
+    g.add_argument("--methods", metavar="A,B,...", help="only these methods' settings (default: every method)")
     g.add_argument("--output-dir", default="fidelity",
                    help="where fidelity_<toy|model>.{json,md,png} go (default ./fidelity)")
 
@@ -232,13 +233,18 @@ def fidelity_options_from_args(args: argparse.Namespace) -> FidelityOptions:
         t = 6 if args.max_new_tokens is None else args.max_new_tokens
         names = (args.spec or []) + ([args.toy_spec] if args.toy_spec else [])
         return FidelityOptions("toy", args.alpha, t, _samples(args, 1000, 200), args.seed, args.quick,
-                               targets=tuple(ToyTarget.resolve(n, t) for n in names or DEFAULT_SPECS))
+                               targets=tuple(ToyTarget.resolve(n, t) for n in names or DEFAULT_SPECS),
+                               methods=_methods(args))  # fmt: skip
     if args.spec:
         raise PowerSampleError("--spec names a toy target; it does not apply with a model backend")
     t = (8 if args.quick else 48) if args.max_new_tokens is None else args.max_new_tokens
     profile = QUICK if args.quick else FULL
     return FidelityOptions("model", args.alpha, t, _samples(args, 4, 1), args.seed, args.quick,
-                           prompts=bench_prompts(args, profile), chat=not args.raw)
+                           prompts=bench_prompts(args, profile), chat=not args.raw, methods=_methods(args))
+
+
+def _methods(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else ()
 
 
 def _samples(args: argparse.Namespace, full: int, quick: int) -> int:

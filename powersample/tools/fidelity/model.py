@@ -55,7 +55,7 @@ def run_model(options: FidelityOptions, backend: Backend, describe: dict[str, An
     The settings take turns within each (prompt, seed) round, so that load from other jobs on a shared machine
     slows them alike rather than whichever setting happened to run at the time.
     """
-    settings, skipped = split_registered(model_settings(options.max_new_tokens, options.quick))
+    settings, skipped = split_registered(model_settings(options.max_new_tokens, options.quick), options.methods)
     out = options.header() | {"backend": describe, "prompts": list(options.prompts), "skipped": skipped,
                               "points": []}
     warm_up(backend, options.prompts[0], options.max_new_tokens, options.seed, options.chat)
@@ -80,5 +80,5 @@ def _model_points(records: dict[Setting, list[Any]]) -> list[dict[str, Any]]:
 
 def model_units(options: FidelityOptions) -> int:
     """Progress units of a model run: one per sample() call."""
-    settings, _ = split_registered(model_settings(options.max_new_tokens, options.quick))
+    settings, _ = split_registered(model_settings(options.max_new_tokens, options.quick), options.methods)
     return len(settings) * len(options.prompts) * options.samples

@@ -10,6 +10,7 @@ from typing import Any
 from powersample.backends.toy import ToySpec
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
+from powersample.samplers.registry import METHODS
 from powersample.tools.common import check, utc_now
 from powersample.tools.fidelity.exact import check_enumerable
 from powersample.tools.machine import machine_info
@@ -52,6 +53,7 @@ class FidelityOptions:
     targets: tuple[ToyTarget, ...] = ()  # toy mode
     prompts: tuple[str, ...] = ()  # model mode
     chat: bool = True  # model mode: apply the chat template
+    methods: tuple[str, ...] = ()  # only these methods' settings; () = every method
 
     def __post_init__(self) -> None:
         check(self.mode in MODES, f"fidelity mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -61,10 +63,12 @@ class FidelityOptions:
         check(self.mode != "toy" or bool(self.targets), "toy fidelity needs at least one spec")
         check(self.mode != "model" or bool(self.prompts), "model fidelity needs at least one prompt")
         check(all(p.strip() for p in self.prompts), "prompts must not be empty")
+        unknown = [m for m in self.methods if m not in METHODS]
+        check(not unknown, f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
 
     def header(self) -> dict[str, Any]:
         """The start of the result JSON: the run, the machine, `complete` false until the end."""
         return {"benchmark": "powersample bench --fidelity", "mode": self.mode, "complete": False,
                 "date": utc_now(), "machine": machine_info(os.getloadavg()), "alpha": self.alpha,
                 "max_new_tokens": self.max_new_tokens, "samples": self.samples, "seed": self.seed,
-                "quick": self.quick}  # fmt: skip
+                "quick": self.quick, "methods": list(self.methods)}  # fmt: skip

@@ -46,6 +46,8 @@ def toy_settings(max_new_tokens: int, vocab_size: int, quick: bool) -> list[Sett
     if quick:
         return [Setting("base"), Setting("low-temp"),
                 *sweep("power", "mcmc_steps", (1, 8), {"block_count": t}, "power blocks=T"),
+                *sweep("power-cut", "mcmc_steps", (1, 8), {"block_count": t}, "power-cut blocks=T"),
+                *sweep("bon", "bon_tokens", (2 * t,)),
                 *sweep("power-mtm", "tries", (2, 4), {"mcmc_steps": 1, "block_count": t}, "power-mtm steps=1 blocks=T"),
                 *sweep("power-smc", "particles", (4, 16)),
                 *sweep("power-rollout", "rollouts", (1, 4), {"candidates": v}, "power-rollout K=vocab")]  # fmt: skip
@@ -53,12 +55,15 @@ def toy_settings(max_new_tokens: int, vocab_size: int, quick: bool) -> list[Sett
         Setting("base"), Setting("low-temp"),
         *sweep("power", "mcmc_steps", (1, 2, 4, 8, 16), {"block_count": t}, "power blocks=T"),
         *sweep("power", "mcmc_steps", (1, 2, 4, 8, 16), {"block_count": 1}, "power blocks=1"),
+        *sweep("power-cut", "mcmc_steps", (1, 2, 4, 8, 16), {"block_count": t}, "power-cut blocks=T"),
+        *sweep("power-cut", "mcmc_steps", (1, 2, 4, 8, 16), {"block_count": 1}, "power-cut blocks=1"),
         *sweep("power-mtm", "tries", (2, 4, 8), {"mcmc_steps": 1, "block_count": t}, "power-mtm steps=1 blocks=T"),
         *sweep("power-mtm", "tries", (2, 4, 8), {"mcmc_steps": 4, "block_count": t}, "power-mtm steps=4 blocks=T"),
         *sweep("power-smc", "particles", (4, 16, 64, 256)),
         *sweep("power-smc", "particles", (4, 16, 64, 256), {"ess_threshold": 1.0}, "power-smc resample always"),
         *sweep("power-smc", "particles", (4, 16, 64, 256), {"alpha_ramp": max(1, t // 2)}, "power-smc ramp=T/2"),
         *sweep("power-rollout", "rollouts", (1, 4, 16, 64), {"candidates": v}, "power-rollout K=vocab"),
+        *sweep("bon", "bon_tokens", (2 * t, 8 * t, 32 * t)),
     ]  # fmt: skip
 
 
@@ -73,6 +78,8 @@ def model_settings(max_new_tokens: int, quick: bool) -> list[Setting]:
     return [
         Setting("base"), Setting("low-temp"),
         *sweep("power", "mcmc_steps", (1, 4), {"block_count": 4}),
+        *sweep("power-cut", "mcmc_steps", (1, 2), {"block_count": 4}),
+        *sweep("bon", "bon_tokens", (2 * max_new_tokens, 5 * max_new_tokens)),
         *sweep("power-mtm", "tries", (4,), {"mcmc_steps": 1, "block_count": 4}),
         *sweep("power-smc", "particles", (4, 16, 64)),
         *sweep("power-rollout", "rollouts", (1, 4), rollout),
@@ -88,8 +95,11 @@ def registered(method: str) -> bool:
     return True
 
 
-def split_registered(settings: list[Setting]) -> tuple[list[Setting], list[dict[str, str]]]:
-    """(settings to run, one note per method skipped because no sampler is registered for it)."""
+def split_registered(settings: list[Setting], methods: tuple[str, ...] = ()) -> tuple[list[Setting],
+                                                                                    list[dict[str, str]]]:
+    """(settings to run, one note per method skipped because no sampler is registered for it); only those of
+    `methods` when given."""
+    settings = [s for s in settings if not methods or s.method in methods]
     run = [s for s in settings if registered(s.method)]
     missing = dict.fromkeys(s.method for s in settings if not registered(s.method))
     notes = [{"method": m, "reason": "no sampler registered in this version; skipped, no number"} for m in missing]

@@ -66,9 +66,10 @@ def run_toy(options: FidelityOptions, update: Update | None = None,
     return out | {"complete": True}
 
 
-def _settings(target: ToyTarget, spec: ToySpec, quick: bool) -> tuple[list[Setting], list[dict[str, str]]]:
-    """The target's registered settings, and the notes on the skipped methods."""
-    return split_registered(toy_settings(target.max_new_tokens, len(spec.vocab), quick))
+def _settings(target: ToyTarget, spec: ToySpec, options: FidelityOptions) -> tuple[list[Setting],
+                                                                                  list[dict[str, str]]]:
+    """The target's registered settings (of options.methods, when given), and the notes on the skipped methods."""
+    return split_registered(toy_settings(target.max_new_tokens, len(spec.vocab), options.quick), options.methods)
 
 
 def _target_entry(law: Law, target: ToyTarget, options: FidelityOptions) -> dict[str, Any]:
@@ -80,4 +81,4 @@ def _target_entry(law: Law, target: ToyTarget, options: FidelityOptions) -> dict
 
 def toy_units(options: FidelityOptions) -> int:
     """Progress units of a toy run: one per (target, registered setting)."""
-    return sum(len(_settings(t, ToySpec.load(t.path), options.quick)[0]) for t in options.targets)
+    return sum(len(_settings(t, ToySpec.load(t.path), options)[0]) for t in options.targets)
