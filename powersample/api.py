@@ -30,8 +30,8 @@ class SampleRecord:
     logp: float  # sum of token_logp
     finish_reason: str  # "eos" (ended in EOS) or "length" (reached max_new_tokens)
     tokens_generated: int  # every token sampled, rejected proposals included
-    proposals: int  # MH proposals made (0 for plain methods)
-    accepted: int  # MH proposals accepted
+    proposals: int  # MH proposals made (bon: candidates drawn; 0 for plain methods)
+    accepted: int  # MH proposals accepted (0 for bon and plain methods)
     wall_seconds: float  # sampling time of the batch this sample was drawn in, model loading excluded
     method: str
     seed: int
