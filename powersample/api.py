@@ -31,8 +31,8 @@ class SampleRecord:
     logp: float  # sum of token_logp
     finish_reason: str  # "eos" (ended in EOS) or "length" (reached max_new_tokens)
     tokens_generated: int  # every token sampled, rejected proposals included
-    proposals: int  # MH proposals made (0 for plain methods)
-    accepted: int  # MH proposals accepted
+    proposals: int  # MH proposals made (bon: candidates drawn; 0 for plain methods)
+    accepted: int  # MH proposals accepted (0 for bon and plain methods)
     wall_seconds: float  # sampling time of the batch this sample was drawn in, model loading excluded
     method: str
     seed: int
@@ -124,29 +124,45 @@ def sample_many(
     num_samples: int = 1,
     chat: bool = True,
     progress: Progress | None = None,
+    configs: Sequence[SamplerConfig] | None = None,
 ) -> list[list[SampleRecord] | PowerSampleError]:
     """Sample many (prompt, seed) jobs with all their chains batched together in one engine run.
 
-    Job j's records are exactly those of sample(backend, prompt_j, config, seed=seed_j, num_samples=...): each chain
-    draws from its own generator, whatever runs beside it. A job that cannot run (its prompt is empty or too long, or
-    its sampler fails) gets its PowerSampleError in place of its records; the other jobs still run. wall_seconds is
-    the time from the start of the run to the job's last chain finishing.
+    Job j's records are exactly those of sample(backend, prompt_j, config_j, seed=seed_j, num_samples=...): each
+    chain draws from its own generator, whatever runs beside it. config_j is configs[j] when given (per-job settings
+    such as bon's budget; all must draw from config's proposal, the one of the engine run), else config. A job that
+    cannot run (its prompt is empty or too long, or its sampler fails) gets its PowerSampleError in place of its
+    records; the other jobs still run. wall_seconds is the time from the start of the run to the job's last chain
+    finishing.
     """
     if num_samples < 1:
         raise PowerSampleError(f"num_samples must be >= 1, got {num_samples}")
+    configs = job_configs(config, configs, len(jobs))
     out: list = [None] * len(jobs)
     work, start = [], time.perf_counter()
-    for j, (prompt, seed) in enumerate(jobs):
+    for j, ((prompt, seed), own) in enumerate(zip(jobs, configs)):
         try:
-            prompt_ids = encode_prompt(backend, prompt, config, chat)
+            prompt_ids = encode_prompt(backend, prompt, own, chat)
             chains = make_chains(seed, num_samples)
         except PowerSampleError as error:
             out[j] = error
             continue
-        done = _job_done(backend, prompt, config, seed, num_samples, start, lambda recs, j=j: out.__setitem__(j, recs))
-        work += [(program, done(c)) for c, program in enumerate(programs(backend, prompt_ids, config, chains))]
+        done = _job_done(backend, prompt, own, seed, num_samples, start, lambda recs, j=j: out.__setitem__(j, recs))
+        work += [(program, done(c)) for c, program in enumerate(programs(backend, prompt_ids, own, chains))]
     Scheduler(backend, registry.proposal(config), progress).run(work)
     return out
+
+
+def job_configs(config: SamplerConfig, configs: Sequence[SamplerConfig] | None, n: int) -> list[SamplerConfig]:
+    """Each job's config: configs (one per job, drawing from config's proposal), or config for all."""
+    if configs is None:
+        return [config] * n
+    if len(configs) != n:
+        raise PowerSampleError(f"configs holds {len(configs)} configs for {n} jobs")
+    shared = registry.proposal(config)
+    if any(registry.proposal(c) != shared for c in configs):
+        raise PowerSampleError("the jobs' configs must share one proposal (temperature, top-k, top-p)")
+    return list(configs)
 
 
 def _job_done(backend, prompt, config, seed, n, start, finish) -> Callable[[int], Callable]:

@@ -56,6 +56,11 @@ class SamplerConfig:
     candidates: int = field(default=8, metadata={"knob": "K, the likeliest next tokens weighed at each step"})
     rollouts: int = field(default=4, metadata={"knob": "M, rollouts per candidate estimating its future power mass"})
     rollout_horizon: int = field(default=0, metadata={"knob": "tokens per rollout; 0 = up to T"})
+    bon_tokens: int = field(default=0, metadata={"knob": "budget: candidates are drawn until their tokens reach it "
+                                                       "(the last one in full); 0 = the Eq. 12 cost of this config's "
+                                                       "power run, ceil(N T^2 / (4B) + T)"})
+    bon_temperature: float = field(default=1.0, metadata={"knob": "temperature of the candidates (1 = the base "
+                                                                  "model; top-k and top-p apply)"})
 
     def __post_init__(self) -> None:
         _check(isinstance(self.method, str) and self.method != "", f"method must be a name, got {self.method!r}")
@@ -91,6 +96,9 @@ class SamplerConfig:
         _check(self.candidates >= 1, f"candidates must be >= 1, got {self.candidates}")
         _check(self.rollouts >= 1, f"rollouts must be >= 1, got {self.rollouts}")
         _check(self.rollout_horizon >= 0, f"rollout_horizon must be >= 0 (0 = up to T), got {self.rollout_horizon}")
+        _check(self.bon_tokens >= 0, f"bon_tokens must be >= 0 (0 = the Eq. 12 cost), got {self.bon_tokens}")
+        t = self.bon_temperature
+        _check(_finite(t) and lo <= t <= hi, f"bon_temperature must be between {lo:g} and {hi:g}, got {t}")
         stages = -(-self.max_new_tokens // self.block)  # ceil(T / B), in integers: T may exceed a float's precision
         _check(stages <= MAX_STAGES, f"max_new_tokens / block size gives {stages} stages; at most {MAX_STAGES} "
                f"(raise the block size)")  # fmt: skip
@@ -120,7 +128,7 @@ class SamplerConfig:
 
 
 _INT_FIELDS = ("max_new_tokens", "block_size", "block_count", "mcmc_steps", "top_k", "speculate", "tries",
-               "particles", "alpha_ramp", "candidates", "rollouts", "rollout_horizon")
+               "particles", "alpha_ramp", "candidates", "rollouts", "rollout_horizon", "bon_tokens")
 
 
 def _finite(x: float) -> bool:

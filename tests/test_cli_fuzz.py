@@ -33,7 +33,7 @@ TINY = {"vocab": ["a", "b", "<eos>"], "eos_id": 2, "default": [0.1, 0.1, 0.8],
 WORKLOAD = {"max_new_tokens", "block_size", "mcmc_steps", "tries", "particles", "candidates", "rollouts",
             "rollout_horizon", "alpha_ramp", "num_samples", "prompts", "chains", "repeats", "samples"}  # fmt: skip
 PATHS = {"toy_spec", "data", "prompt_file", "output", "output_dir", "json_path", "spec", "plot_dir", "model",
-         "ray_temp_dir", "trace"}  # fmt: skip
+         "ray_temp_dir", "trace", "bon_match"}  # fmt: skip
 LEFT_OUT = {"--ray", "-h", "--help"}  # Ray starts a cluster; help is argparse's own exit 0
 ENGINES = ("auto", "hf", "llamacpp", "vllm")  # would load a real model: only the toy runs here
 NUMBERS = ["0", "-1", "1", "2", "-0", "0.5", "1.5", "nan", "inf", "-inf", "1e308", "1e309", "5e-324", "1e-310",

@@ -39,6 +39,8 @@ def add_eval_parsers(subparsers: Any) -> None:
     e.add_argument("--raw", action="store_true", help="no chat template: the prompt format for base models")
     e.add_argument("--batch", type=int, default=8, help="(problem, seed) pairs sampled together, their chains "
                    "sharing every engine call (default %(default)s; records do not depend on it)")
+    e.add_argument("--bon-match", metavar="RUN_DIR", help="--method bon: each (problem, seed)'s token budget is "
+                   "its tokens_generated in RUN_DIR, a run of the same task and data (e.g. a power run)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     g = e.add_argument_group("grading")
     g.add_argument("--code-timeout", type=float, default=GradeOptions.code_timeout, help="seconds per program")
@@ -89,6 +91,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     problems = task.load(args.data, not args.raw)
     plan = make_plan(task, problems, seeds=seeds, config=config, chat=not args.raw, backend=spec.identity(),
                      grading=grading, shard=shard, limit=limit)  # fmt: skip
+    if args.bon_match is not None:
+        from powersample.eval.bon_match import match_plan
+
+        plan = match_plan(plan, Path(args.bon_match))
     check_members(config, min(args.batch, len(plan.problems) * len(seeds)), "--batch")  # pairs sampled at once
     run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(plan)
     precheck_run_dir(run_dir, plan.identity(), shard)
@@ -222,7 +228,7 @@ def _grade_options(args: argparse.Namespace) -> GradeOptions:
 
 def check_paths(args: argparse.Namespace) -> None:
     """An empty path would silently mean another thing (--data: the hub; --output-dir: the default directory)."""
-    for option, value in (("--data", args.data), ("--output-dir", args.output_dir)):
+    for option, value in (("--data", args.data), ("--output-dir", args.output_dir), ("--bon-match", args.bon_match)):
         if value is not None and not value.strip():
             raise PowerSampleError(f"{option} is empty")
 

@@ -20,6 +20,7 @@ from powersample.cli.options import (
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.io import append_jsonl, write_bytes_atomic
+from powersample.samplers import registry
 
 
 def add_sample_parser(subparsers: Any) -> None:
@@ -103,8 +104,9 @@ def _read_file(path: str) -> str:
 
 
 def summary_line(r: SampleRecord, total: int) -> str:
+    bon = registry.method(r.method).family == "bon"  # its proposals are candidates, none accepted or rejected
+    moves = f"candidates={r.proposals}" if bon else f"accepted={r.accepted}/{r.proposals}"
     return (
         f"[sample {r.sample_index + 1}/{total}] method={r.method} tokens={len(r.tokens)} ({r.finish_reason}) "
-        f"logp={r.logp:.2f} accepted={r.accepted}/{r.proposals} tokens_sampled={r.tokens_generated} "
-        f"wall={r.wall_seconds:.1f}s"
+        f"logp={r.logp:.2f} {moves} tokens_sampled={r.tokens_generated} wall={r.wall_seconds:.1f}s"
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -40,13 +40,22 @@ class EvalPlan:
     backend: dict[str, Any]  # how the backend was asked for: name, model, toy spec digest, device, dtype
     grading: GradeOptions = GradeOptions()
     shard: tuple[int, int] | None = None  # (index, count)
+    bon_match: str | None = None  # bon with --bon-match: the identity hash of the run the budgets come from
+    budgets: dict[tuple[str, int], int] | None = None  # bon with --bon-match: bon_tokens per (problem id, seed)
 
     def identity(self) -> dict[str, Any]:
         """What must match for records to belong in one run (seeds, limit and shard choose among them)."""
         return {
             "schema": SCHEMA, "task": self.task.name, "data": self.data_digest, "chat": self.chat,
             "config": registry.resolved(self.config), "backend": self.backend, "grading": asdict(self.grading),
+            **({"bon_match": self.bon_match} if self.bon_match is not None else {}),
         }  # fmt: skip
+
+    def unit_config(self, problem: Problem, seed: int) -> SamplerConfig:
+        """The config one (problem, seed) is sampled with: the plan's, with its own budget under --bon-match."""
+        if self.budgets is None:
+            return self.config
+        return replace(self.config, bon_tokens=self.budgets[(problem.id, seed)])
 
     @property
     def generator(self) -> str:
@@ -107,7 +116,8 @@ def evaluate_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: 
     """The records of `todo`, sampled `batch` units at a time."""
     for first in range(0, len(todo), batch):
         units = todo[first : first + batch]
-        sampled = sample_many(backend, [(p.prompt, s) for p, s in units], plan.config, chat=plan.chat)
+        sampled = sample_many(backend, [(p.prompt, s) for p, s in units], plan.config, chat=plan.chat,
+                              configs=[plan.unit_config(p, s) for p, s in units])  # fmt: skip
         for (problem, _), outcome in zip(units, sampled):
             if isinstance(outcome, PowerSampleError):
                 raise PowerSampleError(f"{plan.task.name} problem {problem.id}: {outcome}") from None

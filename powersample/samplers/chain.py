@@ -89,7 +89,7 @@ class ChainResult:
     tokens: Tokens  # generated ids, ending in EOS when the sample is complete
     token_logp: tuple[float, ...]  # base log p of each token (nats)
     tokens_generated: int  # every token drawn, rejected proposals included
-    proposals: int  # MH proposals made
+    proposals: int  # MH proposals made (bon: candidates drawn)
     accepted: int  # MH proposals accepted
     particles: tuple["WeightedParticle", ...] | None = None  # power-smc, when asked: every particle; else None
 

@@ -5,7 +5,7 @@ chain hold, what does it draw at" asks this table: `powersample.config.SamplerCo
 CLI's `--method` choices and per-method options, the server's request fields and every family test derive from it.
 
 Families: "mcmc" (Metropolis-Hastings: proposals and acceptances), "smc" (particles and resampling), "rollout"
-(rollout-weighted token choice) and "plain" (one draw from q).
+(rollout-weighted token choice), "plain" (one draw from q) and "bon" (independent draws from q, one kept by a rule).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Callable
 from powersample.config import KNOB_FIELDS, MAX_MEMBERS, SamplerConfig
 from powersample.core.types import Proposal, Tokens
 from powersample.errors import PowerSampleError
+from powersample.samplers.bon import bon_program, bon_temperature, bon_work_units
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program
 from powersample.samplers.mtm import mtm_program, mtm_work_units
@@ -28,7 +29,7 @@ from powersample.samplers.rollout import rollout_program, rollout_work_units
 from powersample.samplers.smc import smc_program, smc_work_units
 
 ProgramFactory = Callable[[Tokens, SamplerConfig, Chain, frozenset], Program]  # (prompt, config, chain, eos_ids)
-FAMILIES = ("mcmc", "smc", "rollout", "plain")
+FAMILIES = ("mcmc", "smc", "rollout", "plain", "bon")
 
 
 def proposal_tau(config: SamplerConfig) -> float:
@@ -80,6 +81,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            temperature=base_tau, check=check_rollout),
     Method("base", "plain", plain_program, plain_work_units, "the base model (tau = 1)", temperature=base_tau),
     Method("low-temp", "plain", plain_program, plain_work_units, "the model at tau = 1/alpha"),
+    Method("bon", "bon", bon_program, bon_work_units,
+           "compute-matched best-of-N: candidates until a token budget, the best by mean log p",
+           knobs=("bon_tokens", "bon_temperature"), temperature=bon_temperature),
 )}  # fmt: skip
 
 METHODS = tuple(REGISTRY)

@@ -33,6 +33,8 @@ from powersample.api import SampleRecord
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.samplers import registry
+from powersample.samplers.bon import bon_budget
+from powersample.samplers.power import eq12_tokens
 from powersample.samplers.registry import MCMC_METHODS, METHOD_KNOBS, PLAIN_METHODS
 
 
@@ -65,7 +67,7 @@ class Limits:
     max_members: int = 4096  # members of one request; more gets 400 (their setup: about 25 us and 2 KB each)
     max_work: int = 2**22  # members x max_tokens of one request (tokens its sequences may hold); more gets 400
     max_queued_work: int = 2**24  # members x max_tokens of every request waiting or running; more gets 429
-    max_mcmc_steps: int = 1000  # mcmc_steps of one request (the MCMC methods); more gets 400
+    max_mcmc_steps: int = 1000  # mcmc_steps of one request (the MCMC methods, and bon's default budget); more: 400
     retry_after: int = 1  # seconds a 429 tells the client to wait (its Retry-After header)
 
 
@@ -245,6 +247,8 @@ def check_budget(config: SamplerConfig, prompts: int, n: int, limits: Limits) ->
     if config.method in MCMC_METHODS and config.mcmc_steps > limits.max_mcmc_steps:
         raise ApiError(400, f"mcmc_steps must be at most {limits.max_mcmc_steps}, got {config.mcmc_steps}",
                        param="mcmc_steps", code="over_limit")  # fmt: skip
+    if registry.method(config.method).family == "bon":
+        _check_bon_budget(config, limits)
     members = prompts * n * registry.members(config)
     what = f"{prompts} prompt(s) x n {n} x {registry.member_field(config)} {registry.members(config)}"
     param = registry.member_field(config) if registry.members(config) > 1 else "n"
@@ -258,6 +262,17 @@ def check_budget(config: SamplerConfig, prompts: int, n: int, limits: Limits) ->
                        f"{config.max_new_tokens}); the server's limit is {limits.max_work}", param=param,
                        code="over_limit")  # fmt: skip
     return work
+
+
+def _check_bon_budget(config: SamplerConfig, limits: Limits) -> None:
+    """bon's tokens per chain: its budget (bon_tokens, or the Eq. 12 cost set by mcmc_steps) costs what a power run
+    with at most max_mcmc_steps steps would."""
+    param = "bon_tokens" if config.bon_tokens else "mcmc_steps"
+    most = math.ceil(eq12_tokens(config.max_new_tokens, config.block, limits.max_mcmc_steps))
+    if bon_budget(config) > most:
+        raise ApiError(400, f"bon's budget of {bon_budget(config)} tokens is over the server's limit of {most} (the "
+                       f"cost of {limits.max_mcmc_steps} MCMC steps at this max_tokens and block size)", param=param,
+                       code="over_limit")  # fmt: skip
 
 
 def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig, list[str]]:

@@ -216,6 +216,8 @@ def field_ranges(limits: Limits) -> dict[str, dict]:
         "ess_threshold": {"minimum": 0, "maximum": 1},
         "alpha_ramp": {"minimum": 0},
         "rollout_horizon": {"minimum": 0},
+        "bon_tokens": {"minimum": 0},
+        "bon_temperature": {"minimum": lo, "maximum": hi},
         "logprobs": {"minimum": 0, "maximum": 5},
         "top_logprobs": {"minimum": 0, "maximum": 20},
     }
