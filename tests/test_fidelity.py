@@ -70,7 +70,7 @@ def test_quick_run_writes_table_json_and_png(quick_dir):
     [target] = data["targets"]
     assert target["spec"] == "fidelity_trap" and 0 < target["floor"] <= target["floor_q95"] < 1
     methods = {p["method"] for p in target["points"]} | {s["method"] for s in data["skipped"]}
-    assert methods == {"base", "low-temp", "power", "power-mtm", "power-smc", "power-rollout"}
+    assert methods == {"base", "low-temp", "power", "power-cut", "bon", "power-mtm", "power-smc", "power-rollout"}
     for p in target["points"]:
         assert 0 <= p["tv"] <= 1 and p["tokens_per_sample"] >= p["mean_length"] > 0 and p["calls"] >= 1
     table = files["md"].read_text()
@@ -85,8 +85,21 @@ def test_unregistered_methods_are_skipped_with_a_note(monkeypatch, tmp_path, cap
     assert code == 0
     data = json.loads(fidelity.paths(tmp_path, "toy")["json"].read_text())
     assert {p["method"] for p in data["targets"][0]["points"]} == {"base", "low-temp"}
-    assert [s["method"] for s in data["skipped"]] == ["power", "power-mtm", "power-smc", "power-rollout"]
+    assert [s["method"] for s in data["skipped"]] == ["power", "power-cut", "bon", "power-mtm", "power-smc",
+                                                      "power-rollout"]  # fmt: skip
     assert "power-smc: no sampler registered" in out
+
+
+def test_methods_picks_the_settings_and_refuses_unknown_names(tmp_path, capsys):
+    code, _, _ = run_cli(["bench", "--fidelity", "--quick", "--quiet", "--spec", "eos_trap", "--methods",
+                          "low-temp,power-cut", "--output-dir", str(tmp_path)], capsys)  # fmt: skip
+    assert code == 0
+    data = json.loads(fidelity.paths(tmp_path, "toy")["json"].read_text())
+    assert {p["method"] for p in data["targets"][0]["points"]} == {"low-temp", "power-cut"}
+    assert data["methods"] == ["low-temp", "power-cut"]
+    code, _, err = run_cli(["bench", "--fidelity", "--quick", "--methods", "power,nope", "--output-dir",
+                            str(tmp_path / "x")], capsys)  # fmt: skip
+    assert code == 2 and "unknown nope" in err
 
 
 def test_power_with_many_steps_beats_low_temp_on_the_trap_spec():

@@ -71,3 +71,15 @@ def test_temperature_plot_lines(tmp_path):
     assert list(lines["power"].get_xdata()) == [0.25]
     drawn = {bars.get_label(): list(bars.lines[0].get_ydata()) for bars in accuracy.containers}  # errorbar lines
     assert drawn == {"low-temp": [0.75, 0.5, 0.25], "power": [1.0]}
+
+
+def test_bon_rows_show_no_acceptance_and_their_budget(tmp_path):
+    """best-of-N counts candidates as proposals but accepts nothing; its token column's estimate is its budget."""
+    from report_runs import write_run
+
+    from powersample.eval.report import acceptance_cell, load_rows, tokens_cell
+
+    run = write_run(tmp_path / "bon", [{"problem_id": "p0"}, {"problem_id": "p1"}], method="bon", bon_tokens=40)
+    [row] = load_rows([run])
+    assert acceptance_cell(row) == "—"
+    assert tokens_cell(row) == "4.0 / 40.0"

@@ -221,14 +221,19 @@ def accuracy_cell(graded: list[bool]) -> str:
 
 
 def acceptance_cell(row: Row) -> str:
+    """MH acceptance; "—" for methods without an accept step (bon counts candidates as proposals)."""
     proposals = sum(r["proposals"] for r in row.records)
-    return f"{sum(r['accepted'] for r in row.records) / proposals:.3f}" if proposals else "—"
+    mcmc = row.config["method"] in MCMC_METHODS
+    return f"{sum(r['accepted'] for r in row.records) / proposals:.3f}" if proposals and mcmc else "—"
 
 
 def tokens_cell(row: Row) -> str:
     c = row.config
-    mcmc = c["method"] in MCMC_METHODS
-    estimate = metrics.estimated_tokens(c["max_new_tokens"], c["block_size"], c["mcmc_steps"], mcmc)
+    bon = c["method"] == "bon"  # best-of-N spends its budget: Eq. 12's by default, else its own (per record)
+    estimate = metrics.estimated_tokens(c["max_new_tokens"], c["block_size"], c["mcmc_steps"],
+                                        bon or c["method"] in MCMC_METHODS)  # fmt: skip
+    if bon and c.get("bon_tokens"):
+        estimate = metrics.mean([r.get("config", c).get("bon_tokens", c["bon_tokens"]) for r in row.records])
     return f"{_num(metrics.mean([r['tokens_generated'] for r in row.records]), '.1f')} / {estimate:.1f}"
 
 

@@ -52,7 +52,7 @@ def run_toy(options: FidelityOptions, update: Update | None = None,
     specs = [ToySpec.load(t.path) for t in options.targets]
     out = options.header() | {"targets": [], "skipped": []}
     for spec, target in zip(specs, options.targets, strict=True):
-        settings, out["skipped"] = _settings(target, spec, options.quick)
+        settings, out["skipped"] = _settings(target, spec, options)
         check_enumerable(spec, target.max_new_tokens)
         law = power_law(spec, options.alpha, target.max_new_tokens)
         entry = _target_entry(law, target, options)
