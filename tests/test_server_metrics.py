@@ -61,6 +61,20 @@ def test_power_completions_move_the_counters_by_what_their_responses_report():
     assert sum(p["tokens_sampled"] for p in ps) >= kept
 
 
+def test_a_chat_completion_counts_under_its_endpoint_and_method():
+    with serve() as url:
+        body = {"model": "toy", "messages": [{"role": "user", "content": "x"}], "n": 2, "seed": 7, "max_tokens": 6,
+                "method": "power-mtm", "tries": 2}  # fmt: skip
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        after = scrape(url)
+    ps = reply["power_sampling"]
+    assert value(after, "powersample_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert value(after, "powersample_tokens_sampled_total", method="power-mtm") == ps["tokens_sampled"] > 0
+    assert value(after, "powersample_tokens_kept_total", method="power-mtm") == reply["usage"]["completion_tokens"]
+    assert value(after, "powersample_proposals_total", method="power-mtm") == ps["proposals"]
+    assert value(after, "powersample_accepted_total", method="power-mtm") == ps["accepted"]
+
+
 def test_every_response_counts_errors_included_and_its_latency_too():
     with serve() as url:
         before = scrape(url)
