@@ -15,8 +15,9 @@ from powersample.errors import PowerSampleError
 from powersample.io import append_jsonl
 from powersample.samplers import registry
 
-DESCRIPTION = """Serve power sampling over the OpenAI API: POST /v1/completions and /v1/chat/completions, GET /v1/models and /health.
-The sampler options below are the defaults a request's fields override (method, alpha, mcmc_steps, block_size,
+DESCRIPTION = """Serve power sampling over the OpenAI API: POST /v1/completions and /v1/chat/completions, GET
+/v1/models, /health and /metrics (Prometheus; with the key unless --metrics-public). The sampler options
+below are the defaults a request's fields override (method, alpha, mcmc_steps, block_size,
 block_count, proposal_temperature, top_k, top_p, speculate, every method's knobs, max_tokens). Binds 127.0.0.1
 unless told otherwise; with --api-key (or POWERSAMPLE_API_KEY) every request needs 'Authorization: Bearer KEY' (GET
 /health answers a bare {"status": "ok"} without it, for liveness probes). Requests must be application/json and name
@@ -43,6 +44,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    "the --host address and loopback names (localhost, 127.0.0.1, ::1)")
     p.add_argument("--cors-origin", metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000) call the server; default: none")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve GET /metrics (Prometheus) without the API key, for a scraper inside a private network "
+                   "(default: /metrics needs the key when the server has one)")
     p.add_argument("--model-name", help="the model id /v1/models lists (default: the model file's name)")
     p.add_argument("--output", help="append one JSON record per returned sample to this JSONL file")
     p.add_argument("--quiet", action="store_true", help="no access log")
@@ -166,7 +170,7 @@ def _settings(args: argparse.Namespace, spec: BackendSpec):
     return Settings(defaults=config, model_name=args.model_name or _model_name(args), backend=spec.resolved(),
                     api_key=args.api_key, limits=limits, output=args.output, bind_host=args.host,
                     allowed_hosts=tuple(args.allowed_host), cors_origin=args.cors_origin,
-                    body_timeout=args.body_timeout)  # fmt: skip
+                    body_timeout=args.body_timeout, metrics_public=args.metrics_public)  # fmt: skip
 
 
 def _check_defaults(config, limits) -> None:

@@ -10,7 +10,12 @@ Every failure is OpenAI's error JSON: 400 for bad fields and limits (naming the 
 403 for a foreign Host or Origin (see `guard.py`), 404 for unknown paths, 405 for a wrong HTTP method (with Allow),
 408 for a body that does not arrive in time, 413 for an oversized body, 415 for a body that is not
 application/json, 429 when the engine is full (with Retry-After), 504 past the request timeout, 503 for requests
-stopped by a shutdown, and 500 only for a failure of the engine itself.
+stopped by a shutdown, 501 for GET /metrics without prometheus-client, and 500 only for a failure of the engine
+itself.
+
+GET /metrics (Prometheus text format, see `metrics.py`) follows the API-key rule of /v1/* and /openapi.json: with a
+key it needs the key too, unless the server runs with `metrics_public` (--metrics-public) for a scraper inside a
+private network. Its counters hold no prompt or text, but they tell an outsider how busy the server is.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -45,6 +50,7 @@ from powersample.server import protocol as wire
 from powersample.server import schema
 from powersample.server.engine import Engine, Job, Stopped
 from powersample.server.guard import add_guards
+from powersample.server.metrics import MISSING, CountRequests, Metrics, make_metrics
 from powersample.server.protocol import ApiError, ChatBody, CompletionBody, Limits
 
 POLL_SECONDS = 0.1  # how often a waiting handler checks its client and its deadline
@@ -64,6 +70,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()  # further Host names allowed; "*" = any (see guard.py)
     cors_origin: str | None = None  # the one web origin allowed to call the server from a browser; None = none
     body_timeout: float = 30.0  # seconds for a request's body to arrive once its headers have; then 408
+    metrics_public: bool = False  # GET /metrics without the API key (for a scraper inside a private network)
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,10 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
     app.state.engine, app.state.settings = engine, settings
     _add_error_handlers(app)
     add_guards(app, settings.bind_host, settings.allowed_hosts, settings.cors_origin)
-    server = _Server(backend, engine, settings)
+    metrics = make_metrics(engine.chain_counts)
+    if metrics is not None:
+        app.add_middleware(CountRequests, metrics=metrics)  # added last: the outermost, so it sees every response
+    server = _Server(backend, engine, settings, metrics)
     keyed = [Depends(_authenticate(settings.api_key))]
 
     @app.get("/health", responses=schema.responses(schema.Health))
@@ -126,6 +136,15 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
     async def openapi() -> dict:
         return schema.openapi(app, settings.limits)
 
+    @app.get("/metrics", dependencies=[] if settings.metrics_public else keyed, include_in_schema=False)
+    async def metrics_text() -> Response:
+        """The Prometheus text format (see metrics.py). It needs the API key as /v1/* does, unless the server runs
+        with --metrics-public; 501 without prometheus-client."""
+        if metrics is None:
+            raise ApiError(501, MISSING, kind="server_error", code="metrics_unavailable")
+        text, content_type = metrics.exposition()
+        return Response(text, media_type=content_type)
+
     return app
 
 
@@ -141,8 +160,8 @@ def _version() -> str:
 class _Server:
     """The two generation endpoints' work, between the HTTP layer and the engine."""
 
-    def __init__(self, backend: Backend, engine: Engine, settings: Settings):
-        self.backend, self.engine, self.settings = backend, engine, settings
+    def __init__(self, backend: Backend, engine: Engine, settings: Settings, metrics: Metrics | None = None):
+        self.backend, self.engine, self.settings, self.metrics = backend, engine, settings, metrics
         self.started = int(time.time())
         self._log_lock = threading.Lock()
 
@@ -242,6 +261,8 @@ class _Server:
 
     def _response(self, kind: str, plan: _Plan, records: Sequence[SampleRecord], outputs, choices) -> dict:
         prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
+        if self.metrics is not None:
+            self.metrics.count_samples(plan.config.method, records, sum(o.completion_tokens for o in outputs))
         return {
             **wire.envelope(kind, self.settings.model_name),
             "choices": choices,

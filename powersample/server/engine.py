@@ -106,6 +106,12 @@ class Engine:
         with self._cv:
             return sum(job.remaining for job in self._queue) + sum(job.remaining for job in self._running)
 
+    def chain_counts(self) -> tuple[int, int]:
+        """(chains waiting or running, chains waiting): what /metrics reads at each scrape."""
+        with self._cv:
+            queued = sum(job.remaining for job in self._queue)
+            return queued + sum(job.remaining for job in self._running), queued
+
     def work_in_flight(self) -> int:
         """The work of the jobs waiting or running (a job counts in full until its last chain is done)."""
         with self._cv:
