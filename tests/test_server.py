@@ -549,6 +549,7 @@ def test_serve_command_line_starts_serves_and_stops(tmp_path):
     (["--max-work", "-1"], "--max-work must be >= 1"),
     (["--header-timeout", "0"], "--header-timeout must be > 0"),
     (["--keep-alive-timeout", "-1"], "--keep-alive-timeout must be > 0"),
+    (["--stream-keepalive", "0"], "--stream-keepalive must be > 0"),
     (["--mcmc-steps", "20", "--max-mcmc-steps", "10"], "--mcmc-steps (20) exceeds --max-mcmc-steps (10)"),
     (["--method", "power-smc", "--particles", "5000"], "--particles gives 5000 sequences per chain, over --max-members"),
     (["--alpha", "5e-324"], "alpha must be between"),

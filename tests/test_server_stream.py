@@ -70,7 +70,7 @@ def test_streamed_completions_equal_the_non_streamed_ones(toy_url, extra):
     assert len({(c.id, c.created, c.model) for c in chunks}) == 1 and chunks[0].model == "toy-words"
     assert all(c.object == "text_completion" for c in chunks)
     last = last_choice_chunks(chunks)
-    assert {i: choice.finish_reason for i, (_, choice) in last.items()} == {c.index: c.finish_reason for c in want.choices}
+    assert {i: ch.finish_reason for i, (_, ch) in last.items()} == {c.index: c.finish_reason for c in want.choices}
     ps = chunks[-2].model_extra["power_sampling"]  # the last choice chunk, before the usage chunk
     assert ps["method"] == extra["method"] and ps["seed"] == 5
     assert {k: ps[k] for k in ("proposals", "accepted", "tokens_sampled", "chains")} == {
@@ -92,10 +92,10 @@ def test_streamed_chat_equals_the_non_streamed_chat(toy_url, extra):
             firsts.setdefault(choice.index, choice)
     assert sorted(firsts) == [0, 1] and all(f.delta.role == "assistant" for f in firsts.values())
     last = last_choice_chunks(chunks)
-    assert {i: choice.finish_reason for i, (_, choice) in last.items()} == {c.index: c.finish_reason for c in want.choices}
+    assert {i: ch.finish_reason for i, (_, ch) in last.items()} == {c.index: c.finish_reason for c in want.choices}
     assert chunks[-1].model_extra["power_sampling"]["method"] == extra["method"]
-    streamed_lp = [e.logprob for c in chunks for ch in c.choices if ch.index == 0 and ch.logprobs for e in ch.logprobs.content]
-    assert streamed_lp == [e.logprob for e in want.choices[0].logprobs.content]
+    streamed = [ch.logprobs for c in chunks for ch in c.choices if ch.index == 0 and ch.logprobs]
+    assert [e.logprob for lp in streamed for e in lp.content] == [e.logprob for e in want.choices[0].logprobs.content]
 
 
 def test_stop_strings_cut_the_streamed_text_as_the_non_streamed(toy_url):
@@ -110,7 +110,7 @@ def test_stop_strings_cut_the_streamed_text_as_the_non_streamed(toy_url):
 
 def test_every_chunk_fits_the_served_document(toy_url):
     for path, model, body in [("completions", schema.CompletionChunk, {"prompt": "x", "logprobs": 1}),
-                              ("chat/completions", schema.ChatChunk, {"messages": CHAT, "logprobs": True})]:  # fmt: skip
+                              ("chat/completions", schema.ChatChunk, {"messages": CHAT, "logprobs": True})]:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}, "n": 2, "max_tokens": 5}
         with httpx.stream("POST", f"{toy_url}/v1/{path}", json=body, timeout=60) as resp:
             assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
