@@ -77,6 +77,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="seconds for a request's body to arrive after its headers; then 408 (default %(default)s)")
     g.add_argument("--keep-alive-timeout", type=float, default=h.keep_alive,
                    help="seconds an idle kept-alive connection stays open (default %(default)s)")
+    g.add_argument("--stream-keepalive", type=float, default=5.0,
+                   help="seconds between SSE keep-alive comments while a streamed request's chains run (default "
+                   "%(default)s)")
     g.add_argument("--max-connections", type=int, default=h.max_connections,
                    help="connections or requests at once; more get 503 (default %(default)s)")
     add_sampler_options(p)
@@ -160,6 +163,8 @@ def _settings(args: argparse.Namespace, spec: BackendSpec):
         raise PowerSampleError(f"--max-mcmc-steps must be >= 0, got {limits.max_mcmc_steps}")
     if not limits.request_timeout > 0:
         raise PowerSampleError(f"--request-timeout must be > 0, got {limits.request_timeout}")
+    if not args.stream_keepalive > 0:
+        raise PowerSampleError(f"--stream-keepalive must be > 0, got {args.stream_keepalive}")
     if not 0 < args.port < 65536:
         raise PowerSampleError(f"--port must be between 1 and 65535, got {args.port}")
     if args.api_key == "":
@@ -170,7 +175,8 @@ def _settings(args: argparse.Namespace, spec: BackendSpec):
     return Settings(defaults=config, model_name=args.model_name or _model_name(args), backend=spec.resolved(),
                     api_key=args.api_key, limits=limits, output=args.output, bind_host=args.host,
                     allowed_hosts=tuple(args.allowed_host), cors_origin=args.cors_origin,
-                    body_timeout=args.body_timeout, metrics_public=args.metrics_public)  # fmt: skip
+                    body_timeout=args.body_timeout, metrics_public=args.metrics_public,
+                    stream_keepalive=args.stream_keepalive)  # fmt: skip
 
 
 def _check_defaults(config, limits) -> None:

@@ -4,14 +4,16 @@ A handler reads and checks the body (size first, then JSON, then types and limit
 sampler program per chain (`n` chains per prompt, seeded as `powersample sample --seed S --num-samples n` seeds
 them, so the same seed gives the same samples), and submits them to the engine as one Job. It then waits for the
 job while watching the client: a client that disconnects, or a request past the timeout, stops the job (its chains
-free their slots at their next request boundary: see `engine.py`).
+free their slots at their next request boundary: see `engine.py`). With `stream: true` the request is checked just
+as fully before the stream starts (a bad one still gets its JSON error); see `sse.py` for what the stream sends.
 
 Every failure is OpenAI's error JSON: 400 for bad fields and limits (naming the field), 401 without the API key,
 403 for a foreign Host or Origin (see `guard.py`), 404 for unknown paths, 405 for a wrong HTTP method (with Allow),
 408 for a body that does not arrive in time, 413 for an oversized body, 415 for a body that is not
 application/json, 429 when the engine is full (with Retry-After), 504 past the request timeout, 503 for requests
 stopped by a shutdown, 501 for GET /metrics without prometheus-client, and 500 only for a failure of the engine
-itself.
+itself. Once a stream has started, a failure is one `data: {"error": {...}}` event (the same body) and the stream
+ends.
 
 GET /metrics (Prometheus text format, see `metrics.py`) follows the API-key rule of /v1/* and /openapi.json: with a
 key it needs the key too, unless the server runs with `metrics_public` (--metrics-public) for a scraper inside a
@@ -25,14 +27,14 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -47,13 +49,14 @@ from powersample.errors import PowerSampleError, one_line
 from powersample.io import append_jsonl
 from powersample.samplers import programs, registry
 from powersample.server import protocol as wire
-from powersample.server import schema
+from powersample.server import schema, sse
 from powersample.server.engine import Engine, Job, Stopped
 from powersample.server.guard import add_guards
 from powersample.server.metrics import MISSING, CountRequests, Metrics, make_metrics
 from powersample.server.protocol import ApiError, ChatBody, CompletionBody, Limits
 
 POLL_SECONDS = 0.1  # how often a waiting handler checks its client and its deadline
+Render = Callable[[list[wire.Output]], list[dict]]  # a streamed request's outputs -> its chunks (sse.py)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Settings:
     cors_origin: str | None = None  # the one web origin allowed to call the server from a browser; None = none
     body_timeout: float = 30.0  # seconds for a request's body to arrive once its headers have; then 408
     metrics_public: bool = False  # GET /metrics without the API key (for a scraper inside a private network)
+    stream_keepalive: float = 5.0  # seconds between SSE keep-alive comments while a streamed request's chains run
 
 
 @dataclass(frozen=True)
@@ -123,14 +127,14 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", dependencies=keyed, openapi_extra=schema.request_body(CompletionBody),
-              responses=schema.responses(schema.CompletionResponse, generation=True))  # fmt: skip
-    async def completions(request: Request) -> JSONResponse:
-        return JSONResponse(await server.completions(request))
+              responses=schema.responses(schema.CompletionResponse, True, schema.CompletionChunk))  # fmt: skip
+    async def completions(request: Request) -> Response:
+        return _respond(await server.completions(request))
 
     @app.post("/v1/chat/completions", dependencies=keyed, openapi_extra=schema.request_body(ChatBody),
-              responses=schema.responses(schema.ChatResponse, generation=True))  # fmt: skip
-    async def chat_completions(request: Request) -> JSONResponse:
-        return JSONResponse(await server.chat(request))
+              responses=schema.responses(schema.ChatResponse, True, schema.ChatChunk))  # fmt: skip
+    async def chat_completions(request: Request) -> Response:
+        return _respond(await server.chat(request))
 
     @app.get("/openapi.json", dependencies=keyed, include_in_schema=False)
     async def openapi() -> dict:
@@ -146,6 +150,10 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
         return Response(text, media_type=content_type)
 
     return app
+
+
+def _respond(answer: dict | Response) -> Response:
+    return answer if isinstance(answer, Response) else JSONResponse(answer)
 
 
 def _version() -> str:
@@ -165,7 +173,7 @@ class _Server:
         self.started = int(time.time())
         self._log_lock = threading.Lock()
 
-    async def completions(self, request: Request) -> dict:
+    async def completions(self, request: Request) -> dict | StreamingResponse:
         deadline = time.monotonic() + self.settings.limits.request_timeout
         body = wire.parse_body(CompletionBody, await self._read(request))
         wire.check_limits(body, self.settings.limits)
@@ -174,8 +182,12 @@ class _Server:
         work = wire.check_budget(config, len(texts), body.n, self.settings.limits)
         ids = [self._checked(self.backend.encode(t, False), config, "prompt") for t in texts]
         plan = _Plan(texts, ids, config, _seed(body), body.n, ignored, work, deadline)
-        records = await self._run(request, plan)
         logprobs = body.logprobs
+        if body.stream:
+            top = sse.head("text_completion", self.settings.model_name)
+            render = lambda outputs: sse.completion_chunks(top, outputs, logprobs)  # noqa: E731
+            return self._stream(request, plan, body, top, render, logprobs is not None)
+        records = await self._run(request, plan)
         outputs = await self._outputs(request, plan, records, wire.stop_strings(body), logprobs is not None)
         choices = [
             {"text": o.text, "index": i, "finish_reason": o.finish_reason,
@@ -186,7 +198,7 @@ class _Server:
         await self._log(response["id"], records, outputs)
         return response
 
-    async def chat(self, request: Request) -> dict:
+    async def chat(self, request: Request) -> dict | StreamingResponse:
         deadline = time.monotonic() + self.settings.limits.request_timeout
         body = wire.parse_body(ChatBody, await self._read(request))
         wire.check_limits(body, self.settings.limits)
@@ -195,10 +207,13 @@ class _Server:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = self._checked(encode_messages(self.backend, messages), config, "messages")
         plan = _Plan([json.dumps(messages)], [ids], config, _seed(body), body.n, ignored, work, deadline)
+        want, top = body.logprobs, body.top_logprobs or 0
+        if body.stream:
+            head = sse.head("chat.completion", self.settings.model_name)
+            render = lambda outputs: sse.chat_chunks(head, outputs, want, top)  # noqa: E731
+            return self._stream(request, plan, body, head, render, want)
         records = await self._run(request, plan)
-        want = body.logprobs
         outputs = await self._outputs(request, plan, records, wire.stop_strings(body), want)
-        top = body.top_logprobs or 0
         choices = [
             {"index": i, "message": {"role": "assistant", "content": o.text, "refusal": None},
              "finish_reason": o.finish_reason, "logprobs": wire.chat_logprobs(o, top) if want else None}
@@ -207,6 +222,48 @@ class _Server:
         response = self._response("chat.completion", plan, records, outputs, choices)
         await self._log(response["id"], records, outputs)
         return response
+
+    def _stream(self, request: Request, plan: _Plan, body: wire._Body, top: dict,
+                render: Render, pieces: bool) -> StreamingResponse:  # fmt: skip
+        """The SSE response of a checked request: its chains are built here (a 400 or 429 comes before the stream)
+        and run once the response starts."""
+        progs = self._programs(plan)
+        events = self._events(request, plan, progs, body, top, render, pieces)
+        return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+
+    async def _events(self, request: Request, plan: _Plan, progs: list, body: wire._Body, top: dict,
+                      render: Render, pieces: bool) -> AsyncIterator[bytes]:  # fmt: skip
+        """Keep-alives while the chains run, then the chunks and [DONE]; a failure is one error event. A client that
+        leaves cancels this generator (Starlette watches for the disconnect), which stops the job."""
+        job, future = _submit(self.engine, progs, plan)
+        start, beat = time.perf_counter(), time.monotonic()
+        try:
+            while not future.done():
+                await asyncio.wait({future}, timeout=min(POLL_SECONDS, self.settings.stream_keepalive))
+                if future.done():
+                    break
+                if time.monotonic() > plan.deadline:
+                    job.stop("timeout")
+                    raise _timeout_error(self.settings.limits.request_timeout)
+                if time.monotonic() - beat >= self.settings.stream_keepalive:
+                    beat = time.monotonic()
+                    yield sse.KEEPALIVE
+            outcomes = _results(future.result(), self.settings.limits.request_timeout)
+            records = self._records(plan, outcomes, time.perf_counter() - start)
+            outputs = await self._outputs(request, plan, records, wire.stop_strings(body), pieces)
+            usage = wire.usage(_prompt_tokens(plan), outputs) if wire.include_usage(body) else None
+            ps = wire.power_sampling(plan.config, plan.seed, records, plan.ignored)
+            self._count(plan, records, outputs)
+            for data in sse.finish(render(outputs), top, ps, usage):
+                yield data
+            await self._log(top["id"], records, outputs)
+        except ApiError as error:
+            yield sse.event(error.body())
+        except Exception as error:  # noqa: BLE001 - mid-stream, a failure is an error event, never a traceback
+            yield sse.event(ApiError(500, f"internal error: {one_line(error)}", kind="server_error").body())
+        finally:
+            if not future.done():
+                job.stop("request abandoned")
 
     async def _read(self, request: Request) -> Any:
         return await read_json(request, self.settings.limits.max_body_bytes, self.settings.body_timeout)
@@ -241,6 +298,13 @@ class _Server:
 
     async def _run(self, request: Request, plan: _Plan) -> list[SampleRecord]:
         """Run every chain of the plan in the engine; one record per (prompt, chain), prompt-major."""
+        progs = self._programs(plan)
+        start = time.perf_counter()
+        outcomes = await _await_job(request, self.engine, progs, plan, self.settings.limits.request_timeout)
+        return self._records(plan, outcomes, time.perf_counter() - start)
+
+    def _programs(self, plan: _Plan) -> list:
+        """The plan's chains as sampler programs: 429 when the engine is full, 400 for a method that cannot run."""
         limits = self.settings.limits
         busy = self.engine.chains_in_flight() + len(plan.prompt_ids) * plan.n > limits.max_queued_chains
         if busy or self.engine.work_in_flight() + plan.work > limits.max_queued_work:
@@ -251,24 +315,27 @@ class _Server:
             progs = [p for ids in plan.prompt_ids for p in programs(self.backend, ids, plan.config, make_chains(plan.seed, plan.n))]
         except PowerSampleError as e:
             raise ApiError(400, str(e), param="method") from None
-        start = time.perf_counter()
-        outcomes = await _await_job(request, self.engine, progs, plan, limits.request_timeout)
-        wall = time.perf_counter() - start
+        return progs
+
+    def _records(self, plan: _Plan, outcomes: list, wall: float) -> list[SampleRecord]:
         return [
             chain_record(self.backend, plan.texts[k // plan.n], plan.config, plan.seed, k % plan.n, outcome, wall)
             for k, outcome in enumerate(outcomes)
         ]
 
     def _response(self, kind: str, plan: _Plan, records: Sequence[SampleRecord], outputs, choices) -> dict:
-        prompt_tokens = sum(len(ids) for ids in plan.prompt_ids)
-        if self.metrics is not None:
-            self.metrics.count_samples(plan.config.method, records, sum(o.completion_tokens for o in outputs))
+        self._count(plan, records, outputs)
         return {
             **wire.envelope(kind, self.settings.model_name),
             "choices": choices,
-            "usage": wire.usage(prompt_tokens, outputs),
+            "usage": wire.usage(_prompt_tokens(plan), outputs),
             "power_sampling": wire.power_sampling(plan.config, plan.seed, records, plan.ignored),
         }
+
+    def _count(self, plan: _Plan, records: Sequence[SampleRecord], outputs) -> None:
+        """The samples' tokens, proposals and acceptances, into /metrics (when it is on)."""
+        if self.metrics is not None:
+            self.metrics.count_samples(plan.config.method, records, sum(o.completion_tokens for o in outputs))
 
     async def _log(self, request_id: str, records: Sequence[SampleRecord], outputs) -> None:
         """Append the samples (with the text returned and its finish reason) to --output, off the event loop."""
@@ -297,12 +364,27 @@ def encode_messages(backend: Backend, messages: list[dict]) -> Tokens:
     return backend.encode(plain_transcript(messages), False)
 
 
+def _prompt_tokens(plan: _Plan) -> int:
+    return sum(len(ids) for ids in plan.prompt_ids)
+
+
 def _seed(body: wire._Body) -> int:
     return body.seed if body.seed is not None else wire.new_seed()
 
 
 async def _await_job(request: Request, engine: Engine, progs: list, plan: _Plan, timeout: float) -> list:
     """Submit the chains and wait for them, stopping them when the client leaves or the timeout passes."""
+    job, future = _submit(engine, progs, plan)
+    try:
+        await _watch(request, future, plan.deadline, job.stop, timeout)
+    finally:
+        if not future.done():
+            job.stop("request abandoned")
+    return _results(future.result(), timeout)
+
+
+def _submit(engine: Engine, progs: list, plan: _Plan) -> tuple[Job, asyncio.Future]:
+    """Submit the chains as one Job; the future gets their outcomes, on the event loop."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
 
@@ -314,12 +396,7 @@ async def _await_job(request: Request, engine: Engine, progs: list, plan: _Plan,
 
     job = Job(progs, registry.proposal(plan.config), plan.deadline, on_done, work=plan.work)
     engine.submit(job)
-    try:
-        await _watch(request, future, plan.deadline, job.stop, timeout)
-    finally:
-        if not future.done():
-            job.stop("request abandoned")
-    return _results(future.result(), timeout)
+    return job, future
 
 
 async def _watch(request: Request, work: asyncio.Future, deadline: float, stop, timeout: float) -> None:

@@ -12,8 +12,9 @@ Field rules (the README's "Serve" section repeats them):
   sequences); the text is then cut before the earliest stop string, with finish_reason "stop".
 - `logprobs`: the base model's log p (temperature 1) of each returned token. The engine keeps no other entries of
   each distribution, so `top_logprobs` holds only the sampled token.
-- Unknown fields are ignored and listed in `power_sampling.ignored`; `stream: true`, `echo: true` and token-id
-  prompts get a 400.
+- `stream: true`: server-sent events in OpenAI's chunk format (see `sse.py`); power methods send keep-alive
+  comments until their chains end, then the text. `stream_options` is allowed only with `stream: true`.
+- Unknown fields are ignored and listed in `power_sampling.ignored`; `echo: true` and token-id prompts get a 400.
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ class Limits:
 # --- request bodies ---------------------------------------------------------------------------------------------
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    include_usage: bool | None = None  # a last chunk with `usage` and no choices, before [DONE]
+
+
 class _Body(BaseModel):
     """Fields both endpoints share. Strict types: "5" is not a number here."""
 
@@ -92,7 +100,8 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     temperature: float | None = None
     top_p: float | None = None
-    stream: bool | None = None
+    stream: bool | None = None  # server-sent events (sse.py)
+    stream_options: StreamOptions | None = None  # only with stream: true
     user: str | None = None
     # power sampling (the openai SDK's extra_body); None = the server's command-line default
     method: str | None = None
@@ -168,9 +177,8 @@ def parse_body(model: type[_Body], data: Any) -> _Body:
 
 def check_limits(body: _Body, limits: Limits) -> None:
     """Limits and unsupported options, each a 400 naming the field."""
-    if body.stream:
-        raise ApiError(400, "stream is not supported: power sampling rewrites earlier tokens until its last MH "
-                       "step, so nothing is final before the end; send stream: false", param="stream")  # fmt: skip
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
     max_tokens = _max_tokens(body)
     if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
@@ -435,6 +443,11 @@ def envelope(kind: str, model: str) -> dict:
     """id, object, created and model of a response."""
     prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
     return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": model}
+
+
+def include_usage(body: _Body) -> bool:
+    """Whether a streamed response ends with a usage chunk (stream_options.include_usage)."""
+    return bool(body.stream_options is not None and body.stream_options.include_usage)
 
 
 def usage(prompt_tokens: int, outputs: Sequence[Output]) -> dict:

@@ -2,6 +2,8 @@
 (`protocol.CompletionBody`, `protocol.ChatBody`, power-sampling fields included) and the responses the handlers
 build, so a fuzzer (schemathesis) can check every answer against it. The handlers parse bodies themselves (size
 first, then JSON, then the model: see `app.read_json`), so the request bodies are added to FastAPI's document here.
+A streamed answer (`stream: true`) is `text/event-stream`; its chunk objects are the components CompletionChunk and
+ChatChunk (see `sse.py`).
 """
 
 from __future__ import annotations
@@ -129,6 +131,50 @@ class ChatResponse(_Out):
     power_sampling: PowerSampling
 
 
+class CompletionChunkChoice(_Out):
+    text: str
+    index: int
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: CompletionLogprobs | None
+
+
+class CompletionChunk(_Out):
+    """One `data:` event of a streamed completion (sse.py): the last choice chunk carries power_sampling, and the
+    usage chunk (stream_options.include_usage) has no choices."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+    power_sampling: PowerSampling | None = None
+
+
+class ChatDelta(_Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: ChatLogprobs | None
+
+
+class ChatChunk(_Out):
+    """One `data:` event of a streamed chat completion (sse.py); the first delta of each choice carries the role."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    power_sampling: PowerSampling | None = None
+
+
 class ModelCard(_Out):
     id: str
     object: Literal["model"]
@@ -162,10 +208,21 @@ _GENERATION_ERRORS = {400: "a bad field or a limit (param names the field)", 408
                       503: "stopped by a shutdown", 504: "past the request timeout"}  # fmt: skip
 
 
-def responses(model: type[BaseModel], generation: bool = False) -> dict[int | str, dict]:
-    """The `responses` of a route: `model` for 200, the error body for each error status it can answer."""
+def responses(model: type[BaseModel], generation: bool = False,
+              chunk: type[BaseModel] | None = None) -> dict[int | str, dict]:  # fmt: skip
+    """The `responses` of a route: `model` for 200 (and server-sent `chunk`s with `stream: true`), the error body
+    for each error status it can answer."""
     errors = {**_ERRORS, **(_GENERATION_ERRORS if generation else {})}
-    return {200: {"model": model}, **{s: {"model": ErrorResponse, "description": d} for s, d in errors.items()}}
+    ok: dict[str, Any] = {"model": model}
+    if chunk is not None:
+        events = {"type": "string", "description": _STREAM.format(chunk=chunk.__name__)}
+        ok["content"] = {"text/event-stream": {"schema": events}}
+    return {200: ok, **{s: {"model": ErrorResponse, "description": d} for s, d in errors.items()}}
+
+
+_STREAM = ("with stream: true, server-sent events: ': keep-alive' comments while the chains run, then 'data: {{json}}' "
+           "events, each a {chunk} (components), or one ErrorResponse when the request fails after the stream has "
+           "started, then 'data: [DONE]'")  # fmt: skip
 
 
 def request_body(model: type[BaseModel]) -> dict:
@@ -186,6 +243,10 @@ def openapi(app: FastAPI, limits: Limits) -> dict:
             body = model.model_json_schema(ref_template=_REF)
             components.update(body.pop("$defs", {}))
             components[model.__name__] = _bounded(body, limits)
+        for chunk in (CompletionChunk, ChatChunk):
+            out = chunk.model_json_schema(ref_template=_REF, mode="serialization")
+            components.update({k: v for k, v in out.pop("$defs", {}).items() if k not in components})
+            components[chunk.__name__] = out
         app.openapi_schema = doc
     return app.openapi_schema
 
