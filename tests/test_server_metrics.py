@@ -61,6 +61,25 @@ def test_power_completions_move_the_counters_by_what_their_responses_report():
     assert sum(p["tokens_sampled"] for p in ps) >= kept
 
 
+def test_a_streamed_completion_counts_like_a_plain_one():
+    """The same request streamed and not: the counters move alike (the stream's samples are counted once)."""
+    fields = {"seed": 5, "n": 2, "max_tokens": 9, "method": "power", "mcmc_steps": 2}
+    with serve() as url:
+        start = scrape(url)
+        plain = complete(url, **fields).json()
+        middle = scrape(url)
+        with httpx.stream("POST", f"{url}/v1/completions", json={"model": "toy", "prompt": "x", "stream": True,
+                                                                  **fields}, timeout=60) as resp:  # fmt: skip
+            assert resp.status_code == 200 and resp.read().endswith(b"data: [DONE]\n\n")
+        end = scrape(url)
+    for name in ("powersample_tokens_sampled_total", "powersample_tokens_kept_total", "powersample_proposals_total",
+                 "powersample_accepted_total"):  # fmt: skip
+        assert moved(start, middle, name, method="power") == moved(middle, end, name, method="power") > 0, name
+    assert moved(middle, end, "powersample_tokens_sampled_total", method="power") == plain["power_sampling"][
+        "tokens_sampled"]
+    assert moved(middle, end, "powersample_requests_total", endpoint="/v1/completions", status="200") == 1
+
+
 def test_a_chat_completion_counts_under_its_endpoint_and_method():
     with serve() as url:
         body = {"model": "toy", "messages": [{"role": "user", "content": "x"}], "n": 2, "seed": 7, "max_tokens": 6,
