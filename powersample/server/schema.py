@@ -215,14 +215,23 @@ def responses(model: type[BaseModel], generation: bool = False,
     errors = {**_ERRORS, **(_GENERATION_ERRORS if generation else {})}
     ok: dict[str, Any] = {"model": model}
     if chunk is not None:
-        events = {"type": "string", "description": _STREAM.format(chunk=chunk.__name__)}
-        ok["content"] = {"text/event-stream": {"schema": events}}
+        ok["content"] = {"text/event-stream": {"schema": sse_event(chunk)}}
     return {200: ok, **{s: {"model": ErrorResponse, "description": d} for s, d in errors.items()}}
 
 
 _STREAM = ("with stream: true, server-sent events: ': keep-alive' comments while the chains run, then 'data: {{json}}' "
            "events, each a {chunk} (components), or one ErrorResponse when the request fails after the stream has "
            "started, then 'data: [DONE]'")  # fmt: skip
+
+
+def sse_event(chunk: type[BaseModel]) -> dict:
+    """One server-sent event, as the OpenAPI specification's generic text/event-stream schema describes it (OpenAPI
+    3.1 has no itemSchema: tools read `schema` as one event's): its `data` is JSON text, a `chunk` or an
+    ErrorResponse, or the literal [DONE]."""
+    return {"type": "object", "description": _STREAM.format(chunk=chunk.__name__), "required": ["data"],
+            "properties": {"data": {"type": "string", "contentMediaType": "application/json"},
+                           "event": {"type": "string"}, "id": {"type": "string"},
+                           "retry": {"type": "integer", "minimum": 0}}}  # fmt: skip
 
 
 def request_body(model: type[BaseModel]) -> dict:
