@@ -138,17 +138,22 @@ class CompletionChunkChoice(_Out):
     logprobs: CompletionLogprobs | None
 
 
-class CompletionChunk(_Out):
-    """One `data:` event of a streamed completion (sse.py): the last choice chunk carries power_sampling, and the
+class _Chunk(_Out):
+    """What every `data:` event of a stream carries (sse.py): the last choice chunk carries power_sampling, and the
     usage chunk (stream_options.include_usage) has no choices."""
 
     id: str
-    object: Literal["text_completion"]
     created: int
     model: str
-    choices: list[CompletionChunkChoice]
     usage: Usage | None = None
     power_sampling: PowerSampling | None = None
+
+
+class CompletionChunk(_Chunk):
+    """One `data:` event of a streamed completion."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChunkChoice]
 
 
 class ChatDelta(_Out):
@@ -163,16 +168,11 @@ class ChatChunkChoice(_Out):
     logprobs: ChatLogprobs | None
 
 
-class ChatChunk(_Out):
-    """One `data:` event of a streamed chat completion (sse.py); the first delta of each choice carries the role."""
+class ChatChunk(_Chunk):
+    """One `data:` event of a streamed chat completion; the first delta of each choice carries the role."""
 
-    id: str
     object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    power_sampling: PowerSampling | None = None
 
 
 class ModelCard(_Out):
