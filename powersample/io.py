@@ -47,6 +47,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
 
 
+def check_writable(path: str | Path) -> None:
+    """Fail now, not after an hour of sampling, when a file cannot be written at `path` later (its directory
+    missing or read-only, or the path a directory); the file itself is left as it is."""
+    parent = Path(path).parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or Path(path).is_dir():
+        raise PowerSampleError(f"cannot write {path}: no such writable directory or it is a directory")
+
+
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Append rows, flushed and fsynced, so existing records are never lost. Every row is encoded first, and a
     non-finite number refused: a bare Infinity or NaN would make the file invalid JSON."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from powersample.cli.options import (
 )
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.io import append_jsonl, write_bytes_atomic
+from powersample.io import append_jsonl, check_writable, write_bytes_atomic
 from powersample.samplers import registry
 
 
@@ -74,14 +73,6 @@ def check_sample_args(args: argparse.Namespace, config: SamplerConfig) -> None:
         raise PowerSampleError(f"seed must be an integer >= 0, got {args.seed}")
     if args.return_particles and config.method != "power-smc":
         raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
-
-
-def check_writable(path: Path) -> None:
-    """A one-line error now when `path` cannot be written later (its directory missing or read-only, or a
-    directory itself); the file itself is left as it is."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise PowerSampleError(f"cannot write {path}: not a writable file path")
 
 
 def read_prompt(args: argparse.Namespace) -> str:
