@@ -76,9 +76,9 @@ def sample(
         raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
     prompt_ids = encode_prompt(backend, prompt, config, chat)
     chains = make_chains(seed, num_samples, return_particles)
+    resolved = registry.resolved(on_engine(config, backend)) if trace is not None else None
     for j, chain in enumerate(chains if trace is not None else ()):
-        chain.trace = trace.start(j, prompt=prompt, method=config.method, seed=seed, sample_index=j,
-                                  config=registry.resolved(on_engine(config, backend)))  # fmt: skip
+        chain.trace = trace.start(j, prompt=prompt, method=config.method, seed=seed, sample_index=j, config=resolved)
     start = time.perf_counter()
     results = run_chains(backend, prompt_ids, config, chains, progress)
     wall = time.perf_counter() - start
@@ -113,7 +113,8 @@ class ChainTrace:
         self.events.append({"event": event["event"], "chain": chain, **event, **pieces})
 
     def jsonl(self) -> bytes:
-        return "".join(json_line(e, "not writing the trace: an event holds a non-finite number") for e in self.events).encode()
+        refusal = "not writing the trace: an event holds a non-finite number"
+        return "".join(json_line(e, refusal) for e in self.events).encode()
 
 
 def sample_many(

@@ -92,7 +92,8 @@ class SamplerConfig:
         _check(self.alpha_ramp >= 0, f"alpha_ramp must be >= 0 (0 = off), got {self.alpha_ramp}")
         _check(_finite(self.cut_beta) and 0 <= self.cut_beta <= 1000, f"cut_beta must be in [0, 1000], got "
                f"{self.cut_beta}")  # fmt: skip
-        _check(_finite(self.cut_floor) and 0 < self.cut_floor <= 1, f"cut_floor must be in (0, 1], got {self.cut_floor}")
+        _check(_finite(self.cut_floor) and 0 < self.cut_floor <= 1,
+               f"cut_floor must be in (0, 1], got {self.cut_floor}")  # fmt: skip
         _check(self.candidates >= 1, f"candidates must be >= 1, got {self.candidates}")
         _check(self.rollouts >= 1, f"rollouts must be >= 1, got {self.rollouts}")
         _check(self.rollout_horizon >= 0, f"rollout_horizon must be >= 0 (0 = up to T), got {self.rollout_horizon}")

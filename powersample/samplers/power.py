@@ -59,7 +59,7 @@ class Cuts(Protocol):
         """An index i drawn from c(. | x)."""
         ...
 
-    def bound(self, i: int) -> float:
+    def bound(self, i: int) -> float | None:
         """An upper bound on log c(i | x') over every state x' longer than i, or None when log c(i | x') is
         exactly -log len(x') (the uniform cut, which the floor's length term follows token by token)."""
         ...
@@ -167,8 +167,7 @@ def mh_step(chain: Chain, i: int, proposed: Continuation, alpha: float, log_u: f
     if accepted:
         chain.replace_suffix(i, proposed)
         chain.accepted += 1
-    if chain.trace is not None:
-        note_step(chain, where, i, length, proposed, log_r, terms, log_u, accepted)
+    note_step(chain, where, i, length, proposed, log_r, terms, log_u, accepted)
 
 
 def log_accept_ratio(alpha: float, chain: Chain, i: int, proposed: Continuation, cuts: Cuts = UNIFORM) -> float:
@@ -198,14 +197,19 @@ def log_uniform(rng: np.random.Generator) -> float:
 
 
 def note_extension(chain: Chain, stage: int, at: int, cont: Continuation) -> None:
-    """Trace a stage's extension, appended at index `at`."""
+    """Trace a stage's extension, appended at index `at` (nothing is computed for an untraced chain)."""
+    if chain.trace is None:
+        return
     chain.note("extend", stage=stage, at=at, tokens=list(cont.tokens), base_logp=list(cont.base_logp),
                logp=math.fsum(chain.base_logp), length=len(chain.tokens))  # fmt: skip
 
 
 def note_step(chain: Chain, where: tuple[int, int], i: int, length: int, proposed: Continuation, log_r: float,
               terms: tuple[float, float, float], log_u: float, accepted: bool) -> None:  # fmt: skip
-    """Trace one MH step (after it moved, or not): -inf becomes None (JSON has no infinities)."""
+    """Trace one MH step (after it moved, or not): -inf becomes None (JSON has no infinities). Nothing is computed
+    for an untraced chain."""
+    if chain.trace is None:
+        return
     stage, step = where
     chain.note("step", stage=stage, step=step, cut=i, length=length, proposal=list(proposed.tokens),
                proposal_logp=math.fsum(proposed.base_logp), log_r=_finite(log_r), log_u=log_u, accepted=accepted,

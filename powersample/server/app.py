@@ -312,10 +312,10 @@ class _Server:
                            kind="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(limits.retry_after)})  # fmt: skip
         try:
-            progs = [p for ids in plan.prompt_ids for p in programs(self.backend, ids, plan.config, make_chains(plan.seed, plan.n))]
+            return [p for ids in plan.prompt_ids
+                    for p in programs(self.backend, ids, plan.config, make_chains(plan.seed, plan.n))]  # fmt: skip
         except PowerSampleError as e:
             raise ApiError(400, str(e), param="method") from None
-        return progs
 
     def _records(self, plan: _Plan, outcomes: list, wall: float) -> list[SampleRecord]:
         return [

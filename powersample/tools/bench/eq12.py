@@ -12,7 +12,8 @@ from powersample.config import SamplerConfig
 from powersample.samplers.power import eq12_tokens
 from powersample.tools.bench.phases import PhaseLookup
 
-POWER_PHASES = ("power-K", "speculative-K", "power-1", "speculative-1", "scratch-1")  # the phases that run the MCMC config
+# the phases that run the MCMC config
+POWER_PHASES = ("power-K", "speculative-K", "power-1", "speculative-1", "scratch-1")
 
 
 def eq12_tokens_per_sample(config: SamplerConfig) -> float:
