@@ -93,7 +93,7 @@ class ChainTrace:
     """The events of traced chains (`powersample sample --trace FILE`), JSON-ready, in the order they happened.
 
     Each event is {"event": kind, "chain": j, ...}: "start" (the prompt, method, seed and config), then the
-    sampler's own (power.note_extension, power.note_step, smc's "smc"), then "end" (the final tokens, log p and
+    sampler's own (power.note_extension, power.note_step, smc's "smc", plain's "draw"), then "end" (the final tokens, log p and
     text). Events that carry token ids ("tokens", or a step's "proposal") also carry "pieces", each id's text."""
 
     backend: Backend

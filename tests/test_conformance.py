@@ -34,7 +34,7 @@ def toy_next_logp(backend: ToyBackend):
 def subject() -> conformance.Subject:
     backend = ToyBackend(load_spec("eos_trap"))
     return conformance.Subject(backend, backend.encode("Name three primary colors.", chat=True),
-                               next_logp=toy_next_logp(backend))
+                               next_logp=toy_next_logp(backend), draws_per_forward=True)
 
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
@@ -83,6 +83,32 @@ class PastEos(ToyBackend):
         return out
 
 
+class Silent(ToyBackend):
+    """Never reports its draws."""
+
+    def extend(self, requests, proposal):
+        return super().extend([replace(r, on_draw=None) for r in requests], proposal)
+
+
+class Misreporting(ToyBackend):
+    """Reports each draw twice."""
+
+    def extend(self, requests, proposal):
+        twice = [replace(r, on_draw=lambda t, f=r.on_draw: (f(t), f(t))) if r.on_draw else r for r in requests]
+        return super().extend(twice, proposal)
+
+
+class AllAtOnce(ToyBackend):
+    """Reports a continuation's tokens once, at the end (as vLLM does): conformant, but not per forward."""
+
+    def extend(self, requests, proposal):
+        conts = super().extend([replace(r, on_draw=None) for r in requests], proposal)
+        for r, c in zip(requests, conts):
+            if r.on_draw is not None:
+                r.on_draw(c.tokens)
+        return conts
+
+
 class Limited(ToyBackend):
     """Claims a context length and never checks it."""
 
@@ -95,11 +121,21 @@ class Limited(ToyBackend):
     (BatchDependent, conformance.batched_rows_match_single_rows, "in the batch"),
     (PastEos, conformance.eos_comes_only_last, "EOS before the last token"),
     (Limited, conformance.context_length_is_checked, "passed the context length"),
+    (Silent, conformance.draws_are_reported_as_drawn, "reported"),
+    (Misreporting, conformance.draws_are_reported_as_drawn, "reported"),
 ])
 def test_the_suite_fails_a_broken_backend(broken, check, message):
     backend = broken(load_spec("eos_trap"))
     with pytest.raises(AssertionError, match=message):
         check(conformance.Subject(backend, (), next_logp=toy_next_logp(backend)))
+
+
+def test_reporting_draws_once_at_the_end_is_conformant_but_not_per_forward():
+    backend = AllAtOnce(load_spec("eos_trap"))
+    subject = conformance.Subject(backend, (), next_logp=toy_next_logp(backend))
+    conformance.draws_are_reported_as_drawn(subject)
+    with pytest.raises(AssertionError, match="one report per forward"):
+        conformance.draws_are_reported_as_drawn(replace(subject, draws_per_forward=True))
 
 
 # --- optional capabilities --------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def subject_of(backend, prompt) -> conformance.Subject:
     """The backend under the conformance suite; next_logp from an uncached forward of the model itself."""
     return conformance.Subject(backend, prompt, proposal_tolerance=4 * TOLERANCE,  # 1/tau scales the fp32 noise
                                next_logp=lambda context: fresh_logp(backend, context)[-1],
-                               contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)))  # ragged: padding
+                               contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)),  # ragged
+                               draws_per_forward=True)
 
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)

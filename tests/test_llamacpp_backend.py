@@ -71,7 +71,8 @@ def fresh(backend: LlamaCppBackend, **kwargs) -> LlamaCppBackend:
 def subject_of(backend, prompt) -> conformance.Subject:
     """The backend under the conformance suite; next_logp from its scratch sequence (`next_token_logp`)."""
     return conformance.Subject(backend, prompt, next_logp=backend.next_token_logp,
-                               contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)))  # one shared prompt
+                               contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)),  # ragged
+                               draws_per_forward=True)
 
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SPECS
+from conftest import SPECS, load_spec
 
+from powersample.api import make_chains
+from powersample.backends.toy import ToyBackend
 from powersample.cli import main
+from powersample.config import SamplerConfig
+from powersample.samplers import programs
 from powersample.eval.trace import replay
 
 
@@ -34,6 +38,22 @@ def test_mh_traces_replay_into_the_samples(tmp_path, method):
         assert all(len(e["pieces"]) == len(e["proposal"]) for e in steps)
     state = replay(tmp_path / "trace.jsonl", chain=1)  # the report replays it and checks it against "end"
     assert list(state.tokens) == records[1]["tokens"]
+
+
+@pytest.mark.parametrize("method", ["base", "low-temp"])
+def test_plain_traces_note_the_tokens_as_they_are_drawn(tmp_path, method):
+    events, records = sample_with_trace(tmp_path, method, "--max-new-tokens", "12")
+    for chain, record in enumerate(records):
+        draws = [e for e in events if e["chain"] == chain and e["event"] == "draw"]
+        assert [t for e in draws for t in e["tokens"]] == record["tokens"]
+        assert all(len(e["tokens"]) == 1 and len(e["pieces"]) == 1 for e in draws)  # the toy reports every token
+    assert [e["event"] for e in events if e["chain"] == 0][-1] == "end"
+
+
+def test_untraced_plain_chains_ask_for_no_reports():
+    backend = ToyBackend(load_spec("eos_trap"))
+    program = programs(backend, (), SamplerConfig(method="base", max_new_tokens=4), make_chains(0, 1))[0]
+    assert next(program).on_draw is None  # a plain chain's one request
 
 
 def test_smc_traces_weights_per_block(tmp_path):

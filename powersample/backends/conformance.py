@@ -23,6 +23,8 @@ The promises:
 - confidence (optional) is minus the entropy of each next-token distribution, and obeys the chain rule too;
 - a request that asks for entropies gets one per token, each the entropy of the base next-token distribution
   (= -confidence where the backend has it), and the same tokens and log-probs as without asking, speculated or not;
+- a request with `on_draw` reports its tokens as they are drawn (in order, together its continuation's tokens;
+  per forward where the backend says so) and draws what it draws without, batched and speculated too;
 - a row of a batch gets the same draws and log-probs as the same request alone;
 - a continuation verified against a draft (speculative proposals) is like any other: EOS last, log p = score, q's log q;
 - a request past the model's context length is a one-line PowerSampleError.
@@ -60,6 +62,7 @@ class Subject:
     proposal_tolerance: float | None = None  # the same for a cold proposal's log q against next_logp (None: tolerance)
     next_logp: NextLogp | None = None  # the base log p after a context, when the caller can compute it independently
     contexts: tuple[Tokens, ...] = ()  # the batching check's ragged contexts; () = the prompt and sampled extensions
+    draws_per_forward: bool = False  # the backend reports ExtendRequest.on_draw every forward (else: at least once)
 
 
 def extend(
@@ -226,6 +229,26 @@ def entropies_are_reported_when_asked(s: Subject) -> None:
                "entropy vs -sum p log p of the next_logp rows")  # fmt: skip
 
 
+def draws_are_reported_as_drawn(s: Subject) -> None:
+    """ExtendRequest.on_draw gets each request's new tokens in order, all of them, before extend returns, and asking
+    changes no draw (two rows of a batch, one of them speculating). With draws_per_forward (the subject's backend
+    reports every forward), a continuation of n tokens drawn without a draft is reported in n calls of one token."""
+    seen: dict[int, list[Tokens]] = {0: [], 1: []}
+    cold = Proposal(temperature=0.5)
+    draft = Draft((), Corpus(), ())
+    requests = [ExtendRequest(s.prompt, 7, np.random.default_rng(60 + j), 60 + j, draft=draft, speculate=2 * j,
+                              on_draw=seen[j].append) for j in (0, 1)]  # fmt: skip
+    conts = s.backend.extend(requests, cold)
+    for j, cont in enumerate(conts):
+        plain = extend(s.backend, s.prompt, 7, seed=60 + j, proposal=cold, slot=62 + j)
+        _check(cont.tokens == plain.tokens, f"row {j}: on_draw changed the draw: {cont.tokens} vs {plain.tokens}")
+        reported = tuple(t for run in seen[j] for t in run)
+        _check(reported == cont.tokens, f"row {j}: reported {seen[j]} for the tokens {cont.tokens}")
+        _check(all(run for run in seen[j]), f"row {j}: an empty report: {seen[j]}")
+    if s.draws_per_forward:
+        _check(len(seen[0]) == len(conts[0].tokens), f"one report per forward: {seen[0]} for {conts[0].tokens}")
+
+
 def batched_rows_match_single_rows(s: Subject, alone: Backend | None = None) -> list[Continuation]:
     """Each row of a batch (ragged contexts, q != p) draws the same tokens with the same log p and log q as its
     request alone (on `alone`, default the same backend), and score agrees with it. Returns the batch's
@@ -296,6 +319,7 @@ CHECKS: tuple[Callable[[Subject], object], ...] = (
     score_obeys_the_chain_rule,
     confidence_is_minus_the_entropy,
     entropies_are_reported_when_asked,
+    draws_are_reported_as_drawn,
     batched_rows_match_single_rows,
     drafted_continuations_are_like_any,
     context_length_is_checked,

@@ -88,14 +88,18 @@ def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Propo
                 eos_ids: frozenset[int]) -> tuple[list[int], list[int]]:  # fmt: skip
     """Draw each row's next tokens from the base log p after each id it fed (`logp[b]`: (len(feed), V)), with its
     request's own generator, recording log p and log q (and, at a row's first step, the likeliest alternatives;
-    and the entropy of each row of log p when the request asks).
+    and the entropy of each row of log p when the request asks), and reporting each row's new tokens to its
+    request's `on_draw`.
 
     Returns the rows now finished (EOS, max_tokens, or below their floor) and, per row, how many of the ids it fed
     are still valid (a token that differs from its guess invalidates the fed ids after it: the engine drops them from
     its cache)."""
     done, kept = [], []
     for b, row in enumerate(rows):
+        before = len(row.tokens)
         finished, valid = _walk(row, logp[b], proposal, eos_ids)
+        if row.request.on_draw is not None and len(row.tokens) > before:
+            row.request.on_draw(tuple(row.tokens[before:]))
         kept.append(valid)
         if finished:
             done.append(b)

@@ -211,6 +211,8 @@ class ToyBackend:
             logq.append(table.proposal_logq[tok])
             entropies += [table.entropy] * request.entropy
             seq.append(tok)
+            if request.on_draw is not None:
+                request.on_draw((tok,))
             if tok == self.spec.eos_id:
                 break
         self.stats.forwards += len(tokens)  # one per token drawn

@@ -323,6 +323,8 @@ class VLLMBackend:
         request = job.request
         if job.stage == "draw":
             job.tokens = self._tokens(out, request)
+            if request.on_draw is not None:  # vLLM answers a request when it finishes (RequestOutputKind.FINAL_ONLY)
+                request.on_draw(job.tokens)
             self.stats.cached_tokens += out.num_cached_tokens or 0
             job.logq = _sampled_logprobs(out.outputs[0].logprobs, job.tokens)
             if proposal.is_base:  # q = p: the numbers vLLM returned are log p already

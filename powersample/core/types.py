@@ -76,6 +76,9 @@ class ExtendRequest:
     floor: Floor | None = None  # stop early once the score falls below it (an engine may ignore it: the sampler's
     # test rejects such a continuation either way, finished or not)
     entropy: bool = False  # also report the base next-token entropy before each token (Continuation.entropy)
+    on_draw: Callable[[Tokens], None] | None = None  # called with each run of new tokens as the engine draws them
+    # (from the engine's thread, in order, before the Continuation returns; together they are its tokens). How often
+    # is the engine's choice: every forward (toy, hf, llamacpp), or once at the end (vLLM). It changes no draw.
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ from powersample.samplers.driver import Program
 
 
 def plain_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
-    """One continuation of up to T tokens, drawn at the method's temperature (the registry's)."""
-    cont = yield ExtendRequest(prompt, config.max_new_tokens, chain.rng, chain.slot)
+    """One continuation of up to T tokens, drawn at the method's temperature (the registry's). A traced chain notes
+    each run of tokens as the engine draws them ("draw" events: what a server streams before the chain ends)."""
+    on_draw = None if chain.trace is None else (lambda tokens: chain.note("draw", tokens=list(tokens)))
+    cont = yield ExtendRequest(prompt, config.max_new_tokens, chain.rng, chain.slot, on_draw=on_draw)
     chain.append(cont)
     chain.tokens_generated += len(cont.tokens)
     return chain.result()
