@@ -23,10 +23,13 @@ PROMPT = "the cat"
 KNOBS = {"alpha": "2", "mcmc_steps": "3", "block_count": "3", "max_tokens": "12", "seed": "7"}
 
 
-def test_the_page_runs_a_chain_live_and_shows_the_final_text():
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_the_page_runs_a_chain_live_and_shows_the_final_text(endpoint):
+    text = {"prompt": PROMPT} if endpoint == "completions" else {"messages": [{"role": "user", "content": PROMPT}]}
+    path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
     with serve(model_name="toy-words") as url:
-        want = httpx.post(f"{url}/v1/completions", json={
-            "prompt": PROMPT, "method": "power", "n": 1, **{k: int(v) for k, v in KNOBS.items()}}).json()
+        want = httpx.post(url + path, json={**text, "method": "power", "n": 1,
+                                            **{k: int(v) for k, v in KNOBS.items()}}).json()  # fmt: skip
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM)
             try:
@@ -36,6 +39,7 @@ def test_the_page_runs_a_chain_live_and_shows_the_final_text():
                 page.on("pageerror", lambda e: problems.append(str(e)))
                 page.goto(url + "/")
                 page.fill("#prompt", PROMPT)
+                page.select_option("#endpoint", endpoint)
                 page.select_option("#method", "power")
                 for name, value in KNOBS.items():
                     page.fill(f"#{name}", value)
@@ -49,7 +53,8 @@ def test_the_page_runs_a_chain_live_and_shows_the_final_text():
                 shown = page.text_content("#n-accepted")
             finally:
                 browser.close()
-    assert final == want["choices"][0]["text"] and final
+    choice = want["choices"][0]
+    assert final == (choice["text"] if endpoint == "completions" else choice["message"]["content"]) and final
     ps = want["power_sampling"]
     assert accepted >= 1 and int(shown) == accepted == ps["accepted"]
     assert spans >= 1 and extensions >= 1 and circles == ps["proposals"] + extensions + 1  # and the end
