@@ -15,6 +15,9 @@ stopped by a shutdown, 501 for GET /metrics without prometheus-client, and 500 o
 itself. Once a stream has started, a failure is one `data: {"error": {...}}` event (the same body) and the stream
 ends.
 
+GET / is the playground (`playground.py`): a static page, public, that runs a chain with the trace stream
+(`stream_options.include_trace`: `live.py` carries the chains' events from the engine thread to the stream).
+
 GET /metrics (Prometheus text format, see `metrics.py`) follows the API-key rule of /v1/* and /openapi.json: with a
 key it needs the key too, unless the server runs with `metrics_public` (--metrics-public) for a scraper inside a
 private network. Its counters hold no prompt or text, but they tell an outsider how busy the server is.
@@ -28,7 +31,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,19 +244,11 @@ class _Server:
         failure is one error event. A client that leaves cancels this generator (Starlette watches for the
         disconnect), which stops the job."""
         job, future = _submit(self.engine, progs, plan)
-        start, beat = time.perf_counter(), time.monotonic()
+        start = time.perf_counter()
         try:
-            async for batch in feed.follow(future, min(POLL_SECONDS, self.settings.stream_keepalive)):
-                for item in batch:
-                    yield sse.trace(item)
-                if future.done():
-                    break
-                if time.monotonic() > plan.deadline:
-                    job.stop("timeout")
-                    raise _timeout_error(self.settings.limits.request_timeout)
-                if time.monotonic() - beat >= self.settings.stream_keepalive:
-                    beat = time.monotonic()
-                    yield sse.KEEPALIVE
+            async with aclosing(self._running(job, future, plan, feed)) as running:
+                async for data in running:
+                    yield data
             outcomes = _results(future.result(), self.settings.limits.request_timeout)
             records = self._records(plan, outcomes, time.perf_counter() - start)
             for item in end_events(self.backend, records) if wire.include_trace(body) else ():
@@ -272,6 +267,25 @@ class _Server:
         finally:
             if not future.done():
                 job.stop("request abandoned")
+
+    async def _running(self, job: Job, future: asyncio.Future, plan: _Plan, feed: Feed) -> AsyncIterator[bytes]:
+        """While the chains run: their trace events as they come (when traced), and keep-alives when nothing else
+        was sent for `stream_keepalive` seconds; past the deadline the job is stopped (504)."""
+        beat, keepalive = time.monotonic(), self.settings.stream_keepalive
+        async with aclosing(feed.follow(future, min(POLL_SECONDS, keepalive))) as batches:
+            async for batch in batches:
+                for item in batch:
+                    yield sse.trace(item)
+                if future.done():
+                    return
+                if time.monotonic() > plan.deadline:
+                    job.stop("timeout")
+                    raise _timeout_error(self.settings.limits.request_timeout)
+                if batch:
+                    beat = time.monotonic()  # trace events are traffic too
+                elif time.monotonic() - beat >= keepalive:
+                    beat = time.monotonic()
+                    yield sse.KEEPALIVE
 
     async def _read(self, request: Request) -> Any:
         return await read_json(request, self.settings.limits.max_body_bytes, self.settings.body_timeout)
