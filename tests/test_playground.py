@@ -5,6 +5,7 @@ accepted step, under the page's own Content-Security-Policy."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import httpx
 import pytest
@@ -13,7 +14,7 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright; the test "
                                "extra has it)")  # fmt: skip
 
-from test_server import serve  # noqa: E402
+from test_server import SlowToy, serve  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not shutil.which(CHROMIUM):
@@ -75,3 +76,37 @@ def test_the_page_shows_a_refused_request_as_one_line():
             finally:
                 browser.close()
     assert error.startswith("error 400: ") and "alpha" in error and "\n" not in error
+
+
+def test_the_page_sends_the_api_key_and_stop_frees_the_chain():
+    with serve(SlowToy(delay=0.01), api_key="sekret") as url:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.select_option("#method", "power")
+                page.fill("#mcmc_steps", "200")
+                page.click("#run")
+                page.wait_for_selector("#error:not(:empty)", timeout=10_000)
+                refused = page.text_content("#error")
+                page.fill("#key", "sekret")
+                page.click("#run")
+                page.wait_for_selector("#steps li.acc, #steps li.rej", timeout=10_000)  # the chain is running
+                page.click("#stop")
+                page.wait_for_selector("body[data-state=stopped]", timeout=10_000)
+                status, kept = page.text_content("#status"), page.evaluate("sessionStorage.length")
+            finally:
+                browser.close()
+        state = idle(url, {"authorization": "Bearer sekret"})  # the page's request was aborted: its chain stopped
+    assert refused.startswith("error 401: ") and status == "stopped." and kept == 1
+    assert state["chains_in_flight"] == 0 and state["requests_running"] == 0
+
+
+def idle(url: str, headers: dict, within: float = 10.0) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        state = httpx.get(f"{url}/health", headers=headers).json()
+        if state["chains_in_flight"] == 0 and state["requests_running"] == 0 or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
