@@ -76,9 +76,8 @@ def sample(
         raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
     prompt_ids = encode_prompt(backend, prompt, config, chat)
     chains = make_chains(seed, num_samples, return_particles)
-    resolved = registry.resolved(on_engine(config, backend)) if trace is not None else None
-    for j, chain in enumerate(chains if trace is not None else ()):
-        chain.trace = trace.start(j, prompt=prompt, method=config.method, seed=seed, sample_index=j, config=resolved)
+    if trace is not None:
+        trace_chains(trace, chains, prompt, config, seed)
     start = time.perf_counter()
     results = run_chains(backend, prompt_ids, config, chains, progress)
     wall = time.perf_counter() - start
@@ -93,11 +92,14 @@ class ChainTrace:
     """The events of traced chains (`powersample sample --trace FILE`), JSON-ready, in the order they happened.
 
     Each event is {"event": kind, "chain": j, ...}: "start" (the prompt, method, seed and config), then the
-    sampler's own (power.note_extension, power.note_step, smc's "smc", plain's "draw"), then "end" (the final tokens, log p and
-    text). Events that carry token ids ("tokens", or a step's "proposal") also carry "pieces", each id's text."""
+    sampler's own (power.note_extension, power.note_step, smc's "smc", plain's "draw"), then "end" (the final tokens,
+    log p and text). Events that carry token ids ("tokens", or a step's "proposal") also carry "pieces", each id's
+    text. With a `sink`, each event goes to it as it happens (from the thread that made it) instead of into
+    `events`: the server streams them so (server/live.py)."""
 
     backend: Backend
     events: list[dict[str, Any]] = field(default_factory=list)
+    sink: Callable[[dict[str, Any]], None] | None = None  # gets each event instead of `events`; None = keep them
 
     def start(self, chain: int, **fields: Any) -> Trace:
         """Record chain j's start; returns the Trace its Chain reports to."""
@@ -110,11 +112,25 @@ class ChainTrace:
     def add(self, chain: int, event: dict[str, Any]) -> None:
         ids = event.get("tokens", event.get("proposal"))
         pieces = {"pieces": [self.backend.decode((t,)) for t in ids]} if ids is not None else {}
-        self.events.append({"event": event["event"], "chain": chain, **event, **pieces})
+        full = {"event": event["event"], "chain": chain, **event, **pieces}
+        if self.sink is None:
+            self.events.append(full)
+        else:
+            self.sink(full)
 
     def jsonl(self) -> bytes:
         refusal = "not writing the trace: an event holds a non-finite number"
         return "".join(json_line(e, refusal) for e in self.events).encode()
+
+
+def trace_chains(trace: ChainTrace, chains: Sequence[Chain], prompt: str, config: SamplerConfig, seed: int,
+                 first: int = 0) -> None:  # fmt: skip
+    """Trace the chains of one prompt: each records its "start" (the prompt, method, seed, its sample index and the
+    config as it runs on the trace's backend) and reports its events to `trace`, chain j numbered first + j."""
+    resolved = registry.resolved(on_engine(config, trace.backend))
+    for j, chain in enumerate(chains):
+        chain.trace = trace.start(first + j, prompt=prompt, method=config.method, seed=seed, sample_index=j,
+                                  config=resolved)  # fmt: skip
 
 
 def sample_many(

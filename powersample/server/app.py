@@ -15,6 +15,9 @@ stopped by a shutdown, 501 for GET /metrics without prometheus-client, and 500 o
 itself. Once a stream has started, a failure is one `data: {"error": {...}}` event (the same body) and the stream
 ends.
 
+GET / is the playground (`playground.py`): a static page, public, that runs a chain with the trace stream
+(`stream_options.include_trace`: `live.py` carries the chains' events from the engine thread to the stream).
+
 GET /metrics (Prometheus text format, see `metrics.py`) follows the API-key rule of /v1/* and /openapi.json: with a
 key it needs the key too, unless the server runs with `metrics_public` (--metrics-public) for a scraper inside a
 private network. Its counters hold no prompt or text, but they tell an outsider how busy the server is.
@@ -28,7 +31,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +55,9 @@ from powersample.server import protocol as wire
 from powersample.server import schema, sse
 from powersample.server.engine import Engine, Job, Stopped
 from powersample.server.guard import add_guards
+from powersample.server.live import Feed, end_events, trace_feed
 from powersample.server.metrics import MISSING, CountRequests, Metrics, make_metrics
+from powersample.server.playground import add_playground
 from powersample.server.protocol import ApiError, ChatBody, CompletionBody, Limits
 
 POLL_SECONDS = 0.1  # how often a waiting handler checks its client and its deadline
@@ -113,6 +118,7 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
         app.add_middleware(CountRequests, metrics=metrics)  # added last: the outermost, so it sees every response
     server = _Server(backend, engine, settings, metrics)
     keyed = [Depends(_authenticate(settings.api_key))]
+    add_playground(app, settings.defaults)  # GET /: public, a static page holding no data (playground.py)
 
     @app.get("/health", responses=schema.responses(schema.Health))
     async def health(request: Request) -> dict:
@@ -226,30 +232,27 @@ class _Server:
     def _stream(self, request: Request, plan: _Plan, body: wire._Body, top: dict,
                 render: Render, pieces: bool) -> StreamingResponse:  # fmt: skip
         """The SSE response of a checked request: its chains are built here (a 400 or 429 comes before the stream)
-        and run once the response starts."""
-        progs = self._programs(plan)
-        events = self._events(request, plan, progs, body, top, render, pieces)
+        and run once the response starts; with stream_options.include_trace they are traced into its feed."""
+        feed = Feed()
+        progs = self._programs(plan, feed if wire.include_trace(body) else None)
+        events = self._events(request, plan, progs, body, top, render, pieces, feed)
         return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
     async def _events(self, request: Request, plan: _Plan, progs: list, body: wire._Body, top: dict,
-                      render: Render, pieces: bool) -> AsyncIterator[bytes]:  # fmt: skip
-        """Keep-alives while the chains run, then the chunks and [DONE]; a failure is one error event. A client that
-        leaves cancels this generator (Starlette watches for the disconnect), which stops the job."""
+                      render: Render, pieces: bool, feed: Feed) -> AsyncIterator[bytes]:  # fmt: skip
+        """Keep-alives (and the trace events, when traced) while the chains run, then the chunks and [DONE]; a
+        failure is one error event. A client that leaves cancels this generator (Starlette watches for the
+        disconnect), which stops the job."""
         job, future = _submit(self.engine, progs, plan)
-        start, beat = time.perf_counter(), time.monotonic()
+        start = time.perf_counter()
         try:
-            while not future.done():
-                await asyncio.wait({future}, timeout=min(POLL_SECONDS, self.settings.stream_keepalive))
-                if future.done():
-                    break
-                if time.monotonic() > plan.deadline:
-                    job.stop("timeout")
-                    raise _timeout_error(self.settings.limits.request_timeout)
-                if time.monotonic() - beat >= self.settings.stream_keepalive:
-                    beat = time.monotonic()
-                    yield sse.KEEPALIVE
+            async with aclosing(self._running(job, future, plan, feed)) as running:
+                async for data in running:
+                    yield data
             outcomes = _results(future.result(), self.settings.limits.request_timeout)
             records = self._records(plan, outcomes, time.perf_counter() - start)
+            for item in end_events(self.backend, records) if wire.include_trace(body) else ():
+                yield sse.trace(item)
             outputs = await self._outputs(request, plan, records, wire.stop_strings(body), pieces)
             usage = wire.usage(_prompt_tokens(plan), outputs) if wire.include_usage(body) else None
             ps = wire.power_sampling(plan.config, plan.seed, records, plan.ignored)
@@ -264,6 +267,25 @@ class _Server:
         finally:
             if not future.done():
                 job.stop("request abandoned")
+
+    async def _running(self, job: Job, future: asyncio.Future, plan: _Plan, feed: Feed) -> AsyncIterator[bytes]:
+        """While the chains run: their trace events as they come (when traced), and keep-alives when nothing else
+        was sent for `stream_keepalive` seconds; past the deadline the job is stopped (504)."""
+        beat, keepalive = time.monotonic(), self.settings.stream_keepalive
+        async with aclosing(feed.follow(future, min(POLL_SECONDS, keepalive))) as batches:
+            async for batch in batches:
+                for item in batch:
+                    yield sse.trace(item)
+                if future.done():
+                    return
+                if time.monotonic() > plan.deadline:
+                    job.stop("timeout")
+                    raise _timeout_error(self.settings.limits.request_timeout)
+                if batch:
+                    beat = time.monotonic()  # trace events are traffic too
+                elif time.monotonic() - beat >= keepalive:
+                    beat = time.monotonic()
+                    yield sse.KEEPALIVE
 
     async def _read(self, request: Request) -> Any:
         return await read_json(request, self.settings.limits.max_body_bytes, self.settings.body_timeout)
@@ -303,8 +325,9 @@ class _Server:
         outcomes = await _await_job(request, self.engine, progs, plan, self.settings.limits.request_timeout)
         return self._records(plan, outcomes, time.perf_counter() - start)
 
-    def _programs(self, plan: _Plan) -> list:
-        """The plan's chains as sampler programs: 429 when the engine is full, 400 for a method that cannot run."""
+    def _programs(self, plan: _Plan, feed: Feed | None = None) -> list:
+        """The plan's chains as sampler programs: 429 when the engine is full, 400 for a method that cannot run.
+        With a `feed`, every chain is traced into it, numbered by its choice index (live.trace_feed)."""
         limits = self.settings.limits
         busy = self.engine.chains_in_flight() + len(plan.prompt_ids) * plan.n > limits.max_queued_chains
         if busy or self.engine.work_in_flight() + plan.work > limits.max_queued_work:
@@ -312,10 +335,15 @@ class _Server:
                            kind="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(limits.retry_after)})  # fmt: skip
         try:
-            return [p for ids in plan.prompt_ids
-                    for p in programs(self.backend, ids, plan.config, make_chains(plan.seed, plan.n))]  # fmt: skip
+            return [p for i, ids in enumerate(plan.prompt_ids) for p in self._prompt_programs(plan, i, ids, feed)]
         except PowerSampleError as e:
             raise ApiError(400, str(e), param="method") from None
+
+    def _prompt_programs(self, plan: _Plan, i: int, ids: Tokens, feed: Feed | None) -> list:
+        chains = make_chains(plan.seed, plan.n)
+        if feed is not None:
+            trace_feed(self.backend, chains, plan.texts[i], plan.config, plan.seed, i * plan.n, feed)
+        return programs(self.backend, ids, plan.config, chains)
 
     def _records(self, plan: _Plan, outcomes: list, wall: float) -> list[SampleRecord]:
         return [

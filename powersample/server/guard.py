@@ -5,7 +5,11 @@ http://127.0.0.1:8000, and DNS rebinding lets it read the answers. Three rules s
   127.0.0.0/8, ::1) or a name of `--allowed-host` ("*" allows any). A rebound name (evil.example -> 127.0.0.1)
   is none of them: 403. A server bound to every address (0.0.0.0, ::) cannot know its names and accepts any Host
   unless `--allowed-host` lists them.
-- Origin: browsers send it on cross-site requests; one from an origin other than `--cors-origin` gets 403.
+- Origin: browsers send it on cross-site requests; one from an origin other than `--cors-origin` gets 403, unless
+  it is the server's own: its host and port are the request's Host, and that Host is one the server was told
+  (the bound address, a loopback name or an `--allowed-host` name, "*" included; not merely accepted because the
+  server is bound to every address, so a rebound name still cannot POST). The playground's page (`GET /`) calls
+  the API from there, and browsers send Origin on a same-origin POST too.
 - CORS: off by default (no Access-Control-* headers, so a page cannot read an answer); `--cors-origin ORIGIN`
   allows that one origin, with its preflight requests.
 
@@ -42,6 +46,11 @@ class HostGuard:
         self.any_host = "*" in names or (bind_host in WILDCARDS and not names)
         self.names = names | {bind_host.strip("[]").lower()}
 
+    def named(self, host: str) -> bool:
+        """Whether `host` is a name the server was told: its bound address, a loopback name or an --allowed-host."""
+        name = host_name(host)
+        return "*" in self.names or name in self.names or is_loopback(name)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -55,16 +64,21 @@ class HostGuard:
 
     def problem(self, host: str | None, origin: str | None) -> str | None:
         """Why the request is refused, or None."""
-        if origin is not None and origin != self.cors_origin:
+        named = host is not None and self.named(host)
+        if origin is not None and origin != self.cors_origin and not (named and same_origin(origin, host)):
             return (f"cross-origin requests from {origin!r} are refused; start the server with --cors-origin "
                     f"{origin} to allow that origin")  # fmt: skip
-        if host is None or self.any_host:
-            return None  # an HTTP/1.0 client without Host: no browser sends that
+        if host is None or self.any_host or named:
+            return None  # (no Host: an HTTP/1.0 client; no browser sends that)
         name = host_name(host)
-        if name in self.names or is_loopback(name):
-            return None
         return (f"the Host {host!r} is not this server's; start it with --allowed-host {name} to allow that name "
                 "(this check stops DNS rebinding)")  # fmt: skip
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """Whether `origin` ("http://127.0.0.1:8000") names the host and port of the request's `host` header."""
+    scheme, sep, rest = origin.partition("://")
+    return bool(sep) and host is not None and scheme in ("http", "https") and rest.lower() == host.strip().lower()
 
 
 def host_name(host: str) -> str:

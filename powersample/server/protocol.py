@@ -14,6 +14,8 @@ Field rules (the README's "Serve" section repeats them):
   each distribution, so `top_logprobs` holds only the sampled token.
 - `stream: true`: server-sent events in OpenAI's chunk format (see `sse.py`); power methods send keep-alive
   comments until their chains end, then the text. `stream_options` is allowed only with `stream: true`.
+- `stream_options.include_trace: true` (an extension): each chain's trace events (those of `sample --trace`),
+  numbered by choice index, as `: trace {json}` comment lines while the chains run, before the chunks (`sse.py`).
 - Unknown fields are ignored and listed in `power_sampling.ignored`; `echo: true` and token-id prompts get a 400.
 """
 
@@ -80,6 +82,7 @@ class StreamOptions(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow")
     include_usage: bool | None = None  # a last chunk with `usage` and no choices, before [DONE]
+    include_trace: bool | None = None  # extension: the chains' trace events as `: trace {json}` comments (sse.py)
 
 
 class _Body(BaseModel):
@@ -448,6 +451,11 @@ def envelope(kind: str, model: str) -> dict:
 def include_usage(body: _Body) -> bool:
     """Whether a streamed response ends with a usage chunk (stream_options.include_usage)."""
     return bool(body.stream_options is not None and body.stream_options.include_usage)
+
+
+def include_trace(body: _Body) -> bool:
+    """Whether a streamed response carries its chains' trace events (stream_options.include_trace)."""
+    return bool(body.stream_options is not None and body.stream_options.include_trace)
 
 
 def usage(prompt_tokens: int, outputs: Sequence[Output]) -> dict:

@@ -12,17 +12,28 @@ The plain methods (`base`, `low-temp`) stream the same way: a plain chain is one
 
 Every chunk has the same `id`, `created` and `model`. The text streamed is the text a non-streamed request with
 the same seed returns (stop strings cut it the same way: `protocol.finish`).
+
+The trace extension (`stream_options: {"include_trace": true}`) adds each chain's trace events as they happen, before
+the chunks: one SSE comment line `: trace {json}` per event, the JSON being the event `powersample sample --trace`
+writes (`api.ChainTrace`: start, extend, step, smc, end, with `pieces`), its "chain" the choice index, non-finite
+numbers as null. Comments, because every SSE client skips them: the openai SDK parses every `data:` event as a chunk,
+whatever its `event:` name, so a named event would reach its users as a broken chunk; with comments an SDK user who
+turns the trace on still gets exactly the usual chunks. A client that wants the trace reads the lines that start
+with `: trace `.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
+from typing import Any
 
 from powersample.server import protocol as wire
 
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
 DONE = b"data: [DONE]\n\n"
+TRACE = ": trace "  # the prefix of a trace event's comment line
 MEDIA_TYPE = "text/event-stream"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the events
 
@@ -30,6 +41,22 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy b
 def event(data: dict) -> bytes:
     """One `data:` event."""
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def trace(item: dict) -> bytes:
+    """One trace event as an SSE comment line (json.dumps escapes every newline, so the JSON stays on it)."""
+    return f"{TRACE}{json.dumps(_finite(item), separators=(',', ':'))}\n\n".encode()
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (an SMC weight of -inf) as None: JSON has no infinities."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def head(kind: str, model: str) -> dict:

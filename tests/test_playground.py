@@ -1,0 +1,112 @@
+"""The playground page (`GET /`) in a real browser: headless Chromium (Debian's `chromium`) driven by Playwright runs
+one power request on the toy backend and must show the non-streamed text for the same seed and at least one
+accepted step, under the page's own Content-Security-Policy."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright; the test "
+                               "extra has it)")  # fmt: skip
+
+from test_server import SlowToy, serve  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not shutil.which(CHROMIUM):
+    pytest.skip("needs Debian's chromium (apt-get install chromium)", allow_module_level=True)
+
+PROMPT = "the cat"
+KNOBS = {"alpha": "2", "mcmc_steps": "3", "block_count": "3", "max_tokens": "12", "seed": "7"}
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_the_page_runs_a_chain_live_and_shows_the_final_text(endpoint):
+    text = {"prompt": PROMPT} if endpoint == "completions" else {"messages": [{"role": "user", "content": PROMPT}]}
+    path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
+    with serve(model_name="toy-words") as url:
+        want = httpx.post(url + path, json={**text, "method": "power", "n": 1,
+                                            **{k: int(v) for k, v in KNOBS.items()}}).json()  # fmt: skip
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM)
+            try:
+                page = browser.new_page()
+                problems = []
+                page.on("console", lambda m: m.type in ("error", "warning") and problems.append(m.text))
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                page.goto(url + "/")
+                page.fill("#prompt", PROMPT)
+                page.select_option("#endpoint", endpoint)
+                page.select_option("#method", "power")
+                for name, value in KNOBS.items():
+                    page.fill(f"#{name}", value)
+                page.click("#run")
+                page.wait_for_selector("body[data-state=done]", timeout=15_000)
+                final = page.text_content("#final")
+                accepted = page.locator("#steps li.acc").count()
+                spans = page.locator("#state span").count()
+                circles = page.locator("#chart circle").count()
+                extensions = page.locator("#steps li.info").count()
+                shown = page.text_content("#n-accepted")
+            finally:
+                browser.close()
+    choice = want["choices"][0]
+    assert final == (choice["text"] if endpoint == "completions" else choice["message"]["content"]) and final
+    ps = want["power_sampling"]
+    assert accepted >= 1 and int(shown) == accepted == ps["accepted"]
+    assert spans >= 1 and extensions >= 1 and circles == ps["proposals"] + extensions + 1  # and the end
+    assert problems == []  # no CSP violation, no script error
+
+
+def test_the_page_shows_a_refused_request_as_one_line():
+    with serve(model_name="toy-words") as url:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.fill("#alpha", "-1")
+                page.click("#run")
+                page.wait_for_selector("#error:not(:empty)", timeout=10_000)
+                error = page.text_content("#error")
+            finally:
+                browser.close()
+    assert error.startswith("error 400: ") and "alpha" in error and "\n" not in error
+
+
+def test_the_page_sends_the_api_key_and_stop_frees_the_chain():
+    with serve(SlowToy(delay=0.01), api_key="sekret") as url:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.select_option("#method", "power")
+                page.fill("#mcmc_steps", "200")
+                page.click("#run")
+                page.wait_for_selector("#error:not(:empty)", timeout=10_000)
+                refused = page.text_content("#error")
+                page.fill("#key", "sekret")
+                page.click("#run")
+                page.wait_for_selector("#steps li.acc, #steps li.rej", timeout=10_000)  # the chain is running
+                page.click("#stop")
+                page.wait_for_selector("body[data-state=stopped]", timeout=10_000)
+                status, kept = page.text_content("#status"), page.evaluate("sessionStorage.length")
+            finally:
+                browser.close()
+        state = idle(url, {"authorization": "Bearer sekret"})  # the page's request was aborted: its chain stopped
+    assert refused.startswith("error 401: ") and status == "stopped." and kept == 1
+    assert state["chains_in_flight"] == 0 and state["requests_running"] == 0
+
+
+def idle(url: str, headers: dict, within: float = 10.0) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        state = httpx.get(f"{url}/health", headers=headers).json()
+        if state["chains_in_flight"] == 0 and state["requests_running"] == 0 or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
