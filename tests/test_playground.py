@@ -62,6 +62,32 @@ def test_the_page_runs_a_chain_live_and_shows_the_final_text(endpoint):
     assert problems == []  # no CSP violation, no script error
 
 
+def test_the_page_shows_base_sampling_as_it_is_drawn():
+    """base streams its tokens as they are drawn ("draw" trace events and text chunks): the live state grows one
+    span, and the final text is the non-streamed one."""
+    with serve(model_name="toy-words") as url:
+        want = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "method": "base", "max_tokens": 12,
+                                                         "seed": 7}).json()["choices"][0]["text"]  # fmt: skip
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.fill("#prompt", PROMPT)
+                page.select_option("#endpoint", "completions")
+                page.select_option("#method", "base")
+                page.fill("#max_tokens", "12")
+                page.fill("#seed", "7")
+                page.click("#run")
+                page.wait_for_selector("body[data-state=done]", timeout=15_000)
+                final, state = page.text_content("#final"), page.text_content("#state")
+                spans, steps = page.locator("#state span").count(), page.locator("#steps li").count()
+            finally:
+                browser.close()
+    assert final == want and state == want and want  # the toy's words decode token by token
+    assert spans == 1 and steps == 0
+
+
 def test_the_page_shows_a_refused_request_as_one_line():
     with serve(model_name="toy-words") as url:
         with sync_api.sync_playwright() as p:

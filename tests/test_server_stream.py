@@ -5,7 +5,9 @@ non-streamed text for the same seed."""
 from __future__ import annotations
 
 import json
+import threading
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -13,7 +15,9 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from test_server import SLOW_POWER, SlowToy, client, embedded, serve, wait_idle  # noqa: E402, F401
+from test_server import SLOW_POWER, SlowToy, client, embedded, serve, wait_idle, word_backend  # noqa: E402, F401
+
+from powersample.backends.toy import ToyBackend  # noqa: E402
 
 from powersample.server import schema  # noqa: E402
 from powersample.server.protocol import Limits  # noqa: E402
@@ -118,6 +122,89 @@ def test_every_chunk_fits_the_served_document(toy_url):
         assert data[-1] == "[DONE]" and len(data) > 3
         for chunk in data[:-1]:
             model.model_validate(chunk)
+
+
+# --- base and low-temp: the text as it is drawn -----------------------------------------------------------------
+
+
+class Gated(ToyBackend):
+    """A toy whose chains pause after their `after`-th token until the test opens the gate (or 20 s pass): a stream
+    that sends text only at the end can then not show any before the gate opens."""
+
+    def __init__(self, after: int = 3):
+        super().__init__(word_backend().spec)
+        self.after, self.gate, self.waited = after, threading.Event(), []
+
+    def extend(self, requests, proposal):
+        return super().extend([replace(r, on_draw=self._pausing(r.on_draw)) for r in requests], proposal)
+
+    def _pausing(self, report):
+        count = [0]
+
+        def on_draw(tokens):
+            if report is not None:
+                report(tokens)
+            count[0] += len(tokens)
+            if count[0] == self.after:
+                self.waited.append(self.gate.wait(20))
+
+        return on_draw
+
+
+def live_text_arrives_before_the_chain_ends(path: str, body: dict) -> tuple[list, Gated, dict]:
+    """The stream's data payloads (the gate opens once the first non-empty text has arrived), the backend, and the
+    non-streamed response."""
+    backend = Gated()
+    with serve(backend) as url:
+        with httpx.stream("POST", f"{url}/v1/{path}", json={**body, "stream": True}, timeout=60) as resp:
+            data = []
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    data.append(json.loads(line[len("data: ") :]))
+                    choice = (data[-1]["choices"] or [{}])[0]
+                    if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                        backend.gate.set()
+        plain = {k: v for k, v in body.items() if k != "stream_options"}
+        want = httpx.post(f"{url}/v1/{path}", json=plain, timeout=60).json()  # the gate is open by now
+    return data, backend, want
+
+
+@pytest.mark.parametrize("method", ["base", "low-temp"])
+@pytest.mark.parametrize("path", ["completions", "chat/completions"])
+def test_plain_methods_stream_their_text_as_it_is_drawn(path, method):
+    body = {"max_tokens": 12, "n": 2, "seed": 4, "method": method, "stop": [" mat"],
+            "stream_options": {"include_usage": True},
+            **({"prompt": "x"} if path == "completions" else {"messages": CHAT})}  # fmt: skip
+    data, backend, want = live_text_arrives_before_the_chain_ends(path, body)
+    assert backend.waited and all(backend.waited)  # every chain paused mid-way, and the client's text opened it
+    chat = path.startswith("chat")
+    texts = {}
+    for chunk in data[:-1]:
+        for c in chunk["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + ((c["delta"].get("content") or "") if chat else c["text"])
+    final = {c["index"]: c["message"]["content"] if chat else c["text"] for c in want["choices"]}
+    assert texts == final
+    model = schema.ChatChunk if chat else schema.CompletionChunk
+    for chunk in data[:-1]:
+        model.model_validate(chunk)
+        assert chunk["usage"] is None
+    assert data[-1]["usage"] == want["usage"] and data[-2]["power_sampling"]["method"] == method
+    if chat:  # each choice's role comes once, first
+        roles = [c["index"] for chunk in data for c in chunk["choices"] if "role" in c["delta"]]
+        assert sorted(roles) == [0, 1] and data[0]["choices"][0]["delta"]["role"] == "assistant"
+    finishes = {c["index"]: c["finish_reason"] for chunk in data for c in chunk["choices"] if c["finish_reason"]}
+    assert finishes == {c["index"]: c["finish_reason"] for c in want["choices"]}
+
+
+def test_plain_methods_with_logprobs_send_their_text_at_the_end():
+    body = {"prompt": "x", "max_tokens": 12, "seed": 4, "method": "base", "logprobs": 1}
+    backend = Gated()
+    backend.gate.set()  # nothing to wait for
+    with serve(backend) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as resp:
+            _, data = events(resp)
+    texts = [c["text"] for chunk in data[:-1] for c in chunk["choices"] if c["text"]]
+    assert len(texts) == 1 and data[0]["choices"][0]["logprobs"]["tokens"]  # one chunk: the text with its log-probs
 
 
 # --- keep-alives, errors and disconnects -------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from powersample.core.types import Tokens
 from powersample.errors import PowerSampleError, one_line
 from powersample.io import append_jsonl
 from powersample.samplers import programs, registry
+from powersample.samplers.registry import PLAIN_METHODS
 from powersample.server import protocol as wire
 from powersample.server import schema, sse
 from powersample.server.engine import Engine, Job, Stopped
@@ -61,7 +62,8 @@ from powersample.server.playground import add_playground
 from powersample.server.protocol import ApiError, ChatBody, CompletionBody, Limits
 
 POLL_SECONDS = 0.1  # how often a waiting handler checks its client and its deadline
-Render = Callable[[list[wire.Output]], list[dict]]  # a streamed request's outputs -> its chunks (sse.py)
+Render = Callable[[list[wire.Output], bool], list[dict]]  # a streamed request's outputs (and whether its text
+# streamed live, so chat roles went out already) -> its last chunks (sse.py)
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ class _Server:
         logprobs = body.logprobs
         if body.stream:
             top = sse.head("text_completion", self.settings.model_name)
-            render = lambda outputs: sse.completion_chunks(top, outputs, logprobs)  # noqa: E731
+            render = lambda outputs, live: sse.completion_chunks(top, outputs, logprobs)  # noqa: E731
             return self._stream(request, plan, body, top, render, logprobs is not None)
         records = await self._run(request, plan)
         outputs = await self._outputs(request, plan, records, wire.stop_strings(body), logprobs is not None)
@@ -216,7 +218,7 @@ class _Server:
         want, top = body.logprobs, body.top_logprobs or 0
         if body.stream:
             head = sse.head("chat.completion", self.settings.model_name)
-            render = lambda outputs: sse.chat_chunks(head, outputs, want, top)  # noqa: E731
+            render = lambda outputs, live: sse.chat_chunks(head, outputs, want, top, role=not live)  # noqa: E731
             return self._stream(request, plan, body, head, render, want)
         records = await self._run(request, plan)
         outputs = await self._outputs(request, plan, records, wire.stop_strings(body), want)
@@ -232,21 +234,29 @@ class _Server:
     def _stream(self, request: Request, plan: _Plan, body: wire._Body, top: dict,
                 render: Render, pieces: bool) -> StreamingResponse:  # fmt: skip
         """The SSE response of a checked request: its chains are built here (a 400 or 429 comes before the stream)
-        and run once the response starts; with stream_options.include_trace they are traced into its feed."""
+        and run once the response starts; with stream_options.include_trace they are traced into its feed, and so
+        are those of base and low-temp without log-probs, whose text streams as it is drawn (sse.LiveText)."""
         feed = Feed()
-        progs = self._programs(plan, feed if wire.include_trace(body) else None)
-        events = self._events(request, plan, progs, body, top, render, pieces, feed)
+        live = None
+        if plan.config.method in PLAIN_METHODS and not pieces:
+            choices = len(plan.prompt_ids) * plan.n
+            live = sse.LiveText(top, self.backend.decode, wire.stop_strings(body), choices, wire.include_usage(body))
+        progs = self._programs(plan, feed if wire.include_trace(body) or live else None)
+        events = self._events(request, plan, progs, body, top, render, pieces, feed, live)
         return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
     async def _events(self, request: Request, plan: _Plan, progs: list, body: wire._Body, top: dict,
-                      render: Render, pieces: bool, feed: Feed) -> AsyncIterator[bytes]:  # fmt: skip
-        """Keep-alives (and the trace events, when traced) while the chains run, then the chunks and [DONE]; a
-        failure is one error event. A client that leaves cancels this generator (Starlette watches for the
-        disconnect), which stops the job."""
+                      render: Render, pieces: bool, feed: Feed,
+                      live: sse.LiveText | None) -> AsyncIterator[bytes]:  # fmt: skip
+        """Keep-alives (and the trace events, when traced; the text as it is drawn, when live) while the chains run,
+        then the chunks and [DONE]; a failure is one error event. A client that leaves cancels this generator
+        (Starlette watches for the disconnect), which stops the job."""
         job, future = _submit(self.engine, progs, plan)
         start = time.perf_counter()
         try:
-            async with aclosing(self._running(job, future, plan, feed)) as running:
+            for data in live.opening() if live else ():
+                yield data
+            async with aclosing(self._running(job, future, plan, feed, wire.include_trace(body), live)) as running:
                 async for data in running:
                     yield data
             outcomes = _results(future.result(), self.settings.limits.request_timeout)
@@ -257,7 +267,8 @@ class _Server:
             usage = wire.usage(_prompt_tokens(plan), outputs) if wire.include_usage(body) else None
             ps = wire.power_sampling(plan.config, plan.seed, records, plan.ignored)
             self._count(plan, records, outputs)
-            for data in sse.finish(render(outputs), top, ps, usage):
+            chunks = render(live.rest(outputs), True) if live else render(outputs, False)
+            for data in sse.finish(chunks, top, ps, usage):
                 yield data
             await self._log(top["id"], records, outputs)
         except ApiError as error:
@@ -268,14 +279,19 @@ class _Server:
             if not future.done():
                 job.stop("request abandoned")
 
-    async def _running(self, job: Job, future: asyncio.Future, plan: _Plan, feed: Feed) -> AsyncIterator[bytes]:
-        """While the chains run: their trace events as they come (when traced), and keep-alives when nothing else
-        was sent for `stream_keepalive` seconds; past the deadline the job is stopped (504)."""
+    async def _running(self, job: Job, future: asyncio.Future, plan: _Plan, feed: Feed, traced: bool,
+                       live: sse.LiveText | None) -> AsyncIterator[bytes]:  # fmt: skip
+        """While the chains run: their trace events as they come (when traced), their text as it is drawn (when
+        live), and keep-alives when nothing else was sent for `stream_keepalive` seconds; past the deadline the job
+        is stopped (504)."""
         beat, keepalive = time.monotonic(), self.settings.stream_keepalive
         async with aclosing(feed.follow(future, min(POLL_SECONDS, keepalive))) as batches:
             async for batch in batches:
                 for item in batch:
-                    yield sse.trace(item)
+                    if traced:
+                        yield sse.trace(item)
+                    for data in live.draw(item) if live and item["event"] == "draw" else ():
+                        yield data
                 if future.done():
                     return
                 if time.monotonic() > plan.deadline:

@@ -13,7 +13,7 @@ Field rules (the README's "Serve" section repeats them):
 - `logprobs`: the base model's log p (temperature 1) of each returned token. The engine keeps no other entries of
   each distribution, so `top_logprobs` holds only the sampled token.
 - `stream: true`: server-sent events in OpenAI's chunk format (see `sse.py`); power methods send keep-alive
-  comments until their chains end, then the text. `stream_options` is allowed only with `stream: true`.
+  comments until their chains end, then the text; base and low-temp (without log-probs) send it as it is drawn. `stream_options` is allowed only with `stream: true`.
 - `stream_options.include_trace: true` (an extension): each chain's trace events (those of `sample --trace`),
   numbered by choice index, as `: trace {json}` comment lines while the chains run, before the chunks (`sse.py`).
 - Unknown fields are ignored and listed in `power_sampling.ignored`; `echo: true` and token-id prompts get a 400.

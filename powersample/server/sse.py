@@ -7,8 +7,10 @@ asked for), and a chunk with its finish_reason. The stream's last choice chunk a
 `stream_options.include_usage` a chunk with `usage` and no choices follows (and every other chunk has
 `usage: null`, as OpenAI sends them); then `data: [DONE]`.
 
-The plain methods (`base`, `low-temp`) stream the same way: a plain chain is one backend request for all its tokens
-(`samplers/plain.py`), and the backend interface has no per-token callback to stream them from as they are drawn.
+The plain methods (`base`, `low-temp`) stream their text as it is drawn, when no log-probs are asked for: their
+chains are traced, each run of tokens the engine draws (a "draw" event, `ExtendRequest.on_draw`) goes through the
+choice's `deltas.TextStream`, and the text it releases is one content chunk (`LiveText`). At the end each choice
+gets what is left of its final text and its finish_reason. With log-probs they stream as the power methods do.
 
 Every chunk has the same `id`, `created` and `model`. The text streamed is the text a non-streamed request with
 the same seed returns (stop strings cut it the same way: `protocol.finish`).
@@ -26,15 +28,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from powersample.server import protocol as wire
+from powersample.server.deltas import TextStream
 
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
 DONE = b"data: [DONE]\n\n"
 TRACE = ": trace "  # the prefix of a trace event's comment line
 MEDIA_TYPE = "text/event-stream"
+CHAT_CHUNK = "chat.completion.chunk"  # the `object` of a chat stream's chunks
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the events
 
 
@@ -63,7 +68,7 @@ def head(kind: str, model: str) -> dict:
     """id, object, created and model shared by every chunk of one stream; kind is "text_completion" or
     "chat.completion"."""
     envelope = wire.envelope(kind, model)
-    return {**envelope, "object": "chat.completion.chunk" if kind == "chat.completion" else "text_completion"}
+    return {**envelope, "object": CHAT_CHUNK if kind == "chat.completion" else "text_completion"}
 
 
 def completion_chunks(top: dict, outputs: Sequence[wire.Output], logprobs: int | None) -> list[dict]:
@@ -78,19 +83,50 @@ def completion_chunks(top: dict, outputs: Sequence[wire.Output], logprobs: int |
     return chunks
 
 
-def chat_chunks(top: dict, outputs: Sequence[wire.Output], logprobs: bool, top_logprobs: int) -> list[dict]:
-    """Per choice: the role, its text (with its log-probs when asked for), then its finish_reason."""
+def chat_chunks(top: dict, outputs: Sequence[wire.Output], logprobs: bool, top_logprobs: int,
+                role: bool = True) -> list[dict]:  # fmt: skip
+    """Per choice: the role (unless it was sent already: `role` False), its text (with its log-probs when asked
+    for), then its finish_reason."""
 
     def chunk(i: int, delta: dict, lp: dict | None = None, finish: str | None = None) -> dict:
         return {**top, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
     chunks = []
     for i, out in enumerate(outputs):
-        chunks.append(chunk(i, {"role": "assistant", "content": ""}))
+        if role:
+            chunks.append(chunk(i, {"role": "assistant", "content": ""}))
         if out.text:
             chunks.append(chunk(i, {"content": out.text}, wire.chat_logprobs(out, top_logprobs) if logprobs else None))
         chunks.append(chunk(i, {}, finish=out.finish_reason))
     return chunks
+
+
+class LiveText:
+    """The text chunks of a streamed plain request while its chains run: each choice's text as its tokens are drawn
+    (the chains' "draw" events), through a `TextStream`, so what is sent is always a prefix of the final text."""
+
+    def __init__(self, top: dict, decode: Callable[[Sequence[int]], str], stops: Sequence[str], choices: int,
+                 usage: bool):  # fmt: skip
+        self.top, self.chat, self.usage = top, top["object"] == CHAT_CHUNK, usage
+        self.streams = [TextStream(decode, stops) for _ in range(choices)]
+
+    def opening(self) -> list[bytes]:
+        """Chat: each choice's role chunk, before any text (completions: nothing)."""
+        return [self._event(i, {"role": "assistant", "content": ""}) for i in range(len(self.streams)) if self.chat]
+
+    def draw(self, item: dict) -> list[bytes]:
+        """The chunk of the text a "draw" trace event releases (none when it releases nothing)."""
+        text = self.streams[item["chain"]].add(item["tokens"])
+        return [self._event(item["chain"], {"content": text} if self.chat else text)] if text else []
+
+    def rest(self, outputs: Sequence[wire.Output]) -> list[wire.Output]:
+        """The outputs with only the text not sent yet, for the stream's last chunks."""
+        return [replace(out, text=stream.finish(out.text)) for out, stream in zip(outputs, self.streams)]
+
+    def _event(self, index: int, delta: dict | str) -> bytes:
+        choice = {"index": index, "delta": delta} if self.chat else {"index": index, "text": delta}
+        chunk = {**self.top, "choices": [{**choice, "logprobs": None, "finish_reason": None}]}
+        return event({**chunk, "usage": None} if self.usage else chunk)
 
 
 def finish(chunks: list[dict], top: dict, power_sampling: dict, usage: dict | None) -> list[bytes]:
