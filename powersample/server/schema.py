@@ -219,7 +219,8 @@ def responses(model: type[BaseModel], generation: bool = False,
     return {200: ok, **{s: {"model": ErrorResponse, "description": d} for s, d in errors.items()}}
 
 
-_STREAM = ("with stream: true, server-sent events: ': keep-alive' comments while the chains run (and, with "
+_STREAM = ("with stream: true, server-sent events: ': keep-alive' comments while the chains run (base and "
+           "low-temp without logprobs: their text chunks as it is drawn; and, with "
            "stream_options.include_trace, one ': trace {{json}}' comment per chain trace event: the events of "
            "`powersample sample --trace`, their 'chain' the choice index), then 'data: {{json}}' events, each a "
            "{chunk} (components), or one ErrorResponse when the request fails after the stream has started, then "
