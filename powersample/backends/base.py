@@ -20,7 +20,9 @@ with the request's context, so correctness never depends on the hint.
 - `Speculation`: `default_speculate`, how many guessed tokens per forward the engine is fastest with (requests
   whose sampler leaves `speculate` to the engine);
 - `Ranking`: `rank`, each continuation token's log p with the n likeliest tokens at its position, in one forward
-  (the server's `logprobs` / `top_logprobs`, and prompt scoring with `echo`).
+  (the server's `logprobs` / `top_logprobs`, and prompt scoring with `echo`);
+- `Vocabulary`: `vocab_size` and `token_text`, what the ids are (the server's token-id prompts and tokenizer
+  endpoints).
 
 Callers ask `capability(backend, ContinuousBatching)`, the one place that checks: it returns the backend typed as
 the capability when it has every method the Protocol declares, else None. It looks the methods up with `getattr`,
@@ -111,12 +113,24 @@ class Ranking(Protocol):
         ...
 
 
+class Vocabulary(Protocol):
+    """A backend that says what its token ids are."""
+
+    def vocab_size(self) -> int:
+        """How many ids the backend takes: every id in [0, vocab_size()) can be decoded and scored, no other."""
+        ...
+
+    def token_text(self, token: int) -> str:
+        """The text of one id, special tokens spelled out ("<|im_end|>"), unlike `decode`."""
+        ...
+
+
 C = TypeVar("C")
 
 
 def capability(backend: object, protocol: type[C]) -> C | None:
     """`backend` as the optional capability `protocol` (ContinuousBatching, ChatMessages, Confidence,
-    Speculation, Ranking) when it has every method the Protocol declares, else None."""
+    Speculation, Ranking, Vocabulary) when it has every method the Protocol declares, else None."""
     methods = [name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")]
     if all(callable(getattr(backend, name, None)) for name in methods):
         return backend  # type: ignore[return-value]

@@ -23,6 +23,7 @@ The promises:
 - confidence (optional) is minus the entropy of each next-token distribution, and obeys the chain rule too;
 - rank (optional) gives score's log p and each position's n likeliest tokens, ranked, ties by id (with next_logp:
   the top n of the independent row; n past the vocabulary: all of it);
+- vocabulary (optional) covers every id the backend draws, and its last id can be scored and decoded;
 - a request that asks for entropies gets one per token, each the entropy of the base next-token distribution
   (= -confidence where the backend has it), and the same tokens and log-probs as without asking, speculated or not;
 - a row of a batch gets the same draws and log-probs as the same request alone;
@@ -37,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from powersample.backends.base import Backend, Confidence, Ranking, capability
+from powersample.backends.base import Backend, Confidence, Ranking, Vocabulary, capability
 from powersample.core.drafts import WINDOW, Corpus, Draft
 from powersample.core.numerics import negative_entropy, proposal_logprobs, top_alternatives
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
@@ -235,6 +236,25 @@ def rank_gives_log_p_and_the_likeliest_tokens(s: Subject) -> None:
                 _close([lp for _, lp in r.top], [row[t] for t, _ in r.top], s.tolerance, f"rank's top {n} ids' log p")
 
 
+def vocabulary_covers_the_ids(s: Subject) -> None:
+    """vocab_size (optional: `Vocabulary`) exceeds every id drawn and every EOS id; its last id scores (log p <= 0),
+    decodes, and has a token_text, as EOS does; with next_logp, no row is narrower than the vocabulary."""
+    vocab = capability(s.backend, Vocabulary)
+    if vocab is None:
+        raise NotApplicable("the backend has no vocab_size and token_text (the optional Vocabulary capability)")
+    size = vocab.vocab_size()
+    cont = extend(s.backend, s.prompt, 8, seed=9, proposal=Proposal(1.5), slot=76)
+    _check(size >= 1 and all(0 <= t < size for t in (*cont.tokens, *s.backend.eos_ids)),
+           f"vocab_size {size} does not cover the drawn ids {cont.tokens} and EOS ids {sorted(s.backend.eos_ids)}")
+    [logp] = s.backend.score(s.prompt, (size - 1,))
+    _check(logp <= 1e-9, f"the last id {size - 1} scored {logp}")
+    _check(isinstance(s.backend.decode([size - 1]), str), f"the last id {size - 1} does not decode to text")
+    texts = [vocab.token_text(t) for t in (size - 1, *sorted(s.backend.eos_ids))]
+    _check(all(isinstance(t, str) for t in texts) and all(texts[1:]), f"token texts of the last id and EOS: {texts}")
+    if s.next_logp is not None:
+        _check(len(s.next_logp(s.prompt)) >= size, f"a row of {len(s.next_logp(s.prompt))} for vocab_size {size}")
+
+
 def entropies_are_reported_when_asked(s: Subject) -> None:
     """ExtendRequest.entropy = True adds one entropy >= 0 per token (nats): minus the confidence (when the backend
     has it) and -sum p log p of the next_logp rows (when given); and it changes nothing else, batched rows and
@@ -333,6 +353,7 @@ CHECKS: tuple[Callable[[Subject], object], ...] = (
     score_obeys_the_chain_rule,
     confidence_is_minus_the_entropy,
     rank_gives_log_p_and_the_likeliest_tokens,
+    vocabulary_covers_the_ids,
     entropies_are_reported_when_asked,
     batched_rows_match_single_rows,
     drafted_continuations_are_like_any,

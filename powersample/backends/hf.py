@@ -227,6 +227,13 @@ class HFBackend:
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
+    def vocab_size(self) -> int:
+        """Ids both the tokenizer and the model's embedding know (the `Vocabulary` capability)."""
+        return min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
     @torch.inference_mode()
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
         """One continuation per request, in order, decoded together (one forward per step for all rows)."""

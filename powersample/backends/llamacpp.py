@@ -256,6 +256,13 @@ class LlamaCppBackend:
         """Text of `tokens`; special (control) tokens render as nothing."""
         return self.llm.detokenize(list(tokens), special=False).decode("utf-8", errors="replace")
 
+    def vocab_size(self) -> int:
+        return self.n_vocab
+
+    def token_text(self, token: int) -> str:
+        """One id's text, special tokens spelled out (the `Vocabulary` capability)."""
+        return self._piece(token)
+
     # --- extending ------------------------------------------------------------------------------------------------
 
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:

@@ -179,6 +179,12 @@ class ToyBackend:
     def decode(self, tokens: Sequence[int]) -> str:
         return "".join(self.spec.vocab[t] for t in tokens if t not in self.eos_ids)
 
+    def vocab_size(self) -> int:
+        return len(self.spec.vocab)
+
+    def token_text(self, token: int) -> str:
+        return self.spec.vocab[token]
+
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
         self.stats.extend_calls += 1
         return [self._extend_one(r, proposal) for r in requests]

@@ -197,6 +197,13 @@ class VLLMBackend:
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
+    def vocab_size(self) -> int:
+        """Ids both the tokenizer and the model's embedding know (the `Vocabulary` capability)."""
+        return min(len(self.tokenizer), self._vocab_size())
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
         """One continuation per request, in order: all requests in one engine loop, a request's scoring (q != p)
         starting as soon as its draw is done."""
