@@ -97,7 +97,7 @@ def test_echo_with_sampling_covers_the_prompt_then_the_sample(url):
     lp = choice["logprobs"]
     check_offsets(choice["text"], lp)
     assert choice["text"].startswith("the cat") and lp["tokens"][:2] == ["the", " cat"]
-    vocab = {v: t for t, v in enumerate(WORDS["vocab"])}
+    vocab = {**{v: t for t, v in enumerate(WORDS["vocab"])}, "": 7}  # a final EOS comes back with the piece ""
     tokens = [vocab[p] for p in lp["tokens"]]
     sample = tokens[2:]
     assert 1 <= len(sample) <= 5 and resp["usage"]["completion_tokens"] >= len(sample)
@@ -108,6 +108,20 @@ def test_echo_with_sampling_covers_the_prompt_then_the_sample(url):
         assert len(lp["top_logprobs"][i]) == 3 + (lp["tokens"][i] not in top)
     # the chain's own log p is the sample's
     assert resp["power_sampling"]["chains"][0]["logp"] == pytest.approx(sum(lp["token_logprobs"][2:]))
+
+
+def test_a_completions_final_eos_is_its_last_logprob_and_a_chats_is_not():
+    coin = ToyBackend(ToySpec.from_dict({"vocab": ["a", "<eos>"], "eos_id": 1, "default": [0.5, 0.5]}))
+    with serve(coin) as url:
+        body = {"max_tokens": 4, "n": 8, "seed": 0, "method": "base", "logprobs": 1}
+        resp = post(url, {**body, "prompt": "x"}).json()
+        chat = post(url, {**body, "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+                    "/v1/chat/completions").json()  # fmt: skip
+    ended = [c["logprobs"] for c in resp["choices"] if c["finish_reason"] == "stop"]
+    assert ended and all(lp["tokens"][-1] == "" and lp["token_logprobs"][-1] == pytest.approx(math.log(0.5))
+                         for lp in ended)  # fmt: skip
+    assert sum(len(c["logprobs"]["tokens"]) for c in resp["choices"]) == resp["usage"]["completion_tokens"]
+    assert all(e["token"] == "a" for c in chat["choices"] for e in c["logprobs"]["content"])
 
 
 def test_echo_of_a_text_prompt_prepends_it_and_shifts_the_offsets(url):

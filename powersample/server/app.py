@@ -97,6 +97,7 @@ class _Plan:
     logprobs: int | None = None  # alternatives per token (protocol.wanted_logprobs); None: no log-probs
     echo: bool = False  # each choice starts with its prompt (completions)
     id_prompts: bool = False  # the prompts came as token ids (an echo's text is then their decoded pieces)
+    final_eos: bool = False  # a sample's final EOS is among its returned tokens (completions: protocol.finish)
 
 
 def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
@@ -207,7 +208,7 @@ class _Server:
         ids = [self._checked(self._prompt_ids(p), new, "prompt") for p in prompts]
         texts = [p if isinstance(p, str) else self.backend.decode(i) for p, i in zip(prompts, ids)]
         plan = _Plan(texts, ids, config, _seed(body), body.n, ignored, work, deadline, body.logprobs, body.echo,
-                     not isinstance(prompts[0], str))  # fmt: skip
+                     not isinstance(prompts[0], str), final_eos=True)  # fmt: skip
         self._check_ranking(plan, "logprobs")
         if scoring:
             return await self._prompt_scores(request, plan)
@@ -332,7 +333,7 @@ class _Server:
         leaves, or the timeout, stops them at the next token); then the echo and alternatives the plan asks for."""
 
         def work(check: Callable[[], None]) -> list[wire.Output]:
-            return [wire.finish(self.backend.decode, r, stops, pieces, check) for r in records]
+            return [wire.finish(self.backend.decode, r, stops, pieces, check, plan.final_eos) for r in records]
 
         return await self._score(request, plan, await self._in_thread(request, plan, work))
 

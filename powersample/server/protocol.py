@@ -14,7 +14,9 @@ Field rules (the README's "Serve" section repeats them):
   (temperature 1) of each returned token and, for N >= 1, the N likeliest tokens under the base model at its
   position (completions add the returned token when it is not among them, as OpenAI does: up to N + 1 entries).
   With N >= 1 the alternatives and every log p come from one extra forward per sample over its final tokens, once
-  its chain has ended (the backend's `Ranking` capability); a backend without it answers 400.
+  its chain has ended (the backend's `Ranking` capability); a backend without it answers 400. A completion's
+  log-probs end with its final EOS when it has one (piece "", as vLLM returns it: lm-eval reads the last entry as
+  the generated token); chat's leave it out, as OpenAI's do.
 - `echo: true` (completions): each choice's text starts with its prompt, and its log-probs cover the prompt's tokens
   first (the first one has `null` log p and `null` top_logprobs: nothing comes before it), then the generated ones;
   `text_offset` counts characters into the echoed text. `max_tokens: 0` is allowed only with echo and without
@@ -405,11 +407,12 @@ class Output:
 
 
 def finish(decode, record: SampleRecord, stops: Sequence[str], want_pieces: bool,
-           check: Callable[[], None] | None = None) -> Output:  # fmt: skip
-    """Cut the record's text before its earliest stop string, and find the tokens behind what is left. `check` is
-    called before each token's piece (it raises to stop the work: the client left, or the deadline passed)."""
+           check: Callable[[], None] | None = None, keep_eos: bool = False) -> Output:  # fmt: skip
+    """Cut the record's text before its earliest stop string, and find the tokens behind what is left (`keep_eos`:
+    a final EOS stays among them, with the piece ""). `check` is called before each token's piece (it raises to stop
+    the work: the client left, or the deadline passed)."""
     ended = record.finish_reason == "eos"
-    tokens = record.tokens[:-1] if ended else record.tokens
+    tokens = record.tokens[:-1] if ended and not keep_eos else record.tokens
     cut = min((i for i in (record.text.find(s) for s in stops) if i >= 0), default=-1)
     text = record.text if cut < 0 else record.text[:cut]
     if cut < 0 and not want_pieces:
