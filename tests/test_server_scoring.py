@@ -325,3 +325,29 @@ def test_embedded_model_generated_alternatives_are_real(embedded):
     for entry, r, piece in zip(lp["top_logprobs"], ranked, lp["tokens"]):
         assert list(entry.values())[:2] == pytest.approx([p for _, p in r.top], abs=1e-4)
         assert len(entry) == 2 + (piece not in list(entry)[:2])
+
+
+# --- the engine runs calls on its own thread ---------------------------------------------------------------------
+
+
+def test_engine_calls_run_on_the_engine_thread_and_answer_failures_and_deadlines():
+    import queue
+    import threading
+    import time
+
+    from powersample.server.engine import Call, Engine, Stopped
+
+    engine, got = Engine(toy()), queue.Queue()
+    engine.start()
+    try:
+        engine.call(Call(lambda: threading.current_thread().name, time.monotonic() + 10, got.put))
+        assert got.get(timeout=10) == "powersample-engine"  # the thread that owns the backend
+        engine.call(Call(lambda: 1 / 0, time.monotonic() + 10, got.put))
+        assert isinstance(got.get(timeout=10), ZeroDivisionError)  # a failed call is its answer; the engine goes on
+        engine.call(Call(lambda: "ran", time.monotonic() - 1, got.put))  # past its deadline: never runs
+        late = got.get(timeout=10)
+        assert isinstance(late, Stopped) and str(late) == "timeout"
+        engine.call(Call(lambda: "still serving", time.monotonic() + 10, got.put))
+        assert got.get(timeout=10) == "still serving"
+    finally:
+        engine.close()
