@@ -13,7 +13,7 @@ import pytest
 from conftest import load_spec, run_check
 
 from powersample.backends import conformance
-from powersample.backends.base import ChatMessages, Confidence, ContinuousBatching, capability
+from powersample.backends.base import ChatMessages, Confidence, ContinuousBatching, Ranking, capability
 from powersample.backends.toy import ToyBackend
 from powersample.core.types import Continuation
 
@@ -109,6 +109,22 @@ class AllAtOnce(ToyBackend):
         return conts
 
 
+class RankTiesByLargerId(ToyBackend):
+    """rank breaks ties by the larger id."""
+
+    def rank(self, context, continuation, n):
+        ranked = super().rank(context, continuation, len(self.spec.vocab))
+        return tuple(replace(r, top=tuple(sorted(r.top, key=lambda e: (-e[1], -e[0]))[:n])) for r in ranked)
+
+
+class RankOneBehind(ToyBackend):
+    """rank reports the distribution after each token instead of before it."""
+
+    def rank(self, context, continuation, n):
+        ahead = super().rank(context, continuation[1:] + (0,), n)
+        return tuple(replace(r, base_logp=b) for r, b in zip(ahead, self.score(context, continuation)))
+
+
 class Limited(ToyBackend):
     """Claims a context length and never checks it."""
 
@@ -123,6 +139,10 @@ class Limited(ToyBackend):
     (Limited, conformance.context_length_is_checked, "passed the context length"),
     (Silent, conformance.draws_are_reported_as_drawn, "reported"),
     (Misreporting, conformance.draws_are_reported_as_drawn, "reported"),
+
+
+    (RankTiesByLargerId, conformance.rank_gives_log_p_and_the_likeliest_tokens, "ties by the smaller id"),
+    (RankOneBehind, conformance.rank_gives_log_p_and_the_likeliest_tokens, "top"),
 ])
 def test_the_suite_fails_a_broken_backend(broken, check, message):
     backend = broken(load_spec("eos_trap"))
@@ -161,6 +181,7 @@ class Continuous(ToyBackend):
 def test_capability_is_the_backend_when_it_has_the_methods():
     toy = ToyBackend(load_spec("eos_trap"))
     assert capability(toy, ChatMessages) is toy and capability(toy, Confidence) is toy
+    assert capability(toy, Ranking) is toy
     assert capability(toy, ContinuousBatching) is None
     continuous = Continuous(load_spec("eos_trap"))
     assert capability(continuous, ContinuousBatching) is continuous

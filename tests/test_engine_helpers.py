@@ -102,3 +102,16 @@ def test_eos_ids_merge_the_tokenizer_and_the_generation_config():
     assert hub.eos_ids(2, 7) == frozenset({2, 7})
     assert hub.eos_ids(None, [2, 5]) == frozenset({2, 5})
     assert hub.eos_ids(None, None) == frozenset()
+
+
+def test_top_alternatives_is_a_full_sort_by_log_p_then_id():
+    """The partition-first ranking equals sorting the whole row (likeliest first, ties by the smaller id), ties,
+    -inf entries and k past the vocabulary included."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        size = int(rng.integers(1, 12))
+        with np.errstate(divide="ignore"):  # log 0 = -inf: a token the model never draws
+            row = np.log(rng.integers(0, 4, size) / 4) if rng.random() < 0.5 else rng.normal(size=size)  # ties
+        k = int(rng.integers(0, size + 3))
+        order = np.lexsort((np.arange(size), -row))[:k]
+        assert top_alternatives(row, k) == tuple((int(t), float(row[t])) for t in order)

@@ -151,7 +151,9 @@ def test_chat_completion_with_logprobs(toy_url):
         assert choice.message.role == "assistant"
         pieces = [entry.token for entry in choice.logprobs.content]
         assert "".join(pieces) == choice.message.content
-        assert all(entry.logprob <= 0 and entry.top_logprobs[0].token == entry.token for entry in choice.logprobs.content)
+        for entry in choice.logprobs.content:  # top_logprobs: the likeliest token under the base model, not the drawn
+            [best] = entry.top_logprobs
+            assert entry.logprob <= best.logprob <= 0 and (best.token != entry.token or best.logprob == entry.logprob)
     assert resp.model_extra["power_sampling"]["method"] == "max-swap"
 
 
@@ -251,7 +253,10 @@ BAD = [
     ("completions", {"prompt": "x", "stop": ""}, 400, "stop", None),
     ("completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     ("completions", {"prompt": "x", "stream": "yes"}, 400, "stream", "invalid_type"),
-    ("completions", {"prompt": "x", "echo": True}, 400, "echo", None),
+    ("completions", {"prompt": "x", "echo": True, "max_tokens": 0, "stream": True}, 400, "stream", None),
+    ("completions", {"prompt": [0, 8]}, 400, "prompt", "invalid_token_id"),
+    ("completions", {"prompt": [[0], []]}, 400, "prompt", None),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens", None),
     ("completions", {"prompt": "x", "logprobs": 9}, 400, "logprobs", None),
     ("chat/completions", {"messages": []}, 400, "messages", None),
     ("chat/completions", {"messages": [{"role": "user", "content": ""}]}, 400, "messages", None),
@@ -293,7 +298,8 @@ def test_unknown_paths_and_methods():
 def test_the_api_key_is_required_on_every_endpoint():
     with serve(api_key="s3cret") as url:
         for method, path in [("GET", "/openapi.json"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
-                             ("POST", "/v1/chat/completions")]:  # fmt: skip
+                             ("POST", "/v1/chat/completions"), ("GET", "/tokenizer_info"), ("POST", "/tokenize"),
+                             ("POST", "/detokenize")]:  # fmt: skip
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
                 resp = httpx.request(method, url + path, json={"prompt": "x"}, headers=headers)
                 assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"

@@ -387,7 +387,7 @@ def test_token_pieces_run_inside_the_request_timeout():
     spec = dict(WORDS, default=[0.2, 0.2, 0.2, 0.2, 0.2, 0, 0, 0], next={})  # no EOS: every sample is 12 tokens
     backend.inner = ToyBackend(ToySpec.from_dict(spec))
     with serve(backend, limits=Limits(request_timeout=3.0)) as base:
-        resp = post(base, {"prompt": "x", "max_tokens": 12, "logprobs": 1, "method": "base"})
+        resp = post(base, {"prompt": "x", "max_tokens": 12, "logprobs": 0, "method": "base"})
         backend.release.set()
     assert backend.entered.is_set() and resp.status_code == 504, resp.text
 

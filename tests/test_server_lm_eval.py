@@ -1,9 +1,12 @@
 """lm-evaluation-harness as a real client: `lm_eval --model local-completions` against a live `powersample serve`
-(toy backend) on a generate_until task defined here with local data; its outputs must be what the server logged."""
+(toy backend) on a generate_until task defined here with local data, whose outputs must be what the server logged;
+and on a multiple-choice task (loglikelihood, through the server's /tokenize as lm-eval's tokenizer), whose
+log-likelihoods must be the backend's own (the toy's exact ones, and the embedded model's score)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -92,3 +95,126 @@ def test_lm_eval_local_completions_runs_against_the_server(tmp_path):
     assert {r["prompt"] for r in served} == {q["question"] + " Answer:" for q in QUESTIONS}
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     assert "powersample_sums" in results["results"]
+
+
+# --- loglikelihood: a multiple-choice task through lm-eval's remote tokenizer --------------------------------------
+
+CHARS = [chr(c) for c in range(32, 127)] + ["\n", "<eos>"]  # printable ASCII, one id per character
+MC_QUESTIONS = [  # the toy below prefers "Paris" and "4" (right) and "green" (wrong): acc 2/3
+    {"question": "Capital of France?", "choices": ["Paris", "Rome", "Oslo"], "answer": 0, "likely": "P"},
+    {"question": "What is 2 + 2?", "choices": ["3", "4", "5"], "answer": 1, "likely": "4"},
+    {"question": "Colour of the sky?", "choices": ["blue", "green"], "answer": 0, "likely": "g"},
+]
+MC_TASK = """task: powersample_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}} Answer:"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+class CharToy(ToyBackend):
+    """The toy model with a character tokenizer: a prompt's ids are its characters' (the toy's own `encode` gives
+    none), so lm-eval's remote tokenizer (POST /tokenize) has ids to count and send back."""
+
+    def encode(self, prompt, chat=True):
+        return tuple(CHARS.index(c) for c in prompt)
+
+
+def mc_toy() -> CharToy:
+    """Uniform characters, except that after each question's context and the space before a choice, its `likely`
+    character has p = 0.9."""
+    uniform = [1 / len(CHARS)] * len(CHARS)
+    rows = {}
+    for q in MC_QUESTIONS:
+        after = CharToy.encode(None, f"{q['question']} Answer: ")
+        rows[",".join(map(str, after))] = [0.9 if c == q["likely"] else 0.1 / (len(CHARS) - 1) for c in CHARS]
+    return CharToy(ToySpec.from_dict({"vocab": CHARS, "eos_id": len(CHARS) - 1, "default": uniform, "next": rows}))
+
+
+def write_mc_task(folder: Path, questions: list[dict]) -> Path:
+    data = folder / "mc.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    tasks = folder / "mc_tasks"
+    tasks.mkdir()
+    (tasks / "powersample_mc.yaml").write_text(MC_TASK.format(data=data))
+    return tasks
+
+
+def run_mc(url: str, tasks: Path, out: Path, key: str, env_dir: Path) -> list[dict]:
+    """`lm_eval` on the multiple-choice task with its default tokenizer (auto: the server's /tokenize) and requests
+    sent as token ids; the logged samples, in document order."""
+    exe = shutil.which("lm_eval") or str(Path(sys.executable).with_name("lm_eval"))
+    model_args = f"model=powersample,base_url={url}/v1/completions,auth_token={key},max_retries=1"
+    command = [exe, "--model", "local-completions", "--model_args", model_args, "--tasks", "powersample_mc",
+               "--include_path", str(tasks), "--output_path", str(out), "--log_samples"]  # fmt: skip
+    env = {**os.environ, "OPENAI_API_KEY": key, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(env_dir / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Using remote tokenizer" in run.stderr, run.stderr[-3000:]
+    [samples_file] = out.rglob("samples_powersample_mc_*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    return sorted(samples, key=lambda s: s["doc_id"])
+
+
+def exact_loglikelihoods(backend, question: dict) -> list[tuple[float, bool]]:
+    """(sum of log p, every token the likeliest) of each choice after its context, as lm-eval defines them, from the
+    backend's own score and rank of the same ids."""
+    context = backend.encode(f"{question['question']} Answer:", chat=False)
+    out = []
+    for choice in question["choices"]:
+        continuation = backend.encode(f"{question['question']} Answer: {choice}", chat=False)[len(context) :]
+        ranked = backend.rank(context, continuation, 1)
+        out.append((math.fsum(backend.score(context, continuation)),
+                    all(r.base_logp == r.top[0][1] for r in ranked)))  # fmt: skip
+    return out
+
+
+def logged(sample: dict) -> list[tuple[float, bool]]:
+    """lm-eval's (log-likelihood, is_greedy) of each choice, from its samples log (where they are strings)."""
+    return [(float(ll), str(greedy) == "True") for ll, greedy in sample["filtered_resps"]]
+
+
+def test_lm_eval_multiple_choice_scores_with_the_toys_exact_log_probs(tmp_path):
+    backend = mc_toy()
+    settings = Settings(defaults=SamplerConfig(max_new_tokens=8, mcmc_steps=1), api_key="k3y")
+    with background_server(create_app(backend, settings)) as url:
+        samples = run_mc(url, write_mc_task(tmp_path, MC_QUESTIONS), tmp_path / "out", "k3y", tmp_path)
+    assert len(samples) == len(MC_QUESTIONS)
+    correct = []
+    for sample, question in zip(samples, MC_QUESTIONS):
+        want = exact_loglikelihoods(backend, question)
+        have = logged(sample)
+        assert [ll for ll, _ in have] == pytest.approx([ll for ll, _ in want], abs=1e-9)
+        assert [greedy for _, greedy in have] == [greedy for _, greedy in want]
+        best = max(range(len(want)), key=lambda j: want[j][0])
+        correct.append(best == question["answer"])
+        assert sample["acc"] == float(correct[-1])
+    assert correct == [True, True, False]  # the toy's log-probs imply acc 2/3
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert results["results"]["powersample_mc"]["acc,none"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.slow
+def test_lm_eval_multiple_choice_on_the_embedded_model_gets_score_of_the_same_tokens(tmp_path):
+    from powersample.backends import load_backend
+
+    backend = load_backend("auto")
+    questions = [{k: v for k, v in q.items() if k != "likely"} for q in MC_QUESTIONS]
+    settings = Settings(defaults=SamplerConfig(method="base", max_new_tokens=8), api_key="k3y")
+    with background_server(create_app(backend, settings)) as url:
+        samples = run_mc(url, write_mc_task(tmp_path, questions), tmp_path / "out", "k3y", tmp_path)
+    for sample, question in zip(samples, questions):
+        want = exact_loglikelihoods(backend, question)
+        have = logged(sample)
+        assert [ll for ll, _ in have] == pytest.approx([ll for ll, _ in want], abs=1e-3)

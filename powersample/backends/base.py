@@ -18,7 +18,11 @@ with the request's context, so correctness never depends on the hint.
 - `ChatMessages`: `encode_messages`, a whole conversation through the model's chat template (the server);
 - `Confidence`: `confidence`, the per-position confidence of the paper's Eq. 13 (evaluation);
 - `Speculation`: `default_speculate`, how many guessed tokens per forward the engine is fastest with (requests
-  whose sampler leaves `speculate` to the engine).
+  whose sampler leaves `speculate` to the engine);
+- `Ranking`: `rank`, each continuation token's log p with the n likeliest tokens at its position, in one forward
+  (the server's `logprobs` / `top_logprobs`, and prompt scoring with `echo`);
+- `Vocabulary`: `vocab_size` and `token_text`, what the ids are (the server's token-id prompts and tokenizer
+  endpoints).
 
 Callers ask `capability(backend, ContinuousBatching)`, the one place that checks: it returns the backend typed as
 the capability when it has every method the Protocol declares, else None. It looks the methods up with `getattr`,
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol, Sequence, TypeVar
 
-from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
+from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Ranked, Refill, Tokens
 
 
 class Backend(Protocol):
@@ -99,12 +103,34 @@ class Speculation(Protocol):
         ...
 
 
+class Ranking(Protocol):
+    """A backend that ranks the base next-token distribution at every position of a continuation."""
+
+    def rank(self, context: Sequence[int], continuation: Sequence[int], n: int) -> tuple[Ranked, ...]:
+        """One Ranked per continuation token, from one forward over context + continuation: the token's base log p
+        (what `score` gives) and the n likeliest tokens (id, base log p) of the distribution it was drawn from,
+        likeliest first, ties by the smaller id (as core.numerics.top_alternatives ranks them)."""
+        ...
+
+
+class Vocabulary(Protocol):
+    """A backend that says what its token ids are."""
+
+    def vocab_size(self) -> int:
+        """How many ids the backend takes: every id in [0, vocab_size()) can be decoded and scored, no other."""
+        ...
+
+    def token_text(self, token: int) -> str:
+        """The text of one id, special tokens spelled out ("<|im_end|>"), unlike `decode`."""
+        ...
+
+
 C = TypeVar("C")
 
 
 def capability(backend: object, protocol: type[C]) -> C | None:
     """`backend` as the optional capability `protocol` (ContinuousBatching, ChatMessages, Confidence,
-    Speculation) when it has every method the Protocol declares, else None."""
+    Speculation, Ranking, Vocabulary) when it has every method the Protocol declares, else None."""
     methods = [name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")]
     if all(callable(getattr(backend, name, None)) for name in methods):
         return backend  # type: ignore[return-value]

@@ -21,6 +21,9 @@ The promises:
 - EOS only ever comes last; a continuation stops at EOS or at max_tokens;
 - score obeys the chain rule; an empty continuation scores ();
 - confidence (optional) is minus the entropy of each next-token distribution, and obeys the chain rule too;
+- rank (optional) gives score's log p and each position's n likeliest tokens, ranked, ties by id (with next_logp:
+  the top n of the independent row; n past the vocabulary: all of it);
+- vocabulary (optional) covers every id the backend draws, and its last id can be scored and decoded;
 - a request that asks for entropies gets one per token, each the entropy of the base next-token distribution
   (= -confidence where the backend has it), and the same tokens and log-probs as without asking, speculated or not;
 - a request with `on_draw` reports its tokens as they are drawn (in order, together its continuation's tokens;
@@ -37,9 +40,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from powersample.backends.base import Backend, Confidence, capability
+from powersample.backends.base import Backend, Confidence, Ranking, Vocabulary, capability
 from powersample.core.drafts import WINDOW, Corpus, Draft
-from powersample.core.numerics import negative_entropy, proposal_logprobs
+from powersample.core.numerics import negative_entropy, proposal_logprobs, top_alternatives
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
 from powersample.errors import PowerSampleError
 
@@ -201,6 +204,60 @@ def confidence_is_minus_the_entropy(s: Subject) -> None:
         _close(conf, want, s.tolerance, "confidence vs sum p log p of the independent next_logp rows")
 
 
+def rank_gives_log_p_and_the_likeliest_tokens(s: Subject) -> None:
+    """rank (optional: `Ranking`) gives, per continuation token, score's log p and min(n, V) (id, log p), likeliest
+    first, ties by the smaller id, the token among them when it is likelier than the last; () for an empty
+    continuation; the first position's top n are the alternatives extend reports; with next_logp, each position's
+    top n are those of the independent row (n = 3, and n past the vocabulary where it is small)."""
+    ranker = capability(s.backend, Ranking)
+    if ranker is None:
+        raise NotApplicable("the backend has no rank method (the optional Ranking capability)")
+    request = ExtendRequest(s.prompt, 6, np.random.default_rng(8), 75, alternatives=3)
+    cont = s.backend.extend([request], BASE)[0]
+    _check(ranker.rank(s.prompt, (), 3) == (), "rank of an empty continuation must be ()")
+    vocab = len(s.next_logp(s.prompt)) if s.next_logp is not None else None
+    for n in (0, 1, 3) + ((vocab + 2,) if vocab is not None and vocab <= 64 else ()):
+        ranked = ranker.rank(s.prompt, cont.tokens, n)
+        _check(len(ranked) == len(cont.tokens), f"{len(ranked)} ranked positions for {len(cont.tokens)} tokens")
+        _close([r.base_logp for r in ranked], s.backend.score(s.prompt, cont.tokens), s.tolerance, f"rank {n} vs score")
+        for i, (r, token) in enumerate(zip(ranked, cont.tokens)):
+            _check_ranking(r.top, n if vocab is None else min(n, vocab), f"position {i}, n = {n}")
+            if n and len(r.top) == n and r.base_logp > r.top[-1][1] + s.tolerance:
+                _check(token in dict(r.top), f"position {i}: token {token} (log p {r.base_logp}) is likelier than "
+                       f"the last of the top {n} {r.top} but not among them")  # fmt: skip
+        if n == 3:
+            _check([t for t, _ in ranked[0].top] == [t for t, _ in cont.alternatives] or _near_tie(ranked[0].top),
+                   f"rank's first top 3 {ranked[0].top} vs extend's alternatives {cont.alternatives}")
+            _close([lp for _, lp in ranked[0].top], [lp for _, lp in cont.alternatives], s.tolerance,
+                   "rank's first top 3 vs extend's alternatives")  # fmt: skip
+        if s.next_logp is not None:
+            for (row, _), r in zip(_rows(s, cont.tokens), ranked):
+                want = top_alternatives(row, n)
+                _check([t for t, _ in r.top] == [t for t, _ in want] or _near_tie(want),
+                       f"rank's top {n} {r.top} vs the independent row's {want}")
+                _close([lp for _, lp in r.top], [lp for _, lp in want], s.tolerance, f"rank's top {n} log p")
+                _close([lp for _, lp in r.top], [row[t] for t, _ in r.top], s.tolerance, f"rank's top {n} ids' log p")
+
+
+def vocabulary_covers_the_ids(s: Subject) -> None:
+    """vocab_size (optional: `Vocabulary`) exceeds every id drawn and every EOS id; its last id scores (log p <= 0),
+    decodes, and has a token_text, as EOS does; with next_logp, no row is narrower than the vocabulary."""
+    vocab = capability(s.backend, Vocabulary)
+    if vocab is None:
+        raise NotApplicable("the backend has no vocab_size and token_text (the optional Vocabulary capability)")
+    size = vocab.vocab_size()
+    cont = extend(s.backend, s.prompt, 8, seed=9, proposal=Proposal(1.5), slot=76)
+    _check(size >= 1 and all(0 <= t < size for t in (*cont.tokens, *s.backend.eos_ids)),
+           f"vocab_size {size} does not cover the drawn ids {cont.tokens} and EOS ids {sorted(s.backend.eos_ids)}")
+    [logp] = s.backend.score(s.prompt, (size - 1,))
+    _check(logp <= 1e-9, f"the last id {size - 1} scored {logp}")
+    _check(isinstance(s.backend.decode([size - 1]), str), f"the last id {size - 1} does not decode to text")
+    texts = [vocab.token_text(t) for t in (size - 1, *sorted(s.backend.eos_ids))]
+    _check(all(isinstance(t, str) for t in texts) and all(texts[1:]), f"token texts of the last id and EOS: {texts}")
+    if s.next_logp is not None:
+        _check(len(s.next_logp(s.prompt)) >= size, f"a row of {len(s.next_logp(s.prompt))} for vocab_size {size}")
+
+
 def entropies_are_reported_when_asked(s: Subject) -> None:
     """ExtendRequest.entropy = True adds one entropy >= 0 per token (nats): minus the confidence (when the backend
     has it) and -sum p log p of the next_logp rows (when given); and it changes nothing else, batched rows and
@@ -318,6 +375,8 @@ CHECKS: tuple[Callable[[Subject], object], ...] = (
     eos_comes_only_last,
     score_obeys_the_chain_rule,
     confidence_is_minus_the_entropy,
+    rank_gives_log_p_and_the_likeliest_tokens,
+    vocabulary_covers_the_ids,
     entropies_are_reported_when_asked,
     draws_are_reported_as_drawn,
     batched_rows_match_single_rows,
@@ -350,6 +409,20 @@ def _rows(s: Subject, tokens: Tokens) -> list[tuple[np.ndarray, int]]:
     """(next_logp row, the token drawn from it) for each token after the prompt."""
     assert s.next_logp is not None
     return [(s.next_logp(s.prompt + tokens[:i]), tok) for i, tok in enumerate(tokens)]
+
+
+def _check_ranking(top: Sequence[tuple[int, float]], size: int, what: str) -> None:
+    """`top` holds `size` distinct ids with log p <= 0, likeliest first, ties by the smaller id."""
+    _check(len(top) == size, f"{what}: {len(top)} ranked tokens, want {size}")
+    _check(len({t for t, _ in top}) == len(top), f"{what}: an id ranked twice: {top}")
+    _check(all(lp <= 1e-9 for _, lp in top), f"{what}: a log p above 0: {top}")
+    _check(all((-a[1], a[0]) < (-b[1], b[0]) for a, b in zip(top, top[1:])),
+           f"{what}: not likeliest first, ties by the smaller id: {top}")
+
+
+def _near_tie(top: Sequence[tuple[int, float]], gap: float = 1e-3) -> bool:
+    """Whether two neighbours of a ranking are so close that another engine's rounding may swap them."""
+    return any(abs(a[1] - b[1]) < gap for a, b in zip(top, top[1:]))
 
 
 def _check(condition: bool, message: str) -> None:

@@ -38,7 +38,8 @@ from powersample.backends.embedded import embedded_model_dir, quiet_loading
 from powersample.backends.engine import Row, check_fits, common_prefix, extend_in_one_run, verify_step
 from powersample.backends.hub import dtype_name, eos_ids, is_hub_id
 from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids
-from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
+from powersample.core.numerics import ranked_rows
+from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Ranked, Refill, Tokens
 from powersample.errors import PowerSampleError, one_line
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}  # by
@@ -226,6 +227,13 @@ class HFBackend:
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
+    def vocab_size(self) -> int:
+        """Ids both the tokenizer and the model's embedding know (the `Vocabulary` capability)."""
+        return min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
     @torch.inference_mode()
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
         """One continuation per request, in order, decoded together (one forward per step for all rows)."""
@@ -270,6 +278,15 @@ class HFBackend:
         logp = self._fresh_logp(context, continuation)  # (T, V)
         picked = logp.gather(-1, torch.tensor(list(continuation), device=self.device)[:, None])[:, 0]
         return tuple(picked.cpu().tolist())
+
+    @torch.inference_mode()
+    def rank(self, context: Sequence[int], continuation: Sequence[int], n: int) -> tuple[Ranked, ...]:
+        """Each continuation token's log p and the n likeliest tokens before it (the `Ranking` capability), from the
+        one uncached forward `score` makes."""
+        if not continuation:
+            return ()
+        logp = self._fresh_logp(context, continuation).cpu().numpy()  # (T, V) float64
+        return ranked_rows(zip(logp, continuation), n)
 
     @torch.inference_mode()
     def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:

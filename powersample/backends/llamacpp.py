@@ -77,8 +77,8 @@ from powersample.backends.embedded import cache_root, embedded_gguf_path, publis
 from powersample.backends.engine import Row, check_fits, common_prefix, extend_in_one_run, verify_step
 from powersample.backends.llamacpp_placement import ModelParams, Placement, model_params, placement_for
 from powersample.backends.tokenizer import plain_transcript
-from powersample.core.numerics import negative_entropy
-from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
+from powersample.core.numerics import negative_entropy, ranked_rows
+from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Ranked, Refill, Tokens
 from powersample.errors import PowerSampleError, one_line
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
@@ -255,6 +255,13 @@ class LlamaCppBackend:
     def decode(self, tokens: Sequence[int]) -> str:
         """Text of `tokens`; special (control) tokens render as nothing."""
         return self.llm.detokenize(list(tokens), special=False).decode("utf-8", errors="replace")
+
+    def vocab_size(self) -> int:
+        return self.n_vocab
+
+    def token_text(self, token: int) -> str:
+        """One id's text, special tokens spelled out (the `Vocabulary` capability)."""
+        return self._piece(token)
 
     # --- extending ------------------------------------------------------------------------------------------------
 
@@ -492,6 +499,11 @@ class LlamaCppBackend:
     def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Sum_x p log p of the base next-token distribution before each continuation token (the paper's Eq. 13)."""
         return tuple(float(negative_entropy(logp)) for logp, _ in self._rows(context, continuation))
+
+    def rank(self, context: Sequence[int], continuation: Sequence[int], n: int) -> tuple[Ranked, ...]:
+        """Each continuation token's log p and the n likeliest tokens before it (the `Ranking` capability), decoded
+        as `score` decodes them."""
+        return ranked_rows(self._rows(context, continuation), n)
 
     def next_token_logp(self, context: Sequence[int]) -> np.ndarray:
         """Base log p over the whole vocabulary for the token after `context`: (V,) float64. For tests and tools."""

@@ -21,8 +21,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from powersample.backends.engine import Row, verify_step
-from powersample.core.numerics import cumulative, draw_from_cdf, entropy, proposal_logprobs, top_alternatives
-from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
+from powersample.core.numerics import (
+    cumulative,
+    draw_from_cdf,
+    entropy,
+    proposal_logprobs,
+    ranked_rows,
+    top_alternatives,
+)
+from powersample.core.types import Continuation, ExtendRequest, Proposal, Ranked, Tokens
 from powersample.errors import PowerSampleError, parse_json
 
 ROW_TOLERANCE = 1e-6  # how far a row's sum may be from 1
@@ -172,6 +179,12 @@ class ToyBackend:
     def decode(self, tokens: Sequence[int]) -> str:
         return "".join(self.spec.vocab[t] for t in tokens if t not in self.eos_ids)
 
+    def vocab_size(self) -> int:
+        return len(self.spec.vocab)
+
+    def token_text(self, token: int) -> str:
+        return self.spec.vocab[token]
+
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
         self.stats.extend_calls += 1
         return [self._extend_one(r, proposal) for r in requests]
@@ -184,6 +197,13 @@ class ToyBackend:
             out.append(math.log(p) if p > 0 else -math.inf)
             seq.append(tok)
         return tuple(out)
+
+    def rank(self, context: Sequence[int], continuation: Sequence[int], n: int) -> tuple[Ranked, ...]:
+        """Each token's exact log p and its row's n likeliest tokens (the `Ranking` capability)."""
+        prefixes = (list(context) + list(continuation[:i]) for i in range(len(continuation)))
+        base = Proposal(temperature=1.0)
+        return ranked_rows(((np.asarray(self._table(seq, base).base_logp), tok)
+                            for seq, tok in zip(prefixes, continuation)), n)  # fmt: skip
 
     def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         seq = list(context)

@@ -12,6 +12,7 @@ tied token.
       3. once the continuation is complete, refill(key, continuation): its chain's next requests join at once
     extend:     the same loop with no refills (a batch of requests, one continuation each)
     score:      prompt log-probs of the given continuation (raw: prompt tokens never go through the sampler)
+    rank:       the same request, asking for the n likeliest prompt log-probs at every position
     confidence: one-token requests at temperature 1 returning all V log-probs, sum_x p log p per position
 
 Continuous batching. The loop drives the engine under `vllm.LLM` request by request (`LLMEngine.add_request`,
@@ -61,7 +62,7 @@ from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from powersample.backends.engine import check_fits, extend_in_one_run
 from powersample.backends.hub import dtype_name, eos_ids, is_hub_id
 from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids  # noqa: E402
-from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Refill, Tokens
+from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Ranked, Refill, Tokens
 from powersample.errors import (
     PowerSampleError,  # noqa: E402
     one_line,
@@ -196,6 +197,13 @@ class VLLMBackend:
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
+    def vocab_size(self) -> int:
+        """Ids both the tokenizer and the model's embedding know (the `Vocabulary` capability)."""
+        return min(len(self.tokenizer), self._vocab_size())
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
         """One continuation per request, in order: all requests in one engine loop, a request's scoring (q != p)
         starting as soon as its draw is done."""
@@ -252,6 +260,17 @@ class VLLMBackend:
         self._check_context(context, len(continuation))
         [(logp, _)] = self._prompt_logprobs([tuple(context)], [tuple(continuation)], [0])
         return tuple(logp)
+
+    def rank(self, context: Sequence[int], continuation: Sequence[int], n: int) -> tuple[Ranked, ...]:
+        """Each continuation token's log p and the n likeliest tokens before it (the `Ranking` capability): the
+        prompt log-probs request of `score`, with prompt_logprobs = n (vLLM adds the prompt token's own entry)."""
+        if not continuation:
+            return ()
+        self._check_context(context, len(continuation))
+        [out] = self._prompt_outputs([tuple(context)], [tuple(continuation)], [n])
+        rows, start = out.prompt_logprobs, len(context)
+        return tuple(Ranked(_logprob_of(rows, start + i, token), _top(rows, start + i, n))
+                     for i, token in enumerate(continuation))  # fmt: skip
 
     def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Sum_x p log p of the next-token distribution before each continuation token (Eq. 13).
@@ -357,13 +376,20 @@ class VLLMBackend:
     def _prompt_logprobs(
         self, contexts: Sequence[Tokens], continuations: Sequence[Tokens], alternatives: Sequence[int]
     ) -> list[tuple[list[float], tuple[tuple[int, float], ...]]]:
-        """Per request: log p of each continuation token, and the `alternatives` likeliest first tokens (id, log p).
+        """Per request: log p of each continuation token, and the `alternatives` likeliest first tokens (id, log p)."""
+        outs = self._prompt_outputs(contexts, continuations, alternatives)
+        return [_scored(out, len(c), t, k) for out, c, t, k in zip(outs, contexts, continuations, alternatives)]
 
-        One engine call; each request's prompt is context + continuation, scored at temperature 1. vLLM returns
-        prompt log-probs only from the first token it computes, so these requests read the prefix cache under their
-        own salt: unsalted, the blocks the sampling request has just cached would swallow the continuation's rows;
-        salted, the hit is the context as scored before (prompt + x_<i was scored when it was proposed). A request
-        whose hit still reaches into its continuation (those tokens were scored before) is redone without the cache.
+    def _prompt_outputs(self, contexts: Sequence[Tokens], continuations: Sequence[Tokens],
+                        alternatives: Sequence[int]) -> list[Any]:  # fmt: skip
+        """Per request, the output of scoring context + continuation at temperature 1 with prompt_logprobs = its
+        `alternatives`, in one engine call.
+
+        vLLM returns prompt log-probs only from the first token it computes, so these requests read the prefix cache
+        under their own salt: unsalted, the blocks the sampling request has just cached would swallow the
+        continuation's rows; salted, the hit is the context as scored before (prompt + x_<i was scored when it was
+        proposed). A request whose hit still reaches into its continuation (those tokens were scored before) is redone
+        without the cache.
         """
         prompts = [c + t for c, t in zip(contexts, continuations)]
         outs = self._generate(prompts, [self._params(True, max_tokens=1, prompt_logprobs=k) for k in alternatives],
@@ -376,7 +402,7 @@ class VLLMBackend:
                                    [self._params(max_tokens=1, prompt_logprobs=alternatives[j]) for j in redo])
             for j, out in zip(redo, again):
                 outs[j] = out
-        return [_scored(out, len(c), t, k) for out, c, t, k in zip(outs, contexts, continuations, alternatives)]
+        return outs
 
     def _tokens(self, out: Any, request: ExtendRequest) -> Tokens:
         """The request's new ids; vLLM includes the stop token. Anything but EOS-or-max_tokens is an engine error."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from powersample.core.types import Proposal
+from powersample.core.types import Proposal, Ranked
 
 
 def proposal_logprobs(base_logp: np.ndarray, proposal: Proposal) -> np.ndarray:
@@ -28,11 +28,23 @@ def proposal_logprobs(base_logp: np.ndarray, proposal: Proposal) -> np.ndarray:
 
 
 def top_alternatives(base_logp: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
-    """The k likeliest ids of a 1-D log p row with their log p, likeliest first, ties broken by the smaller id."""
+    """The k likeliest ids of a 1-D log p row with their log p, likeliest first, ties broken by the smaller id.
+
+    Sorts only the ids at or above the k-th largest value (a partition finds it), so a row of V = 50k costs about a
+    pass over it, not a full sort; every id tied with the k-th value is among those, so ties still go by id."""
     if k <= 0:
         return ()
-    order = np.lexsort((np.arange(len(base_logp)), -base_logp))[:k]
+    k = min(k, len(base_logp))
+    kth = np.partition(base_logp, len(base_logp) - k)[len(base_logp) - k]  # the k-th largest log p
+    candidates = np.flatnonzero(base_logp >= kth)
+    order = candidates[np.lexsort((candidates, -base_logp[candidates]))][:k]
     return tuple((int(t), float(base_logp[t])) for t in order)
+
+
+def ranked_rows(rows: Iterable[tuple[np.ndarray, int]], n: int) -> tuple[Ranked, ...]:
+    """`Ranking.rank` from (base log p row (V,), the token drawn from it) pairs: each token's log p and its row's n
+    likeliest tokens."""
+    return tuple(Ranked(float(logp[token]), top_alternatives(logp, n)) for logp, token in rows)
 
 
 def log_normalize(logits: np.ndarray) -> np.ndarray:

@@ -103,3 +103,13 @@ class Continuation:
 Refill = Callable[[int, "Continuation"], Mapping[int, "ExtendRequest"]]
 Poll = Callable[[], Mapping[int, "ExtendRequest"]]
 
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One token of a scored continuation: its base log p, and the likeliest tokens of the distribution it was drawn
+    from (the base next-token distribution after the tokens before it)."""
+
+    base_logp: float  # log p(token | prefix), temperature 1, no truncation: what `score` returns for it
+    top: tuple[tuple[int, float], ...]  # (id, base log p) of the n likeliest next tokens, likeliest first, ties by
+    # the smaller id (core.numerics.top_alternatives); min(n, V) of them

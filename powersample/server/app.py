@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI's `/v1/completions` and `/v1/chat/completions` over the batching engine.
+"""The FastAPI app: OpenAI's `/v1/completions` and `/v1/chat/completions` over the batching engine, and vLLM's
+tokenizer endpoints (`/tokenize`, `/detokenize`, `/tokenizer_info`) that lm-evaluation-harness uses as its tokenizer.
 
 A handler reads and checks the body (size first, then JSON, then types and limits), encodes the prompt, builds one
 sampler program per chain (`n` chains per prompt, seeded as `powersample sample --seed S --num-samples n` seeds
@@ -6,6 +7,10 @@ them, so the same seed gives the same samples), and submits them to the engine a
 job while watching the client: a client that disconnects, or a request past the timeout, stops the job (its chains
 free their slots at their next request boundary: see `engine.py`). With `stream: true` the request is checked just
 as fully before the stream starts (a bad one still gets its JSON error); see `sse.py` for what the stream sends.
+
+Log-probs with alternatives (`logprobs` N >= 1) and echoed prompts are scored once the chains have ended: one
+`Ranking.rank` per sample over its final tokens (and its prompt, with echo), run on the engine thread as a `Call`
+(engine.py), like every other use of the backend. `echo` with `max_tokens: 0` runs only that: no chain.
 
 Every failure is OpenAI's error JSON: 400 for bad fields and limits (naming the field), 401 without the API key,
 403 for a foreign Host or Origin (see `guard.py`), 404 for unknown paths, 405 for a wrong HTTP method (with Allow),
@@ -43,23 +48,23 @@ from starlette.requests import ClientDisconnect
 
 from powersample.api import SampleRecord, chain_record, make_chains
 from powersample.backends import BackendSpec
-from powersample.backends.base import Backend, ChatMessages, capability
+from powersample.backends.base import Backend, ChatMessages, Ranking, Vocabulary, capability
 from powersample.backends.engine import check_fits
 from powersample.backends.tokenizer import plain_transcript
 from powersample.config import SamplerConfig
-from powersample.core.types import Tokens
+from powersample.core.types import Ranked, Tokens
 from powersample.errors import PowerSampleError, one_line
 from powersample.io import append_jsonl
 from powersample.samplers import programs, registry
 from powersample.samplers.registry import PLAIN_METHODS
 from powersample.server import protocol as wire
 from powersample.server import schema, sse
-from powersample.server.engine import Engine, Job, Stopped
+from powersample.server.engine import Call, Engine, Job, Stopped
 from powersample.server.guard import add_guards
 from powersample.server.live import Feed, end_events, trace_feed
 from powersample.server.metrics import MISSING, CountRequests, Metrics, make_metrics
 from powersample.server.playground import add_playground
-from powersample.server.protocol import ApiError, ChatBody, CompletionBody, Limits
+from powersample.server.protocol import ApiError, ChatBody, CompletionBody, DetokenizeBody, Limits, TokenizeBody
 
 POLL_SECONDS = 0.1  # how often a waiting handler checks its client and its deadline
 Render = Callable[[list[wire.Output], bool], list[dict]]  # a streamed request's outputs (and whether its text
@@ -96,6 +101,10 @@ class _Plan:
     ignored: list[str]
     work: int  # members x max_tokens (protocol.check_budget)
     deadline: float  # time.monotonic() past which the request is stopped (504)
+    logprobs: int | None = None  # alternatives per token (protocol.wanted_logprobs); None: no log-probs
+    echo: bool = False  # each choice starts with its prompt (completions)
+    id_prompts: bool = False  # the prompts came as token ids (an echo's text is then their decoded pieces)
+    final_eos: bool = False  # a sample's final EOS is among its returned tokens (completions: protocol.finish)
 
 
 def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
@@ -144,6 +153,21 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return _respond(await server.chat(request))
 
+    @app.get("/tokenizer_info", dependencies=keyed, responses=schema.responses(schema.TokenizerInfo))
+    async def tokenizer_info() -> dict:
+        """What vLLM's /tokenizer_info says that clients read: the EOS token's text (lm-eval's remote tokenizer)."""
+        return server.tokenizer_info()
+
+    @app.post("/tokenize", dependencies=keyed, openapi_extra=schema.request_body(TokenizeBody),
+              responses=schema.responses(schema.Tokenized, body=True))  # fmt: skip
+    async def tokenize(request: Request) -> dict:
+        return await server.tokenize(request)
+
+    @app.post("/detokenize", dependencies=keyed, openapi_extra=schema.request_body(DetokenizeBody),
+              responses=schema.responses(schema.Detokenized, body=True))  # fmt: skip
+    async def detokenize(request: Request) -> dict:
+        return await server.detokenize(request)
+
     @app.get("/openapi.json", dependencies=keyed, include_in_schema=False)
     async def openapi() -> dict:
         return schema.openapi(app, settings.limits)
@@ -186,10 +210,16 @@ class _Server:
         body = wire.parse_body(CompletionBody, await self._read(request))
         wire.check_limits(body, self.settings.limits)
         config, ignored = wire.sampler_config(body, self.settings.defaults)
-        texts = wire.prompt_list(body)
-        work = wire.check_budget(config, len(texts), body.n, self.settings.limits)
-        ids = [self._checked(self.backend.encode(t, False), config, "prompt") for t in texts]
-        plan = _Plan(texts, ids, config, _seed(body), body.n, ignored, work, deadline)
+        prompts, scoring = wire.prompt_list(body), wire.scores_only(body)
+        work = 0 if scoring else wire.check_budget(config, len(prompts), body.n, self.settings.limits)
+        new = 0 if scoring else config.max_new_tokens
+        ids = [self._checked(self._prompt_ids(p), new, "prompt") for p in prompts]
+        texts = [p if isinstance(p, str) else self.backend.decode(i) for p, i in zip(prompts, ids)]
+        plan = _Plan(texts, ids, config, _seed(body), body.n, ignored, work, deadline, body.logprobs, body.echo,
+                     not isinstance(prompts[0], str), final_eos=True)  # fmt: skip
+        self._check_ranking(plan, "logprobs")
+        if scoring:
+            return await self._prompt_scores(request, plan)
         logprobs = body.logprobs
         if body.stream:
             top = sse.head("text_completion", self.settings.model_name)
@@ -197,14 +227,41 @@ class _Server:
             return self._stream(request, plan, body, top, render, logprobs is not None)
         records = await self._run(request, plan)
         outputs = await self._outputs(request, plan, records, wire.stop_strings(body), logprobs is not None)
-        choices = [
-            {"text": o.text, "index": i, "finish_reason": o.finish_reason,
-             "logprobs": wire.completion_logprobs(o, logprobs) if logprobs is not None else None}
-            for i, o in enumerate(outputs)
-        ]  # fmt: skip
-        response = self._response("text_completion", plan, records, outputs, choices)
+        response = self._response("text_completion", plan, records, outputs, _completion_choices(outputs, logprobs))
         await self._log(response["id"], records, outputs)
         return response
+
+    async def _prompt_scores(self, request: Request, plan: _Plan) -> dict:
+        """echo with max_tokens 0: each prompt's tokens with their log-probs, n equal choices per prompt (scored
+        once); no chain runs, so power_sampling has no chains and its config says max_new_tokens 0."""
+        empty = wire.Output("", "length", (), (), (), (), 0)
+        outputs = await self._score(request, plan, [empty] * (len(plan.prompt_ids) * plan.n))
+        response = self._response("text_completion", plan, [], outputs, _completion_choices(outputs, plan.logprobs))
+        response["power_sampling"]["config"]["max_new_tokens"] = 0
+        return response
+
+    def _prompt_ids(self, prompt: str | list[int]) -> Tokens:
+        """A completions prompt's ids: a text encoded, or token ids checked against the vocabulary."""
+        return self.backend.encode(prompt, False) if isinstance(prompt, str) else self._vocabulary_ids(prompt, "prompt")
+
+    def _vocabulary_ids(self, ids: Sequence[int], param: str) -> Tokens:
+        """`ids` when every one is in the backend's vocabulary, else a 400 naming `param`."""
+        vocab = capability(self.backend, Vocabulary)
+        if vocab is None:
+            raise ApiError(400, "this server's backend does not say what its token ids are (the Vocabulary "
+                           "capability): send text", param=param)  # fmt: skip
+        size = vocab.vocab_size()
+        bad = next((t for t in ids if not 0 <= t < size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary (ids 0 to {size - 1})", param=param,
+                           code="invalid_token_id")  # fmt: skip
+        return tuple(ids)
+
+    def _check_ranking(self, plan: _Plan, param: str) -> None:
+        """A 400 before any work when the request asks for alternatives the backend cannot rank."""
+        if plan.logprobs and capability(self.backend, Ranking) is None:
+            raise ApiError(400, f"{param} >= 1 needs a backend that ranks tokens (the Ranking capability); this one "
+                           f"gives only each token's log p: ask for {param} 0", param=param)  # fmt: skip
 
     async def chat(self, request: Request) -> dict | StreamingResponse:
         deadline = time.monotonic() + self.settings.limits.request_timeout
@@ -213,8 +270,10 @@ class _Server:
         config, ignored = wire.sampler_config(body, self.settings.defaults)
         work = wire.check_budget(config, 1, body.n, self.settings.limits)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = self._checked(encode_messages(self.backend, messages), config, "messages")
-        plan = _Plan([json.dumps(messages)], [ids], config, _seed(body), body.n, ignored, work, deadline)
+        ids = self._checked(encode_messages(self.backend, messages), config.max_new_tokens, "messages")
+        plan = _Plan([json.dumps(messages)], [ids], config, _seed(body), body.n, ignored, work, deadline,
+                     wire.wanted_logprobs(body))  # fmt: skip
+        self._check_ranking(plan, "top_logprobs")
         want, top = body.logprobs, body.top_logprobs or 0
         if body.stream:
             head = sse.head("chat.completion", self.settings.model_name)
@@ -235,10 +294,10 @@ class _Server:
                 render: Render, pieces: bool) -> StreamingResponse:  # fmt: skip
         """The SSE response of a checked request: its chains are built here (a 400 or 429 comes before the stream)
         and run once the response starts; with stream_options.include_trace they are traced into its feed, and so
-        are those of base and low-temp without log-probs, whose text streams as it is drawn (sse.LiveText)."""
+        are those of base and low-temp without log-probs or echo, whose text streams as it is drawn (sse.LiveText)."""
         feed = Feed()
         live = None
-        if plan.config.method in PLAIN_METHODS and not pieces:
+        if plan.config.method in PLAIN_METHODS and not pieces and not plan.echo:
             choices = len(plan.prompt_ids) * plan.n
             live = sse.LiveText(top, self.backend.decode, wire.stop_strings(body), choices, wire.include_usage(body))
         progs = self._programs(plan, feed if wire.include_trace(body) or live else None)
@@ -308,18 +367,38 @@ class _Server:
 
     async def _outputs(self, request: Request, plan: _Plan, records: Sequence[SampleRecord], stops: list[str],
                        pieces: bool) -> list[wire.Output]:  # fmt: skip
-        """Stop truncation and per-token texts, off the event loop and inside the request's deadline: a client that
-        leaves, or the timeout, stops them at the next token."""
+        """Stop truncation and per-token texts, off the event loop and inside the request's deadline (a client that
+        leaves, or the timeout, stops them at the next token); then the echo and alternatives the plan asks for."""
+
+        def work(check: Callable[[], None]) -> list[wire.Output]:
+            return [wire.finish(self.backend.decode, r, stops, pieces, check, plan.final_eos) for r in records]
+
+        return await self._score(request, plan, await self._in_thread(request, plan, work))
+
+    async def _score(self, request: Request, plan: _Plan, outputs: list[wire.Output]) -> list[wire.Output]:
+        """The outputs with their prompts echoed and their tokens ranked, as the plan asks: the ranking on the engine
+        thread (one `rank` per sample: see the module docstring), the texts off the event loop."""
+        if not plan.echo and not plan.logprobs:
+            return outputs
+        prompts = [plan.prompt_ids[j // plan.n] for j in range(len(outputs))]
+        ranks = await self._on_engine(request, plan, lambda: _ranks(self.backend, plan, prompts, outputs))
+
+        def work(check: Callable[[], None]) -> list[wire.Output]:
+            return [_scored(self.backend.decode, plan, j // plan.n, out, rank, check)
+                    for j, (out, rank) in enumerate(zip(outputs, ranks))]  # fmt: skip
+
+        return await self._in_thread(request, plan, work)
+
+    async def _in_thread(self, request: Request, plan: _Plan, work: Callable[[Callable[[], None]], Any]) -> Any:
+        """work(check) in a thread, inside the request's deadline; `check` raises once the client has left or the
+        deadline has passed, so the work stops at its next step."""
         stop = threading.Event()
 
         def check() -> None:
             if stop.is_set():
                 raise Stopped("stopped")
 
-        def work() -> list[wire.Output]:
-            return [wire.finish(self.backend.decode, r, stops, pieces, check) for r in records]
-
-        task = asyncio.ensure_future(asyncio.to_thread(work))
+        task = asyncio.ensure_future(asyncio.to_thread(work, check))
         try:
             await _watch(request, task, plan.deadline, lambda reason: stop.set(), self.settings.limits.request_timeout)
         finally:
@@ -327,9 +406,56 @@ class _Server:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" log
         return task.result()
 
-    def _checked(self, ids: Tokens, config: SamplerConfig, param: str) -> Tokens:
+    async def _on_engine(self, request: Request, plan: _Plan, work: Callable[[], Any]) -> Any:
+        """work() on the engine thread (a `Call`), watched like a job: 499 when the client leaves first, 504 past
+        the deadline; its exception answers as a chain's would (400 for a PowerSampleError)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def on_done(outcome: object) -> None:  # from the engine thread
+            try:
+                loop.call_soon_threadsafe(_settle, future, [outcome])
+            except RuntimeError:  # the event loop is gone (shutdown): nobody waits any more
+                pass
+
+        call = Call(work, plan.deadline, on_done)
+        self.engine.call(call)
         try:
-            check_fits(self.backend.context_length, len(ids), config.max_new_tokens, knob="max_tokens")
+            await _watch(request, future, plan.deadline, call.stop, self.settings.limits.request_timeout)
+        finally:
+            if not future.done():
+                call.stop("request abandoned")
+        return _results(future.result(), self.settings.limits.request_timeout)[0]
+
+    # --- the tokenizer endpoints (vLLM's shapes) -----------------------------------------------------------------
+
+    def tokenizer_info(self) -> dict:
+        vocab = capability(self.backend, Vocabulary)
+        eos = vocab.token_text(min(self.backend.eos_ids)) if vocab is not None and self.backend.eos_ids else None
+        return {"eos_token": eos or None, "model_max_length": self.backend.context_length,
+                "vocab_size": vocab.vocab_size() if vocab is not None else None}  # fmt: skip
+
+    async def tokenize(self, request: Request) -> dict:
+        """A prompt's ids as /v1/completions encodes it, or a conversation's as /v1/chat/completions does."""
+        body = wire.parse_body(TokenizeBody, await self._read(request))
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            ids = await asyncio.to_thread(encode_messages, self.backend, messages)
+        else:
+            ids = await asyncio.to_thread(self.backend.encode, body.prompt, False)
+        return {"count": len(ids), "max_model_len": self.backend.context_length, "tokens": list(ids),
+                "token_strs": None}  # fmt: skip
+
+    async def detokenize(self, request: Request) -> dict:
+        body = wire.parse_body(DetokenizeBody, await self._read(request))
+        ids = self._vocabulary_ids(body.tokens, "tokens")
+        return {"prompt": await asyncio.to_thread(self.backend.decode, ids)}
+
+    def _checked(self, ids: Tokens, new: int, param: str) -> Tokens:
+        try:
+            check_fits(self.backend.context_length, len(ids), new, knob="max_tokens")
         except PowerSampleError as e:
             raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
         return ids
@@ -406,6 +532,50 @@ def encode_messages(backend: Backend, messages: list[dict]) -> Tokens:
     if len(messages) == 1 and messages[0]["role"] == "user":
         return backend.encode(messages[0]["content"], True)
     return backend.encode(plain_transcript(messages), False)
+
+
+def _completion_choices(outputs: Sequence[wire.Output], logprobs: int | None) -> list[dict]:
+    return [
+        {"text": o.text, "index": i, "finish_reason": o.finish_reason,
+         "logprobs": wire.completion_logprobs(o, logprobs) if logprobs is not None else None}
+        for i, o in enumerate(outputs)
+    ]  # fmt: skip
+
+
+Ranks = tuple[tuple[Ranked, ...] | None, tuple[Ranked, ...] | None]  # (a prompt's tokens after its first, a sample's)
+
+
+def _ranks(backend: Backend, plan: _Plan, prompts: Sequence[Tokens], outputs: Sequence[wire.Output]) -> list[Ranks]:
+    """Per output, what the plan asks to score (on the engine thread); equal (prompt, tokens) pairs scored once."""
+    memo: dict[tuple[Tokens, Tokens], Ranks] = {}
+    for prompt, out in zip(prompts, outputs):
+        if (prompt, out.tokens) not in memo:
+            memo[prompt, out.tokens] = _rank_one(backend, prompt, out.tokens, plan.echo, plan.logprobs)
+    return [memo[prompt, out.tokens] for prompt, out in zip(prompts, outputs)]
+
+
+def _rank_one(backend: Backend, prompt: Tokens, tokens: Tokens, echo: bool, n: int | None) -> Ranks:
+    """(the prompt's tokens after the first, when echoed; the sample's tokens, when alternatives are asked for),
+    ranked with n alternatives in one forward; None where nothing is needed (the sample's log p came with it)."""
+    if n is None:  # echo without log-probs: text only
+        return None, None
+    if not n:  # log p only
+        return (tuple(Ranked(lp, ()) for lp in backend.score(prompt[:1], prompt[1:])) if echo else None), None
+    head = prompt[:1] if echo else prompt
+    ranks = capability(backend, Ranking).rank(head, prompt[len(head) :] + tokens, n)  # type: ignore[union-attr]
+    echoed = len(prompt) - len(head)
+    return (ranks[:echoed] if echo else None), ranks[echoed:]
+
+
+def _scored(decode, plan: _Plan, k: int, out: wire.Output, ranks: Ranks, check: Callable[[], None]) -> wire.Output:
+    """One output of prompt k with its ranks applied and its prompt echoed, as the plan asks."""
+    prompt_ranks, sample_ranks = ranks
+    if sample_ranks is not None:
+        out = wire.ranked(decode, out, sample_ranks, check)
+    if plan.echo:
+        text = None if plan.id_prompts else plan.texts[k]
+        out = wire.echoed(decode, out, plan.prompt_ids[k], text, prompt_ranks, bool(plan.logprobs), check)
+    return out
 
 
 def _prompt_tokens(plan: _Plan) -> int:

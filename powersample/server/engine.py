@@ -11,6 +11,10 @@ it admits newcomers with that proposal only as long as no job with another propo
 stops admitting, drains, and the next run serves the oldest waiting job's proposal. So same-proposal requests batch
 together, and a request with another proposal waits at most for the running jobs to finish (no starvation).
 
+Calls. Work that is not a chain (scoring prompts, ranking the tokens of finished samples: `Call`) runs on the same
+thread, between Scheduler runs, so the backend is only ever used from one thread: a waiting call makes the running
+run stop admitting, as a job with another proposal does, and runs once it has drained.
+
 Stopping. A job is stopped when its client disconnects or its deadline passes. Each of its programs is wrapped
 (`_guarded`) so that it checks the job before it makes its next request: a program only runs again when its last
 request's continuation is back, so a stopped job frees its chains (and their cache slots) at the next request
@@ -67,14 +71,35 @@ class Job:
         return self.stop_reason
 
 
+@dataclass(eq=False)
+class Call:
+    """Backend work outside any chain, run once on the engine thread (see the module docstring)."""
+
+    work: Callable[[], object]  # uses the backend; its result (or the exception it raises) goes to on_done
+    deadline: float  # time.monotonic() after which the call is answered Stopped("timeout") instead of run
+    on_done: Callable[[object], None]  # called once, from the engine thread
+    stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        """Ask the call not to run (safe from any thread); one already running finishes."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def stopped(self) -> str | None:
+        if self.stop_reason is None and time.monotonic() > self.deadline:
+            self.stop_reason = "timeout"
+        return self.stop_reason
+
+
 class Engine:
-    """Owns `backend` from one thread; jobs come in through `submit` from any thread."""
+    """Owns `backend` from one thread; jobs and calls come in through `submit` and `call` from any thread."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()  # waiting jobs, in arrival order
         self._running: set[Job] = set()  # jobs admitted to the current Scheduler run
+        self._calls: deque[Call] = deque()  # waiting calls, run before the next Scheduler run
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="powersample-engine", daemon=True)
         self.runs = 0  # Scheduler runs so far
@@ -88,7 +113,7 @@ class Engine:
         """Stop every job, let the thread finish its run, and join it."""
         with self._cv:
             self._closing = True
-            for job in list(self._queue) + list(self._running):
+            for job in list(self._queue) + list(self._running) + list(self._calls):
                 job.stop("server shutting down")
             self._cv.notify_all()
         if self._thread.is_alive():
@@ -99,6 +124,14 @@ class Engine:
             if self._closing:
                 raise RuntimeError("the engine is shutting down")
             self._queue.append(job)
+            self._cv.notify_all()
+
+    def call(self, call: Call) -> None:
+        """Run `call` on the engine thread, before the next Scheduler run (the running one stops admitting)."""
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("the engine is shutting down")
+            self._calls.append(call)
             self._cv.notify_all()
 
     def chains_in_flight(self) -> int:
@@ -133,13 +166,18 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._calls and not self._closing:
                     self._cv.wait()
-                if not self._queue:
+                calls, self._calls = list(self._calls), deque()
+                if not calls and not self._queue:
                     return
-                proposal = self._queue[0].proposal  # the oldest job's
-                self.runs += 1
-                self._chains_in_run = 0
+                if not calls:
+                    proposal = self._queue[0].proposal  # the oldest job's
+                    self.runs += 1
+                    self._chains_in_run = 0
+            if calls:
+                _answer(calls)
+                continue
             try:
                 Scheduler(self.backend, proposal, admit=_Turn(self, proposal)).run()
             except BaseException as error:  # noqa: BLE001 - an engine failure fails its jobs, never the server
@@ -147,10 +185,10 @@ class Engine:
 
     def _admit(self, proposal: Proposal, first: bool) -> list[tuple[Program, Callable]]:
         """The waiting jobs with `proposal`: all of them at the start of a run, later only while no job with another
-        proposal waits (see the module docstring). Stopped jobs are answered at once, without running."""
+        proposal, and no call, waits (see the module docstring). Stopped jobs are answered at once, without running."""
         admitted = []
         with self._cv:
-            if not first and any(job.proposal != proposal for job in self._queue):
+            if not first and (self._calls or any(job.proposal != proposal for job in self._queue)):
                 return []
             mine = [job for job in self._queue if job.proposal == proposal]
             self._queue = deque(job for job in self._queue if job.proposal != proposal)
@@ -196,6 +234,20 @@ class Engine:
             job.outcomes = [o if o is not None else error for o in job.outcomes]
             job.remaining = 0
             job.on_done(job.outcomes)
+
+
+def _answer(calls: list[Call]) -> None:
+    """Run each call (unless stopped) and hand it its result, or the exception it raised."""
+    for call in calls:
+        reason = call.stopped()
+        if reason is not None:
+            call.on_done(Stopped(reason))
+            continue
+        try:
+            result = call.work()
+        except Exception as error:  # noqa: BLE001 - a failed call fails its request, never the engine
+            result = error
+        call.on_done(result)
 
 
 class _Turn:

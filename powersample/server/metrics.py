@@ -30,7 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from powersample.api import SampleRecord
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json",
+             "/tokenize", "/detokenize", "/tokenizer_info")
 # seconds: a /health answers in milliseconds, a power-sampling request in seconds to minutes (timeout 600 s)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MISSING = "GET /metrics needs prometheus-client: pip install 'powersample[serve]'"

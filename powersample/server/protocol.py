@@ -10,13 +10,25 @@ Field rules (the README's "Serve" section repeats them):
 - `top_p`: the proposal's top-p, for every method.
 - `stop`: sampling runs to EOS or `max_tokens` (a stop string does not end a chain: p^alpha is a law over whole
   sequences); the text is then cut before the earliest stop string, with finish_reason "stop".
-- `logprobs`: the base model's log p (temperature 1) of each returned token. The engine keeps no other entries of
-  each distribution, so `top_logprobs` holds only the sampled token.
+- `logprobs` (completions: N in 0..5; chat: `logprobs: true` with `top_logprobs` N in 0..20): the base model's log p
+  (temperature 1) of each returned token and, for N >= 1, the N likeliest tokens under the base model at its
+  position (completions add the returned token when it is not among them, as OpenAI does: up to N + 1 entries).
+  With N >= 1 the alternatives and every log p come from one extra forward per sample over its final tokens, once
+  its chain has ended (the backend's `Ranking` capability); a backend without it answers 400. A completion's
+  log-probs end with its final EOS when it has one (piece "", as vLLM returns it: lm-eval reads the last entry as
+  the generated token); chat's leave it out, as OpenAI's do.
+- `echo: true` (completions): each choice's text starts with its prompt, and its log-probs cover the prompt's tokens
+  first (the first one has `null` log p and `null` top_logprobs: nothing comes before it), then the generated ones;
+  `text_offset` counts characters into the echoed text. `max_tokens: 0` is allowed only with echo and without
+  stream: it scores the prompt and samples nothing (no chain runs: power_sampling.chains is empty).
+- `prompt` (completions): a string, a list of strings, a list of token ids or a list of such lists (as vLLM takes
+  them); an id outside the vocabulary is a 400 naming `prompt`. An echoed id prompt's text is its decoded tokens.
 - `stream: true`: server-sent events in OpenAI's chunk format (see `sse.py`); power methods send keep-alive
-  comments until their chains end, then the text; base and low-temp (without log-probs) send it as it is drawn. `stream_options` is allowed only with `stream: true`.
+  comments until their chains end, then the text; base and low-temp (without log-probs) send it as it is drawn.
+  `stream_options` is allowed only with `stream: true`.
 - `stream_options.include_trace: true` (an extension): each chain's trace events (those of `sample --trace`),
   numbered by choice index, as `: trace {json}` comment lines while the chains run, before the chunks (`sse.py`).
-- Unknown fields are ignored and listed in `power_sampling.ignored`; `echo: true` and token-id prompts get a 400.
+- Unknown fields are ignored and listed in `power_sampling.ignored`.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from powersample.api import SampleRecord
 from powersample.config import SamplerConfig
+from powersample.core.types import Ranked
 from powersample.errors import PowerSampleError
 from powersample.samplers import registry
 from powersample.samplers.bon import bon_budget
@@ -85,8 +98,8 @@ class StreamOptions(BaseModel):
     include_trace: bool | None = None  # extension: the chains' trace events as `: trace {json}` comments (sse.py)
 
 
-class _Body(BaseModel):
-    """Fields both endpoints share. Strict types: "5" is not a number here."""
+class _Strict(BaseModel):
+    """A request body: strict types ("5" is not a number here), unknown fields kept (and reported as ignored)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -95,6 +108,10 @@ class _Body(BaseModel):
     def _null_is_default(cls, data: Any) -> Any:
         """A field sent as null takes its default, as in OpenAI's API."""
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class _Body(_Strict):
+    """Fields both generation endpoints share."""
 
     model: str | None = None  # echoed back; the server serves one model whatever the name
     max_tokens: int | None = None  # default: the server's --max-new-tokens
@@ -130,9 +147,9 @@ _Body = _with_knobs(_Body)
 
 
 class CompletionBody(_Body):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (as vLLM takes them)
     logprobs: int | None = None  # 0..5: OpenAI's legacy completions field
-    echo: bool = False
+    echo: bool = False  # prepend the prompt to each choice (its tokens to the log-probs); max_tokens 0 scores it
 
 
 class ContentPart(BaseModel):
@@ -159,10 +176,26 @@ class ChatBody(_Body):
     top_logprobs: int | None = None  # 0..20, with logprobs
 
 
+class TokenizeBody(_Strict):
+    """POST /tokenize, in vLLM's shape: a prompt, or a conversation (through the chat template); one of the two."""
+
+    model: str | None = None
+    prompt: str | None = None  # encoded as /v1/completions encodes a text prompt
+    messages: list[Message] | None = None  # encoded as /v1/chat/completions encodes its messages
+    add_special_tokens: bool = True  # accepted for vLLM's clients; the ids are always those the endpoints use
+
+
+class DetokenizeBody(_Strict):
+    """POST /detokenize, in vLLM's shape."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 _SHARED = set(_Body.model_fields)
 
 
-def parse_body(model: type[_Body], data: Any) -> _Body:
+def parse_body(model: type[BaseModel], data: Any) -> Any:
     """Validate a parsed JSON body; the first problem becomes a 400 naming its field."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -183,9 +216,10 @@ def check_limits(body: _Body, limits: Limits) -> None:
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
     max_tokens = _max_tokens(body)
-    if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
+    if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens and not scores_only(body):
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
-        raise ApiError(400, f"{param} must be between 1 and {limits.max_tokens}, got {max_tokens}", param=param)
+        zero = " (0 only with echo: true)" if isinstance(body, CompletionBody) else ""
+        raise ApiError(400, f"{param} must be between 1 and {limits.max_tokens}{zero}, got {max_tokens}", param=param)
     if not 1 <= body.n <= limits.max_n:
         raise ApiError(400, f"n must be between 1 and {limits.max_n}, got {body.n}", param="n")
     if body.seed is not None and body.seed < 0:
@@ -215,16 +249,17 @@ def _check_counts(body: _Body, limits: Limits) -> None:
 def _check_completion(body: CompletionBody, limits: Limits) -> None:
     prompts = prompt_list(body)
     if not prompts:
-        raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+        raise ApiError(400, "prompt must be a string, a token-id list, or a non-empty list of those", param="prompt")
     if len(prompts) > limits.max_prompts:
         raise ApiError(400, f"prompt may hold at most {limits.max_prompts} prompts, got {len(prompts)}",
                        param="prompt")  # fmt: skip
-    if any(not p.strip() for p in prompts):
+    if any(not (p.strip() if isinstance(p, str) else p) for p in prompts):
         raise ApiError(400, "the prompt is empty", param="prompt")
-    if body.echo:
-        raise ApiError(400, "echo is not supported", param="echo")
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
         raise ApiError(400, f"logprobs must be between 0 and 5, got {body.logprobs}", param="logprobs")
+    if scores_only(body) and body.stream:
+        raise ApiError(400, "max_tokens 0 (prompt scoring) is not streamed: send it without stream: true",
+                       param="stream")  # fmt: skip
 
 
 def _check_chat(body: ChatBody) -> None:
@@ -234,8 +269,25 @@ def _check_chat(body: ChatBody) -> None:
         raise ApiError(400, f"top_logprobs must be between 0 and 20, got {body.top_logprobs}", param="top_logprobs")
 
 
-def prompt_list(body: CompletionBody) -> list[str]:
-    return [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+def prompt_list(body: CompletionBody) -> list[str] | list[list[int]]:
+    """The prompts: texts, or token-id lists."""
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def scores_only(body: _Body) -> bool:
+    """A completions request that scores its prompt and samples nothing: echo with max_tokens 0."""
+    return isinstance(body, CompletionBody) and body.echo and body.max_tokens == 0
+
+
+def wanted_logprobs(body: _Body) -> int | None:
+    """How many alternatives per token a request asks for: completions' `logprobs`, chat's `top_logprobs` (0 when
+    unset) with `logprobs: true`; None when it asks for no log-probs at all."""
+    if isinstance(body, ChatBody):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs  # type: ignore[attr-defined]
 
 
 def stop_strings(body: _Body) -> list[str]:
@@ -296,7 +348,7 @@ def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig,
     if body.block_count is not None:
         over.update(block_count=body.block_count, block_size=None if body.block_size is None else body.block_size)
     max_tokens = _max_tokens(body)
-    if max_tokens is not None:
+    if max_tokens is not None and not scores_only(body):  # max_tokens 0 runs no sampler: the defaults stand in
         over["max_new_tokens"] = max_tokens
         if body.block_size is None and body.block_count is None and defaults.block_size is not None:
             # the server's fixed default B, clipped to this request's T
@@ -339,6 +391,9 @@ def new_seed() -> int:
 # --- responses ------------------------------------------------------------------------------------------------------
 
 
+Alternatives = tuple[tuple[str, float], ...]  # (piece, base log p) of the likeliest tokens at one position
+
+
 @dataclass(frozen=True)
 class Output:
     """One returned sample: its text after stop truncation, and the tokens behind it."""
@@ -348,16 +403,20 @@ class Output:
     tokens: tuple[int, ...]  # the returned tokens: a final EOS and tokens after a stop string dropped
     pieces: tuple[str, ...]  # text of each returned token (empty unless asked for)
     offsets: tuple[int, ...]  # character offset of each token's piece in `text` (empty unless asked for)
-    logp: tuple[float, ...]  # base log p of each returned token
+    logp: tuple[float | None, ...]  # base log p of each returned token (None: an echoed prompt's first token)
     completion_tokens: int  # returned tokens, the final EOS counted when it ends the sample
+    top: tuple[Alternatives | None, ...] = ()  # per token, when asked (logprobs N >= 1): the N likeliest tokens
+    # (piece, base log p), likeliest first; None where no distribution comes before the token; () when not asked
+
 
 
 def finish(decode, record: SampleRecord, stops: Sequence[str], want_pieces: bool,
-           check: Callable[[], None] | None = None) -> Output:  # fmt: skip
-    """Cut the record's text before its earliest stop string, and find the tokens behind what is left. `check` is
-    called before each token's piece (it raises to stop the work: the client left, or the deadline passed)."""
+           check: Callable[[], None] | None = None, keep_eos: bool = False) -> Output:  # fmt: skip
+    """Cut the record's text before its earliest stop string, and find the tokens behind what is left (`keep_eos`:
+    a final EOS stays among them, with the piece ""). `check` is called before each token's piece (it raises to stop
+    the work: the client left, or the deadline passed)."""
     ended = record.finish_reason == "eos"
-    tokens = record.tokens[:-1] if ended else record.tokens
+    tokens = record.tokens[:-1] if ended and not keep_eos else record.tokens
     cut = min((i for i in (record.text.find(s) for s in stops) if i >= 0), default=-1)
     text = record.text if cut < 0 else record.text[:cut]
     if cut < 0 and not want_pieces:
@@ -397,25 +456,62 @@ def _pieces(decode, tokens: Sequence[int], check: Callable[[], None] | None = No
     return tuple(pieces), tuple(offsets)
 
 
+def ranked(decode, out: Output, ranks: Sequence[Ranked], check: Callable[[], None] | None = None) -> Output:
+    """`out` with each token's log p and likeliest alternatives from `ranks` (Ranking.rank of its tokens)."""
+    tops = _named(decode, out.tokens, [r.top for r in ranks], check)
+    return replace(out, logp=tuple(r.base_logp for r in ranks), top=tops)
+
+
+def echoed(decode, out: Output, prompt: Sequence[int], text: str | None, ranks: Sequence[Ranked] | None,
+           top: bool, check: Callable[[], None] | None = None) -> Output:  # fmt: skip
+    """`out` with its prompt in front (echo): the prompt's text (`text`, or its tokens' pieces joined for an id
+    prompt) and tokens, with the log p and (`top`) the alternatives that `ranks` gives every prompt token after the
+    first (None: no log-probs asked). The first prompt token has neither: None."""
+    pieces, offsets = _pieces(decode, prompt, check)
+    text = "".join(pieces) if text is None else text
+    head = (None,) if prompt else ()
+    logp = head + (tuple(r.base_logp for r in ranks) if ranks is not None else (None,) * max(len(prompt) - 1, 0))
+    tops = head + _named(decode, prompt, [r.top for r in ranks or ()], check, first=1) + out.top if top else ()
+    return replace(out, text=text + out.text, tokens=tuple(prompt) + out.tokens, pieces=pieces + out.pieces,
+                   offsets=offsets + tuple(len(text) + o for o in out.offsets), logp=logp + out.logp, top=tops)
+
+
+def _named(decode, tokens: Sequence[int], tops: Sequence[tuple[tuple[int, float], ...]],
+           check: Callable[[], None] | None = None, first: int = 0) -> tuple[Alternatives, ...]:  # fmt: skip
+    """Each position's (id, log p) alternatives as (piece, log p), from position `first` of `tokens` on: a token's
+    piece is what its text adds after the tokens before it, decoded as `_pieces` decodes the token there (the same
+    window), so the piece of the token actually there is its own piece."""
+    named = []
+    for i, top in enumerate(tops, start=first):
+        if check is not None:
+            check()
+        begin = max(0, (i // PIECE_WINDOW - 1) * PIECE_WINDOW)
+        before = decode(tokens[begin:i])
+        named.append(tuple((decode([*tokens[begin:i], t])[len(before) :], lp) for t, lp in top))
+    return tuple(named)
+
+
 def completion_logprobs(out: Output, top: int) -> dict:
-    """OpenAI's legacy completions log-probs; top_logprobs holds only the sampled token (see module docstring)."""
-    return {
-        "tokens": list(out.pieces),
-        "token_logprobs": list(out.logp),
-        "top_logprobs": [{piece: lp} for piece, lp in zip(out.pieces, out.logp)] if top > 0 else None,
-        "text_offset": list(out.offsets),
-    }
+    """OpenAI's legacy completions log-probs: per token its piece, log p, the `top` likeliest alternatives (plus the
+    token itself when it is not among them, as OpenAI does) and its character offset in the choice's text."""
+    tops = None
+    if top > 0:
+        tops = [None if alts is None else {**dict(alts), **({} if piece in dict(alts) else {piece: lp})}
+                for piece, lp, alts in zip(out.pieces, out.logp, out.top)]  # fmt: skip
+    return {"tokens": list(out.pieces), "token_logprobs": list(out.logp), "top_logprobs": tops,
+            "text_offset": list(out.offsets)}  # fmt: skip
 
 
 def chat_logprobs(out: Output, top: int) -> dict:
-    """OpenAI's chat log-probs; top_logprobs holds only the sampled token (see module docstring)."""
+    """OpenAI's chat log-probs: per token its piece, log p and bytes, and the `top` likeliest alternatives."""
 
     def entry(piece: str, lp: float) -> dict:
         return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
 
+    alternatives = out.top if top > 0 else ((),) * len(out.pieces)
     content = [
-        {**entry(piece, lp), "top_logprobs": [entry(piece, lp)] if top > 0 else []}
-        for piece, lp in zip(out.pieces, out.logp)
+        {**entry(piece, lp), "top_logprobs": [entry(p, a) for p, a in alts or ()]}
+        for piece, lp, alts in zip(out.pieces, out.logp, alternatives)
     ]
     return {"content": content, "refusal": None}
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from powersample.config import SCALE_RANGE
 from powersample.samplers.registry import METHODS
-from powersample.server.protocol import ChatBody, CompletionBody, Limits
+from powersample.server.protocol import ChatBody, CompletionBody, DetokenizeBody, Limits, TokenizeBody
 
 _REF = "#/components/schemas/{model}"
 
@@ -70,9 +70,12 @@ class PowerSampling(_Out):
 
 
 class CompletionLogprobs(_Out):
+    """Per token (an echoed prompt's first, then generated ones): null log p and top_logprobs for an echoed prompt's
+    first token; top_logprobs null unless logprobs >= 1."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
@@ -187,6 +190,29 @@ class ModelList(_Out):
     data: list[ModelCard]
 
 
+class TokenizerInfo(_Out):
+    """GET /tokenizer_info: what lm-evaluation-harness's remote tokenizer reads (vLLM's endpoint)."""
+
+    eos_token: str | None
+    model_max_length: int | None
+    vocab_size: int | None
+
+
+class Tokenized(_Out):
+    """POST /tokenize (vLLM's shape)."""
+
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: None
+
+
+class Detokenized(_Out):
+    """POST /detokenize (vLLM's shape)."""
+
+    prompt: str
+
+
 class Health(BaseModel):
     """{"status": "ok"}; with the API key (or without a key) also the model, the backend and the engine's state."""
 
@@ -202,17 +228,18 @@ class Health(BaseModel):
 
 
 _ERRORS = {401: "no valid API key", 403: "a foreign Host or Origin", 500: "the engine failed"}
-_GENERATION_ERRORS = {400: "a bad field or a limit (param names the field)", 408: "the body did not arrive in time",
-                      413: "the body is too large", 415: "the body is not application/json",
-                      429: "the server is full (Retry-After)", 499: "the client closed the request",
-                      503: "stopped by a shutdown", 504: "past the request timeout"}  # fmt: skip
+_BODY_ERRORS = {400: "a bad field or a limit (param names the field)", 408: "the body did not arrive in time",
+                413: "the body is too large", 415: "the body is not application/json",
+                499: "the client closed the request"}  # fmt: skip
+_GENERATION_ERRORS = {**_BODY_ERRORS, 429: "the server is full (Retry-After)", 503: "stopped by a shutdown",
+                      504: "past the request timeout"}  # fmt: skip
 
 
-def responses(model: type[BaseModel], generation: bool = False,
-              chunk: type[BaseModel] | None = None) -> dict[int | str, dict]:  # fmt: skip
+def responses(model: type[BaseModel], generation: bool = False, chunk: type[BaseModel] | None = None,
+              body: bool = False) -> dict[int | str, dict]:  # fmt: skip
     """The `responses` of a route: `model` for 200 (and server-sent `chunk`s with `stream: true`), the error body
-    for each error status it can answer."""
-    errors = {**_ERRORS, **(_GENERATION_ERRORS if generation else {})}
+    for each error status it can answer (`body`: a route that reads a JSON body)."""
+    errors = {**_ERRORS, **(_GENERATION_ERRORS if generation else _BODY_ERRORS if body else {})}
     ok: dict[str, Any] = {"model": model}
     if chunk is not None:
         ok["content"] = {"text/event-stream": {"schema": sse_event(chunk)}}
@@ -251,10 +278,10 @@ def openapi(app: FastAPI, limits: Limits) -> dict:
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                           description="power sampling p(x)^alpha behind the OpenAI API")  # fmt: skip
         components = doc.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CompletionBody, ChatBody):
+        for model in (CompletionBody, ChatBody, TokenizeBody, DetokenizeBody):
             body = model.model_json_schema(ref_template=_REF)
             components.update(body.pop("$defs", {}))
-            components[model.__name__] = _bounded(body, limits)
+            components[model.__name__] = _bounded(body, limits, model is CompletionBody)
         for chunk in (CompletionChunk, ChatChunk):
             out = chunk.model_json_schema(ref_template=_REF, mode="serialization")
             components.update({k: v for k, v in out.pop("$defs", {}).items() if k not in components})
@@ -296,6 +323,26 @@ def field_ranges(limits: Limits) -> dict[str, dict]:
     }
 
 
+def _bound_prompt(prompt: dict, limits: Limits) -> None:
+    """Every prompt holds some text (a non-space character) or at least one id >= 0; a list holds 1..max_prompts of
+    them."""
+    for branch in prompt.get("anyOf", [prompt]):
+        if branch.get("type") == "string":
+            branch["pattern"] = r"\S"
+            continue
+        items = branch.get("items", {})
+        if items.get("type") == "string":  # list[str]
+            items["pattern"] = r"\S"
+        elif items.get("type") == "integer":  # one id prompt: 1 or more ids
+            items["minimum"] = 0
+            branch["minItems"] = 1
+            continue
+        else:  # list[list[int]]
+            items.update(minItems=1)
+            items.get("items", {})["minimum"] = 0
+        branch.update(minItems=1, maxItems=limits.max_prompts)
+
+
 def _nullable(prop: dict) -> None:
     """prop, in place, as anyOf [prop, null] (its title and default stay outside)."""
     meta = {k: prop.pop(k) for k in ("title", "default", "description") if k in prop}
@@ -305,20 +352,18 @@ def _nullable(prop: dict) -> None:
                 **meta)  # fmt: skip
 
 
-def _bounded(body: dict, limits: Limits) -> dict:
-    """`body`'s schema with field_ranges applied to the non-null branch of each field."""
+def _bounded(body: dict, limits: Limits, completions: bool = False) -> dict:
+    """`body`'s schema with field_ranges applied to the non-null branch of each field (completions: max_tokens may be
+    0, with echo, and the prompt's forms are bounded)."""
     ranges = field_ranges(limits)
+    if completions:
+        ranges["max_tokens"] = {**ranges["max_tokens"], "minimum": 0}
     required = set(body.get("required", []))
     for name, prop in body.get("properties", {}).items():
         if name not in required and not any(b.get("type") == "null" for b in prop.get("anyOf", [])):
-            _nullable(prop)  # null takes the default (protocol._Body._null_is_default)
-    prompt = body.get("properties", {}).get("prompt")
-    if prompt is not None:  # every prompt must hold some text; a list holds 1..max_prompts of them
-        for branch in prompt.get("anyOf", [prompt]):
-            text = branch if branch.get("type") == "string" else branch.get("items", {})
-            text["pattern"] = r"\S"
-            if branch.get("type") == "array":
-                branch.update(minItems=1, maxItems=limits.max_prompts)
+            _nullable(prop)  # null takes the default (protocol._Strict._null_is_default)
+    if completions:
+        _bound_prompt(body["properties"]["prompt"], limits)
     for branch in body.get("properties", {}).get("stop", {}).get("anyOf", []):  # 1..max_stop non-empty strings
         if branch.get("type") == "string":
             branch["minLength"] = 1
