@@ -196,6 +196,13 @@ def test_plain_methods_stream_their_text_as_it_is_drawn(path, method):
     assert finishes == {c["index"]: c["finish_reason"] for c in want["choices"]}
 
 
+def test_an_echoed_plain_stream_is_the_echoed_text(toy_url):
+    args = dict(model="m", prompt="the cat", seed=6, max_tokens=8, echo=True, extra_body={"method": "base"})
+    want = client(toy_url).completions.create(**args).choices[0].text
+    chunks = list(client(toy_url).completions.create(**args, stream=True))
+    assert by_index(chunks, lambda c: c.text) == {0: want} and want.startswith("the cat")
+
+
 def test_plain_methods_with_logprobs_send_their_text_at_the_end():
     body = {"prompt": "x", "max_tokens": 12, "seed": 4, "method": "base", "logprobs": 1}
     backend = Gated()
