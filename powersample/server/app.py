@@ -7,6 +7,7 @@ them, so the same seed gives the same samples), and submits them to the engine a
 job while watching the client: a client that disconnects, or a request past the timeout, stops the job (its chains
 free their slots at their next request boundary: see `engine.py`). With `stream: true` the request is checked just
 as fully before the stream starts (a bad one still gets its JSON error); see `sse.py` for what the stream sends.
+Reading a body, the API key and the error handlers are in `requests.py`; waiting on the engine in `waiting.py`.
 
 Log-probs with alternatives (`logprobs` N >= 1) and echoed prompts are scored once the chains have ended: one
 `Ranking.rank` per sample over its final tokens (and its prompt, with echo), run on the engine thread as a `Call`
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -41,10 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from powersample.api import SampleRecord, chain_record, make_chains
 from powersample.backends import BackendSpec
@@ -59,14 +56,15 @@ from powersample.samplers import programs, registry
 from powersample.samplers.registry import PLAIN_METHODS
 from powersample.server import protocol as wire
 from powersample.server import schema, sse
-from powersample.server.engine import Call, Engine, Job, Stopped
+from powersample.server.engine import Engine, Job, Stopped
 from powersample.server.guard import add_guards
 from powersample.server.live import Feed, end_events, trace_feed
 from powersample.server.metrics import MISSING, CountRequests, Metrics, make_metrics
 from powersample.server.playground import add_playground
 from powersample.server.protocol import ApiError, ChatBody, CompletionBody, DetokenizeBody, Limits, TokenizeBody
+from powersample.server.requests import add_error_handlers, authenticate, key_ok, read_json
+from powersample.server.waiting import POLL_SECONDS, on_engine, results, submit, timeout_error, wait_job, watch
 
-POLL_SECONDS = 0.1  # how often a waiting handler checks its client and its deadline
 Render = Callable[[list[wire.Output], bool], list[dict]]  # a streamed request's outputs (and whether its text
 # streamed live, so chat roles went out already) -> its last chunks (sse.py)
 
@@ -122,19 +120,19 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
     app = FastAPI(title="powersample", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # fmt: skip
     app.state.engine, app.state.settings = engine, settings
-    _add_error_handlers(app)
+    add_error_handlers(app)
     add_guards(app, settings.bind_host, settings.allowed_hosts, settings.cors_origin)
     metrics = make_metrics(engine.chain_counts)
     if metrics is not None:
         app.add_middleware(CountRequests, metrics=metrics)  # added last: the outermost, so it sees every response
     server = _Server(backend, engine, settings, metrics)
-    keyed = [Depends(_authenticate(settings.api_key))]
+    keyed = [Depends(authenticate(settings.api_key))]
     add_playground(app, settings.defaults)  # GET /: public, a static page holding no data (playground.py)
 
     @app.get("/health", responses=schema.responses(schema.Health))
     async def health(request: Request) -> dict:
         """Liveness: {"status": "ok"} for anyone; the engine's state too with the API key (or without a key)."""
-        if not _key_ok(request, settings.api_key):
+        if not key_ok(request, settings.api_key):
             return {"status": "ok"}
         return {"status": "ok", "model": settings.model_name, "backend": settings.backend.name if settings.backend else "unknown", **engine.stats()}
 
@@ -310,7 +308,7 @@ class _Server:
         """Keep-alives (and the trace events, when traced; the text as it is drawn, when live) while the chains run,
         then the chunks and [DONE]; a failure is one error event. A client that leaves cancels this generator
         (Starlette watches for the disconnect), which stops the job."""
-        job, future = _submit(self.engine, progs, plan)
+        job, future = submit(self.engine, progs, registry.proposal(plan.config), plan.deadline, plan.work)
         start = time.perf_counter()
         try:
             for data in live.opening() if live else ():
@@ -318,7 +316,7 @@ class _Server:
             async with aclosing(self._running(job, future, plan, feed, wire.include_trace(body), live)) as running:
                 async for data in running:
                     yield data
-            outcomes = _results(future.result(), self.settings.limits.request_timeout)
+            outcomes = results(future.result(), self.settings.limits.request_timeout)
             records = self._records(plan, outcomes, time.perf_counter() - start)
             for item in end_events(self.backend, records) if wire.include_trace(body) else ():
                 yield sse.trace(item)
@@ -355,7 +353,7 @@ class _Server:
                     return
                 if time.monotonic() > plan.deadline:
                     job.stop("timeout")
-                    raise _timeout_error(self.settings.limits.request_timeout)
+                    raise timeout_error(self.settings.limits.request_timeout)
                 if batch:
                     beat = time.monotonic()  # trace events are traffic too
                 elif time.monotonic() - beat >= keepalive:
@@ -381,7 +379,8 @@ class _Server:
         if not plan.echo and not plan.logprobs:
             return outputs
         prompts = [plan.prompt_ids[j // plan.n] for j in range(len(outputs))]
-        ranks = await self._on_engine(request, plan, lambda: _ranks(self.backend, plan, prompts, outputs))
+        ranks = await on_engine(request, self.engine, lambda: _ranks(self.backend, plan, prompts, outputs), plan.deadline,
+                                self.settings.limits.request_timeout)
 
         def work(check: Callable[[], None]) -> list[wire.Output]:
             return [_scored(self.backend.decode, plan, j // plan.n, out, rank, check)
@@ -400,32 +399,11 @@ class _Server:
 
         task = asyncio.ensure_future(asyncio.to_thread(work, check))
         try:
-            await _watch(request, task, plan.deadline, lambda reason: stop.set(), self.settings.limits.request_timeout)
+            await watch(request, task, plan.deadline, lambda reason: stop.set(), self.settings.limits.request_timeout)
         finally:
             stop.set()  # a no-op once done; else the thread ends at its next token
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" log
         return task.result()
-
-    async def _on_engine(self, request: Request, plan: _Plan, work: Callable[[], Any]) -> Any:
-        """work() on the engine thread (a `Call`), watched like a job: 499 when the client leaves first, 504 past
-        the deadline; its exception answers as a chain's would (400 for a PowerSampleError)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-
-        def on_done(outcome: object) -> None:  # from the engine thread
-            try:
-                loop.call_soon_threadsafe(_settle, future, [outcome])
-            except RuntimeError:  # the event loop is gone (shutdown): nobody waits any more
-                pass
-
-        call = Call(work, plan.deadline, on_done)
-        self.engine.call(call)
-        try:
-            await _watch(request, future, plan.deadline, call.stop, self.settings.limits.request_timeout)
-        finally:
-            if not future.done():
-                call.stop("request abandoned")
-        return _results(future.result(), self.settings.limits.request_timeout)[0]
 
     # --- the tokenizer endpoints (vLLM's shapes) -----------------------------------------------------------------
 
@@ -464,7 +442,8 @@ class _Server:
         """Run every chain of the plan in the engine; one record per (prompt, chain), prompt-major."""
         progs = self._programs(plan)
         start = time.perf_counter()
-        outcomes = await _await_job(request, self.engine, progs, plan, self.settings.limits.request_timeout)
+        job, future = submit(self.engine, progs, registry.proposal(plan.config), plan.deadline, plan.work)
+        outcomes = await wait_job(request, job, future, plan.deadline, self.settings.limits.request_timeout)
         return self._records(plan, outcomes, time.perf_counter() - start)
 
     def _programs(self, plan: _Plan, feed: Feed | None = None) -> list:
@@ -586,154 +565,3 @@ def _seed(body: wire._Body) -> int:
     return body.seed if body.seed is not None else wire.new_seed()
 
 
-async def _await_job(request: Request, engine: Engine, progs: list, plan: _Plan, timeout: float) -> list:
-    """Submit the chains and wait for them, stopping them when the client leaves or the timeout passes."""
-    job, future = _submit(engine, progs, plan)
-    try:
-        await _watch(request, future, plan.deadline, job.stop, timeout)
-    finally:
-        if not future.done():
-            job.stop("request abandoned")
-    return _results(future.result(), timeout)
-
-
-def _submit(engine: Engine, progs: list, plan: _Plan) -> tuple[Job, asyncio.Future]:
-    """Submit the chains as one Job; the future gets their outcomes, on the event loop."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-
-    def on_done(outcomes: list) -> None:  # from the engine thread
-        try:
-            loop.call_soon_threadsafe(_settle, future, list(outcomes))
-        except RuntimeError:  # the event loop is gone (shutdown): nobody waits any more
-            pass
-
-    job = Job(progs, registry.proposal(plan.config), plan.deadline, on_done, work=plan.work)
-    engine.submit(job)
-    return job, future
-
-
-async def _watch(request: Request, work: asyncio.Future, deadline: float, stop, timeout: float) -> None:
-    """Wait for `work`; when the client disconnects or the deadline passes first, stop(reason) and answer 499/504."""
-    while not work.done():
-        await asyncio.wait({work}, timeout=POLL_SECONDS)
-        if work.done():
-            return
-        if await request.is_disconnected():
-            stop("client disconnected")
-            raise _client_closed()
-        if time.monotonic() > deadline:
-            stop("timeout")
-            raise _timeout_error(timeout)
-
-
-def _client_closed() -> ApiError:
-    return ApiError(499, "the client closed the request", code="client_closed")
-
-
-def _settle(future: asyncio.Future, outcomes: list) -> None:
-    if not future.done():
-        future.set_result(outcomes)
-
-
-def _results(outcomes: list, timeout: float) -> list:
-    """The chains' results; a failed chain fails the request (400 bad input, 504 timeout, 503 shutdown, else 500)."""
-    for outcome in outcomes:
-        if isinstance(outcome, Stopped) and str(outcome) == "timeout":
-            raise _timeout_error(timeout)
-        if isinstance(outcome, Stopped):  # the server is shutting down
-            raise ApiError(503, f"the request was stopped: {outcome}", kind="server_error", code="stopped")
-        if isinstance(outcome, PowerSampleError):
-            raise ApiError(400, str(outcome))
-        if isinstance(outcome, BaseException):
-            raise ApiError(500, f"the engine failed: {one_line(outcome)}", kind="server_error", code="engine_error")
-    return outcomes
-
-
-def _timeout_error(timeout: float) -> ApiError:
-    return ApiError(504, f"the request took longer than the server's request timeout ({timeout:g} s); its chains "
-                    "were stopped", kind="timeout_error", code="timeout")  # fmt: skip
-
-
-async def read_json(request: Request, limit: int, timeout: float = 30.0) -> Any:
-    """The body parsed as JSON: 413 past `limit` bytes (by Content-Length, and while streaming), 408 when it takes
-    longer than `timeout` seconds to arrive, 415 unless it is application/json (a browser's cross-site "simple
-    request" cannot send that type), 499 when the client leaves halfway."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, "the Content-Length header is not a number")
-        if int(declared) > limit:
-            raise _too_large(limit)
-    try:
-        raw = await asyncio.wait_for(_read_body(request, limit), timeout)
-    except ClientDisconnect:
-        raise _client_closed() from None
-    except asyncio.TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="body_timeout") from None
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise ApiError(415, f"the request body must be sent as 'Content-Type: application/json', not "
-                       f"{media or 'no type'!r}", code="unsupported_media_type")  # fmt: skip
-    try:
-        return json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"the request body is not valid JSON: {one_line(e)}", code="invalid_json") from None
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body exceeds the server's limit of {limit} bytes", code="body_too_large")
-
-
-def _authenticate(api_key: str | None):
-    """A dependency refusing (401) requests without `Authorization: Bearer <api_key>`; no check without a key."""
-
-    async def check(request: Request) -> None:
-        if not _key_ok(request, api_key):
-            raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
-                           kind="authentication_error", code="invalid_api_key")  # fmt: skip
-
-    return check
-
-
-def _key_ok(request: Request, api_key: str | None) -> bool:
-    """True without a key, or when the request sends 'Authorization: Bearer <api_key>' (compared in constant time)."""
-    if api_key is None:
-        return True
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), api_key.encode())
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        body = ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", kind=kind).body()
-        return JSONResponse(body, status_code=error.status_code, headers=error.headers)  # 405 keeps its Allow
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse(ApiError(400, str(error.errors()[:1])).body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, error: Exception) -> JSONResponse:
-        body = ApiError(500, f"internal error: {one_line(error)}", kind="server_error").body()
-        return JSONResponse(body, status_code=500)

@@ -1,7 +1,7 @@
 """The served OpenAPI document (`GET /openapi.json`): request bodies from the very models that validate them
 (`protocol.CompletionBody`, `protocol.ChatBody`, power-sampling fields included) and the responses the handlers
 build, so a fuzzer (schemathesis) can check every answer against it. The handlers parse bodies themselves (size
-first, then JSON, then the model: see `app.read_json`), so the request bodies are added to FastAPI's document here.
+first, then JSON, then the model: see `requests.read_json`), so the request bodies are added to FastAPI's document here.
 A streamed answer (`stream: true`) is `text/event-stream`; its chunk objects are the components CompletionChunk and
 ChatChunk (see `sse.py`).
 """
