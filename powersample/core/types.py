@@ -78,7 +78,7 @@ class ExtendRequest:
     entropy: bool = False  # also report the base next-token entropy before each token (Continuation.entropy)
     on_draw: Callable[[Tokens], None] | None = None  # called with each run of new tokens as the engine draws them
     # (from the engine's thread, in order, before the Continuation returns; together they are its tokens). How often
-    # is the engine's choice: every forward (toy, hf, llamacpp), or once at the end (vLLM). It changes no draw.
+    # is the engine's choice: every forward (toy, hf, llamacpp), every engine step (vLLM). It changes no draw.
 
 
 @dataclass(frozen=True)
