@@ -329,8 +329,8 @@ class VLLMBackend:
             scored = job.stage == "score"
             prompt, salt = tuple(request.context) + job.tokens, SCORE_SALT if scored else None
             params = self._params(scored, max_tokens=1, prompt_logprobs=request.alternatives)
-        live = job.stage == "draw" and request.on_draw is not None  # an output every step, its tokens so far
-        params.output_kind = RequestOutputKind.CUMULATIVE if live else RequestOutputKind.FINAL_ONLY  # else one, at the end
+        live = job.stage == "draw" and request.on_draw is not None  # an output every step, with its tokens so far
+        params.output_kind = RequestOutputKind.CUMULATIVE if live else RequestOutputKind.FINAL_ONLY  # else at the end
         extra = {"cache_salt": salt} if salt and self.reuse_cache else {}
         request_id = str(next(self.llm.request_counter))  # the counter LLM.generate() numbers its requests with
         render = getattr(self.llm, "_preprocess_cmpl_one", None)  # what LLM.generate() adds; else the raw prompt
