@@ -43,8 +43,27 @@ class Stopped(Exception):
     """A job's chain was stopped before it finished (the client left, or the job's deadline passed)."""
 
 
+class _Stoppable:
+    """stop/stopped of engine work with a deadline (Job, Call: dataclasses with `deadline` and `stop_reason`)."""
+
+    deadline: float  # time.monotonic() after which the work is stopped ("timeout")
+    stop_reason: str | None
+
+    def stop(self, reason: str) -> None:
+        """Ask the work to stop (safe from any thread): a job's chains at their next request; a call not to run (one
+        already running finishes)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def stopped(self) -> str | None:
+        """Why the work should stop now, or None."""
+        if self.stop_reason is None and time.monotonic() > self.deadline:
+            self.stop_reason = "timeout"
+        return self.stop_reason
+
+
 @dataclass(eq=False)
-class Job:
+class Job(_Stoppable):
     """One request's chains: they share a proposal, a deadline and a callback for when all have finished."""
 
     programs: Sequence[Program]
@@ -59,36 +78,15 @@ class Job:
     def __post_init__(self) -> None:
         self.outcomes, self.remaining = [None] * len(self.programs), len(self.programs)
 
-    def stop(self, reason: str) -> None:
-        """Ask the job's chains to stop at their next request (safe from any thread)."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-
-    def stopped(self) -> str | None:
-        """Why the job should stop now, or None."""
-        if self.stop_reason is None and time.monotonic() > self.deadline:
-            self.stop_reason = "timeout"
-        return self.stop_reason
-
 
 @dataclass(eq=False)
-class Call:
+class Call(_Stoppable):
     """Backend work outside any chain, run once on the engine thread (see the module docstring)."""
 
     work: Callable[[], object]  # uses the backend; its result (or the exception it raises) goes to on_done
     deadline: float  # time.monotonic() after which the call is answered Stopped("timeout") instead of run
     on_done: Callable[[object], None]  # called once, from the engine thread
     stop_reason: str | None = None
-
-    def stop(self, reason: str) -> None:
-        """Ask the call not to run (safe from any thread); one already running finishes."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-
-    def stopped(self) -> str | None:
-        if self.stop_reason is None and time.monotonic() > self.deadline:
-            self.stop_reason = "timeout"
-        return self.stop_reason
 
 
 class Engine:
