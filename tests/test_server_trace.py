@@ -22,6 +22,7 @@ from test_server import DEFAULTS, SLOW_POWER, SlowToy, client, serve, wait_idle,
 from test_server_stream import by_index, events  # noqa: E402
 
 from powersample.api import ChainTrace, sample  # noqa: E402
+from powersample.samplers.chain import json_ready  # noqa: E402
 from powersample.server import sse  # noqa: E402
 
 TRACE = {"stream": True, "stream_options": {"include_trace": True}}
@@ -57,7 +58,7 @@ def recorded(prompt: str, extra: dict, seed: int, n: int, first: int = 0) -> lis
     trace = ChainTrace(word_backend())
     sample(word_backend(), prompt, config, seed=seed, num_samples=n, chat=False, trace=trace)
     events = [{**e, "chain": e["chain"] + first} for e in trace.events]
-    return json.loads(json.dumps(sse._finite(events)))
+    return json.loads(json.dumps(json_ready(events)))
 
 
 @pytest.mark.parametrize("extra", [POWER, SMC], ids=["power", "power-smc"])

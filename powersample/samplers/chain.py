@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,9 +35,10 @@ class Chain:
     trace: Trace | None = None  # gets the chain's events (MH steps, extensions, SMC weights); None = not traced
 
     def note(self, event: str, **fields: Any) -> None:
-        """Record one event for the trace, when the chain is traced: {"event": event, **fields}, JSON-ready."""
+        """Record one event for the trace, when the chain is traced: {"event": event, **fields}, JSON-ready (a
+        non-finite number as None: `json_ready`)."""
         if self.trace is not None:
-            self.trace({"event": event, **fields})
+            self.trace(json_ready({"event": event, **fields}))
 
     def remember(self, prompt: Tokens) -> None:
         """Keep what the chain draws from now on, starting with `prompt`, for drafts (speculative proposals)."""
@@ -80,6 +82,18 @@ class Chain:
             proposals=self.proposals,
             accepted=self.accepted,
         )
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with every non-finite float as None, inside dicts, lists and tuples too (a log r of -inf, an SMC log
+    weight of -inf): JSON has no infinities."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

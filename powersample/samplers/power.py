@@ -206,16 +206,12 @@ def note_extension(chain: Chain, stage: int, at: int, cont: Continuation) -> Non
 
 def note_step(chain: Chain, where: tuple[int, int], i: int, length: int, proposed: Continuation, log_r: float,
               terms: tuple[float, float, float], log_u: float, accepted: bool) -> None:  # fmt: skip
-    """Trace one MH step (after it moved, or not): -inf becomes None (JSON has no infinities). Nothing is computed
-    for an untraced chain."""
+    """Trace one MH step (after it moved, or not): a log r or term of -inf is written as None (Chain.note). Nothing is
+    computed for an untraced chain."""
     if chain.trace is None:
         return
     stage, step = where
     chain.note("step", stage=stage, step=step, cut=i, length=length, proposal=list(proposed.tokens),
-               proposal_logp=math.fsum(proposed.base_logp), log_r=_finite(log_r), log_u=log_u, accepted=accepted,
-               terms=dict(zip(("target", "proposal", "cut"), map(_finite, terms))),
+               proposal_logp=math.fsum(proposed.base_logp), log_r=log_r, log_u=log_u, accepted=accepted,
+               terms=dict(zip(("target", "proposal", "cut"), terms)),
                logp=math.fsum(chain.base_logp), length_after=len(chain.tokens))  # fmt: skip
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None

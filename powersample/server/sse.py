@@ -27,11 +27,10 @@ with `: trace `.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
 
+from powersample.samplers.chain import json_ready
 from powersample.server import protocol as wire
 from powersample.server.deltas import TextStream
 
@@ -50,18 +49,7 @@ def event(data: dict) -> bytes:
 
 def trace(item: dict) -> bytes:
     """One trace event as an SSE comment line (json.dumps escapes every newline, so the JSON stays on it)."""
-    return f"{TRACE}{json.dumps(_finite(item), separators=(',', ':'))}\n\n".encode()
-
-
-def _finite(value: Any) -> Any:
-    """`value` with every non-finite float (an SMC weight of -inf) as None: JSON has no infinities."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return f"{TRACE}{json.dumps(json_ready(item), separators=(',', ':'))}\n\n".encode()
 
 
 def head(kind: str, model: str) -> dict:
