@@ -94,7 +94,6 @@ class Continuation:
     # drawn after (temperature 1, no truncation); empty unless the request asked (ExtendRequest.entropy)
 
 
-
 # Continuous batching (optional backend method `extend_continuous(requests, proposal, refill, poll=None)`): the
 # backend decodes `requests` (a dict key -> ExtendRequest, one slot per request) as one batch that stays full. When a
 # row finishes it calls refill(key, continuation), which returns the requests that start now (new keys, possibly
@@ -102,7 +101,6 @@ class Continuation:
 # no row is left and poll() has nothing.
 Refill = Callable[[int, "Continuation"], Mapping[int, "ExtendRequest"]]
 Poll = Callable[[], Mapping[int, "ExtendRequest"]]
-
 
 
 @dataclass(frozen=True)

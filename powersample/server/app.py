@@ -379,8 +379,8 @@ class _Server:
         if not plan.echo and not plan.logprobs:
             return outputs
         prompts = [plan.prompt_ids[j // plan.n] for j in range(len(outputs))]
-        ranks = await on_engine(request, self.engine, lambda: _ranks(self.backend, plan, prompts, outputs), plan.deadline,
-                                self.settings.limits.request_timeout)
+        rank = lambda: _ranks(self.backend, plan, prompts, outputs)  # noqa: E731
+        ranks = await on_engine(request, self.engine, rank, plan.deadline, self.settings.limits.request_timeout)
 
         def work(check: Callable[[], None]) -> list[wire.Output]:
             return [_scored(self.backend.decode, plan, j // plan.n, out, rank, check)

@@ -409,7 +409,6 @@ class Output:
     # (piece, base log p), likeliest first; None where no distribution comes before the token; () when not asked
 
 
-
 def finish(decode, record: SampleRecord, stops: Sequence[str], want_pieces: bool,
            check: Callable[[], None] | None = None, keep_eos: bool = False) -> Output:  # fmt: skip
     """Cut the record's text before its earliest stop string, and find the tokens behind what is left (`keep_eos`:
@@ -432,6 +431,11 @@ def finish(decode, record: SampleRecord, stops: Sequence[str], want_pieces: bool
 PIECE_WINDOW = 8  # tokens of context each token's piece is decoded with (detokenizers look only a few tokens back)
 
 
+def _window_start(i: int, window: int = PIECE_WINDOW) -> int:
+    """Where the decode window of token i starts: a multiple of `window`, between `window` and 2 `window` back."""
+    return max(0, (i // window - 1) * window)
+
+
 def _pieces(decode, tokens: Sequence[int], check: Callable[[], None] | None = None,
             window: int = PIECE_WINDOW) -> tuple[tuple[str, ...], tuple[int, ...]]:  # fmt: skip
     """Each token's text as the growth of the decoded text when the token is added, so the pieces add up to the text.
@@ -444,7 +448,7 @@ def _pieces(decode, tokens: Sequence[int], check: Callable[[], None] | None = No
     for i in range(len(tokens)):
         if check is not None:
             check()
-        begin = max(0, (i // window - 1) * window)
+        begin = _window_start(i, window)
         if begin != start:
             start, before = begin, decode(tokens[begin:i])
         text = decode(tokens[start : i + 1])
@@ -485,7 +489,7 @@ def _named(decode, tokens: Sequence[int], tops: Sequence[tuple[tuple[int, float]
     for i, top in enumerate(tops, start=first):
         if check is not None:
             check()
-        begin = max(0, (i // PIECE_WINDOW - 1) * PIECE_WINDOW)
+        begin = _window_start(i)
         before = decode(tokens[begin:i])
         named.append(tuple((decode([*tokens[begin:i], t])[len(before) :], lp) for t, lp in top))
     return tuple(named)
