@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -24,6 +26,23 @@ PROMPT = "the cat"
 KNOBS = {"alpha": "2", "mcmc_steps": "3", "block_count": "3", "max_tokens": "12", "seed": "7"}
 
 
+@contextmanager
+def opened(url: str, problems: list | None = None) -> Iterator:
+    """The playground at `url` in headless Chromium; console errors and warnings and script errors go to `problems`
+    (when given) from before the page loads."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page()
+            if problems is not None:
+                page.on("console", lambda m: m.type in ("error", "warning") and problems.append(m.text))
+                page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(url + "/")
+            yield page
+        finally:
+            browser.close()
+
+
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_the_page_runs_a_chain_live_and_shows_the_final_text(endpoint):
     text = {"prompt": PROMPT} if endpoint == "completions" else {"messages": [{"role": "user", "content": PROMPT}]}
@@ -31,29 +50,21 @@ def test_the_page_runs_a_chain_live_and_shows_the_final_text(endpoint):
     with serve(model_name="toy-words") as url:
         want = httpx.post(url + path, json={**text, "method": "power", "n": 1,
                                             **{k: int(v) for k, v in KNOBS.items()}}).json()  # fmt: skip
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM)
-            try:
-                page = browser.new_page()
-                problems = []
-                page.on("console", lambda m: m.type in ("error", "warning") and problems.append(m.text))
-                page.on("pageerror", lambda e: problems.append(str(e)))
-                page.goto(url + "/")
-                page.fill("#prompt", PROMPT)
-                page.select_option("#endpoint", endpoint)
-                page.select_option("#method", "power")
-                for name, value in KNOBS.items():
-                    page.fill(f"#{name}", value)
-                page.click("#run")
-                page.wait_for_selector("body[data-state=done]", timeout=15_000)
-                final = page.text_content("#final")
-                accepted = page.locator("#steps li.acc").count()
-                spans = page.locator("#state span").count()
-                circles = page.locator("#chart circle").count()
-                extensions = page.locator("#steps li.info").count()
-                shown = page.text_content("#n-accepted")
-            finally:
-                browser.close()
+        problems = []
+        with opened(url, problems) as page:
+            page.fill("#prompt", PROMPT)
+            page.select_option("#endpoint", endpoint)
+            page.select_option("#method", "power")
+            for name, value in KNOBS.items():
+                page.fill(f"#{name}", value)
+            page.click("#run")
+            page.wait_for_selector("body[data-state=done]", timeout=15_000)
+            final = page.text_content("#final")
+            accepted = page.locator("#steps li.acc").count()
+            spans = page.locator("#state span").count()
+            circles = page.locator("#chart circle").count()
+            extensions = page.locator("#steps li.info").count()
+            shown = page.text_content("#n-accepted")
     choice = want["choices"][0]
     assert final == (choice["text"] if endpoint == "completions" else choice["message"]["content"]) and final
     ps = want["power_sampling"]
@@ -68,62 +79,44 @@ def test_the_page_shows_base_sampling_as_it_is_drawn():
     with serve(model_name="toy-words") as url:
         want = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "method": "base", "max_tokens": 12,
                                                          "seed": 7}).json()["choices"][0]["text"]  # fmt: skip
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM)
-            try:
-                page = browser.new_page()
-                page.goto(url + "/")
-                page.fill("#prompt", PROMPT)
-                page.select_option("#endpoint", "completions")
-                page.select_option("#method", "base")
-                page.fill("#max_tokens", "12")
-                page.fill("#seed", "7")
-                page.click("#run")
-                page.wait_for_selector("body[data-state=done]", timeout=15_000)
-                final, state = page.text_content("#final"), page.text_content("#state")
-                spans, steps = page.locator("#state span").count(), page.locator("#steps li").count()
-            finally:
-                browser.close()
+        with opened(url) as page:
+            page.fill("#prompt", PROMPT)
+            page.select_option("#endpoint", "completions")
+            page.select_option("#method", "base")
+            page.fill("#max_tokens", "12")
+            page.fill("#seed", "7")
+            page.click("#run")
+            page.wait_for_selector("body[data-state=done]", timeout=15_000)
+            final, state = page.text_content("#final"), page.text_content("#state")
+            spans, steps = page.locator("#state span").count(), page.locator("#steps li").count()
     assert final == want and state == want and want  # the toy's words decode token by token
     assert spans == 1 and steps == 0
 
 
 def test_the_page_shows_a_refused_request_as_one_line():
     with serve(model_name="toy-words") as url:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM)
-            try:
-                page = browser.new_page()
-                page.goto(url + "/")
-                page.fill("#alpha", "-1")
-                page.click("#run")
-                page.wait_for_selector("#error:not(:empty)", timeout=10_000)
-                error = page.text_content("#error")
-            finally:
-                browser.close()
+        with opened(url) as page:
+            page.fill("#alpha", "-1")
+            page.click("#run")
+            page.wait_for_selector("#error:not(:empty)", timeout=10_000)
+            error = page.text_content("#error")
     assert error.startswith("error 400: ") and "alpha" in error and "\n" not in error
 
 
 def test_the_page_sends_the_api_key_and_stop_frees_the_chain():
     with serve(SlowToy(delay=0.01), api_key="sekret") as url:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM)
-            try:
-                page = browser.new_page()
-                page.goto(url + "/")
-                page.select_option("#method", "power")
-                page.fill("#mcmc_steps", "200")
-                page.click("#run")
-                page.wait_for_selector("#error:not(:empty)", timeout=10_000)
-                refused = page.text_content("#error")
-                page.fill("#key", "sekret")
-                page.click("#run")
-                page.wait_for_selector("#steps li.acc, #steps li.rej", timeout=10_000)  # the chain is running
-                page.click("#stop")
-                page.wait_for_selector("body[data-state=stopped]", timeout=10_000)
-                status, kept = page.text_content("#status"), page.evaluate("sessionStorage.length")
-            finally:
-                browser.close()
+        with opened(url) as page:
+            page.select_option("#method", "power")
+            page.fill("#mcmc_steps", "200")
+            page.click("#run")
+            page.wait_for_selector("#error:not(:empty)", timeout=10_000)
+            refused = page.text_content("#error")
+            page.fill("#key", "sekret")
+            page.click("#run")
+            page.wait_for_selector("#steps li.acc, #steps li.rej", timeout=10_000)  # the chain is running
+            page.click("#stop")
+            page.wait_for_selector("body[data-state=stopped]", timeout=10_000)
+            status, kept = page.text_content("#status"), page.evaluate("sessionStorage.length")
         state = idle(url, {"authorization": "Bearer sekret"})  # the page's request was aborted: its chain stopped
     assert refused.startswith("error 401: ") and status == "stopped." and kept == 1
     assert state["chains_in_flight"] == 0 and state["requests_running"] == 0

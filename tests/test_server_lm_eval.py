@@ -53,12 +53,15 @@ metric_list:
 """
 
 
-def write_task(folder: Path) -> Path:
-    data = folder / "sums.jsonl"
-    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    tasks = folder / "tasks"
+def write_task(folder: Path, name: str = "powersample_sums", template: str = TASK,
+               questions: list[dict] = QUESTIONS) -> Path:  # fmt: skip
+    """A folder for lm-eval's --include_path holding task `name` (its YAML from `template`) over a JSONL file of
+    `questions`; each task gets its own folder under `folder`."""
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    tasks = folder / f"{name}_tasks"
     tasks.mkdir()
-    (tasks / "powersample_sums.yaml").write_text(TASK.format(data=data))
+    (tasks / f"{name}.yaml").write_text(template.format(data=data))
     return tasks
 
 
@@ -141,15 +144,6 @@ def mc_toy() -> CharToy:
     return CharToy(ToySpec.from_dict({"vocab": CHARS, "eos_id": len(CHARS) - 1, "default": uniform, "next": rows}))
 
 
-def write_mc_task(folder: Path, questions: list[dict]) -> Path:
-    data = folder / "mc.jsonl"
-    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
-    tasks = folder / "mc_tasks"
-    tasks.mkdir()
-    (tasks / "powersample_mc.yaml").write_text(MC_TASK.format(data=data))
-    return tasks
-
-
 def run_mc(url: str, tasks: Path, out: Path, key: str, env_dir: Path) -> list[dict]:
     """`lm_eval` on the multiple-choice task with its default tokenizer (auto: the server's /tokenize) and requests
     sent as token ids; the logged samples, in document order."""
@@ -189,7 +183,7 @@ def test_lm_eval_multiple_choice_scores_with_the_toys_exact_log_probs(tmp_path):
     backend = mc_toy()
     settings = Settings(defaults=SamplerConfig(max_new_tokens=8, mcmc_steps=1), api_key="k3y")
     with background_server(create_app(backend, settings)) as url:
-        samples = run_mc(url, write_mc_task(tmp_path, MC_QUESTIONS), tmp_path / "out", "k3y", tmp_path)
+        samples = run_mc(url, write_task(tmp_path, "powersample_mc", MC_TASK, MC_QUESTIONS), tmp_path / "out", "k3y", tmp_path)
     assert len(samples) == len(MC_QUESTIONS)
     correct = []
     for sample, question in zip(samples, MC_QUESTIONS):
@@ -213,7 +207,7 @@ def test_lm_eval_multiple_choice_on_the_embedded_model_gets_score_of_the_same_to
     questions = [{k: v for k, v in q.items() if k != "likely"} for q in MC_QUESTIONS]
     settings = Settings(defaults=SamplerConfig(method="base", max_new_tokens=8), api_key="k3y")
     with background_server(create_app(backend, settings)) as url:
-        samples = run_mc(url, write_mc_task(tmp_path, questions), tmp_path / "out", "k3y", tmp_path)
+        samples = run_mc(url, write_task(tmp_path, "powersample_mc", MC_TASK, questions), tmp_path / "out", "k3y", tmp_path)
     for sample, question in zip(samples, questions):
         want = exact_loglikelihoods(backend, question)
         have = logged(sample)
