@@ -6,6 +6,9 @@ the same model the same way and decodes a few tokens. The outcome is cached per 
 weight placement) as a small JSON file under $POWERSAMPLE_CACHE/probes: later runs read it and start no child.
 When the child dies, `--backend auto` falls back to hf with one line on stderr, and an explicit `--backend llamacpp`
 is refused with a one-line error; delete the cached file (the message names it) to probe again.
+
+`remembered` is the cache itself, for any finding about an engine on this machine that is worth computing once
+(the llamacpp backend also keeps there whether a model's kernels round by batch shape).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import hashlib
 import json
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +39,20 @@ class Outcome:
 
 def probe(key: Mapping[str, str], command: Sequence[str], timeout: float = PROBE_TIMEOUT) -> Outcome:
     """The cached outcome for `key`, or run `command` once (a child that exits 0 when the engine works) and cache it."""
-    path = cache_root() / "probes" / f"{_digest(key)}.json"
+    found = remembered(key, lambda: dict(zip(("ok", "detail"), _run(command, timeout))))
+    return Outcome(found.get("ok") is True, str(found.get("detail", "")), _path(key))
+
+
+def remembered(key: Mapping[str, str], compute: Callable[[], dict]) -> dict:
+    """The JSON value cached for `key` under $POWERSAMPLE_CACHE/probes, or compute() once and cache it (a cache we
+    cannot write only means computing again next time)."""
+    path = _path(key)
     cached = _read(path, key)
     if cached is not None:
         return cached
-    ok, detail = _run(command, timeout)
-    _write(path, {"key": dict(key), "ok": ok, "detail": detail})
-    return Outcome(ok, detail, path)
+    value = compute()
+    _write(path, {"key": dict(key), "value": value})
+    return value
 
 
 def _run(command: Sequence[str], timeout: float) -> tuple[bool, str]:
@@ -72,12 +82,16 @@ def _digest(key: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _read(path: Path, key: Mapping[str, str]) -> Outcome | None:
-    """The outcome stored at `path` for exactly this key; None when absent or unreadable (then we probe again)."""
+def _path(key: Mapping[str, str]) -> Path:
+    return cache_root() / "probes" / f"{_digest(key)}.json"
+
+
+def _read(path: Path, key: Mapping[str, str]) -> dict | None:
+    """The value stored at `path` for exactly this key; None when absent or unreadable (then we compute again)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data["key"] == dict(key) and isinstance(data["ok"], bool):
-            return Outcome(data["ok"], str(data["detail"]), path)
+        if data["key"] == dict(key) and isinstance(data["value"], dict):
+            return data["value"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
