@@ -30,11 +30,14 @@ def toy_next_logp(backend: ToyBackend):
     return next_logp
 
 
+LONG = (0, 1) * 6  # a long context: the toy has no sliding window, so the long check holds as it does for any
+
+
 @pytest.fixture(scope="module")
 def subject() -> conformance.Subject:
     backend = ToyBackend(load_spec("eos_trap"))
-    return conformance.Subject(backend, backend.encode("Name three primary colors.", chat=True),
-                               next_logp=toy_next_logp(backend), draws_per_forward=True)
+    return conformance.Subject(backend, backend.encode("Name three primary colors.", chat=True), tolerance=1e-12,
+                               next_logp=toy_next_logp(backend), draws_per_forward=True, long_prompt=LONG)  # exact
 
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
@@ -43,9 +46,15 @@ def test_conformance(subject, check):
 
 
 def test_run_names_the_checks_that_did_not_apply(subject):
-    assert conformance.run(subject) == ["context_length_is_checked"]  # the toy model's context is unbounded
-    assert conformance.run(replace(subject, next_logp=None)) == ["top_k_draws_only_from_the_top_k",
+    continuous = ["rows_joining_and_leaving_match_single_rows"]  # the plain toy has no extend_continuous
+    assert conformance.run(subject) == [*continuous, "context_length_is_checked"]  # its context is unbounded
+    assert conformance.run(replace(subject, next_logp=None)) == ["top_k_draws_only_from_the_top_k", *continuous,
                                                                  "context_length_is_checked"]
+    assert "long_sequences_past_the_window" in conformance.run(replace(subject, long_prompt=()))
+
+
+def test_the_continuous_checks_pass_a_continuous_backend(subject):
+    conformance.rows_joining_and_leaving_match_single_rows(replace(subject, backend=ContinuousToy(load_spec("eos_trap"))))
 
 
 # --- the suite fails broken backends ----------------------------------------------------------------------------
@@ -131,6 +140,59 @@ class Limited(ToyBackend):
     context_length = 4
 
 
+class SwitchesKernelAt8Rows(ToyBackend):
+    """log p moves once a batch holds 8 rows (llama.cpp's tiled K-quant matmul did)."""
+
+    def extend(self, requests, proposal):
+        conts = super().extend(requests, proposal)
+        shift = 1e-3 if len(requests) >= 8 else 0.0
+        return [replace(c, base_logp=tuple(x + shift for x in c.base_logp)) for c in conts]
+
+
+class RoundsLongDrafts(ToyBackend):
+    """log p moves when a forward verifies 8 guessed tokens."""
+
+    def extend(self, requests, proposal):
+        conts = super().extend(requests, proposal)
+        return [replace(c, base_logp=tuple(x - 1e-9 * (r.speculate >= 8) for x in c.base_logp))
+                for r, c in zip(requests, conts)]
+
+
+class ForgetsPastTheWindow(ToyBackend):
+    """Sampling past 8 context ids gives log p unlike scoring (a sliding window kept wrong)."""
+
+    def extend(self, requests, proposal):
+        conts = super().extend(requests, proposal)
+        return [replace(c, base_logp=tuple(x + 0.01 * (len(r.context) > 8) for x in c.base_logp))
+                for r, c in zip(requests, conts)]
+
+
+class ContinuousToy(ToyBackend):
+    """A continuous batch of one row at a time: refills and polled requests run as they come (conformant)."""
+
+    def extend_continuous(self, requests, proposal, refill, poll=None):
+        waiting = list(requests.items())
+        while True:
+            waiting += (poll() if poll else {}).items()
+            if not waiting:
+                return
+            key, request = waiting.pop(0)
+            waiting += refill(key, self._decode_one(request, proposal)).items()
+
+    def _decode_one(self, request, proposal):
+        return self.extend([request], proposal)[0]
+
+
+class RefillsReuseAGenerator(ContinuousToy):
+    """Every request after the first draws with the first request's generator."""
+
+    first = None
+
+    def _decode_one(self, request, proposal):
+        self.first = self.first or request.rng
+        return super()._decode_one(replace(request, rng=self.first), proposal)
+
+
 @pytest.mark.parametrize("broken, check, message", [
     (OffScore, conformance.score_agrees_with_sampling, "score vs extend"),
     (ContextBlind, conformance.score_obeys_the_chain_rule, "the chain rule"),
@@ -143,11 +205,15 @@ class Limited(ToyBackend):
 
     (RankTiesByLargerId, conformance.rank_gives_log_p_and_the_likeliest_tokens, "ties by the smaller id"),
     (RankOneBehind, conformance.rank_gives_log_p_and_the_likeliest_tokens, "top"),
+    (SwitchesKernelAt8Rows, conformance.log_p_is_batch_invariant, "a batch of 8"),
+    (RoundsLongDrafts, conformance.log_p_is_batch_invariant, "speculate 8"),
+    (ForgetsPastTheWindow, conformance.long_sequences_past_the_window, "past the window"),
+    (RefillsReuseAGenerator, conformance.rows_joining_and_leaving_match_single_rows, "continuous batch"),
 ])
 def test_the_suite_fails_a_broken_backend(broken, check, message):
     backend = broken(load_spec("eos_trap"))
     with pytest.raises(AssertionError, match=message):
-        check(conformance.Subject(backend, (), next_logp=toy_next_logp(backend)))
+        check(conformance.Subject(backend, (), tolerance=1e-12, next_logp=toy_next_logp(backend), long_prompt=LONG))
 
 
 def test_reporting_draws_once_at_the_end_is_conformant_but_not_per_forward():

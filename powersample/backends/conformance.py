@@ -30,18 +30,22 @@ The promises:
   per forward where the backend says so) and draws what it draws without, batched and speculated too;
 - a row of a batch gets the same draws and log-probs as the same request alone;
 - a continuation verified against a draft (speculative proposals) is like any other: EOS last, log p = score, q's log q;
+- log p and log q do not depend on the shape of the forwards: alone, in batches of 2, 4 and 8, drafted at k = 1, 4
+  and 8, and prefilled by score, within the subject's tolerance (bit-equal where it is 0);
+- past a sliding window (the subject's long_prompt) scoring, drafting, batching and rewinding still agree;
+- rows joining and leaving a continuous batch draw what they draw alone;
 - a request past the model's context length is a one-line PowerSampleError.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
-from powersample.backends.base import Backend, Confidence, Ranking, Vocabulary, capability
-from powersample.core.drafts import WINDOW, Corpus, Draft
+from powersample.backends.base import Backend, Confidence, ContinuousBatching, Ranking, Vocabulary, capability
+from powersample.core.drafts import NO_DRAFT, WINDOW, Corpus, Draft
 from powersample.core.numerics import negative_entropy, proposal_logprobs, top_alternatives
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
 from powersample.errors import PowerSampleError
@@ -66,6 +70,8 @@ class Subject:
     next_logp: NextLogp | None = None  # the base log p after a context, when the caller can compute it independently
     contexts: tuple[Tokens, ...] = ()  # the batching check's ragged contexts; () = the prompt and sampled extensions
     draws_per_forward: bool = False  # the backend reports ExtendRequest.on_draw every forward (else: at least once)
+    long_prompt: Tokens = ()  # a prompt longer than the model's sliding window (its sliding layers have dropped
+    # positions); () = the model has none, or the caller has no such prompt
 
 
 def extend(
@@ -352,6 +358,84 @@ def drafted_continuations_are_like_any(s: Subject) -> None:
                 _close(cont.proposal_logq, want, s.proposal_tolerance or s.tolerance, f"{what}: log q vs q's")
 
 
+def log_p_is_batch_invariant(s: Subject) -> None:
+    """A continuation's tokens, log p and log q do not depend on the shape of the forwards that computed them: the
+    same request (q != p, 16 tokens) decoded alone, as one row of batches of 2, 4 and 8 (ragged neighbours),
+    verified against drafts with k = 1, 4 and 8 (a draft the model keeps, and one it replaces), and prefilled by
+    `score`, agree within the subject's tolerance (0 for a batch-invariant engine: bit-equal)."""
+    b, cold = s.backend, Proposal(temperature=0.25)
+    alone = extend(b, s.prompt, 16, seed=95, proposal=cold, slot=95)
+    _close(b.score(s.prompt, alone.tokens), alone.base_logp, s.tolerance, "log p alone vs score's prefill")
+    neighbours = [c for c in (*_ragged(s), *(s.prompt[: max(1, len(s.prompt) - j)] for j in (1, 3, 5))) if c]
+    for n in (2, 4, 8):
+        requests = [ExtendRequest(s.prompt, 16, np.random.default_rng(95), 96)]
+        requests += [ExtendRequest(c, 4 + j, np.random.default_rng(100 + j), 97 + j)
+                     for j, c in enumerate((neighbours * 8)[: n - 1])]  # fmt: skip
+        _same(b.extend(requests, cold)[0], alone, s.tolerance, f"row 0 of a batch of {n} vs alone")
+    replaced = alone.tokens[:2] + tuple(reversed(alone.tokens[2:]))
+    for k in (1, 4, 8):
+        for j, guess in enumerate((alone.tokens, replaced)):
+            request = ExtendRequest(s.prompt, 16, np.random.default_rng(95), 106, draft=Draft(guess), speculate=k)
+            _same(b.extend([request], cold)[0], alone, s.tolerance, f"draft {j} at speculate {k} vs alone")
+
+
+def long_sequences_past_the_window(s: Subject) -> None:
+    """Past a sliding window (`long_prompt`, longer than the model's window) every promise holds: a continuation
+    scores as sampled, agrees with next_logp (an independent evaluation), is the same drafted (k = 8), batched beside
+    a short row and rewound from a cache that went further; and it keeps going past the window."""
+    if not s.long_prompt:
+        raise NotApplicable("no long_prompt: the subject has no sliding window to pass")
+    b, cold, long = s.backend, Proposal(temperature=0.5), s.long_prompt
+    alone = extend(b, long, 24, seed=110, proposal=cold, slot=110)
+    _close(b.score(long, alone.tokens), alone.base_logp, s.tolerance, "score vs extend past the window")
+    if s.next_logp is not None:
+        want = [float(row[t]) for row, t in _rows(replace(s, prompt=long), alone.tokens)]
+        _close(alone.base_logp, want, s.tolerance, "log p past the window vs next_logp")
+    drafted = ExtendRequest(long, 24, np.random.default_rng(110), 111, draft=Draft(alone.tokens[::-1]), speculate=8)
+    _same(b.extend([drafted], cold)[0], alone, s.tolerance, "drafted past the window vs alone")
+    batch = [ExtendRequest(long, 24, np.random.default_rng(110), 112),
+             ExtendRequest(s.prompt, 6, np.random.default_rng(1), 113)]
+    _same(b.extend(batch, cold)[0], alone, s.tolerance, "batched past the window vs alone")
+    cut = long[: len(long) - 3]
+    rewound = extend(b, cut, 8, seed=114, proposal=cold, slot=110)  # the slot's cache held long + 24 tokens
+    fresh = extend(b, cut, 8, seed=114, proposal=cold, slot=115)
+    _same(rewound, fresh, s.tolerance, "rewound past the window vs a fresh slot")
+
+
+def rows_joining_and_leaving_match_single_rows(s: Subject) -> None:
+    """In a continuous batch (optional: `ContinuousBatching`) rows finish at different steps, refills join as rows
+    leave (one of them drafted), and a request arrives by poll mid-way; every row draws what it draws alone."""
+    looper = capability(s.backend, ContinuousBatching)
+    if looper is None:
+        raise NotApplicable("the backend has no extend_continuous (the optional ContinuousBatching capability)")
+    cold = Proposal(temperature=0.5)
+
+    def request(key: int, slot: int) -> ExtendRequest:  # keys 0-2 start, 10-12 refill them, 20 arrives by poll
+        context = s.prompt[: len(s.prompt) - key % 10] or s.prompt
+        draft, k = (Draft((), Corpus(), ()), 4) if key == 11 else (NO_DRAFT, 0)
+        return ExtendRequest(context, 3 + 4 * (key % 10) if key < 10 else 5, np.random.default_rng(120 + key), slot,
+                             draft=draft, speculate=k)  # fmt: skip
+
+    results: dict[int, Continuation] = {}
+
+    def refill(key: int, cont: Continuation) -> dict[int, ExtendRequest]:
+        results[key] = cont
+        return {key + 10: request(key + 10, 120 + key)} if key < 10 else {}
+
+    def poll() -> dict[int, ExtendRequest]:
+        if results and 20 not in results and not arrived:
+            arrived.append(20)
+            return {20: request(20, 140)}
+        return {}
+
+    arrived: list[int] = []
+    looper.extend_continuous({key: request(key, 120 + key) for key in range(3)}, cold, refill, poll)
+    keys = [0, 1, 2, 10, 11, 12, 20]
+    _check(sorted(results) == keys, f"continuations for keys {sorted(results)}, want {keys}")
+    for key in keys:
+        one = s.backend.extend([request(key, 150 + key)], cold)[0]
+        _same(results[key], one, s.tolerance, f"request {key} in a continuous batch vs alone")
+
 def context_length_is_checked(s: Subject) -> None:
     """A request that would pass the model's context length is a one-line PowerSampleError saying so."""
     limit = s.backend.context_length
@@ -381,6 +465,9 @@ CHECKS: tuple[Callable[[Subject], object], ...] = (
     draws_are_reported_as_drawn,
     batched_rows_match_single_rows,
     drafted_continuations_are_like_any,
+    log_p_is_batch_invariant,
+    long_sequences_past_the_window,
+    rows_joining_and_leaving_match_single_rows,
     context_length_is_checked,
 )
 
@@ -423,6 +510,13 @@ def _check_ranking(top: Sequence[tuple[int, float]], size: int, what: str) -> No
 def _near_tie(top: Sequence[tuple[int, float]], gap: float = 1e-3) -> bool:
     """Whether two neighbours of a ranking are so close that another engine's rounding may swap them."""
     return any(abs(a[1] - b[1]) < gap for a, b in zip(top, top[1:]))
+
+
+def _same(have: Continuation, want: Continuation, tolerance: float, what: str) -> None:
+    """The same tokens, and log p and log q within `tolerance`."""
+    _check(have.tokens == want.tokens, f"{what}: drew {have.tokens}, want {want.tokens}")
+    _close(have.base_logp, want.base_logp, tolerance, f"{what}: log p")
+    _close(have.proposal_logq, want.proposal_logq, tolerance, f"{what}: log q")
 
 
 def _check(condition: bool, message: str) -> None:
