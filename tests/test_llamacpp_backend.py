@@ -22,6 +22,7 @@ pytest.importorskip("llama_cpp")
 from powersample.backends import conformance
 from powersample.backends.embedded import embedded_gguf_path
 from powersample.backends.llamacpp import LlamaCppBackend
+from powersample.backends.llamacpp_kernels import Layout
 from powersample.core.drafts import Draft
 from powersample.core.numerics import proposal_logprobs
 from powersample.core.types import ExtendRequest, Proposal
@@ -30,7 +31,7 @@ from powersample.errors import PowerSampleError
 pytestmark = pytest.mark.slow
 
 BASE = Proposal(temperature=1.0)
-TOLERANCE = 1e-4  # flash attention makes cached, batched and fresh evaluations agree bit for bit; this leaves room
+TOLERANCE = 0.0  # bit-equal: cached, batched, drafted and fresh evaluations run the same kernels (llamacpp_kernels)
 HF_TOLERANCE = 0.5  # llama.cpp's Q4_1 kernels (activations quantized to 8 bits) vs fp32 dequantized weights: ~0.25 seen
 PROMPT = "Name three primary colors."
 
@@ -309,17 +310,50 @@ def test_quant_errors_are_one_line():
         load_backend("hf", quant="q8_0")
 
 
-def test_weights_stay_off_amx_unless_opted_in(backend, monkeypatch):
-    """On a build with llama.cpp's AMX buffer type (this CPU has AMX), the embedded Q4_1 loads without extra buffer
-    types; elsewhere llama.cpp's own choice. The opt-in restores llama.cpp's own choice everywhere."""
-    import llama_cpp
+def test_the_kernels_are_exact_unless_opted_out(backend, monkeypatch):
+    """The weights stay in the plain CPU layout (no repack, no AMX), llama.cpp's tiled K-quant matmul is off, and the
+    embedded Q4_1 at one thread decodes its rows together (its kernels round alike at every row count). Opting out
+    restores llama.cpp's own layouts."""
+    import os
 
-    from powersample.backends.llamacpp_placement import AMX_OPT_IN, engine_info, placement_for
+    from powersample.backends import llamacpp_kernels as kernels
 
-    amx = "AMX" in engine_info(llama_cpp).extra_bufts
-    assert backend.weights.placement.extra_bufts is not amx
-    monkeypatch.setenv(AMX_OPT_IN, "1")
-    assert placement_for(llama_cpp, embedded_gguf_path()).extra_bufts
+    assert backend.weights.placement.label == "plain" and not backend.weights.placement.extra_bufts
+    assert os.environ.get(kernels.TILED_MM) == "0"
+    assert backend.weights.threads == 1 and backend.layout.batched, backend.layout.reason
+    monkeypatch.setenv(kernels.NATIVE_OPT_IN, "1")
+    assert kernels.placement(kernels.native_opted_in()).extra_bufts
+
+
+def test_an_f16_copy_decodes_one_row_at_a_time_and_stays_bit_equal(backend, prompt, tmp_path, monkeypatch):
+    """F16 weights go through tinyBLAS from 2 rows, which rounds unlike the 1-row kernel: the probe finds it, the
+    backend decodes one row per llama_decode, and log p is bit-equal across batches, drafts and scoring. The probe's
+    finding is cached: the next load does not probe again. Two threads always decode one row at a time."""
+    monkeypatch.setenv("POWERSAMPLE_CACHE", str(tmp_path))
+    f16 = LlamaCppBackend.load(None, n_ctx=1024, quant="f16")
+    assert not f16.layout.batched and "2 tokens of one sequence vs 1" in f16.layout.reason
+    conformance.log_p_is_batch_invariant(subject_of(f16, prompt))
+    monkeypatch.setattr(LlamaCppBackend, "_rows_disagree", lambda self: pytest.fail("probed a cached model"))
+    assert not LlamaCppBackend(f16.weights, n_ctx=1024).layout.batched
+    two = LlamaCppBackend(replace(backend.weights, threads=2), n_ctx=1024)
+    assert not two.layout.batched and "2 threads" in two.layout.reason
+    conformance.log_p_is_batch_invariant(subject_of(two, prompt))
+
+
+def test_the_rows_layout_gives_the_batched_layouts_numbers(backend, prompt):
+    """Where both layouts are exact (the embedded Q4_1 at one thread), one row per decode computes the very same
+    log p as the batched decode: the layout changes the cost, never the samples."""
+    rows = LlamaCppBackend(backend.weights, n_ctx=backend.context_length, layout=Layout(False, "forced"))
+    requests = [ExtendRequest(prompt, 8, np.random.default_rng(j), j) for j in range(3)]
+    have, want = rows.extend(requests, ALPHA4), fresh(backend).extend(requests_again(requests), ALPHA4)
+    for a, b in zip(have, want):
+        assert a.tokens == b.tokens and a.base_logp == b.base_logp and a.proposal_logq == b.proposal_logq
+    assert rows.stats.forwards == sum(len(c.tokens) for c in have)  # one llama_decode per row and step
+
+
+def requests_again(requests):
+    """The same requests with fresh generators of the same seeds (a generator is consumed by its draws)."""
+    return [replace(r, rng=np.random.default_rng(j)) for j, r in enumerate(requests)]
 
 
 # --- drafts: speculative proposals (issue 14) -------------------------------------------------------------------

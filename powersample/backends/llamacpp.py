@@ -1,7 +1,7 @@
 """`llamacpp`: a GGUF model run by llama.cpp (through llama-cpp-python) behind the backend seam (`base.py`).
 
-Per decoding step, `extend` runs ONE llama.cpp decode for every live request and derives both distributions from
-the logits of every id a row fed:
+Per decoding step, `extend` runs ONE llama.cpp decode for every live request (in the batched layout; one per row in
+the rows layout, below) and derives both distributions from the logits of every id a row fed:
 
     log p = logits - logsumexp(logits)                 # base: temperature 1, no truncation (float64), (fed, V)
     log q = proposal_logprobs(log p, proposal)         # proposal: temperature, top-k, top-p, renormalized
@@ -19,8 +19,8 @@ forward of k ids costs about k decodes of one.
 
 llama.cpp's own sampler is never used. We drive the low-level C API (our own `llama_batch`, `llama_decode`,
 `llama_get_logits_ith`) so that each decode computes exactly the logits rows we read. llama-cpp-python's
-`LlamaModel` only lends the model, tokenizer and metadata. It is loaded with the weights placed so that llama.cpp's
-AMX buffer type, which crashes on Sapphire-Rapids-class CPUs, gets none (`llamacpp_placement.py`).
+`LlamaModel` only lends the model, tokenizer and metadata. It is loaded with the exact kernels of
+`llamacpp_kernels.py`: weights in the plain CPU layout (no repack, no AMX), llama.cpp's tiled K-quant matmul off.
 
 Caches. One llama.cpp context holds 2 x max_slots + 1 sequences, each in its own KV stream (`kv_unified=False`).
 Slot s owns two (pairs go to slots least recently used first): a lane, where its requests are decoded, and a bank,
@@ -38,19 +38,23 @@ Lanes are sequences 0 .. max_slots - 1 and rows are fed in lane order, because l
 sequence ids of separate streams in one physical batch: chains 0..n-1 decode as one batch; gaps left by finished
 rows split a step into one physical batch per run of consecutive lanes (same numbers, a little slower).
 
-Same numbers however the work is batched. llama.cpp's quantized CPU kernels quantize activations to 8 bits, so the
-tiniest change in an attention sum moves log p by up to ~0.5; we keep every row's arithmetic the same whether it
-is decoded alone or batched, cached or fresh, prefilled or decoded one token at a time:
+Same numbers however the work is batched (bit for bit). llama.cpp's quantized CPU kernels quantize activations to
+8 bits, so the tiniest change in an attention sum moves log p by up to ~0.5; we keep every row's arithmetic the same
+whether it is decoded alone or batched, cached or fresh, prefilled or decoded one token at a time:
+- the exact kernels and the decode layout of `llamacpp_kernels.py`: the batched layout only where a probe of the
+  loaded model finds that its matmul kernels round alike at every row count (`_rows_disagree`: Q4_1, Q4_K_M, Q8_0 on
+  the machines we measured) and llama.cpp runs one thread; else the rows layout, one row per llama_decode and one
+  token per micro-batch, where every matmul and attention runs the same one-row kernel (F16 weights, whose tinyBLAS
+  kernel takes over from 2 rows; any model at more than one thread, where flash attention splits a lone token's
+  keys across threads past 512 cells);
 - flash attention, whose per-row kernel skips masked cells (without it a token's keys and values depend on its
   batch);
-- physical batches (n_ubatch) of fewer than 64 tokens: from 64 query rows on, llama.cpp switches to a tiled
+- micro-batches (n_ubatch) of fewer than 64 tokens: from 64 query rows on, llama.cpp switches to a tiled
   attention kernel that rounds differently;
 - one KV stream per sequence rather than one shared pool of cells (`kv_unified`): in a shared pool, freed cells
   are refilled out of position order, and attention summed in another order gives another log p. In a stream of
   its own a sequence's cells stay in position order; a copy is a whole-stream copy, kept in order.
-The one exception: with n_threads > 1, a row alone in its physical batch (a lone request, or a lane with no live
-neighbour) whose sequence exceeds 256 tokens takes llama.cpp's split-KV kernel, which sums attention per thread, so
-its log p can differ from a batched one. With one thread (the default on 2 cores) that kernel rounds the same.
+The conformance suite checks it bit for bit (`conformance.log_p_is_batch_invariant`, tolerance 0).
 
 Memory. Every sequence gets room for the longest request seen so far (at least 256 tokens, at most n_ctx): the KV
 cache takes (2 x max_slots + 1) x room x (bytes per token: 23 KB for SmolLM2-135M). The context grows, moving
@@ -75,7 +79,17 @@ import numpy as np
 from powersample.backends import probe
 from powersample.backends.embedded import cache_root, embedded_gguf_path, publish
 from powersample.backends.engine import Row, check_fits, common_prefix, extend_in_one_run, verify_step
-from powersample.backends.llamacpp_placement import ModelParams, Placement, model_params, placement_for
+from powersample.backends.llamacpp_kernels import (
+    BATCH_TOKENS,
+    Layout,
+    Placement,
+    choose_layout,
+    model_params,
+    native_opted_in,
+    placement,
+    prepare_process,
+    tiled_setting,
+)
 from powersample.backends.tokenizer import plain_transcript
 from powersample.core.numerics import negative_entropy, ranked_rows
 from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Ranked, Refill, Tokens
@@ -83,10 +97,10 @@ from powersample.errors import PowerSampleError, one_line
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 N_BATCH = 512  # most tokens per llama_decode call; longer prefills are fed in chunks
-N_UBATCH = 32  # tokens per physical batch: below 64, so llama.cpp never takes its tiled attention kernel
 MAX_SLOTS = 16  # rows decoded together at most; each slot owns two sequences
 MOST_SLOTS = 127  # llama.cpp allows 256 sequences: 2 per slot + the scratch one
 MIN_ROOM = 256  # tokens per sequence the context starts with (llama.cpp rounds up to a multiple of 256)
+PROBE_PREFIX, PROBE_TAIL, PROBE_STREAMS = 8, BATCH_TOKENS, 16  # the layout probe's shapes (`_rows_disagree`)
 QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0", "iq4_nl": "IQ4_NL", "f16": "F16", "bf16": "BF16"}  # --quant: llama_ftype
 INSTALL_HINT = "the llamacpp backend needs llama-cpp-python: pip install llama-cpp-python"
 
@@ -126,23 +140,29 @@ class Weights:
     model: Any  # llama_cpp._internals.LlamaModel
     metadata: dict[str, str]
     threads: int  # llama.cpp's CPU threads, for decoding and prefill alike
-    placement: Placement  # where llama.cpp put the weights (never in its AMX buffer type, unless opted in)
-    params: ModelParams  # the llama_model_params it was loaded with (their override array must outlive the model)
+    placement: Placement  # where llama.cpp put the weights: the plain CPU layout unless opted out (llamacpp_kernels)
+    path: Path  # the GGUF file it was loaded from
+
+    @property
+    def native(self) -> bool:
+        """True when the user opted out of the exact kernels (llamacpp_kernels)."""
+        return self.placement.extra_bufts
 
     @classmethod
     def load(cls, llama_cpp: Any, path: Path, threads: int) -> Weights:
-        """Load `path` with the safe placement for this machine; failures are one-line PowerSampleErrors."""
+        """Load `path` with the exact kernels (llamacpp_kernels); failures are one-line PowerSampleErrors."""
         from llama_cpp import _internals
         from llama_cpp._logger import set_verbose
 
         set_verbose(False)
-        placement = placement_for(llama_cpp, path)
-        params = model_params(llama_cpp, placement)
+        native = native_opted_in()
+        prepare_process(native)
+        where = placement(native)
         try:
-            model = _internals.LlamaModel(path_model=str(path), params=params.params, verbose=False)
+            model = _internals.LlamaModel(path_model=str(path), params=model_params(llama_cpp, where), verbose=False)
         except Exception as e:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
             raise PowerSampleError(f"cannot load model {path}: {one_line(e)}") from None
-        return cls(model, model.metadata(), threads, placement, params)
+        return cls(model, model.metadata(), threads, where, path)
 
 
 @dataclass
@@ -161,7 +181,7 @@ class LlamaCppBackend:
     """Sampling and scoring with a GGUF model through llama.cpp; batched decoding, two sequences per slot."""
 
     def __init__(self, weights: Weights, *, n_ctx: int | None = None, max_slots: int = MAX_SLOTS,
-                 reuse_cache: bool = True):
+                 reuse_cache: bool = True, layout: Layout | None = None):
         if not 1 <= max_slots <= MOST_SLOTS:
             raise PowerSampleError(f"max_slots must be between 1 and {MOST_SLOTS}, got {max_slots}")
         self._lib = _import_llama_cpp()
@@ -174,10 +194,12 @@ class LlamaCppBackend:
         self.eos_ids = _eos_ids(self._lib, self._vocab, weights.metadata)
         self.context_length: int | None = n_ctx or self.llm.n_ctx_train()  # the most tokens one sequence may hold
         self._seqs = [_Seq(i) for i in range(2 * max_slots + 1)]  # lanes, banks, scratch (module docstring)
+        self._batch = self._lib.llama_batch_init(N_BATCH, 0, 1)
+        self.layout = layout or self._choose_layout()  # batched, or one row per decode (llamacpp_kernels); a given
+        # layout is for tests and measurements (batched is exact only where the probe says so)
         self._ctx, self._room = self._new_context(min(MIN_ROOM, self.context_length))
         self._memory = self._lib.llama_get_memory(self._ctx)
         self._lanes: OrderedDict[int, int] = OrderedDict()  # slot -> its lane's index, least recently used first
-        self._batch = self._lib.llama_batch_init(N_BATCH, 0, 1)
         self._logp = np.empty((max_slots, self.n_vocab))  # (fed, V) float64, reused: fresh pages cost ~0.3 ms a row
         self._exp = np.empty((max_slots, self.n_vocab))  # (fed, V) scratch for exp(); both grow with drafts
         self.stats = LlamaCppStats()  # diagnostics, for tests and tools
@@ -316,11 +338,13 @@ class LlamaCppBackend:
 
     def _step(self, rows: list[_Row], proposal: Proposal) -> list[int]:
         """One decoding step: every row feeds `row.feed()` (its next token, then the draft tokens it verifies now),
-        all in one llama_decode (one per N_BATCH fed ids, should they exceed it). Returns the indices of the rows
-        that are now finished (EOS or max_tokens)."""
-        feeds = [row.feed() for row in rows]
+        all in one llama_decode (one per N_BATCH fed ids, should they exceed it) in the batched layout, one
+        llama_decode per row in the rows layout. Returns the indices of the rows that are now finished (EOS or
+        max_tokens)."""
+        feeds, rows_at = [row.feed() for row in rows], range(len(rows))
         done: list[int] = []
-        for group in _fitting([len(fed) for fed in feeds], N_BATCH):
+        groups = _fitting([len(fed) for fed in feeds], N_BATCH) if self.layout.batched else [[b] for b in rows_at]
+        for group in groups:
             finished = self._forward([rows[b] for b in group], [feeds[b] for b in group], proposal)
             done += [group[b] for b in finished]
         return done
@@ -426,14 +450,15 @@ class LlamaCppBackend:
 
     # --- the context ----------------------------------------------------------------------------------------------
 
-    def _new_context(self, room: int) -> tuple[Any, int]:
-        """(a llama.cpp context with a KV stream of `room` tokens per sequence, the room llama.cpp gave)."""
-        lib, n_seq = self._lib, len(self._seqs)
+    def _new_context(self, room: int, n_seq: int | None = None, micro_batch: int | None = None) -> tuple[Any, int]:
+        """(a llama.cpp context with a KV stream of `room` tokens for each of n_seq sequences (default: the
+        backend's), micro-batches of `micro_batch` tokens (default: the layout's), the room llama.cpp gave)."""
+        lib, n_seq = self._lib, n_seq or len(self._seqs)
         params = lib.llama_context_default_params()
         params.n_threads = params.n_threads_batch = self.weights.threads  # llama.cpp's batch default, every core,
         # spins badly when a core is busy elsewhere
         params.n_ctx, params.n_seq_max, params.kv_unified = room * n_seq, n_seq, False  # a stream per sequence
-        params.n_batch, params.n_ubatch = N_BATCH, N_UBATCH
+        params.n_batch, params.n_ubatch = N_BATCH, micro_batch or self.layout.micro_batch
         params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED  # log p independent of batching (docstring)
         ctx = lib.llama_init_from_model(self.llm.model, params)
         if ctx is None:
@@ -451,6 +476,63 @@ class LlamaCppBackend:
         self._lib.llama_free(self._ctx)
         self._ctx, self._room, self._memory = ctx, room, self._lib.llama_get_memory(ctx)
 
+    # --- the layout -----------------------------------------------------------------------------------------------
+
+    def _choose_layout(self) -> Layout:
+        """The decode layout (llamacpp_kernels.choose_layout); the probe's finding is cached per engine build, CPU,
+        model file and kernel settings."""
+        native, threads = self.weights.native, self.weights.threads
+        if native or threads > 1:
+            return choose_layout(native, threads, None)
+        key = {**_probe_key(self._lib, self.weights.path, self.weights.placement), "finding": "rows-agree"}
+        found = probe.remembered(key, self._probe_rows)
+        return choose_layout(native, threads, found.get("disagreement"))
+
+    def _probe_rows(self) -> dict[str, str | None]:
+        print(f"powersample: checking once whether {self.weights.path.name}'s llama.cpp kernels round alike at every "
+              "batch shape ...", file=sys.stderr, flush=True)  # fmt: skip
+        return {"disagreement": self._rows_disagree()}
+
+    def _rows_disagree(self) -> str | None:
+        """Where this model's logits depend on how many rows a micro-batch carries; None when nowhere.
+
+        The same PROBE_TAIL ids after a shared prefix are decoded one per llama_decode (the reference), j at once
+        in one sequence (j = 2 .. PROBE_TAIL: a prefill's or a draft's shape), and the first of them in n sequences
+        at once (n = 2 .. PROBE_STREAMS: a batch of chains); every logit must be bit-equal to the reference's. The
+        kernels are chosen by row count alone, so these shapes cover every choice a micro-batch of up to
+        BATCH_TOKENS tokens can make. A temporary context; about 80 decodes.
+        """
+        ids = [int(t) for t in np.random.default_rng(0).integers(0, self.n_vocab, PROBE_PREFIX + PROBE_TAIL)]
+        prefix, tail = ids[:PROBE_PREFIX], ids[PROBE_PREFIX:]
+        self._ctx, _ = self._new_context(len(ids), n_seq=PROBE_STREAMS + 1, micro_batch=BATCH_TOKENS)
+        self._memory = self._lib.llama_get_memory(self._ctx)
+        try:
+            self._submit([(t, i, 0, False) for i, t in enumerate(prefix)])
+            want = [self._probe_logits([(t, PROBE_PREFIX + i, 0, True)])[0] for i, t in enumerate(tail)]
+            for j in range(2, PROBE_TAIL + 1):
+                got = self._probe_logits([(t, PROBE_PREFIX + i, 1, True) for i, t in enumerate(tail[:j])], (1,))
+                if (gap := _gap(got, want[:j])) is not None:
+                    return f"{j} tokens of one sequence vs 1: max |logit change| {gap:.3g}"
+            for n in range(2, PROBE_STREAMS + 1):
+                got = self._probe_logits([(tail[0], PROBE_PREFIX, s, True) for s in range(1, n + 1)], range(1, n + 1))
+                if (gap := _gap(got, want[:1] * n)) is not None:
+                    return f"{n} sequences vs 1: max |logit change| {gap:.3g}"
+            return None
+        finally:
+            self._lib.llama_free(self._ctx)
+            self._ctx = self._memory = None
+
+    def _probe_logits(self, items: list[Item], fresh: Sequence[int] = ()) -> list[np.ndarray]:
+        """The raw logits of one llama_decode of `items`, after resetting the `fresh` sequences to sequence 0's
+        prefix (PROBE_PREFIX tokens)."""
+        for seq_id in fresh:
+            self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._lib.llama_memory_seq_cp(self._memory, 0, seq_id, -1, -1)
+            self._lib.llama_memory_seq_rm(self._memory, seq_id, PROBE_PREFIX, -1)
+        self._submit(items)
+        return [np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,)).copy()
+                for i in range(len(items))]  # fmt: skip
+
     # --- decoding -------------------------------------------------------------------------------------------------
 
     def _prefill(self, seq: _Seq, ids: Sequence[int]) -> None:
@@ -461,7 +543,13 @@ class LlamaCppBackend:
             seq.ids.extend(chunk)
 
     def _decode(self, items: Sequence[Item]) -> None:
-        """One llama_decode of `items` (at most N_BATCH), entries as many as tokens."""
+        """One llama_decode of `items` (at most N_BATCH), entries as many as tokens; counted in `stats`."""
+        self._submit(items)
+        self.stats.decode_calls += 1
+        self.stats.evaluated_tokens += len(items)
+
+    def _submit(self, items: Sequence[Item]) -> None:
+        """One llama_decode of `items`; a failure is a one-line PowerSampleError."""
         batch = self._batch
         batch.n_tokens = len(items)
         for i, (token, pos, seq_id, logits) in enumerate(items):
@@ -474,8 +562,6 @@ class LlamaCppBackend:
         if status != 0:
             why = "no room left in the KV cache" if status == 1 else f"llama_decode returned {status}"
             raise PowerSampleError(f"llama.cpp could not decode {len(items)} tokens ({why})")
-        self.stats.decode_calls += 1
-        self.stats.evaluated_tokens += len(items)
 
     def _logp_rows(self, indices: Sequence[int]) -> np.ndarray:
         """log p after each given batch index of the last decode: log_softmax in float64, (n, V), a reused buffer."""
@@ -595,6 +681,13 @@ def _fitting(sizes: Sequence[int], most: int) -> list[list[int]]:
     return groups
 
 
+def _gap(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float | None:
+    """None when every row of `got` is bit-equal to its row of `want`, else the largest difference."""
+    if all(np.array_equal(g, w) for g, w in zip(got, want)):
+        return None
+    return max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
+
+
 def _move_cells(lib: Any, old: Any, new: Any, seq_id: int) -> bool:
     """Copy one sequence's cells (positions, keys, values: the exact bytes) from context `old` to `new`."""
     size = lib.llama_state_seq_get_size(old, seq_id)
@@ -630,7 +723,7 @@ def probe_outcome(model: str | None, quant: str | None = None) -> probe.Outcome:
     (llama.cpp build, CPU, model file, placement), and the outcome is cached."""
     llama_cpp = _import_llama_cpp()
     path = model_path(llama_cpp, model, quant)
-    return probe.probe(_probe_key(llama_cpp, path, placement_for(llama_cpp, path)), _probe_command(path))
+    return probe.probe(_probe_key(llama_cpp, path, placement(native_opted_in())), _probe_command(path))
 
 
 def probe_child(path: str) -> None:
@@ -646,8 +739,9 @@ def _probe_command(path: Path) -> list[str]:
     return [sys.executable, "-c", PROBE_CHILD, str(path)]
 
 
-def _probe_key(llama_cpp: Any, path: Path, placement: Placement) -> dict[str, str]:
-    """What the outcome depends on: the engine build, the CPU, the model file and where its weights go."""
+def _probe_key(llama_cpp: Any, path: Path, where: Placement) -> dict[str, str]:
+    """What a probe's finding depends on: the engine build, the CPU, the model file, where its weights go and
+    whether llama.cpp's tiled matmul is on."""
     library = Path(llama_cpp.__file__).parent / "lib"
     builds = sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in library.iterdir()
                     if f.is_file() and not f.is_symlink())
@@ -655,7 +749,7 @@ def _probe_key(llama_cpp: Any, path: Path, placement: Placement) -> dict[str, st
     return {
         "engine": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}", "build": ";".join(builds),
         "cpu": _cpu_identity(), "model": f"{source}:{source.stat().st_size}:{source.stat().st_mtime_ns}",
-        "placement": f"{placement.label}:{len(placement.repack)}",
+        "placement": where.label, "tiled": tiled_setting(),
     }
 
 
