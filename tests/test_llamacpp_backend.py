@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -185,6 +186,24 @@ def test_bad_max_slots_is_a_one_line_error(backend):
     with pytest.raises(PowerSampleError, match="max_slots must be between") as err:
         fresh(backend, max_slots=0)
     assert "\n" not in str(err.value)
+
+
+TEARDOWN_SCRIPT = """
+from powersample.backends.hf import HFBackend
+from powersample.backends.llamacpp import LlamaCppBackend
+hf, llamacpp = HFBackend.load(None), LlamaCppBackend.load(None)
+print(llamacpp.decode(llamacpp.encode("ready", chat=False)))
+"""
+
+
+def test_teardown_at_interpreter_exit_is_quiet(backend):
+    """hf and llamacpp backends alive at exit: llama_cpp's module globals can be torn down before the backend, whose
+    finalizer then called None (`Exception ignored in ... __del__ ... TypeError`)."""
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, "-c", TEARDOWN_SCRIPT], capture_output=True, text=True, timeout=300,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ready", done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
 
 
 # --- batching and sequences -------------------------------------------------------------------------------------

@@ -218,7 +218,9 @@ class LlamaCppBackend:
             lib.llama_batch_free(batch)
 
     def __del__(self) -> None:
-        if hasattr(self, "_lib"):
+        # At interpreter exit llama_cpp's module globals may be gone before us (llama_free is None by then): leave
+        # the memory to the OS rather than print a traceback.
+        if hasattr(self, "_lib") and not sys.is_finalizing():
             self.close()
 
     def encode(self, prompt: str, chat: bool = True) -> Tokens:
