@@ -42,6 +42,7 @@ class BackendSpec:
     tensor_parallel_size: int | None = None  # vllm: GPUs per engine; None = 1
     gpu_memory_utilization: float | None = None  # vllm: share of memory for weights + KV cache; None = its default
     max_model_len: int | None = None  # vllm: context length of the engine; None = the model's
+    quiet: bool = False  # llamacpp: only the engine's errors on stderr, not its warnings (--quiet)
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
@@ -139,7 +140,7 @@ def _load_llamacpp(spec: BackendSpec) -> Backend:
         raise PowerSampleError(f"llama.cpp crashed on this machine when probed ({outcome.detail}), so the llamacpp "
                                f"backend would crash too: use --backend hf (to probe again, delete {outcome.path})")
     return llamacpp.LlamaCppBackend.load(spec.model, reuse_cache=spec.reuse_cache, n_threads=spec.threads,
-                                         quant=spec.quant)  # fmt: skip
+                                         quant=spec.quant, quiet=spec.quiet)  # fmt: skip
 
 
 def _load_vllm(spec: BackendSpec) -> Backend:
