@@ -31,7 +31,7 @@ class SampleRecord:
     logp: float  # sum of token_logp
     finish_reason: str  # "eos" (ended in EOS) or "length" (reached max_new_tokens)
     tokens_generated: int  # every token sampled, rejected proposals included
-    proposals: int  # MH proposals made (bon: candidates drawn; 0 for plain methods)
+    proposals: int  # MH proposals made (bon: candidates drawn; 0 for plain methods); see acceptance_rate
     accepted: int  # MH proposals accepted (0 for bon and plain methods)
     wall_seconds: float  # sampling time of the batch this sample was drawn in, model loading excluded
     method: str
@@ -42,8 +42,9 @@ class SampleRecord:
     # "logp", "weight"} (weights normalized); None otherwise, and then left out of to_dict()
 
     @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposals if self.proposals else 0.0
+    def acceptance_rate(self) -> float | None:
+        """accepted / proposals; None where no MH proposal was made (registry.acceptance_rate)."""
+        return registry.acceptance_rate(self.method, self.proposals, self.accepted)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

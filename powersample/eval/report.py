@@ -221,10 +221,9 @@ def accuracy_cell(graded: list[bool]) -> str:
 
 
 def acceptance_cell(row: Row) -> str:
-    """MH acceptance; "—" for methods without an accept step (bon counts candidates as proposals)."""
-    proposals = sum(r["proposals"] for r in row.records)
-    mcmc = row.config["method"] in MCMC_METHODS
-    return f"{sum(r['accepted'] for r in row.records) / proposals:.3f}" if proposals and mcmc else "—"
+    """MH acceptance; "—" where no MH proposal was made (registry.acceptance_rate)."""
+    proposals, accepted = sum(r["proposals"] for r in row.records), sum(r["accepted"] for r in row.records)
+    return _num(registry.acceptance_rate(row.config["method"], proposals, accepted), ".3f")
 
 
 def tokens_cell(row: Row) -> str:

@@ -528,7 +528,7 @@ def power_sampling(config: SamplerConfig, seed: int, records: Sequence[SampleRec
         "method": config.method,
         "seed": seed,
         "config": registry.resolved(config),
-        "acceptance_rate": accepted / proposals if config.method in MCMC_METHODS and proposals else None,
+        "acceptance_rate": registry.acceptance_rate(config.method, proposals, accepted),
         "proposals": proposals,
         "accepted": accepted,
         "tokens_sampled": sum(r.tokens_generated for r in records),

@@ -50,7 +50,7 @@ class ChainStats(_Out):
     finish_reason: Literal["eos", "length"]
     proposals: int
     accepted: int
-    acceptance_rate: float
+    acceptance_rate: float | None  # null where no MH proposal was made
     tokens_sampled: int
 
 
@@ -60,7 +60,7 @@ class PowerSampling(_Out):
     method: str
     seed: int
     config: dict[str, Any]  # SamplerConfig.resolved()
-    acceptance_rate: float | None
+    acceptance_rate: float | None  # null where no MH proposal was made
     proposals: int
     accepted: int
     tokens_sampled: int
