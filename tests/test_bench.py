@@ -318,3 +318,19 @@ def test_engine_candidates_parse_and_refuse_bad_specs():
                          "hf:color=red": "options are", "hf,hf": "twice", "hf:dtype=": "options are"}.items():
         with pytest.raises(PowerSampleError, match=message):
             parse_candidates(bad, None)
+
+
+def test_engines_table_gives_the_reference_kl_as_0_and_no_signed_zero():
+    from powersample.tools.bench.engines import Candidate, EngineRow, EnginesResult, _divergences
+    from powersample.tools.bench.table import format_engines
+
+    options = BenchOptions(SamplerConfig(max_new_tokens=4), ("x",))
+    toy = [load_backend("toy", toy_spec=SPEC) for _ in range(2)]
+    assert _divergences(options, toy) == [0.0, 0.0]  # the first by definition; the same model scores the same
+    rows = tuple(EngineRow(Candidate(name, BackendSpec(name)), None, (), kl)
+                 for name, kl in (("llamacpp", 0.0), ("hf", -4e-5), ("vllm", 0.25)))  # fmt: skip
+    machine = {"cpu_count": 2, "load_average_start": [0.5, 0.5, 0.5]}
+    table = format_engines(EnginesResult(options, machine, "today", rows, True))
+    cells = {line.split()[0]: line.split() for line in table.splitlines() if line.strip()}
+    assert [cells[name][-1] for name in ("llamacpp", "hf", "vllm")] == ["0", "0.000", "0.250"]
+    assert "-0.0" not in table

@@ -165,12 +165,14 @@ class _EnginesRun:
 def _divergences(options: BenchOptions, backends: Sequence[Backend]) -> list[float | None]:
     """Per candidate, KL(p_first || p_candidate) in nats per token, estimated on the first candidate's own plain
     samples (one per prompt, seed + i): the mean over their tokens of log p_first - log p_candidate, both from
-    `score`. Engines running the same weights give about 0; a re-quantized copy shows how far it moved."""
+    `score` (the log p a sample was drawn with may differ from its score by the engine's rounding, which is no
+    divergence of models). Engines running the same weights give about 0; a re-quantized copy shows how far it
+    moved. The first candidate's own is 0 by definition."""
     first, texts = backends[0], []
     for i, prompt in enumerate(options.prompts):
         [record] = sample(first, prompt, options.plain_config, seed=options.seed + i, chat=options.chat)
-        texts.append((prompt, record.tokens, record.token_logp))
-    return [_divergence(first, backend, texts, options.chat) for backend in backends]
+        texts.append((prompt, record.tokens, first.score(first.encode(prompt, options.chat), record.tokens)))
+    return [0.0] + [_divergence(first, backend, texts, options.chat) for backend in backends[1:]]
 
 
 def _divergence(first: Backend, backend: Backend, texts: list[tuple[str, Any, Any]], chat: bool) -> float | None:
