@@ -21,7 +21,16 @@ from powersample.backends.base import Confidence, capability
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
-from powersample.eval.records import SCHEMA, RecordWriter, load_records, open_run, record_key, records_path
+from powersample.eval.records import (
+    SCHEMA,
+    Opened,
+    RecordWriter,
+    discard_opened,
+    load_records,
+    open_run,
+    record_key,
+    records_path,
+)
 from powersample.eval.tasks import GradeOptions, Problem, Task, problems_digest
 from powersample.io import progress_bar
 from powersample.samplers import registry
@@ -129,8 +138,10 @@ def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bo
 
     `make_records` is this process's loop (`run_eval`) or a pool of workers (`distributed.py`); either way only
     this function writes. A record for a unit that is done already, or not in the plan, is dropped, so a unit is
-    written once even when a worker that died had finished it.
+    written once even when a worker that died had finished it. A run that fails before its first record takes back
+    what opening it created (records.discard_opened): no run directory is left that holds nothing.
     """
+    opened = Opened.before(run_dir)
     open_run(run_dir, plan.identity(), {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generator": plan.generator})
     wanted = {(p.id, s) for p in plan.problems for s in plan.seeds}
     # The lock first: what is done is read while no one else can add to it, so two runs never both do a unit.
@@ -139,15 +150,20 @@ def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bo
         resumed = len(done)
         todo = [(p, s) for p in plan.problems for s in plan.seeds if (p.id, s) not in done]
         tally = _Tally.of(done.values())
-        with _bar(plan, len(wanted), resumed, tally, quiet) as update:
-            for record in make_records(todo):
-                key = record_key(record)
-                if key in done or key not in wanted:
-                    continue
-                writer.write(record)
-                done[key] = record
-                tally.add(record)
-                update(tally)
+        try:
+            with _bar(plan, len(wanted), resumed, tally, quiet) as update:
+                for record in make_records(todo):
+                    key = record_key(record)
+                    if key in done or key not in wanted:
+                        continue
+                    writer.write(record)
+                    done[key] = record
+                    tally.add(record)
+                    update(tally)
+        except BaseException:
+            if len(done) == resumed:  # not one record written
+                discard_opened(run_dir, writer.path, opened)
+            raise
     if plan.task.export is not None:
         plan.task.export(run_dir, list(plan.problems), load_records(run_dir), plan.generator)
     return EvalSummary(len(wanted), resumed, tally.correct, tally.graded, run_dir)
