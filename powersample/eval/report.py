@@ -262,7 +262,7 @@ def row_cells(row: Row) -> list[str]:
         _num(metrics.mean([len(r["tokens"]) for r in recs]), ".1f"),
         _num(metrics.mean([r.get("logp_per_token") for r in recs]), ".3f"),
         _num(metrics.mean([r.get("confidence") for r in recs]), ".3f"),
-        acceptance_cell(row), tokens_cell(row), _duration(sum(r["wall_seconds"] for r in recs)),
+        acceptance_cell(row), tokens_cell(row), wall_cell(recs),
     ]  # fmt: skip
 
 
@@ -277,6 +277,24 @@ def acceptance_cell(row: Row) -> str:
     """MH acceptance; "—" where no MH proposal was made (registry.acceptance_rate)."""
     proposals, accepted = sum(r["proposals"] for r in row.records), sum(r["accepted"] for r in row.records)
     return _num(registry.acceptance_rate(row.config["method"], proposals, accepted), ".3f")
+
+
+def wall_cell(records: Sequence[dict[str, Any]]) -> str:
+    """The sampling time (sampling_seconds); "≤" marks an upper bound."""
+    seconds, exact = sampling_seconds(records)
+    return ("" if exact else "≤") + _duration(seconds)
+
+
+def sampling_seconds(records: Sequence[dict[str, Any]]) -> tuple[float, bool]:
+    """(sampling time summed over batches, whether exact). A record's wall_seconds is its batch's time up to its own
+    last chain, so a batch (the records of one batch_id) counts once, at its largest. Records without a batch_id
+    (written before it existed) count one by one, which overstates up to --batch times: then not exact."""
+    batches: dict[str, float] = {}
+    alone = [r["wall_seconds"] for r in records if not isinstance(r.get("batch_id"), str)]
+    for r in records:
+        if isinstance(r.get("batch_id"), str):
+            batches[r["batch_id"]] = max(batches.get(r["batch_id"], 0.0), r["wall_seconds"])
+    return sum(batches.values()) + sum(alone), not alone
 
 
 def tokens_cell(row: Row) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -122,15 +123,18 @@ def run_eval(backend: Backend, plan: EvalPlan, run_dir: Path, quiet: bool = Fals
 
 
 def evaluate_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: int) -> Iterator[dict[str, Any]]:
-    """The records of `todo`, sampled `batch` units at a time."""
+    """The records of `todo`, sampled `batch` units at a time. Records of one batch share a `batch_id` (unique
+    across processes and resumes): their wall_seconds all count from the batch's start, so the batch took the
+    largest of them (what the report sums)."""
     for first in range(0, len(todo), batch):
         units = todo[first : first + batch]
         sampled = sample_many(backend, [(p.prompt, s) for p, s in units], plan.config, chat=plan.chat,
                               configs=[plan.unit_config(p, s) for p, s in units])  # fmt: skip
+        batch_id = uuid.uuid4().hex[:16]
         for (problem, _), outcome in zip(units, sampled):
             if isinstance(outcome, PowerSampleError):
                 raise PowerSampleError(f"{plan.task.name} problem {problem.id}: {outcome}") from None
-            yield grade_record(backend, plan, problem, outcome[0])
+            yield {**grade_record(backend, plan, problem, outcome[0]), "batch_id": batch_id}
 
 
 def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bool = False) -> EvalSummary:

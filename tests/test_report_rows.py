@@ -1,5 +1,5 @@
-"""The report's labels: every setting in which runs of a method differ is named, the backend's too, and no run
-disappears from a table or figure when two labels would read alike."""
+"""The report's rows: their labels name every setting in which runs of a method differ, the backend's too, and no
+run disappears from a table or figure when two labels would read alike; wall time counts each batch once."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ from pathlib import Path
 
 from report_runs import write_run
 
-from powersample.eval.report import build_report, histogram_figure, lengths_figure, load_rows, pass_at_k_figure
+from powersample.eval.report import (
+    build_report,
+    histogram_figure,
+    lengths_figure,
+    load_rows,
+    pass_at_k_figure,
+    sampling_seconds,
+    wall_cell,
+)
 from powersample.eval.records import identity_hash
 
 GGUF = "/models/gemma-3-4b-pt-Q4_K_M.gguf"
@@ -78,3 +86,33 @@ def test_identical_configs_in_two_directories_are_one_row_with_every_record(tmp_
     assert len(row.records) == 7 and drawn([row])["logp_per_token"] == [("power", 7)]
     _, plots = build_report([a, b], tmp_path / "plots")
     assert {Path(p).name for p in plots} >= {"loglik_math500.png", "confidence_math500.png", "passk_math500.png"}
+
+
+def test_wall_counts_each_batch_once_at_its_longest():
+    """A record's wall_seconds runs from its batch's start to its own last chain: a batch of three that took 12 s
+    says 10, 12 and 11, not 33."""
+    batches = [("a", 10.0), ("a", 12.0), ("a", 11.0), ("b", 5.0)]
+    records = [{"batch_id": b, "wall_seconds": w} for b, w in batches]
+    assert wall_cell(records) == "17.0s"
+    assert wall_cell(records + [{"wall_seconds": 2.0}]) == "≤19.0s"  # a record of old: counted alone, a bound
+    assert wall_cell([{"wall_seconds": 300.0}] * 2) == "≤0:10:00"
+
+
+def test_eval_records_name_their_batch_and_the_report_counts_it_once(tmp_path):
+    import json
+
+    from eval_toy import eval_argv, write_jsonl, write_spec
+
+    from powersample.cli import main
+
+    data = write_jsonl(tmp_path / "math.jsonl", [{"problem": f"q{i}", "answer": "1"} for i in range(3)])
+    out = tmp_path / "run"
+    assert main(eval_argv(write_spec(tmp_path), data, out, "--seeds", "0-1", "--batch", "4")) == 0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    sizes = {}
+    for r in records:
+        sizes[r["batch_id"]] = sizes.get(r["batch_id"], 0) + 1
+    assert sorted(sizes.values()) == [2, 4]  # 6 (problem, seed) pairs, 4 at a time
+    [row] = load_rows([out])
+    want = sum(max(r["wall_seconds"] for r in records if r["batch_id"] == b) for b in sizes)
+    assert sampling_seconds(row.records) == (want, True) and want < sum(r["wall_seconds"] for r in records)
