@@ -334,6 +334,9 @@ BAD_MATCH = [
 def test_bad_match_is_a_one_line_error_before_the_model_loads(extra, message, power_run, tmp_path, capsys):
     spec, data, run = power_run
     match = {"MISSING": tmp_path / "nowhere", "EMPTY": ""}.get(extra[0], run)
+    if extra == ("--raw",):  # a match run made through a chat template (the toy has none: its runs say chat: false)
+        header = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**header, "identity": {**header["identity"], "chat": True}}))
     if extra == ("OTHER_DATA",):
         data = write_jsonl(tmp_path / "other.jsonl", [{"problem": "x", "answer": "1", "id": "p0"}])
     flags = [] if extra[0] in ("OTHER_DATA", "MISSING", "EMPTY") else list(extra)  # a later --method wins

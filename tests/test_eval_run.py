@@ -164,7 +164,7 @@ def test_a_different_config_is_refused(files, tmp_path, capsys):
     assert run_eval_cli(eval_argv(spec, data, out)) == 0
     before = (out / "records.jsonl").read_text()
     capsys.readouterr()
-    for extra in (["--alpha", "2"], ["--method", "base"], ["--raw"], ["--code-timeout", "3"]):
+    for extra in (["--alpha", "2"], ["--method", "base"], ["--code-timeout", "3"]):  # --raw: test_eval_chat.py
         assert run_eval_cli(eval_argv(spec, data, out, *extra)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "different config" in err

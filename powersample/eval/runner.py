@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from powersample.api import SampleRecord, sample_many
+from powersample.api import SampleRecord, chat_prompts, sample_many
 from powersample.backends import Backend
-from powersample.backends.base import Confidence, capability
+from powersample.backends.base import Confidence, capability, has_chat_template
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
@@ -46,7 +46,7 @@ class EvalPlan:
     data_digest: str  # hash of the task's whole data set (see tasks.problems_digest)
     seeds: tuple[int, ...]
     config: SamplerConfig
-    chat: bool  # prompts through the chat template
+    chat: bool  # prompts through the chat template (False once run on a model without one: run_eval)
     backend: dict[str, Any]  # how the backend was asked for: name, model, toy spec digest, device, dtype
     grading: GradeOptions = GradeOptions()
     shard: tuple[int, int] | None = None  # (index, count)
@@ -119,13 +119,16 @@ def run_eval(backend: Backend, plan: EvalPlan, run_dir: Path, quiet: bool = Fals
     soon as it is graded."""
     if batch < 1:
         raise PowerSampleError(f"batch must be >= 1, got {batch}")
+    plan = replace(plan, chat=chat_prompts(backend, plan.chat))  # chat: false for a model without a template
     return run_plan(plan, run_dir, lambda todo: evaluate_batches(backend, plan, todo, batch), quiet)
 
 
 def evaluate_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: int) -> Iterator[dict[str, Any]]:
     """The records of `todo`, sampled `batch` units at a time. Records of one batch share a `batch_id` (unique
     across processes and resumes): their wall_seconds all count from the batch's start, so the batch took the
-    largest of them (what the report sums)."""
+    largest of them (what the report sums). A model without a chat template gets plain prompts, and records that say
+    so (run_eval, and a Ray driver, have said so once already)."""
+    plan = replace(plan, chat=plan.chat and has_chat_template(backend))
     for first in range(0, len(todo), batch):
         units = todo[first : first + batch]
         sampled = sample_many(backend, [(p.prompt, s) for p, s in units], plan.config, chat=plan.chat,

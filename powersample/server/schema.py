@@ -54,8 +54,17 @@ class ChainStats(_Out):
     tokens_sampled: int
 
 
+class Transcript(_Out):
+    """Chat sent as a plain transcript ("role: content" lines, then "assistant:"): the model has no chat template.
+    `stop` holds the role lines that end a reply, added to the request's own stop strings."""
+
+    stop: list[str]
+
+
 class PowerSampling(_Out):
     """The extension object of every generation response (protocol.power_sampling)."""
+
+    transcript: Transcript | None = None  # chat to a model without a chat template; absent otherwise
 
     method: str
     seed: int
