@@ -10,11 +10,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from powersample.backends.base import Backend
+from powersample.backends.base import Backend, has_chat_template
 from powersample.backends.engine import check_fits
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
-from powersample.io import json_line, progress_bar
+from powersample.io import json_line, notice_once, progress_bar
 from powersample.samplers import Chain, ChainResult, Progress, on_engine, programs, registry, run_chains
 from powersample.samplers.chain import Trace
 from powersample.samplers.driver import Scheduler
@@ -31,7 +31,7 @@ class SampleRecord:
     logp: float  # sum of token_logp
     finish_reason: str  # "eos" (ended in EOS) or "length" (reached max_new_tokens)
     tokens_generated: int  # every token sampled, rejected proposals included
-    proposals: int  # MH proposals made (bon: candidates drawn; 0 for plain methods)
+    proposals: int  # MH proposals made (bon: candidates drawn; 0 for plain methods); see acceptance_rate
     accepted: int  # MH proposals accepted (0 for bon and plain methods)
     wall_seconds: float  # sampling time of the batch this sample was drawn in, model loading excluded
     method: str
@@ -42,8 +42,9 @@ class SampleRecord:
     # "logp", "weight"} (weights normalized); None otherwise, and then left out of to_dict()
 
     @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposals if self.proposals else 0.0
+    def acceptance_rate(self) -> float | None:
+        """accepted / proposals; None where no MH proposal was made (registry.acceptance_rate)."""
+        return registry.acceptance_rate(self.method, self.proposals, self.accepted)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -68,13 +69,16 @@ def sample(
 ) -> list[SampleRecord]:
     """Draw `num_samples` independent samples for `prompt` (chains run batched). Same seed => same output.
 
+    `chat`: the prompt goes through the model's chat template; a model without one gets it as plain text
+    (chat_prompts, with one notice per process).
+
     `return_particles` (power-smc only) also returns every particle of each sample with its normalized weight;
     `trace` collects every chain's events (MH steps, extensions, SMC weights), chain j numbered j."""
     if num_samples < 1:
         raise PowerSampleError(f"num_samples must be >= 1, got {num_samples}")
     if return_particles and config.method != "power-smc":
         raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
-    prompt_ids = encode_prompt(backend, prompt, config, chat)
+    prompt_ids = encode_prompt(backend, prompt, config, chat_prompts(backend, chat))
     chains = make_chains(seed, num_samples, return_particles)
     if trace is not None:
         trace_chains(trace, chains, prompt, config, seed)
@@ -155,6 +159,7 @@ def sample_many(
     if num_samples < 1:
         raise PowerSampleError(f"num_samples must be >= 1, got {num_samples}")
     configs = job_configs(config, configs, len(jobs))
+    chat = chat_prompts(backend, chat) if jobs else chat
     out: list = [None] * len(jobs)
     work, start = [], time.perf_counter()
     for j, ((prompt, seed), own) in enumerate(zip(jobs, configs)):
@@ -215,6 +220,18 @@ def chain_seeds(seed: int, n: int) -> list[np.random.SeedSequence]:
     if not isinstance(seed, int) or seed < 0:
         raise PowerSampleError(f"seed must be an integer >= 0, got {seed!r}")
     return np.random.SeedSequence(seed).spawn(n)
+
+
+NO_TEMPLATE = "the model has no chat template: chat prompts go to it as plain text, as with --raw"
+
+
+def chat_prompts(backend: Backend, chat: bool) -> bool:
+    """Whether prompts go through the model's chat template: `chat`, unless the model has none. Then they go as plain
+    text, as with chat=False (which is what records should say), and one notice per process says so on stderr."""
+    if chat and not has_chat_template(backend):
+        notice_once(NO_TEMPLATE)
+        return False
+    return chat
 
 
 def encode_prompt(backend: Backend, prompt: str, config: SamplerConfig, chat: bool) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
-"""Every durable write, and the one progress bar.
+"""Every durable write, the one progress bar, and notices.
 
 A JSON or report file is replaced whole or not at all (write_*_atomic), so a crash or a reader never sees half of
 it; a JSONL log is appended to, fsynced, so existing records are never lost (append_jsonl). Long work shows one tqdm
-bar on stderr with ETA (progress_bar)."""
+bar on stderr with ETA (progress_bar). A notice about how a run goes (not about one prompt) shows once per process
+on stderr (notice_once), unless --quiet (quiet_notices)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,28 @@ def progress_bar(total: int, desc: str, unit: str, *, initial: int = 0, quiet: b
         return
     with tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
         yield bar
+
+
+class _Notices:
+    """What notice_once reads: the notices this process has shown, and whether notices are off (--quiet)."""
+
+    shown: set[str] = set()
+    quiet = False
+
+
+def notice_once(text: str) -> None:
+    """`text` as one line on stderr, the first time this process asks (later asks show nothing); nothing while
+    notices are quiet."""
+    if not _Notices.quiet and text not in _Notices.shown:
+        _Notices.shown.add(text)
+        print(f"powersample: {text}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def quiet_notices(quiet: bool) -> Iterator[None]:
+    """Within it, notices show only when not `quiet` (the command line's --quiet; process-wide, as stderr is)."""
+    before, _Notices.quiet = _Notices.quiet, quiet
+    try:
+        yield
+    finally:
+        _Notices.quiet = before

@@ -24,10 +24,11 @@ def write_run(run_dir: Path, records: list[dict[str, Any]], *, task: str = "math
 
 
 def record(problem_id: str, seed: int = 0, correct: bool | None = True, length: int = 4,
-           finish_reason: str | None = "eos", logp_per_token: float | None = -1.0) -> dict[str, Any]:  # fmt: skip
+           finish_reason: str | None = "eos", logp_per_token: float | None = -1.0,
+           confidence: float | None = None) -> dict[str, Any]:  # fmt: skip
     out = {"problem_id": problem_id, "seed": seed, "tokens": [1] * length, "wall_seconds": 0.5, "proposals": 2,
            "accepted": 1, "tokens_generated": length, "correct": correct, "logp_per_token": logp_per_token,
-           "confidence": None}  # fmt: skip
+           "confidence": confidence}  # fmt: skip
     return out if finish_reason is None else {**out, "finish_reason": finish_reason}
 
 

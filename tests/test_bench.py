@@ -318,3 +318,55 @@ def test_engine_candidates_parse_and_refuse_bad_specs():
                          "hf:color=red": "options are", "hf,hf": "twice", "hf:dtype=": "options are"}.items():
         with pytest.raises(PowerSampleError, match=message):
             parse_candidates(bad, None)
+
+
+def test_engines_table_gives_the_reference_kl_as_0_and_no_signed_zero():
+    from powersample.tools.bench.engines import Candidate, EngineRow, EnginesResult, _divergences
+    from powersample.tools.bench.table import format_engines
+
+    options = BenchOptions(SamplerConfig(max_new_tokens=4), ("x",))
+    toy = [load_backend("toy", toy_spec=SPEC) for _ in range(2)]
+    assert _divergences(options, toy) == [0.0, 0.0]  # the first by definition; the same model scores the same
+    rows = tuple(EngineRow(Candidate(name, BackendSpec(name)), None, (), kl)
+                 for name, kl in (("llamacpp", 0.0), ("hf", -4e-5), ("vllm", 0.25)))  # fmt: skip
+    machine = {"cpu_count": 2, "load_average_start": [0.5, 0.5, 0.5]}
+    table = format_engines(EnginesResult(options, machine, "today", rows, True))
+    cells = {line.split()[0]: line.split() for line in table.splitlines() if line.strip()}
+    assert [cells[name][-1] for name in ("llamacpp", "hf", "vllm")] == ["0", "0.000", "0.250"]
+    assert "-0.0" not in table
+
+
+def test_engine_candidates_take_bench_threads_dtype_and_device_unless_they_set_their_own():
+    from powersample.tools.bench.engines import parse_candidates
+
+    given = {"threads": 1, "dtype": None, "device": "cpu"}
+    a, b, c = parse_candidates("llamacpp,hf,hf:threads=2:device=cuda", None, given, quiet=True)
+    assert [(x.backend.threads, x.backend.device, x.backend.quiet) for x in (a, b, c)] == [
+        (1, "cpu", True), (1, "cpu", True), (2, "cuda", True)]
+    [hf] = parse_candidates("hf:dtype=float32", None, {"dtype": "bfloat16"})
+    assert hf.backend.dtype == "float32"
+    for text, given, word in (("llamacpp,hf", {"dtype": "bfloat16"}, "--dtype bfloat16"),
+                              ("hf,vllm", {"threads": 2}, "--threads 2"),
+                              ("vllm", {"device": "cpu"}, "--device cpu")):  # fmt: skip
+        with pytest.raises(PowerSampleError, match=f"cannot take {word}") as e:
+            parse_candidates(text, None, given)
+        assert "\n" not in str(e.value)
+
+
+def test_engines_cli_hands_its_options_to_the_candidates_before_loading(monkeypatch, capsys):
+    from powersample.cli import bench as bench_cli
+
+    seen = []
+
+    def run_engines(options, candidates, update, keep):
+        seen.extend(candidates)
+        raise PowerSampleError("stop before loading")
+
+    monkeypatch.setattr(bench_cli.bench_engines, "run_engines", run_engines)
+    argv = ["bench", "--quick", "--quiet", "--engines", "llamacpp,hf"]
+    assert run_bench_cli([*argv, "--threads", "1"]) == 2 and "stop before loading" in capsys.readouterr().err
+    assert [(c.backend.name, c.backend.threads, c.backend.quiet) for c in seen] == [("llamacpp", 1, True),
+                                                                                    ("hf", 1, True)]
+    assert run_bench_cli([*argv, "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'llamacpp' cannot take --dtype bfloat16" in err and "\n" not in err and len(seen) == 2

@@ -169,7 +169,7 @@ def test_tokens_reach_the_budget_by_less_than_one_candidate(spec_name, config):
     spec, budget, t = spec_of(spec_name), budget_of(config), config.max_new_tokens
     for r in sample(ToyBackend(spec), "x", config, seed=2, num_samples=200):
         assert budget <= r.tokens_generated < budget + t
-        assert 1 <= r.proposals <= r.tokens_generated and r.accepted == 0 and r.acceptance_rate == 0.0
+        assert 1 <= r.proposals <= r.tokens_generated and r.accepted == 0 and r.acceptance_rate is None
         assert r.config["bon_tokens"] == config.bon_tokens
         assert r.config["proposal_temperature"] == config.bon_temperature
         assert r.token_logp == ToyBackend(spec).score((), r.tokens)
@@ -264,6 +264,7 @@ def test_served_bon_is_the_api_sample_and_its_budget_is_bounded():
                   num_samples=2, chat=False)  # fmt: skip
     assert ps["tokens_sampled"] == sum(r.tokens_generated for r in want) and ps["acceptance_rate"] is None
     assert [c["proposals"] for c in ps["chains"]] == [r.proposals for r in want]
+    assert [c["acceptance_rate"] for c in ps["chains"]] == [None, None]  # candidates are no MH proposals
     assert [c["text"] for c in sorted(reply.json()["choices"], key=lambda c: c["index"])] == [r.text for r in want]
     assert huge.status_code == 400 and huge.json()["error"]["param"] == "bon_tokens"
     assert steps.status_code == 400 and steps.json()["error"]["param"] == "mcmc_steps"
@@ -333,6 +334,9 @@ BAD_MATCH = [
 def test_bad_match_is_a_one_line_error_before_the_model_loads(extra, message, power_run, tmp_path, capsys):
     spec, data, run = power_run
     match = {"MISSING": tmp_path / "nowhere", "EMPTY": ""}.get(extra[0], run)
+    if extra == ("--raw",):  # a match run made through a chat template (the toy has none: its runs say chat: false)
+        header = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**header, "identity": {**header["identity"], "chat": True}}))
     if extra == ("OTHER_DATA",):
         data = write_jsonl(tmp_path / "other.jsonl", [{"problem": "x", "answer": "1", "id": "p0"}])
     flags = [] if extra[0] in ("OTHER_DATA", "MISSING", "EMPTY") else list(extra)  # a later --method wins

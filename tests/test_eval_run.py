@@ -105,6 +105,47 @@ def test_confidence_is_null_without_backend_support(files, tmp_path):
     assert summary.records == 2 and [r["confidence"] for r in records] == [None, None]
 
 
+class Exploding(NoConfidence):
+    """A backend whose engine fails from its (after + 1)-th extend call on."""
+
+    def __init__(self, inner, after: int = 0):
+        super().__init__(inner)
+        self.calls, self.after = 0, after
+
+    def extend(self, requests, proposal):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("engine exploded")
+        return self._inner.extend(requests, proposal)
+
+
+def test_a_run_that_fails_before_its_first_record_leaves_no_run_directory(files, tmp_path):
+    spec, data = files
+    task, toy = get_task("math500"), ToyBackend(ToySpec.load(spec))
+
+    def run(out, seeds, backend):
+        plan = make_plan(task, task.load(str(data), True), seeds=seeds, chat=True, backend={"name": "toy"}, limit=3,
+                         config=SamplerConfig(method="base", max_new_tokens=4))  # fmt: skip
+        return run_eval(backend, plan, out, quiet=True)
+
+    with pytest.raises(RuntimeError, match="engine exploded"):  # as the hf engine crashed on a first batch
+        run(tmp_path / "new" / "run", (0,), Exploding(toy))
+    assert not (tmp_path / "new" / "run").exists() and (tmp_path / "new").exists()
+    given = tmp_path / "given"  # --output-dir made by the user: kept, and left empty
+    given.mkdir()
+    with pytest.raises(RuntimeError):
+        run(given, (0,), Exploding(toy))
+    assert given.is_dir() and not list(given.iterdir())
+    assert run(given, (0,), toy).records == 3  # a later run starts afresh there
+    before = {p.name: p.read_bytes() for p in given.iterdir()}
+    with pytest.raises(RuntimeError):  # resuming with one more seed, failing at once: the run is kept whole
+        run(given, (0, 1), Exploding(toy))
+    assert {p.name: p.read_bytes() for p in given.iterdir()} == before
+    with pytest.raises(RuntimeError):  # failing after this run's first record: kept
+        run(tmp_path / "later", (0,), Exploding(toy, after=1))
+    assert len(load_records(tmp_path / "later")) == 1
+
+
 def test_rerun_skips_finished_records_and_extends(files, tmp_path, capsys):
     spec, data = files
     out = tmp_path / "run"
@@ -123,7 +164,7 @@ def test_a_different_config_is_refused(files, tmp_path, capsys):
     assert run_eval_cli(eval_argv(spec, data, out)) == 0
     before = (out / "records.jsonl").read_text()
     capsys.readouterr()
-    for extra in (["--alpha", "2"], ["--method", "base"], ["--raw"], ["--code-timeout", "3"]):
+    for extra in (["--alpha", "2"], ["--method", "base"], ["--code-timeout", "3"]):  # --raw: test_eval_chat.py
         assert run_eval_cli(eval_argv(spec, data, out, *extra)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "different config" in err

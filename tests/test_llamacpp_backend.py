@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -186,6 +187,62 @@ def test_bad_max_slots_is_a_one_line_error(backend):
     with pytest.raises(PowerSampleError, match="max_slots must be between") as err:
         fresh(backend, max_slots=0)
     assert "\n" not in str(err.value)
+
+
+TEARDOWN_SCRIPT = """
+from powersample.backends.hf import HFBackend
+from powersample.backends.llamacpp import LlamaCppBackend
+hf, llamacpp = HFBackend.load(None), LlamaCppBackend.load(None)
+print(llamacpp.decode(llamacpp.encode("ready", chat=False)))
+"""
+
+
+def test_teardown_at_interpreter_exit_is_quiet(backend):
+    """hf and llamacpp backends alive at exit: llama_cpp's module globals can be torn down before the backend, whose
+    finalizer then called None (`Exception ignored in ... __del__ ... TypeError`)."""
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, "-c", TEARDOWN_SCRIPT], capture_output=True, text=True, timeout=300,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ready", done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+@pytest.fixture(scope="module")
+def sliding_gguf(tmp_path_factory, backend):
+    """A tiny gemma2 GGUF: a sliding-window model, whose every load makes llama.cpp warn about its SWA cache."""
+    pytest.importorskip("gguf")
+    from gguf_models import tiny_gemma2
+
+    return tiny_gemma2(tmp_path_factory.mktemp("swa") / "gemma2.gguf", chat_template=True)
+
+
+SWA_WARNING = "using full-size SWA cache"
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_silences_llama_cpp_warnings_that_show_otherwise(sliding_gguf, quiet, capsys):
+    from powersample.cli import main
+
+    argv = ["sample", "Hi", "--backend", "llamacpp", "--model", str(sliding_gguf), "--method", "base",
+            "--max-new-tokens", "2", "--raw"]  # fmt: skip
+    assert main(argv + ["--quiet"] * quiet) == 0
+    err = capsys.readouterr().err
+    assert (SWA_WARNING in err) is not quiet, err
+    assert "llama_context:" not in err  # llama.cpp's info lines never show
+
+
+def test_llama_cpp_errors_show_even_when_quiet(backend, capsys):
+    import llama_cpp
+
+    from powersample.backends import llamacpp
+
+    llamacpp.route_log(llama_cpp, quiet=True)  # what LlamaCppBackend.load(..., quiet=True) does first
+    try:
+        for level, text in ((3, b"a warning\n"), (4, b"an error"), (5, b" continued\n"), (2, b"info\n")):
+            llamacpp._Log.callback(level, text, None)  # as llama.cpp calls it: ggml.h's levels, 5 continues the last
+    finally:
+        llamacpp.route_log(llama_cpp, quiet=False)
+    assert capsys.readouterr().err == "an error continued\n"
 
 
 # --- batching and sequences -------------------------------------------------------------------------------------

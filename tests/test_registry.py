@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import SPECS
+from conftest import SPECS, load_spec
 
 from powersample.config import KNOB_FIELDS, SamplerConfig
 from powersample.samplers import registry
@@ -86,3 +86,19 @@ def test_a_new_sampler_is_one_file_and_one_registry_entry(tmp_path):
     assert served.returncode == 0, served.stderr
     assert json.loads(served.stdout.splitlines()[-1]) == {"status": 200, "method": "echo", "enum": True}
     assert "echo" not in METHODS  # the copy, not this package, has it
+
+
+def test_acceptance_rate_is_null_where_no_mh_proposal_was_made():
+    """One definition for records, the report, the server and bench: a rate only for MCMC runs that proposed."""
+    assert registry.acceptance_rate("power", 4, 3) == 0.75
+    assert registry.acceptance_rate("power", 0, 0) is None  # mcmc_steps 0
+    for method in ("base", "low-temp", "bon", "power-smc", "power-rollout"):
+        assert registry.acceptance_rate(method, 5, 0) is None, method
+
+
+def test_a_plain_record_says_null_not_zero():
+    from powersample import sample
+    from powersample.backends.toy import ToyBackend
+
+    [record] = sample(ToyBackend(load_spec("eos_trap")), "x", SamplerConfig(method="base", max_new_tokens=3))
+    assert record.acceptance_rate is None and '"acceptance_rate": null' in json.dumps(record.to_dict())

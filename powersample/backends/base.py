@@ -24,6 +24,9 @@ with the request's context, so correctness never depends on the hint.
 - `Vocabulary`: `vocab_size` and `token_text`, what the ids are (the server's token-id prompts and tokenizer
   endpoints).
 
+Whether the model has a chat template is no capability of its own: `has_chat_template` reads it off `encode`, which
+ignores `chat` where there is none, so the toy and every engine answer alike.
+
 Callers ask `capability(backend, ContinuousBatching)`, the one place that checks: it returns the backend typed as
 the capability when it has every method the Protocol declares, else None. It looks the methods up with `getattr`,
 so a wrapper that forwards attributes (`__getattr__`) offers what it wraps, on every Python version (an `isinstance`
@@ -135,3 +138,12 @@ def capability(backend: object, protocol: type[C]) -> C | None:
     if all(callable(getattr(backend, name, None)) for name in methods):
         return backend  # type: ignore[return-value]
     return None
+
+
+CHAT_PROBE = "Hello."  # any text: a chat template turns it into a conversation, other ids than the text's own
+
+
+def has_chat_template(backend: Backend) -> bool:
+    """Whether `encode(prompt, chat=True)` goes through a chat template: then its ids differ from the plain prompt's
+    (`encode` ignores `chat` where the model has none). The toy, whose prompt is ignored, has none."""
+    return tuple(backend.encode(CHAT_PROBE, True)) != tuple(backend.encode(CHAT_PROBE, False))

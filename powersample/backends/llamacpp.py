@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib
 import os
 import sys
 import tempfile
@@ -103,6 +104,7 @@ MIN_ROOM = 256  # tokens per sequence the context starts with (llama.cpp rounds 
 PROBE_PREFIX, PROBE_TAIL, PROBE_STREAMS = 8, BATCH_TOKENS, 16  # the layout probe's shapes (`_rows_disagree`)
 QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0", "iq4_nl": "IQ4_NL", "f16": "F16", "bf16": "BF16"}  # --quant: llama_ftype
 INSTALL_HINT = "the llamacpp backend needs llama-cpp-python: pip install llama-cpp-python"
+LOG_WARN, LOG_ERROR, LOG_CONT = 3, 4, 5  # ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continued
 
 Item = tuple[int, int, int, bool]  # one batch entry: (token id, position, sequence id, compute its logits)
 
@@ -214,6 +216,7 @@ class LlamaCppBackend:
         max_slots: int = MAX_SLOTS,
         reuse_cache: bool = True,
         quant: str | None = None,
+        quiet: bool = False,
     ) -> LlamaCppBackend:
         """Load a GGUF file: None = the embedded SmolLM2-135M-Instruct (Q4_1).
 
@@ -222,9 +225,11 @@ class LlamaCppBackend:
         (llama-cpp-python's own default: one per physical core), for decoding and prefill alike. max_slots: rows
         decoded together. quant: re-quantize the file once to this type (`QUANTS`), cached, and load the copy.
         The weights are placed so that llama.cpp's AMX path, which crashes, is never used (`llamacpp_placement`).
-        Every failure is a one-line PowerSampleError.
+        llama.cpp's log shows its warnings and errors, only its errors when `quiet` (`route_log`). Every failure is a
+        one-line PowerSampleError.
         """
         llama_cpp = _import_llama_cpp()
+        route_log(llama_cpp, quiet)
         path = model_path(llama_cpp, model, quant)
         weights = Weights.load(llama_cpp, path, n_threads or max(1, (os.cpu_count() or 2) // 2))
         n_ctx = n_ctx or int(llama_cpp.llama_model_n_ctx_train(weights.model.model))
@@ -240,7 +245,9 @@ class LlamaCppBackend:
             lib.llama_batch_free(batch)
 
     def __del__(self) -> None:
-        if hasattr(self, "_lib"):
+        # At interpreter exit llama_cpp's module globals may be gone before us (llama_free is None by then): leave
+        # the memory to the OS rather than print a traceback.
+        if hasattr(self, "_lib") and not sys.is_finalizing():
             self.close()
 
     def encode(self, prompt: str, chat: bool = True) -> Tokens:
@@ -705,6 +712,34 @@ def _import_llama_cpp() -> Any:
             raise
         raise PowerSampleError(INSTALL_HINT) from None
     return llama_cpp
+
+
+class _Log:
+    """What of llama.cpp's log reaches stderr: the least level shown, and the level a continued message goes on."""
+
+    least = LOG_WARN
+    last = 0
+    callback: Any = None  # the C callback, kept alive here: llama.cpp holds only its pointer
+
+
+def route_log(llama_cpp: Any, quiet: bool) -> None:
+    """Send llama.cpp's log (process-wide, as llama.cpp keeps it) to stderr from warnings up, or errors only when
+    quiet. Our own callback: llama-cpp-python 0.3.36's reads ggml's levels one off, so its warnings (the SWA cache's
+    "using full-size SWA cache" on every load of a sliding-window model) print whatever the verbosity, and its
+    errors only when verbose."""
+    importlib.import_module("llama_cpp._logger")  # importing it sets its callback: done first, so ours stays
+    _Log.least = LOG_ERROR if quiet else LOG_WARN
+    if _Log.callback is None:
+        _Log.callback = llama_cpp.llama_log_callback(_print_log)
+        llama_cpp.llama_log_set(_Log.callback, ctypes.c_void_p(0))
+
+
+def _print_log(level: int, text: bytes, user_data: Any) -> None:
+    level = _Log.last if level == LOG_CONT else level
+    _Log.last = level
+    if level >= _Log.least:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+        sys.stderr.flush()
 
 
 def model_path(llama_cpp: Any, model: str | None, quant: str | None) -> Path:

@@ -42,6 +42,7 @@ class BackendSpec:
     tensor_parallel_size: int | None = None  # vllm: GPUs per engine; None = 1
     gpu_memory_utilization: float | None = None  # vllm: share of memory for weights + KV cache; None = its default
     max_model_len: int | None = None  # vllm: context length of the engine; None = the model's
+    quiet: bool = False  # llamacpp: only the engine's errors on stderr, not its warnings (--quiet)
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
@@ -53,6 +54,16 @@ class BackendSpec:
                                    "--backend vllm only")  # fmt: skip
         if self.quant is not None and self.name not in ("auto", "llamacpp"):
             raise PowerSampleError("--quant applies to --backend llamacpp only")
+        self._check_engine_options()
+
+    def _check_engine_options(self) -> None:
+        """What an engine cannot take, refused before it loads (`auto` is checked again once resolved)."""
+        if self.name == "llamacpp" and (self.device not in (None, "cpu") or self.dtype is not None):
+            raise PowerSampleError("the llamacpp backend runs the GGUF as it is: --device and --dtype don't apply")
+        if self.name == "vllm" and self.device is not None:
+            raise PowerSampleError("the vllm backend runs where vLLM's build runs (CPU or GPU): --device doesn't apply")
+        if self.name == "vllm" and self.threads is not None:
+            raise PowerSampleError("--threads doesn't apply to the vllm backend; set VLLM_CPU_OMP_THREADS_BIND instead")
 
     @property
     def engine_options(self) -> dict[str, Any]:
@@ -131,23 +142,18 @@ def _load_hf(spec: BackendSpec) -> Backend:
 
 def _load_llamacpp(spec: BackendSpec) -> Backend:
     """llama.cpp in-process, refused in one line where its probe crashed on this machine (probe.py)."""
-    if spec.device not in (None, "cpu") or spec.dtype is not None:
-        raise PowerSampleError("the llamacpp backend runs the GGUF as it is: --device and --dtype don't apply")
     llamacpp = _import_extra("powersample.backends.llamacpp", "llamacpp")
     outcome = llamacpp.probe_outcome(spec.model, spec.quant)
     if not outcome.ok:
         raise PowerSampleError(f"llama.cpp crashed on this machine when probed ({outcome.detail}), so the llamacpp "
                                f"backend would crash too: use --backend hf (to probe again, delete {outcome.path})")
     return llamacpp.LlamaCppBackend.load(spec.model, reuse_cache=spec.reuse_cache, n_threads=spec.threads,
-                                         quant=spec.quant)  # fmt: skip
+                                         quant=spec.quant, quiet=spec.quiet)  # fmt: skip
 
 
 def _load_vllm(spec: BackendSpec) -> Backend:
-    """vLLM picks its device itself, and its CPU build sets its threads by environment."""
-    if spec.device is not None:
-        raise PowerSampleError("the vllm backend runs where vLLM's build runs (CPU or GPU): --device doesn't apply")
-    if spec.threads is not None:
-        raise PowerSampleError("--threads doesn't apply to the vllm backend; set VLLM_CPU_OMP_THREADS_BIND instead")
+    """vLLM picks its device itself, and its CPU build sets its threads by environment (BackendSpec refuses
+    --device and --threads)."""
     try:
         vllm = _import_extra("powersample.backends.vllm", "vllm")
     except PowerSampleError as e:

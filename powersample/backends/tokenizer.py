@@ -32,3 +32,10 @@ def plain_transcript(messages: Sequence[Mapping[str, str]]) -> str:
     """A chat conversation as plain text for models without a chat template: "role: content" per line, then
     "assistant:"."""
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def transcript_stops(messages: Sequence[Mapping[str, str]]) -> tuple[str, ...]:
+    """What ends the assistant's turn in a plain transcript: a line that starts another turn, "\n<role>:" for each
+    role of the transcript (the user's and the assistant's always), so the model does not write the next turn."""
+    roles = dict.fromkeys([*(m["role"] for m in messages), "user", "assistant"])
+    return tuple(f"\n{role}:" for role in roles)

@@ -13,6 +13,7 @@ from powersample.cli.eval import add_eval_parsers
 from powersample.cli.sample import add_sample_parser
 from powersample.cli.serve import add_serve_parser
 from powersample.errors import PowerSampleError
+from powersample.io import quiet_notices
 
 EXIT_USAGE = 2
 
@@ -21,7 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code = args.handler(args)
+        with quiet_notices(getattr(args, "quiet", False)):  # report has no --quiet
+            code = args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
         return code
     except PowerSampleError as e:

@@ -84,6 +84,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--engines", metavar="A,B,...",
                    help="compare engine configurations side by side, taking turns: NAME[:KEY=VALUE...] with keys "
                         "threads, dtype, quant, device (e.g. llamacpp,llamacpp:quant=iq4_nl,hf:dtype=bfloat16); "
+                        "--threads, --dtype and --device apply to every candidate that sets none of its own; "
                         "runs plain decoding at batch 1 and power sampling with 1 and K chains")
     add_fidelity_options(p)
     # None = "not given": filled from the FULL or QUICK profile by options_from_args
@@ -173,7 +174,8 @@ def _cmd_engines(args: argparse.Namespace) -> int:
     """`bench --engines`: the candidates side by side (tools/bench/engines.py)."""
     if args.backend != "auto" or args.toy_spec or args.quant:
         raise PowerSampleError("--engines names its own backends and options: drop --backend, --toy-spec, --quant")
-    candidates = bench_engines.parse_candidates(args.engines, args.model)
+    given = {"threads": args.threads, "dtype": args.dtype, "device": args.device}  # for candidates without their own
+    candidates = bench_engines.parse_candidates(args.engines, args.model, given, quiet=args.quiet)
     options = replace(options_from_args(args), backend=candidates[0].backend)  # validate before loading
     if args.json_path:
         check_writable(args.json_path)

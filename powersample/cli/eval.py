@@ -203,13 +203,16 @@ def default_run_dir(plan: Any) -> Path:
 
 def precheck_run_dir(run_dir: Path, identity: dict[str, Any], shard: tuple[int, int] | None = None) -> None:
     """Refuse a directory holding another config, or one that another eval of this shard is writing, before the
-    (slow) model load."""
+    (slow) model load. A run asked with chat prompts may find its directory saying chat: false (its model has no
+    chat template, which only the loaded model tells: the run checks again once it is known)."""
     from powersample.eval.records import RUN_FILE, check_identity, check_unlocked, read_run, records_path
 
     if run_dir.exists() and not run_dir.is_dir():
         raise PowerSampleError(f"--output-dir {run_dir} is not a directory")
     if (run_dir / RUN_FILE).exists():
-        check_identity(run_dir, read_run(run_dir).get("identity"), identity)
+        have = read_run(run_dir).get("identity")
+        if not (identity["chat"] and have == {**identity, "chat": False}):
+            check_identity(run_dir, have, identity)
     check_unlocked(records_path(run_dir, shard))
 
 

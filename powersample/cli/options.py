@@ -108,10 +108,11 @@ def check_members(config: SamplerConfig, chains: int, option_name: str = "--num-
 
 
 def backend_spec(args: argparse.Namespace) -> BackendSpec:
-    """The BackendSpec of the backend options (checked now, before any model loads)."""
+    """The BackendSpec of the backend options (checked now, before any model loads), quiet with --quiet."""
     return BackendSpec(args.backend, model=args.model, toy_spec=args.toy_spec, device=args.device, dtype=args.dtype,
                        threads=args.threads, quant=args.quant, tensor_parallel_size=args.tensor_parallel_size,
-                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                       quiet=args.quiet)  # fmt: skip
 
 
 def load(spec: BackendSpec, quiet: bool) -> Backend:

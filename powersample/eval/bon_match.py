@@ -43,8 +43,10 @@ def match_plan(plan: EvalPlan, run_dir: Path) -> EvalPlan:
 
 
 def check_same_prompts(run_dir: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
-    """The match run must be of this task, data set and prompt format: otherwise its costs are another prompt's."""
+    """The match run must be of this task, data set and prompt format: otherwise its costs are another prompt's. A
+    match run that says chat: false serves chat prompts too: its model had no chat template, which only the loaded
+    model tells of this run's (run_eval then records chat: false here too)."""
     for key in MATCHED:
-        if have.get(key) != want[key]:
+        if have.get(key) != want[key] and not (key == "chat" and want[key] and have.get(key) is False):
             raise PowerSampleError(f"--bon-match {run_dir} is a run with another {key} ({have.get(key)!r} there, "
                                    f"{want[key]!r} here)")  # fmt: skip

@@ -22,14 +22,17 @@ import contextlib
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from powersample.backends import BackendSpec
+from powersample.api import NO_TEMPLATE
+from powersample.backends import Backend, BackendSpec
+from powersample.backends.base import has_chat_template
 from powersample.errors import PowerSampleError
 from powersample.eval.records import record_key
 from powersample.eval.runner import EvalPlan, EvalSummary, Unit, evaluate_batches, run_plan
+from powersample.io import notice_once
 
 IN_FLIGHT = 2  # batches of units sent to an actor ahead of time, so it never waits for the driver between units
 RESTARTS_PER_WORKER = 3  # fresh actors the pool may start, per worker, to replace ones that died
@@ -170,6 +173,9 @@ def run_eval_ray(
                   f"{placement.cpus:g} CPU each", file=sys.stderr, flush=True)  # fmt: skip
         pool = WorkerPool(ray, spec, plan, placement, batch)
         try:
+            if plan.chat and not pool.has_chat_template():  # what the identity says, before run.json is written
+                notice_once(NO_TEMPLATE)
+                plan = replace(plan, chat=False)
             return run_plan(plan, run_dir, pool.records, quiet)
         finally:
             pool.close()
@@ -182,9 +188,15 @@ class UnitWorker:
         self._spec, self._plan, self._backend = spec, plan, None
 
     def run(self, units: list[Unit]) -> list[dict[str, Any]]:
+        return list(evaluate_batches(self._loaded(), self._plan, units, len(units)))
+
+    def has_chat_template(self) -> bool:
+        return has_chat_template(self._loaded())
+
+    def _loaded(self) -> Backend:
         if self._backend is None:
             self._backend = self._spec.load()
-        return list(evaluate_batches(self._backend, self._plan, units, len(units)))
+        return self._backend
 
 
 @dataclass
@@ -210,11 +222,25 @@ class WorkerPool:
         self.restarts_left = RESTARTS_PER_WORKER * placement.workers
         self._attempts: collections.Counter[tuple[str, int]] = collections.Counter()
 
+    def has_chat_template(self) -> bool:
+        """Whether the model has a chat template, as the first actor (started here, its backend loaded) says."""
+        from ray.exceptions import RayTaskError
+
+        if not self.workers:
+            self.workers.append(self._start())
+        try:
+            return bool(self._ray.get(self.workers[0].actor.has_chat_template.remote()))
+        except RayTaskError as e:  # the model failed to load: one line, as a unit's failure
+            if isinstance(e.cause, PowerSampleError):
+                raise PowerSampleError(str(e.cause)) from None
+            raise
+
     def records(self, todo: list[Unit]) -> Iterator[dict[str, Any]]:
-        """Each unit's record, in the order they finish; actors start here, at most one per unit."""
+        """Each unit's record, in the order they finish; actors start here (beside one started already), at most one
+        per unit."""
         if not todo:
             return
-        self.workers = [self._start() for _ in range(min(self._placement.workers, len(todo)))]
+        self.workers += [self._start() for _ in range(min(self._placement.workers, len(todo)) - len(self.workers))]
         queue = collections.deque(todo)
         pending: dict[Any, tuple[_Worker, list[Unit]]] = {}  # result ref -> (its actor, its units)
         while queue or pending:

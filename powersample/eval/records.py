@@ -10,16 +10,19 @@ the record in flight: its torn last line is ignored, and cut off before the next
 writer at a time: an exclusive flock on its `<records file>.lock`, held from before resuming reads the records until
 the run ends, refuses a second writer of the same shard, in another process or this one. A directory whose
 run.json names a different identity is refused, so records of different configs never mix; seeds, --limit and
---shard are not part of the identity (they only choose which records to make), so a run can be extended.
+--shard are not part of the identity (they only choose which records to make), so a run can be extended. A run
+that fails before its first record takes back the directory, run.json and records file it created (discard_opened).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +48,39 @@ def open_run(run_dir: Path, identity: dict[str, Any], meta: dict[str, Any]) -> N
     if not path.exists():
         write_json_atomic(path, {"schema": SCHEMA, "identity": identity, **meta})
     check_identity(run_dir, read_run(run_dir).get("identity"), identity)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What opening a run will create: the directory, its run.json (both absent before)."""
+
+    directory: bool
+    run_file: bool
+
+    @classmethod
+    def before(cls, run_dir: Path) -> "Opened":
+        return cls(not run_dir.exists(), not (run_dir / RUN_FILE).exists())
+
+
+def discard_opened(run_dir: Path, path: Path, opened: Opened) -> None:
+    """Take back what opening a run created, for a run that failed before its first record, when it wrote run.json
+    (a run that was there before stays as it was): its records file `path` while empty and that file's lock,
+    run.json unless another records file is there (another shard's run), and the directory when this run made it
+    and nothing else is in it. Called while holding path's lock (another writer of the shard may take a fresh one
+    at once: this one writes nothing more); best effort, the failure that brought us here is what the caller raises."""
+    if not opened.run_file:
+        return
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            path.unlink()
+    with contextlib.suppress(OSError):
+        lock_path(path).unlink()
+    if not any(run_dir.glob("records*.jsonl")):
+        with contextlib.suppress(OSError):
+            (run_dir / RUN_FILE).unlink()
+    if opened.directory:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # fails, as it should, unless empty
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """`powersample report`: one markdown table over run directories, and the paper's plots.
 
-Rows are (task, method) where the method's label also names the settings that differ between runs of that method
-(α, MCMC steps, T, ...). Directories with the same identity (shards written apart) are merged. Plots, written as
-PNG (matplotlib, Agg, no pyplot state) per task:
+Rows are (task, method) where the method's label also names every setting that differs between runs of that method
+(α, MCMC steps, T, ..., the backend, model, quantization, prompt format), and the run's identity hash where two
+labels would still read alike: no run is hidden behind another's label in the table or a figure. Directories with
+the same identity (shards written apart) are merged. Plots, written as PNG (matplotlib, Agg, no pyplot state) per
+task:
 
     passk_<task>.png           pass@k against k per method, unbiased estimator over the seeds (paper Fig. 5)
     loglik_<task>.png          histograms of log-likelihood per token per method (Fig. 4)
@@ -20,6 +22,7 @@ graded (eval.paired), and each row's distribution of output lengths with the sha
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -107,7 +110,7 @@ def load_rows(run_dirs: list[Path]) -> list[Row]:
             records.setdefault(record_key(r), r)
     identities = [identity for identity, _ in merged.values()]
     rows = [Row(i["task"], label(i, identities), i["config"], tuple(recs.values()), i) for i, recs in merged.values()]
-    return sorted(rows, key=lambda row: (row.task, row.label))
+    return sorted(unique_labels(rows), key=lambda row: (row.task, row.label))
 
 
 # What the report reads of a run, checked first so that a damaged or foreign file is a one-line error naming it.
@@ -163,23 +166,73 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 
 
 def label(identity: dict[str, Any], all_identities: list[dict[str, Any]]) -> str:
-    """The method, plus the settings that tell apart runs of the same method (and the model, if it differs).
+    """The method, plus every setting that tells apart runs of the same method: the sampler's settings first
+    (LABEL_KEYS, then the others), then the backend's (engine, model, quantization, device, dtype, ...), the prompt
+    format, and the rest of the identity (data, grading).
 
-    A setting is named only when it is not already implied by those named before it, so `alpha=2` does not
-    drag along the proposal temperature 1/alpha that follows from it.
+    A setting is named only when it is not already implied by those named before it, so `alpha=2` does not drag
+    along the proposal temperature 1/alpha that follows from it. Runs whose identities differ always get different
+    settings named; their labels can still read alike (two models of one file name), which `unique_labels` settles.
     """
-    same = [i for i in all_identities if i["config"]["method"] == identity["config"]["method"]]
+    same = [_settings(i) for i in all_identities if i["config"]["method"] == identity["config"]["method"]]
     shown: list[str] = []
-    for key in LABEL_KEYS:
-        before = {tuple(i["config"].get(k) for k in shown) for i in same}
-        if len({tuple(i["config"].get(k) for k in (*shown, key)) for i in same}) > len(before):
+    for key in sorted({k for s in same for k in s}, key=_setting_order):
+        before = {tuple(s.get(k) for k in shown) for s in same}
+        if len({tuple(s.get(k) for k in (*shown, key)) for s in same}) > len(before):
             shown.append(key)
-    parts = [identity["config"]["method"], *(f"{k}={identity['config'].get(k)}" for k in shown)]
-    if len({repr(i["backend"]) for i in same}) > 1:
-        parts.append(f"model={identity['backend'].get('model') or identity['backend'].get('name')}")
-    if len({i["chat"] for i in same}) > 1:
-        parts.append("chat" if identity["chat"] else "raw")
-    return " ".join(parts)
+    mine = _settings(identity)
+    return " ".join([identity["config"]["method"], *(_named(key, mine.get(key)) for key in shown)])
+
+
+def _settings(identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity as flat (section, key) settings: ("config", "alpha"), ("backend", "model"), ("chat", ""), ..."""
+    out: dict[str, Any] = {}
+    for section, value in identity.items():
+        if section == "task":  # the table's own column
+            continue
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        out.update({(section, key): json.dumps(v, sort_keys=True) for key, v in items})
+    return out
+
+
+BACKEND_KEYS = ("name", "model", "toy_spec", "quant", "device", "dtype")  # the order the backend's settings show in
+
+
+def _setting_order(key: tuple[str, str]) -> tuple:
+    section, name = key
+    if section == "config":
+        return (0, LABEL_KEYS.index(name) if name in LABEL_KEYS else len(LABEL_KEYS), name)
+    if section == "backend":
+        return (1, BACKEND_KEYS.index(name) if name in BACKEND_KEYS else len(BACKEND_KEYS), name)
+    return (2 if section == "chat" else 3, 0, section + name)
+
+
+def _named(key: tuple[str, str], encoded: str | None) -> str:
+    """One setting in a label: `alpha=2.0`, `backend=llamacpp`, `model=<file name>`, `chat` or `raw`, ..."""
+    section, name = key
+    value = None if encoded is None else json.loads(encoded)
+    if section == "chat":
+        return "chat" if value else "raw"
+    if (section, name) == ("backend", "name"):
+        name = "backend"
+    elif (section, name) == ("backend", "model") and isinstance(value, str):
+        value = Path(value).name or value
+    name = name or section
+    text = "default" if value is None else value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return f"{name}={text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 1] + '…'}"
+
+
+MAX_VALUE = 40  # characters of a setting's value in a label
+
+
+def unique_labels(rows: list[Row]) -> list[Row]:
+    """The rows, a label that several rows of one task would share suffixed with its run's identity hash, so no row
+    is told apart from another by nothing (a figure's legend, the paired comparisons)."""
+    seen: dict[tuple[str, str], int] = defaultdict(int)
+    for row in rows:
+        seen[row.task, row.label] += 1
+    return [dataclasses.replace(row, label=f"{row.label} ({identity_hash(row.identity)})")
+            if seen[row.task, row.label] > 1 else row for row in rows]
 
 
 HEADER = ("task", "method", "n", "accuracy (95% CI)", "mean length", "log-lik/token", "confidence", "acceptance",
@@ -209,7 +262,7 @@ def row_cells(row: Row) -> list[str]:
         _num(metrics.mean([len(r["tokens"]) for r in recs]), ".1f"),
         _num(metrics.mean([r.get("logp_per_token") for r in recs]), ".3f"),
         _num(metrics.mean([r.get("confidence") for r in recs]), ".3f"),
-        acceptance_cell(row), tokens_cell(row), _duration(sum(r["wall_seconds"] for r in recs)),
+        acceptance_cell(row), tokens_cell(row), wall_cell(recs),
     ]  # fmt: skip
 
 
@@ -221,10 +274,27 @@ def accuracy_cell(graded: list[bool]) -> str:
 
 
 def acceptance_cell(row: Row) -> str:
-    """MH acceptance; "—" for methods without an accept step (bon counts candidates as proposals)."""
-    proposals = sum(r["proposals"] for r in row.records)
-    mcmc = row.config["method"] in MCMC_METHODS
-    return f"{sum(r['accepted'] for r in row.records) / proposals:.3f}" if proposals and mcmc else "—"
+    """MH acceptance; "—" where no MH proposal was made (registry.acceptance_rate)."""
+    proposals, accepted = sum(r["proposals"] for r in row.records), sum(r["accepted"] for r in row.records)
+    return _num(registry.acceptance_rate(row.config["method"], proposals, accepted), ".3f")
+
+
+def wall_cell(records: Sequence[dict[str, Any]]) -> str:
+    """The sampling time (sampling_seconds); "≤" marks an upper bound."""
+    seconds, exact = sampling_seconds(records)
+    return ("" if exact else "≤") + _duration(seconds)
+
+
+def sampling_seconds(records: Sequence[dict[str, Any]]) -> tuple[float, bool]:
+    """(sampling time summed over batches, whether exact). A record's wall_seconds is its batch's time up to its own
+    last chain, so a batch (the records of one batch_id) counts once, at its largest. Records without a batch_id
+    (written before it existed) count one by one, which overstates up to --batch times: then not exact."""
+    batches: dict[str, float] = {}
+    alone = [r["wall_seconds"] for r in records if not isinstance(r.get("batch_id"), str)]
+    for r in records:
+        if isinstance(r.get("batch_id"), str):
+            batches[r["batch_id"]] = max(batches.get(r["batch_id"], 0.0), r["wall_seconds"])
+    return sum(batches.values()) + sum(alone), not alone
 
 
 def tokens_cell(row: Row) -> str:
@@ -370,10 +440,10 @@ def histogram_figure(task: str, rows: list[Row], key: str, xlabel: str) -> Any:
     import numpy as np
 
     fig, ax = figure()
-    values = {row.label: [r[key] for r in row.records if r.get(key) is not None] for row in rows}
-    pooled = [v for vs in values.values() for v in vs]
+    values = [(row.label, [r[key] for r in row.records if r.get(key) is not None]) for row in rows]  # a run each
+    pooled = [v for _, vs in values for v in vs]
     bins = np.histogram_bin_edges(pooled, bins=min(30, max(5, len(pooled) // 4)))
-    for name, vs in values.items():
+    for name, vs in values:
         if vs:
             ax.hist(vs, bins=bins, alpha=0.5, label=name)
     ax.set(xlabel=xlabel, ylabel="samples", title=f"{task}: {xlabel}")

@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from powersample.api import SampleRecord, sample_many
+from powersample.api import SampleRecord, chat_prompts, sample_many
 from powersample.backends import Backend
-from powersample.backends.base import Confidence, capability
+from powersample.backends.base import Confidence, capability, has_chat_template
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
-from powersample.eval.records import SCHEMA, RecordWriter, load_records, open_run, record_key, records_path
+from powersample.eval.records import (
+    SCHEMA,
+    Opened,
+    RecordWriter,
+    discard_opened,
+    load_records,
+    open_run,
+    record_key,
+    records_path,
+)
 from powersample.eval.tasks import GradeOptions, Problem, Task, problems_digest
 from powersample.io import progress_bar
 from powersample.samplers import registry
@@ -36,7 +46,7 @@ class EvalPlan:
     data_digest: str  # hash of the task's whole data set (see tasks.problems_digest)
     seeds: tuple[int, ...]
     config: SamplerConfig
-    chat: bool  # prompts through the chat template
+    chat: bool  # prompts through the chat template (False once run on a model without one: run_eval)
     backend: dict[str, Any]  # how the backend was asked for: name, model, toy spec digest, device, dtype
     grading: GradeOptions = GradeOptions()
     shard: tuple[int, int] | None = None  # (index, count)
@@ -109,19 +119,25 @@ def run_eval(backend: Backend, plan: EvalPlan, run_dir: Path, quiet: bool = Fals
     soon as it is graded."""
     if batch < 1:
         raise PowerSampleError(f"batch must be >= 1, got {batch}")
+    plan = replace(plan, chat=chat_prompts(backend, plan.chat))  # chat: false for a model without a template
     return run_plan(plan, run_dir, lambda todo: evaluate_batches(backend, plan, todo, batch), quiet)
 
 
 def evaluate_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: int) -> Iterator[dict[str, Any]]:
-    """The records of `todo`, sampled `batch` units at a time."""
+    """The records of `todo`, sampled `batch` units at a time. Records of one batch share a `batch_id` (unique
+    across processes and resumes): their wall_seconds all count from the batch's start, so the batch took the
+    largest of them (what the report sums). A model without a chat template gets plain prompts, and records that say
+    so (run_eval, and a Ray driver, have said so once already)."""
+    plan = replace(plan, chat=plan.chat and has_chat_template(backend))
     for first in range(0, len(todo), batch):
         units = todo[first : first + batch]
         sampled = sample_many(backend, [(p.prompt, s) for p, s in units], plan.config, chat=plan.chat,
                               configs=[plan.unit_config(p, s) for p, s in units])  # fmt: skip
+        batch_id = uuid.uuid4().hex[:16]
         for (problem, _), outcome in zip(units, sampled):
             if isinstance(outcome, PowerSampleError):
                 raise PowerSampleError(f"{plan.task.name} problem {problem.id}: {outcome}") from None
-            yield grade_record(backend, plan, problem, outcome[0])
+            yield {**grade_record(backend, plan, problem, outcome[0]), "batch_id": batch_id}
 
 
 def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bool = False) -> EvalSummary:
@@ -129,8 +145,10 @@ def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bo
 
     `make_records` is this process's loop (`run_eval`) or a pool of workers (`distributed.py`); either way only
     this function writes. A record for a unit that is done already, or not in the plan, is dropped, so a unit is
-    written once even when a worker that died had finished it.
+    written once even when a worker that died had finished it. A run that fails before its first record takes back
+    what opening it created (records.discard_opened): no run directory is left that holds nothing.
     """
+    opened = Opened.before(run_dir)
     open_run(run_dir, plan.identity(), {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generator": plan.generator})
     wanted = {(p.id, s) for p in plan.problems for s in plan.seeds}
     # The lock first: what is done is read while no one else can add to it, so two runs never both do a unit.
@@ -139,15 +157,20 @@ def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bo
         resumed = len(done)
         todo = [(p, s) for p in plan.problems for s in plan.seeds if (p.id, s) not in done]
         tally = _Tally.of(done.values())
-        with _bar(plan, len(wanted), resumed, tally, quiet) as update:
-            for record in make_records(todo):
-                key = record_key(record)
-                if key in done or key not in wanted:
-                    continue
-                writer.write(record)
-                done[key] = record
-                tally.add(record)
-                update(tally)
+        try:
+            with _bar(plan, len(wanted), resumed, tally, quiet) as update:
+                for record in make_records(todo):
+                    key = record_key(record)
+                    if key in done or key not in wanted:
+                        continue
+                    writer.write(record)
+                    done[key] = record
+                    tally.add(record)
+                    update(tally)
+        except BaseException:
+            if len(done) == resumed:  # not one record written
+                discard_opened(run_dir, writer.path, opened)
+            raise
     if plan.task.export is not None:
         plan.task.export(run_dir, list(plan.problems), load_records(run_dir), plan.generator)
     return EvalSummary(len(wanted), resumed, tally.correct, tally.graded, run_dir)

@@ -10,7 +10,7 @@ T), power.eq12_tokens); the candidate that crosses the budget is drawn in full a
 
 Returns the candidate with the highest mean base log p per token (ties: the earliest drawn). Counters:
 tokens_generated = every token of every candidate; proposals = candidates drawn; accepted = 0 (nothing is accepted
-or rejected; the record's acceptance rate is 0, as for the plain methods).
+or rejected; the record's acceptance rate is None, as for the plain methods).
 
 Batching. Each round yields one tuple of k = ceil(remaining / T) requests: a candidate holds at most T tokens, so the
 first k - 1 cannot reach the budget and all k are needed before it can be crossed; no candidate is drawn in vain.

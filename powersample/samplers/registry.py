@@ -122,6 +122,13 @@ def member_field(config: SamplerConfig) -> str:
     return max(knobs, key=lambda k: getattr(config, k)) if knobs else "n"
 
 
+def acceptance_rate(method_name: str, proposals: int, accepted: int) -> float | None:
+    """The MH acceptance rate, accepted / proposals; None (JSON null) where no MH proposal was made: a method
+    without an accept step (plain, bon's candidates, smc, rollout) or an MCMC run that proposed nothing. Records,
+    the report, the server and bench all read it here."""
+    return accepted / proposals if method_name in MCMC_METHODS and proposals else None
+
+
 def temperature(config: SamplerConfig) -> float:
     """The temperature tokens are drawn at: the MH proposal's, or the plain sampler's."""
     return method(config.method).temperature(config)

@@ -45,13 +45,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from powersample.api import SampleRecord, chain_record, make_chains
 from powersample.backends import BackendSpec
-from powersample.backends.base import Backend, ChatMessages, Ranking, Vocabulary, capability
+from powersample.backends.base import Backend, ChatMessages, Ranking, Vocabulary, capability, has_chat_template
 from powersample.backends.engine import check_fits
-from powersample.backends.tokenizer import plain_transcript
+from powersample.backends.tokenizer import plain_transcript, transcript_stops
 from powersample.config import SamplerConfig
 from powersample.core.types import Ranked, Tokens
 from powersample.errors import PowerSampleError, one_line
-from powersample.io import append_jsonl
+from powersample.io import append_jsonl, notice_once
 from powersample.samplers import programs, registry
 from powersample.samplers.registry import PLAIN_METHODS
 from powersample.server import protocol as wire
@@ -103,6 +103,7 @@ class _Plan:
     echo: bool = False  # each choice starts with its prompt (completions)
     id_prompts: bool = False  # the prompts came as token ids (an echo's text is then their decoded pieces)
     final_eos: bool = False  # a sample's final EOS is among its returned tokens (completions: protocol.finish)
+    transcript: tuple[str, ...] = ()  # chat sent as a plain transcript: the role lines that end a reply (its stops)
 
 
 def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
@@ -195,6 +196,10 @@ def _version() -> str:
         return "unknown"
 
 
+NO_TEMPLATE = ("the model has no chat template: chat requests go to it as a plain 'role: content' transcript, "
+               "each reply ending at the next role line")  # fmt: skip
+
+
 class _Server:
     """The two generation endpoints' work, between the HTTP layer and the engine."""
 
@@ -202,6 +207,9 @@ class _Server:
         self.backend, self.engine, self.settings, self.metrics = backend, engine, settings, metrics
         self.started = int(time.time())
         self._log_lock = threading.Lock()
+        self.chat_template = has_chat_template(backend)
+        if not self.chat_template:
+            notice_once(NO_TEMPLATE)
 
     async def completions(self, request: Request) -> dict | StreamingResponse:
         deadline = time.monotonic() + self.settings.limits.request_timeout
@@ -268,9 +276,10 @@ class _Server:
         config, ignored = wire.sampler_config(body, self.settings.defaults)
         work = wire.check_budget(config, 1, body.n, self.settings.limits)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = self._checked(encode_messages(self.backend, messages), config.max_new_tokens, "messages")
+        ids, transcript = encode_messages(self.backend, messages, self.chat_template)
+        ids = self._checked(ids, config.max_new_tokens, "messages")
         plan = _Plan([json.dumps(messages)], [ids], config, _seed(body), body.n, ignored, work, deadline,
-                     wire.wanted_logprobs(body))  # fmt: skip
+                     wire.wanted_logprobs(body), transcript=transcript)  # fmt: skip
         self._check_ranking(plan, "top_logprobs")
         want, top = body.logprobs, body.top_logprobs or 0
         if body.stream:
@@ -278,7 +287,7 @@ class _Server:
             render = lambda outputs, live: sse.chat_chunks(head, outputs, want, top, role=not live)  # noqa: E731
             return self._stream(request, plan, body, head, render, want)
         records = await self._run(request, plan)
-        outputs = await self._outputs(request, plan, records, wire.stop_strings(body), want)
+        outputs = await self._outputs(request, plan, records, _stops(body, plan), want)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": o.text, "refusal": None},
              "finish_reason": o.finish_reason, "logprobs": wire.chat_logprobs(o, top) if want else None}
@@ -297,7 +306,7 @@ class _Server:
         live = None
         if plan.config.method in PLAIN_METHODS and not pieces and not plan.echo:
             choices = len(plan.prompt_ids) * plan.n
-            live = sse.LiveText(top, self.backend.decode, wire.stop_strings(body), choices, wire.include_usage(body))
+            live = sse.LiveText(top, self.backend.decode, _stops(body, plan), choices, wire.include_usage(body))
         progs = self._programs(plan, feed if wire.include_trace(body) or live else None)
         events = self._events(request, plan, progs, body, top, render, pieces, feed, live)
         return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
@@ -320,9 +329,9 @@ class _Server:
             records = self._records(plan, outcomes, time.perf_counter() - start)
             for item in end_events(self.backend, records) if wire.include_trace(body) else ():
                 yield sse.trace(item)
-            outputs = await self._outputs(request, plan, records, wire.stop_strings(body), pieces)
+            outputs = await self._outputs(request, plan, records, _stops(body, plan), pieces)
             usage = wire.usage(_prompt_tokens(plan), outputs) if wire.include_usage(body) else None
-            ps = wire.power_sampling(plan.config, plan.seed, records, plan.ignored)
+            ps = wire.power_sampling(plan.config, plan.seed, records, plan.ignored, plan.transcript)
             self._count(plan, records, outputs)
             chunks = render(live.rest(outputs), True) if live else render(outputs, False)
             for data in sse.finish(chunks, top, ps, usage):
@@ -420,7 +429,7 @@ class _Server:
             raise ApiError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = await asyncio.to_thread(encode_messages, self.backend, messages)
+            ids, _ = await asyncio.to_thread(encode_messages, self.backend, messages, self.chat_template)
         else:
             ids = await asyncio.to_thread(self.backend.encode, body.prompt, False)
         return {"count": len(ids), "max_model_len": self.backend.context_length, "tokens": list(ids),
@@ -478,7 +487,7 @@ class _Server:
             **wire.envelope(kind, self.settings.model_name),
             "choices": choices,
             "usage": wire.usage(_prompt_tokens(plan), outputs),
-            "power_sampling": wire.power_sampling(plan.config, plan.seed, records, plan.ignored),
+            "power_sampling": wire.power_sampling(plan.config, plan.seed, records, plan.ignored, plan.transcript),
         }
 
     def _count(self, plan: _Plan, records: Sequence[SampleRecord], outputs) -> None:
@@ -502,15 +511,22 @@ class _Server:
         await asyncio.to_thread(write)
 
 
-def encode_messages(backend: Backend, messages: list[dict]) -> Tokens:
-    """A conversation's prompt ids: the backend's `encode_messages` (its chat template) when it has one; else one
-    user message goes through `encode(chat=True)` and longer ones as the plain transcript "role: content" lines."""
-    chat = capability(backend, ChatMessages)
+def encode_messages(backend: Backend, messages: list[dict], template: bool = True) -> tuple[Tokens, tuple[str, ...]]:
+    """A conversation's prompt ids, and the stops that end the reply when they are a plain transcript ("role:
+    content" lines, then "assistant:"; () otherwise). With the model's chat `template`: the backend's
+    `encode_messages` when it has one; else one user message goes through `encode(chat=True)` and longer ones as the
+    transcript. A model without a template gets the transcript."""
+    chat = capability(backend, ChatMessages) if template else None
     if chat is not None:
-        return chat.encode_messages(messages)
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return backend.encode(messages[0]["content"], True)
-    return backend.encode(plain_transcript(messages), False)
+        return chat.encode_messages(messages), ()
+    if template and len(messages) == 1 and messages[0]["role"] == "user":
+        return backend.encode(messages[0]["content"], True), ()
+    return backend.encode(plain_transcript(messages), False), transcript_stops(messages)
+
+
+def _stops(body: wire._Body, plan: _Plan) -> list[str]:
+    """Where a choice's text ends: the request's stop strings, and a plain transcript's role lines."""
+    return wire.stop_strings(body) + list(plan.transcript)
 
 
 def _completion_choices(outputs: Sequence[wire.Output], logprobs: int | None) -> list[dict]:

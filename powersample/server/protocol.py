@@ -520,15 +520,18 @@ def chat_logprobs(out: Output, top: int) -> dict:
     return {"content": content, "refusal": None}
 
 
-def power_sampling(config: SamplerConfig, seed: int, records: Sequence[SampleRecord], ignored: list[str]) -> dict:
-    """The extension object: what ran, and how the chains went."""
+def power_sampling(config: SamplerConfig, seed: int, records: Sequence[SampleRecord], ignored: list[str],
+                   transcript: Sequence[str] = ()) -> dict:  # fmt: skip
+    """The extension object: what ran, and how the chains went; with a `transcript` (chat sent as plain "role:
+    content" lines, to a model without a chat template), the role lines that ended each reply."""
     proposals = sum(r.proposals for r in records)
     accepted = sum(r.accepted for r in records)
     return {
+        **({"transcript": {"stop": list(transcript)}} if transcript else {}),
         "method": config.method,
         "seed": seed,
         "config": registry.resolved(config),
-        "acceptance_rate": accepted / proposals if config.method in MCMC_METHODS and proposals else None,
+        "acceptance_rate": registry.acceptance_rate(config.method, proposals, accepted),
         "proposals": proposals,
         "accepted": accepted,
         "tokens_sampled": sum(r.tokens_generated for r in records),

@@ -50,17 +50,26 @@ class ChainStats(_Out):
     finish_reason: Literal["eos", "length"]
     proposals: int
     accepted: int
-    acceptance_rate: float
+    acceptance_rate: float | None  # null where no MH proposal was made
     tokens_sampled: int
+
+
+class Transcript(_Out):
+    """Chat sent as a plain transcript ("role: content" lines, then "assistant:"): the model has no chat template.
+    `stop` holds the role lines that end a reply, added to the request's own stop strings."""
+
+    stop: list[str]
 
 
 class PowerSampling(_Out):
     """The extension object of every generation response (protocol.power_sampling)."""
 
+    transcript: Transcript | None = None  # chat to a model without a chat template; absent otherwise
+
     method: str
     seed: int
     config: dict[str, Any]  # SamplerConfig.resolved()
-    acceptance_rate: float | None
+    acceptance_rate: float | None  # null where no MH proposal was made
     proposals: int
     accepted: int
     tokens_sampled: int

@@ -4,7 +4,9 @@ It answers "which engine is fastest here, and does it run the same model?": besi
 KL divergence from the first candidate's model is estimated from `score`, so a re-quantized copy shows its cost.
 
 Each candidate is a backend with options, `NAME[:KEY=VALUE...]` with keys threads, dtype, quant and device:
-`llamacpp`, `llamacpp:threads=2`, `llamacpp:quant=iq4_nl`, `hf:dtype=bfloat16:threads=1`. Every candidate is loaded
+`llamacpp`, `llamacpp:threads=2`, `llamacpp:quant=iq4_nl`, `hf:dtype=bfloat16:threads=1`. bench's own --threads,
+--dtype and --device apply to every candidate that does not set its own; a candidate that cannot take one (llamacpp
+a dtype, vllm threads) is refused in one line before anything loads. Every candidate is loaded
 once; then, for each repeat, prompt and phase, the candidates take turns, so that other load on the machine hits them
 alike. The phases are bench's plain decoding at batch 1, power sampling with one chain, and with K chains. The
 table (tools.bench.table.format_engines) gives each candidate's rates and its speed relative to the first candidate;
@@ -14,8 +16,8 @@ table (tools.bench.table.format_engines) gives each candidate's rates and its sp
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from powersample.api import sample
@@ -30,6 +32,7 @@ from powersample.tools.machine import machine_info, peak_rss_kb
 
 ENGINE_PHASES = ("plain-1", "power-1", "power-K")  # bench's phases that tell engines apart
 KEYS = ("threads", "dtype", "quant", "device")  # what a candidate may set
+INHERITED = ("threads", "dtype", "device")  # of those, what bench's own options give a candidate that sets none
 
 
 @dataclass(frozen=True)
@@ -40,17 +43,22 @@ class Candidate:
     backend: BackendSpec  # what it loads
 
 
-def parse_candidates(text: str, model: str | None) -> tuple[Candidate, ...]:
-    """`llamacpp,hf:dtype=bfloat16,...` as candidates on `model` (None = the embedded one); one-line errors."""
+def parse_candidates(text: str, model: str | None, given: Mapping[str, Any] | None = None,
+                     quiet: bool = False) -> tuple[Candidate, ...]:  # fmt: skip
+    """`llamacpp,hf:dtype=bfloat16,...` as candidates on `model` (None = the embedded one); one-line errors.
+
+    `given`: bench's own --threads, --dtype and --device (None where not given), for every candidate that does not
+    set its own; `quiet`: each loads quietly (--quiet)."""
     specs = [s.strip() for s in text.split(",") if s.strip()]
     if not specs:
         raise PowerSampleError("--engines needs at least one candidate, e.g. llamacpp,hf")
     if len(set(specs)) != len(specs):
         raise PowerSampleError(f"--engines names a candidate twice: {text}")
-    return tuple(Candidate(spec, _backend_spec(spec, model)) for spec in specs)
+    inherited = {k: v for k, v in (given or {}).items() if k in INHERITED and v is not None}
+    return tuple(Candidate(spec, _backend_spec(spec, model, inherited, quiet)) for spec in specs)
 
 
-def _backend_spec(spec: str, model: str | None) -> BackendSpec:
+def _backend_spec(spec: str, model: str | None, inherited: dict[str, Any], quiet: bool) -> BackendSpec:
     name, *options = spec.split(":")
     if name not in ("hf", "llamacpp", "vllm"):
         raise PowerSampleError(f"--engines candidate {spec!r}: the backend must be hf, llamacpp or vllm")
@@ -60,7 +68,22 @@ def _backend_spec(spec: str, model: str | None) -> BackendSpec:
         if key not in KEYS or not value:
             raise PowerSampleError(f"--engines candidate {spec!r}: options are {', '.join(k + '=' for k in KEYS)}")
         fields[key] = _threads(spec, value) if key == "threads" else value
-    return BackendSpec(name, model, None, **fields)
+    try:
+        own = BackendSpec(name, model, None, quiet=quiet, **fields)
+    except PowerSampleError as e:
+        raise PowerSampleError(f"--engines candidate {spec!r}: {e}") from None
+    return _inherit(spec, own, {k: v for k, v in inherited.items() if k not in fields})
+
+
+def _inherit(spec: str, own: BackendSpec, inherited: dict[str, Any]) -> BackendSpec:
+    """The candidate with bench's own options it does not set; refused in one line when it cannot take them."""
+    try:
+        return replace(own, **inherited)
+    except PowerSampleError as e:
+        options = " ".join(f"--{k} {v}" for k, v in inherited.items())
+        raise PowerSampleError(f"--engines candidate {spec!r} cannot take {options} ({e}): give it to the "
+                               f"candidates that take it instead, e.g. hf:{next(iter(inherited))}="
+                               f"{next(iter(inherited.values()))}") from None
 
 
 def _threads(spec: str, value: str) -> int:
@@ -84,7 +107,7 @@ class EngineRow:
     def to_dict(self) -> dict[str, Any]:
         c = self.candidate.backend
         return {"spec": self.candidate.spec, "backend": c.name, "threads": c.threads, "dtype": c.dtype,
-                "quant": c.quant, "placement": self.placement, "kl_from_first": self.kl,
+                "device": c.device, "quant": c.quant, "placement": self.placement, "kl_from_first": self.kl,
                 "phases": {p.phase.name: p.to_dict() for p in self.phases}}
 
 
@@ -165,12 +188,14 @@ class _EnginesRun:
 def _divergences(options: BenchOptions, backends: Sequence[Backend]) -> list[float | None]:
     """Per candidate, KL(p_first || p_candidate) in nats per token, estimated on the first candidate's own plain
     samples (one per prompt, seed + i): the mean over their tokens of log p_first - log p_candidate, both from
-    `score`. Engines running the same weights give about 0; a re-quantized copy shows how far it moved."""
+    `score` (the log p a sample was drawn with may differ from its score by the engine's rounding, which is no
+    divergence of models). Engines running the same weights give about 0; a re-quantized copy shows how far it
+    moved. The first candidate's own is 0 by definition."""
     first, texts = backends[0], []
     for i, prompt in enumerate(options.prompts):
         [record] = sample(first, prompt, options.plain_config, seed=options.seed + i, chat=options.chat)
-        texts.append((prompt, record.tokens, record.token_logp))
-    return [_divergence(first, backend, texts, options.chat) for backend in backends]
+        texts.append((prompt, record.tokens, first.score(first.encode(prompt, options.chat), record.tokens)))
+    return [0.0] + [_divergence(first, backend, texts, options.chat) for backend in backends[1:]]
 
 
 def _divergence(first: Backend, backend: Backend, texts: list[tuple[str, Any, Any]], chat: bool) -> float | None:

@@ -6,6 +6,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from powersample.samplers import registry
 from powersample.tools.bench.options import BenchOptions
 
 
@@ -107,8 +108,8 @@ class PhaseResult:
 
     @property
     def acceptance_rate(self) -> float | None:
-        proposals = sum(c.proposals for c in self.calls)
-        return sum(c.accepted for c in self.calls) / proposals if proposals else None
+        proposals, accepted = sum(c.proposals for c in self.calls), sum(c.accepted for c in self.calls)
+        return registry.acceptance_rate(self.phase.method, proposals, accepted)
 
     @property
     def forwards_per_sample(self) -> float | None:

@@ -72,7 +72,7 @@ def format_engines(result: EnginesResult) -> str:
     engines whose samples differ in length), wall per sample, and power-1 tokens/s relative to the first."""
     lines = [_engines_header(result), "", _ENGINE_COLUMNS]
     first = _rate(result.rows[0], "power-1") if result.rows else None
-    lines += [_engine_row(row, first) for row in result.rows]
+    lines += [_engine_row(row, first, reference=i == 0) for i, row in enumerate(result.rows)]
     lines += ["", *(f"{r.candidate.spec}: {r.placement}" for r in result.rows if r.placement)]
     return "\n".join(lines)
 
@@ -90,12 +90,13 @@ def _engines_header(result: EnginesResult) -> str:
             f"start{state}")
 
 
-def _engine_row(row: EngineRow, first: float | None) -> str:
+def _engine_row(row: EngineRow, first: float | None, reference: bool) -> str:
+    """One candidate's line; the reference (first) candidate's KL from itself is 0 by definition."""
     one = _rate(row, "power-1")
     speed = f"{one / first:.2f}x" if first and one else "-"
+    kl = "0" if reference else _num(row.kl, 3)
     return (f"{row.candidate.spec:<28} {_num(_rate(row, 'plain-1')):>13} {_num(one):>13} "
-            f"{_num(_rate(row, 'power-K')):>13} {_num(_wall(row, 'power-1')):>16} {speed:>8} "
-            f"{_num(row.kl, 3):>11}")
+            f"{_num(_rate(row, 'power-K')):>13} {_num(_wall(row, 'power-1')):>16} {speed:>8} {kl:>11}")
 
 
 def _rate(row: EngineRow, name: str) -> float | None:
@@ -109,4 +110,8 @@ def _wall(row: EngineRow, name: str) -> float | None:
 
 
 def _num(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    """The value to `digits` decimals, "-" for None; never a signed zero ("-0.000" for an estimate of about 0)."""
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text
