@@ -183,7 +183,7 @@ class LlamaCppBackend:
     """Sampling and scoring with a GGUF model through llama.cpp; batched decoding, two sequences per slot."""
 
     def __init__(self, weights: Weights, *, n_ctx: int | None = None, max_slots: int = MAX_SLOTS,
-                 reuse_cache: bool = True, layout: Layout | None = None):
+                 reuse_cache: bool = True, layout: Layout | None = None, quiet: bool = False):
         if not 1 <= max_slots <= MOST_SLOTS:
             raise PowerSampleError(f"max_slots must be between 1 and {MOST_SLOTS}, got {max_slots}")
         self._lib = _import_llama_cpp()
@@ -191,6 +191,7 @@ class LlamaCppBackend:
         self.llm = weights.model  # llama-cpp-python's LlamaModel: tokenize, detokenize, special tokens
         self.reuse_cache = reuse_cache  # False: every request decodes its whole context afresh, alone (baseline)
         self.max_slots = max_slots
+        self.quiet = quiet  # no notes on stderr (the layout probe's)
         self._vocab = self._lib.llama_model_get_vocab(self.llm.model)
         self.n_vocab: int = self.llm.n_vocab()
         self.eos_ids = _eos_ids(self._lib, self._vocab, weights.metadata)
@@ -224,7 +225,7 @@ class LlamaCppBackend:
         longest request, not with n_ctx: module docstring). n_threads None = half the logical cores
         (llama-cpp-python's own default: one per physical core), for decoding and prefill alike. max_slots: rows
         decoded together. quant: re-quantize the file once to this type (`QUANTS`), cached, and load the copy.
-        The weights are placed so that llama.cpp's AMX path, which crashes, is never used (`llamacpp_placement`).
+        llama.cpp runs its exact kernels, batched where they allow it (`llamacpp_kernels`).
         llama.cpp's log shows its warnings and errors, only its errors when `quiet` (`route_log`). Every failure is a
         one-line PowerSampleError.
         """
@@ -233,7 +234,7 @@ class LlamaCppBackend:
         path = model_path(llama_cpp, model, quant)
         weights = Weights.load(llama_cpp, path, n_threads or max(1, (os.cpu_count() or 2) // 2))
         n_ctx = n_ctx or int(llama_cpp.llama_model_n_ctx_train(weights.model.model))
-        return cls(weights, n_ctx=n_ctx, max_slots=max_slots, reuse_cache=reuse_cache)
+        return cls(weights, n_ctx=n_ctx, max_slots=max_slots, reuse_cache=reuse_cache, quiet=quiet)
 
     def close(self) -> None:
         """Free the context and the batch (the Llama frees its own context and the model); then unusable."""
@@ -496,8 +497,9 @@ class LlamaCppBackend:
         return choose_layout(native, threads, found.get("disagreement"))
 
     def _probe_rows(self) -> dict[str, str | None]:
-        print(f"powersample: checking once whether {self.weights.path.name}'s llama.cpp kernels round alike at every "
-              "batch shape ...", file=sys.stderr, flush=True)  # fmt: skip
+        if not self.quiet:
+            print(f"powersample: checking once whether {self.weights.path.name}'s llama.cpp kernels round alike at "
+                  "every batch shape ...", file=sys.stderr, flush=True)  # fmt: skip
         return {"disagreement": self._rows_disagree()}
 
     def _rows_disagree(self) -> str | None:
