@@ -40,11 +40,12 @@ The promises:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from powersample.backends.base import Backend, Confidence, ContinuousBatching, Ranking, Vocabulary, capability
+from powersample.backends.engine import common_prefix
 from powersample.core.drafts import NO_DRAFT, WINDOW, Corpus, Draft
 from powersample.core.numerics import negative_entropy, proposal_logprobs, top_alternatives
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
@@ -363,20 +364,36 @@ def log_p_is_batch_invariant(s: Subject) -> None:
     same request (q != p, 16 tokens) decoded alone, as one row of batches of 2, 4 and 8 (ragged neighbours),
     verified against drafts with k = 1, 4 and 8 (a draft the model keeps, and one it replaces), and prefilled by
     `score`, agree within the subject's tolerance (0 for a batch-invariant engine: bit-equal)."""
+    for what, have, alone in _shapes(s):
+        _same(have, alone, s.tolerance, f"{what} vs alone")
+
+
+def batch_invariance_gaps(s: Subject) -> dict[str, float]:
+    """What log_p_is_batch_invariant checks, measured: per shape, the largest |log p change| against the lone decode
+    over the tokens both drew alike (up to the first that differs), for engines that are not bit-exact."""
+    gaps = {}
+    for what, have, alone in _shapes(s):
+        same = common_prefix(have.tokens, alone.tokens)
+        gaps[what] = max((abs(a - b) for a, b in zip(have.base_logp[:same], alone.base_logp[:same])), default=0.0)
+    return gaps
+
+
+def _shapes(s: Subject) -> Iterator[tuple[str, Continuation, Continuation]]:
+    """(the shape, the continuation it computed, the same request decoded alone) for log_p_is_batch_invariant."""
     b, cold = s.backend, Proposal(temperature=0.25)
     alone = extend(b, s.prompt, 16, seed=95, proposal=cold, slot=95)
-    _close(b.score(s.prompt, alone.tokens), alone.base_logp, s.tolerance, "log p alone vs score's prefill")
+    yield "score's prefill", replace(alone, base_logp=b.score(s.prompt, alone.tokens)), alone
     neighbours = [c for c in (*_ragged(s), *(s.prompt[: max(1, len(s.prompt) - j)] for j in (1, 3, 5))) if c]
     for n in (2, 4, 8):
         requests = [ExtendRequest(s.prompt, 16, np.random.default_rng(95), 96)]
         requests += [ExtendRequest(c, 4 + j, np.random.default_rng(100 + j), 97 + j)
                      for j, c in enumerate((neighbours * 8)[: n - 1])]  # fmt: skip
-        _same(b.extend(requests, cold)[0], alone, s.tolerance, f"row 0 of a batch of {n} vs alone")
+        yield f"row 0 of a batch of {n}", b.extend(requests, cold)[0], alone
     replaced = alone.tokens[:2] + tuple(reversed(alone.tokens[2:]))
     for k in (1, 4, 8):
         for j, guess in enumerate((alone.tokens, replaced)):
             request = ExtendRequest(s.prompt, 16, np.random.default_rng(95), 106, draft=Draft(guess), speculate=k)
-            _same(b.extend([request], cold)[0], alone, s.tolerance, f"draft {j} at speculate {k} vs alone")
+            yield f"draft {j} at speculate {k}", b.extend([request], cold)[0], alone
 
 
 def long_sequences_past_the_window(s: Subject) -> None:
