@@ -13,16 +13,30 @@ prefill), crops it there, and writes into the slot's other buffer when cropping 
 the context tokens no buffer holds are prefilled, and at least the last context token is fed again since a cache
 keeps no logits. Correctness never depends on the slot: a foreign slot only costs a longer prefill.
 
+Every layer's cache keeps every position, sliding-window layers included: our caches are plain DynamicLayers
+(`DynamicCache()` without the model's config), never transformers' DynamicSlidingWindowLayer, which keeps only the
+last window - 1 positions and its own position counter. So any prefix of a buffer can be resumed (MH rewinds to a
+random point of a sequence far longer than a window), and cropping a cache or cutting columns out of it is plain
+slicing with no other bookkeeping. The window is the mask's business instead (`_Attention`): a sliding layer costs
+the memory of a full-attention one, and its attention reads the masked columns too.
+
+Masks. Each cache column has the position of its id in its row's sequence, or none (-1): left padding, a shorter
+feed's right padding, a void draft id. A query at position p sees its row's columns at positions <= p, and on a
+sliding-window layer only those > p - window: transformers' own rule (`kv_idx > q_idx - sliding_window`), counted in
+positions rather than columns, so padding and holes never take a key out of a row's window nor let one in. A model
+whose layers all attend fully gets the 2D mask of the columns each row sees, and builds its causal mask itself, as
+transformers does for any padded batch; a model with sliding-window layers gets one 4D mask per layer type (a dict
+where the types differ, as Gemma 2/3's forward accepts), in its attention implementation's form (sdpa, eager).
+
 Batching. After the (batch-1) prefills every row has its pending ids (`Row.feed()`: the next token, then up to
 `speculate` draft tokens, within the rows' share of FEED_BUDGET ids per forward), so the decoding loop stacks the
 rows' caches left-padded into one DynamicCache and runs one forward per step for all rows: rows feeding fewer ids
-are padded on the right, a boolean mask says which cache columns each row sees, and position ids are each row's
-own. Base log p comes from the logits of every fed id. After `engine.verify_step`, a row's fed ids after a token
-that differs from its guess are void: they become holes in its mask (columns no row uses are cut off at once; a
-batch with many holes is restacked). Finished rows (EOS, their max_tokens, or below their floor) leave the batch
-at once and their caches go back to their buffers holding exactly the valid ids.
+are padded on the right, the masks say which cache columns each row sees, and position ids are each row's own. Base
+log p comes from the logits of every fed id. After `engine.verify_step`, a row's fed ids after a token that differs
+from its guess are void: they become holes (columns no row uses are cropped off at once; a batch with many holes is
+restacked). Finished rows (EOS, their max_tokens, or below their floor) leave the batch at once and their caches go
+back to their buffers holding exactly the valid ids.
 """
-
 from __future__ import annotations
 
 import inspect
@@ -50,13 +64,14 @@ SPECULATE = 8  # draft tokens per forward when the sampler leaves it to the engi
 FEED_BUDGET = {"cpu": 16, "cuda": 512}  # ids one decoding forward feeds at most, all rows' draft tokens included
 # (each row feeds its next token whatever the budget): on the CPU a forward of 16 ids costs about 2.2x one of 1, of
 # 32 about 4.4x, so a batch of many rows leaves no room for drafts; other devices take cuda's
+_CACHE_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}  # the cache layers of full and sliding attention
 HOLES_RESTACK = 4  # a batch with holes is restacked when more than 1/HOLES_RESTACK of its columns lie beyond what its
 # longest row needs (holes under the longest row cost nothing: the batch is that wide anyway)
 
 
 @dataclass
 class _Buffer:
-    """A cached prefix: the ids it holds and their keys and values (None when empty)."""
+    """A cached prefix: the ids it holds and their keys and values (None when empty), every position on every layer."""
 
     ids: list[int] = field(default_factory=list)
     kv: KV | None = None
@@ -68,6 +83,66 @@ class _Buffer:
         return tuple((k[:, :, :keep], v[:, :, :keep]) for k, v in self.kv)
 
 
+@dataclass(frozen=True)
+class _Attention:
+    """The attention masks of a cached forward, built from each cache column's position in its row's sequence (-1:
+    the row has no id there). See the module docstring, Masks."""
+
+    windows: Mapping[str, int | None] | None  # layer type -> its sliding window, None = full attention; None: no
+    # layer slides, and the model builds its causal mask from our 2D one
+    implementation: str  # the model's attention implementation: sdpa takes boolean 4D masks, eager additive ones
+    dtype: torch.dtype  # of an additive mask
+
+    @classmethod
+    def of(cls, model: Any) -> "_Attention":
+        """The model's layer types and windows; a one-line error for layers our caches cannot serve."""
+        windows = _layer_windows(model.config)
+        implementation = model.config._attn_implementation
+        if windows is not None and implementation not in ("sdpa", "eager"):
+            raise PowerSampleError(f"the hf backend runs sliding-window models with attn_implementation sdpa or eager, "
+                                   f"not {implementation}")  # fmt: skip
+        return cls(windows, implementation, model.dtype)
+
+    def masks(self, columns: torch.Tensor, queries: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The `attention_mask` of a forward whose keys have positions `columns` (B, K), the fed ids' last, and whose
+        queries have positions `queries` (B, T)."""
+        seen = columns >= 0  # (B, K)
+        if self.windows is None:
+            return seen.long()  # (B, K): the model's causal mask over the columns, which hold each row in order
+        distance = queries[:, :, None] - columns[:, None, :]  # (B, T, K): how far back each key lies
+        causal = seen[:, None, :] & (distance >= 0)
+        masks = {kind: self._form(causal if window is None else causal & (distance < window))
+                 for kind, window in self.windows.items()}  # fmt: skip
+        return next(iter(masks.values())) if len(masks) == 1 else masks
+
+    def _form(self, visible: torch.Tensor) -> torch.Tensor:
+        """(B, T, K) booleans as the attention implementation takes them: (B, 1, T, K), boolean for sdpa, for eager
+        0 where visible and the dtype's minimum elsewhere (as transformers' eager_mask)."""
+        if self.implementation == "sdpa":
+            return visible[:, None]
+        return torch.zeros((), dtype=self.dtype, device=visible.device).masked_fill(~visible[:, None],
+                                                                                    torch.finfo(self.dtype).min)
+
+
+def _layer_windows(config: Any) -> dict[str, int | None] | None:
+    """Each attention layer type of the model -> its sliding window (None: full attention), or None when every layer
+    attends fully. Types as the model's forward names them (`config.layer_types`; a model without them has one kind).
+    Chunked, linear and KV-sharing layers are a one-line PowerSampleError: their masks or caches are not ours."""
+    text = config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None) or ["full_attention" if window is None else "sliding_attention"]
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if getattr(text, "attention_chunk_size", None):
+        unknown.append("chunked attention")
+    if not unknown:  # KV sharing and the like show in the cache transformers builds for the model
+        unknown = sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers} - _CACHE_LAYERS)
+    if unknown:
+        raise PowerSampleError(f"the hf backend serves full and sliding-window attention layers only; this "
+                               f"{text.model_type} model has {', '.join(unknown)}")  # fmt: skip
+    windows = {kind: (window if kind == "sliding_attention" else None) for kind in dict.fromkeys(types)}
+    return windows if any(w is not None for w in windows.values()) else None
+
+
 @dataclass(eq=False, kw_only=True)
 class _Row(Row):
     """One request being decoded (engine.Row), with its cache's buffer and the ids the cache holds."""
@@ -77,17 +152,17 @@ class _Row(Row):
 
 
 class _Batch:
-    """The rows being decoded, their caches stacked in one DynamicCache, with which columns each row sees.
+    """The rows being decoded, their caches stacked in one DynamicCache, with the position of each column's id.
 
-    Invariant: row b's cache holds `rows[b].ids` in the columns where `mask[b]` is True, in order. Columns it does
-    not see are its left padding, the right padding of a chunk it fed fewer ids into than another row, and its void
-    fed ids (after a replaced draft token)."""
+    Invariant: row b's cache holds `rows[b].ids` in the columns where `positions[b]` is >= 0, in order: positions[b]
+    runs 0, 1, ..., len(ids) - 1 over them. Its other columns (-1) are its left padding, the right padding of a chunk
+    it fed fewer ids into than another row, and its void fed ids (after a replaced draft token)."""
 
-    def __init__(self, config: Any, device: torch.device):
-        self.config, self.device = config, device
+    def __init__(self, attention: _Attention, device: torch.device):
+        self.attention, self.device = attention, device
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.bool, device=device)  # (B, width)
+        self.positions = torch.zeros(0, 0, dtype=torch.long, device=device)  # (B, width)
 
     def add(self, new_rows: list[_Row]) -> None:
         """Restack every row's cache (the running rows' from the batch, the new rows' from their buffers),
@@ -95,34 +170,33 @@ class _Batch:
         kvs = [self._kv(b) for b in range(len(self.rows))] + [r.buffer.kv for r in new_rows]
         self.rows += new_rows
         lengths = [len(r.ids) for r in self.rows]
-        self.cache, width = _stack(kvs, lengths, self.config)
-        pads = torch.tensor([width - n for n in lengths], device=self.device)
-        self.mask = torch.arange(width, device=self.device)[None] >= pads[:, None]
+        self.cache, width = _stack(kvs, lengths)
+        self.positions = self._span([width - n for n in lengths], lengths, width, start=[0] * len(lengths))
 
-    def inputs(self, budget: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(each row's fed ids, input ids (B, T), attention mask (B, width + T), position ids (B, T)) for the next
-        step: T is the longest feed; a shorter one is padded on the right with its last id, masked out. The rows'
-        feeds share `budget` ids: each row feeds its next token and up to budget // rows - 1 draft tokens."""
+    def inputs(self, budget: int) -> tuple[list[list[int]], torch.Tensor, Any, torch.Tensor]:
+        """(each row's fed ids, input ids (B, T), attention mask (`_Attention.masks`), position ids (B, T)) for the
+        next step: T is the longest feed; a shorter one is padded on the right with its last id, which no query sees.
+        The rows' feeds share `budget` ids: each row feeds its next token and up to budget // rows - 1 draft tokens."""
         feeds = [r.feed(budget // len(self.rows) - 1) for r in self.rows]
         t = max(map(len, feeds))
         ids = torch.tensor([fed + fed[-1:] * (t - len(fed)) for fed in feeds], device=self.device)
-        positions = [[len(r.ids) + min(j, len(fed) - 1) for j in range(t)] for r, fed in zip(self.rows, feeds)]
-        seen = torch.cat([self.mask, self._first([len(fed) for fed in feeds], t)], dim=1)
-        return feeds, ids, seen.long(), torch.tensor(positions, device=self.device)
+        queries = torch.tensor([[len(r.ids) + min(j, len(fed) - 1) for j in range(t)] for r, fed in zip(self.rows, feeds)],
+                               device=self.device)  # fmt: skip
+        fed = self._span([0] * len(feeds), [len(f) for f in feeds], t, start=[len(r.ids) for r in self.rows])
+        return feeds, ids, self.attention.masks(torch.cat([self.positions, fed], dim=1), queries), queries
 
     def advance(self, feeds: list[list[int]], valid: list[int]) -> None:
         """After the forward over `feeds`: each row's cache holds its first valid[b] fed ids; the rest are holes.
-        Columns no row uses are cut off; if holes remain in many columns, the rows are restacked without them."""
+        Columns no row uses are cropped off; if holes remain in many columns, the rows are restacked without them."""
+        starts = [len(r.ids) for r in self.rows]
         for row, fed, n in zip(self.rows, feeds, valid):
             row.ids += fed[:n]
         t, used = max(map(len, feeds)), max(valid)
-        self.mask = torch.cat([self.mask, self._first(valid, used)], dim=1)
+        self.positions = torch.cat([self.positions, self._span([0] * len(valid), valid, used, start=starts)], dim=1)
         if used < t:  # the chunk's last columns hold only void ids and padding
-            width = self.mask.shape[1]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
-        holes = self.mask.shape[1] - max(len(r.ids) for r in self.rows)  # columns beyond what the longest row needs
-        if min(valid) < used and HOLES_RESTACK * holes > self.mask.shape[1]:
+            self.cache.crop(used - t)
+        holes = self.positions.shape[1] - max(len(r.ids) for r in self.rows)  # columns beyond the longest row's need
+        if min(valid) < used and HOLES_RESTACK * holes > self.positions.shape[1]:
             self.add([])
 
     def take(self, b: int) -> KV:
@@ -134,19 +208,22 @@ class _Batch:
         if len(keep) < len(self.rows) and keep:
             self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
         self.rows = [self.rows[b] for b in keep]
-        self.mask = self.mask[keep]
+        self.positions = self.positions[keep]
         if not keep:
             self.cache = None
 
     def _kv(self, b: int) -> KV:
-        """Row b's keys and values at the columns it sees (a copy): (1, heads, len(ids), head_dim) per layer."""
-        columns = self.mask[b].nonzero()[:, 0]
+        """Row b's keys and values at the columns it holds (a copy): (1, heads, len(ids), head_dim) per layer."""
+        columns = (self.positions[b] >= 0).nonzero()[:, 0]
         return tuple((layer.keys[b : b + 1].index_select(2, columns), layer.values[b : b + 1].index_select(2, columns))
                      for layer in self.cache.layers)  # fmt: skip
 
-    def _first(self, counts: list[int], width: int) -> torch.Tensor:
-        """(B, width) mask of each row's first counts[b] columns."""
-        return torch.arange(width, device=self.device)[None] < torch.tensor(counts, device=self.device)[:, None]
+    def _span(self, offsets: list[int], counts: list[int], width: int, start: list[int]) -> torch.Tensor:
+        """(B, width) positions: row b's columns offsets[b] ... offsets[b] + counts[b] - 1 hold positions start[b],
+        start[b] + 1, ...; its other columns none (-1)."""
+        j = torch.arange(width, device=self.device)[None] - torch.tensor(offsets, device=self.device)[:, None]
+        inside = (j >= 0) & (j < torch.tensor(counts, device=self.device)[:, None])
+        return torch.where(inside, j + torch.tensor(start, device=self.device)[:, None], -1)
 
 
 @dataclass
@@ -177,6 +254,7 @@ class HFBackend:
         self.reuse_cache = reuse_cache  # False: every request prefills its whole context alone (bench baseline)
         self._buffers: dict[int, tuple[_Buffer, _Buffer]] = {}
         self._forward_args = _forward_arguments(model)
+        self._attention = _Attention.of(model)  # which keys each query sees, per layer type
         self._budget = FEED_BUDGET.get(self.device.type, FEED_BUDGET["cuda"])
         self.stats = HFStats()  # diagnostics, for tests and tools
 
@@ -247,7 +325,7 @@ class HFBackend:
     ) -> None:
         """Decode `requests` (by key) as one batch that stays full: when a row finishes, refill(key, continuation)
         gives the requests that start now, and poll() those that arrived; they join the batch at the next step."""
-        batch, incoming = _Batch(self.model.config, self.device), list(requests.items())
+        batch, incoming = _Batch(self._attention, self.device), list(requests.items())
         while True:
             incoming += (poll() if poll else {}).items()
             if not (incoming or batch.rows):
@@ -339,13 +417,13 @@ class HFBackend:
         missing = list(ids[len(buffer.ids) :])
         self.stats.prefilled_tokens += len(missing) + 1  # + the last context token, fed by the first decoding step
         if missing:
-            cache, width = _stack([buffer.kv], [len(buffer.ids)], self.model.config)
-            positions = torch.arange(width, width + len(missing), device=self.device)[None]
-            mask = torch.ones(1, width + len(missing), dtype=torch.long, device=self.device)
-            self._forward(torch.tensor([missing], device=self.device), cache, mask, positions)
+            cache, width = _stack([buffer.kv], [len(buffer.ids)])
+            columns = torch.arange(width + len(missing), device=self.device)[None]  # (1, K): no padding, no holes
+            mask = self._attention.masks(columns, columns[:, width:])
+            self._forward(torch.tensor([missing], device=self.device), cache, mask, columns[:, width:])
             buffer.kv, buffer.ids = tuple((la.keys, la.values) for la in cache.layers), buffer.ids + missing
 
-    def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor,
+    def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: Any, positions: torch.Tensor,
                  keep: int = 1) -> torch.Tensor:  # fmt: skip
         """Feed ids (B, T) after the cache; logits (B, keep, V) of the next token after each row's last `keep` ids."""
         args = self._forward_args
@@ -377,10 +455,11 @@ def _fed_logp(logits: torch.Tensor, feeds: list[list[int]]) -> list[np.ndarray]:
     return np.split(logp, np.cumsum([len(fed) for fed in feeds])[:-1])
 
 
-def _stack(kvs: list[KV | None], lengths: list[int], config: Any) -> tuple[DynamicCache, int]:
-    """Per-row caches stacked left-padded to a common width into one DynamicCache; returns (cache, width)."""
+def _stack(kvs: list[KV | None], lengths: list[int]) -> tuple[DynamicCache, int]:
+    """Per-row caches stacked left-padded to a common width into one DynamicCache; returns (cache, width). Without
+    the model's config every layer is a DynamicLayer holding all its columns (sliding ones too: see the docstring)."""
     width = max(lengths)
-    cache = DynamicCache(config=config)
+    cache = DynamicCache()
     if width:
         reference = next(kv for kv in kvs if kv is not None)
         for layer, (k0, v0) in enumerate(reference):
