@@ -47,12 +47,22 @@ def test_detailed_balance_on_random_tables(spec, alpha, tau, cap):
 
 def test_max_swap_accepts_only_strict_increases():
     chain = Chain(rng=np.random.default_rng(0), slot=0, tokens=[0, 1], base_logp=[-1.0, -2.0], proposal_logq=[-1.0, -1.0])
-    up = Continuation((1,), (-1.5,), (-9.0,))
+    up = Continuation((2,), (-1.5,), (-9.0,))
     same = Continuation((0,), (-2.0,), (-0.1,))
     down = Continuation((0, 0), (-1.0, -1.5), (-0.1, -0.1))
     assert log_accept_ratio(math.inf, chain, 1, up) == 0.0
     assert log_accept_ratio(math.inf, chain, 1, same) == -math.inf
     assert log_accept_ratio(math.inf, chain, 1, down) == -math.inf
+
+
+@pytest.mark.parametrize("alpha", [math.inf, 4.0])
+def test_proposing_the_current_suffix_again_is_the_current_state(alpha):
+    """Its tokens' log p from another forward shape may differ in the last bits (hf fp32: ~1e-6): no step may turn on
+    that. max-swap sees no increase; MH's ratio is exactly 1."""
+    chain = Chain(rng=np.random.default_rng(0), slot=0, tokens=[0, 1, 1], base_logp=[-1.0, -2.0, -0.5],
+                  proposal_logq=[-0.7, -1.1, -0.2])
+    again = Continuation((1, 1), (-2.0 + 3e-6, -0.5 + 1e-6), (-1.1 - 2e-6, -0.2))
+    assert log_accept_ratio(alpha, chain, 1, again) == (-math.inf if math.isinf(alpha) else 0.0)
 
 
 def test_accept_ratio_counts_both_suffixes_in_full_and_the_index_choice():

@@ -133,7 +133,7 @@ def cold_proposal_has_its_own_valid_log_q(s: Subject) -> None:
     _check(not np.allclose(logq, cont.base_logp), f"tau = 0.25: log q {logq} is log p")
     if s.next_logp is not None:
         want = [proposal_logprobs(row, cold)[tok] for row, tok in _rows(s, cont.tokens)]
-        _close(logq, want, s.proposal_tolerance or s.tolerance, "log q vs q of the independent next_logp rows")
+        _close(logq, want, _proposal_tolerance(s), "log q vs q of the independent next_logp rows")
 
 
 def top_k_draws_only_from_the_top_k(s: Subject) -> None:
@@ -356,7 +356,7 @@ def drafted_continuations_are_like_any(s: Subject) -> None:
             _close(b.score(s.prompt, cont.tokens), cont.base_logp, s.tolerance, f"{what}: score vs log p")
             if s.next_logp is not None:
                 want = [float(proposal_logprobs(row, cold)[t]) for row, t in _rows(s, cont.tokens)]
-                _close(cont.proposal_logq, want, s.proposal_tolerance or s.tolerance, f"{what}: log q vs q's")
+                _close(cont.proposal_logq, want, _proposal_tolerance(s), f"{what}: log q vs q's")
 
 
 def log_p_is_batch_invariant(s: Subject) -> None:
@@ -365,7 +365,7 @@ def log_p_is_batch_invariant(s: Subject) -> None:
     verified against drafts with k = 1, 4 and 8 (a draft the model keeps, and one it replaces), and prefilled by
     `score`, agree within the subject's tolerance (0 for a batch-invariant engine: bit-equal)."""
     for what, have, alone in _shapes(s):
-        _same(have, alone, s.tolerance, f"{what} vs alone")
+        _same(s, have, alone, f"{what} vs alone")
 
 
 def batch_invariance_gaps(s: Subject) -> dict[str, float]:
@@ -409,14 +409,14 @@ def long_sequences_past_the_window(s: Subject) -> None:
         want = [float(row[t]) for row, t in _rows(replace(s, prompt=long), alone.tokens)]
         _close(alone.base_logp, want, s.tolerance, "log p past the window vs next_logp")
     drafted = ExtendRequest(long, 24, np.random.default_rng(110), 111, draft=Draft(alone.tokens[::-1]), speculate=8)
-    _same(b.extend([drafted], cold)[0], alone, s.tolerance, "drafted past the window vs alone")
+    _same(s, b.extend([drafted], cold)[0], alone, "drafted past the window vs alone")
     batch = [ExtendRequest(long, 24, np.random.default_rng(110), 112),
              ExtendRequest(s.prompt, 6, np.random.default_rng(1), 113)]
-    _same(b.extend(batch, cold)[0], alone, s.tolerance, "batched past the window vs alone")
+    _same(s, b.extend(batch, cold)[0], alone, "batched past the window vs alone")
     cut = long[: len(long) - 3]
     rewound = extend(b, cut, 8, seed=114, proposal=cold, slot=110)  # the slot's cache held long + 24 tokens
     fresh = extend(b, cut, 8, seed=114, proposal=cold, slot=115)
-    _same(rewound, fresh, s.tolerance, "rewound past the window vs a fresh slot")
+    _same(s, rewound, fresh, "rewound past the window vs a fresh slot")
 
 
 def rows_joining_and_leaving_match_single_rows(s: Subject) -> None:
@@ -451,7 +451,7 @@ def rows_joining_and_leaving_match_single_rows(s: Subject) -> None:
     _check(sorted(results) == keys, f"continuations for keys {sorted(results)}, want {keys}")
     for key in keys:
         one = s.backend.extend([request(key, 150 + key)], cold)[0]
-        _same(results[key], one, s.tolerance, f"request {key} in a continuous batch vs alone")
+        _same(s, results[key], one, f"request {key} in a continuous batch vs alone")
 
 def context_length_is_checked(s: Subject) -> None:
     """A request that would pass the model's context length is a one-line PowerSampleError saying so."""
@@ -529,11 +529,15 @@ def _near_tie(top: Sequence[tuple[int, float]], gap: float = 1e-3) -> bool:
     return any(abs(a[1] - b[1]) < gap for a, b in zip(top, top[1:]))
 
 
-def _same(have: Continuation, want: Continuation, tolerance: float, what: str) -> None:
-    """The same tokens, and log p and log q within `tolerance`."""
+def _same(s: Subject, have: Continuation, want: Continuation, what: str) -> None:
+    """The same tokens, log p within the subject's tolerance and log q within its proposal tolerance."""
     _check(have.tokens == want.tokens, f"{what}: drew {have.tokens}, want {want.tokens}")
-    _close(have.base_logp, want.base_logp, tolerance, f"{what}: log p")
-    _close(have.proposal_logq, want.proposal_logq, tolerance, f"{what}: log q")
+    _close(have.base_logp, want.base_logp, s.tolerance, f"{what}: log p")
+    _close(have.proposal_logq, want.proposal_logq, _proposal_tolerance(s), f"{what}: log q")
+
+
+def _proposal_tolerance(s: Subject) -> float:
+    return s.tolerance if s.proposal_tolerance is None else s.proposal_tolerance
 
 
 def _check(condition: bool, message: str) -> None:

@@ -177,7 +177,11 @@ def log_accept_ratio(alpha: float, chain: Chain, i: int, proposed: Continuation,
 
 def log_ratio_terms(alpha: float, chain: Chain, i: int, proposed: Continuation,
                     cuts: Cuts = UNIFORM) -> tuple[float, float, float]:  # fmt: skip
-    """The three terms of log r: target, proposal and cut (max-swap: 0 or -inf, then 0, 0)."""
+    """The three terms of log r: target, proposal and cut (max-swap: 0 or -inf, then 0, 0). A proposal of the current
+    suffix's own tokens is the current state, whatever rounding its forwards had: its ratio is exactly 1 (max-swap: no
+    increase), so that an engine's last-bit differences between forward shapes cannot decide a step."""
+    if tuple(proposed.tokens) == tuple(chain.tokens[i:]):
+        return (-math.inf if math.isinf(alpha) else 0.0), 0.0, 0.0
     cur_logp, new_logp = math.fsum(chain.base_logp[i:]), math.fsum(proposed.base_logp)
     if math.isinf(alpha):  # max-swap: accept iff the suffix's log p strictly increases
         return (0.0 if new_logp > cur_logp else -math.inf), 0.0, 0.0
