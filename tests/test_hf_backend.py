@@ -7,6 +7,8 @@ a minute on 2 CPU cores once the embedded model is converted (the first run conv
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import replace
 
 import numpy as np
@@ -124,12 +126,35 @@ def test_unknown_model_is_a_one_line_error(model):
     assert "\n" not in str(err.value)
 
 
-def test_unloadable_model_is_a_one_line_error(tmp_path):
+def test_unloadable_model_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("POWERSAMPLE_CACHE", str(tmp_path / "cache"))
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
-    for model in (tmp_path, tmp_path / "bad.gguf"):
-        with pytest.raises(PowerSampleError, match="cannot load model") as err:
+    for model, error in ((tmp_path, "cannot load model"), (tmp_path / "bad.gguf", "converting bad.gguf")):
+        with pytest.raises(PowerSampleError, match=error) as err:
             HFBackend.load(str(model))
         assert "\n" not in str(err.value)
+
+
+def test_a_users_gguf_converts_once(tmp_path, monkeypatch, capfd):
+    """Keyed by path, size and mtime: a second load reads the cached folder; a rewritten file converts again."""
+    from gguf_models import tiny_gemma2
+
+    monkeypatch.setenv("POWERSAMPLE_CACHE", str(tmp_path / "cache"))
+    conversions, convert = [], embedded.convert_gguf
+    monkeypatch.setattr(embedded, "convert_gguf", lambda *args: (conversions.append(args), convert(*args))[1])
+    path = tiny_gemma2(tmp_path / "tiny.gguf", chat_template=True)
+    first = HFBackend.load(str(path))
+    again = HFBackend.load(str(path))
+    assert len(conversions) == 1 and conversions[0][0] == path
+    folder = conversions[0][1]
+    assert folder.parent == tmp_path / "cache" / "models" / "gguf" and folder.name.startswith("tiny-")
+    assert again.model.config.sliding_window == 16 and again.model.config.model_type == "gemma2"
+    ids = first.encode("Hello there", chat=False)
+    assert first.score(ids[:2], ids[2:]) == again.score(ids[:2], ids[2:])
+    assert "de-quantizing" not in capfd.readouterr().err  # transformers' bar: only our one-line note shows
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    HFBackend.load(str(path))
+    assert len(conversions) == 2 and conversions[1][1] != folder
 
 
 @pytest.mark.parametrize("dtype", ["int7", "float64", ""])

