@@ -102,7 +102,10 @@ MAX_SLOTS = 16  # rows decoded together at most; each slot owns two sequences
 MOST_SLOTS = 127  # llama.cpp allows 256 sequences: 2 per slot + the scratch one
 MIN_ROOM = 256  # tokens per sequence the context starts with (llama.cpp rounds up to a multiple of 256)
 PROBE_PREFIX, PROBE_TAIL, PROBE_STREAMS = 8, BATCH_TOKENS, 16  # the layout probe's shapes (`_rows_disagree`)
-QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0", "iq4_nl": "IQ4_NL", "f16": "F16", "bf16": "BF16"}  # --quant: llama_ftype
+# --quant: llama_ftype. A mix (*_k_m: llama.cpp's own choice per tensor, as in the files users download) keeps its
+# mix; every other type is written pure, every tensor of the one type (rows too short for a 256-block type fall back)
+QUANTS = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_0": "Q5_0", "q4_k_m": "Q4_K_M", "q4_1": "Q4_1", "q4_0": "Q4_0",
+          "iq4_nl": "IQ4_NL", "f16": "F16", "bf16": "BF16"}
 INSTALL_HINT = "the llamacpp backend needs llama-cpp-python: pip install llama-cpp-python"
 LOG_WARN, LOG_ERROR, LOG_CONT = 3, 4, 5  # ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continued
 
@@ -806,15 +809,16 @@ def _cpu_identity() -> str:
     return f"{platform.machine()}|{fields.get('model name', platform.processor())}|{flags}"
 
 
-def requantized(llama_cpp: Any, path: Path, quant: str) -> Path:
-    """A copy of `path` with every tensor re-quantized to `quant` (llama.cpp's quantizer), made once and cached in
-    $POWERSAMPLE_CACHE/models as <name>.<quant>.gguf; written to a temporary file and renamed into place."""
+def requantized(llama_cpp: Any, path: Path, quant: str, target: Path | None = None) -> Path:
+    """A copy of `path` with its tensors re-quantized to `quant` (llama.cpp's quantizer: every tensor of the one type,
+    or llama.cpp's own mix for a *_k_m type), made once and cached at `target`, by default in
+    $POWERSAMPLE_CACHE/models as <name>.<quant>-<digest>.gguf; written to a temporary file and renamed into place."""
     if quant not in QUANTS:
         raise PowerSampleError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
     source = path.resolve()
     stat = source.stat()
     digest = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"{path.stem}.{quant}-{digest}.gguf"  # one copy per source file version
+    target = target or cache_root() / "models" / f"{path.stem}.{quant}-{digest}.gguf"  # one per source version
     if target.is_file():
         return target
     from llama_cpp._logger import set_verbose
@@ -823,7 +827,8 @@ def requantized(llama_cpp: Any, path: Path, quant: str) -> Path:
     print(f"powersample: re-quantizing {path.name} to {quant} once into {target} ...", file=sys.stderr, flush=True)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{QUANTS[quant]}")
-    params.allow_requantize, params.pure = True, True  # from quantized weights; every tensor of the one type
+    params.allow_requantize = True  # from quantized weights too
+    params.pure = not quant.endswith("_m")  # a mix is llama.cpp's per-tensor choice; else one type throughout
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)

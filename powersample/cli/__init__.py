@@ -1,4 +1,4 @@
-"""The command line: `powersample sample | eval | report | bench | serve`, one module per subcommand, and
+"""The command line: `powersample sample | eval | report | bench | serve | conformance`, one module per subcommand, and
 `options.py` for the options they share. The top layer: nothing in the library imports it."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from powersample.cli.bench import add_bench_parser
+from powersample.cli.conformance import add_conformance_parser
 from powersample.cli.eval import add_eval_parsers
 from powersample.cli.sample import add_sample_parser
 from powersample.cli.serve import add_serve_parser
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_eval_parsers(sub)
     add_serve_parser(sub)
+    add_conformance_parser(sub)
     return parser
 
 
