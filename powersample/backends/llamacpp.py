@@ -153,6 +153,12 @@ class Weights:
         """True when the user opted out of the exact kernels (llamacpp_kernels)."""
         return self.placement.extra_bufts
 
+    @property
+    def experts(self) -> int:
+        """The model's experts per MoE layer (GGUF `<arch>.expert_count`); 0 for a dense model."""
+        count = self.metadata.get(f"{self.metadata.get('general.architecture', '')}.expert_count", "0")
+        return int(count) if count.isdigit() else 0
+
     @classmethod
     def load(cls, llama_cpp: Any, path: Path, threads: int) -> Weights:
         """Load `path` with the exact kernels (llamacpp_kernels); failures are one-line PowerSampleErrors."""
@@ -492,9 +498,9 @@ class LlamaCppBackend:
     def _choose_layout(self) -> Layout:
         """The decode layout (llamacpp_kernels.choose_layout); the probe's finding is cached per engine build, CPU,
         model file and kernel settings."""
-        native, threads = self.weights.native, self.weights.threads
-        if native or threads > 1:
-            return choose_layout(native, threads, None)
+        native, threads, experts = self.weights.native, self.weights.threads, self.weights.experts
+        if native or threads > 1 or experts:
+            return choose_layout(native, threads, None, experts)
         key = {**_probe_key(self._lib, self.weights.path, self.weights.placement), "finding": "rows-agree"}
         found = probe.remembered(key, self._probe_rows)
         return choose_layout(native, threads, found.get("disagreement"))

@@ -22,7 +22,7 @@ import numpy as np
 from powersample.backends import conformance
 from powersample.backends.llamacpp import QUANTS
 from powersample.core.types import Tokens
-from powersample.tools.matrix.archs import ARCHS, CONTEXT, WINDOW
+from powersample.tools.matrix.archs import ARCHS, CONTEXT, SHAPE, WINDOW
 from powersample.tools.matrix.models import ArchFiles, quantized
 
 ENGINES = ("hf", "llamacpp", "vllm")
@@ -31,6 +31,9 @@ FP32 = "fp32"  # the quant column of engines that run the weights as saved
 PROMPT = ("Name the three primary colors of paint. Then explain, in two short sentences, why mixing two of them gives "
           "a secondary color, and give one example of each secondary color.")  # fmt: skip
 HF_PROPOSAL_TOLERANCE = 4 * conformance.TOLERANCE  # 1/tau scales fp32 noise in a cold proposal's log q
+LLAMACPP_TOLERANCE = 0.0  # llama.cpp's exact kernels (backends.llamacpp_kernels): the same token's log p is the same
+# float whatever the forward's shape, so every check compares bit for bit
+LONG_PROMPT = 200  # tokens of a sliding architecture's long_prompt: six windows, within CONTEXT with room to decode
 THREADS = 1  # CPU threads per engine: on a small shared machine more threads contend (hf: 4x slower at 2 than 1)
 NEXT_LOGP_MEMO = 256  # hf next_logp rows kept per cell (49152 float64 each: 100 MB at most)
 
@@ -88,7 +91,7 @@ def _hf_subject(cell: Cell, files: ArchFiles, threads: int) -> Iterator[conforma
         prompt = backend.encode(PROMPT, chat=True)
         yield conformance.Subject(backend, prompt, proposal_tolerance=HF_PROPOSAL_TOLERANCE,
                                   next_logp=_fresh_next_logp(backend.model), contexts=ragged(prompt),
-                                  draws_per_forward=True)  # fmt: skip
+                                  draws_per_forward=True, long_prompt=long_prompt(cell, prompt))  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -97,13 +100,23 @@ def _llamacpp_subject(cell: Cell, files: ArchFiles, threads: int) -> Iterator[co
 
     if cell.quant not in QUANTS:
         raise AssertionError(f"unknown quant {cell.quant!r}")
-    backend = LlamaCppBackend.load(str(quantized(files, cell.quant)), n_ctx=CONTEXT, n_threads=threads)
+    backend = LlamaCppBackend.load(str(quantized(files, cell.quant)), n_ctx=CONTEXT, n_threads=threads, quiet=True)
     try:
         prompt = backend.encode(PROMPT, chat=True)
-        yield conformance.Subject(backend, prompt, next_logp=backend.next_token_logp, contexts=ragged(prompt),
-                                  draws_per_forward=True)  # fmt: skip
+        yield conformance.Subject(backend, prompt, tolerance=LLAMACPP_TOLERANCE, next_logp=backend.next_token_logp,
+                                  contexts=ragged(prompt), draws_per_forward=True,
+                                  long_prompt=long_prompt(cell, prompt))  # fmt: skip
     finally:
         backend.close()
+
+
+def long_prompt(cell: Cell, prompt: Tokens) -> Tokens:
+    """For an architecture with a sliding window: the prompt followed by seeded ids (not the special ones) up to
+    LONG_PROMPT tokens, several windows long; () for one without."""
+    if not ARCHS[cell.arch].window:
+        return ()
+    filler = np.random.default_rng(23).integers(100, SHAPE["vocab_size"], LONG_PROMPT - len(prompt))
+    return prompt + tuple(int(t) for t in filler)
 
 
 def ragged(prompt: Tokens) -> tuple[Tokens, ...]:
