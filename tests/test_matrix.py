@@ -24,7 +24,7 @@ gguf = pytest.importorskip("gguf")
 
 from powersample.tools.matrix import ARCHS, MatrixOptions, render_table, run_matrix, total_units  # noqa: E402
 from powersample.tools.matrix import agreement as agree  # noqa: E402
-from powersample.tools.matrix import convert, models  # noqa: E402
+from powersample.tools.matrix import convert, models, promises  # noqa: E402
 from powersample.tools.matrix.archs import SHAPE, WINDOW, config_kwargs  # noqa: E402
 from powersample.tools.matrix.cells import FP32, PROMPT, Cell, cells, not_built  # noqa: E402
 from powersample.tools.matrix.run import FAIL, NOT_APPLICABLE, PASS, CellResult, MatrixResult, Outcome  # noqa: E402
@@ -342,7 +342,7 @@ def test_slice_llama_q4_1_on_llamacpp(llama):
     options = MatrixOptions(engines=("llamacpp",), archs=("llama",), quants=("q4_1",))
     ticks = []
     result = run_matrix(options, lambda what, n: ticks.append(n))
-    assert sum(ticks) == total_units(options) == 1 + 1 + len(conformance.CHECKS)
+    assert sum(ticks) == total_units(options) == 1 + 1 + len(conformance.CHECKS) + len(promises.PROMISES)
     assert_every_check_passes(result)
     [report] = result.archs
     assert report.agreement is not None and report.agreement.ok
@@ -353,6 +353,15 @@ def test_slice_gemma3_on_hf_past_its_window(gemma3):
     """gemma3's sliding layers see 32 tokens; the prompt alone is longer."""
     result = run_matrix(MatrixOptions(engines=("hf",), archs=("gemma3",)))
     assert_every_check_passes(result)
+
+
+def test_llama_cpps_own_kernels_fail_the_invariance_and_the_promises(gemma3, monkeypatch):
+    """The mutation: POWERSAMPLE_LLAMACPP_NATIVE=1 (repacked Q4_K, batched) on gemma3's Q4_K_M mix."""
+    monkeypatch.setenv("POWERSAMPLE_LLAMACPP_NATIVE", "1")
+    checks = (conformance.log_p_is_batch_invariant, *promises.PROMISES)
+    result = run_matrix(MatrixOptions(engines=("llamacpp",), archs=("gemma3",), quants=("q4_k_m",)), checks=checks)
+    [cell] = result.cells
+    assert [o.status for o in cell.outcomes] == [FAIL] * len(checks), render_table(result)
 
 
 def test_the_command_prints_the_table_and_exits_1_on_a_failure(llama, tmp_path, monkeypatch, capsys):
@@ -366,6 +375,7 @@ def test_the_command_prints_the_table_and_exits_1_on_a_failure(llama, tmp_path, 
         raise conformance.NotApplicable("needs a thing")
 
     monkeypatch.setattr(conformance, "CHECKS", (passes, fails, does_not_apply))
+    monkeypatch.setattr(promises, "PROMISES", ())
     argv = ["conformance", "--matrix", "--engines", "llamacpp,vllm", "--archs", "llama, mistral", "--quants", "q4_1",
             "--json", str(tmp_path / "m.json"), "--quiet"]  # fmt: skip
     assert main(argv) == 1

@@ -1,8 +1,9 @@
 """Run every conformance check on every cell of the matrix: `run_matrix(options, update) -> MatrixResult`.
 
 Architecture by architecture: build its files (once per machine), measure its conversion's agreement (once per
-llama.cpp version, where llama.cpp runs it), then open each of its cells' backends and run `conformance.CHECKS` (read
-when the run starts, so every check added there runs here too). A check passes, fails (with the one line that says
+llama.cpp version, where llama.cpp runs it), then open each of its cells' backends and run `conformance.CHECKS` and
+the README's promises (`promises.PROMISES`), both read when the run starts, so every check added there runs here
+too. A check passes, fails (with the one line that says
 what broke; an engine's exception is a failure too) or does not apply (with why). A cell this machine cannot build
 is named with the reason, never skipped silently.
 """
@@ -17,6 +18,7 @@ from powersample.backends import conformance
 from powersample.backends.llamacpp import QUANTS
 from powersample.errors import one_line
 from powersample.tools.common import Update, check, tick, utc_now
+from powersample.tools.matrix import promises
 from powersample.tools.matrix.agreement import Agreement, agreement
 from powersample.tools.matrix.archs import ARCHS
 from powersample.tools.matrix.cells import ENGINES, MATRIX_QUANTS, THREADS, Cell, cells, not_built, subject
@@ -98,17 +100,23 @@ class MatrixResult:
         return not any(c.failures for c in self.cells) and all(a.agreement.ok for a in self.archs if a.agreement)
 
 
+def every_check() -> tuple[Check, ...]:
+    """What a cell runs: every backend conformance check, then the README's promises through the samplers (read
+    when called, so every check added to either runs here too)."""
+    return (*conformance.CHECKS, *promises.PROMISES)
+
+
 def total_units(options: MatrixOptions, checks: Sequence[Check] | None = None) -> int:
     """Progress units of a run: one per architecture built, per conversion measured, per check on a built cell."""
     planned = [c for c in cells(options.engines, options.archs, options.quants) if not not_built(c)]
     measured = {c.arch for c in planned if c.engine == "llamacpp"}
-    return len({c.arch for c in planned}) + len(measured) + len(planned) * len(checks or conformance.CHECKS)
+    return len({c.arch for c in planned}) + len(measured) + len(planned) * len(checks or every_check())
 
 
 def run_matrix(options: MatrixOptions, update: Update | None = None,
                checks: Sequence[Check] | None = None) -> MatrixResult:  # fmt: skip
-    """Run `checks` (default: every conformance check) on every cell of `options` (see the module docstring)."""
-    checks = tuple(checks or conformance.CHECKS)
+    """Run `checks` (default: every_check()) on every cell of `options` (see the module docstring)."""
+    checks = tuple(checks or every_check())
     start, started = time.perf_counter(), utc_now()
     planned = cells(options.engines, options.archs, options.quants)
     results: dict[Cell, CellResult] = {c: CellResult(c, reason) for c in planned if (reason := not_built(c))}
