@@ -263,3 +263,25 @@ def test_a_non_callable_attribute_is_not_a_capability():
     toy = ToyBackend(load_spec("eos_trap"))
     toy.encode_messages = None
     assert capability(toy, ChatMessages) is None
+
+
+def test_the_gaps_command_measures_a_backend(tmp_path, capsys):
+    """`powersample conformance --gaps`: one line, a table of shapes, the JSON; the toy model is exact (0)."""
+    import json
+    from importlib.resources import files
+
+    from powersample.cli import main
+
+    spec = str(files("powersample") / "toy_specs" / "eos_trap.json")
+    out = tmp_path / "gaps.json"
+    assert main(["conformance", "--gaps", "--backend", "toy", "--toy-spec", spec, "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("ToyBackend, ") and "| row 0 of a batch of 8 | 0 | 0 |" in printed
+    saved = json.loads(out.read_text())
+    assert saved["backend"] == "ToyBackend" and len(saved["gaps"]) == 10
+    assert {v for g in saved["gaps"].values() for v in g.values()} == {0.0}
+
+
+def test_the_gaps_measure_what_a_batch_invariant_engine_would_not_show():
+    gaps = conformance.batch_invariance_gaps(conformance.Subject(SwitchesKernelAt8Rows(load_spec("eos_trap")), ()))
+    assert gaps["row 0 of a batch of 8"]["base_logp"] > 0 and gaps["row 0 of a batch of 2"]["base_logp"] == 0

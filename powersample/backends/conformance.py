@@ -368,13 +368,16 @@ def log_p_is_batch_invariant(s: Subject) -> None:
         _same(s, have, alone, f"{what} vs alone")
 
 
-def batch_invariance_gaps(s: Subject) -> dict[str, float]:
-    """What log_p_is_batch_invariant checks, measured: per shape, the largest |log p change| against the lone decode
-    over the tokens both drew alike (up to the first that differs), for engines that are not bit-exact."""
+def batch_invariance_gaps(s: Subject) -> dict[str, dict[str, float]]:
+    """What log_p_is_batch_invariant checks, measured: per shape, the largest |change| of log p and of the cold
+    proposal's log q against the lone decode, over the tokens both drew alike (up to the first that differs), for
+    engines that are not bit-exact. score's prefill has no log q (0)."""
     gaps = {}
     for what, have, alone in _shapes(s):
         same = common_prefix(have.tokens, alone.tokens)
-        gaps[what] = max((abs(a - b) for a, b in zip(have.base_logp[:same], alone.base_logp[:same])), default=0.0)
+        gaps[what] = {name: max((abs(a - b) for a, b in zip(getattr(have, name)[:same], getattr(alone, name)[:same])),
+                                default=0.0)
+                      for name in ("base_logp", "proposal_logq")}  # fmt: skip
     return gaps
 
 

@@ -52,7 +52,8 @@ def option(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def add_backend_options(p: argparse.ArgumentParser) -> None:
+def add_backend_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
+    """The backend options (`threads` False: the caller declares its own --threads)."""
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="engine; auto = llamacpp for GGUF models on CPU when installed, else hf; vllm = the vLLM engine "
@@ -61,7 +62,8 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--toy-spec", help="toy model JSON spec (with --backend toy)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", help="hf, vllm: float32, bfloat16, float16 or auto (default: float32 on CPU)")
-    g.add_argument("--threads", type=int, help="CPU threads of the engine (default: the engine's own)")
+    if threads:
+        g.add_argument("--threads", type=int, help="CPU threads of the engine (default: the engine's own)")
     g.add_argument("--quant", choices=QUANTS, help="llamacpp: re-quantize the GGUF once to this type (cached) and "
                                                    "load the copy; see the README's Performance section")  # fmt: skip
     add_vllm_options(g)
