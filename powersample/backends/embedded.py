@@ -82,17 +82,29 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     print(f"powersample: converting {gguf.name} once (dequantized, fp32) into {target} ...", file=sys.stderr,
           flush=True)  # fmt: skip
     try:
+        with folder_being_built(target) as tmp:
+            _write_safetensors_copy(gguf, tmp)
+    except PowerSampleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed conversion is one line, never a traceback
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PowerSampleError(f"converting {gguf.name} into {target} failed: {reason}") from None
+    return target
+
+
+@contextlib.contextmanager
+def folder_being_built(target: Path) -> Iterator[Path]:
+    """A temporary folder beside `target` to build in; when the block ends without an error it is published as
+    `target` (an ordinary 0755 folder; a copy another process published first wins), and in any case removed."""
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as e:
         raise PowerSampleError(f"cannot write to {target.parent} ({e.strerror}); set POWERSAMPLE_CACHE") from None
     try:
-        _write_safetensors_copy(gguf, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the finished model is an ordinary folder
-        return publish(tmp, target)
-    except Exception as e:  # noqa: BLE001 - a failed conversion is one line, never a traceback
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PowerSampleError(f"converting {gguf.name} into {target} failed: {reason}") from None
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the finished folder is an ordinary one
+        publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed
 

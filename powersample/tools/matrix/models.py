@@ -15,15 +15,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from powersample.backends.embedded import cache_root, embedded_gguf_path, embedded_model_dir, publish, quiet_loading
-from powersample.errors import PowerSampleError
+from powersample.backends.embedded import (cache_root, embedded_gguf_path, embedded_model_dir, folder_being_built,
+                                           quiet_loading)  # fmt: skip
 from powersample.io import write_json_atomic
 from powersample.tools.matrix.archs import Arch, config_kwargs
 from powersample.tools.matrix.convert import write_gguf
@@ -115,21 +113,12 @@ def build_model(arch: Arch) -> Any:
 
 def _build(arch: Arch, target: Path) -> None:
     """Build `arch`'s folder in a temporary folder beside `target`, then rename it into place."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as e:
-        raise PowerSampleError(f"cannot write to {target.parent} ({e.strerror}); set POWERSAMPLE_CACHE") from None
-    try:
+    with folder_being_built(target) as tmp:
         model = build_model(arch)
         _save_hf(model, tmp / "hf")
         if arch.gguf_arch is not None:
             tensors = {name: t.detach().numpy() for name, t in model.state_dict().items()}
             write_gguf(arch, model.config, tensors, tmp / f"model.{F32}.gguf", embedded_gguf_path())
-        tmp.chmod(0o755)  # mkdtemp makes 0700; the finished folder is an ordinary one
-        publish(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed
 
 
 def _save_hf(model: Any, out: Path) -> None:
