@@ -91,7 +91,8 @@ def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Propo
     and the entropy of each row of log p when the request asks), and reporting each row's new tokens to its
     request's `on_draw`.
 
-    Returns the rows now finished (EOS, max_tokens, or below their floor) and, per row, how many of the ids it fed
+    Returns the rows now finished (EOS, max_tokens, below their floor, or halted by their caller: ExtendRequest.halt)
+    and, per row, how many of the ids it fed
     are still valid (a token that differs from its guess invalidates the fed ids after it: the engine drops them from
     its cache)."""
     done, kept = [], []
@@ -101,7 +102,7 @@ def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Propo
         if row.request.on_draw is not None and len(row.tokens) > before:
             row.request.on_draw(tuple(row.tokens[before:]))
         kept.append(valid)
-        if finished:
+        if finished or row.request.halted():
             done.append(b)
     return done, kept
 

@@ -13,6 +13,7 @@ and a bisection: thousands of MCMC samples per second.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,15 @@ class ToySpec:
         return cls.from_dict(parse_json(data, f"toy spec: {path}"))
 
     def row(self, generated: Sequence[int]) -> tuple[float, ...]:
-        """Next-token probabilities after `generated`."""
+        """Next-token probabilities after `generated` (in constant time past the longest prefix in `next`)."""
+        if len(generated) > self._longest:
+            return self.default
         return self.next.get(",".join(map(str, generated)), self.default)
+
+    @functools.cached_property
+    def _longest(self) -> int:
+        """Ids in the longest prefix that `next` names."""
+        return max((key.count(",") + 1 for key in self.next if key), default=0)
 
     def sequences(self, max_len: int) -> dict[Tokens, float]:
         """Every sequence the model can emit within max_len tokens, with its probability (exact enumeration).
@@ -233,7 +241,7 @@ class ToyBackend:
             seq.append(tok)
             if request.on_draw is not None:
                 request.on_draw((tok,))
-            if tok == self.spec.eos_id:
+            if tok == self.spec.eos_id or request.halted():
                 break
         self.stats.forwards += len(tokens)  # one per token drawn
         return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives, tuple(entropies))

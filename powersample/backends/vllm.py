@@ -19,7 +19,8 @@ Continuous batching. The loop drives the engine under `vllm.LLM` request by requ
 `step`, `abort_request`), so the engine's batch stays full: a request that finishes is followed at the next step by
 its next stage or its chain's next request, instead of waiting for the longest request of a lockstep round. A
 chain's requests, seeds and tokens are the same in either schedule; only the batch a token is computed in differs.
-If anything raises in the loop (a refill, a poll, a bad request), the requests still in the engine are aborted.
+If anything raises in the loop (a refill, a poll, a bad request), the requests still in the engine are aborted. So
+is a request whose `halt` says so, before the next engine step: its caller gets an empty continuation to discard.
 
 Step 2 is a prefill, not a decode, and it reads the prefix cache too, under a salt of its own: vLLM only returns
 prompt log-probs of tokens it computes, and unsalted it would find the continuation itself cached by step 1.
@@ -240,6 +241,12 @@ class VLLMBackend:
                     return
                 self.stats.most_in_flight = max(self.stats.most_in_flight, len(flight))
                 self.stats.engine_steps += 1
+                for request_id in [rid for rid, job in flight.items() if job.request.halted()]:
+                    engine.abort_request([request_id], internal=False)  # its caller discards the cut continuation
+                    job = flight.pop(request_id)
+                    intake(refill(job.key, Continuation((), (), ())))
+                if not flight:
+                    continue
                 for out in engine.step():
                     if not out.finished:  # a drawing request reporting its tokens (RequestOutputKind.CUMULATIVE)
                         if out.request_id in flight:

@@ -79,6 +79,13 @@ class ExtendRequest:
     on_draw: Callable[[Tokens], None] | None = None  # called with each run of new tokens as the engine draws them
     # (from the engine's thread, in order, before the Continuation returns; together they are its tokens). How often
     # is the engine's choice: every forward (toy, hf, llamacpp), every engine step (vLLM). It changes no draw.
+    halt: Callable[[], bool] | None = None  # asked after every forward (engine step, for vLLM): once True, the engine
+    # stops decoding the request and returns the tokens drawn so far, a cut continuation its caller discards (a server
+    # job whose client left or whose deadline passed frees the engine within one forward). It changes no draw.
+
+    def halted(self) -> bool:
+        """Whether the request's caller asked the engine to stop decoding it (see `halt`)."""
+        return self.halt is not None and self.halt()
 
 
 @dataclass(frozen=True)
