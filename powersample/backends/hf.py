@@ -253,6 +253,7 @@ class HFBackend:
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self.reuse_cache = reuse_cache  # False: every request prefills its whole context alone (bench baseline)
         self._buffers: dict[int, tuple[_Buffer, _Buffer]] = {}
+        self._scoring = _Buffer()  # what score/rank/confidence fed last (see _fresh_logp)
         self._forward_args = _forward_arguments(model)
         self._attention = _Attention.of(model)  # which keys each query sees, per layer type
         self._budget = FEED_BUDGET.get(self.device.type, FEED_BUDGET["cuda"])
@@ -350,7 +351,7 @@ class HFBackend:
 
     @torch.inference_mode()
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
-        """log p of each continuation token, from one fresh forward over context + continuation (no cache used)."""
+        """log p of each continuation token, from one forward after the scoring buffer's prefix (_fresh_logp)."""
         if not continuation:
             return ()
         logp = self._fresh_logp(context, continuation)  # (T, V)
@@ -360,7 +361,7 @@ class HFBackend:
     @torch.inference_mode()
     def rank(self, context: Sequence[int], continuation: Sequence[int], n: int) -> tuple[Ranked, ...]:
         """Each continuation token's log p and the n likeliest tokens before it (the `Ranking` capability), from the
-        one uncached forward `score` makes."""
+        forward `score` makes."""
         if not continuation:
             return ()
         logp = self._fresh_logp(context, continuation).cpu().numpy()  # (T, V) float64
@@ -375,13 +376,24 @@ class HFBackend:
         return tuple(torch.special.xlogy(logp.exp(), logp.exp()).sum(-1).cpu().tolist())
 
     def _fresh_logp(self, context: Sequence[int], continuation: Sequence[int]) -> torch.Tensor:
-        """Base log p (float64) of the next token before each continuation token, one uncached forward: (T, V)."""
+        """Base log p (float64) of the next token before each continuation token: (T, V), from one forward after
+        the longest prefix the scoring buffer holds (it keeps what it was fed last: a long prompt scored in chunks
+        costs each chunk's tokens, and the samples of one prompt share its prefill)."""
         if not context:
             raise PowerSampleError("cannot score after an empty context: the prompt encodes to no tokens")
         self._check_length(len(context), len(continuation))
-        ids = torch.tensor([list(context) + list(continuation)], device=self.device)
-        keep = {"logits_to_keep": len(continuation) + 1} if self._forward_args["logits_to_keep"] else {}
-        logits = self.model(input_ids=ids, use_cache=False, **keep).logits[0, -len(continuation) - 1 : -1]  # (T, V)
+        ids = list(context) + list(continuation)
+        buffer = self._scoring if self.reuse_cache else _Buffer()
+        keep = min(common_prefix(buffer.ids, ids), len(context) - 1)
+        cache, width = _stack([buffer.cropped(keep)], [keep])
+        fed = torch.tensor([ids[keep:-1]], device=self.device)  # from the last context token on, at least
+        if keep:
+            columns = torch.arange(width + fed.shape[1], device=self.device)[None]  # (1, K): no padding, no holes
+            mask, positions = self._attention.masks(columns, columns[:, width:]), columns[:, width:]
+        else:  # nothing cached: transformers' own masks, a reference independent of ours (tests score against it)
+            mask = positions = None
+        logits = self._forward(fed, cache, mask, positions, keep=len(continuation))[0]  # (T, V)
+        buffer.kv, buffer.ids = tuple((la.keys, la.values) for la in cache.layers), ids[:-1]
         return torch.log_softmax(logits.double(), dim=-1)
 
     # --- caches ---------------------------------------------------------------------------------------------------
@@ -423,7 +435,7 @@ class HFBackend:
             self._forward(torch.tensor([missing], device=self.device), cache, mask, columns[:, width:])
             buffer.kv, buffer.ids = tuple((la.keys, la.values) for la in cache.layers), buffer.ids + missing
 
-    def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: Any, positions: torch.Tensor,
+    def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: Any, positions: torch.Tensor | None,
                  keep: int = 1) -> torch.Tensor:  # fmt: skip
         """Feed ids (B, T) after the cache; logits (B, keep, V) of the next token after each row's last `keep` ids."""
         args = self._forward_args
