@@ -337,17 +337,24 @@ def test_engine_calls_run_on_the_engine_thread_and_answer_failures_and_deadlines
 
     from powersample.server.engine import Call, Engine, Stopped
 
+    def once(work):  # a call of one step
+        def steps():
+            return work()
+            yield  # noqa: unreachable - makes steps a generator
+
+        return steps
+
     engine, got = Engine(toy()), queue.Queue()
     engine.start()
     try:
-        engine.call(Call(lambda: threading.current_thread().name, time.monotonic() + 10, got.put))
+        engine.call(Call(once(lambda: threading.current_thread().name), time.monotonic() + 10, got.put))
         assert got.get(timeout=10) == "powersample-engine"  # the thread that owns the backend
-        engine.call(Call(lambda: 1 / 0, time.monotonic() + 10, got.put))
+        engine.call(Call(once(lambda: 1 / 0), time.monotonic() + 10, got.put))
         assert isinstance(got.get(timeout=10), ZeroDivisionError)  # a failed call is its answer; the engine goes on
-        engine.call(Call(lambda: "ran", time.monotonic() - 1, got.put))  # past its deadline: never runs
+        engine.call(Call(once(lambda: "ran"), time.monotonic() - 1, got.put))  # past its deadline: never runs
         late = got.get(timeout=10)
         assert isinstance(late, Stopped) and str(late) == "timeout"
-        engine.call(Call(lambda: "still serving", time.monotonic() + 10, got.put))
+        engine.call(Call(once(lambda: "still serving"), time.monotonic() + 10, got.put))
         assert got.get(timeout=10) == "still serving"
     finally:
         engine.close()

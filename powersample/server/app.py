@@ -35,7 +35,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,6 +196,8 @@ def _version() -> str:
         return "unknown"
 
 
+SCORE_CHUNK = 256  # tokens one step of a scoring call scores: the engine checks for a stop between steps
+
 NO_TEMPLATE = ("the model has no chat template: chat requests go to it as a plain 'role: content' transcript, "
                "each reply ending at the next role line")  # fmt: skip
 
@@ -225,6 +227,7 @@ class _Server:
                      not isinstance(prompts[0], str), final_eos=True)  # fmt: skip
         self._check_ranking(plan, "logprobs")
         if scoring:
+            self._check_room(0, _scoring_work(plan, self.settings.limits))
             return await self._prompt_scores(request, plan)
         logprobs = body.logprobs
         if body.stream:
@@ -389,7 +392,8 @@ class _Server:
             return outputs
         prompts = [plan.prompt_ids[j // plan.n] for j in range(len(outputs))]
         rank = lambda: _ranks(self.backend, plan, prompts, outputs)  # noqa: E731
-        ranks = await on_engine(request, self.engine, rank, plan.deadline, self.settings.limits.request_timeout)
+        work, timeout = _scoring_work(plan, self.settings.limits), self.settings.limits.request_timeout
+        ranks = await on_engine(request, self.engine, rank, plan.deadline, timeout, work)
 
         def work(check: Callable[[], None]) -> list[wire.Output]:
             return [_scored(self.backend.decode, plan, j // plan.n, out, rank, check)
@@ -458,16 +462,20 @@ class _Server:
     def _programs(self, plan: _Plan, feed: Feed | None = None) -> list:
         """The plan's chains as sampler programs: 429 when the engine is full, 400 for a method that cannot run.
         With a `feed`, every chain is traced into it, numbered by its choice index (live.trace_feed)."""
-        limits = self.settings.limits
-        busy = self.engine.chains_in_flight() + len(plan.prompt_ids) * plan.n > limits.max_queued_chains
-        if busy or self.engine.work_in_flight() + plan.work > limits.max_queued_work:
-            raise ApiError(429, "the server is full (chains or their work in flight at the limit); retry later",
-                           kind="rate_limit_error", code="server_busy",
-                           headers={"Retry-After": str(limits.retry_after)})  # fmt: skip
+        self._check_room(len(plan.prompt_ids) * plan.n, plan.work + _scoring_work(plan, self.settings.limits))
         try:
             return [p for i, ids in enumerate(plan.prompt_ids) for p in self._prompt_programs(plan, i, ids, feed)]
         except PowerSampleError as e:
             raise ApiError(400, str(e), param="method") from None
+
+    def _check_room(self, chains: int, work: int) -> None:
+        """429 when `chains` more chains, or `work` more work, would take the engine over its limits."""
+        limits = self.settings.limits
+        busy = self.engine.chains_in_flight() + chains > limits.max_queued_chains
+        if busy or self.engine.work_in_flight() + work > limits.max_queued_work:
+            raise ApiError(429, "the server is full (chains or their work in flight at the limit); retry later",
+                           kind="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": str(limits.retry_after)})  # fmt: skip
 
     def _prompt_programs(self, plan: _Plan, i: int, ids: Tokens, feed: Feed | None) -> list:
         chains = make_chains(plan.seed, plan.n)
@@ -540,26 +548,58 @@ def _completion_choices(outputs: Sequence[wire.Output], logprobs: int | None) ->
 Ranks = tuple[tuple[Ranked, ...] | None, tuple[Ranked, ...] | None]  # (a prompt's tokens after its first, a sample's)
 
 
-def _ranks(backend: Backend, plan: _Plan, prompts: Sequence[Tokens], outputs: Sequence[wire.Output]) -> list[Ranks]:
-    """Per output, what the plan asks to score (on the engine thread); equal (prompt, tokens) pairs scored once."""
+def _scoring_work(plan: _Plan, limits: Limits) -> int:
+    """The work of the plan's scoring call (echoed prompts' log p, ranked alternatives): prompt tokens x (1 + the
+    alternatives per token), a 400 over the server's per-request limit. 0 when nothing is scored."""
+    if plan.logprobs is None or not (plan.echo or plan.logprobs):
+        return 0
+    work = _prompt_tokens(plan) * (1 + plan.logprobs)
+    if work > limits.max_work:
+        raise ApiError(400, f"scoring the prompts costs {work} tokens of work ({_prompt_tokens(plan)} prompt tokens x "
+                       f"(1 + logprobs {plan.logprobs})); the server's limit is {limits.max_work}", param="prompt",
+                       code="over_limit")  # fmt: skip
+    return work
+
+
+def _ranks(backend: Backend, plan: _Plan, prompts: Sequence[Tokens],
+           outputs: Sequence[wire.Output]) -> Generator[None, None, list[Ranks]]:  # fmt: skip
+    """Per output, what the plan asks to score (on the engine thread, in steps: a Call); equal (prompt, tokens)
+    pairs scored once."""
     memo: dict[tuple[Tokens, Tokens], Ranks] = {}
     for prompt, out in zip(prompts, outputs):
         if (prompt, out.tokens) not in memo:
-            memo[prompt, out.tokens] = _rank_one(backend, prompt, out.tokens, plan.echo, plan.logprobs)
+            memo[prompt, out.tokens] = yield from _rank_one(backend, prompt, out.tokens, plan.echo, plan.logprobs)
     return [memo[prompt, out.tokens] for prompt, out in zip(prompts, outputs)]
 
 
-def _rank_one(backend: Backend, prompt: Tokens, tokens: Tokens, echo: bool, n: int | None) -> Ranks:
+def _rank_one(backend: Backend, prompt: Tokens, tokens: Tokens, echo: bool,
+              n: int | None) -> Generator[None, None, Ranks]:  # fmt: skip
     """(the prompt's tokens after the first, when echoed; the sample's tokens, when alternatives are asked for),
-    ranked with n alternatives in one forward; None where nothing is needed (the sample's log p came with it)."""
-    if n is None:  # echo without log-probs: text only
+    ranked with n alternatives, SCORE_CHUNK tokens per step; None where nothing is needed (the sample's log p came
+    with it)."""
+    if n is None or not (echo or n):  # echo without log-probs: text only; log p only: it came with the sample
         return None, None
-    if not n:  # log p only
-        return (tuple(Ranked(lp, ()) for lp in backend.score(prompt[:1], prompt[1:])) if echo else None), None
+    if not n:  # the echoed prompt's log p
+        scores = yield from _in_chunks(backend.score, prompt[:1], prompt[1:])
+        return tuple(Ranked(lp, ()) for lp in scores), None
     head = prompt[:1] if echo else prompt
-    ranks = capability(backend, Ranking).rank(head, prompt[len(head) :] + tokens, n)  # type: ignore[union-attr]
+    rank = capability(backend, Ranking).rank  # type: ignore[union-attr]
+    ranks = yield from _in_chunks(lambda context, chunk: rank(context, chunk, n), head, prompt[len(head) :] + tokens)
     echoed = len(prompt) - len(head)
     return (ranks[:echoed] if echo else None), ranks[echoed:]
+
+
+def _in_chunks(score: Callable[[Tokens, Tokens], Sequence], context: Tokens,
+               rest: Tokens) -> Generator[None, None, tuple]:  # fmt: skip
+    """score(context + the tokens of `rest` before a chunk, the chunk) over `rest`, SCORE_CHUNK tokens at a time,
+    joined; it yields between chunks, where the engine checks for a stop and serves other work (a backend keeps the
+    context it scored last, so each chunk costs its own tokens)."""
+    out: list = []
+    for start in range(0, len(rest), SCORE_CHUNK):
+        if start:
+            yield
+        out += score(tuple(context) + tuple(rest[:start]), tuple(rest[start : start + SCORE_CHUNK]))
+    return tuple(out)
 
 
 def _scored(decode, plan: _Plan, k: int, out: wire.Output, ranks: Ranks, check: Callable[[], None]) -> wire.Output:

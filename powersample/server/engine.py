@@ -12,14 +12,19 @@ stops admitting, drains, and the next run serves the oldest waiting job's propos
 together, and a request with another proposal waits at most for the running jobs to finish (no starvation).
 
 Calls. Work that is not a chain (scoring prompts, ranking the tokens of finished samples: `Call`) runs on the same
-thread, between Scheduler runs, so the backend is only ever used from one thread: a waiting call makes the running
-run stop admitting, as a job with another proposal does, and runs once it has drained.
+thread, so the backend is only ever used from one thread. A call runs in steps (a generator that yields between its
+forwards: the server scores a long prompt SCORE_CHUNK tokens at a time). A waiting call makes the running run stop
+admitting, as a job with another proposal does; once it has drained, the oldest call makes one step, then the jobs
+waiting by then get a run, then the next call makes a step, and so on: calls take turns with each other and with the
+chains, so a long scoring request delays the others by one step at a time, not by its whole length.
 
-Stopping. A job is stopped when its client disconnects or its deadline passes. Each of its programs is wrapped
-(`_guarded`) so that it checks the job before it makes its next request: a program only runs again when its last
-request's continuation is back, so a stopped job frees its chains (and their cache slots) at the next request
-boundary — at most one block of MH work (or one whole plain continuation) after the stop. Jobs still waiting in
-the queue are dropped at once.
+Stopping. A job or a call is stopped when its client disconnects or its deadline passes. Each of a job's programs
+is wrapped (`_guarded`): every request it makes carries the job's `halted` as its `halt` (ExtendRequest), which the
+backend asks after every forward, so a request being decoded ends within one forward of the stop (a cut
+continuation), and the program is stopped before it makes its next request. A call is stopped between two of its
+steps. So a stopped job or call frees the engine within one forward: one decoding step of the batch, or one
+scoring chunk (SCORE_CHUNK tokens), or the prefill of one request's context. Jobs and calls still waiting are
+answered at once.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 from powersample.backends.base import Backend
 from powersample.core.types import Proposal
@@ -61,6 +66,10 @@ class _Stoppable:
             self.stop_reason = "timeout"
         return self.stop_reason
 
+    def halted(self) -> bool:
+        """Whether the work should stop now (an ExtendRequest's `halt`)."""
+        return self.stopped() is not None
+
 
 @dataclass(eq=False)
 class Job(_Stoppable):
@@ -79,14 +88,19 @@ class Job(_Stoppable):
         self.outcomes, self.remaining = [None] * len(self.programs), len(self.programs)
 
 
+Steps = Generator[None, None, object]  # a call's work: yields between forwards, returns its result
+
+
 @dataclass(eq=False)
 class Call(_Stoppable):
-    """Backend work outside any chain, run once on the engine thread (see the module docstring)."""
+    """Backend work outside any chain, run on the engine thread in steps (see the module docstring)."""
 
-    work: Callable[[], object]  # uses the backend; its result (or the exception it raises) goes to on_done
-    deadline: float  # time.monotonic() after which the call is answered Stopped("timeout") instead of run
+    steps: Callable[[], Steps]  # uses the backend; its result (or the exception it raises) goes to on_done
+    deadline: float  # time.monotonic() after which the call is answered Stopped("timeout") at its next step
     on_done: Callable[[object], None]  # called once, from the engine thread
+    work: int = 0  # tokens it scores x (1 + alternatives per token) (protocol.scoring_work): counted until done
     stop_reason: str | None = None
+    running: Steps | None = None  # its generator, once its first step ran
 
 
 class Engine:
@@ -97,7 +111,8 @@ class Engine:
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()  # waiting jobs, in arrival order
         self._running: set[Job] = set()  # jobs admitted to the current Scheduler run
-        self._calls: deque[Call] = deque()  # waiting calls, run before the next Scheduler run
+        self._calls: deque[Call] = deque()  # calls not finished, in turn order (see the module docstring)
+        self._calls_turn = True  # whether a call steps next, when jobs wait too (they take turns)
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="powersample-engine", daemon=True)
         self.runs = 0  # Scheduler runs so far
@@ -125,7 +140,8 @@ class Engine:
             self._cv.notify_all()
 
     def call(self, call: Call) -> None:
-        """Run `call` on the engine thread, before the next Scheduler run (the running one stops admitting)."""
+        """Run `call` on the engine thread in steps, taking turns with the other calls and with the chains (the
+        running Scheduler run stops admitting)."""
         with self._cv:
             if self._closing:
                 raise RuntimeError("the engine is shutting down")
@@ -144,9 +160,11 @@ class Engine:
             return queued + sum(job.remaining for job in self._running), queued
 
     def work_in_flight(self) -> int:
-        """The work of the jobs waiting or running (a job counts in full until its last chain is done)."""
+        """The work of the jobs and calls waiting or running (each counts in full until it is done)."""
         with self._cv:
-            return sum(job.work for job in (*self._queue, *self._running) if job.remaining)
+            return sum(job.work for job in (*self._queue, *self._running) if job.remaining) + sum(
+                call.work for call in self._calls
+            )
 
     def stats(self) -> dict:
         with self._cv:
@@ -154,6 +172,7 @@ class Engine:
                 "chains_in_flight": sum(j.remaining for j in self._queue) + sum(j.remaining for j in self._running),
                 "requests_waiting": len(self._queue),
                 "requests_running": len(self._running),
+                "calls_in_flight": len(self._calls),
                 "scheduler_runs": self.runs,
                 "peak_chains": self.peak_chains,
                 "engine_alive": self._thread.is_alive(),
@@ -166,15 +185,18 @@ class Engine:
             with self._cv:
                 while not self._queue and not self._calls and not self._closing:
                     self._cv.wait()
-                calls, self._calls = list(self._calls), deque()
-                if not calls and not self._queue:
+                if not self._calls and not self._queue:
                     return
-                if not calls:
+                call = self._calls.popleft() if self._calls and (self._calls_turn or not self._queue) else None
+                self._calls_turn = call is None
+                if call is None:
                     proposal = self._queue[0].proposal  # the oldest job's
                     self.runs += 1
                     self._chains_in_run = 0
-            if calls:
-                _answer(calls)
+            if call is not None:
+                if not _step(call):
+                    with self._cv:
+                        self._calls.append(call)  # its next step after the others' turns
                 continue
             try:
                 Scheduler(self.backend, proposal, admit=_Turn(self, proposal)).run()
@@ -234,18 +256,25 @@ class Engine:
             job.on_done(job.outcomes)
 
 
-def _answer(calls: list[Call]) -> None:
-    """Run each call (unless stopped) and hand it its result, or the exception it raised."""
-    for call in calls:
-        reason = call.stopped()
-        if reason is not None:
-            call.on_done(Stopped(reason))
-            continue
-        try:
-            result = call.work()
-        except Exception as error:  # noqa: BLE001 - a failed call fails its request, never the engine
-            result = error
-        call.on_done(result)
+def _step(call: Call) -> bool:
+    """One step of `call`; True once it is answered: with its result, the exception it raised, or Stopped."""
+    reason = call.stopped()
+    if reason is not None:
+        if call.running is not None:
+            call.running.close()
+        call.on_done(Stopped(reason))
+        return True
+    try:
+        if call.running is None:
+            call.running = call.steps()
+        next(call.running)
+        return False
+    except StopIteration as stop:
+        result = stop.value
+    except Exception as error:  # noqa: BLE001 - a failed call fails its request, never the engine
+        result = error
+    call.on_done(result)
+    return True
 
 
 class _Turn:
@@ -260,13 +289,14 @@ class _Turn:
 
 
 def _guarded(program: Program, job: Job) -> Iterator[Step]:
-    """`program`, stopped with `Stopped` (and closed) at its next request once `job` is stopped."""
+    """`program` with `job.halted` on every request (the engine cuts them within one forward of a stop), stopped
+    with `Stopped` (and closed) at its next request once `job` is stopped."""
     try:
         step = next(program)
         while True:
             if job.stopped():
                 raise Stopped(job.stop_reason)
-            reply: Reply = yield step
+            reply: Reply = yield _halting(step, job)
             if job.stopped():
                 raise Stopped(job.stop_reason)
             step = program.send(reply)
@@ -274,3 +304,10 @@ def _guarded(program: Program, job: Job) -> Iterator[Step]:
         return stop.value
     finally:
         program.close()
+
+
+def _halting(step: Step, job: Job) -> Step:
+    """The step's requests, each halted by the job (ExtendRequest.halt)."""
+    if isinstance(step, tuple):
+        return tuple(replace(request, halt=job.halted) for request in step)
+    return replace(step, halt=job.halted)

@@ -231,6 +231,7 @@ class Health(BaseModel):
     chains_in_flight: int | None = None
     requests_waiting: int | None = None
     requests_running: int | None = None
+    calls_in_flight: int | None = None  # scoring and ranking calls waiting or running (they run in steps)
     scheduler_runs: int | None = None
     peak_chains: int | None = None
     engine_alive: bool | None = None

@@ -16,7 +16,7 @@ from fastapi import Request
 from powersample.core.types import Proposal
 from powersample.errors import PowerSampleError, one_line
 from powersample.samplers.driver import Program
-from powersample.server.engine import Call, Engine, Job, Stopped
+from powersample.server.engine import Call, Engine, Job, Steps, Stopped
 from powersample.server.protocol import ApiError
 from powersample.server.requests import client_closed
 
@@ -42,12 +42,13 @@ async def wait_job(request: Request, job: Job, future: asyncio.Future, deadline:
     return results(future.result(), timeout)
 
 
-async def on_engine(request: Request, engine: Engine, work: Callable[[], Any], deadline: float,
-                    timeout: float) -> Any:  # fmt: skip
-    """work() on the engine thread (a `Call`), watched like a job: 499 when the client leaves first, 504 past the
-    deadline; its exception answers as a chain's would (400 for a PowerSampleError)."""
+async def on_engine(request: Request, engine: Engine, steps: Callable[[], Steps], deadline: float,
+                    timeout: float, work: int = 0) -> Any:  # fmt: skip
+    """The result of the generator steps() run on the engine thread (a `Call` of `work`), watched like a job: 499
+    when the client leaves first, 504 past the deadline; its exception answers as a chain's would (400 for a
+    PowerSampleError)."""
     future, on_done = _future()
-    call = Call(work, deadline, lambda outcome: on_done([outcome]))
+    call = Call(steps, deadline, lambda outcome: on_done([outcome]), work=work)
     engine.call(call)
     try:
         await watch(request, future, deadline, call.stop, timeout)
