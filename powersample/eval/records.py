@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from powersample.errors import PowerSampleError, parse_json
-from powersample.io import json_line, write_durably, write_json_atomic
+from powersample.io import append_durably, json_line, write_json_atomic
 
 RUN_FILE = "run.json"
 SCHEMA = 1  # bump when records change meaning; part of the identity
@@ -238,7 +238,7 @@ class RecordWriter:
         try:
             _flock(self._lock, path)
             repair_tail(path)  # safe now: we are the only writer
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed by close())
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             os.close(self._lock)
             raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
@@ -248,15 +248,16 @@ class RecordWriter:
         _HELD_LOCKS.add(self._lock)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record; a non-finite number is refused rather than written as invalid JSON (Infinity)."""
+        """Append one record; a non-finite number is refused rather than written as invalid JSON (Infinity), and a
+        failed write (a full disk) is cut back, so the file ends with a whole line either way."""
         refusal = (f"the record of problem {record.get('problem_id')!r} seed {record.get('seed')!r} holds a "
                    f"non-finite number; not writing it to {self.path}")  # fmt: skip
-        write_durably(self._file, json_line(record, refusal))
+        append_durably(self._fd, json_line(record, refusal).encode(), self.path)
 
     def close(self) -> None:
         """Close the records file, then release the lock."""
         try:
-            self._file.close()
+            os.close(self._fd)
         finally:
             _HELD_LOCKS.discard(self._lock)
             os.close(self._lock)
