@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 from tqdm import tqdm
 
@@ -58,13 +58,25 @@ def check_writable(path: str | Path) -> None:
 
 def append_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Append rows, flushed and fsynced, so existing records are never lost. Every row is encoded first, and a
-    non-finite number refused: a bare Infinity or NaN would make the file invalid JSON."""
+    non-finite number refused: a bare Infinity or NaN would make the file invalid JSON. A failed append (a full disk)
+    leaves the file as it was (append_durably), and one left torn by a crash gets its next rows on a fresh line."""
     lines = "".join(json_line(row, f"not writing {path}: a record holds a non-finite number") for row in rows)
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            write_durably(f, lines)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)  # read: its last byte
     except OSError as e:
         raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        if lines and not ends_a_line(fd):
+            lines = "\n" + lines
+        append_durably(fd, lines.encode(), path)
+    finally:
+        os.close(fd)
+
+
+def ends_a_line(fd: int) -> bool:
+    """Whether the file open on `fd` is empty or ends with a newline (else its last line is torn)."""
+    size = os.fstat(fd).st_size
+    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
 
 
 def json_line(row: dict, refusal: str) -> str:
@@ -75,11 +87,20 @@ def json_line(row: dict, refusal: str) -> str:
         raise PowerSampleError(refusal) from None
 
 
-def write_durably(f: IO[str], text: str) -> None:
-    """Write to an open file, flush, and fsync, so the text is on disk when this returns."""
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
+def append_durably(fd: int, data: bytes, path: str | Path) -> None:
+    """Append `data` to the file open on `fd` (with O_APPEND) and fsync it, so it is on disk when this returns.
+    When that fails (a full disk) the file is cut back to its old end, so no torn line is left behind, and the
+    failure is one line. The caller is the file's only writer meanwhile (a lock, or the server's log lock)."""
+    end = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, end)
+        raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
 
 
 @contextlib.contextmanager

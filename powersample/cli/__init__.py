@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Sequence
@@ -17,15 +18,21 @@ from powersample.errors import PowerSampleError
 from powersample.io import quiet_notices
 
 EXIT_USAGE = 2
+SILENT_COMMANDS = {"serve"}  # nothing on stdout: a closed one loses nothing
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}  # a write the disk refused
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    never_opened = _hold_closed_stdout()
     try:
         with quiet_notices(getattr(args, "quiet", False)):  # report has no --quiet
             code = args.handler(args)
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        if not never_opened:
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        elif args.command not in SILENT_COMMANDS:  # `>&-`: as a pipe closed before the first line
+            raise BrokenPipeError
         return code
     except PowerSampleError as e:
         print(f"powersample: error: {e}", file=sys.stderr)
@@ -36,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as the shell's own tools do
         _drop_stdout()
         return 128 + 13  # 128 + SIGPIPE
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        _drop_stdout()  # stdout on the full disk: its final flush would fail again
+        print(f"powersample: error: cannot write: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hold_closed_stdout() -> bool:
+    """Whether stdout was never opened (`>&-`: sys.stdout is None). Then descriptor 1 is put on /dev/null, so that no
+    file this process opens later (a records file) takes descriptor 1 and receives what is meant for stdout."""
+    if sys.stdout is not None:
+        return False
+    try:
+        os.fstat(1)
+    except OSError:  # closed: the next descriptor opened would be 1 (or 0, when stdin is closed too)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != 1:
+            os.dup2(devnull, 1)
+            os.close(devnull)
+    return True
+
+
 def _drop_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    if sys.stdout is None:  # never opened: nothing to flush
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, sys.stdout.fileno())

@@ -65,7 +65,8 @@ def add_ray_options(e: argparse.ArgumentParser) -> None:
     g = e.add_argument_group("Ray (data-parallel; pip install 'powersample[ray]')")
     g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="spread the (problem, seed) units over Ray actors: no ADDRESS = start a local Ray (or join "
-                        "$RAY_ADDRESS), auto = the cluster running here, else HOST:PORT or ray://HOST:PORT")
+                        "$RAY_ADDRESS), auto = the cluster running here, else HOST:PORT or ray://HOST:PORT; an "
+                        "address that does not answer within 10 s is refused")  # distributed.CONNECT_TIMEOUT
     g.add_argument("--workers", metavar="N", help="Ray actors, one backend each (default: one per GPU, else one "
                                                   "per CPU)")
     g.add_argument("--gpus-per-worker", metavar="G", help="GPUs per actor (default 1 when the cluster has GPUs, 0 "

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import logging
 import os
+import re
+import socket
 import sys
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,6 +41,7 @@ from powersample.io import notice_once
 IN_FLIGHT = 2  # batches of units sent to an actor ahead of time, so it never waits for the driver between units
 RESTARTS_PER_WORKER = 3  # fresh actors the pool may start, per worker, to replace ones that died
 MAX_ATTEMPTS = 3  # a unit whose worker died this many times while running it stops the run
+CONNECT_TIMEOUT = 10.0  # seconds for a Ray address to answer before it is refused (Ray alone waits minutes)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class RayOptions:
     temp_dir: str | None = None  # Ray's temp and log directory, when this process starts the local Ray
 
     def __post_init__(self) -> None:
+        if self.address is not None:
+            parse_address(self.address)
         if self.temp_dir is not None and self.address is not None:
             raise PowerSampleError("--ray-temp-dir applies only when starting a local Ray (--ray with no address)")
 
@@ -94,6 +101,47 @@ def require_ray() -> Any:
     return ray
 
 
+def parse_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address, None for Ray's own names (auto, local); a one-line error, at once, for one that
+    cannot be an address (999.1.1.1:1, a port past 65535, no port)."""
+    if address.strip() in ("auto", "local"):
+        return None
+    m = re.fullmatch(r"\s*(?:ray://)?(\[[^\]]*\]|[^:/\[\]\s]+):(\d{1,5})\s*", address)
+    if m is None or not 1 <= int(m.group(2)) <= 65535:
+        raise PowerSampleError(f"bad Ray address {address!r}: use auto, HOST:PORT or ray://HOST:PORT")
+    host = m.group(1).strip("[]")
+    if re.fullmatch(r"[\d.]+", host) or ":" in host:  # written as an IP address: it must be one
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise PowerSampleError(f"bad Ray address {address!r}: {host} is not an IP address") from None
+    return host, int(m.group(2))
+
+
+def check_reachable(address: str) -> None:
+    """A one-line error within CONNECT_TIMEOUT when nothing answers at the address (refused, no route, no answer,
+    a name that does not resolve), where ray.init would wait minutes. Only a TCP connection is tried: a port that
+    answers but is not Ray is left to Ray."""
+    where = parse_address(address)
+    if where is None:
+        return
+    outcome: list[str | None] = []
+
+    def connect() -> None:  # in a thread, so the name lookup is bounded too
+        try:
+            socket.create_connection(where, timeout=CONNECT_TIMEOUT).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e.strerror or str(e) or type(e).__name__)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT)
+    why = outcome[0] if outcome else f"no answer within {CONNECT_TIMEOUT:g} s"
+    if why is not None:
+        raise PowerSampleError(f"cannot connect to the Ray cluster at {address.strip()}: {why}")
+
+
 @contextlib.contextmanager
 def connected(options: RayOptions) -> Iterator[Any]:
     """Connect to Ray for the duration (and disconnect after); a Ray this process already joined is used as is."""
@@ -101,6 +149,9 @@ def connected(options: RayOptions) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
     try:
         ray.init(**_init_kwargs(options))
     except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError...: one line, no traceback

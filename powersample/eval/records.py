@@ -6,9 +6,11 @@
     records.shard-I-of-N.jsonl     the same, for `--shard I/N` (shards may run at once into one directory)
 
 Resuming reads every records file and skips the (problem, seed) pairs already there. A killed run loses at most
-the record in flight: its torn last line is ignored, and cut off before the next append. Each records file has one
-writer at a time: an exclusive flock on its `<records file>.lock`, held from before resuming reads the records until
-the run ends, refuses a second writer of the same shard, in another process or this one. A directory whose
+the record in flight: its torn last line is ignored, and cut off before the next append; a failed append (a full
+disk) is cut back at once. Each records file has one writer at a time: an exclusive flock on its
+`<records file>.lock`, held from before resuming reads the records until the run ends, refuses a second writer of
+the same shard, in another process or this one. run.json and the records files are created, checked and taken back
+under the directory's own flock (run_lock), so two first runs cannot both write their run.json. A directory whose
 run.json names a different identity is refused, so records of different configs never mix; seeds, --limit and
 --shard are not part of the identity (they only choose which records to make), so a run can be extended. A run
 that fails before its first record takes back the directory, run.json and records file it created (discard_opened).
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from powersample.errors import PowerSampleError, parse_json
-from powersample.io import json_line, write_durably, write_json_atomic
+from powersample.io import append_durably, json_line, write_json_atomic
 
 RUN_FILE = "run.json"
 SCHEMA = 1  # bump when records change meaning; part of the identity
@@ -38,28 +40,86 @@ def identity_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def open_run(run_dir: Path, identity: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Create the run directory with its run.json, or check that an existing one has the same identity."""
+def open_run(
+    run_dir: Path, identity: dict[str, Any], meta: dict[str, Any], path: Path
+) -> tuple["RecordWriter", "Opened"]:
+    """Create the run directory with its run.json, or check that an existing one has the same identity; then become
+    the one writer of its records file `path`. All of it under the directory's lock (run_lock), so of two first runs
+    with different identities exactly one creates run.json and the other is refused. Returns the writer, and what
+    this call created (for discard_opened)."""
+    with run_lock(run_dir, create=True) as made:
+        run_file = run_dir / RUN_FILE
+        opened = Opened(made, not run_file.exists())
+        try:
+            if opened.run_file:
+                write_json_atomic(run_file, {"schema": SCHEMA, "identity": identity, **meta})
+            check_identity(run_dir, read_run(run_dir).get("identity"), identity)
+            return RecordWriter(path), opened
+        except BaseException:
+            _take_back(run_dir, path, opened)
+            raise
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, *, create: bool = False) -> Iterator[bool]:
+    """Hold the run directory's lock: an exclusive flock on the directory itself, taken while run.json and records
+    files are created (open_run) or taken back (discard_opened), moments each, so waiting for it is fine. With
+    `create`, the directory is made first; yields whether this call made it. FileNotFoundError without `create`
+    when the directory is not there."""
+    for _ in range(100):  # the directory can be taken back while we wait for its lock: then make it again
+        made = create and _make_directory(run_dir)
+        try:
+            fd = _lock_directory(run_dir)
+            break
+        except FileNotFoundError:
+            if not create:
+                raise
+        except OSError as e:
+            raise PowerSampleError(f"cannot lock {run_dir}: {e.strerror}") from None
+    else:
+        raise PowerSampleError(f"cannot lock {run_dir}: it keeps being removed")
+    _HELD_LOCKS.add(fd)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        yield made
+    finally:
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)
+
+
+def _make_directory(run_dir: Path) -> bool:
+    """Make the run directory (and its parents); whether it was not there before."""
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir()
+        return True
+    except FileExistsError:
+        if not run_dir.is_dir():
+            raise PowerSampleError(f"cannot create output directory {run_dir}: it is a file") from None
+        return False
     except OSError as e:
         raise PowerSampleError(f"cannot create output directory {run_dir}: {e.strerror}") from None
-    path = run_dir / RUN_FILE
-    if not path.exists():
-        write_json_atomic(path, {"schema": SCHEMA, "identity": identity, **meta})
-    check_identity(run_dir, read_run(run_dir).get("identity"), identity)
+
+
+def _lock_directory(run_dir: Path) -> int:
+    """A descriptor of the directory holding its flock (waiting for it); FileNotFoundError when the directory is
+    gone, also when it was taken back (and maybe made again) while we waited."""
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not os.path.samestat(os.fstat(fd), os.stat(run_dir)):
+            raise FileNotFoundError(errno.ENOENT, "taken back while waiting for its lock", str(run_dir))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass(frozen=True)
 class Opened:
-    """What opening a run will create: the directory, its run.json (both absent before)."""
+    """What opening a run created: the directory, its run.json (both absent before)."""
 
     directory: bool
     run_file: bool
-
-    @classmethod
-    def before(cls, run_dir: Path) -> "Opened":
-        return cls(not run_dir.exists(), not (run_dir / RUN_FILE).exists())
 
 
 def discard_opened(run_dir: Path, path: Path, opened: Opened) -> None:
@@ -67,7 +127,16 @@ def discard_opened(run_dir: Path, path: Path, opened: Opened) -> None:
     (a run that was there before stays as it was): its records file `path` while empty and that file's lock,
     run.json unless another records file is there (another shard's run), and the directory when this run made it
     and nothing else is in it. Called while holding path's lock (another writer of the shard may take a fresh one
-    at once: this one writes nothing more); best effort, the failure that brought us here is what the caller raises."""
+    at once: this one writes nothing more), under the directory's lock (so no run joins halfway); best effort, the
+    failure that brought us here is what the caller raises."""
+    if not opened.run_file:
+        return
+    with contextlib.suppress(OSError, PowerSampleError), run_lock(run_dir):
+        _take_back(run_dir, path, opened)
+
+
+def _take_back(run_dir: Path, path: Path, opened: Opened) -> None:
+    """discard_opened's work, under the directory's lock."""
     if not opened.run_file:
         return
     with contextlib.suppress(OSError):
@@ -143,6 +212,8 @@ def record_key(record: dict[str, Any]) -> tuple[str, int]:
 def _read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         f = open(path, "rb")  # noqa: SIM115  (closed below)
+    except FileNotFoundError:  # taken back since it was listed: a shard's run that failed before its first record
+        return
     except OSError as e:  # a directory, unreadable, ...
         raise PowerSampleError(f"cannot read records file {path}: {e.strerror}") from None
     with f:
@@ -238,7 +309,7 @@ class RecordWriter:
         try:
             _flock(self._lock, path)
             repair_tail(path)  # safe now: we are the only writer
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115  (closed by close())
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             os.close(self._lock)
             raise PowerSampleError(f"cannot write {path}: {e.strerror}") from None
@@ -248,15 +319,16 @@ class RecordWriter:
         _HELD_LOCKS.add(self._lock)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record; a non-finite number is refused rather than written as invalid JSON (Infinity)."""
+        """Append one record; a non-finite number is refused rather than written as invalid JSON (Infinity), and a
+        failed write (a full disk) is cut back, so the file ends with a whole line either way."""
         refusal = (f"the record of problem {record.get('problem_id')!r} seed {record.get('seed')!r} holds a "
                    f"non-finite number; not writing it to {self.path}")  # fmt: skip
-        write_durably(self._file, json_line(record, refusal))
+        append_durably(self._fd, json_line(record, refusal).encode(), self.path)
 
     def close(self) -> None:
         """Close the records file, then release the lock."""
         try:
-            self._file.close()
+            os.close(self._fd)
         finally:
             _HELD_LOCKS.discard(self._lock)
             os.close(self._lock)

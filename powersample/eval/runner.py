@@ -24,8 +24,6 @@ from powersample.errors import PowerSampleError
 from powersample.eval import metrics
 from powersample.eval.records import (
     SCHEMA,
-    Opened,
-    RecordWriter,
     discard_opened,
     load_records,
     open_run,
@@ -148,11 +146,11 @@ def run_plan(plan: EvalPlan, run_dir: Path, make_records: MakeRecords, quiet: bo
     written once even when a worker that died had finished it. A run that fails before its first record takes back
     what opening it created (records.discard_opened): no run directory is left that holds nothing.
     """
-    opened = Opened.before(run_dir)
-    open_run(run_dir, plan.identity(), {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generator": plan.generator})
+    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "generator": plan.generator}
     wanted = {(p.id, s) for p in plan.problems for s in plan.seeds}
     # The lock first: what is done is read while no one else can add to it, so two runs never both do a unit.
-    with RecordWriter(records_path(run_dir, plan.shard)) as writer:
+    writer, opened = open_run(run_dir, plan.identity(), meta, records_path(run_dir, plan.shard))
+    with writer:
         done = {record_key(r): r for r in load_records(run_dir) if record_key(r) in wanted}
         resumed = len(done)
         todo = [(p, s) for p in plan.problems for s in plan.seeds if (p.id, s) not in done]
