@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from powersample.api import SampleRecord, chain_record, make_chains
 from powersample.backends import BackendSpec
@@ -62,7 +62,7 @@ from powersample.server.live import Feed, end_events, trace_feed
 from powersample.server.metrics import MISSING, CountRequests, Metrics, make_metrics
 from powersample.server.playground import add_playground
 from powersample.server.protocol import ApiError, ChatBody, CompletionBody, DetokenizeBody, Limits, TokenizeBody
-from powersample.server.requests import add_error_handlers, authenticate, key_ok, read_json
+from powersample.server.requests import JsonResponse, add_error_handlers, authenticate, key_ok, read_json
 from powersample.server.waiting import POLL_SECONDS, on_engine, results, submit, timeout_error, wait_job, watch
 
 Render = Callable[[list[wire.Output], bool], list[dict]]  # a streamed request's outputs (and whether its text
@@ -119,7 +119,7 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
             await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="powersample", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)  # fmt: skip
+                  openapi_url=None, default_response_class=JsonResponse)  # fmt: skip
     app.state.engine, app.state.settings = engine, settings
     add_error_handlers(app)
     add_guards(app, settings.bind_host, settings.allowed_hosts, settings.cors_origin)
@@ -184,7 +184,7 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
 
 
 def _respond(answer: dict | Response) -> Response:
-    return answer if isinstance(answer, Response) else JSONResponse(answer)
+    return answer if isinstance(answer, Response) else JsonResponse(answer)
 
 
 def _version() -> str:

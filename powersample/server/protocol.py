@@ -29,10 +29,13 @@ Field rules (the README's "Serve" section repeats them):
 - `stream_options.include_trace: true` (an extension): each chain's trace events (those of `sample --trace`),
   numbered by choice index, as `: trace {json}` comment lines while the chains run, before the chunks (`sse.py`).
 - Unknown fields are ignored and listed in `power_sampling.ignored`.
+- A number that is not finite (the log p of a token the model gives probability 0) is sent as `null`, in JSON answers
+  and SSE events alike (`json_bytes`, their one encoder).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
@@ -50,6 +53,7 @@ from powersample.core.types import Ranked
 from powersample.errors import PowerSampleError
 from powersample.samplers import registry
 from powersample.samplers.bon import bon_budget
+from powersample.samplers.chain import json_ready
 from powersample.samplers.power import eq12_tokens
 from powersample.samplers.registry import MCMC_METHODS, METHOD_KNOBS, PLAIN_METHODS
 
@@ -65,6 +69,17 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def json_bytes(data: Any) -> bytes:
+    """`data` as compact JSON, every non-finite float as null: the one encoder of every JSON answer and SSE event.
+    A log p of -inf (a token the model gives probability 0, offered as an alternative) is `null`, as OpenAI's
+    clients expect, never the `-Infinity` that strict JSON parsers refuse."""
+    try:
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:  # only when a float is not finite: the walk costs nothing on the common path
+        text = json.dumps(json_ready(data), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from powersample.errors import one_line
-from powersample.server.protocol import ApiError
+from powersample.server.protocol import ApiError, json_bytes
+
+
+class JsonResponse(JSONResponse):
+    """Every JSON answer of the server, encoded as SSE events are (`protocol.json_bytes`: non-finite numbers as
+    null)."""
+
+    def render(self, content: Any) -> bytes:
+        return json_bytes(content)
 
 
 def client_closed() -> ApiError:
@@ -89,19 +97,19 @@ def key_ok(request: Request, api_key: str | None) -> bool:
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return JsonResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         body = ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", kind=kind).body()
-        return JSONResponse(body, status_code=error.status_code, headers=error.headers)  # 405 keeps its Allow
+        return JsonResponse(body, status_code=error.status_code, headers=error.headers)  # 405 keeps its Allow
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse(ApiError(400, str(error.errors()[:1])).body(), status_code=400)
+        return JsonResponse(ApiError(400, str(error.errors()[:1])).body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception) -> JSONResponse:
         body = ApiError(500, f"internal error: {one_line(error)}", kind="server_error").body()
-        return JSONResponse(body, status_code=500)
+        return JsonResponse(body, status_code=500)

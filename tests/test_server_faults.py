@@ -1,0 +1,108 @@
+"""Protocol-level faults a hostile or careless client can provoke (issue 24): non-finite numbers in answers, text
+that is not Unicode, connection exhaustion, echoed ids split inside a character, the security scheme of a keyed
+server, empty guard flags, and chat shapes that must be answered quickly on the embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
+from powersample.config import SamplerConfig  # noqa: E402
+from powersample.server.app import Settings, create_app  # noqa: E402
+
+DEFAULTS = SamplerConfig(max_new_tokens=4, block_size=2, mcmc_steps=1)
+
+
+def strict_json(text: str | bytes):
+    """json.loads refusing NaN, Infinity and -Infinity (Python's parser takes them by default; JSON has none)."""
+
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def sse_data(text: str) -> list:
+    """Every `data:` event of a stream parsed strictly, [DONE] left out."""
+    lines = [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
+    assert lines and lines[-1] == "[DONE]" or any('"error"' in line for line in lines), text[-300:]
+    return [strict_json(line) for line in lines if line != "[DONE]"]
+
+
+def toy_client(spec: dict, **extra) -> TestClient:
+    app = create_app(ToyBackend(ToySpec.from_dict(spec)), Settings(defaults=DEFAULTS, **extra))
+    return TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+
+
+# --- 1: non-finite numbers are null, in JSON and SSE alike -----------------------------------------------------------
+
+ZEROS = {  # p = 0 tokens everywhere, EOS included: their log p is -inf
+    "vocab": ["a", "b", "c", "<eos>"],
+    "eos_id": 3,
+    "default": [0.5, 0.5, 0.0, 0.0],
+    "next": {"": [0.6, 0.4, 0.0, 0.0], "0": [0.0, 0.5, 0.2, 0.3]},
+}
+
+
+def test_a_zero_probability_alternative_is_null_not_infinity():
+    with toy_client(ZEROS) as client:
+        body = {"prompt": [2, 2], "logprobs": 4, "max_tokens": 3, "echo": True}
+        resp = client.post("/v1/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        lp = strict_json(resp.text)["choices"][0]["logprobs"]
+        assert lp["token_logprobs"][:2] == [None, None]  # the echoed "c c": p = 0 after "c"
+        assert None in lp["top_logprobs"][2].values()
+        events = sse_data(client.post("/v1/completions", json={**body, "stream": True}).text)
+        assert any(None in (t or {}).values() for e in events for c in e.get("choices", [])
+                   for t in (c.get("logprobs") or {}).get("top_logprobs", []))  # fmt: skip
+
+
+ROW = (st.lists(st.sampled_from([0, 0, 1, 3, 6]), min_size=4, max_size=4).filter(any)
+       .map(lambda r: [w / sum(r) for w in r]))  # fmt: skip
+
+
+@st.composite
+def zero_specs(draw) -> dict:
+    """A 4-token toy (EOS last) whose rows have zeros, EOS's included."""
+    nexts = draw(st.dictionaries(st.sampled_from(["", "0", "1", "2", "0,1", "1,1"]), ROW, max_size=4))
+    return {"vocab": ["a", "é", "c", "<eos>"], "eos_id": 3, "default": draw(ROW), "next": nexts}
+
+
+@st.composite
+def scored_requests(draw) -> tuple[str, dict]:
+    """A completions or chat request asking for log-probs, alternatives, echo and streaming in any mix."""
+    stream = draw(st.booleans())
+    method = draw(st.sampled_from(["power", "base"]))
+    if draw(st.booleans()):
+        top = draw(st.none() | st.integers(0, 20))
+        body = {"messages": [{"role": "user", "content": "hi"}], "logprobs": draw(st.booleans()), "method": method,
+                "max_tokens": draw(st.integers(1, 4)), "stream": stream}  # fmt: skip
+        return "/v1/chat/completions", body | ({"top_logprobs": top} if top is not None and body["logprobs"] else {})
+    echo = draw(st.booleans())
+    prompt = draw(st.just("x") | st.lists(st.integers(0, 3), min_size=1, max_size=4))
+    tokens = draw(st.integers(0 if echo and not stream else 1, 4))
+    body = {"prompt": prompt, "echo": echo, "logprobs": draw(st.none() | st.integers(0, 5)), "method": method,
+            "max_tokens": tokens, "stream": stream, "seed": draw(st.integers(0, 3))}  # fmt: skip
+    return "/v1/completions", body
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=zero_specs(), request=scored_requests())
+def test_every_answer_over_zero_probabilities_is_strict_json(spec, request):
+    path, body = request
+    with toy_client(spec) as client:
+        resp = client.post(path, json=body)
+    assert resp.status_code < 500, resp.text
+    if body["stream"] and resp.status_code == 200:
+        for event in sse_data(resp.text):
+            assert "error" not in event, event
+    else:
+        strict_json(resp.text)
