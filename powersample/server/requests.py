@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 from typing import Any
 
@@ -52,9 +53,44 @@ async def read_json(request: Request, limit: int, timeout: float = 30.0) -> Any:
         raise ApiError(415, f"the request body must be sent as 'Content-Type: application/json', not "
                        f"{media or 'no type'!r}", code="unsupported_media_type")  # fmt: skip
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ApiError(400, f"the request body is not valid JSON: {one_line(e)}", code="invalid_json") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        check_text(data)
+    return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # JSON's only way to spell a surrogate: \uD800-\uDFFF
+
+
+def check_text(data: Any) -> None:
+    """A 400 naming a string (or field name) of a parsed body that is not Unicode text: JSON may spell a lone
+    surrogate ("\\ud800"), which no tokenizer can encode, nor any answer carry. Checked on every body before any
+    work, so prompts, messages, stop strings and every other text field are covered alike. Iterative: a deeply
+    nested body cannot exhaust the stack."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str) and not _unicode(value):
+            where = ".".join(map(str, path)) or "body"
+            raise ApiError(400, f"'{where}' is not valid Unicode text (it holds a lone surrogate, such as \\ud800): "
+                           "send UTF-8 text", param=str(path[0]) if path else None, code="invalid_text")  # fmt: skip
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _unicode(key):
+                    raise ApiError(400, f"a field name is not valid Unicode text: {ascii(key)}", code="invalid_text")
+                stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, i)) for i, item in enumerate(value))
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
