@@ -177,3 +177,34 @@ def llama_client(llama):
 @pytest.mark.parametrize(("path", "raw", "param"), NOT_UNICODE)
 def test_text_that_is_not_unicode_is_a_400_naming_its_field_on_a_real_tokenizer(llama_client, path, raw, param):
     check_not_unicode(llama_client, path, raw, param)
+
+
+# --- 3: connection exhaustion is answered in the API's JSON -----------------------------------------------------------
+
+
+def test_a_server_out_of_connections_answers_json_with_retry_after():
+    import socket
+
+    import httpx
+
+    from powersample.server.background import background_server
+    from powersample.server.http import HttpLimits
+
+    app = create_app(ToyBackend(ToySpec.from_dict(ZEROS)), Settings(defaults=DEFAULTS))
+    with background_server(app, limits=HttpLimits(max_connections=4)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+        try:
+            resp = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
+            assert resp.status_code == 503 and resp.headers["content-type"] == "application/json"
+            assert int(resp.headers["retry-after"]) >= 1
+            error = strict_json(resp.text)["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["code"] == "too_many_connections"
+        finally:
+            for sock in idle:
+                sock.close()
+        for _ in range(50):  # the server sees the closes at its next loop turn
+            resp = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10)
+            if resp.status_code != 503:
+                break
+        assert resp.status_code == 200, resp.text
