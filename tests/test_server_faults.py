@@ -208,3 +208,40 @@ def test_a_server_out_of_connections_answers_json_with_retry_after():
             if resp.status_code != 503:
                 break
         assert resp.status_code == 200, resp.text
+
+
+# --- 4: per-token pieces break at character boundaries ----------------------------------------------------------------
+
+SPLIT = "Say é漢字🙂 ok"  # SmolLM2 spells 漢 and 🙂 with byte tokens: each character spans several tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logprobs", [None, 0, 3])
+def test_an_echoed_id_prompt_keeps_characters_split_over_tokens_whole(llama, llama_client, logprobs):
+    ids = list(llama.encode(SPLIT, False))
+    assert any("\ufffd" in llama.decode([t]) for t in ids)  # the test's premise: some tokens are partial bytes
+    body = {"prompt": ids, "echo": True, "max_tokens": 0, "logprobs": logprobs}
+    choice = strict_json(llama_client.post("/v1/completions", json=body).text)["choices"][0]
+    assert choice["text"] == SPLIT
+    if logprobs is not None:
+        lp = choice["logprobs"]
+        assert "".join(lp["tokens"]) == SPLIT and len(lp["tokens"]) == len(ids)
+        assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(ids))]
+        assert "\ufffd" not in "".join(lp["tokens"])
+        for piece, top in zip(lp["tokens"][1:], lp["top_logprobs"][1:] if logprobs else []):
+            assert piece in top  # the token there is named by its own piece
+
+
+@pytest.mark.slow
+def test_sampled_pieces_keep_characters_split_over_tokens_whole(llama):
+    from powersample.api import SampleRecord
+    from powersample.server import protocol as wire
+
+    ids = tuple(llama.encode(SPLIT, False))
+    record = SampleRecord(prompt="x", text=SPLIT, tokens=ids, token_logp=(-1.0,) * len(ids), logp=-1.0,
+                          finish_reason="length", tokens_generated=len(ids), proposals=0, accepted=0,
+                          wall_seconds=0.0, method="base", seed=0, sample_index=0, config={})  # fmt: skip
+    out = wire.finish(llama.decode, record, [], True)
+    assert "".join(out.pieces) == SPLIT
+    content = wire.chat_logprobs(out, 0)["content"]
+    assert bytes(b for entry in content for b in entry["bytes"]).decode("utf-8") == SPLIT

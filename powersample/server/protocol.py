@@ -58,6 +58,7 @@ from powersample.samplers.bon import bon_budget
 from powersample.samplers.chain import json_ready
 from powersample.samplers.power import eq12_tokens
 from powersample.samplers.registry import MCMC_METHODS, METHOD_KNOBS, PLAIN_METHODS
+from powersample.server.deltas import REPLACEMENT
 
 
 class ApiError(Exception):
@@ -460,21 +461,32 @@ def _pieces(decode, tokens: Sequence[int], check: Callable[[], None] | None = No
     Incremental: the growth is measured on a window that starts at a multiple of `window` tokens, between `window`
     and 2 `window` tokens back, so one decode of at most 2 `window` + 1 tokens per token (and one more per window
     move): linear in T, where decoding every prefix is quadratic. Both texts of a growth are decoded from the same
-    start, so a detokenizer's handling of a sequence's first token (a dropped leading space) cancels out."""
+    start, so a detokenizer's handling of a sequence's first token (a dropped leading space) cancels out.
+
+    At character boundaries: a character whose bytes span several tokens (byte tokens of "漢") belongs whole to the
+    token that completes it, the tokens before it having the piece "" (`_settled`: the U+FFFD a detokenizer shows
+    for the bytes so far is not text yet), as vLLM's pieces do; the last token takes whatever is left."""
     pieces, offsets, start, before, offset = [], [], 0, "", 0
     for i in range(len(tokens)):
         if check is not None:
             check()
         begin = _window_start(i, window)
         if begin != start:
-            start, before = begin, decode(tokens[begin:i])
+            start, before = begin, _settled(decode(tokens[begin:i]))
         text = decode(tokens[start : i + 1])
+        text = text if i == len(tokens) - 1 else _settled(text)
         piece = text[min(len(before), len(text)) :]
         pieces.append(piece)
         offsets.append(offset)
         offset += len(piece)
         before = text
     return tuple(pieces), tuple(offsets)
+
+
+def _settled(text: str) -> str:
+    """`text` without the U+FFFD at its end: what a detokenizer shows for a character whose last bytes have not come
+    yet (the next token may complete it; it is no text of its own before then)."""
+    return text.rstrip(REPLACEMENT)
 
 
 def ranked(decode, out: Output, ranks: Sequence[Ranked], check: Callable[[], None] | None = None) -> Output:
@@ -501,14 +513,15 @@ def _named(decode, tokens: Sequence[int], tops: Sequence[tuple[tuple[int, float]
            check: Callable[[], None] | None = None, first: int = 0) -> tuple[Alternatives, ...]:  # fmt: skip
     """Each position's (id, log p) alternatives as (piece, log p), from position `first` of `tokens` on: a token's
     piece is what its text adds after the tokens before it, decoded as `_pieces` decodes the token there (the same
-    window), so the piece of the token actually there is its own piece."""
+    window, held at a character boundary alike), so the piece of the token actually there is its own piece."""
     named = []
     for i, top in enumerate(tops, start=first):
         if check is not None:
             check()
-        begin = _window_start(i)
-        before = decode(tokens[begin:i])
-        named.append(tuple((decode([*tokens[begin:i], t])[len(before) :], lp) for t, lp in top))
+        begin, last = _window_start(i), i == len(tokens) - 1
+        before = _settled(decode(tokens[begin:i]))
+        texts = ((decode([*tokens[begin:i], t]), lp) for t, lp in top)
+        named.append(tuple(((text if last else _settled(text))[len(before) :], lp) for text, lp in texts))
     return tuple(named)
 
 
