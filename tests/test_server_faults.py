@@ -245,3 +245,24 @@ def test_sampled_pieces_keep_characters_split_over_tokens_whole(llama):
     assert "".join(out.pieces) == SPLIT
     content = wire.chat_logprobs(out, 0)["content"]
     assert bytes(b for entry in content for b in entry["bytes"]).decode("utf-8") == SPLIT
+
+
+# --- 5: a keyed server declares its security scheme --------------------------------------------------------------------
+
+KEYED = {("/v1/models", "get"), ("/v1/completions", "post"), ("/v1/chat/completions", "post"),
+         ("/tokenizer_info", "get"), ("/tokenize", "post"), ("/detokenize", "post")}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", ["sesame", None])
+def test_the_served_document_declares_bearer_auth_where_the_key_is_needed(key):
+    with toy_client(ZEROS, api_key=key) as client:
+        doc = strict_json(client.get("/openapi.json", headers={"authorization": f"Bearer {key}"}).text)
+    schemes = doc.get("components", {}).get("securitySchemes", {})
+    secured = {(path, method) for path, ops in doc["paths"].items() for method, op in ops.items() if op.get("security")}
+    if key is None:
+        assert not schemes and not secured
+        return
+    assert list(schemes.values()) == [{**list(schemes.values())[0], "type": "http", "scheme": "bearer"}]
+    assert secured == KEYED  # /health answers anyone (its engine state only with the key)
+    name = next(iter(schemes))
+    assert all(doc["paths"][path][method]["security"] == [{name: []}] for path, method in KEYED)

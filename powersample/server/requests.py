@@ -9,9 +9,10 @@ import re
 import secrets
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -112,9 +113,19 @@ def _too_large(limit: int) -> ApiError:
 
 
 def authenticate(api_key: str | None):
-    """A dependency refusing (401) requests without `Authorization: Bearer <api_key>`; no check without a key."""
+    """A dependency refusing (401) requests without `Authorization: Bearer <api_key>`; no check without a key. With a
+    key it declares HTTP bearer auth, so the served document's routes that need the key say so (`securitySchemes`);
+    the check itself is `key_ok`'s."""
+    if api_key is None:
 
-    async def check(request: Request) -> None:
+        async def open_to_all() -> None:
+            return None
+
+        return open_to_all
+
+    bearer = HTTPBearer(auto_error=False, scheme_name="bearer", description="the server's --api-key")
+
+    async def check(request: Request, _: Any = Security(bearer)) -> None:
         if not key_ok(request, api_key):
             raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                            kind="authentication_error", code="invalid_api_key")  # fmt: skip

@@ -3,7 +3,8 @@
 build, so a fuzzer (schemathesis) can check every answer against it. The handlers parse bodies themselves (size
 first, then JSON, then the model: see `requests.read_json`), so the request bodies are added to FastAPI's document here.
 A streamed answer (`stream: true`) is `text/event-stream`; its chunk objects are the components CompletionChunk and
-ChatChunk (see `sse.py`).
+ChatChunk (see `sse.py`). A server with an API key declares HTTP bearer auth (`components.securitySchemes`) on the
+routes that need the key (`requests.authenticate`); /health answers anyone.
 """
 
 from __future__ import annotations
