@@ -266,3 +266,26 @@ def test_the_served_document_declares_bearer_auth_where_the_key_is_needed(key):
     assert secured == KEYED  # /health answers anyone (its engine state only with the key)
     name = next(iter(schemes))
     assert all(doc["paths"][path][method]["security"] == [{name: []}] for path, method in KEYED)
+
+
+# --- 6: empty guard flags are refused at startup ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--cors-origin", ""], "--cors-origin"),
+    (["--cors-origin", "  "], "--cors-origin"),
+    (["--allowed-host", ""], "--allowed-host"),
+    (["--allowed-host", "example.com", "--allowed-host", " "], "--allowed-host"),
+])  # fmt: skip
+def test_empty_guard_flags_are_one_line_and_exit_2(argv, flag, capsys, monkeypatch):
+    from importlib.resources import files
+
+    from powersample.cli import main
+
+    uvicorn = pytest.importorskip("uvicorn")
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: pytest.fail("serve got past its checks"))
+    spec = str(files("powersample") / "toy_specs" / "no_early_eos.json")
+    code = main(["serve", *argv, "--backend", "toy", "--toy-spec", spec, "--quiet", "--port", "1"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("powersample: error:"), (code, err)
+    assert flag in err and "empty" in err
