@@ -289,3 +289,60 @@ def test_empty_guard_flags_are_one_line_and_exit_2(argv, flag, capsys, monkeypat
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("powersample: error:"), (code, err)
     assert flag in err and "empty" in err
+
+
+# --- chat shapes the audit saw unanswered on the embedded model (llama.cpp, one thread) -----------------------------
+
+TURNS = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(1000)]
+HI = [{"role": "user", "content": "hi"}]
+CHAT_SHAPES = {  # name: (body, the status it gets)
+    "a 1,000-turn chat (past the context)": ({"messages": TURNS}, 400),
+    "a system-only chat": ({"messages": [{"role": "system", "content": "You are helpful."}]}, 200),
+    "a tool role": ({"messages": [*HI, {"role": "tool", "content": "42"}]}, 200),
+    "top_logprobs without logprobs": ({"messages": HI, "top_logprobs": 3}, 200),
+    "chat echo": ({"messages": HI, "echo": True}, 200),
+}
+SHAPE_SECONDS = 15.0  # each is a few seconds at most here (power, T = 4, one MCMC step); the audit's client gave up
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CHAT_SHAPES))
+def test_chat_shapes_are_answered_quickly_on_the_embedded_model(llama, name):
+    import time
+
+    body, status = CHAT_SHAPES[name]
+    app = create_app(llama, Settings(defaults=DEFAULTS, model_name="smollm2"))
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        start = time.monotonic()
+        resp = client.post("/v1/chat/completions", json={**body, "seed": 0})
+        assert time.monotonic() - start < SHAPE_SECONDS and resp.status_code == status, resp.text
+    answer = strict_json(resp.text)
+    if "top_logprobs" in body:
+        assert answer["choices"][0]["logprobs"] is None and "top_logprobs" in answer["power_sampling"]["ignored"]
+    if "echo" in body:
+        assert "echo" in answer["power_sampling"]["ignored"]
+
+
+@pytest.mark.slow
+def test_a_long_chat_is_encoded_off_the_event_loop(llama):
+    """Rendering and tokenizing thousands of turns takes seconds (llama.cpp's special-token split is superlinear):
+    meanwhile the server answers others."""
+    import threading
+    import time
+
+    import httpx
+
+    from powersample.server.background import background_server
+
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(8000)]
+    app = create_app(llama, Settings(defaults=DEFAULTS, model_name="smollm2"))
+    with background_server(app) as base:
+        slow = threading.Thread(target=httpx.post, args=(f"{base}/v1/chat/completions",),
+                                kwargs={"json": {"messages": turns}, "timeout": 120})  # fmt: skip
+        slow.start()
+        time.sleep(0.5)  # the long chat is being encoded now
+        start = time.monotonic()
+        assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+        waited = time.monotonic() - start
+        slow.join()
+    assert waited < 1.0, waited

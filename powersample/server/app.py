@@ -219,8 +219,7 @@ class _Server:
         prompts, scoring = wire.prompt_list(body), wire.scores_only(body)
         work = 0 if scoring else wire.check_budget(config, len(prompts), body.n, self.settings.limits)
         new = 0 if scoring else config.max_new_tokens
-        ids = [self._checked(self._prompt_ids(p), new, "prompt") for p in prompts]
-        texts = [p if isinstance(p, str) else self.backend.decode(i) for p, i in zip(prompts, ids)]
+        ids, texts = await asyncio.to_thread(self._encoded, prompts, new)  # off the event loop: tokenizers can be slow
         plan = _Plan(texts, ids, config, _seed(body), body.n, ignored, work, deadline, body.logprobs, body.echo,
                      not isinstance(prompts[0], str), final_eos=True)  # fmt: skip
         self._check_ranking(plan, "logprobs")
@@ -245,6 +244,11 @@ class _Server:
         response = self._response("text_completion", plan, [], outputs, _completion_choices(outputs, plan.logprobs))
         response["power_sampling"]["config"]["max_new_tokens"] = 0
         return response
+
+    def _encoded(self, prompts: list, new: int) -> tuple[list[Tokens], list[str]]:
+        """The prompts' ids (each checked to fit the context with `new` tokens) and texts (an id prompt decoded)."""
+        ids = [self._checked(self._prompt_ids(p), new, "prompt") for p in prompts]
+        return ids, [p if isinstance(p, str) else self.backend.decode(i) for p, i in zip(prompts, ids)]
 
     def _prompt_ids(self, prompt: str | list[int]) -> Tokens:
         """A completions prompt's ids: a text encoded, or token ids checked against the vocabulary."""
@@ -276,7 +280,7 @@ class _Server:
         config, ignored = wire.sampler_config(body, self.settings.defaults)
         work = wire.check_budget(config, 1, body.n, self.settings.limits)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids, transcript = encode_messages(self.backend, messages, self.chat_template)
+        ids, transcript = await asyncio.to_thread(encode_messages, self.backend, messages, self.chat_template)
         ids = self._checked(ids, config.max_new_tokens, "messages")
         plan = _Plan([json.dumps(messages)], [ids], config, _seed(body), body.n, ignored, work, deadline,
                      wire.wanted_logprobs(body), transcript=transcript)  # fmt: skip

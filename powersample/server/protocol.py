@@ -372,6 +372,8 @@ def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig,
             # the server's fixed default B, clipped to this request's T
             over["block_size"] = min(defaults.block_size, max_tokens)
     ignored = sorted(set(body.model_extra or {}))
+    if isinstance(body, ChatBody) and body.top_logprobs is not None and not body.logprobs:
+        ignored.append("top_logprobs")  # alternatives come only with logprobs: true
     if body.temperature is not None:
         if over["method"] in PLAIN_METHODS:
             over.update(_plain_temperature(over["method"], body.temperature, body.proposal_temperature))
