@@ -42,7 +42,7 @@ def toy_client(spec: dict, **extra) -> TestClient:
     return TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
 
 
-# --- 1: non-finite numbers are null, in JSON and SSE alike -----------------------------------------------------------
+# --- 1: non-finite numbers are null, in JSON and SSE alike ------------------------------------------------------------
 
 ZEROS = {  # p = 0 tokens everywhere, EOS included: their log p is -inf
     "vocab": ["a", "b", "c", "<eos>"],
@@ -247,7 +247,7 @@ def test_sampled_pieces_keep_characters_split_over_tokens_whole(llama):
     assert bytes(b for entry in content for b in entry["bytes"]).decode("utf-8") == SPLIT
 
 
-# --- 5: a keyed server declares its security scheme --------------------------------------------------------------------
+# --- 5: a keyed server declares its security scheme -------------------------------------------------------------------
 
 KEYED = {("/v1/models", "get"), ("/v1/completions", "post"), ("/v1/chat/completions", "post"),
          ("/tokenizer_info", "get"), ("/tokenize", "post"), ("/detokenize", "post")}  # fmt: skip
@@ -268,7 +268,7 @@ def test_the_served_document_declares_bearer_auth_where_the_key_is_needed(key):
     assert all(doc["paths"][path][method]["security"] == [{name: []}] for path, method in KEYED)
 
 
-# --- 6: empty guard flags are refused at startup ---------------------------------------------------------------------
+# --- 6: empty guard flags are refused at startup ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("argv", "flag"), [
@@ -291,7 +291,7 @@ def test_empty_guard_flags_are_one_line_and_exit_2(argv, flag, capsys, monkeypat
     assert flag in err and "empty" in err
 
 
-# --- chat shapes the audit saw unanswered on the embedded model (llama.cpp, one thread) -----------------------------
+# --- chat shapes the audit saw unanswered on the embedded model (llama.cpp, one thread) -------------------------------
 
 TURNS = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(1000)]
 HI = [{"role": "user", "content": "hi"}]

@@ -242,7 +242,8 @@ _ERRORS = {401: "no valid API key", 403: "a foreign Host or Origin", 500: "the e
 _BODY_ERRORS = {400: "a bad field or a limit (param names the field)", 408: "the body did not arrive in time",
                 413: "the body is too large", 415: "the body is not application/json",
                 499: "the client closed the request"}  # fmt: skip
-_GENERATION_ERRORS = {**_BODY_ERRORS, 429: "the server is full (Retry-After)", 503: "stopped by a shutdown, or too many connections or requests at once (Retry-After)",
+_GENERATION_ERRORS = {**_BODY_ERRORS, 429: "the server is full (Retry-After)",
+                      503: "stopped by a shutdown, or too many connections or requests at once (Retry-After)",
                       504: "past the request timeout"}  # fmt: skip
 
 
