@@ -167,6 +167,7 @@ def _settings(args: argparse.Namespace, spec: BackendSpec):
         raise PowerSampleError(f"--stream-keepalive must be > 0, got {args.stream_keepalive}")
     if not 0 < args.port < 65536:
         raise PowerSampleError(f"--port must be between 1 and 65535, got {args.port}")
+    _check_guard_flags(args.allowed_host, args.cors_origin)
     if args.api_key == "":
         raise PowerSampleError("--api-key (or $POWERSAMPLE_API_KEY) is empty, which would turn authentication "
                                "off; give a key, or leave both unset to serve without one")  # fmt: skip
@@ -177,6 +178,16 @@ def _settings(args: argparse.Namespace, spec: BackendSpec):
                     allowed_hosts=tuple(args.allowed_host), cors_origin=args.cors_origin,
                     body_timeout=args.body_timeout, metrics_public=args.metrics_public,
                     stream_keepalive=args.stream_keepalive)  # fmt: skip
+
+
+def _check_guard_flags(allowed_hosts: list[str], cors_origin: str | None) -> None:
+    """An empty --allowed-host or --cors-origin (a shell variable left unset) is refused: it names nothing, and an
+    empty origin would match a request whose Origin header is empty."""
+    if any(not name.strip() for name in allowed_hosts):
+        raise PowerSampleError("--allowed-host is empty: give a host name (or '*' for any), or leave the flag out")
+    if cors_origin is not None and not cors_origin.strip():
+        raise PowerSampleError("--cors-origin is empty: give an origin such as http://localhost:3000, or leave the "
+                               "flag out (no web page may call the server)")  # fmt: skip
 
 
 def _check_defaults(config, limits) -> None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from powersample.api import SampleRecord, chain_record, make_chains
 from powersample.backends import BackendSpec
@@ -62,7 +62,7 @@ from powersample.server.live import Feed, end_events, trace_feed
 from powersample.server.metrics import MISSING, CountRequests, Metrics, make_metrics
 from powersample.server.playground import add_playground
 from powersample.server.protocol import ApiError, ChatBody, CompletionBody, DetokenizeBody, Limits, TokenizeBody
-from powersample.server.requests import add_error_handlers, authenticate, key_ok, read_json
+from powersample.server.requests import JsonResponse, add_error_handlers, authenticate, key_ok, read_json
 from powersample.server.waiting import POLL_SECONDS, on_engine, results, submit, timeout_error, wait_job, watch
 
 Render = Callable[[list[wire.Output], bool], list[dict]]  # a streamed request's outputs (and whether its text
@@ -119,7 +119,7 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
             await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="powersample", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)  # fmt: skip
+                  openapi_url=None, default_response_class=JsonResponse)  # fmt: skip
     app.state.engine, app.state.settings = engine, settings
     add_error_handlers(app)
     add_guards(app, settings.bind_host, settings.allowed_hosts, settings.cors_origin)
@@ -184,7 +184,7 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
 
 
 def _respond(answer: dict | Response) -> Response:
-    return answer if isinstance(answer, Response) else JSONResponse(answer)
+    return answer if isinstance(answer, Response) else JsonResponse(answer)
 
 
 def _version() -> str:
@@ -221,8 +221,7 @@ class _Server:
         prompts, scoring = wire.prompt_list(body), wire.scores_only(body)
         work = 0 if scoring else wire.check_budget(config, len(prompts), body.n, self.settings.limits)
         new = 0 if scoring else config.max_new_tokens
-        ids = [self._checked(self._prompt_ids(p), new, "prompt") for p in prompts]
-        texts = [p if isinstance(p, str) else self.backend.decode(i) for p, i in zip(prompts, ids)]
+        ids, texts = await asyncio.to_thread(self._encoded, prompts, new)  # off the event loop: tokenizers can be slow
         plan = _Plan(texts, ids, config, _seed(body), body.n, ignored, work, deadline, body.logprobs, body.echo,
                      not isinstance(prompts[0], str), final_eos=True)  # fmt: skip
         self._check_ranking(plan, "logprobs")
@@ -248,6 +247,11 @@ class _Server:
         response = self._response("text_completion", plan, [], outputs, _completion_choices(outputs, plan.logprobs))
         response["power_sampling"]["config"]["max_new_tokens"] = 0
         return response
+
+    def _encoded(self, prompts: list, new: int) -> tuple[list[Tokens], list[str]]:
+        """The prompts' ids (each checked to fit the context with `new` tokens) and texts (an id prompt decoded)."""
+        ids = [self._checked(self._prompt_ids(p), new, "prompt") for p in prompts]
+        return ids, [p if isinstance(p, str) else self.backend.decode(i) for p, i in zip(prompts, ids)]
 
     def _prompt_ids(self, prompt: str | list[int]) -> Tokens:
         """A completions prompt's ids: a text encoded, or token ids checked against the vocabulary."""
@@ -279,7 +283,7 @@ class _Server:
         config, ignored = wire.sampler_config(body, self.settings.defaults)
         work = wire.check_budget(config, 1, body.n, self.settings.limits)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids, transcript = encode_messages(self.backend, messages, self.chat_template)
+        ids, transcript = await asyncio.to_thread(encode_messages, self.backend, messages, self.chat_template)
         ids = self._checked(ids, config.max_new_tokens, "messages")
         plan = _Plan([json.dumps(messages)], [ids], config, _seed(body), body.n, ignored, work, deadline,
                      wire.wanted_logprobs(body), transcript=transcript)  # fmt: skip

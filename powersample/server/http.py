@@ -1,16 +1,22 @@
 """The HTTP server's own limits, set deliberately (uvicorn's defaults leave a slow client's socket open forever):
 a request's headers must arrive within `header_timeout` seconds of the connection (or of its first byte, on a
 kept-alive one), its body within `body_timeout` more, idle kept-alive connections close after `keep_alive`, and
-past `max_connections` connections or requests at once new requests get 503 (uvicorn's `limit_concurrency`).
+past `max_connections` connections or requests at once new requests get 503 (uvicorn's `limit_concurrency`, counted
+as uvicorn counts it), answered as every other error is: OpenAI's error JSON, with Retry-After (`over_capacity`),
+where uvicorn's own answer is a plain-text "Service Unavailable".
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+from powersample.server.protocol import ApiError, json_bytes
+
 BODY_GRACE = 1.0  # seconds past body_timeout before the socket is closed: the app answers 408 first when it reads
+RETRY_AFTER = 1  # seconds a 503 for too many connections tells the client to wait
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,12 @@ def protocol_class(limits: HttpLimits) -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class TimedH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            limit, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's check off: ours answers JSON
+            if limit is not None:
+                self.app = over_capacity(self.app, lambda: len(self.connections) >= limit or len(self.tasks) > limit)
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._timer: asyncio.TimerHandle | None = None
             self._phase: str | None = None
@@ -92,3 +104,23 @@ def protocol_class(limits: HttpLimits) -> type:
                 self.transport.close()
 
     return TimedH11Protocol
+
+
+def over_capacity(app: Any, full: Any) -> Any:
+    """`app`, except that while `full()` an HTTP request gets 503 in OpenAI's error JSON, with Retry-After and
+    `Connection: close` (uvicorn's limit_concurrency check, which this replaces, answers plain text). `full` runs
+    inside the request's own task, so the task count it sees includes this request (hence uvicorn's `>=` is `>`)."""
+    async def guarded(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not full():
+            await app(scope, receive, send)
+            return
+        error = ApiError(503, "the server is at its limit of connections or requests at once; retry later",
+                         kind="server_error", code="too_many_connections")  # fmt: skip
+        logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit.")  # as uvicorn's own check logs it
+        body = json_bytes(error.body())
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"retry-after", str(RETRY_AFTER).encode()), (b"connection", b"close")]  # fmt: skip
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return guarded

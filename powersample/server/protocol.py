@@ -29,10 +29,15 @@ Field rules (the README's "Serve" section repeats them):
 - `stream_options.include_trace: true` (an extension): each chain's trace events (those of `sample --trace`),
   numbered by choice index, as `: trace {json}` comment lines while the chains run, before the chunks (`sse.py`).
 - Unknown fields are ignored and listed in `power_sampling.ignored`.
+- Every string of a body, field names included, must be Unicode text: a lone surrogate (JSON's "\\ud800") is a 400
+  naming its field, code `invalid_text`, before any work (`requests.check_text`).
+- A number that is not finite (the log p of a token the model gives probability 0) is sent as `null`, in JSON answers
+  and SSE events alike (`json_bytes`, their one encoder).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
@@ -50,8 +55,10 @@ from powersample.core.types import Ranked
 from powersample.errors import PowerSampleError
 from powersample.samplers import registry
 from powersample.samplers.bon import bon_budget
+from powersample.samplers.chain import json_ready
 from powersample.samplers.power import eq12_tokens
 from powersample.samplers.registry import MCMC_METHODS, METHOD_KNOBS, PLAIN_METHODS
+from powersample.server.deltas import REPLACEMENT
 
 
 class ApiError(Exception):
@@ -65,6 +72,17 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def json_bytes(data: Any) -> bytes:
+    """`data` as compact JSON, every non-finite float as null: the one encoder of every JSON answer and SSE event.
+    A log p of -inf (a token the model gives probability 0, offered as an alternative) is `null`, as OpenAI's
+    clients expect, never the `-Infinity` that strict JSON parsers refuse."""
+    try:
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:  # only when a float is not finite: the walk costs nothing on the common path
+        text = json.dumps(json_ready(data), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -354,6 +372,8 @@ def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig,
             # the server's fixed default B, clipped to this request's T
             over["block_size"] = min(defaults.block_size, max_tokens)
     ignored = sorted(set(body.model_extra or {}))
+    if isinstance(body, ChatBody) and body.top_logprobs is not None and not body.logprobs:
+        ignored.append("top_logprobs")  # alternatives come only with logprobs: true
     if body.temperature is not None:
         if over["method"] in PLAIN_METHODS:
             over.update(_plain_temperature(over["method"], body.temperature, body.proposal_temperature))
@@ -443,21 +463,32 @@ def _pieces(decode, tokens: Sequence[int], check: Callable[[], None] | None = No
     Incremental: the growth is measured on a window that starts at a multiple of `window` tokens, between `window`
     and 2 `window` tokens back, so one decode of at most 2 `window` + 1 tokens per token (and one more per window
     move): linear in T, where decoding every prefix is quadratic. Both texts of a growth are decoded from the same
-    start, so a detokenizer's handling of a sequence's first token (a dropped leading space) cancels out."""
+    start, so a detokenizer's handling of a sequence's first token (a dropped leading space) cancels out.
+
+    At character boundaries: a character whose bytes span several tokens (byte tokens of "漢") belongs whole to the
+    token that completes it, the tokens before it having the piece "" (`_settled`: the U+FFFD a detokenizer shows
+    for the bytes so far is not text yet), as vLLM's pieces do; the last token takes whatever is left."""
     pieces, offsets, start, before, offset = [], [], 0, "", 0
     for i in range(len(tokens)):
         if check is not None:
             check()
         begin = _window_start(i, window)
         if begin != start:
-            start, before = begin, decode(tokens[begin:i])
+            start, before = begin, _settled(decode(tokens[begin:i]))
         text = decode(tokens[start : i + 1])
+        text = text if i == len(tokens) - 1 else _settled(text)
         piece = text[min(len(before), len(text)) :]
         pieces.append(piece)
         offsets.append(offset)
         offset += len(piece)
         before = text
     return tuple(pieces), tuple(offsets)
+
+
+def _settled(text: str) -> str:
+    """`text` without the U+FFFD at its end: what a detokenizer shows for a character whose last bytes have not come
+    yet (the next token may complete it; it is no text of its own before then)."""
+    return text.rstrip(REPLACEMENT)
 
 
 def ranked(decode, out: Output, ranks: Sequence[Ranked], check: Callable[[], None] | None = None) -> Output:
@@ -484,14 +515,15 @@ def _named(decode, tokens: Sequence[int], tops: Sequence[tuple[tuple[int, float]
            check: Callable[[], None] | None = None, first: int = 0) -> tuple[Alternatives, ...]:  # fmt: skip
     """Each position's (id, log p) alternatives as (piece, log p), from position `first` of `tokens` on: a token's
     piece is what its text adds after the tokens before it, decoded as `_pieces` decodes the token there (the same
-    window), so the piece of the token actually there is its own piece."""
+    window, held at a character boundary alike), so the piece of the token actually there is its own piece."""
     named = []
     for i, top in enumerate(tops, start=first):
         if check is not None:
             check()
-        begin = _window_start(i)
-        before = decode(tokens[begin:i])
-        named.append(tuple((decode([*tokens[begin:i], t])[len(before) :], lp) for t, lp in top))
+        begin, last = _window_start(i), i == len(tokens) - 1
+        before = _settled(decode(tokens[begin:i]))
+        texts = ((decode([*tokens[begin:i], t]), lp) for t, lp in top)
+        named.append(tuple(((text if last else _settled(text))[len(before) :], lp) for text, lp in texts))
     return tuple(named)
 
 

@@ -3,7 +3,8 @@
 build, so a fuzzer (schemathesis) can check every answer against it. The handlers parse bodies themselves (size
 first, then JSON, then the model: see `requests.read_json`), so the request bodies are added to FastAPI's document here.
 A streamed answer (`stream: true`) is `text/event-stream`; its chunk objects are the components CompletionChunk and
-ChatChunk (see `sse.py`).
+ChatChunk (see `sse.py`). A server with an API key declares HTTP bearer auth (`components.securitySchemes`) on the
+routes that need the key (`requests.authenticate`); /health answers anyone.
 """
 
 from __future__ import annotations
@@ -237,11 +238,13 @@ class Health(BaseModel):
     engine_alive: bool | None = None
 
 
-_ERRORS = {401: "no valid API key", 403: "a foreign Host or Origin", 500: "the engine failed"}
+_ERRORS = {401: "no valid API key", 403: "a foreign Host or Origin", 500: "the engine failed",
+           503: "too many connections or requests at once (Retry-After)"}  # fmt: skip
 _BODY_ERRORS = {400: "a bad field or a limit (param names the field)", 408: "the body did not arrive in time",
                 413: "the body is too large", 415: "the body is not application/json",
                 499: "the client closed the request"}  # fmt: skip
-_GENERATION_ERRORS = {**_BODY_ERRORS, 429: "the server is full (Retry-After)", 503: "stopped by a shutdown",
+_GENERATION_ERRORS = {**_BODY_ERRORS, 429: "the server is full (Retry-After)",
+                      503: "stopped by a shutdown, or too many connections or requests at once (Retry-After)",
                       504: "past the request timeout"}  # fmt: skip
 
 

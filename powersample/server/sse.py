@@ -26,11 +26,9 @@ with `: trace `.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from powersample.samplers.chain import json_ready
 from powersample.server import protocol as wire
 from powersample.server.deltas import TextStream
 
@@ -43,13 +41,13 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy b
 
 
 def event(data: dict) -> bytes:
-    """One `data:` event."""
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    """One `data:` event (non-finite numbers as null: `protocol.json_bytes`)."""
+    return b"data: " + wire.json_bytes(data) + b"\n\n"
 
 
 def trace(item: dict) -> bytes:
-    """One trace event as an SSE comment line (json.dumps escapes every newline, so the JSON stays on it)."""
-    return f"{TRACE}{json.dumps(json_ready(item), separators=(',', ':'))}\n\n".encode()
+    """One trace event as an SSE comment line (JSON escapes every newline, so the JSON stays on it)."""
+    return TRACE.encode() + wire.json_bytes(item) + b"\n\n"
 
 
 def head(kind: str, model: str) -> dict:
