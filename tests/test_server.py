@@ -218,6 +218,20 @@ def test_unknown_fields_are_ignored_and_listed(toy_url):
     assert resp.status_code == 200 and resp.json()["power_sampling"]["ignored"] == ["do_sample"]
 
 
+def test_what_the_served_document_allows_is_served(toy_url):
+    """Bodies inside the document's ranges that the server once refused: a whole number written 2.0, a block past
+    max_tokens (one block), a proposal temperature for a method that draws at tau = 1 (ignored and listed)."""
+    resp = httpx.post(f"{toy_url}/v1/completions", json={"prompt": "x", "max_tokens": 4.0, "n": 2.0, "seed": 5.0,
+                                                         "block_size": 99, "alpha": 2})  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert len(out["choices"]) == 2 and out["power_sampling"]["seed"] == 5
+    assert out["power_sampling"]["config"]["block_size"] == 4 and out["power_sampling"]["config"]["alpha"] == 2.0
+    resp = httpx.post(f"{toy_url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "method": "power-rollout",
+                                                         "proposal_temperature": 0.5})  # fmt: skip
+    assert resp.status_code == 200 and resp.json()["power_sampling"]["ignored"] == ["proposal_temperature"]
+
+
 # --- bad input: 4xx with OpenAI's error JSON, never a 5xx --------------------------------------------------------
 
 
@@ -239,7 +253,8 @@ BAD = [
     ("completions", {"prompt": "x", "alpha": 0}, 400, "alpha", None),
     ("completions", {"prompt": "x", "alpha": -1.5}, 400, "alpha", None),
     ("completions", {"prompt": "x", "mcmc_steps": -1}, 400, "mcmc_steps", None),
-    ("completions", {"prompt": "x", "block_size": 99, "max_tokens": 4}, 400, "block_size", None),
+    ("completions", {"prompt": "x", "block_size": 10**6, "max_tokens": 4}, 400, "block_size", "over_limit"),
+    ("completions", {"prompt": "x", "temperature": 1e-9}, 400, "temperature", None),
     ("completions", {"prompt": "x", "proposal_temperature": 0}, 400, "proposal_temperature", None),
     ("completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", None),
     ("completions", {"prompt": "x", "temperature": -1}, 400, "temperature", None),

@@ -169,7 +169,8 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
 
     @app.get("/openapi.json", dependencies=keyed, include_in_schema=False)
     async def openapi() -> dict:
-        return schema.openapi(app, settings.limits)
+        vocab = capability(backend, Vocabulary)
+        return schema.openapi(app, settings.limits, vocab.vocab_size() if vocab is not None else None)
 
     @app.get("/metrics", dependencies=[] if settings.metrics_public else keyed, include_in_schema=False)
     async def metrics_text() -> Response:

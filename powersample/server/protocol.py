@@ -28,6 +28,9 @@ Field rules (the README's "Serve" section repeats them):
   `stream_options` is allowed only with `stream: true`.
 - `stream_options.include_trace: true` (an extension): each chain's trace events (those of `sample --trace`),
   numbered by choice index, as `: trace {json}` comment lines while the chains run, before the chunks (`sse.py`).
+- `block_size` past `max_tokens` is one block of `max_tokens`; `proposal_temperature` for a method that draws from
+  the base model (base, power-rollout) is ignored and listed in `power_sampling.ignored`.
+- A whole number written with a fraction (`2.0`) is the integer it names, as in JSON Schema.
 - Unknown fields are ignored and listed in `power_sampling.ignored`.
 - Every string of a body, field names included, must be Unicode text: a lone surrogate (JSON's "\\ud800") is a 400
   naming its field, code `invalid_text`, before any work (`requests.check_text`).
@@ -50,7 +53,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from powersample.api import SampleRecord
-from powersample.config import SamplerConfig
+from powersample.config import SCALE_RANGE, SamplerConfig
 from powersample.core.types import Ranked
 from powersample.errors import PowerSampleError
 from powersample.samplers import registry
@@ -126,6 +129,25 @@ class _Strict(BaseModel):
     def _null_is_default(cls, data: Any) -> Any:
         """A field sent as null takes its default, as in OpenAI's API."""
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, data: Any) -> Any:
+        """A whole number written with a fraction (`5.0`) is the integer 5: JSON has one number type, and JSON Schema's
+        "integer" means any whole number, so `{"n": 2.0}` is as valid as `{"n": 2}` (`2.5` stays a 400)."""
+        return _whole(data)
+
+
+def _whole(value: Any) -> Any:
+    """`value` with every float that is a whole number, in lists and objects at any depth, made an int (a float field
+    takes the int back: strict mode allows int for float)."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    return value
 
 
 class _Body(_Strict):
@@ -246,18 +268,27 @@ def check_limits(body: _Body, limits: Limits) -> None:
     if len(stops) > limits.max_stop or any(not s for s in stops):
         raise ApiError(400, f"stop must be at most {limits.max_stop} non-empty strings", param="stop")
     _check_counts(body, limits)
-    if body.temperature is not None and not (math.isfinite(body.temperature) and 0 <= body.temperature <= 2):
-        raise ApiError(400, f"temperature must be between 0 and 2, got {body.temperature}", param="temperature")
+    if body.temperature is not None and not _temperature_ok(body.temperature):
+        lo = SCALE_RANGE[0]
+        raise ApiError(400, f"temperature must be 0 (greedy) or between {lo:g} and 2, got {body.temperature}",
+                       param="temperature")  # fmt: skip
     if isinstance(body, CompletionBody):
         _check_completion(body, limits)
     elif isinstance(body, ChatBody):
         _check_chat(body)
 
 
+def _temperature_ok(temperature: float) -> bool:
+    """0 (greedy), or a temperature a plain method can draw at (SCALE_RANGE's floor, whatever the method: the rule
+    stays one field's, as the served document gives it)."""
+    return temperature == 0 or (math.isfinite(temperature) and SCALE_RANGE[0] <= temperature <= 2)
+
+
 def _check_counts(body: _Body, limits: Limits) -> None:
     """Counts sent past what any request may run are refused whatever the method (the served document's ranges)."""
-    caps = {"mcmc_steps": limits.max_mcmc_steps, "tries": limits.max_members, "particles": limits.max_members,
-            "candidates": limits.max_members, "rollouts": limits.max_members}  # fmt: skip
+    caps = {"mcmc_steps": limits.max_mcmc_steps, "block_size": limits.max_tokens, "tries": limits.max_members,
+            "particles": limits.max_members, "candidates": limits.max_members,
+            "rollouts": limits.max_members}  # fmt: skip
     for name, cap in caps.items():
         value = getattr(body, name)
         if value is not None and value > cap:
@@ -371,6 +402,8 @@ def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig,
         if body.block_size is None and body.block_count is None and defaults.block_size is not None:
             # the server's fixed default B, clipped to this request's T
             over["block_size"] = min(defaults.block_size, max_tokens)
+    if over.get("block_size") is not None:  # a block past T is one block of T
+        over["block_size"] = min(over["block_size"], over.get("max_new_tokens", defaults.max_new_tokens))
     ignored = sorted(set(body.model_extra or {}))
     if isinstance(body, ChatBody) and body.top_logprobs is not None and not body.logprobs:
         ignored.append("top_logprobs")  # alternatives come only with logprobs: true
@@ -379,12 +412,22 @@ def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig,
             over.update(_plain_temperature(over["method"], body.temperature, body.proposal_temperature))
         else:
             ignored.append("temperature")
+    if "proposal_temperature" in over and _draws_at_one(over["method"]):
+        del over["proposal_temperature"]  # the method draws from the base model: no proposal temperature to set
+        ignored.append("proposal_temperature")
     try:
         config = replace(defaults, **over)
         registry.check(config)
         return config, ignored
     except PowerSampleError as e:
         raise ApiError(400, str(e), param=_param_of(str(e), over)) from None
+
+
+def _draws_at_one(method: str) -> bool:
+    """Whether `method` draws from the base model itself (tau = 1: base, power-rollout), where a proposal temperature
+    means nothing (power-rollout's own check refuses one; a request's is ignored and listed instead)."""
+    entry = registry.REGISTRY.get(method)
+    return entry is not None and entry.temperature is registry.base_tau
 
 
 def _plain_temperature(method: str, temperature: float, explicit: float | None) -> dict:

@@ -9,13 +9,15 @@ routes that need the key (`requests.authenticate`); /health answers anyone.
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 
-from powersample.config import SCALE_RANGE
+from powersample.config import MAX_INT, SCALE_RANGE
 from powersample.samplers.registry import METHODS
 from powersample.server.protocol import ChatBody, CompletionBody, DetokenizeBody, Limits, TokenizeBody
 
@@ -283,10 +285,13 @@ def request_body(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def openapi(app: FastAPI, limits: Limits) -> dict:
+def openapi(app: FastAPI, limits: Limits, vocab_size: int | None = None) -> dict:
     """The app's OpenAPI document, with the request-body models added to its components and each field's range
-    under this server's `limits` (built once). Rules that join fields (block_size <= max_tokens, the work budget)
-    are the handlers' alone: a body inside every range may still get a 400."""
+    under this server's `limits` and token ids under its `vocab_size` (built once), so that a body the document
+    accepts is served. One rule is the handlers' alone: the budget of a request (prompts x n x the members of a chain,
+    times max_tokens; bon's token budget), a product of fields that JSON Schema cannot state: over it, a 400 whose
+    message starts "the request asks for" or "bon's budget" (`protocol.check_budget`). So is a prompt longer than
+    the model's context (400 context_length_exceeded: tokens, not characters)."""
     if app.openapi_schema is None:
         doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                           description="power sampling p(x)^alpha behind the OpenAI API")  # fmt: skip
@@ -294,7 +299,8 @@ def openapi(app: FastAPI, limits: Limits) -> dict:
         for model in (CompletionBody, ChatBody, TokenizeBody, DetokenizeBody):
             body = model.model_json_schema(ref_template=_REF)
             components.update(body.pop("$defs", {}))
-            components[model.__name__] = _bounded(body, limits, model is CompletionBody)
+            components[model.__name__] = _bounded(body, limits, model is CompletionBody, vocab_size)
+        _joined(components, vocab_size)
         for chunk in (CompletionChunk, ChatChunk):
             out = chunk.model_json_schema(ref_template=_REF, mode="serialization")
             components.update({k: v for k, v in out.pop("$defs", {}).items() if k not in components})
@@ -307,53 +313,92 @@ def field_ranges(limits: Limits) -> dict[str, dict]:
     """JSON-schema constraints of the request fields the handlers range-check (config.py, protocol.check_limits)."""
     lo, hi = SCALE_RANGE
     count = {"minimum": 1, "maximum": limits.max_members}
+    big = MAX_INT - 1  # SamplerConfig's integers stay below 2^62
     return {
         "max_tokens": {"minimum": 1, "maximum": limits.max_tokens},
         "max_completion_tokens": {"minimum": 1, "maximum": limits.max_tokens},
         "n": {"minimum": 1, "maximum": limits.max_n},
         "seed": {"minimum": 0},
-        "temperature": {"minimum": 0, "maximum": 2},
+        "temperature": {"anyOf": [{"const": 0}, {"minimum": lo, "maximum": 2}]},  # 0 = greedy
         "top_p": {"exclusiveMinimum": 0, "maximum": 1},
         "method": {"enum": list(METHODS)},
         "alpha": {"minimum": lo, "maximum": hi},
         "proposal_temperature": {"minimum": lo, "maximum": hi},
         "mcmc_steps": {"minimum": 0, "maximum": limits.max_mcmc_steps},
         "block_size": {"minimum": 1, "maximum": limits.max_tokens},
-        "block_count": {"minimum": 1},
-        "top_k": {"minimum": 0},
-        "speculate": {"minimum": 0},
+        "block_count": {"minimum": 1, "maximum": big},
+        "top_k": {"minimum": 0, "maximum": big},
+        "speculate": {"minimum": 0, "maximum": big},
         "tries": count,
         "particles": count,
         "candidates": count,
         "rollouts": count,
         "ess_threshold": {"minimum": 0, "maximum": 1},
-        "alpha_ramp": {"minimum": 0},
-        "rollout_horizon": {"minimum": 0},
-        "bon_tokens": {"minimum": 0},
+        "alpha_ramp": {"minimum": 0, "maximum": big},
+        "cut_beta": {"minimum": 0, "maximum": 1000},
+        "cut_floor": {"exclusiveMinimum": 0, "maximum": 1},
+        "rollout_horizon": {"minimum": 0, "maximum": big},
+        "bon_tokens": {"minimum": 0, "maximum": big},
         "bon_temperature": {"minimum": lo, "maximum": hi},
         "logprobs": {"minimum": 0, "maximum": 5},
         "top_logprobs": {"minimum": 0, "maximum": 20},
     }
 
 
-def _bound_prompt(prompt: dict, limits: Limits) -> None:
-    """Every prompt holds some text (a non-space character) or at least one id >= 0; a list holds 1..max_prompts of
-    them."""
+@functools.cache
+def text_pattern() -> str:
+    """A string with some text: a character that is not whitespace as Python's str.strip() sees it (which the
+    handlers use: it counts U+001C..U+001F and U+0085 as space, where a JSON Schema pattern's \\s does not)."""
+    spaces = "".join(f"\\u{ord(c):04x}" for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+    return f"[^{spaces}]"
+
+
+def _ids(items: dict, vocab_size: int | None) -> None:
+    """Token ids, in place: 0 .. vocab_size - 1 (a server whose backend gives no vocabulary refuses every id)."""
+    items["minimum"] = 0
+    if vocab_size is not None:
+        items["maximum"] = vocab_size - 1
+
+
+def _bound_prompt(prompt: dict, limits: Limits, vocab_size: int | None = None) -> None:
+    """Every prompt holds some text (a non-space character) or at least one id in the vocabulary; a list holds
+    1..max_prompts of them."""
     for branch in prompt.get("anyOf", [prompt]):
         if branch.get("type") == "string":
-            branch["pattern"] = r"\S"
+            branch["pattern"] = text_pattern()
             continue
         items = branch.get("items", {})
         if items.get("type") == "string":  # list[str]
-            items["pattern"] = r"\S"
+            items["pattern"] = text_pattern()
         elif items.get("type") == "integer":  # one id prompt: 1 or more ids
-            items["minimum"] = 0
+            _ids(items, vocab_size)
             branch["minItems"] = 1
             continue
         else:  # list[list[int]]
             items.update(minItems=1)
-            items.get("items", {})["minimum"] = 0
+            _ids(items.get("items", {}), vocab_size)
         branch.update(minItems=1, maxItems=limits.max_prompts)
+
+
+def _joined(components: dict, vocab_size: int | None) -> None:
+    """The rules that join fields, in JSON Schema's terms (protocol.check_limits and the handlers give their 400s):
+    stream_options only with stream: true; max_tokens 0 only with echo: true and no stream (completions); chat needs
+    a message with some text; /tokenize takes exactly one of prompt and messages; token ids lie in the vocabulary."""
+    streamed = {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+                "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}  # fmt: skip
+    scoring = {"if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+               "then": {"required": ["echo"], "properties": {"echo": {"const": True},
+                                                              "stream": {"enum": [False, None]}}}}  # fmt: skip
+    components["CompletionBody"]["allOf"] = [streamed, scoring]
+    components["ChatBody"]["allOf"] = [streamed]
+    text = {"type": "string", "pattern": text_pattern()}
+    some_text = {"required": ["content"], "properties": {"content": {"anyOf": [
+        text, {"type": "array", "contains": {"required": ["text"], "properties": {"text": text}}}]}}}  # fmt: skip
+    components["ChatBody"]["properties"]["messages"]["contains"] = some_text
+    one_of = [{"required": [given], "properties": {given: {"not": {"type": "null"}}, other: {"type": "null"}}}
+              for given, other in (("prompt", "messages"), ("messages", "prompt"))]  # fmt: skip
+    components["TokenizeBody"]["oneOf"] = one_of
+    _ids(components["DetokenizeBody"]["properties"]["tokens"]["items"], vocab_size)
 
 
 def _nullable(prop: dict) -> None:
@@ -365,7 +410,7 @@ def _nullable(prop: dict) -> None:
                 **meta)  # fmt: skip
 
 
-def _bounded(body: dict, limits: Limits, completions: bool = False) -> dict:
+def _bounded(body: dict, limits: Limits, completions: bool = False, vocab_size: int | None = None) -> dict:
     """`body`'s schema with field_ranges applied to the non-null branch of each field (completions: max_tokens may be
     0, with echo, and the prompt's forms are bounded)."""
     ranges = field_ranges(limits)
@@ -376,7 +421,7 @@ def _bounded(body: dict, limits: Limits, completions: bool = False) -> dict:
         if name not in required and not any(b.get("type") == "null" for b in prop.get("anyOf", [])):
             _nullable(prop)  # null takes the default (protocol._Strict._null_is_default)
     if completions:
-        _bound_prompt(body["properties"]["prompt"], limits)
+        _bound_prompt(body["properties"]["prompt"], limits, vocab_size)
     for branch in body.get("properties", {}).get("stop", {}).get("anyOf", []):  # 1..max_stop non-empty strings
         if branch.get("type") == "string":
             branch["minLength"] = 1
