@@ -564,6 +564,7 @@ def test_serve_command_line_starts_serves_and_stops(tmp_path):
     (["--max-tokens-limit", "0"], "--max-tokens-limit must be >= 1, got 0"),
     (["--max-members", "0"], "--max-members must be >= 1"),
     (["--max-work", "-1"], "--max-work must be >= 1"),
+    (["--max-context", "0"], "--max-context must be >= 1"),
     (["--header-timeout", "0"], "--header-timeout must be > 0"),
     (["--keep-alive-timeout", "-1"], "--keep-alive-timeout must be > 0"),
     (["--stream-keepalive", "0"], "--stream-keepalive must be > 0"),
