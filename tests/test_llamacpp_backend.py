@@ -326,6 +326,38 @@ def test_growing_the_cache_moves_every_sequence_exactly(backend, prompt):
     np.testing.assert_allclose(cont.base_logp, want.base_logp, atol=TOLERANCE, rtol=0)
 
 
+def test_room_grown_for_a_long_call_is_given_back_exactly(backend, prompt):
+    """A scoring call or a continuous run that grew the room past KEEP_ROOM gives it back when it ends: the context
+    goes back to MIN_ROOM, short sequences keep their cells (moved, not recomputed) and no log p changes."""
+    from powersample.backends.llamacpp import KEEP_ROOM, MIN_ROOM
+
+    shrunk = fresh(backend)
+    first = sample(shrunk, prompt, 8, seed=21, slot=0)
+    long_text = shrunk.encode(" red green blue" * 400, chat=False)  # ~1200 tokens: a room past KEEP_ROOM
+    assert len(prompt) + len(long_text) > KEEP_ROOM
+    shrunk.score(prompt, long_text)
+    assert (shrunk._room, shrunk.stats.grown, shrunk.stats.given_back) == (MIN_ROOM, 1, 1)
+    context = prompt + first.tokens[:4]
+    before = shrunk.stats.evaluated_tokens
+    cont = sample(shrunk, context, 4, seed=22, slot=0)  # slot 0's cells were moved back, not recomputed
+    assert shrunk.stats.evaluated_tokens - before == len(cont.tokens)
+    want = sample(fresh(backend), context, 4, seed=22)
+    assert cont.tokens == want.tokens
+    np.testing.assert_allclose(cont.base_logp, want.base_logp, atol=TOLERANCE, rtol=0)
+    got = {}
+
+    def refill(key, cont):
+        got[key] = cont
+        return {}
+
+    request = ExtendRequest(prompt + long_text[:-8], 4, np.random.default_rng(22), slot=1)
+    shrunk.extend_continuous({0: request}, BASE, refill)
+    assert (shrunk._room, shrunk.stats.given_back) == (MIN_ROOM, 2)
+    again = fresh(backend).extend([replace(request, rng=np.random.default_rng(22))], BASE)[0]
+    assert got[0].tokens == again.tokens
+    np.testing.assert_allclose(got[0].base_logp, again.base_logp, atol=TOLERANCE, rtol=0)
+
+
 def test_continuous_batching_gives_the_same_samples_as_lockstep(backend):
     from powersample import SamplerConfig
     from powersample import sample as sample_prompt

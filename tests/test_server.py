@@ -335,6 +335,17 @@ def test_a_prompt_too_long_for_the_context_is_a_400():
         assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_a_request_past_max_context_is_a_400_naming_the_limit():
+    with serve(SlowToy(delay=0, context_length=100), limits=Limits(max_context=8)) as url:
+        resp = httpx.post(f"{url}/v1/completions", json={"prompt": "a b c", "max_tokens": 6})
+        error = resp.json()["error"]
+        assert resp.status_code == 400 and (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+        assert "--max-context of 8 tokens" in error["message"]
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "a b c", "max_tokens": 5}).status_code == 200
+        chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "a " * 9}]})
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+
+
 def test_a_full_engine_answers_429():
     with serve(limits=Limits(max_queued_chains=2)) as url:
         resp = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "n": 3})
@@ -568,6 +579,7 @@ def test_serve_command_line_starts_serves_and_stops(tmp_path):
     (["--max-tokens-limit", "0"], "--max-tokens-limit must be >= 1, got 0"),
     (["--max-members", "0"], "--max-members must be >= 1"),
     (["--max-work", "-1"], "--max-work must be >= 1"),
+    (["--max-context", "0"], "--max-context must be >= 1"),
     (["--header-timeout", "0"], "--header-timeout must be > 0"),
     (["--keep-alive-timeout", "-1"], "--keep-alive-timeout must be > 0"),
     (["--stream-keepalive", "0"], "--stream-keepalive must be > 0"),

@@ -56,9 +56,15 @@ whether it is decoded alone or batched, cached or fresh, prefilled or decoded on
   its own a sequence's cells stay in position order; a copy is a whole-stream copy, kept in order.
 The conformance suite checks it bit for bit (`conformance.log_p_is_batch_invariant`, tolerance 0).
 
-Memory. Every sequence gets room for the longest request seen so far (at least 256 tokens, at most n_ctx): the KV
-cache takes (2 x max_slots + 1) x room x (bytes per token: 23 KB for SmolLM2-135M). The context grows, moving
-every sequence's cells over exactly, when a request needs more room.
+Memory. Every sequence has the same room (llama.cpp gives each KV stream the same size): the KV cache takes
+(2 x max_slots + 1) x room x (bytes per token: 23 KB for SmolLM2-135M; 33 x 8192 tokens = 6.2 GB). The room starts
+at MIN_ROOM and grows (at least doubling, at most n_ctx) when a request needs more: a new context, every sequence's
+cells moved over exactly. It is given back when the work that needed it ends: at the end of a continuous run
+(`extend_continuous` returns once no row is left and nothing waits: the server's engine is idle, or switches to
+other work) and of a scoring call, a room above KEEP_ROOM goes back to MIN_ROOM, each sequence cut to it and moved
+over. Cells moved keep their exact bytes, so no log p changes; only cached prefixes past MIN_ROOM are lost, which
+costs a prefill. Rooms up to KEEP_ROOM are kept across runs (re-growing one costs about 0.5 s per GB here), so
+ordinary requests keep their caches; `serve --max-context` bounds the room one request may take.
 """
 
 from __future__ import annotations
@@ -101,6 +107,7 @@ N_BATCH = 512  # most tokens per llama_decode call; longer prefills are fed in c
 MAX_SLOTS = 16  # rows decoded together at most; each slot owns two sequences
 MOST_SLOTS = 127  # llama.cpp allows 256 sequences: 2 per slot + the scratch one
 MIN_ROOM = 256  # tokens per sequence the context starts with (llama.cpp rounds up to a multiple of 256)
+KEEP_ROOM = 1024  # tokens per sequence kept when a run or scoring call ends; more goes back to MIN_ROOM (docstring)
 PROBE_PREFIX, PROBE_TAIL, PROBE_STREAMS = 8, BATCH_TOKENS, 16  # the layout probe's shapes (`_rows_disagree`)
 # --quant: llama_ftype. A mix (*_k_m: llama.cpp's own choice per tensor, as in the files users download) keeps its
 # mix; every other type is written pure, every tensor of the one type (rows too short for a 256-block type fall back)
@@ -186,6 +193,8 @@ class LlamaCppStats:
     fed_tokens: int = 0  # ids those forwards fed: next tokens and draft tokens, void ones included
     drafted: int = 0  # draft tokens verified (kept or replaced), summed over finished rows
     kept_drafts: int = 0  # of those, kept
+    grown: int = 0  # times the context was re-created with more room per sequence
+    given_back: int = 0  # times it was re-created with less (KEEP_ROOM)
 
 
 class LlamaCppBackend:
@@ -314,8 +323,10 @@ class LlamaCppBackend:
         self, requests: Mapping[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None
     ) -> None:
         """Decode `requests` (by key) as one batch that stays full: when a row finishes, refill(key, continuation)
-        gives the requests that start now, and poll() those that arrived; they join the batch at the next step."""
+        gives the requests that start now, and poll() those that arrived; they join the batch at the next step.
+        Room grown for the run is given back when it ends (module docstring)."""
         self._run(dict(requests), proposal, refill, poll)
+        self._give_back()
 
     def _run(self, requests: dict[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None):
         """The decoding loop: admit waiting requests (up to the capacity, one row per slot), step, retire rows."""
@@ -344,7 +355,7 @@ class LlamaCppBackend:
         for _, request in admitted:
             self._check_request(request)
         if admitted:  # before any copy below: a copy lands at the next decode, and growing reads the cells
-            self._reserve(max(len(request.context) + request.max_tokens for _, request in admitted))
+            self._fit(max(len(request.context) + request.max_tokens for _, request in admitted))
         busy_slots = {row.request.slot for row in rows} | {request.slot for _, request in admitted}
         new_rows = []
         for key, request in admitted:
@@ -482,12 +493,28 @@ class LlamaCppBackend:
             raise PowerSampleError(f"llama.cpp could not create a KV cache of {n_seq} x {room} tokens (out of memory?)")
         return ctx, int(lib.llama_n_ctx_seq(ctx))
 
-    def _reserve(self, length: int) -> None:
+    def _fit(self, length: int) -> None:
         """Give every sequence room for `length` tokens: a bigger context (at least double), cells moved over."""
-        if length <= self._room:
-            return
-        ctx, room = self._new_context(min(max(length, 2 * self._room), self.context_length or length))
+        if length > self._room:
+            self._resize(min(max(length, 2 * self._room), self.context_length or length))
+            self.stats.grown += 1
+
+    def _give_back(self) -> None:
+        """The end of a run or a scoring call: a room above KEEP_ROOM back to MIN_ROOM, and the log p buffers, grown
+        by drafts, back to max_slots rows (module docstring)."""
+        if self._room > KEEP_ROOM:
+            self._resize(min(MIN_ROOM, self.context_length or MIN_ROOM))
+            self.stats.given_back += 1
+        if len(self._logp) > self.max_slots:
+            self._logp, self._exp = np.empty((self.max_slots, self.n_vocab)), np.empty((self.max_slots, self.n_vocab))
+
+    def _resize(self, room: int) -> None:
+        """A new context with `room` tokens per sequence; each sequence cut to the room llama.cpp gave, if longer,
+        and its cells moved over (the exact bytes), then the old context freed. Only at a point where no copy is
+        pending (before `_start`'s copies, or once a decode has run)."""
+        ctx, room = self._new_context(room)
         for seq in self._seqs:
+            self._cut(seq, room)
             if seq.ids and not _move_cells(self._lib, self._ctx, ctx, seq.seq_id):
                 seq.ids.clear()  # could not be moved: it only costs a prefill later
         self._lib.llama_free(self._ctx)
@@ -635,7 +662,7 @@ class LlamaCppBackend:
         row read is decoded now; rows are yielded right after their chunk's decode (read one before advancing).
         """
         scratch = self._seqs[-1]
-        self._reserve(len(ids))
+        self._fit(len(ids))
         source, common = self._best_source(ids, exclude=(scratch,))
         if common > common_prefix(scratch.ids, ids):
             self._copy(source, scratch)
@@ -646,6 +673,7 @@ class LlamaCppBackend:
             scratch.ids.extend(chunk)
             for pos in range(wanted.start, start + len(chunk)):
                 yield self._logp_rows([pos - start])[0], pos
+        self._give_back()  # every row read: the call has ended
 
     # --- text -----------------------------------------------------------------------------------------------------
 

@@ -71,6 +71,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    "%(default)s)")
     g.add_argument("--max-mcmc-steps", type=int, default=d.max_mcmc_steps,
                    help="largest mcmc_steps a request may ask for (default %(default)s)")
+    g.add_argument("--max-context", type=int, default=d.max_context,
+                   help="most prompt tokens + max_tokens of one request, below the model's own context; more gets "
+                   "400 (default %(default)s; while one runs, llama.cpp gives each of its 33 KV sequences that room)")
     g.add_argument("--header-timeout", type=float, default=h.header_timeout,
                    help="seconds for a request's headers to arrive; then the socket is closed (default %(default)s)")
     g.add_argument("--body-timeout", type=float, default=h.body_timeout,
@@ -154,9 +157,9 @@ def _settings(args: argparse.Namespace, spec: BackendSpec):
     limits = Limits(args.max_body_bytes, args.max_tokens_limit, args.max_n, args.max_prompts,
                     request_timeout=args.request_timeout, max_queued_chains=args.max_queued_chains,
                     max_members=args.max_members, max_work=args.max_work, max_queued_work=args.max_queued_work,
-                    max_mcmc_steps=args.max_mcmc_steps)  # fmt: skip
+                    max_mcmc_steps=args.max_mcmc_steps, max_context=args.max_context)  # fmt: skip
     for name in ("max_body_bytes", "max_tokens", "max_n", "max_prompts", "max_queued_chains", "max_members",
-                 "max_work", "max_queued_work"):  # fmt: skip
+                 "max_work", "max_queued_work", "max_context"):  # fmt: skip
         if getattr(limits, name) < 1:
             raise PowerSampleError(f"{_flag(name)} must be >= 1, got {getattr(limits, name)}")
     if limits.max_mcmc_steps < 0:

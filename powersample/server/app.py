@@ -454,6 +454,9 @@ class _Server:
             check_fits(self.backend.context_length, len(ids), new, knob="max_tokens")
         except PowerSampleError as e:
             raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
+        if len(ids) + new > (most := self.settings.limits.max_context):
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; with max_tokens={new} it exceeds this server's "
+                           f"--max-context of {most} tokens", param=param, code="context_length_exceeded")  # fmt: skip
         return ids
 
     async def _run(self, request: Request, plan: _Plan) -> list[SampleRecord]:

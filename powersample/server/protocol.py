@@ -105,6 +105,8 @@ class Limits:
     max_work: int = 2**22  # members x max_tokens of one request (tokens its sequences may hold); more gets 400
     max_queued_work: int = 2**24  # members x max_tokens of every request waiting or running; more gets 429
     max_mcmc_steps: int = 1000  # mcmc_steps of one request (the MCMC methods, and bon's default budget); more: 400
+    max_context: int = 8192  # prompt tokens + max_tokens of one request (below the model's own context: the KV
+    # memory a request may take, up to 33 sequences x this on llama.cpp); more gets 400 context_length_exceeded
     retry_after: int = 1  # seconds a 429 tells the client to wait (its Retry-After header)
 
 
