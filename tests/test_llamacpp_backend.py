@@ -327,16 +327,23 @@ def test_growing_the_cache_moves_every_sequence_exactly(backend, prompt):
 
 
 def test_room_grown_for_a_long_call_is_given_back_exactly(backend, prompt):
-    """A scoring call or a continuous run that grew the room past KEEP_ROOM gives it back when it ends: the context
-    goes back to MIN_ROOM, short sequences keep their cells (moved, not recomputed) and no log p changes."""
+    """A room a scoring call or a continuous run grew past KEEP_ROOM stays while work goes on (a long prompt scored
+    in chunks grows it once) and goes back to MIN_ROOM at release_memory (the server's engine, idle): short
+    sequences keep their cells (moved, not recomputed) and no log p changes."""
     from powersample.backends.llamacpp import KEEP_ROOM, MIN_ROOM
 
     shrunk = fresh(backend)
     first = sample(shrunk, prompt, 8, seed=21, slot=0)
     long_text = shrunk.encode(" red green blue" * 400, chat=False)  # ~1200 tokens: a room past KEEP_ROOM
     assert len(prompt) + len(long_text) > KEEP_ROOM
-    shrunk.score(prompt, long_text)
-    assert (shrunk._room, shrunk.stats.grown, shrunk.stats.given_back) == (MIN_ROOM, 1, 1)
+    shrunk.score(prompt, long_text[:600])
+    shrunk.score(prompt + long_text[:600], long_text[600:])  # the next chunk: no re-growing, no prefill again
+    assert shrunk.stats.given_back == 0 and shrunk._room > KEEP_ROOM
+    grown, before = shrunk.stats.grown, shrunk.stats.evaluated_tokens
+    shrunk.score(prompt + long_text[:900], long_text[900:])  # after a prefix the scratch sequence holds
+    assert (shrunk.stats.grown, shrunk.stats.evaluated_tokens - before) == (grown, len(long_text) - 900)
+    shrunk.release_memory()
+    assert (shrunk._room, shrunk.stats.given_back) == (MIN_ROOM, 1)
     context = prompt + first.tokens[:4]
     before = shrunk.stats.evaluated_tokens
     cont = sample(shrunk, context, 4, seed=22, slot=0)  # slot 0's cells were moved back, not recomputed
@@ -352,6 +359,7 @@ def test_room_grown_for_a_long_call_is_given_back_exactly(backend, prompt):
 
     request = ExtendRequest(prompt + long_text[:-8], 4, np.random.default_rng(22), slot=1)
     shrunk.extend_continuous({0: request}, BASE, refill)
+    shrunk.release_memory()
     assert (shrunk._room, shrunk.stats.given_back) == (MIN_ROOM, 2)
     again = fresh(backend).extend([replace(request, rng=np.random.default_rng(22))], BASE)[0]
     assert got[0].tokens == again.tokens

@@ -116,3 +116,37 @@ def test_scoring_work_is_budgeted():
     assert ok.status_code == 200, ok.text[:300]
     assert over.status_code == 400 and over.json()["error"]["code"] == "over_limit"
     assert "1200" in over.json()["error"]["message"] and over.json()["error"]["param"] == "prompt"
+
+
+def test_the_engine_releases_memory_whenever_it_goes_idle_not_between_turns():
+    """ReleasesMemory: called once the engine has nothing waiting or running, not between a long call's steps."""
+    import queue
+
+    from powersample.server.engine import Call, Engine
+
+    class Releasing(ToyBackend):
+        releases: list[int] = []
+
+        def release_memory(self):
+            self.releases.append(len(steps_done))
+
+    steps_done: list[int] = []
+
+    def steps():
+        for k in range(5):
+            steps_done.append(k)
+            yield
+        return "scored"
+
+    backend, got = Releasing(ToySpec.load(NO_EOS)), queue.Queue()
+    engine = Engine(backend)
+    engine.start()
+    try:
+        engine.call(Call(steps, time.monotonic() + 10, got.put))
+        assert got.get(timeout=10) == "scored"
+        deadline = time.monotonic() + 5
+        while backend.releases[-1:] != [5] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.releases[-1] == 5 and set(backend.releases) <= {0, 5}  # idle before and after, never between
+    finally:
+        engine.close()

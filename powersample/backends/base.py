@@ -80,6 +80,15 @@ class ContinuousBatching(Protocol):
         ...
 
 
+class ReleasesMemory(Protocol):
+    """A backend that holds memory grown for past work (a bigger KV cache) and can give it back between requests."""
+
+    def release_memory(self) -> None:
+        """Give back what past work grew, keeping the results of later calls unchanged (cached prefixes may go).
+        The server's engine calls it whenever it goes idle."""
+        ...
+
+
 class ChatMessages(Protocol):
     """A backend that renders a whole conversation through the model's chat template."""
 

@@ -59,9 +59,9 @@ The conformance suite checks it bit for bit (`conformance.log_p_is_batch_invaria
 Memory. Every sequence has the same room (llama.cpp gives each KV stream the same size): the KV cache takes
 (2 x max_slots + 1) x room x (bytes per token: 23 KB for SmolLM2-135M; 33 x 8192 tokens = 6.2 GB). The room starts
 at MIN_ROOM and grows (at least doubling, at most n_ctx) when a request needs more: a new context, every sequence's
-cells moved over exactly. It is given back when the work that needed it ends: at the end of a continuous run
-(`extend_continuous` returns once no row is left and nothing waits: the server's engine is idle, or switches to
-other work) and of a scoring call, a room above KEEP_ROOM goes back to MIN_ROOM, each sequence cut to it and moved
+cells moved over exactly. It is given back by `release_memory` (the ReleasesMemory capability), which the server's engine calls
+whenever it goes idle (not between the turns of a long scoring call and the chains: each turn would grow the room
+and prefill the prompt again): a room above KEEP_ROOM goes back to MIN_ROOM, each sequence cut to it and moved
 over. Cells moved keep their exact bytes, so no log p changes; only cached prefixes past MIN_ROOM are lost, which
 costs a prefill. Rooms up to KEEP_ROOM are kept across runs (re-growing one costs about 0.5 s per GB here), so
 ordinary requests keep their caches; `serve --max-context` bounds the room one request may take.
@@ -323,10 +323,8 @@ class LlamaCppBackend:
         self, requests: Mapping[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None
     ) -> None:
         """Decode `requests` (by key) as one batch that stays full: when a row finishes, refill(key, continuation)
-        gives the requests that start now, and poll() those that arrived; they join the batch at the next step.
-        Room grown for the run is given back when it ends (module docstring)."""
+        gives the requests that start now, and poll() those that arrived; they join the batch at the next step."""
         self._run(dict(requests), proposal, refill, poll)
-        self._give_back()
 
     def _run(self, requests: dict[int, ExtendRequest], proposal: Proposal, refill: Refill, poll: Poll | None = None):
         """The decoding loop: admit waiting requests (up to the capacity, one row per slot), step, retire rows."""
@@ -499,9 +497,9 @@ class LlamaCppBackend:
             self._resize(min(max(length, 2 * self._room), self.context_length or length))
             self.stats.grown += 1
 
-    def _give_back(self) -> None:
-        """The end of a run or a scoring call: a room above KEEP_ROOM back to MIN_ROOM, and the log p buffers, grown
-        by drafts, back to max_slots rows (module docstring)."""
+    def release_memory(self) -> None:
+        """A room above KEEP_ROOM back to MIN_ROOM, and the log p buffers, grown by drafts, back to max_slots rows
+        (the ReleasesMemory capability; module docstring, Memory)."""
         if self._room > KEEP_ROOM:
             self._resize(min(MIN_ROOM, self.context_length or MIN_ROOM))
             self.stats.given_back += 1
@@ -673,7 +671,6 @@ class LlamaCppBackend:
             scratch.ids.extend(chunk)
             for pos in range(wanted.start, start + len(chunk)):
                 yield self._logp_rows([pos - start])[0], pos
-        self._give_back()  # every row read: the call has ended
 
     # --- text -----------------------------------------------------------------------------------------------------
 

@@ -18,6 +18,9 @@ admitting, as a job with another proposal does; once it has drained, the oldest 
 waiting by then get a run, then the next call makes a step, and so on: calls take turns with each other and with the
 chains, so a long scoring request delays the others by one step at a time, not by its whole length.
 
+Memory. Whenever the engine goes idle it calls the backend's `release_memory` (ReleasesMemory), if it has one: room
+grown for a long request goes back once nothing is waiting or running.
+
 Stopping. A job or a call is stopped when its client disconnects or its deadline passes. Each of a job's programs
 is wrapped (`_guarded`): every request it makes carries the job's `halted` as its `halt` (ExtendRequest), which the
 backend asks after every forward, so a request being decoded ends within one forward of the stop (a cut
@@ -35,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from powersample.backends.base import Backend
+from powersample.backends.base import Backend, ReleasesMemory, capability
 from powersample.core.types import Proposal
 from powersample.samplers import ChainResult
 from powersample.samplers.driver import Program, Reply, Scheduler, Step
@@ -108,6 +111,7 @@ class Engine:
 
     def __init__(self, backend: Backend):
         self.backend = backend
+        self._release = capability(backend, ReleasesMemory)  # memory grown for past work, given back when idle
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()  # waiting jobs, in arrival order
         self._running: set[Job] = set()  # jobs admitted to the current Scheduler run
@@ -182,6 +186,10 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
+            with self._cv:
+                idle = not self._queue and not self._calls and not self._closing
+            if idle and self._release is not None:
+                self._release.release_memory()  # on this thread: the backend's, between requests
             with self._cv:
                 while not self._queue and not self._calls and not self._closing:
                     self._cv.wait()
