@@ -27,7 +27,7 @@ IDLE_WITHIN = 2.0  # the engine is idle this soon after the 504
 INNOCENT_WITHIN = 1.0
 FORWARD = 0.0005  # an innocent request is answered this soon after the big one's 504
 LIMITS = Limits(request_timeout=TIMEOUT, max_body_bytes=2_000_000, max_work=2**24, max_queued_work=2**25,
-                max_queued_chains=300)
+                max_queued_chains=300, max_context=500_000)
 BIG = {
     "base n 16": {"prompt": ["hi"] * 16, "method": "base", "n": 16, "max_tokens": 4096},
     "base with logprobs": {"prompt": ["hi"] * 16, "method": "base", "n": 16, "max_tokens": 4096, "logprobs": 3},
