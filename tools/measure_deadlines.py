@@ -41,7 +41,7 @@ INNOCENT = {"prompt": "hi", "method": "base", "max_tokens": 2}
 
 
 def start(args: list[str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "powersample", "serve", "--port", str(port), "--request-timeout",
+    proc = subprocess.Popen([sys.executable, "-m", "powersample.cli", "serve", "--port", str(port), "--request-timeout",
                              str(TIMEOUT), "--quiet", *args], stderr=subprocess.DEVNULL, start_new_session=True)
     for _ in range(600):
         try:
@@ -96,7 +96,8 @@ def main() -> None:
     only = parser.parse_args().only
     spec = os.path.join(os.path.dirname(__file__), "..", "powersample", "toy_specs", "no_early_eos.json")
     if only in (None, "toy"):
-        run("toy", ["--backend", "toy", "--toy-spec", spec, "--max-body-bytes", "2000000"], TOY, 8931)
+        run("toy", ["--backend", "toy", "--toy-spec", spec, "--max-body-bytes", "2000000", "--max-context", "200000"],
+        TOY, 8931)
     if only in (None, "embedded"):
         run("embedded llama.cpp, 1 thread", ["--backend", "llamacpp", "--threads", "1"], EMBEDDED, 8932)
 
