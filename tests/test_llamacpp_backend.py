@@ -577,3 +577,22 @@ def test_the_cache_is_right_after_void_draft_ids(backend, prompt, own, case):
     assert following.tokens == want.tokens
     np.testing.assert_allclose(following.base_logp, want.base_logp, atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(chain.score(state, following.tokens), following.base_logp, atol=TOLERANCE, rtol=0)
+
+
+def test_a_halted_request_stops_its_prefill_between_chunks_and_leaves_a_sound_cache(backend, prompt):
+    """ExtendRequest.halt: a long context's prefill stops at the next N_BATCH chunk, the row runs one forward and is
+    cut; the cells it left are what its sequence says, so the next request on that context samples as a fresh
+    backend does."""
+    from powersample.backends.llamacpp import N_BATCH
+
+    halting = fresh(backend)
+    context = prompt + halting.encode(" red green blue" * 400, chat=False)  # ~1200 tokens: 3 prefill chunks
+    request = ExtendRequest(context, 64, np.random.default_rng(3), halt=lambda: True)  # asked first at chunk 2
+    before = halting.stats.evaluated_tokens
+    [cut] = halting.extend([request], BASE)
+    assert len(cut.tokens) <= 1 and halting.stats.evaluated_tokens - before == N_BATCH + 1
+    again = ExtendRequest(context, 6, np.random.default_rng(4))
+    got = halting.extend([again], BASE)[0]
+    want = fresh(backend).extend([replace(again, rng=np.random.default_rng(4))], BASE)[0]
+    assert got.tokens == want.tokens
+    np.testing.assert_allclose(got.base_logp, want.base_logp, atol=TOLERANCE, rtol=0)

@@ -76,7 +76,7 @@ import os
 import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,7 +358,7 @@ class LlamaCppBackend:
         new_rows = []
         for key, request in admitted:
             seq = self._target(request.context, self._lane(request.slot, busy_slots))
-            self._prefill(seq, request.context[len(seq.ids) : -1])
+            self._prefill(seq, request.context[len(seq.ids) : -1], request.halted)
             new_rows.append(_Row(key, request, request.context[-1], seq=seq))
         return new_rows
 
@@ -578,9 +578,12 @@ class LlamaCppBackend:
 
     # --- decoding -------------------------------------------------------------------------------------------------
 
-    def _prefill(self, seq: _Seq, ids: Sequence[int]) -> None:
-        """Append `ids` to the sequence, in chunks of N_BATCH tokens, computing no logits."""
+    def _prefill(self, seq: _Seq, ids: Sequence[int], halted: Callable[[], bool] = lambda: False) -> None:
+        """Append `ids` to the sequence, in chunks of N_BATCH tokens, computing no logits; stopped between two chunks
+        once `halted()` (a request's halt: its row then runs one forward on the cells it has, and is cut)."""
         for start in range(0, len(ids), N_BATCH):
+            if start and halted():
+                return
             chunk, past = ids[start : start + N_BATCH], len(seq.ids)
             self._decode([(token, past + i, seq.seq_id, False) for i, token in enumerate(chunk)])
             seq.ids.extend(chunk)

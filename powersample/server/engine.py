@@ -25,8 +25,9 @@ Stopping. A job or a call is stopped when its client disconnects or its deadline
 is wrapped (`_guarded`): every request it makes carries the job's `halted` as its `halt` (ExtendRequest), which the
 backend asks after every forward, so a request being decoded ends within one forward of the stop (a cut
 continuation), and the program is stopped before it makes its next request. A call is stopped between two of its
-steps. So a stopped job or call frees the engine within one forward: one decoding step of the batch, or one
-scoring chunk (SCORE_CHUNK tokens), or the prefill of one request's context. Jobs and calls still waiting are
+steps. So a stopped job or call frees the engine within one forward: one decoding step of the batch, one scoring
+chunk (SCORE_CHUNK tokens), or one chunk of a context's prefill (llama.cpp: N_BATCH tokens; hf prefills a context in
+one forward). Jobs and calls still waiting are
 answered at once.
 """
 
