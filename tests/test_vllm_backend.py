@@ -250,3 +250,27 @@ def test_cli_bad_model_exits_2(capsys):
     assert main(["sample", "x", "--backend", "vllm", "--model", "/no/such/dir", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("powersample: error:") and "\n" not in err
+
+
+def test_a_halted_request_is_aborted_before_the_next_engine_step(backend, prompt):
+    """ExtendRequest.halt: once it says so the request leaves the engine at the next step and its caller gets an
+    empty continuation; the others go on, and the next call samples as before."""
+    halt_after, steps = 3, []
+
+    def halted():
+        steps.append(1)
+        return len(steps) > halt_after
+
+    long_ = replace(requests(prompt, 200, [51])[0], halt=halted)
+    short = requests(prompt, 4, [52])[0]
+    done = {}
+
+    def refill(key, cont):
+        done[key] = cont
+        return {}
+
+    backend.extend_continuous({0: long_, 1: short}, Proposal(0.5), refill)
+    assert done[0].tokens == () and len(done[1].tokens) >= 1
+    assert not backend.llm.llm_engine.has_unfinished_requests()
+    [again] = backend.extend(requests(prompt, 4, [52]), Proposal(0.5))
+    assert again.tokens == done[1].tokens
