@@ -35,3 +35,12 @@ def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def is_unicode(text: str) -> bool:
+    """Whether `text` is Unicode text: JSON may hold a lone surrogate ("\\ud800"), which no encoder can write."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

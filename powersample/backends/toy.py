@@ -31,7 +31,7 @@ from powersample.core.numerics import (
     top_alternatives,
 )
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Ranked, Tokens
-from powersample.errors import PowerSampleError, parse_json
+from powersample.errors import PowerSampleError, is_unicode, parse_json
 
 ROW_TOLERANCE = 1e-6  # how far a row's sum may be from 1
 
@@ -53,7 +53,7 @@ class ToySpec:
         vocab = spec.get("vocab")
         if not isinstance(vocab, list) or not vocab or not all(isinstance(v, str) for v in vocab):
             raise PowerSampleError("toy spec: 'vocab' must be a non-empty list of strings")
-        if not all(_is_unicode(v) for v in vocab):  # "\ud800" is valid JSON, but no text can be printed with it
+        if not all(is_unicode(v) for v in vocab):  # "\ud800" is valid JSON, but no text can be printed with it
             raise PowerSampleError("toy spec: 'vocab' holds a string with a lone surrogate (not Unicode text)")
         eos_id = spec.get("eos_id")
         if not isinstance(eos_id, int) or isinstance(eos_id, bool) or not 0 <= eos_id < len(vocab):
@@ -126,14 +126,6 @@ def _row(row: Any, vocab_size: int, name: str) -> tuple[float, ...]:
     if abs(math.fsum(row) - 1.0) > ROW_TOLERANCE:
         raise PowerSampleError(f"toy spec: {name} sums to {math.fsum(row):.9g}, not 1")
     return tuple(float(x) for x in row)
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _finite_number(x: Any) -> bool:

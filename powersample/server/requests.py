@@ -16,7 +16,7 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from powersample.errors import one_line
+from powersample.errors import is_unicode, one_line
 from powersample.server.protocol import ApiError, json_bytes
 
 
@@ -73,25 +73,17 @@ def check_text(data: Any) -> None:
     stack: list[tuple[Any, tuple]] = [(data, ())]
     while stack:
         value, path = stack.pop()
-        if isinstance(value, str) and not _unicode(value):
+        if isinstance(value, str) and not is_unicode(value):
             where = ".".join(map(str, path)) or "body"
             raise ApiError(400, f"'{where}' is not valid Unicode text (it holds a lone surrogate, such as \\ud800): "
                            "send UTF-8 text", param=str(path[0]) if path else None, code="invalid_text")  # fmt: skip
         if isinstance(value, dict):
             for key, item in value.items():
-                if not _unicode(key):
+                if not is_unicode(key):
                     raise ApiError(400, f"a field name is not valid Unicode text: {ascii(key)}", code="invalid_text")
                 stack.append((item, (*path, key)))
         elif isinstance(value, list):
             stack.extend((item, (*path, i)) for i, item in enumerate(value))
-
-
-def _unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
