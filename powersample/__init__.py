@@ -15,6 +15,18 @@ from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.samplers.registry import METHODS
 
-__version__ = "0.1.0"
+
+
+def _installed_version() -> str:
+    """The version pyproject.toml declares, as installed (the one source); "unknown" when run from a bare tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("powersample")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _installed_version()
 
 __all__ = ["METHODS", "PowerSampleError", "SampleRecord", "SamplerConfig", "load_backend", "sample", "__version__"]
