@@ -186,7 +186,7 @@ class _Endpoints:
         ids, texts = await asyncio.to_thread(self._encoded, prompts, new)  # off the event loop: tokenizers can be slow
         gen = _generation(body, texts, ids, config, ignored, work, deadline, logprobs=body.logprobs, echo=body.echo,
                           id_prompts=not isinstance(prompts[0], str), final_eos=True, scoring=scoring)  # fmt: skip
-        return await self._answer(request, gen, "logprobs", formats.Completions)
+        return await self._answer(request, gen, "logprobs", formats.COMPLETIONS)
 
     async def chat(self, request: Request) -> Response:
         body, deadline = await self._body(request, ChatBody)
@@ -197,7 +197,7 @@ class _Endpoints:
         ids = self._checked(ids, config.max_new_tokens, "messages")
         gen = _generation(body, [json.dumps(messages)], [ids], config, ignored, work, deadline,
                           logprobs=wire.wanted_logprobs(body), transcript=transcript)  # fmt: skip
-        return await self._answer(request, gen, "top_logprobs", formats.Chat)
+        return await self._answer(request, gen, "top_logprobs", formats.CHAT)
 
     async def _body(self, request: Request, model: type[wire._Body]) -> tuple[Any, float]:
         """The request's body, parsed and within the limits, and its deadline (counted from its arrival)."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -80,58 +81,48 @@ def chat_logprobs(out: Output, top: int) -> schema.ChatLogprobs:
     return schema.ChatLogprobs(content=content, refusal=None)
 
 
-class Completions:
-    """/v1/completions: a choice is its text; a stream's chunks carry text."""
+@dataclass(frozen=True)
+class Format:
+    """How one endpoint writes a choice: whole (`choice`), or as a stream's chunk choices (`delta`)."""
 
-    kind = "text_completion"
-    chunk_kind = "text_completion"
-    response, chunk = schema.CompletionResponse, schema.CompletionChunk
-
-    @staticmethod
-    def choice(i: int, out: Output, logprobs: int | None) -> schema.CompletionChoice:
-        lp = completion_logprobs(out, logprobs) if logprobs is not None else None
-        return schema.CompletionChoice(text=out.text, index=i, finish_reason=out.finish_reason, logprobs=lp)
-
-    @staticmethod
-    def delta(i: int, text: str | None, logprobs: BaseModel | None = None,
-              finish: Finish = None) -> schema.CompletionChunkChoice:  # fmt: skip
-        return schema.CompletionChunkChoice(index=i, text=text or "", logprobs=logprobs, finish_reason=finish)
-
-    @staticmethod
-    def opening(i: int) -> list[BaseModel]:
-        return []
-
-    logprobs = staticmethod(completion_logprobs)
+    kind: str  # the response's `object`
+    chunk_kind: str  # a stream chunk's `object`
+    response: type[BaseModel]
+    chunk: type[BaseModel]
+    logprobs: Callable[[Output, int], BaseModel]  # (output, alternatives per token) -> its log-probs
+    choice: Callable[[int, Output, Any], BaseModel]  # (index, output, its log-probs or None) -> a choice
+    delta: Callable[[int, str | None, Any, Finish], BaseModel]  # (index, text, log-probs, finish) -> a chunk choice
+    role: bool = False  # a choice's first chunk carries the role (chat)
 
 
-class Chat:
-    """/v1/chat/completions: a choice is an assistant message; a stream's first chunk of a choice carries its role."""
-
-    kind = "chat.completion"
-    chunk_kind = "chat.completion.chunk"
-    response, chunk = schema.ChatResponse, schema.ChatChunk
-
-    @staticmethod
-    def choice(i: int, out: Output, logprobs: int | None) -> schema.ChatChoice:
-        message = schema.AssistantMessage(role="assistant", content=out.text, refusal=None)
-        lp = chat_logprobs(out, logprobs) if logprobs is not None else None
-        return schema.ChatChoice(index=i, message=message, finish_reason=out.finish_reason, logprobs=lp)
-
-    @staticmethod
-    def delta(i: int, text: str | None, logprobs: BaseModel | None = None,
-              finish: Finish = None) -> schema.ChatChunkChoice:  # fmt: skip
-        delta = schema.ChatDelta() if text is None else schema.ChatDelta(content=text)
-        return schema.ChatChunkChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=finish)
-
-    @staticmethod
-    def opening(i: int) -> list[BaseModel]:
-        role = schema.ChatDelta(role="assistant", content="")
-        return [schema.ChatChunkChoice(index=i, delta=role, logprobs=None, finish_reason=None)]
-
-    logprobs = staticmethod(chat_logprobs)
+COMPLETIONS = Format(
+    "text_completion", "text_completion", schema.CompletionResponse, schema.CompletionChunk, completion_logprobs,
+    lambda i, out, lp: schema.CompletionChoice(text=out.text, index=i, finish_reason=out.finish_reason, logprobs=lp),
+    lambda i, text, lp, end: schema.CompletionChunkChoice(index=i, text=text or "", logprobs=lp, finish_reason=end),
+)
+CHAT = Format(
+    "chat.completion", "chat.completion.chunk", schema.ChatResponse, schema.ChatChunk, chat_logprobs,
+    lambda i, out, lp: schema.ChatChoice(index=i, message=schema.AssistantMessage(role="assistant", content=out.text,
+                                         refusal=None), finish_reason=out.finish_reason, logprobs=lp),  # fmt: skip
+    lambda i, text, lp, end: schema.ChatChunkChoice(index=i, delta=schema.ChatDelta(**_content(text)), logprobs=lp,
+                                                    finish_reason=end),  # fmt: skip
+    role=True,
+)
 
 
-Format = type[Completions] | type[Chat]
+def _content(text: str | None) -> dict:
+    return {} if text is None else {"content": text}
+
+
+def choice(fmt: Format, i: int, out: Output, logprobs: int | None) -> BaseModel:
+    """Choice i of a whole response, with its log-probs when asked for."""
+    return fmt.choice(i, out, fmt.logprobs(out, logprobs) if logprobs is not None else None)
+
+
+def opening(fmt: Format, i: int) -> list[BaseModel]:
+    """What a stream sends of choice i before its text: chat, the role; completions, nothing."""
+    role = schema.ChatDelta(role="assistant", content="")
+    return [schema.ChatChunkChoice(index=i, delta=role, logprobs=None, finish_reason=None)] if fmt.role else []
 
 
 def choice_chunks(fmt: Format, outputs: Sequence[Output], logprobs: int | None, opened: bool) -> list[BaseModel]:
@@ -139,8 +130,8 @@ def choice_chunks(fmt: Format, outputs: Sequence[Output], logprobs: int | None, 
     sent yet (with its log-probs when asked for), then its finish_reason."""
     choices: list[BaseModel] = []
     for i, out in enumerate(outputs):
-        choices += [] if opened else fmt.opening(i)
+        choices += [] if opened else opening(fmt, i)
         if out.text:
-            choices.append(fmt.delta(i, out.text, fmt.logprobs(out, logprobs) if logprobs is not None else None))
-        choices.append(fmt.delta(i, None, finish=out.finish_reason))
+            choices.append(fmt.delta(i, out.text, fmt.logprobs(out, logprobs) if logprobs is not None else None, None))
+        choices.append(fmt.delta(i, None, None, out.finish_reason))
     return choices

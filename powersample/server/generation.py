@@ -113,7 +113,7 @@ class Pipeline:
             job, future = submit(self.engine, progs, registry.proposal(gen.config), gen.deadline, gen.work)
             outcomes = await wait_job(request, job, future, gen.deadline, self.limits.request_timeout)
         records, outputs = await self._results(request, gen, outcomes, time.perf_counter() - start)
-        choices = [fmt.choice(i, out, gen.logprobs) for i, out in enumerate(outputs)]
+        choices = [formats.choice(fmt, i, out, gen.logprobs) for i, out in enumerate(outputs)]
         body = fmt.response(**head, choices=choices, usage=formats.usage(gen.prompt_tokens, outputs),
                             power_sampling=self._power_sampling(gen, records))  # fmt: skip
         await self._log(head["id"], records, outputs)

@@ -34,7 +34,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from powersample.server.deltas import TextStream
-from powersample.server.formats import Format, dump
+from powersample.server.formats import Format, dump, opening
 from powersample.server.protocol import Output, json_bytes
 
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
@@ -84,12 +84,12 @@ class LiveText:
 
     def opening(self) -> list[bytes]:
         """Chat: each choice's role chunk, before any text (completions: nothing)."""
-        return [self.chunks.event(role) for i in range(len(self.streams)) if (role := self.chunks.fmt.opening(i))]
+        return [self.chunks.event(role) for i in range(len(self.streams)) if (role := opening(self.chunks.fmt, i))]
 
     def draw(self, choice: int, tokens: Sequence[int]) -> list[bytes]:
         """The chunk of the text that choice's newly drawn tokens release (none when they release nothing)."""
         text = self.streams[choice].add(tokens)
-        return [self.chunks.event([self.chunks.fmt.delta(choice, text)])] if text else []
+        return [self.chunks.event([self.chunks.fmt.delta(choice, text, None, None)])] if text else []
 
     def rest(self, outputs: Sequence[Output]) -> list[Output]:
         """The outputs with only the text not sent yet, for the stream's last chunks."""
