@@ -165,8 +165,11 @@ class Pipeline:
         async with aclosing(feed.follow(future, min(POLL_SECONDS, self.keepalive))) as batches:
             async for batch in batches:
                 for channel, item in batch:
-                    for data in [sse.trace(item)] if channel == "trace" else live.draw(*item) if live else ():
-                        yield data
+                    if channel == "trace":
+                        yield sse.trace(item)
+                    elif live is not None:  # ("draw", (choice, tokens))
+                        for data in live.draw(*item):
+                            yield data
                 if future.done():
                     return
                 if time.monotonic() > gen.deadline:
