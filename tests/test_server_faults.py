@@ -235,6 +235,7 @@ def test_an_echoed_id_prompt_keeps_characters_split_over_tokens_whole(llama, lla
 @pytest.mark.slow
 def test_sampled_pieces_keep_characters_split_over_tokens_whole(llama):
     from powersample.api import SampleRecord
+    from powersample.server import formats
     from powersample.server import protocol as wire
 
     ids = tuple(llama.encode(SPLIT, False))
@@ -243,7 +244,7 @@ def test_sampled_pieces_keep_characters_split_over_tokens_whole(llama):
                           wall_seconds=0.0, method="base", seed=0, sample_index=0, config={})  # fmt: skip
     out = wire.finish(llama.decode, record, [], True)
     assert "".join(out.pieces) == SPLIT
-    content = wire.chat_logprobs(out, 0)["content"]
+    content = formats.chat_logprobs(out, 0).model_dump()["content"]
     assert bytes(b for entry in content for b in entry["bytes"]).decode("utf-8") == SPLIT
 
 

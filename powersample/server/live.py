@@ -4,10 +4,11 @@ Sampler programs run on the engine thread and report what happens to their chain
 carries such events to the request's handler on the event loop: `push` (any thread) hands each one over with
 `loop.call_soon_threadsafe`, so the engine never waits on the request, and `follow` gives the handler the events in
 batches as they arrive, until the job's future is done. The job's outcome is settled through the same loop queue
-after its last event (`app._submit`), so once the future is done every event is already in the feed.
+after its last event (`waiting.submit`), so once the future is done every event is already in the feed.
 
 `trace_feed` attaches a chain trace (`api.ChainTrace`, the events `sample --trace` writes) to a request's chains;
-the streamed request then sends them before its chunks (`sse.trace`).
+the streamed request then sends them before its chunks (`sse.trace`). `draw_feed` attaches the live-text channel of
+plain chains (the tokens they draw, `Chain.on_draw`), which a streamed request turns into text chunks (`sse.LiveText`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from powersample.backends.base import Backend
 from powersample.config import SamplerConfig
 from powersample.samplers import Chain
 
-Event = dict[str, Any]
+Event = tuple[str, Any]  # (channel, payload): ("trace", a trace event) or ("draw", (choice, tokens))
 
 
 class Feed:
@@ -67,12 +68,19 @@ class Feed:
 
 def trace_feed(backend: Backend, chains: Sequence[Chain], prompt: str, config: SamplerConfig, seed: int,
                first: int, feed: Feed) -> None:  # fmt: skip
-    """Trace one prompt's chains into `feed`: their "start" events now, the sampler's events as the engine thread
-    makes them; chain j is numbered first + j (the request's choice index)."""
-    trace_chains(ChainTrace(backend, sink=feed.push), chains, prompt, config, seed, first)
+    """Trace one prompt's chains into `feed` as ("trace", event): their "start" events now, the sampler's events as
+    the engine thread makes them; chain j is numbered first + j (the request's choice index)."""
+    trace_chains(ChainTrace(backend, sink=lambda item: feed.push(("trace", item))), chains, prompt, config, seed, first)
 
 
-def end_events(backend: Backend, records: Sequence) -> list[Event]:
+def draw_feed(chains: Sequence[Chain], first: int, feed: Feed) -> None:
+    """Each chain's live text into `feed` as ("draw", (choice index first + j, the tokens drawn)): the live-text
+    channel (`Chain.on_draw`), apart from the trace."""
+    for j, chain in enumerate(chains):
+        chain.on_draw = lambda tokens, k=first + j: feed.push(("draw", (k, tuple(tokens))))
+
+
+def end_events(backend: Backend, records: Sequence) -> list[dict[str, Any]]:
     """Each record's "end" event (its tokens, log p and whole text, before stop strings cut it), numbered by its
     choice index."""
     trace = ChainTrace(backend)

@@ -1,5 +1,6 @@
-"""The OpenAI wire format: request bodies in (validated), the rule from request fields to a SamplerConfig, and
-responses out (choices, stop truncation, log-probs, usage and the `power_sampling` object).
+"""The OpenAI wire format: request bodies in (validated), the rule from request fields to a SamplerConfig, and each
+sample's output (stop truncation, per-token pieces, ranked log-probs and the echoed prompt); `formats.py` writes the
+answers from them.
 
 Field rules (the README's "Serve" section repeats them):
 
@@ -43,9 +44,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-import time
 import typing
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -570,74 +569,3 @@ def _named(decode, tokens: Sequence[int], tops: Sequence[tuple[tuple[int, float]
         texts = ((decode([*tokens[begin:i], t]), lp) for t, lp in top)
         named.append(tuple(((text if last else _settled(text))[len(before) :], lp) for text, lp in texts))
     return tuple(named)
-
-
-def completion_logprobs(out: Output, top: int) -> dict:
-    """OpenAI's legacy completions log-probs: per token its piece, log p, the `top` likeliest alternatives (plus the
-    token itself when it is not among them, as OpenAI does) and its character offset in the choice's text."""
-    tops = None
-    if top > 0:
-        tops = [None if alts is None else {**dict(alts), **({} if piece in dict(alts) else {piece: lp})}
-                for piece, lp, alts in zip(out.pieces, out.logp, out.top)]  # fmt: skip
-    return {"tokens": list(out.pieces), "token_logprobs": list(out.logp), "top_logprobs": tops,
-            "text_offset": list(out.offsets)}  # fmt: skip
-
-
-def chat_logprobs(out: Output, top: int) -> dict:
-    """OpenAI's chat log-probs: per token its piece, log p and bytes, and the `top` likeliest alternatives."""
-
-    def entry(piece: str, lp: float) -> dict:
-        return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
-
-    alternatives = out.top if top > 0 else ((),) * len(out.pieces)
-    content = [
-        {**entry(piece, lp), "top_logprobs": [entry(p, a) for p, a in alts or ()]}
-        for piece, lp, alts in zip(out.pieces, out.logp, alternatives)
-    ]
-    return {"content": content, "refusal": None}
-
-
-def power_sampling(config: SamplerConfig, seed: int, records: Sequence[SampleRecord], ignored: list[str],
-                   transcript: Sequence[str] = ()) -> dict:  # fmt: skip
-    """The extension object: what ran, and how the chains went; with a `transcript` (chat sent as plain "role:
-    content" lines, to a model without a chat template), the role lines that ended each reply."""
-    proposals = sum(r.proposals for r in records)
-    accepted = sum(r.accepted for r in records)
-    return {
-        **({"transcript": {"stop": list(transcript)}} if transcript else {}),
-        "method": config.method,
-        "seed": seed,
-        "config": registry.resolved(config),
-        "acceptance_rate": registry.acceptance_rate(config.method, proposals, accepted),
-        "proposals": proposals,
-        "accepted": accepted,
-        "tokens_sampled": sum(r.tokens_generated for r in records),
-        "wall_seconds": max((r.wall_seconds for r in records), default=0.0),
-        "chains": [
-            {"index": j, "logp": r.logp, "finish_reason": r.finish_reason, "proposals": r.proposals,
-             "accepted": r.accepted, "acceptance_rate": r.acceptance_rate, "tokens_sampled": r.tokens_generated}
-            for j, r in enumerate(records)
-        ],
-        "ignored": ignored,
-    }
-
-
-def envelope(kind: str, model: str) -> dict:
-    """id, object, created and model of a response."""
-    prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
-    return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": model}
-
-
-def include_usage(body: _Body) -> bool:
-    """Whether a streamed response ends with a usage chunk (stream_options.include_usage)."""
-    return bool(body.stream_options is not None and body.stream_options.include_usage)
-
-
-def include_trace(body: _Body) -> bool:
-    """Whether a streamed response carries its chains' trace events (stream_options.include_trace)."""
-    return bool(body.stream_options is not None and body.stream_options.include_trace)
-
-
-def usage(prompt_tokens: int, outputs: Sequence[Output]) -> dict:
-    completion = sum(o.completion_tokens for o in outputs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}

@@ -1,6 +1,7 @@
 """The served OpenAPI document (`GET /openapi.json`): request bodies from the very models that validate them
-(`protocol.CompletionBody`, `protocol.ChatBody`, power-sampling fields included) and the responses the handlers
-build, so a fuzzer (schemathesis) can check every answer against it. The handlers parse bodies themselves (size
+(`protocol.CompletionBody`, `protocol.ChatBody`, power-sampling fields included) and the response models below,
+which are what the handlers build their answers from (`formats.py`): one definition is both the code and the
+document, and a fuzzer (schemathesis) checks every answer against it. The handlers parse bodies themselves (size
 first, then JSON, then the model: see `requests.read_json`), so the request bodies are added to FastAPI's document here.
 A streamed answer (`stream: true`) is `text/event-stream`; its chunk objects are the components CompletionChunk and
 ChatChunk (see `sse.py`). A server with an API key declares HTTP bearer auth (`components.securitySchemes`) on the
@@ -65,7 +66,7 @@ class Transcript(_Out):
 
 
 class PowerSampling(_Out):
-    """The extension object of every generation response (protocol.power_sampling)."""
+    """The extension object of every generation response (formats.power_sampling)."""
 
     transcript: Transcript | None = None  # chat to a model without a chat template; absent otherwise
 
