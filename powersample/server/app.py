@@ -37,6 +37,8 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
+import powersample
+
 from powersample.backends import BackendSpec
 from powersample.backends.base import Backend, ChatMessages, Ranking, Vocabulary, capability, has_chat_template
 from powersample.backends.engine import check_fits
@@ -86,7 +88,7 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
         finally:
             await asyncio.to_thread(engine.close)
 
-    app = FastAPI(title="powersample", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="powersample", version=powersample.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None, default_response_class=JsonResponse)  # fmt: skip
     app.state.engine, app.state.settings = engine, settings
     add_error_handlers(app)
@@ -152,15 +154,6 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
         return Response(text, media_type=content_type)
 
     return app
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("powersample")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 NO_TEMPLATE = ("the model has no chat template: chat requests go to it as a plain 'role: content' transcript, "
