@@ -68,7 +68,7 @@ def test_prompt_file_and_stdin(tmp_path, capsys, monkeypatch):
     f.write_text("a prompt\nover two lines")
     argv = [*TOY, "--max-new-tokens", "2", "--output", str(out_file)]
     assert run(["sample", "--prompt-file", str(f), *argv], capsys)[0] == 0
-    monkeypatch.setattr(sys, "stdin", open(f))
+    monkeypatch.setattr(sys, "stdin", open(f))  # noqa: SIM115 - a real file as stdin, for the test's length
     assert run(["sample", "--prompt-file", "-", *argv], capsys)[0] == 0
     prompts = [json.loads(line)["prompt"] for line in out_file.read_text().splitlines()]
     assert prompts == ["a prompt\nover two lines"] * 2

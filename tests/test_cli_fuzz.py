@@ -1,13 +1,13 @@
 """A property of the whole command line: whatever argv a user types, `powersample` exits 0 or 2 and
 never shows a traceback.
 
-argv is built from the real option names of every subcommand (read off the parser, so new options are fuzzed too)
-with values that are wrong in every way a careless user manages (empty, non-numeric, huge, non-finite, negative,
-subnormal, a directory, a binary file, a deeply nested JSON file, a missing file), plus garbage tokens. Everything
-runs in-process on the toy backend with a toy model that stops within a few tokens, inside a scratch directory, so it stays fast.
-Bounds that keep it fast and safe, not blind spots of the property: no engine but the toy one, no Ray, no
-HumanEval sandbox runs, small workloads (T, steps, chains, samples), `serve` never actually listens, and paths
-are only the prepared ones (nothing is written outside the scratch directory).
+argv is built from the real option names of every subcommand (read off the parser, so new options are fuzzed too) with
+values that are wrong in every way a careless user manages (empty, non-numeric, huge, non-finite, negative, subnormal, a
+directory, a binary file, a deeply nested JSON file, a missing file), plus garbage tokens. Everything runs in-process on
+the toy backend with a toy model that stops within a few tokens, inside a scratch directory, so it stays fast. Bounds
+that keep it fast and safe, not blind spots of the property: no engine but the toy one, no Ray, no HumanEval sandbox
+runs, small workloads (T, steps, chains, samples), `serve` never actually listens, and paths are only the prepared ones
+(nothing is written outside the scratch directory).
 """
 
 from __future__ import annotations

@@ -107,14 +107,14 @@ def test_a_run_that_fails_first_does_not_take_run_json_from_one_that_joined(prob
         plans = [plan_of(problems, 4.0, (0, 2)), plan_of(problems, 4.0, (1, 2))]
         barrier = threading.Barrier(2, timeout=60)
         real_open_run = runner.open_run
-        monkeypatch.setattr(runner, "open_run", lambda *a, **k: (barrier.wait(), real_open_run(*a, **k))[1])
+        monkeypatch.setattr(runner, "open_run", lambda *a, **k: (barrier.wait(), real_open_run(*a, **k))[1])  # noqa: B023
         errors: list = []
 
         def go(plan, make):
             try:
-                run_plan(plan, run_dir, make, quiet=True)
+                run_plan(plan, run_dir, make, quiet=True)  # noqa: B023
             except PowerSampleError as e:
-                errors.append(e)
+                errors.append(e)  # noqa: B023 - each round joins its threads before the next
 
         threads = [threading.Thread(target=go, args=(plans[0], failing)),
                    threading.Thread(target=go, args=(plans[1], fake_records(plans[1])))]  # fmt: skip

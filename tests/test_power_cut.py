@@ -181,7 +181,7 @@ def test_the_trace_records_every_step_with_its_cut_term():
     assert [e["event"] for e in events][:1] == ["extend"] and len(steps) == 5
     assert sum(e["accepted"] for e in steps) == result.accepted
     for e in steps:
-        terms = [t for t in e["terms"].values()]
+        terms = list(e["terms"].values())
         if e["log_r"] is not None and None not in terms:
             assert math.isclose(e["log_r"], math.fsum(terms), abs_tol=1e-12)
         assert 0 <= e["cut"] < e["length"]

@@ -97,7 +97,7 @@ def enumerated_interval(sums: list[int], size: int) -> tuple[float, float]:
 def test_bootstrap_matches_the_enumerated_resamples(a, b):
     """On a few problems the bootstrap's law can be listed whole; 10,000 resamples find its quantiles (none of these
     cases has a quantile where the law's distribution function is within 0.01 of 2.5% or 97.5%)."""
-    left, right = (dict(((r["problem_id"], r["seed"]), r["correct"]) for r in verdicts(v, 2)) for v in (a, b))
+    left, right = ({(r["problem_id"], r["seed"]): r["correct"] for r in verdicts(v, 2)} for v in (a, b))
     sums = [sum(right[p, s] - left[p, s] for s in range(2)) for p in sorted({p for p, _ in left})]
     assert paired.compare(left, right).interval == enumerated_interval(sums, 2)
 

@@ -340,7 +340,7 @@ def test_engine_calls_run_on_the_engine_thread_and_answer_failures_and_deadlines
     def once(work):  # a call of one step
         def steps():
             return work()
-            yield  # noqa: unreachable - makes steps a generator
+            yield  # unreachable: makes steps a generator
 
         return steps
 

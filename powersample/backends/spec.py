@@ -179,7 +179,7 @@ def _file_digest(path: str) -> str:
 def _has_cuda() -> bool:
     if importlib.util.find_spec("torch") is None:
         return False
-    import torch  # noqa: PLC0415  (an engine, not a module of ours: imported only where it is installed)
+    import torch  # an engine, not a module of ours: imported only where it is installed
 
     return torch.cuda.is_available()
 

@@ -56,18 +56,15 @@ import numpy as np
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-import vllm  # noqa: E402 - after the logging settings above
-from vllm.inputs import TokensPrompt  # noqa: E402
-from vllm.sampling_params import RequestOutputKind  # noqa: E402
+import vllm  # after the logging settings above (E402 allows them: they only set os.environ)
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
 
 from powersample.backends.engine import check_fits, extend_in_one_run
 from powersample.backends.hub import dtype_name, eos_ids, is_hub_id
-from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids  # noqa: E402
+from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids
 from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Ranked, Refill, Tokens
-from powersample.errors import (
-    PowerSampleError,  # noqa: E402
-    one_line,
-)
+from powersample.errors import PowerSampleError, one_line
 
 SCORE_SALT = "powersample-score"  # prefix-cache salt of scoring requests (see VLLMBackend._prompt_logprobs)
 CONFIDENCE_BATCH = 16  # positions per engine call in confidence(); each returns V log-probs

@@ -7,10 +7,11 @@
                                                      actor                           together (evaluate_batches)
 
 The unit is one (problem, seed), as in the single-process runner, and a worker makes its records with the same
-`evaluate_batches` (a batch of `--batch` units shares every engine call), so a record is what `powersample sample --seed s` gives whichever worker made it, and a run can be
-resumed with or without Ray. Only the driver writes. When an actor dies (`RayActorError`), each of its unfinished
-units goes back to the queue and a fresh actor takes its place; a unit's record is written once, since the
-driver keeps only the first record per unit (`runner.run_plan`).
+`evaluate_batches` (a batch of `--batch` units shares every engine call), so a record is what
+`powersample sample --seed s` gives whichever worker made it, and a run can be resumed with or without Ray. Only the
+driver writes. When an actor dies (`RayActorError`), each of its unfinished units goes back to the queue and a fresh
+actor takes its place; a unit's record is written once, since the driver keeps only the first record per unit
+(`runner.run_plan`).
 
 Ray is imported only here, and this module only when `--ray` is given: `import powersample` never needs Ray.
 """

@@ -56,7 +56,7 @@ def equivalent(gold: str, answer: str, timeout: float) -> tuple[bool, str]:
         return (True, "") if future.result() else (False, "not equivalent")
     except FutureTimeout:
         return False, f"grader timed out after {timeout:g}s"
-    except Exception as e:  # the worker died (memory, recursion) or math-verify raised
+    except Exception as e:  # noqa: BLE001 - the worker died (memory, recursion) or math-verify raised
         return False, f"grader failed: {type(e).__name__}"
 
 

@@ -26,6 +26,7 @@ from powersample.errors import PowerSampleError, parse_json
 from powersample.eval.report import check_fields
 
 _NUMBER = (int, float)
+# fmt: off
 EVENT_FIELDS: dict[str, dict[str, Any]] = {
     "start": {"chain": int},
     "extend": {"chain": int, "stage": int, "at": int, "tokens": list, "pieces": list, "logp": _NUMBER,
@@ -34,7 +35,8 @@ EVENT_FIELDS: dict[str, dict[str, Any]] = {
              "length_after": (int, None), "proposal": (list, None), "pieces": (list, None)},
     "smc": {"chain": int, "stage": int, "ess": _NUMBER},
     "end": {"chain": int, "tokens": list, "logp": _NUMBER},
-}  # fmt: skip
+}
+# fmt: on
 Event = tuple[int, dict[str, Any]]  # (line number, the event)
 
 

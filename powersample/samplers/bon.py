@@ -29,7 +29,7 @@ from powersample.config import SamplerConfig
 from powersample.core.types import Continuation, ExtendRequest, Tokens
 from powersample.errors import PowerSampleError
 from powersample.samplers.chain import Chain
-from powersample.samplers.driver import Program
+from powersample.samplers.driver import Program, ask_all
 from powersample.samplers.mtm import try_rngs
 from powersample.samplers.power import eq12_tokens
 
@@ -43,13 +43,14 @@ def bon_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
         k = round_size(budget - chain.tokens_generated, config.max_new_tokens)
         requests = tuple(ExtendRequest(prompt, config.max_new_tokens, rng, slot)
                          for slot, rng in enumerate(try_rngs(chain, k)))  # fmt: skip
-        candidates = yield requests
+        candidates = yield from ask_all(requests)
         best = keep_best(best, candidates)
         drawn = sum(len(c.tokens) for c in candidates)
         if drawn == 0:
             raise PowerSampleError("bon: the engine returned empty candidates")
         chain.tokens_generated += drawn
         chain.proposals += k
+    assert best is not None  # the budget is >= 1 token, so at least one round ran
     chain.append(best)
     return chain.result()
 
@@ -77,7 +78,7 @@ def round_size(remaining: int, max_new_tokens: int) -> int:
     return min(MAX_ROUND, -(-remaining // max_new_tokens))
 
 
-def keep_best(best: Continuation | None, candidates: Sequence[Continuation]) -> Continuation:
+def keep_best(best: Continuation | None, candidates: Sequence[Continuation]) -> Continuation | None:
     """The candidate with the highest mean base log p among `best` (drawn earlier) and `candidates` (in draw order);
     on a tie the earlier one stays."""
     for cand in candidates:

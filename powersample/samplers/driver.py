@@ -3,10 +3,11 @@
 Writing a sampler as one straight-line program per chain keeps the algorithm readable, and leaves batching to the
 driver: every live program's pending requests go into one backend call. A program yields either one ExtendRequest
 (and receives one Continuation) or a tuple of them (and receives a tuple, in order): a tuple's requests are all in
-flight together, so SMC particles, multiple tries or rollouts share the engine's batch. A backend that can refill its
-batch as rows finish (`extend_continuous`: the optional capability ContinuousBatching of backends/base.py) keeps it
-full instead of running lockstep rounds; a chain's draws come from its own generator in the same order either way,
-so the two schedules give the same samples (up to the engine's batched numerics).
+flight together, so SMC particles, multiple tries or rollouts share the engine's batch. The library's programs ask
+through `ask` and `ask_all` (`cont = yield from ask(request)`), which give the reply its precise type. A backend
+that can refill its batch as rows finish (`extend_continuous`: the optional capability ContinuousBatching of
+backends/base.py) keeps it full instead of running lockstep rounds; a chain's draws come from its own generator in
+the same order either way, so the two schedules give the same samples (up to the engine's batched numerics).
 
 Slots. A program names its caches with its own slot numbers (0, 1, ... for the members of a tuple); the driver maps
 them to slots unique among the programs in flight, and reuses a finished program's slots for the next program.
@@ -16,17 +17,32 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field, replace
-from typing import Callable, Generator, Iterable, Sequence, Union
+from typing import Callable, Generator, Iterable, Sequence
 
 from powersample.backends.base import Backend, ContinuousBatching, capability
 from powersample.core.types import Continuation, ExtendRequest, Proposal
 from powersample.samplers.chain import ChainResult, Progress
 
-Step = Union[ExtendRequest, tuple[ExtendRequest, ...]]
-Reply = Union[Continuation, tuple[Continuation, ...]]
+Step = ExtendRequest | tuple[ExtendRequest, ...]  # what a program yields
+Reply = Continuation | tuple[Continuation, ...]  # what it gets back: a Continuation for a request, a tuple for a tuple
 Program = Generator[Step, Reply, ChainResult]
-Done = Callable[[Union[ChainResult, BaseException]], None]  # gets a program's result, or the exception it raised
+Done = Callable[[ChainResult | BaseException], None]  # gets a program's result, or the exception it raised
 Admit = Callable[[], Iterable[tuple[Program, Done]]]  # programs that arrived since the last call
+
+
+def ask(request: ExtendRequest) -> Generator[Step, Reply, Continuation]:
+    """One request as a step of its own; its continuation (`cont = yield from ask(request)`)."""
+    reply = yield request
+    assert not isinstance(reply, tuple), "the driver answers a single request with a single continuation"
+    return reply
+
+
+def ask_all(requests: Iterable[ExtendRequest]) -> Generator[Step, Reply, tuple[Continuation, ...]]:
+    """Requests in flight together, as one step; their continuations, in order (`conts = yield from
+    ask_all(requests)`)."""
+    reply = yield tuple(requests)
+    assert isinstance(reply, tuple), "the driver answers a tuple of requests with a tuple of continuations"
+    return reply
 
 
 def drive(
@@ -35,13 +51,16 @@ def drive(
     """Run every program to its end; returns their results in order (re-raises the first program's exception)."""
     results: dict[int, ChainResult | BaseException] = {}
     Scheduler(backend, proposal, progress).run([(p, _store(results, j)) for j, p in enumerate(programs)])
+    out: list[ChainResult] = []
     for j in range(len(programs)):
-        if isinstance(results[j], BaseException):
-            raise results[j]
-    return [results[j] for j in range(len(programs))]  # type: ignore[misc]
+        outcome = results[j]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        out.append(outcome)
+    return out
 
 
-def _store(results: dict, j: int) -> Done:
+def _store(results: dict[int, ChainResult | BaseException], j: int) -> Done:
     def done(outcome: ChainResult | BaseException) -> None:
         results[j] = outcome
 
@@ -64,7 +83,9 @@ class Scheduler:
     """Programs in flight over one backend and one proposal. `admit`, when given, is polled for programs that join
     while it runs (a server's new requests); `run` returns once nothing is in flight and `admit` has nothing."""
 
-    def __init__(self, backend: Backend, proposal: Proposal, progress: Progress | None = None, admit: Admit = None):
+    def __init__(
+        self, backend: Backend, proposal: Proposal, progress: Progress | None = None, admit: Admit | None = None
+    ):
         self.backend, self.proposal, self.progress, self.admit = backend, proposal, progress, admit
         self._keys: dict[int, tuple[_Task, int]] = {}  # request key -> (task, member of its step)
         self._next_key = 0

@@ -41,7 +41,7 @@ from powersample.config import SamplerConfig
 from powersample.core.numerics import draw, logsumexp
 from powersample.core.types import Continuation, Tokens
 from powersample.samplers.chain import Chain
-from powersample.samplers.driver import Program
+from powersample.samplers.driver import Program, ask, ask_all
 from powersample.samplers.power import log_uniform, rejection_floor, suffix_request
 
 
@@ -52,7 +52,7 @@ def mtm_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
         chain.remember(prompt)
     for cap in config.stage_caps():
         request = suffix_request(prompt, config, chain, len(chain.tokens), cap, chain.rng, 0)
-        cont = yield request
+        cont = yield from ask(request)
         chain.drew(request, cont)
         chain.append(cont)
         chain.tokens_generated += len(cont.tokens)
@@ -62,7 +62,7 @@ def mtm_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
             floor = rejection_floor(config, config.alpha, chain, i, log_u) if len(rngs) == 1 else None  # one try: r
             requests = tuple(suffix_request(prompt, config, chain, i, cap, rng, slot, floor)
                              for slot, rng in enumerate(rngs))  # fmt: skip
-            tries = yield requests
+            tries = yield from ask_all(requests)
             for request, cont in zip(requests, tries):
                 chain.drew(request, cont)
             mtm_step(chain, i, tries, config.alpha, log_u)

@@ -32,7 +32,7 @@ import numpy as np
 from powersample.config import SamplerConfig
 from powersample.core.types import Continuation, ExtendRequest, Floor, Tokens
 from powersample.samplers.chain import Chain
-from powersample.samplers.driver import Program
+from powersample.samplers.driver import Program, ask
 
 
 def power_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
@@ -91,7 +91,7 @@ def mh_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fro
     for stage, cap in enumerate(config.stage_caps(), start=1):
         at = len(chain.tokens)
         request = suffix_request(prompt, config, chain, at, cap, chain.rng, chain.slot, entropy=cuts.entropy)
-        cont = yield request
+        cont = yield from ask(request)
         chain.drew(request, cont)
         chain.append(cont)
         chain.tokens_generated += len(cont.tokens)
@@ -101,7 +101,7 @@ def mh_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fro
             log_u = log_uniform(chain.rng)  # drawn first, so that a proposal sure to be rejected stops early
             request = suffix_request(prompt, config, chain, i, cap, chain.rng, chain.slot,
                                      rejection_floor(config, alpha, chain, i, log_u, cuts), cuts.entropy)  # fmt: skip
-            cont = yield request
+            cont = yield from ask(request)
             chain.drew(request, cont)
             mh_step(chain, i, cont, alpha, log_u, cuts, (stage, step))
         if chain.complete(eos_ids):
@@ -130,7 +130,7 @@ def suffix_request(prompt: Tokens, config: SamplerConfig, chain: Chain, i: int, 
     before (core.drafts); the engine draws the same tokens either way, only in fewer forwards."""
     context = prompt + tuple(chain.tokens[:i])
     return ExtendRequest(context, cap - i, rng, slot, draft=chain.draft(context, tuple(chain.tokens[i:])),
-                         speculate=config.speculate, floor=floor, entropy=entropy)  # fmt: skip
+                         speculate=config.speculate or 0, floor=floor, entropy=entropy)  # fmt: skip
 
 
 def rejection_floor(config: SamplerConfig, alpha: float, chain: Chain, i: int, log_u: float,

@@ -55,9 +55,9 @@ from powersample.core.numerics import draw, logsumexp
 from powersample.core.types import Continuation, ExtendRequest, Tokens
 from powersample.errors import PowerSampleError
 from powersample.samplers.chain import Chain
-from powersample.samplers.driver import Program
+from powersample.samplers.driver import Program, Reply, Step, ask, ask_all
 
-Weigh = Generator[tuple[ExtendRequest, ...], tuple[Continuation, ...], None]
+Weigh = Generator[Step, Reply, None]
 
 
 def rollout_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
@@ -92,7 +92,7 @@ def check_config(config: SamplerConfig) -> None:
 def token_step(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int], rngs: list) -> Weigh:
     """The K likeliest next tokens, then one rollout step to weigh them, then one of them."""
     context = prompt + tuple(chain.tokens)
-    probe = yield ExtendRequest(context, 1, chain.rng, slot=0, alternatives=config.candidates)
+    probe = yield from ask(ExtendRequest(context, 1, chain.rng, slot=0, alternatives=config.candidates))
     chain.tokens_generated += len(probe.tokens)  # drawn, not kept
     units = [Continuation((t,), (lp,), (lp,)) for t, lp in probe.alternatives if lp > -math.inf]
     yield from weigh_and_choose(context, units, config, chain, eos_ids, rngs)
@@ -103,7 +103,7 @@ def block_step(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fro
     context = prompt + tuple(chain.tokens)
     size = min(_block(config), config.max_new_tokens - len(chain.tokens))
     pool = config.candidates * config.rollouts
-    blocks = yield tuple(ExtendRequest(context, size, rngs[j], slot=j) for j in range(pool))
+    blocks = yield from ask_all(ExtendRequest(context, size, rngs[j], slot=j) for j in range(pool))
     chain.tokens_generated += sum(len(b.tokens) for b in blocks)
     candidates = likeliest_distinct(blocks, config.candidates)
     yield from weigh_and_choose(context, candidates, config, chain, eos_ids, rngs)
@@ -125,7 +125,7 @@ def weigh_and_choose(
 ) -> Weigh:
     """Roll out after every candidate unit (one tuple step), then append one unit drawn ∝ p^alpha * zeta_hat."""
     requests, owners = rollout_requests(context, units, config, len(chain.tokens), eos_ids, rngs)
-    rollouts = yield tuple(requests)
+    rollouts = yield from ask_all(requests)
     chain.tokens_generated += sum(len(r.tokens) for r in rollouts)
     log_w = np.zeros((len(units), config.rollouts))  # (K, M); units without rollouts keep zeta = 1
     for (k, m), r in zip(owners, rollouts):
@@ -142,7 +142,8 @@ def rollout_requests(
     context: Tokens, units: list[Continuation], config: SamplerConfig, done: int, eos_ids: frozenset[int], rngs: list
 ) -> tuple[list[ExtendRequest], list[tuple[int, int]]]:
     """M rollouts after each unit that neither ends in EOS nor reaches T; with (unit, rollout) of each request."""
-    requests, owners = [], []
+    requests: list[ExtendRequest] = []
+    owners: list[tuple[int, int]] = []
     for k, unit in enumerate(units):
         rest = config.max_new_tokens - done - len(unit.tokens)
         if unit.tokens[-1] in eos_ids or rest <= 0:

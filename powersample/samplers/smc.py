@@ -19,8 +19,8 @@ A step from length s to t adds the incremental log weight log gamma_t(x_{1:t}) -
 1), and when the run ends at length t every particle gets (alpha - a_t) * log p(x). The weights telescope to
 p(x)^alpha / q(x): the importance weight for pi, exactly, with or without a ramp or an early end.
 
-Resampling. After each step that leaves a live particle and t < T (so only at block boundaries), if the effective sample size
-(sum w)^2 / sum w^2 < ess_threshold * N, the particles are resampled systematically (one uniform, N evenly spaced
+Resampling. After each step that leaves a live particle and t < T (so only at block boundaries), if the effective sample
+size (sum w)^2 / sum w^2 < ess_threshold * N, the particles are resampled systematically (one uniform, N evenly spaced
 points) and their weights reset to equal. ess_threshold 0 = plain sequential importance sampling.
 
 Output. One particle drawn with probability ∝ its final weight (the chain's generator); with
@@ -42,7 +42,7 @@ from powersample.config import SamplerConfig
 from powersample.core.numerics import draw, logsumexp
 from powersample.core.types import Continuation, ExtendRequest, Tokens
 from powersample.samplers.chain import Chain, ChainResult, WeightedParticle
-from powersample.samplers.driver import Program
+from powersample.samplers.driver import Program, ask_all
 
 
 @dataclass
@@ -76,7 +76,7 @@ def smc_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
         t, before = min(t + config.block, horizon), np.array([p.logp for p in particles])
         live = [m for m, p in enumerate(particles) if not p.done]
         size = t - len(particles[live[0]].tokens)  # live particles all hold the same number of tokens
-        conts = yield tuple(ExtendRequest(prompt + tuple(particles[m].tokens), size, rngs[m], m) for m in live)
+        conts = yield from ask_all(ExtendRequest(prompt + tuple(particles[m].tokens), size, rngs[m], m) for m in live)
         for m, cont in zip(live, conts):
             log_w[m] -= math.fsum(cont.proposal_logq)
             particles[m].add(cont, eos_ids)
@@ -84,11 +84,11 @@ def smc_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
         log_w += a_t * np.array([p.logp for p in particles]) - exponent * before  # gamma_t / gamma_s
         chain.tokens_generated += sum(len(c.tokens) for c in conts)
         exponent = a_t
-        size, weights, ancestors = ess(log_w), log_w, None
-        if t < horizon and any(not p.done for p in particles) and size < config.ess_threshold * n:
+        effective, weights, ancestors = ess(log_w), log_w, None
+        if t < horizon and any(not p.done for p in particles) and effective < config.ess_threshold * n:
             particles, log_w, ancestors = resample(particles, log_w, chain.rng)
         if chain.trace is not None:
-            chain.note("smc", stage=-(-t // config.block), t=t, ess=size, log_weights=weights.tolist(),
+            chain.note("smc", stage=-(-t // config.block), t=t, ess=effective, log_weights=weights.tolist(),
                        resampled=ancestors is not None, ancestors=ancestors)  # fmt: skip
     log_w += (config.alpha - exponent) * np.array([p.logp for p in particles])  # the rest of the ramp, if any
     return choose(chain, particles, log_w)

@@ -323,8 +323,8 @@ def prompt_list(body: CompletionBody) -> list[str] | list[list[int]]:
     """The prompts: texts, or token-id lists."""
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        return [prompt]  # type: ignore[list-item]
-    return list(prompt)  # type: ignore[arg-type]
+        return [prompt]  # type: ignore[return-value]
+    return list(prompt)  # type: ignore[return-value]
 
 
 def scores_only(body: _Body) -> bool:

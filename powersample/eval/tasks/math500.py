@@ -50,7 +50,7 @@ def _from_hub() -> list[dict]:
         raise PowerSampleError(f"math500 needs --data FILE, or `pip install datasets` to fetch {HUB_ID}") from None
     try:
         return [dict(row) for row in datasets.load_dataset(HUB_ID, split="test")]
-    except Exception as e:  # offline, gated, renamed: all mean "give me a file"
+    except Exception as e:  # noqa: BLE001 - offline, gated, renamed: all mean "give me a file"
         raise PowerSampleError(f"cannot load {HUB_ID} ({type(e).__name__}); pass --data FILE") from None
 
 

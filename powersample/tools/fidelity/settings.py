@@ -51,6 +51,7 @@ def toy_settings(max_new_tokens: int, vocab_size: int, quick: bool) -> list[Sett
                 *sweep("power-mtm", "tries", (2, 4), {"mcmc_steps": 1, "block_count": t}, "power-mtm steps=1 blocks=T"),
                 *sweep("power-smc", "particles", (4, 16)),
                 *sweep("power-rollout", "rollouts", (1, 4), {"candidates": v}, "power-rollout K=vocab")]  # fmt: skip
+    # fmt: off
     return [
         Setting("base"), Setting("low-temp"),
         *sweep("power", "mcmc_steps", (1, 2, 4, 8, 16), {"block_count": t}, "power blocks=T"),
@@ -64,7 +65,8 @@ def toy_settings(max_new_tokens: int, vocab_size: int, quick: bool) -> list[Sett
         *sweep("power-smc", "particles", (4, 16, 64, 256), {"alpha_ramp": max(1, t // 2)}, "power-smc ramp=T/2"),
         *sweep("power-rollout", "rollouts", (1, 4, 16, 64), {"candidates": v}, "power-rollout K=vocab"),
         *sweep("bon", "bon_tokens", (2 * t, 8 * t, 32 * t)),
-    ]  # fmt: skip
+    ]
+    # fmt: on
 
 
 def model_settings(max_new_tokens: int, quick: bool) -> list[Setting]:
@@ -75,6 +77,7 @@ def model_settings(max_new_tokens: int, quick: bool) -> list[Setting]:
         return [Setting("base"), Setting("low-temp"), *sweep("power", "mcmc_steps", (1,), {"block_count": 2}),
                 *sweep("power-mtm", "tries", (2,), {"mcmc_steps": 1, "block_count": 2}),
                 *sweep("power-smc", "particles", (4,)), *sweep("power-rollout", "rollouts", (1,), rollout)]
+    # fmt: off
     return [
         Setting("base"), Setting("low-temp"),
         *sweep("power", "mcmc_steps", (1, 4), {"block_count": 4}),
@@ -83,7 +86,8 @@ def model_settings(max_new_tokens: int, quick: bool) -> list[Setting]:
         *sweep("power-mtm", "tries", (4,), {"mcmc_steps": 1, "block_count": 4}),
         *sweep("power-smc", "particles", (4, 16, 64)),
         *sweep("power-rollout", "rollouts", (1, 4), rollout),
-    ]  # fmt: skip
+    ]
+    # fmt: on
 
 
 def registered(method: str) -> bool:
