@@ -62,7 +62,7 @@ class SamplerConfig:
     here: `shared(...)` or `knob(...)`, with its range and help line. The shared fields' order is that of the CLI
     options and of the settings in a report's labels."""
 
-    method: str = shared("power", "sampling method, a name in the sampler registry")
+    method: str = shared("power", "sampling method: a name in the sampler registry")
     alpha: float = shared(4.0, "power alpha of the target p^alpha; 1 = the base model itself", scale=True)
     mcmc_steps: int = shared(10, "Metropolis-Hastings steps per stage", lo=0)
     max_new_tokens: int = shared(256, "T, the most tokens generated after the prompt", lo=1, served=False)
