@@ -60,15 +60,15 @@ def knob(default: Any, help: str, **spec: Any) -> Any:
 class SamplerConfig:
     """How to sample. Field defaults follow the paper (Karan & Du, 2025, Sec. 4). A new field is one declaration
     here: `shared(...)` or `knob(...)`, with its range and help line. The shared fields' order is that of the CLI
-    options and of the settings in a report's labels."""
+    options."""
 
     method: str = shared("power", "sampling method: a name in the sampler registry")
     alpha: float = shared(4.0, "power alpha of the target p^alpha; 1 = the base model itself", scale=True)
-    mcmc_steps: int = shared(10, "Metropolis-Hastings steps per stage", lo=0)
     max_new_tokens: int = shared(256, "T, the most tokens generated after the prompt", lo=1, served=False)
     block_size: int | None = shared(None, "block size B", lo=1, hi="max_new_tokens",
                                     shown="default T / block count")  # fmt: skip
     block_count: int = shared(16, "number of blocks T/B, used without a block size", lo=1)
+    mcmc_steps: int = shared(10, "Metropolis-Hastings steps per stage", lo=0)
     proposal_temperature: float | None = shared(None, "proposal temperature tau", scale=True,
                                                 shown="default 1/alpha")  # fmt: skip
     top_k: int = shared(0, "proposal top-k truncation to the k likeliest tokens; 0 = off", lo=0, note="(0 = off)")

@@ -38,8 +38,9 @@ def add_knob_options(g: argparse._ArgumentGroup, defaults: SamplerConfig) -> Non
 def _add_field(g: argparse._ActionsContainer, name: str, defaults: SamplerConfig, help: str) -> None:
     """The option of one SamplerConfig field, as its declaration says."""
     spec = SPECS[name]
-    g.add_argument(option(name), type=TYPES[name], default=getattr(defaults, name), metavar=spec.metavar,
-                   choices=METHODS if name == "method" else None, help=f"{help} ({spec.shown})")  # fmt: skip
+    kind, choices = (None, METHODS) if name == "method" else (TYPES[name], None)
+    g.add_argument(option(name), type=kind, default=getattr(defaults, name), metavar=spec.metavar, choices=choices,
+                   help=f"{help} ({spec.shown})")  # fmt: skip
 
 
 def option(field: str) -> str:

@@ -48,7 +48,8 @@ from powersample.plots import new_figure, png_bytes
 from powersample.samplers import registry
 from powersample.samplers.registry import MCMC_METHODS, METHODS, PLAIN_METHODS
 
-LABEL_KEYS = tuple(name for name in SHARED_FIELDS if name != "method")  # the order a label names settings in
+# the order a label names the sampler's settings in: the paper's two axes (Fig. 6), then the declaration order
+LABEL_KEYS = ("alpha", "mcmc_steps", *(name for name in SHARED_FIELDS if name not in ("method", "alpha", "mcmc_steps")))
 
 
 @dataclass(frozen=True)
