@@ -123,15 +123,13 @@ def load_rows(run_dirs: list[Path]) -> list[Row]:
     return sorted(unique_labels(rows), key=lambda row: (row.task, row.label))
 
 
-# What the report reads of a run, checked first so that a damaged or foreign file is a one-line error naming it
-# (check_fields' kinds; a record's are the records module's RECORD_FIELDS, which the runner writes by).
-
-
 def _kinds(kind: type, nullable: bool) -> tuple:
     """check_fields' kinds of a SamplerConfig field of type `kind` (a float may be written as an integer)."""
     return (*(NUMBER if kind is float else (kind,)), *((None,) if nullable else ()))
 
 
+# What the report reads of a run, checked first so that a damaged or foreign file is a one-line error naming it
+# (check_fields' kinds; a record's are the records module's RECORD_FIELDS, which the runner writes by).
 IDENTITY_FIELDS = {"task": str, "config": dict, "backend": dict, "chat": bool}
 _NEEDED = ("method", "max_new_tokens", "block_size", "mcmc_steps", "alpha")  # what the report computes with
 CONFIG_FIELDS = {name: _kinds(TYPES[name], name not in _NEEDED) for name in SPECS}

@@ -320,7 +320,7 @@ def openapi(app: FastAPI, limits: Limits, vocab_size: int | None = None) -> dict
 def field_ranges(limits: Limits) -> dict[str, dict]:
     """JSON-schema constraints of the request fields the handlers range-check (config.py, protocol.check_limits):
     every sampler field's from its declaration (SamplerConfig's Spec), under this server's caps."""
-    lo = SCALE_RANGE[0]
+    lo, caps = SCALE_RANGE[0], field_caps(limits)
     return {
         "max_tokens": {"minimum": 1, "maximum": limits.max_tokens},
         "max_completion_tokens": {"minimum": 1, "maximum": limits.max_tokens},
@@ -328,7 +328,7 @@ def field_ranges(limits: Limits) -> dict[str, dict]:
         "seed": {"minimum": 0},
         "temperature": {"anyOf": [{"const": 0}, {"minimum": lo, "maximum": 2}]},  # 0 = greedy
         "method": {"enum": list(METHODS)},
-        **{name: sampler_range(name, field_caps(limits).get(name)) for name in SAMPLER_FIELDS if name != "method"},
+        **{name: sampler_range(name, caps.get(name)) for name in SAMPLER_FIELDS if name != "method"},
         "logprobs": {"minimum": 0, "maximum": 5},
         "top_logprobs": {"minimum": 0, "maximum": 20},
     }
