@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import typing
 
 from powersample.backends import BACKENDS, Backend, BackendSpec
 from powersample.backends.llamacpp import QUANTS
-from powersample.config import SamplerConfig, knob_help
+from powersample.config import SHARED_FIELDS, SPECS, TYPES, SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.samplers import registry
 from powersample.samplers.registry import METHODS, REGISTRY
@@ -19,32 +18,29 @@ MAX_SEQUENCES = 1_000_000  # chains x members per chain in one run: each member 
 
 
 def add_sampler_options(p: argparse.ArgumentParser) -> None:
+    """One option per shared SamplerConfig field, in declaration order, then one per method knob (registry order);
+    --block-size and --block-count exclude each other."""
     d = SamplerConfig()
     g = p.add_argument_group("sampler")
-    g.add_argument("--method", choices=METHODS, default=d.method, help="sampling method (default: power)")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="power alpha of the target p^alpha (default 4)")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="T (default %(default)s)")
     blocks = g.add_mutually_exclusive_group()
-    blocks.add_argument("--block-size", type=int, help="block size B (default T / block count)")
-    blocks.add_argument("--block-count", type=int, default=d.block_count, help="number of blocks T/B (default 16)")
-    g.add_argument("--mcmc-steps", type=int, default=d.mcmc_steps, help="MH steps per stage (default 10)")
-    g.add_argument("--proposal-temperature", type=float, help="proposal temperature tau (default 1/alpha)")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="proposal top-k (default off)")
-    g.add_argument("--top-p", type=float, default=d.top_p, help="proposal top-p (default off)")
-    g.add_argument("--speculate", type=int, default=d.speculate, metavar="K",
-                   help="MCMC proposals: verify guesses at each continuation (the current suffix, what the chain "
-                        "drew before) up to K tokens per forward; the same samples, fewer forwards; 0 = off "
-                        "(default: the engine's choice: 8 on hf, 0 on llamacpp and vllm)")  # fmt: skip
+    for name in SHARED_FIELDS:
+        _add_field(blocks if name in ("block_size", "block_count") else g, name, d, SPECS[name].help)
     add_knob_options(g, d)
 
 
 def add_knob_options(g: argparse._ArgumentGroup, defaults: SamplerConfig) -> None:
     """One option per method knob, in registry order: `--tries` for power-mtm's `tries`, and so on."""
-    types = typing.get_type_hints(SamplerConfig)
     for entry in REGISTRY.values():
         for name in entry.knobs:
-            g.add_argument(option(name), type=types[name], default=getattr(defaults, name),
-                           help=f"{entry.name}: {knob_help(name)} (default %(default)s)")  # fmt: skip
+            _add_field(g, name, defaults, f"{entry.name}: {SPECS[name].help}")
+
+
+def _add_field(g: argparse._ActionsContainer, name: str, defaults: SamplerConfig, help: str) -> None:
+    """The option of one SamplerConfig field, as its declaration says."""
+    spec = SPECS[name]
+    kind, choices = (None, METHODS) if name == "method" else (TYPES[name], None)
+    g.add_argument(option(name), type=kind, default=getattr(defaults, name), metavar=spec.metavar, choices=choices,
+                   help=f"{help} ({spec.shown})")  # fmt: skip
 
 
 def option(field: str) -> str:
@@ -80,19 +76,7 @@ def add_vllm_options(g: argparse._ArgumentGroup) -> None:
 def config_from_args(args: argparse.Namespace) -> SamplerConfig:
     """The validated SamplerConfig of the sampler options, with the method's own checks done now, before any
     model loads (power-rollout's refusal of a proposal temperature would otherwise come after the load)."""
-    config = SamplerConfig(
-        method=args.method,
-        alpha=args.alpha,
-        max_new_tokens=args.max_new_tokens,
-        block_size=args.block_size,
-        block_count=args.block_count,
-        mcmc_steps=args.mcmc_steps,
-        proposal_temperature=args.proposal_temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        speculate=args.speculate,
-        **{name: getattr(args, name) for name in registry.METHOD_KNOBS},
-    )
+    config = SamplerConfig(**{name: getattr(args, name) for name in (*SHARED_FIELDS, *registry.METHOD_KNOBS)})
     registry.check(config)
     check_members(config, 1)
     return config

@@ -34,6 +34,38 @@ from powersample.io import append_durably, json_line, write_json_atomic
 RUN_FILE = "run.json"
 SCHEMA = 1  # bump when records change meaning; part of the identity
 
+# The schema of a record: what the runner writes (runner.grade_record checks each record against it) and what the
+# report reads back (checked again there, so that a damaged or foreign line is a one-line error naming it). A type,
+# or a tuple of types where None means the field may be null or absent. The sample's own fields (SampleRecord's)
+# come first, then the grading's.
+NUMBER = (int, float)
+RECORD_FIELDS = {"problem_id": (str, int), "tokens": list, "wall_seconds": NUMBER, "proposals": int, "accepted": int,
+                 "tokens_generated": int, "correct": (bool, None), "logp_per_token": (*NUMBER, None),
+                 "confidence": (*NUMBER, None), "finish_reason": (str, None)}  # fmt: skip
+
+
+def check_fields(obj: dict[str, Any], fields: dict[str, Any], where: str, what: str) -> None:
+    """A one-line error naming `where` and the first field of `obj` that is missing or of the wrong type."""
+    for key, kinds in fields.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        value = obj.get(key)
+        if value is None and None in kinds:
+            continue
+        types = tuple(k for k in kinds if k is not None)
+        wrong_bool = isinstance(value, bool) and bool not in types
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        sane = not number or abs(value) <= MAX_MAGNITUDE  # False for inf and NaN too; no float conversion
+        if value is None or not isinstance(value, types) or wrong_bool or not sane:
+            shown = [k for k in kinds if not (k is int and float in kinds)]  # int or float: "a number"
+            names = " or ".join("null" if k is None else _TYPE_NAMES[k] for k in shown)
+            problem = "has no" if key not in obj else "has a bad"
+            raise PowerSampleError(f"{where}: {what} {problem} {key!r} (expected {names})")
+
+
+MAX_MAGNITUDE = 2**53  # numbers beyond are no measurement: sums and means of them would overflow floats
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+               dict: "an object"}  # fmt: skip
+
 
 def identity_hash(identity: dict[str, Any]) -> str:
     """A short hash of the identity, for default directory names."""

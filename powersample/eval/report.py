@@ -30,16 +30,26 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from powersample.config import SamplerConfig
+from powersample.config import SHARED_FIELDS, SPECS, TYPES, SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics, paired
-from powersample.eval.records import RUN_FILE, identity_hash, iter_records, read_run, record_key
+from powersample.eval.records import (
+    NUMBER,
+    RECORD_FIELDS,
+    RUN_FILE,
+    check_fields,
+    identity_hash,
+    iter_records,
+    read_run,
+    record_key,
+)
 from powersample.io import write_bytes_atomic
 from powersample.plots import new_figure, png_bytes
 from powersample.samplers import registry
 from powersample.samplers.registry import MCMC_METHODS, METHODS, PLAIN_METHODS
 
-LABEL_KEYS = ("alpha", "mcmc_steps", "max_new_tokens", "block_size", "proposal_temperature", "top_k", "top_p")
+# the order a label names the sampler's settings in: the paper's two axes (Fig. 6), then the declaration order
+LABEL_KEYS = ("alpha", "mcmc_steps", *(name for name in SHARED_FIELDS if name not in ("method", "alpha", "mcmc_steps")))
 
 
 @dataclass(frozen=True)
@@ -113,16 +123,16 @@ def load_rows(run_dirs: list[Path]) -> list[Row]:
     return sorted(unique_labels(rows), key=lambda row: (row.task, row.label))
 
 
-# What the report reads of a run, checked first so that a damaged or foreign file is a one-line error naming it.
-# A type, or a tuple of types where None means the field may be null or absent.
-_NUMBER = (int, float)
+def _kinds(kind: type, nullable: bool) -> tuple:
+    """check_fields' kinds of a SamplerConfig field of type `kind` (a float may be written as an integer)."""
+    return (*(NUMBER if kind is float else (kind,)), *((None,) if nullable else ()))
+
+
+# What the report reads of a run, checked first so that a damaged or foreign file is a one-line error naming it
+# (check_fields' kinds; a record's are the records module's RECORD_FIELDS, which the runner writes by).
 IDENTITY_FIELDS = {"task": str, "config": dict, "backend": dict, "chat": bool}
-CONFIG_FIELDS = {"method": str, "max_new_tokens": int, "block_size": int, "mcmc_steps": int, "alpha": _NUMBER,
-                 **{k: (*_NUMBER, None) for k in LABEL_KEYS if k not in ("max_new_tokens", "block_size", "mcmc_steps",
-                                                                       "alpha")}}  # fmt: skip
-RECORD_FIELDS = {"problem_id": (str, int), "tokens": list, "wall_seconds": _NUMBER, "proposals": int, "accepted": int,
-                 "tokens_generated": int, "correct": (bool, None), "logp_per_token": (*_NUMBER, None),
-                 "confidence": (*_NUMBER, None), "finish_reason": (str, None)}  # fmt: skip
+_NEEDED = ("method", "max_new_tokens", "block_size", "mcmc_steps", "alpha")  # what the report computes with
+CONFIG_FIELDS = {name: _kinds(TYPES[name], name not in _NEEDED) for name in SPECS}
 
 
 def read_identity(run_dir: Path) -> dict[str, Any]:
@@ -140,29 +150,6 @@ def read_identity(run_dir: Path) -> dict[str, Any]:
     except (PowerSampleError, TypeError) as e:
         raise PowerSampleError(f"{where}: identity.config is not a valid sampler config ({e})") from None
     return identity
-
-
-def check_fields(obj: dict[str, Any], fields: dict[str, Any], where: str, what: str) -> None:
-    """A one-line error naming `where` and the first field of `obj` that is missing or of the wrong type."""
-    for key, kinds in fields.items():
-        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        value = obj.get(key)
-        if value is None and None in kinds:
-            continue
-        types = tuple(k for k in kinds if k is not None)
-        wrong_bool = isinstance(value, bool) and bool not in types
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        sane = not number or abs(value) <= MAX_MAGNITUDE  # False for inf and NaN too; no float conversion
-        if value is None or not isinstance(value, types) or wrong_bool or not sane:
-            shown = [k for k in kinds if not (k is int and float in kinds)]  # int or float: "a number"
-            names = " or ".join("null" if k is None else _TYPE_NAMES[k] for k in shown)
-            problem = "has no" if key not in obj else "has a bad"
-            raise PowerSampleError(f"{where}: {what} {problem} {key!r} (expected {names})")
-
-
-MAX_MAGNITUDE = 2**53  # numbers beyond are no measurement: sums and means of them would overflow floats
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
-               dict: "an object"}  # fmt: skip
 
 
 def label(identity: dict[str, Any], all_identities: list[dict[str, Any]]) -> str:

@@ -23,7 +23,9 @@ from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
 from powersample.eval.records import (
+    RECORD_FIELDS,
     SCHEMA,
+    check_fields,
     discard_opened,
     load_records,
     open_run,
@@ -187,6 +189,7 @@ def grade_record(backend: Backend, plan: EvalPlan, problem: Problem, sampled: Sa
         logp_per_token=metrics.per_token(sampled.logp, len(sampled.tokens)),
         confidence=confidence(backend, problem.prompt, plan.chat, sampled),
     )  # fmt: skip
+    check_fields(record, RECORD_FIELDS, f"problem {problem.id!r}", "record")  # what the report will read back
     return record
 
 

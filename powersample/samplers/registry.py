@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from powersample.config import KNOB_FIELDS, MAX_MEMBERS, SamplerConfig
+from powersample.config import KNOB_FIELDS, MAX_MEMBERS, MEMBER_FIELDS, SamplerConfig
 from powersample.core.types import Proposal, Tokens
 from powersample.errors import PowerSampleError
 from powersample.samplers.bon import bon_program, bon_temperature, bon_work_units
@@ -52,13 +52,18 @@ class Method:
     work_units: Callable[[SamplerConfig], int]  # backend requests one chain makes at most (progress units)
     summary: str  # one line for --help and the README
     knobs: tuple[str, ...] = ()  # SamplerConfig fields only this method reads (a CLI option and request field each)
-    members: tuple[str, ...] = ()  # knobs whose product is the sequences one chain holds at once; () = 1
     temperature: Callable[[SamplerConfig], float] = proposal_tau  # what tokens are drawn at
     check: Callable[[SamplerConfig], None] | None = None  # the method's own refusals, before any model loads
 
     def __post_init__(self) -> None:
         assert self.family in FAMILIES, self.family
-        assert set(self.members) <= set(self.knobs) <= set(KNOB_FIELDS), (self.name, self.knobs)
+        assert set(self.knobs) <= set(KNOB_FIELDS), (self.name, self.knobs)
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The knobs whose product is the sequences one chain holds at once (declared `members=True` in
+        SamplerConfig); () = 1."""
+        return tuple(k for k in self.knobs if k in MEMBER_FIELDS)
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
@@ -70,15 +75,13 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            "power with cuts drawn where the base model's entropy jumps, Hastings-corrected",
            knobs=("cut_beta", "cut_floor")),
     Method("power-mtm", "mcmc", mtm_program, mtm_work_units,
-           "multiple-try Metropolis: `tries` proposals per step in one batched call", knobs=("tries",),
-           members=("tries",)),
+           "multiple-try Metropolis: `tries` proposals per step in one batched call", knobs=("tries",)),
     Method("power-smc", "smc", smc_program, smc_work_units,
            "sequential Monte Carlo over particles (Azizi et al., 2026)",
-           knobs=("particles", "ess_threshold", "alpha_ramp"), members=("particles",)),
+           knobs=("particles", "ess_threshold", "alpha_ramp")),
     Method("power-rollout", "rollout", rollout_program, rollout_work_units,
            "token choice weighed by rollouts of its future power mass (Ji et al., 2026)",
-           knobs=("candidates", "rollouts", "rollout_horizon"), members=("candidates", "rollouts"),
-           temperature=base_tau, check=check_rollout),
+           knobs=("candidates", "rollouts", "rollout_horizon"), temperature=base_tau, check=check_rollout),
     Method("base", "plain", plain_program, plain_work_units, "the base model (tau = 1)", temperature=base_tau),
     Method("low-temp", "plain", plain_program, plain_work_units, "the model at tau = 1/alpha"),
     Method("bon", "bon", bon_program, bon_work_units,

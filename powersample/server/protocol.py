@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import math
 import secrets
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -52,7 +51,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from powersample.api import SampleRecord
-from powersample.config import SCALE_RANGE, SamplerConfig
+from powersample.config import MEMBER_FIELDS, SCALE_RANGE, SPECS, TYPES, SamplerConfig
 from powersample.core.types import Ranked
 from powersample.errors import PowerSampleError
 from powersample.samplers import registry
@@ -160,31 +159,26 @@ class _Body(_Strict):
     seed: int | None = None  # None: a random seed, reported in power_sampling.seed
     stop: str | list[str] | None = None
     temperature: float | None = None
-    top_p: float | None = None
     stream: bool | None = None  # server-sent events (sse.py)
     stream_options: StreamOptions | None = None  # only with stream: true
     user: str | None = None
-    # power sampling (the openai SDK's extra_body); None = the server's command-line default
-    method: str | None = None
-    alpha: float | None = None
-    mcmc_steps: int | None = None
-    block_size: int | None = None
-    block_count: int | None = None
-    proposal_temperature: float | None = None
-    top_k: int | None = None
-    speculate: int | None = None  # MCMC proposals: guessed tokens verified per forward (0 = off; unset = the engine)
-    # + one field per method knob (tries, particles, ...), from the sampler registry: see _with_knobs
+    # + one optional field per sampler field (method, alpha, top_p, ..., tries, particles, ...; the openai SDK's
+    # extra_body): see _with_sampler_fields. None = the server's command-line default
 
 
-def _with_knobs(base: type[BaseModel]) -> type[BaseModel]:
-    """`base` plus one optional request field per method knob (the registry's METHOD_KNOBS, typed as in
-    SamplerConfig), so that a new sampler's knobs are request fields without an edit here."""
-    types = typing.get_type_hints(SamplerConfig)
-    knobs = {name: (types[name] | None, None) for name in METHOD_KNOBS}
-    return create_model(base.__name__, __base__=base, __module__=base.__module__, **knobs)
+# The request fields that set a SamplerConfig field of the same name: every shared field the config declares served
+# (max_new_tokens is max_tokens here) and every knob of a method in the registry
+SAMPLER_FIELDS = tuple(name for name, spec in SPECS.items() if spec.served and (not spec.knob or name in METHOD_KNOBS))
 
 
-_Body = _with_knobs(_Body)
+def _with_sampler_fields(base: type[BaseModel]) -> type[BaseModel]:
+    """`base` plus one optional request field per SAMPLER_FIELDS name, typed as in SamplerConfig, so that a new
+    field or a new sampler's knobs are request fields without an edit here."""
+    extra: dict[str, Any] = {name: (TYPES[name] | None, None) for name in SAMPLER_FIELDS}
+    return create_model(base.__name__, __base__=base, __module__=base.__module__, **extra)
+
+
+_Body = _with_sampler_fields(_Body)
 
 
 class CompletionBody(_Body):
@@ -285,12 +279,16 @@ def _temperature_ok(temperature: float) -> bool:
     return temperature == 0 or (math.isfinite(temperature) and SCALE_RANGE[0] <= temperature <= 2)
 
 
+def field_caps(limits: Limits) -> dict[str, int]:
+    """The most a sampler request field may be, whatever the method: the server's limits (the served document's
+    maxima). Each member field (SamplerConfig's `members=True`: particles, tries, ...) is capped at max_members."""
+    members = {name: limits.max_members for name in MEMBER_FIELDS if name in SAMPLER_FIELDS}
+    return {"mcmc_steps": limits.max_mcmc_steps, "block_size": limits.max_tokens, **members}
+
+
 def _check_counts(body: _Body, limits: Limits) -> None:
     """Counts sent past what any request may run are refused whatever the method (the served document's ranges)."""
-    caps = {"mcmc_steps": limits.max_mcmc_steps, "block_size": limits.max_tokens, "tries": limits.max_members,
-            "particles": limits.max_members, "candidates": limits.max_members,
-            "rollouts": limits.max_members}  # fmt: skip
-    for name, cap in caps.items():
+    for name, cap in field_caps(limits).items():
         value = getattr(body, name)
         if value is not None and value > cap:
             raise ApiError(400, f"{name} must be at most {cap}, got {value}", param=name, code="over_limit")
@@ -391,8 +389,7 @@ def _check_bon_budget(config: SamplerConfig, limits: Limits) -> None:
 def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig, list[str]]:
     """The request's SamplerConfig (the server's defaults, overridden by the body), and the fields ignored."""
     over: dict[str, Any] = {"method": defaults.method if body.method is None else body.method}
-    for name in ("alpha", "mcmc_steps", "block_size", "proposal_temperature", "top_k", "top_p", "speculate",
-                 *METHOD_KNOBS):  # fmt: skip
+    for name in (n for n in SAMPLER_FIELDS if n not in ("method", "block_count")):
         if getattr(body, name) is not None:
             over[name] = getattr(body, name)
     if body.block_count is not None:

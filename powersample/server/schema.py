@@ -18,9 +18,17 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 
-from powersample.config import MAX_INT, SCALE_RANGE
+from powersample.config import MAX_INT, SCALE_RANGE, SPECS, TYPES
 from powersample.samplers.registry import METHODS
-from powersample.server.protocol import ChatBody, CompletionBody, DetokenizeBody, Limits, TokenizeBody
+from powersample.server.protocol import (
+    SAMPLER_FIELDS,
+    ChatBody,
+    CompletionBody,
+    DetokenizeBody,
+    Limits,
+    TokenizeBody,
+    field_caps,
+)
 
 _REF = "#/components/schemas/{model}"
 
@@ -311,39 +319,35 @@ def openapi(app: FastAPI, limits: Limits, vocab_size: int | None = None) -> dict
 
 
 def field_ranges(limits: Limits) -> dict[str, dict]:
-    """JSON-schema constraints of the request fields the handlers range-check (config.py, protocol.check_limits)."""
-    lo, hi = SCALE_RANGE
-    count = {"minimum": 1, "maximum": limits.max_members}
-    big = MAX_INT - 1  # SamplerConfig's integers stay below 2^62
+    """JSON-schema constraints of the request fields the handlers range-check (config.py, protocol.check_limits):
+    every sampler field's from its declaration (SamplerConfig's Spec), under this server's caps."""
+    lo, caps = SCALE_RANGE[0], field_caps(limits)
     return {
         "max_tokens": {"minimum": 1, "maximum": limits.max_tokens},
         "max_completion_tokens": {"minimum": 1, "maximum": limits.max_tokens},
         "n": {"minimum": 1, "maximum": limits.max_n},
         "seed": {"minimum": 0},
         "temperature": {"anyOf": [{"const": 0}, {"minimum": lo, "maximum": 2}]},  # 0 = greedy
-        "top_p": {"exclusiveMinimum": 0, "maximum": 1},
         "method": {"enum": list(METHODS)},
-        "alpha": {"minimum": lo, "maximum": hi},
-        "proposal_temperature": {"minimum": lo, "maximum": hi},
-        "mcmc_steps": {"minimum": 0, "maximum": limits.max_mcmc_steps},
-        "block_size": {"minimum": 1, "maximum": limits.max_tokens},
-        "block_count": {"minimum": 1, "maximum": big},
-        "top_k": {"minimum": 0, "maximum": big},
-        "speculate": {"minimum": 0, "maximum": big},
-        "tries": count,
-        "particles": count,
-        "candidates": count,
-        "rollouts": count,
-        "ess_threshold": {"minimum": 0, "maximum": 1},
-        "alpha_ramp": {"minimum": 0, "maximum": big},
-        "cut_beta": {"minimum": 0, "maximum": 1000},
-        "cut_floor": {"exclusiveMinimum": 0, "maximum": 1},
-        "rollout_horizon": {"minimum": 0, "maximum": big},
-        "bon_tokens": {"minimum": 0, "maximum": big},
-        "bon_temperature": {"minimum": lo, "maximum": hi},
+        **{name: sampler_range(name, caps.get(name)) for name in SAMPLER_FIELDS if name != "method"},
         "logprobs": {"minimum": 0, "maximum": 5},
         "top_logprobs": {"minimum": 0, "maximum": 20},
     }
+
+
+def sampler_range(name: str, cap: int | None = None) -> dict:
+    """One sampler field's range in JSON Schema's terms: its declared bounds (exclusive where open), the server's
+    `cap` in place of its upper bound when there is one, and below 2^62 for an integer (SamplerConfig's limit)."""
+    spec, out = SPECS[name], {}
+    if spec.lo is not None:
+        out["exclusiveMinimum" if spec.lo_open else "minimum"] = spec.lo
+    if cap is not None:
+        out["maximum"] = cap
+    elif isinstance(spec.hi, (int, float)):
+        out["exclusiveMaximum" if spec.hi_open else "maximum"] = spec.hi
+    elif TYPES[name] is int:
+        out["maximum"] = MAX_INT - 1
+    return out
 
 
 @functools.cache
