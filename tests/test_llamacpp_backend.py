@@ -23,7 +23,7 @@ pytest.importorskip("llama_cpp")
 from powersample.backends import conformance
 from powersample.backends.embedded import embedded_gguf_path
 from powersample.backends.llamacpp import LlamaCppBackend
-from powersample.backends.llamacpp_kernels import Layout
+from powersample.backends.llamacpp.kernels import Layout
 from powersample.core.drafts import Draft
 from powersample.core.numerics import proposal_logprobs
 from powersample.core.types import ExtendRequest, Proposal
@@ -32,7 +32,7 @@ from powersample.errors import PowerSampleError
 pytestmark = pytest.mark.slow
 
 BASE = Proposal(temperature=1.0)
-TOLERANCE = 0.0  # bit-equal: cached, batched, drafted and fresh evaluations run the same kernels (llamacpp_kernels)
+TOLERANCE = 0.0  # bit-equal: cached, batched, drafted and fresh evaluations run the same kernels (llamacpp/kernels.py)
 HF_TOLERANCE = 0.5  # llama.cpp's Q4_1 kernels (activations quantized to 8 bits) vs fp32 dequantized weights: ~0.25 seen
 PROMPT = "Name three primary colors."
 
@@ -234,14 +234,14 @@ def test_quiet_silences_llama_cpp_warnings_that_show_otherwise(sliding_gguf, qui
 def test_llama_cpp_errors_show_even_when_quiet(backend, capsys):
     import llama_cpp
 
-    from powersample.backends import llamacpp
+    from powersample.backends.llamacpp import library
 
-    llamacpp.route_log(llama_cpp, quiet=True)  # what LlamaCppBackend.load(..., quiet=True) does first
+    library.route_log(llama_cpp, quiet=True)  # what LlamaCppBackend.load(..., quiet=True) does first
     try:
         for level, text in ((3, b"a warning\n"), (4, b"an error"), (5, b" continued\n"), (2, b"info\n")):
-            llamacpp._Log.callback(level, text, None)  # as llama.cpp calls it: ggml.h's levels, 5 continues the last
+XX
     finally:
-        llamacpp.route_log(llama_cpp, quiet=False)
+        library.route_log(llama_cpp, quiet=False)
     assert capsys.readouterr().err == "an error continued\n"
 
 
@@ -413,7 +413,7 @@ def test_the_kernels_are_exact_unless_opted_out(backend, monkeypatch):
     restores llama.cpp's own layouts."""
     import os
 
-    from powersample.backends import llamacpp_kernels as kernels
+    from powersample.backends.llamacpp import kernels
 
     assert backend.weights.placement.label == "plain" and not backend.weights.placement.extra_bufts
     assert os.environ.get(kernels.TILED_MM) == "0"
