@@ -239,7 +239,7 @@ def test_llama_cpp_errors_show_even_when_quiet(backend, capsys):
     library.route_log(llama_cpp, quiet=True)  # what LlamaCppBackend.load(..., quiet=True) does first
     try:
         for level, text in ((3, b"a warning\n"), (4, b"an error"), (5, b" continued\n"), (2, b"info\n")):
-XX
+            library._Log.callback(level, text, None)  # as llama.cpp calls it: ggml.h's levels, 5 continues the last
     finally:
         library.route_log(llama_cpp, quiet=False)
     assert capsys.readouterr().err == "an error continued\n"
