@@ -26,7 +26,7 @@ from powersample.backends.llamacpp import LlamaCppBackend
 from powersample.backends.llamacpp.kernels import Layout
 from powersample.core.drafts import Draft
 from powersample.core.numerics import proposal_logprobs
-from powersample.core.types import ExtendRequest, Proposal
+from powersample.core.types import ExtendRequest, Hints, Proposal
 from powersample.errors import PowerSampleError
 
 pytestmark = pytest.mark.slow
@@ -426,11 +426,13 @@ def test_an_f16_copy_decodes_one_row_at_a_time_and_stays_bit_equal(backend, prom
     """F16 weights go through tinyBLAS from 2 rows, which rounds unlike the 1-row kernel: the probe finds it, the
     backend decodes one row per llama_decode, and log p is bit-equal across batches, drafts and scoring. The probe's
     finding is cached: the next load does not probe again. Two threads always decode one row at a time."""
+    from powersample.backends.llamacpp import probing
+
     monkeypatch.setenv("POWERSAMPLE_CACHE", str(tmp_path))
     f16 = LlamaCppBackend.load(None, n_ctx=1024, quant="f16")
     assert not f16.layout.batched and "2 tokens of one sequence vs 1" in f16.layout.reason
     conformance.log_p_is_batch_invariant(subject_of(f16, prompt))
-    monkeypatch.setattr(LlamaCppBackend, "_rows_disagree", lambda self: pytest.fail("probed a cached model"))
+    monkeypatch.setattr(probing, "rows_disagree", lambda *args: pytest.fail("probed a cached model"))
     assert not LlamaCppBackend(f16.weights, n_ctx=1024).layout.batched
     two = LlamaCppBackend(replace(backend.weights, threads=2), n_ctx=1024)
     assert not two.layout.batched and "2 threads" in two.layout.reason
@@ -461,7 +463,7 @@ ALPHA4 = Proposal(temperature=0.25)  # power sampling's proposal at alpha = 4
 def drafted(backend, context, n, seed, draft, k, proposal=ALPHA4, slot=0):
     """One request of n tokens at most whose draft is verified k tokens per forward."""
     rng = np.random.default_rng(seed)
-    request = ExtendRequest(tuple(context), n, rng, slot, draft=Draft(tuple(draft)), speculate=k)
+    request = ExtendRequest(tuple(context), n, rng, slot, hints=Hints(Draft(tuple(draft)), k))
     return backend.extend([request], proposal)[0]
 
 
@@ -526,7 +528,7 @@ def test_a_seed_gives_the_same_drafted_continuation_whatever_k_and_batch(backend
         before = backend.stats.forwards
         assert drafted(backend, prompt, n, seed=11, draft=draft, k=ks[name]).tokens == alone[name].tokens, name
         forwards[name] = backend.stats.forwards - before
-    requests = [ExtendRequest(prompt, n, np.random.default_rng(11), slot=20 + j, draft=Draft(draft), speculate=ks[name])
+    requests = [ExtendRequest(prompt, n, np.random.default_rng(11), slot=20 + j, hints=Hints(Draft(draft), ks[name]))
                 for j, (name, (draft, n)) in enumerate(drafts.items())]  # fmt: skip
     before = backend.stats.forwards
     batched = backend.extend(requests, ALPHA4)

@@ -53,6 +53,9 @@ class LlamaCppStats:
 class LlamaCppBackend:
     """Sampling and scoring with a GGUF model through llama.cpp; batched decoding, two sequences per slot."""
 
+    HINTS = frozenset({"speculate", "floor"})  # drafts verified per forward (decode.LaneRow); rows below their
+    # floor leave
+
     def __init__(self, weights: Weights, *, n_ctx: int | None = None, max_slots: int = MAX_SLOTS,
                  reuse_cache: bool = True, layout: Layout | None = None, quiet: bool = False):
         if not 1 <= max_slots <= MOST_SLOTS:
