@@ -53,8 +53,7 @@ class LlamaCppStats:
 class LlamaCppBackend:
     """Sampling and scoring with a GGUF model through llama.cpp; batched decoding, two sequences per slot."""
 
-    HINTS = frozenset({"speculate", "floor"})  # drafts verified per forward (decode.LaneRow); rows below their
-    # floor leave
+    HINTS = frozenset({"speculate", "floor"})  # engine.Row: drafts verified per forward, a row below its floor leaves
 
     def __init__(self, weights: Weights, *, n_ctx: int | None = None, max_slots: int = MAX_SLOTS,
                  reuse_cache: bool = True, layout: Layout | None = None, quiet: bool = False):
@@ -95,7 +94,7 @@ class LlamaCppBackend:
         """Load a GGUF file: None = the embedded SmolLM2-135M-Instruct (Q4_1).
 
         n_ctx: the most tokens one sequence may hold; None = the model's training context (memory grows with the
-        longest request, not with n_ctx: module docstring). n_threads None = half the logical cores
+        longest request, not with n_ctx: the package docstring, Memory). n_threads None = half the logical cores
         (llama-cpp-python's own default: one per physical core), for decoding and prefill alike. max_slots: rows
         decoded together. quant: re-quantize the file once to this type (`QUANTS`), cached, and load the copy.
         llama.cpp runs its exact kernels, batched where they allow it (`kernels.py`).
@@ -285,7 +284,7 @@ class LlamaCppBackend:
 
     def release_memory(self) -> None:
         """A room above KEEP_ROOM back to MIN_ROOM, and the log p buffers, grown by drafts, back to max_slots rows
-        (the ReleasesMemory capability; module docstring, Memory)."""
+        (the ReleasesMemory capability; the package docstring, Memory)."""
         if self._room > KEEP_ROOM:
             self._resize(min(MIN_ROOM, self.context_length or MIN_ROOM))
             self.stats.given_back += 1

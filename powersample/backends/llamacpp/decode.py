@@ -35,7 +35,8 @@ class LaneRow(Row):
 def admit(waiting: Waiting, rows: Sequence[LaneRow], capacity: int) -> tuple[Waiting, Waiting]:
     """(requests that start now, requests that keep waiting), in order: up to `capacity` rows, one row per slot."""
     busy = {row.request.slot for row in rows}
-    admitted, rest = [], []
+    admitted: Waiting = []
+    rest: Waiting = []
     for key, request in waiting:
         if len(rows) + len(admitted) < capacity and request.slot not in busy:
             admitted.append((key, request))

@@ -68,7 +68,7 @@ def _cpu_identity() -> str:
         info = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
     except OSError:
         info = []
-    fields = {}
+    fields: dict[str, str] = {}
     for line in info:
         name, _, value = line.partition(":")
         fields.setdefault(name.strip(), value.strip())
