@@ -15,7 +15,7 @@ from conftest import load_spec, run_check
 from powersample.backends import conformance
 from powersample.backends.base import ChatMessages, Confidence, ContinuousBatching, Ranking, capability
 from powersample.backends.toy import ToyBackend
-from powersample.core.types import Continuation
+from powersample.core.types import Continuation, Report
 
 
 def toy_next_logp(backend: ToyBackend):
@@ -96,14 +96,15 @@ class Silent(ToyBackend):
     """Never reports its draws."""
 
     def extend(self, requests, proposal):
-        return super().extend([replace(r, on_draw=None) for r in requests], proposal)
+        return super().extend([replace(r, report=replace(r.report, on_draw=None)) for r in requests], proposal)
 
 
 class Misreporting(ToyBackend):
     """Reports each draw twice."""
 
     def extend(self, requests, proposal):
-        twice = [replace(r, on_draw=lambda t, f=r.on_draw: (f(t), f(t))) if r.on_draw else r for r in requests]
+        twice = [replace(r, report=Report(on_draw=lambda t, f=r.report.on_draw: (f(t), f(t))))
+                 if r.report.on_draw else r for r in requests]  # fmt: skip
         return super().extend(twice, proposal)
 
 
@@ -111,10 +112,10 @@ class AllAtOnce(ToyBackend):
     """Reports a continuation's tokens once, at the end (as vLLM does): conformant, but not per forward."""
 
     def extend(self, requests, proposal):
-        conts = super().extend([replace(r, on_draw=None) for r in requests], proposal)
+        conts = super().extend([replace(r, report=replace(r.report, on_draw=None)) for r in requests], proposal)
         for r, c in zip(requests, conts):
-            if r.on_draw is not None:
-                r.on_draw(c.tokens)
+            if r.report.on_draw is not None:
+                r.report.on_draw(c.tokens)
         return conts
 
 
@@ -154,7 +155,7 @@ class RoundsLongDrafts(ToyBackend):
 
     def extend(self, requests, proposal):
         conts = super().extend(requests, proposal)
-        return [replace(c, base_logp=tuple(x - 1e-9 * (r.speculate >= 8) for x in c.base_logp))
+        return [replace(c, base_logp=tuple(x - 1e-9 * (r.hints.speculate >= 8) for x in c.base_logp))
                 for r, c in zip(requests, conts)]
 
 
@@ -165,6 +166,19 @@ class ForgetsPastTheWindow(ToyBackend):
         conts = super().extend(requests, proposal)
         return [replace(c, base_logp=tuple(x + 0.01 * (len(r.context) > 8) for x in c.base_logp))
                 for r, c in zip(requests, conts)]
+
+
+class IgnoresTheFloorItClaims(ToyBackend):
+    """Claims the floor hint (as ToyBackend does) but drops every request's floor."""
+
+    def extend(self, requests, proposal):
+        return super().extend([replace(r, hints=replace(r.hints, floor=None)) for r in requests], proposal)
+
+
+class SpeculatesUnclaimed(ToyBackend):
+    """Verifies drafts but claims no hint: its forwards change with a hint it says it ignores."""
+
+    HINTS = frozenset()
 
 
 class ContinuousToy(ToyBackend):
@@ -209,11 +223,20 @@ class RefillsReuseAGenerator(ContinuousToy):
     (RoundsLongDrafts, conformance.log_p_is_batch_invariant, "speculate 8"),
     (ForgetsPastTheWindow, conformance.long_sequences_past_the_window, "past the window"),
     (RefillsReuseAGenerator, conformance.rows_joining_and_leaving_match_single_rows, "continuous batch"),
+    (IgnoresTheFloorItClaims, conformance.hints_change_forwards_not_draws, "claims the floor hint"),
+    (SpeculatesUnclaimed, conformance.hints_change_forwards_not_draws, "ignores the speculate hint"),
 ])
 def test_the_suite_fails_a_broken_backend(broken, check, message):
     backend = broken(load_spec("eos_trap"))
     with pytest.raises(AssertionError, match=message):
         check(conformance.Subject(backend, (), tolerance=1e-12, next_logp=toy_next_logp(backend), long_prompt=LONG))
+
+
+def test_the_suite_says_which_hints_an_engine_honours():
+    toy = ToyBackend(load_spec("eos_trap"))
+    assert conformance.describe_hints(toy) == "ToyBackend honours the hints: floor, speculate"
+    assert conformance.describe_hints(SpeculatesUnclaimed(load_spec("eos_trap"))) == (
+        "SpeculatesUnclaimed honours the hints: none; ignores: floor, speculate")
 
 
 def test_reporting_draws_once_at_the_end_is_conformant_but_not_per_forward():

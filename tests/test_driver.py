@@ -7,7 +7,7 @@ import pytest
 from conftest import load_spec
 
 from powersample.backends.toy import ToyBackend
-from powersample.core.types import ExtendRequest, Proposal
+from powersample.core.types import ExtendRequest, Proposal, Report
 from powersample.samplers.chain import ChainResult
 from powersample.samplers.driver import Scheduler, drive
 
@@ -139,7 +139,8 @@ def test_steps_need_distinct_slots_and_empty_steps_are_answered_at_once():
 def test_alternatives_are_the_likeliest_first_tokens(backend_cls):
     spec = load_spec("early_eos")
     backend = backend_cls(spec)
-    [cont] = backend.extend([ExtendRequest((0,), 1, np.random.default_rng(0), alternatives=2)], Proposal(0.5))
+    request = ExtendRequest((0,), 1, np.random.default_rng(0), report=Report(alternatives=2))
+    [cont] = backend.extend([request], Proposal(0.5))
     row = np.asarray(spec.row([0]))  # the row after the context
     best = sorted(range(len(row)), key=lambda t: (-row[t], t))[:2]
     assert [t for t, _ in cont.alternatives] == best

@@ -9,7 +9,7 @@ import pytest
 from powersample.backends import hub
 from powersample.backends.engine import Row, check_fits, verify_step
 from powersample.core.numerics import draw, log_normalize, proposal_logprobs, top_alternatives
-from powersample.core.types import ExtendRequest, Proposal
+from powersample.core.types import ExtendRequest, Proposal, Report
 from powersample.errors import PowerSampleError
 
 EOS = 3
@@ -23,7 +23,7 @@ def log(p) -> np.ndarray:
 
 
 def rows(n: int, max_tokens: int, alternatives: int = 0) -> list[Row]:
-    return [Row(j, ExtendRequest((1,), max_tokens, np.random.default_rng(j), alternatives=alternatives), next_id=1)
+    return [Row(j, ExtendRequest((1,), max_tokens, np.random.default_rng(j), report=Report(alternatives)), next_id=1)
             for j in range(n)]
 
 

@@ -18,7 +18,7 @@ from conftest import run_check
 from powersample.backends import conformance, embedded
 from powersample.core.drafts import Draft
 from powersample.core.numerics import proposal_logprobs
-from powersample.core.types import ExtendRequest, Proposal
+from powersample.core.types import ExtendRequest, Hints, Proposal
 from powersample.errors import PowerSampleError
 
 torch = pytest.importorskip("torch")
@@ -278,7 +278,7 @@ SHORT = "Reply with one word: yes or no. Is water wet?"  # its tau-1/4 continuat
 def drafted(backend, context, n, seed, draft, k, slot=0, proposal=COLD):
     """One request of `n` tokens at most, verifying `draft` up to k tokens per forward."""
     rng = np.random.default_rng(seed)
-    request = ExtendRequest(tuple(context), n, rng, slot, draft=Draft(tuple(draft)), speculate=k)
+    request = ExtendRequest(tuple(context), n, rng, slot, hints=Hints(Draft(tuple(draft)), k))
     return backend.extend([request], proposal)[0]
 
 
@@ -344,7 +344,7 @@ def batched(backend, prompt, likely) -> list[tuple[ExtendRequest, object, int]]:
             (prompt, likely[:3] + (rare,) + likely[4:], 3), (prompt, likely + likely, 1)]  # fmt: skip
     out = []
     for j, (context, draft, k) in enumerate(rows):
-        request = ExtendRequest(context, 8, np.random.default_rng(40 + j), 40 + j, draft=Draft(draft), speculate=k)
+        request = ExtendRequest(context, 8, np.random.default_rng(40 + j), 40 + j, hints=Hints(Draft(draft), k))
         before = backend.stats.decode_forwards
         alone = backend.extend([request_copy(request)], COLD)[0]
         out.append((request, alone, backend.stats.decode_forwards - before))

@@ -24,7 +24,7 @@ from conftest import run_check
 
 from powersample.backends import conformance, embedded
 from powersample.core.drafts import Draft
-from powersample.core.types import ExtendRequest, Proposal
+from powersample.core.types import ExtendRequest, Hints, Proposal
 from powersample.errors import PowerSampleError
 
 torch = pytest.importorskip("torch")
@@ -142,8 +142,7 @@ def test_conformance_past_the_window(backends, prompt, name, check):
 
 
 def drafted(backend, context, n, seed, draft, k, slot=0):
-    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot, draft=Draft(tuple(draft)),
-                            speculate=k)  # fmt: skip
+    request = ExtendRequest(tuple(context), n, np.random.default_rng(seed), slot, hints=Hints(Draft(tuple(draft)), k))
     return backend.extend([request], COLD)[0]
 
 
@@ -159,7 +158,7 @@ def rows(backend, prompt) -> list[ExtendRequest]:
     specs = [(prompt, guess, 8), (prompt + (28, 314), (rare,) * 12, 2), (prompt[:-3], (), 0),
              (prompt, guess[:3] + (rare,) + guess[4:], 3), (prompt + guess[:5], (rare,) + guess[5:] * 2, 5)]  # fmt: skip
     # the last row has the longest context and its first draft token is replaced: holes in the widest row
-    return [ExtendRequest(c, 20, np.random.default_rng(40 + j), 40 + j, draft=Draft(d), speculate=k)
+    return [ExtendRequest(c, 20, np.random.default_rng(40 + j), 40 + j, hints=Hints(Draft(d), k))
             for j, (c, d, k) in enumerate(specs)]  # fmt: skip
 
 
@@ -172,7 +171,7 @@ def copy(request: ExtendRequest) -> ExtendRequest:
 
 def alone(backend, requests):
     """Each request decoded alone, undrafted (the same seed draws the same tokens with or without a draft)."""
-    return [backend.extend([replace(copy(r), draft=Draft(()), speculate=0, slot=100 + j)], COLD)[0]
+    return [backend.extend([replace(copy(r), hints=Hints(), slot=100 + j)], COLD)[0]
             for j, r in enumerate(requests)]  # fmt: skip
 
 

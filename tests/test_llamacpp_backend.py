@@ -23,16 +23,16 @@ pytest.importorskip("llama_cpp")
 from powersample.backends import conformance
 from powersample.backends.embedded import embedded_gguf_path
 from powersample.backends.llamacpp import LlamaCppBackend
-from powersample.backends.llamacpp_kernels import Layout
+from powersample.backends.llamacpp.kernels import Layout
 from powersample.core.drafts import Draft
 from powersample.core.numerics import proposal_logprobs
-from powersample.core.types import ExtendRequest, Proposal
+from powersample.core.types import ExtendRequest, Hints, Proposal
 from powersample.errors import PowerSampleError
 
 pytestmark = pytest.mark.slow
 
 BASE = Proposal(temperature=1.0)
-TOLERANCE = 0.0  # bit-equal: cached, batched, drafted and fresh evaluations run the same kernels (llamacpp_kernels)
+TOLERANCE = 0.0  # bit-equal: cached, batched, drafted and fresh evaluations run the same kernels (llamacpp/kernels.py)
 HF_TOLERANCE = 0.5  # llama.cpp's Q4_1 kernels (activations quantized to 8 bits) vs fp32 dequantized weights: ~0.25 seen
 PROMPT = "Name three primary colors."
 
@@ -234,14 +234,14 @@ def test_quiet_silences_llama_cpp_warnings_that_show_otherwise(sliding_gguf, qui
 def test_llama_cpp_errors_show_even_when_quiet(backend, capsys):
     import llama_cpp
 
-    from powersample.backends import llamacpp
+    from powersample.backends.llamacpp import library
 
-    llamacpp.route_log(llama_cpp, quiet=True)  # what LlamaCppBackend.load(..., quiet=True) does first
+    library.route_log(llama_cpp, quiet=True)  # what LlamaCppBackend.load(..., quiet=True) does first
     try:
         for level, text in ((3, b"a warning\n"), (4, b"an error"), (5, b" continued\n"), (2, b"info\n")):
-            llamacpp._Log.callback(level, text, None)  # as llama.cpp calls it: ggml.h's levels, 5 continues the last
+            library._Log.callback(level, text, None)  # as llama.cpp calls it: ggml.h's levels, 5 continues the last
     finally:
-        llamacpp.route_log(llama_cpp, quiet=False)
+        library.route_log(llama_cpp, quiet=False)
     assert capsys.readouterr().err == "an error continued\n"
 
 
@@ -413,7 +413,7 @@ def test_the_kernels_are_exact_unless_opted_out(backend, monkeypatch):
     restores llama.cpp's own layouts."""
     import os
 
-    from powersample.backends import llamacpp_kernels as kernels
+    from powersample.backends.llamacpp import kernels
 
     assert backend.weights.placement.label == "plain" and not backend.weights.placement.extra_bufts
     assert os.environ.get(kernels.TILED_MM) == "0"
@@ -426,11 +426,13 @@ def test_an_f16_copy_decodes_one_row_at_a_time_and_stays_bit_equal(backend, prom
     """F16 weights go through tinyBLAS from 2 rows, which rounds unlike the 1-row kernel: the probe finds it, the
     backend decodes one row per llama_decode, and log p is bit-equal across batches, drafts and scoring. The probe's
     finding is cached: the next load does not probe again. Two threads always decode one row at a time."""
+    from powersample.backends.llamacpp import probing
+
     monkeypatch.setenv("POWERSAMPLE_CACHE", str(tmp_path))
     f16 = LlamaCppBackend.load(None, n_ctx=1024, quant="f16")
     assert not f16.layout.batched and "2 tokens of one sequence vs 1" in f16.layout.reason
     conformance.log_p_is_batch_invariant(subject_of(f16, prompt))
-    monkeypatch.setattr(LlamaCppBackend, "_rows_disagree", lambda self: pytest.fail("probed a cached model"))
+    monkeypatch.setattr(probing, "rows_disagree", lambda *args: pytest.fail("probed a cached model"))
     assert not LlamaCppBackend(f16.weights, n_ctx=1024).layout.batched
     two = LlamaCppBackend(replace(backend.weights, threads=2), n_ctx=1024)
     assert not two.layout.batched and "2 threads" in two.layout.reason
@@ -461,7 +463,7 @@ ALPHA4 = Proposal(temperature=0.25)  # power sampling's proposal at alpha = 4
 def drafted(backend, context, n, seed, draft, k, proposal=ALPHA4, slot=0):
     """One request of n tokens at most whose draft is verified k tokens per forward."""
     rng = np.random.default_rng(seed)
-    request = ExtendRequest(tuple(context), n, rng, slot, draft=Draft(tuple(draft)), speculate=k)
+    request = ExtendRequest(tuple(context), n, rng, slot, hints=Hints(Draft(tuple(draft)), k))
     return backend.extend([request], proposal)[0]
 
 
@@ -526,7 +528,7 @@ def test_a_seed_gives_the_same_drafted_continuation_whatever_k_and_batch(backend
         before = backend.stats.forwards
         assert drafted(backend, prompt, n, seed=11, draft=draft, k=ks[name]).tokens == alone[name].tokens, name
         forwards[name] = backend.stats.forwards - before
-    requests = [ExtendRequest(prompt, n, np.random.default_rng(11), slot=20 + j, draft=Draft(draft), speculate=ks[name])
+    requests = [ExtendRequest(prompt, n, np.random.default_rng(11), slot=20 + j, hints=Hints(Draft(draft), ks[name]))
                 for j, (name, (draft, n)) in enumerate(drafts.items())]  # fmt: skip
     before = backend.stats.forwards
     batched = backend.extend(requests, ALPHA4)

@@ -1,11 +1,11 @@
-"""Which kernels and decode layout the llamacpp backend asks of llama.cpp (`llamacpp_kernels`): pure decision logic,
+"""Which kernels and decode layout the llamacpp backend asks of llama.cpp (`llamacpp/kernels.py`): pure decision logic,
 no llama.cpp needed. The backend's own tests check the probe and the layouts on real models."""
 
 from __future__ import annotations
 
 import pytest
 
-from powersample.backends import llamacpp_kernels as kernels
+from powersample.backends.llamacpp import kernels
 
 
 def test_exact_kernels_keep_the_weights_in_the_plain_layout():

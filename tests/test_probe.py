@@ -81,7 +81,7 @@ def crashing_llamacpp(monkeypatch):
         embedded_gguf_path()
     except PowerSampleError as e:
         pytest.skip(str(e))
-    monkeypatch.setattr(llamacpp, "_probe_command", lambda path: SEGFAULT)
+    monkeypatch.setattr(llamacpp.probing, "_probe_command", lambda path: SEGFAULT)
     monkeypatch.setattr("powersample.backends.spec._has_cuda", lambda: False)
     return llamacpp
 

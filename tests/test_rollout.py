@@ -133,7 +133,7 @@ class Counting(ToyBackend):
 
     def extend(self, requests, proposal):
         self.widths.append(len(requests))
-        self.alternatives.append(sum(r.alternatives > 0 for r in requests))
+        self.alternatives.append(sum(r.report.alternatives > 0 for r in requests))
         out = super().extend(requests, proposal)
         self.drawn += sum(len(c.tokens) for c in out)
         return out

@@ -1,7 +1,7 @@
 """A memory soak: 500 mixed hostile requests against `powersample serve` on the embedded model (llama.cpp, one
 thread), with the server's RSS sampled throughout. Once the first WARMUP ordinary requests have run, the server's
 idle RSS at the end must stay within GROWTH_LIMIT of its idle RSS then: room grown for a long request is given back
-when its run ends (backends/llamacpp.py, "Memory").
+when its run ends (backends/llamacpp/__init__.py, "Memory").
 
 The mix, in bursts of CONCURRENCY: prompts near --max-context (token ids), prompts past it (400), echo + logprobs
 scoring of long prompts, many-turn chats, n=16, power sampling, big max_tokens that the server's --request-timeout

@@ -136,7 +136,8 @@ class Gated(ToyBackend):
         self.after, self.gate, self.waited = after, threading.Event(), []
 
     def extend(self, requests, proposal):
-        return super().extend([replace(r, on_draw=self._pausing(r.on_draw)) for r in requests], proposal)
+        paused = [replace(r, report=replace(r.report, on_draw=self._pausing(r.report.on_draw))) for r in requests]
+        return super().extend(paused, proposal)
 
     def _pausing(self, report):
         count = [0]

@@ -23,7 +23,7 @@ from powersample.backends import engine
 from powersample.backends.toy import ToyBackend
 from powersample.core.numerics import draw, logsumexp, verify_draft
 from powersample.core.drafts import Corpus, Draft
-from powersample.core.types import ExtendRequest, Proposal
+from powersample.core.types import ExtendRequest, Hints, Proposal
 
 N = 4000  # drafted continuations per law
 MAX_TOKENS = 3
@@ -55,7 +55,7 @@ def drafts(spec, proposal: Proposal) -> dict[str, tuple[int, ...]]:
 
 def drafted(backend: ToyBackend, proposal: Proposal, draft, k: int, n: int = N, seed: int = 0) -> list[tuple]:
     rng = np.random.default_rng(seed)
-    requests = [ExtendRequest((), MAX_TOKENS, rng, draft=Draft(draft), speculate=k) for _ in range(n)]
+    requests = [ExtendRequest((), MAX_TOKENS, rng, hints=Hints(Draft(draft), k)) for _ in range(n)]
     return [c.tokens for c in backend.extend(requests, proposal)]
 
 
@@ -82,7 +82,7 @@ def test_a_seed_gives_the_same_continuation_for_any_k_and_fewer_forwards_for_a_g
     for k in (1, 2, 3):
         backend = ToyBackend(spec)
         rng = np.random.default_rng(9)
-        requests = [ExtendRequest((), n, rng, draft=Draft(best), speculate=k) for _ in range(300)]
+        requests = [ExtendRequest((), n, rng, hints=Hints(Draft(best), k)) for _ in range(300)]
         outputs.append([c.tokens for c in backend.extend(requests, cold)])
         forwards.append(backend.stats.forwards)
     assert outputs[0] == outputs[1] == outputs[2]
@@ -147,7 +147,7 @@ def test_corpus_drafts_follow_q_and_change_no_token():
     for guess in ((), (1, 1, 1)):
         for k in (1, 2, 3):
             backend, rng = ToyBackend(spec), np.random.default_rng(5)
-            requests = [ExtendRequest((), MAX_TOKENS, rng, draft=Draft(guess, corpus), speculate=k) for _ in range(N)]
+            requests = [ExtendRequest((), MAX_TOKENS, rng, hints=Hints(Draft(guess, corpus), k)) for _ in range(N)]
             have = [c.tokens for c in backend.extend(requests, proposal)]
             assert have == plain
             assert tv(empirical(have), want) <= tv_null_quantile(want, N)

@@ -53,7 +53,7 @@ def test_plain_traces_note_the_tokens_as_they_are_drawn(tmp_path, method):
 def test_untraced_plain_chains_ask_for_no_reports():
     backend = ToyBackend(load_spec("eos_trap"))
     program = programs(backend, (), SamplerConfig(method="base", max_new_tokens=4), make_chains(0, 1))[0]
-    assert next(program).on_draw is None  # a plain chain's one request
+    assert next(program).report.on_draw is None  # a plain chain's one request
 
 
 def test_smc_traces_weights_per_block(tmp_path):

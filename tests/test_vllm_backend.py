@@ -21,7 +21,7 @@ pytest.importorskip("vllm")
 
 from powersample.backends import conformance, load_backend  # noqa: E402
 from powersample.core.numerics import proposal_logprobs, top_alternatives
-from powersample.core.types import ExtendRequest, Proposal
+from powersample.core.types import ExtendRequest, Proposal, Report
 from powersample.errors import PowerSampleError  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -55,7 +55,7 @@ def test_conformance(backend, prompt, check):
 
 
 def requests(context, n, seeds, alternatives=0):
-    return [ExtendRequest(tuple(context), n, np.random.default_rng(s), slot=s, alternatives=alternatives)
+    return [ExtendRequest(tuple(context), n, np.random.default_rng(s), slot=s, report=Report(alternatives))
             for s in seeds]
 
 
@@ -79,7 +79,8 @@ def test_draws_are_reported_step_by_step(backend, prompt, proposal):
     """on_draw hears a drawing request's tokens as the engine steps (RequestOutputKind.CUMULATIVE), not only at the
     end; together they are the continuation, and they change no draw."""
     reports = []
-    [cont] = backend.extend([replace(requests(prompt, 12, seeds=[5])[0], on_draw=reports.append)], proposal)
+    request = replace(requests(prompt, 12, seeds=[5])[0], report=Report(on_draw=reports.append))
+    [cont] = backend.extend([request], proposal)
     [plain] = backend.extend(requests(prompt, 12, seeds=[5]), proposal)
     assert cont.tokens == plain.tokens and tuple(t for r in reports for t in r) == cont.tokens
     assert len(cont.tokens) < 3 or len(reports) >= 2, reports

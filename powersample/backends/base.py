@@ -24,6 +24,11 @@ with the request's context, so correctness never depends on the hint.
 - `Vocabulary`: `vocab_size` and `token_text`, what the ids are (the server's token-id prompts and tokenizer
   endpoints).
 
+A request's `hints` (core.types.Hints: a draft to verify, a floor to stop below) may be ignored. A backend declares
+the ones it honours as `HINTS`, a class attribute (`hints_honoured` reads it; none when absent): "speculate" (it
+verifies `draft` up to `speculate` tokens per forward) and "floor" (it stops a row once it falls below `floor`).
+The conformance suite checks that each one it claims changes the forwards a request costs, never its tokens.
+
 Whether the model has a chat template is no capability of its own: `has_chat_template` reads it off `encode`, which
 ignores `chat` where there is none, so the toy and every engine answer alike.
 
@@ -116,7 +121,7 @@ class Confidence(Protocol):
 
 
 class Speculation(Protocol):
-    """A backend that verifies a request's draft several tokens per forward (ExtendRequest.draft, .speculate)."""
+    """A backend that verifies a request's draft several tokens per forward (Hints.draft, Hints.speculate)."""
 
     def default_speculate(self) -> int:
         """The most draft tokens per forward this engine, as loaded, is fastest with; 0 when a forward of k tokens
@@ -144,6 +149,14 @@ class Vocabulary(Protocol):
     def token_text(self, token: int) -> str:
         """The text of one id, special tokens spelled out ("<|im_end|>"), unlike `decode`."""
         ...
+
+
+HINTS = frozenset({"speculate", "floor"})  # the hints a backend may honour (core.types.Hints; module docstring)
+
+
+def hints_honoured(backend: object) -> frozenset[str]:
+    """The request hints `backend` declares it honours (its `HINTS`; none when it declares none)."""
+    return frozenset(getattr(backend, "HINTS", frozenset())) & HINTS
 
 
 C = TypeVar("C")

@@ -34,6 +34,8 @@ The promises:
   and 8, and prefilled by score, within the subject's tolerance (bit-equal where it is 0);
 - past a sliding window (the subject's long_prompt) scoring, drafting, batching and rewinding still agree;
 - rows joining and leaving a continuous batch draw what they draw alone;
+- each request hint the backend honours (its `HINTS`: base.hints_honoured) costs it fewer forwards and draws the same
+  tokens; a hint it does not honour changes nothing (`describe_hints` says which, for the CLI);
 - a request past the model's context length is a one-line PowerSampleError.
 """
 
@@ -44,15 +46,25 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from powersample.backends.base import Backend, Confidence, ContinuousBatching, Ranking, Vocabulary, capability
+from powersample.backends.base import (
+    HINTS,
+    Backend,
+    Confidence,
+    ContinuousBatching,
+    Ranking,
+    Vocabulary,
+    capability,
+    hints_honoured,
+)
 from powersample.backends.engine import common_prefix
 from powersample.core.drafts import NO_DRAFT, WINDOW, Corpus, Draft
 from powersample.core.numerics import negative_entropy, proposal_logprobs, top_alternatives
-from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
+from powersample.core.types import Continuation, ExtendRequest, Floor, Hints, Proposal, Report, Tokens
 from powersample.errors import PowerSampleError
 
 TOLERANCE = 1e-4  # fp32 incremental (cached, batched) decoding vs a full forward
 BASE = Proposal(temperature=1.0)
+ENTROPY = Report(entropy=True)
 NextLogp = Callable[[Tokens], np.ndarray]  # context -> base log p of the next token over the vocabulary, (V,)
 
 
@@ -70,7 +82,7 @@ class Subject:
     proposal_tolerance: float | None = None  # the same for a cold proposal's log q against next_logp (None: tolerance)
     next_logp: NextLogp | None = None  # the base log p after a context, when the caller can compute it independently
     contexts: tuple[Tokens, ...] = ()  # the batching check's ragged contexts; () = the prompt and sampled extensions
-    draws_per_forward: bool = False  # the backend reports ExtendRequest.on_draw every forward (else: at least once)
+    draws_per_forward: bool = False  # the backend reports Report.on_draw every forward (else: at least once)
     long_prompt: Tokens = ()  # a prompt longer than the model's sliding window (its sliding layers have dropped
     # positions); () = the model has none, or the caller has no such prompt
 
@@ -219,7 +231,7 @@ def rank_gives_log_p_and_the_likeliest_tokens(s: Subject) -> None:
     ranker = capability(s.backend, Ranking)
     if ranker is None:
         raise NotApplicable("the backend has no rank method (the optional Ranking capability)")
-    request = ExtendRequest(s.prompt, 6, np.random.default_rng(8), 75, alternatives=3)
+    request = ExtendRequest(s.prompt, 6, np.random.default_rng(8), 75, Report(alternatives=3))
     cont = s.backend.extend([request], BASE)[0]
     _check(ranker.rank(s.prompt, (), 3) == (), "rank of an empty continuation must be ()")
     vocab = len(s.next_logp(s.prompt)) if s.next_logp is not None else None
@@ -266,12 +278,11 @@ def vocabulary_covers_the_ids(s: Subject) -> None:
 
 
 def entropies_are_reported_when_asked(s: Subject) -> None:
-    """ExtendRequest.entropy = True adds one entropy >= 0 per token (nats): minus the confidence (when the backend
+    """Report.entropy = True adds one entropy >= 0 per token (nats): minus the confidence (when the backend
     has it) and -sum p log p of the next_logp rows (when given); and it changes nothing else, batched rows and
     drafts included."""
-    asked = [ExtendRequest(s.prompt, 6, np.random.default_rng(seed), 90 + seed, entropy=True) for seed in (3, 4)]
-    drafted = ExtendRequest(s.prompt, 6, np.random.default_rng(3), 92, draft=Draft((), Corpus(), ()), speculate=4,
-                            entropy=True)  # fmt: skip
+    asked = [ExtendRequest(s.prompt, 6, np.random.default_rng(seed), 90 + seed, ENTROPY) for seed in (3, 4)]
+    drafted = ExtendRequest(s.prompt, 6, np.random.default_rng(3), 92, ENTROPY, Hints(Draft((), Corpus(), ()), 4))
     try:
         conts = s.backend.extend([*asked, drafted], BASE)
     except PowerSampleError as e:
@@ -294,14 +305,14 @@ def entropies_are_reported_when_asked(s: Subject) -> None:
 
 
 def draws_are_reported_as_drawn(s: Subject) -> None:
-    """ExtendRequest.on_draw gets each request's new tokens in order, all of them, before extend returns, and asking
+    """Report.on_draw gets each request's new tokens in order, all of them, before extend returns, and asking
     changes no draw (two rows of a batch, one of them speculating). With draws_per_forward (the subject's backend
     reports every forward), a continuation of n tokens drawn without a draft is reported in n calls of one token."""
     seen: dict[int, list[Tokens]] = {0: [], 1: []}
     cold = Proposal(temperature=0.5)
     draft = Draft((), Corpus(), ())
-    requests = [ExtendRequest(s.prompt, 7, np.random.default_rng(60 + j), 60 + j, draft=draft, speculate=2 * j,
-                              on_draw=seen[j].append) for j in (0, 1)]  # fmt: skip
+    requests = [ExtendRequest(s.prompt, 7, np.random.default_rng(60 + j), 60 + j, Report(on_draw=seen[j].append),
+                              Hints(draft, 2 * j)) for j in (0, 1)]  # fmt: skip
     conts = s.backend.extend(requests, cold)
     for j, cont in enumerate(conts):
         plain = extend(s.backend, s.prompt, 7, seed=60 + j, proposal=cold, slot=62 + j)
@@ -347,7 +358,7 @@ def drafted_continuations_are_like_any(s: Subject) -> None:
     for j, draft in enumerate(drafts):
         plain = extend(b, s.prompt, 8, seed=81 + j, proposal=cold, slot=81).tokens
         for k in (1, 2, 4):
-            request = ExtendRequest(s.prompt, 8, np.random.default_rng(81 + j), 81, draft=draft, speculate=k)
+            request = ExtendRequest(s.prompt, 8, np.random.default_rng(81 + j), 81, hints=Hints(draft, k))
             cont = b.extend([request], cold)[0]
             what = f"draft {j}, speculate {k}"
             _check(cont.tokens == plain, f"{what}: drew {cont.tokens}, without a draft {plain}")
@@ -395,7 +406,7 @@ def _shapes(s: Subject) -> Iterator[tuple[str, Continuation, Continuation]]:
     replaced = alone.tokens[:2] + tuple(reversed(alone.tokens[2:]))
     for k in (1, 4, 8):
         for j, guess in enumerate((alone.tokens, replaced)):
-            request = ExtendRequest(s.prompt, 16, np.random.default_rng(95), 106, draft=Draft(guess), speculate=k)
+            request = ExtendRequest(s.prompt, 16, np.random.default_rng(95), 106, hints=Hints(Draft(guess), k))
             yield f"draft {j} at speculate {k}", b.extend([request], cold)[0], alone
 
 
@@ -411,7 +422,7 @@ def long_sequences_past_the_window(s: Subject) -> None:
     if s.next_logp is not None:
         want = [float(row[t]) for row, t in _rows(replace(s, prompt=long), alone.tokens)]
         _close(alone.base_logp, want, s.tolerance, "log p past the window vs next_logp")
-    drafted = ExtendRequest(long, 24, np.random.default_rng(110), 111, draft=Draft(alone.tokens[::-1]), speculate=8)
+    drafted = ExtendRequest(long, 24, np.random.default_rng(110), 111, hints=Hints(Draft(alone.tokens[::-1]), 8))
     _same(s, b.extend([drafted], cold)[0], alone, "drafted past the window vs alone")
     batch = [ExtendRequest(long, 24, np.random.default_rng(110), 112),
              ExtendRequest(s.prompt, 6, np.random.default_rng(1), 113)]
@@ -434,7 +445,7 @@ def rows_joining_and_leaving_match_single_rows(s: Subject) -> None:
         context = s.prompt[: len(s.prompt) - key % 10] or s.prompt
         draft, k = (Draft((), Corpus(), ()), 4) if key == 11 else (NO_DRAFT, 0)
         return ExtendRequest(context, 3 + 4 * (key % 10) if key < 10 else 5, np.random.default_rng(120 + key), slot,
-                             draft=draft, speculate=k)  # fmt: skip
+                             hints=Hints(draft, k))  # fmt: skip
 
     results: dict[int, Continuation] = {}
 
@@ -455,6 +466,40 @@ def rows_joining_and_leaving_match_single_rows(s: Subject) -> None:
     for key in keys:
         one = s.backend.extend([request(key, 150 + key)], cold)[0]
         _same(s, results[key], one, f"request {key} in a continuous batch vs alone")
+
+def hints_change_forwards_not_draws(s: Subject) -> None:
+    """Each hint the backend claims (`HINTS`) shows in its forwards and never in its draws: "speculate" with the
+    draw's own tokens as the draft (k = 4) draws them in fewer forwards; "floor", one no token can reach, cuts the
+    continuation after its first token, in fewer forwards, the first token as drawn without it. A hint it does not
+    claim changes nothing: the same tokens, as many. Forwards are `stats.forwards` where the backend counts them,
+    else on_draw's runs (per forward where the subject says so)."""
+    b, honoured = s.backend, hints_honoured(s.backend)
+    plain = [_costed(s, ExtendRequest(s.prompt, 8, np.random.default_rng(170 + j), 170)) for j in range(3)]
+    if sum(len(c.tokens) for c, _ in plain) <= len(plain):
+        raise NotApplicable("every continuation ended after one token: no forward left to save")
+    for hint, hints in (("speculate", lambda c: Hints(Draft(c.tokens), 4)), ("floor", lambda c: Hints(floor=_SUNK))):
+        hinted = [_costed(s, ExtendRequest(s.prompt, 8, np.random.default_rng(170 + j), 170, hints=hints(c)))
+                  for j, (c, _) in enumerate(plain)]  # fmt: skip
+        for (want, _), (have, _) in zip(plain, hinted):
+            cut = len(have.tokens) if hint == "floor" and hint in honoured else len(want.tokens)
+            _check(have.tokens == want.tokens[:cut] and cut >= 1,
+                   f"the {hint} hint changed the draw: {have.tokens} vs {want.tokens}")  # fmt: skip
+        before, after = sum(n for _, n in plain), sum(n for _, n in hinted)
+        if hint in honoured:
+            _check(after < before, f"{type(b).__name__} claims the {hint} hint, but it cost {after} forwards, "
+                                   f"{before} without")  # fmt: skip
+        else:
+            _check(after == before, f"{type(b).__name__} ignores the {hint} hint, yet its forwards went from "
+                                    f"{before} to {after}")  # fmt: skip
+
+
+def describe_hints(backend: Backend) -> str:
+    """One line: the request hints `backend` honours and those it ignores (base.HINTS)."""
+    honoured = hints_honoured(backend)
+    ignored = sorted(HINTS - honoured)
+    return (f"{type(backend).__name__} honours the hints: {', '.join(sorted(honoured)) or 'none'}"
+            + (f"; ignores: {', '.join(ignored)}" if ignored else ""))
+
 
 def context_length_is_checked(s: Subject) -> None:
     """A request that would pass the model's context length is a one-line PowerSampleError saying so."""
@@ -488,6 +533,7 @@ CHECKS: tuple[Callable[[Subject], object], ...] = (
     log_p_is_batch_invariant,
     long_sequences_past_the_window,
     rows_joining_and_leaving_match_single_rows,
+    hints_change_forwards_not_draws,
     context_length_is_checked,
 )
 
@@ -504,6 +550,26 @@ def run(subject: Subject) -> list[str]:
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
+
+
+_SUNK = Floor(least=float("inf"), weight=1.0)  # a floor no score reaches: a row that honours it stops at once
+
+
+def _costed(s: Subject, request: ExtendRequest, proposal: Proposal = BASE) -> tuple[Continuation, int]:
+    """(the request's continuation, the forwards it cost): the backend's `stats.forwards` where it counts them,
+    else the runs its on_draw got (one per forward where the subject has draws_per_forward)."""
+    before = _forwards(s.backend)
+    if before is None and not s.draws_per_forward:
+        raise NotApplicable("the backend counts no forwards (stats.forwards) and does not report one draw per forward")
+    runs: list[Tokens] = []
+    [cont] = s.backend.extend([replace(request, report=Report(on_draw=runs.append))], proposal)
+    after = _forwards(s.backend)
+    return cont, len(runs) if before is None or after is None else after - before
+
+
+def _forwards(backend: Backend) -> int | None:
+    """The backend's count of its forwards so far (`stats.forwards`, a diagnostic), None where it keeps none."""
+    return getattr(getattr(backend, "stats", None), "forwards", None)
 
 
 def _ragged(s: Subject) -> tuple[Tokens, ...]:

@@ -36,10 +36,11 @@ class Row:
     """One request being decoded: the ids to feed next and what it has drawn. Engines subclass it with where
     the row's cache lives (keyword-only fields).
 
-    With `speculate` = k > 0, a forward feeds next_id and up to k tokens of the row's current guess (its request's
-    `draft`, core.drafts), and `verify_step` walks the logits of every fed id: each token is drawn as without a
-    draft (core.numerics.verify_draft), and the walk goes on while the draws equal the guess. After a token that
-    differs, the fed ids after it are void and the next guess is looked up from the tokens drawn."""
+    With `speculate` = k > 0 (the request's hints), a forward feeds next_id and up to k tokens of the row's current
+    guess (its request's `draft`, core.drafts), and `verify_step` walks the logits of every fed id: each token is
+    drawn as without a draft (core.numerics.verify_draft), and the walk goes on while the draws equal the guess.
+    After a token that differs, the fed ids after it are void and the next guess is looked up from the tokens
+    drawn."""
 
     key: int  # the caller's key for this request (refills of one chain share it)
     request: ExtendRequest
@@ -55,25 +56,43 @@ class Row:
     score: float = 0.0  # the request's floor score of the tokens so far (core.types.Floor), without its length term
 
     def __post_init__(self) -> None:
-        if self.request.speculate > 0 and not self.tokens:
-            self.guess = list(self.request.draft.first(self.request.max_tokens))
+        if self.request.hints.speculate > 0 and not self.tokens:
+            self.guess = list(self.request.hints.draft.first(self.request.max_tokens))
 
     def feed(self, most: int | None = None) -> list[int]:
         """The ids the next forward feeds for this row: next_id, then up to `speculate` guessed tokens (and up to
         `most`, the engine's share for the row this step; never more than the positions left after the next one).
         How many are fed changes no token drawn, only how many one forward can decode."""
-        room = self.request.max_tokens - len(self.tokens) - 1
-        n = min(self.request.speculate, room, self.request.speculate if most is None else most)
+        room, k = self.request.max_tokens - len(self.tokens) - 1, self.request.hints.speculate
+        n = min(k, room, k if most is None else most)
         return [self.next_id, *self.guess[: max(0, n)]]
+
+    def tally(self, token: int, guessed: int | None) -> None:
+        """Count a verified guess (`guessed`: the guess `token` was drawn against, None for none)."""
+        if guessed is not None:
+            self.drafted += 1
+            self.kept_drafts += token == guessed
+
+    def follow(self, token: int, guessed: int | None) -> bool:
+        """The draft hint after `token`, once the row goes on: the next guess looked up once the last one was
+        replaced or used up. False when the ids fed after the token are void (it is not the guess)."""
+        if token != guessed or not self.guess:  # no guess, another token, or the guess used up: look up the next
+            self.reguess()
+        return guessed is None or token == guessed
 
     def reguess(self) -> None:
         """The next guess, once the last one was replaced or used up (none when the request does not speculate)."""
-        if self.request.speculate > 0:
-            self.guess = list(self.request.draft.next(self.tokens, self.request.max_tokens - len(self.tokens)))
+        hints = self.request.hints
+        if hints.speculate > 0:
+            self.guess = list(hints.draft.next(self.tokens, self.request.max_tokens - len(self.tokens)))
+
+    def finished(self, eos_ids: frozenset[int]) -> bool:
+        """Whether the row ends after its last token: EOS, max_tokens, or below its floor (the floor hint)."""
+        return self.sunk() or self.tokens[-1] in eos_ids or len(self.tokens) == self.request.max_tokens
 
     def sunk(self) -> bool:
         """Whether the row's tokens fell below its request's floor: its proposal is sure to be rejected."""
-        floor = self.request.floor
+        floor = self.request.hints.floor
         if floor is None:
             return False
         self.score = floor.step(self.score, self.base_logp[-1], self.proposal_logq[-1])
@@ -99,8 +118,9 @@ def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Propo
     for b, row in enumerate(rows):
         before = len(row.tokens)
         finished, valid = _walk(row, logp[b], proposal, eos_ids)
-        if row.request.on_draw is not None and len(row.tokens) > before:
-            row.request.on_draw(tuple(row.tokens[before:]))
+        on_draw = row.request.report.on_draw
+        if on_draw is not None and len(row.tokens) > before:
+            on_draw(tuple(row.tokens[before:]))
         kept.append(valid)
         if finished or row.request.halted():
             done.append(b)
@@ -110,27 +130,37 @@ def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Propo
 def _walk(row: Row, logp: np.ndarray, proposal: Proposal, eos_ids: frozenset[int]) -> tuple[bool, int]:
     """One row's tokens from the logits of its fed ids; (finished, fed ids still valid). See verify_step."""
     for j in range(len(logp)):
-        if not row.tokens and row.request.alternatives:
-            row.alternatives = top_alternatives(logp[j], row.request.alternatives)
-        logq = proposal_logprobs(logp[j], proposal)  # (V,): row by row, as the walk often stops before the last
+        _report(row, logp[j])
         guessed = row.guess.pop(0) if row.guess else None
-        token = draw(logq, row.request.rng) if guessed is None else verify_draft(logq, guessed, row.request.rng)
-        row.tokens.append(token)
-        row.base_logp.append(float(logp[j, token]))
-        row.proposal_logq.append(float(logq[token]))
-        if row.request.entropy:
-            row.entropy.append(float(entropy(logp[j])))
-        row.next_id = token
-        if guessed is not None:
-            row.drafted += 1
-            row.kept_drafts += token == guessed
-        if row.sunk() or token in eos_ids or len(row.tokens) == row.request.max_tokens:
+        token = _draw(row, logp[j], proposal, guessed)
+        row.tally(token, guessed)
+        if row.finished(eos_ids):
             return True, j + 1
-        if token != guessed or not row.guess:  # no guess, another token, or the guess used up: look up the next
-            row.reguess()
-            if guessed is not None and token != guessed:  # the fed ids after j were guesses that are now void
-                return False, j + 1
+        if not row.follow(token, guessed):  # the fed ids after j were guesses that are now void
+            return False, j + 1
     return False, len(logp)
+
+
+def _draw(row: Row, logp: np.ndarray, proposal: Proposal, guessed: int | None) -> int:
+    """The row's next token, drawn from q after base log p `logp` (V,) with the request's generator (a guess is
+    verified: core.numerics.verify_draft draws the same token), recorded with its log p and log q."""
+    logq = proposal_logprobs(logp, proposal)  # (V,): row by row, as the walk often stops before the last
+    token = draw(logq, row.request.rng) if guessed is None else verify_draft(logq, guessed, row.request.rng)
+    row.tokens.append(token)
+    row.base_logp.append(float(logp[token]))
+    row.proposal_logq.append(float(logq[token]))
+    row.next_id = token
+    return token
+
+
+def _report(row: Row, logp: np.ndarray) -> None:
+    """What the request asks reported about the distribution its next token is drawn from (base log p, (V,)): the
+    likeliest alternatives before its first token, and every token's entropy."""
+    report = row.request.report
+    if not row.tokens and report.alternatives:
+        row.alternatives = top_alternatives(logp, report.alternatives)
+    if report.entropy:
+        row.entropy.append(float(entropy(logp)))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

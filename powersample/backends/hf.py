@@ -245,6 +245,8 @@ class HFStats:
 class HFBackend:
     """Sampling and scoring with a transformers causal LM; batched decoding, two KV buffers per slot."""
 
+    HINTS = frozenset({"speculate", "floor"})  # drafts verified within FEED_BUDGET; rows below their floor leave
+
     def __init__(self, model: Any, tokenizer: Any, reuse_cache: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer

@@ -162,6 +162,7 @@ class ToyBackend:
     """Exact sampling and scoring from a ToySpec. The prompt is ignored: contexts are generated ids."""
 
     context_length = None
+    HINTS = frozenset({"speculate", "floor"})  # both walked as the engines walk them (`_extend_walked`)
 
     def __init__(self, spec: ToySpec):
         self.spec = spec
@@ -214,29 +215,45 @@ class ToyBackend:
         return tuple(out)
 
     def _extend_one(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
-        if request.speculate > 0 or request.floor is not None:
+        """One continuation: drawn token by token (walked as the engines walk when the request has hints), then what
+        the request asks reported besides."""
+        if request.hints.speculate > 0 or request.hints.floor is not None:
             return self._extend_walked(request, proposal)
+        tokens, logp, logq = self._draw(request, proposal)
+        alternatives, entropies = self._report(request, tokens, proposal)
+        return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives, entropies)
+
+    def _draw(self, request: ExtendRequest, proposal: Proposal) -> tuple[list[int], list[float], list[float]]:
+        """(tokens, log p, log q): up to max_tokens drawn from q, one forward each, each handed to the request's
+        on_draw as drawn; stopped after EOS or once the request is halted."""
         seq = list(request.context)
-        tokens, logp, logq, entropies = [], [], [], []
-        alternatives = (
-            top_alternatives(np.asarray(self._table(seq, proposal).base_logp), request.alternatives)
-            if request.alternatives
-            else ()
-        )
+        tokens, logp, logq = [], [], []
+        on_draw = request.report.on_draw
         for _ in range(request.max_tokens):
             table = self._table(seq, proposal)
             tok = draw_from_cdf(table.cdf, request.rng.random(), table.proposal_logq)  # numerics.draw's exact steps
             tokens.append(tok)
             logp.append(table.base_logp[tok])
             logq.append(table.proposal_logq[tok])
-            entropies += [table.entropy] * request.entropy
             seq.append(tok)
-            if request.on_draw is not None:
-                request.on_draw((tok,))
+            if on_draw is not None:
+                on_draw((tok,))
             if tok == self.spec.eos_id or request.halted():
                 break
         self.stats.forwards += len(tokens)  # one per token drawn
-        return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives, tuple(entropies))
+        return tokens, logp, logq
+
+    def _report(self, request: ExtendRequest, tokens: Sequence[int],
+                proposal: Proposal) -> tuple[tuple[tuple[int, float], ...], tuple[float, ...]]:  # fmt: skip
+        """(alternatives, entropies) as the request asks: its first token's likeliest alternatives, and the base
+        entropy before each token."""
+        report, context = request.report, list(request.context)
+        alternatives, entropies = (), ()
+        if report.alternatives:
+            alternatives = top_alternatives(np.asarray(self._table(context, proposal).base_logp), report.alternatives)
+        if report.entropy:
+            entropies = tuple(self._table(context + list(tokens[:i]), proposal).entropy for i in range(len(tokens)))
+        return alternatives, entropies
 
     def _extend_walked(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
         """The engines' walk (backends.engine.verify_step: drafts, floors) on exact rows: each loop is one forward of

@@ -147,6 +147,8 @@ class VLLMStats:
 class VLLMBackend:
     """Sampling and scoring with vLLM: one engine call per batch of requests, prefix caching, exact log p and q."""
 
+    HINTS: frozenset[str] = frozenset()  # vLLM draws whole continuations: no drafts of ours, no floor
+
     def __init__(self, llm: Any, reuse_cache: bool = True):
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
@@ -314,7 +316,7 @@ class VLLMBackend:
             top_p=proposal.top_p,
             max_tokens=request.max_tokens,
             seed=int(request.rng.integers(0, 2**63 - 1)),
-            logprobs=request.alternatives if proposal.is_base else 0,  # the sampled token's (+ top-k for p = q)
+            logprobs=request.report.alternatives if proposal.is_base else 0,  # the sampled token's (+ top-k for p = q)
             stop_token_ids=sorted(self.eos_ids),
         )
 
@@ -332,8 +334,8 @@ class VLLMBackend:
         else:  # score (salted, reading the cache) or rescore (unsalted, computing everything): see _prompt_logprobs
             scored = job.stage == "score"
             prompt, salt = tuple(request.context) + job.tokens, SCORE_SALT if scored else None
-            params = self._params(scored, max_tokens=1, prompt_logprobs=request.alternatives)
-        live = job.stage == "draw" and request.on_draw is not None  # an output every step, with its tokens so far
+            params = self._params(scored, max_tokens=1, prompt_logprobs=request.report.alternatives)
+        live = job.stage == "draw" and request.report.on_draw is not None  # an output every step, its tokens so far
         params.output_kind = RequestOutputKind.CUMULATIVE if live else RequestOutputKind.FINAL_ONLY  # else at the end
         extra = {"cache_salt": salt} if salt and self.reuse_cache else {}
         request_id = str(next(self.llm.request_counter))  # the counter LLM.generate() numbers its requests with
@@ -355,7 +357,7 @@ class VLLMBackend:
             self.stats.cached_tokens += out.num_cached_tokens or 0
             job.logq = _sampled_logprobs(out.outputs[0].logprobs, job.tokens)
             if proposal.is_base:  # q = p: the numbers vLLM returned are log p already
-                job.logp, job.alternatives = job.logq, _top(out.outputs[0].logprobs, 0, request.alternatives)
+                job.logp, job.alternatives = job.logq, _top(out.outputs[0].logprobs, 0, request.report.alternatives)
                 return True
             job.stage = "score"
             return False
@@ -365,7 +367,7 @@ class VLLMBackend:
             return False
         if job.stage == "score":
             self.stats.scored_cached_tokens += cached
-        job.logp, job.alternatives = _scored(out, len(request.context), job.tokens, request.alternatives)
+        job.logp, job.alternatives = _scored(out, len(request.context), job.tokens, request.report.alternatives)
         return True
 
     def _generate(self, contexts: Sequence[Tokens], params: Sequence[Any], salt: str | None = None) -> list[Any]:
@@ -415,8 +417,9 @@ class VLLMBackend:
     def _report(self, job: _Job, drawn: Sequence[int]) -> None:
         """Hand the tokens the job's draw has added since its last report to its request's `on_draw`."""
         new = tuple(int(t) for t in drawn[job.reported :])
-        if new and job.request.on_draw is not None:
-            job.request.on_draw(new)
+        on_draw = job.request.report.on_draw
+        if new and on_draw is not None:
+            on_draw(new)
             job.reported += len(new)
 
     def _tokens(self, out: Any, request: ExtendRequest) -> Tokens:
@@ -441,8 +444,8 @@ class VLLMBackend:
             )
 
     def _check_entropy(self, request: ExtendRequest) -> None:
-        if request.entropy:  # a sampled token's row holds its top-k log-probs only; the whole row, per position,
-            # would cost V numbers per token as Python objects
+        if request.report.entropy:  # a sampled token's row holds its top-k log-probs only; the whole row, per
+            # position, would cost V numbers per token as Python objects
             raise PowerSampleError("the vllm backend does not report per-token entropies (power-cut needs them); use "
                                    "the hf or llamacpp backend")  # fmt: skip
 

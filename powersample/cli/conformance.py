@@ -83,6 +83,7 @@ def run_gaps(args: argparse.Namespace) -> int:
     print(f"{type(backend).__name__}{f' ({layout} layout)' if layout else ''}, {len(prompt)}-token prompt: largest "
           f"change vs the lone decode, log p {worst['base_logp']:.3g} nats, log q (tau 1/4) "
           f"{worst['proposal_logq']:.3g}\n")  # fmt: skip
+    print(conformance.describe_hints(backend) + "\n")
     print("| forward shape | max abs log p change (nats) | max abs log q change |\n|---|---|---|")
     print("".join(f"| {shape} | {g['base_logp']:.3g} | {g['proposal_logq']:.3g} |\n" for shape, g in gaps.items()),
           end="")  # fmt: skip

@@ -62,26 +62,49 @@ class Floor:
 
 
 @dataclass(frozen=True)
+class Report:
+    """What an engine reports beside the tokens and their log-probs. Each is off by default and none changes a draw."""
+
+    alternatives: int = 0  # also report the likeliest this-many next tokens after the context (base log p)
+    entropy: bool = False  # also report the base next-token entropy before each token (Continuation.entropy)
+    on_draw: Callable[[Tokens], None] | None = None  # called with each run of new tokens as the engine draws them
+    # (from the engine's thread, in order, before the Continuation returns; together they are its tokens). How often
+    # is the engine's choice: every forward (toy, hf, llamacpp), every engine step (vLLM).
+
+
+@dataclass(frozen=True)
+class Hints:
+    """How an engine may spend its forwards. An engine may ignore any of them (it declares those it honours in its
+    `HINTS`, `backends.base.HINTS`): they change how many forwards a continuation costs, never which tokens a seed
+    draws (a floor only cuts a continuation its sampler rejects anyway)."""
+
+    draft: Draft = NO_DRAFT  # guesses at the continuation (core.drafts): they decide only how many tokens a forward
+    # decodes, never which (core.numerics.verify_draft)
+    speculate: int = 0  # most draft tokens an engine verifies per forward; 0 = no draft, one token per forward
+    floor: Floor | None = None  # stop early once the score falls below it (the sampler's test rejects such a
+    # continuation either way, finished or not)
+
+
+NO_REPORT, NO_HINTS = Report(), Hints()
+
+
+@dataclass(frozen=True)
 class ExtendRequest:
-    """Extend `context` by up to `max_tokens` tokens drawn from the proposal, stopping after an EOS."""
+    """Extend `context` by up to `max_tokens` tokens drawn from the proposal, stopping after an EOS.
+
+    Three groups: what to draw (context, max_tokens, rng, slot), what to report besides (`report`), and hints an
+    engine may ignore (`hints`). `halt` stands apart: a stop signal every engine must honour within one forward."""
 
     context: Tokens  # prompt ids + generated ids so far
     max_tokens: int  # >= 1
     rng: np.random.Generator  # the chain's own generator; every draw for this request comes from it
     slot: int = 0  # the chain's cache slot
-    alternatives: int = 0  # also report the likeliest this-many next tokens after `context` (base log p)
-    draft: Draft = NO_DRAFT  # guesses at the continuation (core.drafts): they decide only how many tokens a forward
-    # decodes, never which (core.numerics.verify_draft)
-    speculate: int = 0  # most draft tokens an engine verifies per forward; 0 = no draft, one token per forward
-    floor: Floor | None = None  # stop early once the score falls below it (an engine may ignore it: the sampler's
-    # test rejects such a continuation either way, finished or not)
-    entropy: bool = False  # also report the base next-token entropy before each token (Continuation.entropy)
-    on_draw: Callable[[Tokens], None] | None = None  # called with each run of new tokens as the engine draws them
-    # (from the engine's thread, in order, before the Continuation returns; together they are its tokens). How often
-    # is the engine's choice: every forward (toy, hf, llamacpp), every engine step (vLLM). It changes no draw.
+    report: Report = NO_REPORT
+    hints: Hints = NO_HINTS
     halt: Callable[[], bool] | None = None  # asked after every forward (engine step, for vLLM): once True, the engine
     # stops decoding the request and returns the tokens drawn so far, a cut continuation its caller discards (a server
-    # job whose client left or whose deadline passed frees the engine within one forward). It changes no draw.
+    # job whose client left or whose deadline passed frees the engine within one forward). It changes no draw. Not a
+    # hint: the server counts on every engine to honour it.
 
     def halted(self) -> bool:
         """Whether the request's caller asked the engine to stop decoding it (see `halt`)."""
@@ -98,7 +121,7 @@ class Continuation:
     alternatives: tuple[tuple[int, float], ...] = ()  # (id, base log p) of the request's `alternatives` likeliest
     # first tokens, likeliest first (ties by id); empty unless asked for
     entropy: tuple[float, ...] = ()  # nats >= 0: -sum_x p log p of the base next-token distribution each token was
-    # drawn after (temperature 1, no truncation); empty unless the request asked (ExtendRequest.entropy)
+    # drawn after (temperature 1, no truncation); empty unless the request asked (Report.entropy)
 
 
 # Continuous batching (optional backend method `extend_continuous(requests, proposal, refill, poll=None)`): the

@@ -25,7 +25,7 @@ class Chain:
     base_logp: list[float] = field(default_factory=list)  # log p(x_t | x_<t), per token
     proposal_logq: list[float] = field(default_factory=list)  # log q(x_t | x_<t), per token
     entropy: list[float] = field(default_factory=list)  # base entropy before x_t (nats), when the sampler asks for
-    # it (ExtendRequest.entropy); else empty
+    # it (Report.entropy); else empty
     tokens_generated: int = 0  # every token drawn, rejected proposals included
     proposals: int = 0
     accepted: int = 0

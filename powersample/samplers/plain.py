@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from powersample.config import SamplerConfig
-from powersample.core.types import ExtendRequest, Tokens
+from powersample.core.types import ExtendRequest, Report, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program, ask
 
@@ -17,7 +17,8 @@ def plain_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: 
     """One continuation of up to T tokens, drawn at the method's temperature (the registry's). Each run of tokens the
     engine draws is final text: it goes to the chain's `on_draw` (live text) and, when traced, is noted as a "draw"
     event."""
-    cont = yield from ask(ExtendRequest(prompt, config.max_new_tokens, chain.rng, chain.slot, on_draw=_draws(chain)))
+    report = Report(on_draw=_draws(chain))
+    cont = yield from ask(ExtendRequest(prompt, config.max_new_tokens, chain.rng, chain.slot, report))
     chain.append(cont)
     chain.tokens_generated += len(cont.tokens)
     return chain.result()

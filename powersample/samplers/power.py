@@ -30,7 +30,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from powersample.config import SamplerConfig
-from powersample.core.types import Continuation, ExtendRequest, Floor, Tokens
+from powersample.core.types import Continuation, ExtendRequest, Floor, Hints, Report, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program, ask
 
@@ -129,8 +129,8 @@ def suffix_request(prompt: Tokens, config: SamplerConfig, chain: Chain, i: int, 
     stage's extension. With `speculate` on, its draft guesses the current suffix x_>=i, then what the chain drew
     before (core.drafts); the engine draws the same tokens either way, only in fewer forwards."""
     context = prompt + tuple(chain.tokens[:i])
-    return ExtendRequest(context, cap - i, rng, slot, draft=chain.draft(context, tuple(chain.tokens[i:])),
-                         speculate=config.speculate or 0, floor=floor, entropy=entropy)  # fmt: skip
+    hints = Hints(chain.draft(context, tuple(chain.tokens[i:])), config.speculate or 0, floor)
+    return ExtendRequest(context, cap - i, rng, slot, Report(entropy=entropy), hints)
 
 
 def rejection_floor(config: SamplerConfig, alpha: float, chain: Chain, i: int, log_u: float,

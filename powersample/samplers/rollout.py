@@ -8,8 +8,8 @@ probability, EOS-free ones cut at T with their prefix probability. Its next-toke
 
 where the futures r run until EOS or length T (zeta = 1 once s ends in EOS or has T tokens).
 
-Algorithm (token level, the paper's Algorithm 1). At each position: one request with `alternatives=K` gives the K
-likeliest next tokens v and their log p (it also draws one token, which is ignored but counted). Then ONE tuple step
+Algorithm (token level, the paper's Algorithm 1). At each position: one request reporting `alternatives=K` gives the
+K likeliest next tokens v and their log p (it also draws one token, which is ignored but counted). Then ONE tuple step
 draws M rollouts after each candidate (K*M requests in flight together; none for an EOS candidate or at the last
 position, where zeta = 1), each until EOS, T, or H tokens. The chosen token is drawn among the K candidates with
 probability ∝ p(v)^alpha * zeta_hat(v), where, with rollouts r_1..r_M drawn from the proposal q,
@@ -52,7 +52,7 @@ import numpy as np
 
 from powersample.config import SamplerConfig
 from powersample.core.numerics import draw, logsumexp
-from powersample.core.types import Continuation, ExtendRequest, Tokens
+from powersample.core.types import Continuation, ExtendRequest, Report, Tokens
 from powersample.errors import PowerSampleError
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program, Reply, Step, ask, ask_all
@@ -92,7 +92,7 @@ def check_config(config: SamplerConfig) -> None:
 def token_step(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int], rngs: list) -> Weigh:
     """The K likeliest next tokens, then one rollout step to weigh them, then one of them."""
     context = prompt + tuple(chain.tokens)
-    probe = yield from ask(ExtendRequest(context, 1, chain.rng, slot=0, alternatives=config.candidates))
+    probe = yield from ask(ExtendRequest(context, 1, chain.rng, slot=0, report=Report(alternatives=config.candidates)))
     chain.tokens_generated += len(probe.tokens)  # drawn, not kept
     units = [Continuation((t,), (lp,), (lp,)) for t, lp in probe.alternatives if lp > -math.inf]
     yield from weigh_and_choose(context, units, config, chain, eos_ids, rngs)

@@ -31,7 +31,7 @@ FP32 = "fp32"  # the quant column of engines that run the weights as saved
 PROMPT = ("Name the three primary colors of paint. Then explain, in two short sentences, why mixing two of them gives "
           "a secondary color, and give one example of each secondary color.")  # fmt: skip
 HF_PROPOSAL_TOLERANCE = 4 * conformance.TOLERANCE  # 1/tau scales fp32 noise in a cold proposal's log q
-LLAMACPP_TOLERANCE = 0.0  # llama.cpp's exact kernels (backends.llamacpp_kernels): the same token's log p is the same
+LLAMACPP_TOLERANCE = 0.0  # llama.cpp's exact kernels (backends/llamacpp/kernels.py): the same token's log p is the same
 # float whatever the forward's shape, so every check compares bit for bit
 LONG_PROMPT = 200  # tokens of a sliding architecture's long_prompt: six windows, within CONTEXT with room to decode
 THREADS = 1  # CPU threads per engine: on a small shared machine more threads contend (hf: 4x slower at 2 than 1)

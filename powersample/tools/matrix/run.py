@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from powersample.backends import conformance
+from powersample.backends.base import hints_honoured
 from powersample.backends.llamacpp import QUANTS
 from powersample.errors import one_line
 from powersample.tools.common import Update, check, tick, utc_now
@@ -65,6 +66,7 @@ class CellResult:
     not_built: str = ""  # why this machine does not build the cell ('' = built and checked)
     outcomes: tuple[Outcome, ...] = ()
     seconds: float = 0.0  # loading (and re-quantizing) plus every check
+    hints: tuple[str, ...] = ()  # the request hints its backend honours (backends.base.hints_honoured)
 
     @property
     def failures(self) -> tuple[Outcome, ...]:
@@ -167,9 +169,10 @@ def _agreement(files: ArchFiles, update: Update | None) -> Agreement | None:
 def _run_cell(cell: Cell, files: ArchFiles, checks: tuple[Check, ...], threads: int,
               update: Update | None) -> CellResult:  # fmt: skip
     """Open the cell's backend and run every check; a backend that does not open fails every check with why."""
-    start, outcomes = time.perf_counter(), []
+    start, outcomes, hints = time.perf_counter(), [], ()
     try:
         with subject(cell, files, threads) as s:
+            hints = tuple(sorted(hints_honoured(s.backend)))
             for one in checks:
                 outcomes.append(_run_check(one, s))
                 tick(update, f"{cell.name} {one.__name__}")
@@ -179,7 +182,7 @@ def _run_cell(cell: Cell, files: ArchFiles, checks: tuple[Check, ...], threads: 
             if one.__name__ not in done:
                 outcomes.append(Outcome(one.__name__, FAIL, f"the cell did not open: {failure_line(e)}"))
                 tick(update, f"{cell.name} {one.__name__}")
-    return CellResult(cell, "", tuple(outcomes), time.perf_counter() - start)
+    return CellResult(cell, "", tuple(outcomes), time.perf_counter() - start, hints)
 
 
 def _run_check(one: Check, s: conformance.Subject) -> Outcome:

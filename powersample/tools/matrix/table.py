@@ -1,8 +1,9 @@
 """The matrix's support table (Markdown) and its JSON.
 
 One row per built cell, a column per check (numbered; the legend names them): ✓ pass, ✗ fail, – does not apply.
-Cells this machine does not build are rows too, grouped by engine and reason. Below: each failure and each
-not-applicable reason in one line, then the conversions (agreement with transformers, sizes, tensor types).
+Cells this machine does not build are rows too, grouped by engine and reason. Below: the request hints each engine
+honours, each failure and each not-applicable reason in one line, then the conversions (agreement with
+transformers, sizes, tensor types).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ MB = 1e6
 
 def render_table(result: MatrixResult) -> str:
     """The whole report, in Markdown."""
-    parts = [_summary(result), _legend(result), _cells(result), _failures(result), _not_applicable(result),
-             _conversions(result)]  # fmt: skip
+    parts = [_summary(result), _legend(result), _cells(result), _hints(result), _failures(result),
+             _not_applicable(result), _conversions(result)]  # fmt: skip
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -72,6 +73,14 @@ def _cells(result: MatrixResult) -> str:
         quants = ", ".join(dict.fromkeys(c.cell.quant for c in group))
         rows.append(f"| {engine} | {archs} | {quants} | {blank} | not built here: {reason} |")
     return "\n".join(rows)
+
+
+def _hints(result: MatrixResult) -> str:
+    """Per engine, the request hints its backend honours (checked by `hints_change_forwards_not_draws`)."""
+    engines = {c.cell.engine: c.hints for c in result.cells if not c.not_built and c.outcomes}
+    if not engines:
+        return ""
+    return "Hints honoured: " + " · ".join(f"{name}: {', '.join(hints) or 'none'}" for name, hints in engines.items())
 
 
 def _failures(result: MatrixResult) -> str:

@@ -22,7 +22,7 @@ therefore runs llama.cpp **exactly**:
    anything, unless the user set that variable: then the probe below sees what it does);
 3. the decode layout (`Layout`) is "batched" (every live row in one llama_decode, micro-batches of up to 32 tokens)
    when llama.cpp runs one thread, the model is dense, and a probe of the loaded model finds that its kernels give
-   every row the same numbers at any row count (llamacpp.py, `rows_agree`); else "rows": one row per llama_decode
+   every row the same numbers at any row count (probing.py, `rows_disagree`); else "rows": one row per llama_decode
    and one token per micro-batch, so that every matmul and every attention of every decode runs the same one-row
    kernel. A mixture of experts always decodes rows: on the model matrix's qwen3_moe, batched decodes differed from
    lone ones at 1 token in 8 to 16 on 2 quant types of 7 (0.0004 to 0.07 nats; an expert picked on a near-tie),
