@@ -256,3 +256,22 @@ def mtm_algorithm_law(spec: ToySpec, config: SamplerConfig, weight: TryWeight | 
     """Exact law of power-mtm's output with `config` (extension and mcmc_steps MTM steps per stage, early stop)."""
     proposal = registry.proposal(config)
     return staged_law(spec, config, lambda cap: mtm_kernel(spec, config.alpha, proposal, cap, config.tries, weight))
+
+
+# --- power-smc without resampling: importance sampling with N particles ------------------------------------------
+
+
+def sis_law(spec: ToySpec, config: SamplerConfig) -> Law:
+    """Exact law of power-smc's output when it never resamples (ess_threshold 0): N particles drawn independently
+    from q, one of them returned with probability w_i / sum_j w_j, w = p^alpha / q (what the weights telescope to,
+    with or without a ramp). Every N-tuple of sequences enumerated."""
+    seqs = list(sequence_law(spec, registry.proposal(config), config.max_new_tokens).items())  # (x, q(x))
+    log_w = np.array([config.alpha * math.fsum(_continuation(spec, (), x, registry.proposal(config)).base_logp)
+                      - math.log(q) for x, q in seqs])  # fmt: skip
+    n = config.particles
+    idx = np.stack(np.meshgrid(*[np.arange(len(seqs))] * n, indexing="ij"), axis=-1).reshape(-1, n)  # (S^N, N)
+    prob = np.prod(np.array([q for _, q in seqs])[idx], axis=1)  # (S^N,) q-probability of the tuple
+    w = np.exp(log_w - log_w.max())[idx]  # (S^N, N)
+    picks = prob[:, None] * w / w.sum(axis=1, keepdims=True)  # (S^N, N): P(tuple, particle i returned)
+    mass = np.bincount(idx.ravel(), weights=picks.ravel(), minlength=len(seqs))
+    return {x: float(m) for (x, _), m in zip(seqs, mass)}

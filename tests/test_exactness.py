@@ -118,7 +118,8 @@ def test_low_temperature_is_not_the_power_distribution():
 # --- the MH kernel itself ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec_name, alpha, tau", [("early_eos", 4.0, 0.25), ("eos_trap", 2.0, 0.7), ("eos_trap", 3.0, 1.5)])
+@pytest.mark.parametrize("spec_name, alpha, tau",
+                         [("early_eos", 4.0, 0.25), ("eos_trap", 2.0, 0.7), ("eos_trap", 3.0, 1.5)])  # fmt: skip
 def test_detailed_balance(spec_name, alpha, tau):
     spec, cap = load_spec(spec_name), 4
     pi = power_target(spec, alpha, cap)

@@ -113,7 +113,7 @@ def test_a_wrong_cut_correction_breaks_detailed_balance(mutant):
         ("eos_trap", replace(CUT, block_size=2, mcmc_steps=1, cut_beta=1.0, cut_floor=0.3, top_k=2)),
         ("early_eos", replace(CUT, alpha=4.0, max_new_tokens=3, mcmc_steps=1)),
         ("no_early_eos", replace(CUT, alpha=2.0, max_new_tokens=3, block_size=1, mcmc_steps=1, top_k=2)),
-        ("eos_trap", replace(CUT, proposal_temperature=0.25, max_new_tokens=3, mcmc_steps=2)),  # alpha < 1/tau: no floors
+        ("eos_trap", replace(CUT, proposal_temperature=0.25, max_new_tokens=3, mcmc_steps=2)),  # no floors
     ],
 )
 @pytest.mark.parametrize("speculate", [0, 2], ids=["", "speculate=2"])

@@ -3,23 +3,25 @@
 
 A sampler draws all its randomness through powersample.core.draws, from its chain's generator, and so does the toy
 backend. Here that generator is a `Source` that turns each choice into a fork. The program runs once per path of
-its choices, depth first: a run replays a prefix of choices and stops at the first new one, which is then explored
-outcome by outcome, each with its exact probability. An outcome of probability 0 is never run, and a choice with
-a single possible outcome is no fork. The law of the output is the probability-weighted sum over the paths.
+its choices, depth first: a run replays a prefix of choices, then takes the first outcome of every new choice and
+notes the others, which later runs explore, each with its exact probability. An outcome of probability 0 is never
+run, and a choice with a single possible outcome is no fork. The law of the output is the probability-weighted sum
+over the paths.
 
 The choices, as the Source makes them:
 - `token(cdf)`: one branch per interval of the inverse CDF with positive width (an engine's token, MTM's pick, SMC's
   final choice, power-cut's cut).
 - `uniform_index(n)`: n branches of 1/n (power's cut).
-- `log_uniform()`: a symbolic `LogU`. Adding a float shifts it (a positive factor scales it). Comparing it with a float forks in two, and each
-  branch narrows the interval that u is known to lie in. So the floor's comparisons, token by token, and then the
-  MH test log u <= log r are all exact conditional probabilities of one uniform.
+- `log_uniform()`: a symbolic `LogU`. Adding a float shifts it, and a positive factor scales it. Comparing it with a
+  float forks in two, and each branch narrows the interval that u is known to lie in. So the floor's comparisons,
+  token by token, and then the MH test log u <= log r are all exact conditional probabilities of one uniform.
 - `systematic(probs)`: one branch per interval of u over which SMC's N picks stay the same.
 - `spawn(n)`: this same source n times. Every choice is a fresh fork, so the children are independent anyway.
 
-Merging. Paths that reach the same state at a backend call have the same future. When the caller names the state
-(`state`: everything the rest of the program reads), the tracer explores that future once and reuses its law: dynamic
-programming over states, as tests/exact_laws.py does by hand. The law is exact either way. Merging only saves runs.
+Merging. Paths that reach the same state have the same future. When the caller names the state (`Merge`: everything
+the rest of the program reads, at each backend call and at some of the program's own choices), the tracer explores
+that future once and reuses its law: dynamic programming over states, as tests/exact_laws.py does by hand. The law
+is exact either way. Merging only saves runs.
 """
 
 from __future__ import annotations
