@@ -306,13 +306,19 @@ def _finite_step_law(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...]) -
         pools = [(1.0, [((int(t),), float(logp[t])) for t in order])]
     else:
         cap = min(len(x) + config.block_size, config.max_new_tokens)
-        blocks = [(s, math.exp(lq), _suffix_logp(spec, x, s, proposal)) for s, lq in continuations(spec, proposal, x, cap)]
-        pools = [(math.prod(q for _, q, _ in pool), sorted({(s, lp) for s, _, lp in pool}, key=lambda b: (-b[1], b[0]))
-                  [: config.candidates]) for pool in itertools.product(blocks, repeat=config.candidates * config.rollouts)]
+        blocks = [(s, math.exp(lq), _suffix_logp(spec, x, s, proposal))
+                  for s, lq in continuations(spec, proposal, x, cap)]  # fmt: skip
+        pools = [(math.prod(q for _, q, _ in pool), _likeliest({(s, lp) for s, _, lp in pool}, config.candidates))
+                 for pool in itertools.product(blocks, repeat=config.candidates * config.rollouts)]  # fmt: skip
     for pool_prob, units in pools:
         for unit, prob in _weighed_units(spec, config, x, units).items():
             out[unit] += pool_prob * prob
     return dict(out)
+
+
+def _likeliest(units: set, k: int) -> list:
+    """The k likeliest distinct (block, log p) pairs, ties by their ids (rollout.likeliest_distinct's order)."""
+    return sorted(units, key=lambda b: (-b[1], b[0]))[:k]
 
 
 def _weighed_units(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...], units: list) -> Law:
@@ -324,7 +330,8 @@ def _weighed_units(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...], uni
     options = []  # per rolled unit: every rollout (log w = alpha log p - log q, q-probability)
     for k in rolled:
         s = x + units[k][0]
-        cap = min(len(s) + config.rollout_horizon, config.max_new_tokens) if config.rollout_horizon else config.max_new_tokens
+        h = config.rollout_horizon or config.max_new_tokens
+        cap = min(len(s) + h, config.max_new_tokens)
         options.append([(config.alpha * _suffix_logp(spec, s, r, proposal) - lq, math.exp(lq))
                         for r, lq in continuations(spec, proposal, s, cap)])  # fmt: skip
     log_head = np.array([config.alpha * lp for _, lp in units])  # (K,)
