@@ -8,6 +8,7 @@ tool measures samplers with); what is built here is the laws of the algorithms' 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections import defaultdict
 from typing import Callable, Iterator
@@ -256,3 +257,90 @@ def mtm_algorithm_law(spec: ToySpec, config: SamplerConfig, weight: TryWeight | 
     """Exact law of power-mtm's output with `config` (extension and mcmc_steps MTM steps per stage, early stop)."""
     proposal = registry.proposal(config)
     return staged_law(spec, config, lambda cap: mtm_kernel(spec, config.alpha, proposal, cap, config.tries, weight))
+
+
+# --- power-smc without resampling: importance sampling with N particles ------------------------------------------
+
+
+def sis_law(spec: ToySpec, config: SamplerConfig) -> Law:
+    """Exact law of power-smc's output when it never resamples (ess_threshold 0): N particles drawn independently
+    from q, one of them returned with probability w_i / sum_j w_j, w = p^alpha / q (what the weights telescope to,
+    with or without a ramp). Every N-tuple of sequences enumerated."""
+    seqs = list(sequence_law(spec, registry.proposal(config), config.max_new_tokens).items())  # (x, q(x))
+    log_w = np.array([config.alpha * math.fsum(_continuation(spec, (), x, registry.proposal(config)).base_logp)
+                      - math.log(q) for x, q in seqs])  # fmt: skip
+    n = config.particles
+    idx = np.stack(np.meshgrid(*[np.arange(len(seqs))] * n, indexing="ij"), axis=-1).reshape(-1, n)  # (S^N, N)
+    prob = np.prod(np.array([q for _, q in seqs])[idx], axis=1)  # (S^N,) q-probability of the tuple
+    w = np.exp(log_w - log_w.max())[idx]  # (S^N, N)
+    picks = prob[:, None] * w / w.sum(axis=1, keepdims=True)  # (S^N, N): P(tuple, particle i returned)
+    mass = np.bincount(idx.ravel(), weights=picks.ravel(), minlength=len(seqs))
+    return {x: float(m) for (x, _), m in zip(seqs, mass)}
+
+
+# --- power-rollout at finite M: every tuple of rollouts (and of candidate blocks) enumerated ---------------------
+
+
+def rollout_law(spec: ToySpec, config: SamplerConfig) -> Law:
+    """Exact law of power-rollout's output at finite M (and L = K*M blocks): each step draws one of its candidates
+    with the code's jackknifed law (rollout.candidate_probs), averaged over every tuple of rollouts (and blocks)."""
+    law: Law = defaultdict(float)
+    frontier: list[tuple[tuple[int, ...], float]] = [((), 1.0)]
+    while frontier:
+        x, w = frontier.pop()
+        if len(x) == config.max_new_tokens or (x and x[-1] == spec.eos_id):
+            law[x] += w
+            continue
+        for unit, prob in _finite_step_law(spec, config, x).items():
+            frontier.append((x + unit, w * prob))
+    return dict(law)
+
+
+def _finite_step_law(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...]) -> Law:
+    """Law of the unit appended after x at finite M: over the candidate sets (fixed at token level; from every
+    L-tuple of q-blocks otherwise), then over every tuple of their rollouts."""
+    proposal, out = registry.proposal(config), defaultdict(float)
+    if not config.block_size or config.block_size == 1:
+        logp = row_logprobs(spec, x, proposal)[0]
+        order = sorted(np.flatnonzero(np.isfinite(logp)), key=lambda t: (-logp[t], t))[: config.candidates]
+        pools = [(1.0, [((int(t),), float(logp[t])) for t in order])]
+    else:
+        cap = min(len(x) + config.block_size, config.max_new_tokens)
+        blocks = [(s, math.exp(lq), _suffix_logp(spec, x, s, proposal))
+                  for s, lq in continuations(spec, proposal, x, cap)]  # fmt: skip
+        pools = [(math.prod(q for _, q, _ in pool), _likeliest({(s, lp) for s, _, lp in pool}, config.candidates))
+                 for pool in itertools.product(blocks, repeat=config.candidates * config.rollouts)]  # fmt: skip
+    for pool_prob, units in pools:
+        for unit, prob in _weighed_units(spec, config, x, units).items():
+            out[unit] += pool_prob * prob
+    return dict(out)
+
+
+def _likeliest(units: set, k: int) -> list:
+    """The k likeliest distinct (block, log p) pairs, ties by their ids (rollout.likeliest_distinct's order)."""
+    return sorted(units, key=lambda b: (-b[1], b[0]))[:k]
+
+
+def _weighed_units(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...], units: list) -> Law:
+    """Law of the chosen unit among `units` ((unit, log p) pairs), over every tuple of M rollouts after each."""
+    from powersample.samplers.rollout import candidate_probs
+
+    proposal, m = registry.proposal(config), config.rollouts
+    rolled = [k for k, (u, _) in enumerate(units) if u[-1] != spec.eos_id and len(x) + len(u) < config.max_new_tokens]
+    options = []  # per rolled unit: every rollout (log w = alpha log p - log q, q-probability)
+    for k in rolled:
+        s = x + units[k][0]
+        h = config.rollout_horizon or config.max_new_tokens
+        cap = min(len(s) + h, config.max_new_tokens)
+        options.append([(config.alpha * _suffix_logp(spec, s, r, proposal) - lq, math.exp(lq))
+                        for r, lq in continuations(spec, proposal, s, cap)])  # fmt: skip
+    log_head = np.array([config.alpha * lp for _, lp in units])  # (K,)
+    out: Law = defaultdict(float)
+    for draws in itertools.product(*[opts for opts in options for _ in range(m)]):
+        log_w = np.zeros((len(units), m))  # (K, M): units without rollouts keep zeta = 1
+        for j, (lw, _) in enumerate(draws):
+            log_w[rolled[j // m], j % m] = lw
+        prob = math.prod(q for _, q in draws)
+        for (unit, _), p in zip(units, candidate_probs(log_head, log_w)):
+            out[unit] += prob * float(p)
+    return dict(out)

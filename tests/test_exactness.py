@@ -1,4 +1,9 @@
-"""Samplers against exact enumeration on toy models: have (samples) vs want (exact law)."""
+"""power and max-swap against exact enumeration on toy models, with no sampling noise.
+
+Each real program (samplers.run_chains, the driver, the toy backend) is traced: every random choice is
+enumerated (tests/support/tracing.py). Its law is compared with the algorithm's exact law (tests/exact_laws.py, built
+from the code's kernels) and with p^alpha, to 1e-12 in TV. The statistical smoke tests at the end draw real chains.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from exact_laws import (
     tv,
     tv_null_quantile,
 )
+from support.tracing import Merge, TracingBackend, assert_same_law, chain_state, program_law, sampler_law
 
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend, ToySpec
@@ -25,7 +31,7 @@ from powersample.core.types import Floor, Proposal
 from powersample.samplers import power
 from powersample.samplers.chain import Chain
 
-N = 3000  # samples per test; each is an independent chain
+N = 3000  # samples per statistical test; each is an independent chain
 
 
 def draw(spec_name: str, config: SamplerConfig, n: int = N, seed: int = 0) -> list[tuple[int, ...]]:
@@ -42,26 +48,25 @@ def assert_follows(samples: list[tuple[int, ...]], law: dict) -> None:
 
 # --- the full algorithm, step for step: finite MH steps, stages, early stop at EOS ---------------------------
 
+ALGORITHM_CASES = [
+    ("early_eos", SamplerConfig(alpha=4.0, max_new_tokens=3, block_count=1, mcmc_steps=2)),
+    ("eos_trap", SamplerConfig(alpha=3.0, max_new_tokens=3, block_size=1, mcmc_steps=1)),  # a stage per token
+    ("no_early_eos", SamplerConfig(alpha=2.0, max_new_tokens=4, block_size=2, mcmc_steps=1, top_k=2)),
+    ("eos_trap", SamplerConfig(method="max-swap", alpha=2.0, max_new_tokens=3, block_count=1, mcmc_steps=2)),
+    ("eos_trap", SamplerConfig(alpha=2.0, max_new_tokens=3, block_count=1, mcmc_steps=3, top_k=2)),
+    ("early_eos", SamplerConfig(alpha=2.0, max_new_tokens=3, block_count=1, mcmc_steps=3, top_p=0.8)),
+    ("early_eos", SamplerConfig(alpha=2.0, max_new_tokens=3, block_count=1, mcmc_steps=2, proposal_temperature=0.25)),
+    ("eos_trap", SamplerConfig(alpha=4.0, max_new_tokens=4, block_count=2, mcmc_steps=0)),
+]  # every case but the tau = 0.25 one (alpha < 1/tau) cuts its proposals at floors: the early rejection is traced
 
-@pytest.mark.parametrize(
-    "spec_name, config",
-    [
-        ("early_eos", SamplerConfig(alpha=4.0, max_new_tokens=3, block_count=1, mcmc_steps=3)),
-        ("early_eos", SamplerConfig(alpha=2.0, max_new_tokens=4, block_size=2, mcmc_steps=2)),
-        ("eos_trap", SamplerConfig(alpha=3.0, max_new_tokens=4, block_count=1, mcmc_steps=4)),
-        ("eos_trap", SamplerConfig(alpha=3.0, max_new_tokens=4, block_size=1, mcmc_steps=2)),
-        ("no_early_eos", SamplerConfig(alpha=4.0, max_new_tokens=3, block_size=1, mcmc_steps=2)),
-        ("eos_trap", SamplerConfig(method="max-swap", alpha=2.0, max_new_tokens=3, block_count=1, mcmc_steps=2)),
-        ("eos_trap", SamplerConfig(alpha=2.0, max_new_tokens=3, block_count=1, mcmc_steps=3, top_k=2)),
-        ("early_eos", SamplerConfig(alpha=2.0, max_new_tokens=3, block_count=1, mcmc_steps=3, top_p=0.8)),
-        ("eos_trap", SamplerConfig(alpha=4.0, max_new_tokens=4, block_count=2, mcmc_steps=0)),
-    ],
-)
+
+@pytest.mark.parametrize("spec_name, config", ALGORITHM_CASES)
 @pytest.mark.parametrize("speculate", [0, 2], ids=["", "speculate=2"])
-def test_output_follows_exact_law_of_the_algorithm(spec_name, config, speculate):
+def test_the_program_has_the_exact_law_of_the_algorithm(spec_name, config, speculate):
     """With speculative proposals on, the law is the same: a drafted proposal is exactly q's."""
     config = replace(config, speculate=speculate)
-    assert_follows(draw(spec_name, config), algorithm_law(load_spec(spec_name), config))
+    spec = load_spec(spec_name)
+    assert_same_law(sampler_law(spec, config), algorithm_law(spec, config))
 
 
 # --- the target: p^alpha ----------------------------------------------------------------------------------------
@@ -72,20 +77,17 @@ def test_output_follows_exact_law_of_the_algorithm(spec_name, config, speculate)
     [("early_eos", 4.0, 3, 150), ("eos_trap", 3.0, 4, 60), ("eos_trap", 0.5, 3, 30), ("no_early_eos", 2.0, 3, 30)],
 )
 def test_one_block_converges_to_p_alpha(spec_name, alpha, max_len, steps):
-    """Early EOS included: complete sequences of every length count with their full probability."""
+    """Early EOS included: complete sequences of every length count with their full probability. (The program has
+    the algorithm's law at any number of steps: the traced tests above.)"""
     spec = load_spec(spec_name)
     config = SamplerConfig(alpha=alpha, max_new_tokens=max_len, block_count=1, mcmc_steps=steps)
-    want = power_target(spec, alpha, max_len)
-    assert tv(algorithm_law(spec, config), want) < 2e-3  # enough steps: the chain has mixed
-    assert_follows(draw(spec_name, config), want)
+    assert tv(algorithm_law(spec, config), power_target(spec, alpha, max_len)) < 2e-3  # enough steps: mixed
 
 
 def test_several_blocks_converge_to_p_alpha_when_eos_cannot_come_early():
     spec = load_spec("no_early_eos")
     config = SamplerConfig(alpha=3.0, max_new_tokens=4, block_size=2, mcmc_steps=80)
-    want = power_target(spec, 3.0, 4)
-    assert tv(algorithm_law(spec, config), want) < 2e-3
-    assert_follows(draw("no_early_eos", config), want)
+    assert tv(algorithm_law(spec, config), power_target(spec, 3.0, 4)) < 2e-3
 
 
 # --- reductions -------------------------------------------------------------------------------------------------
@@ -93,17 +95,18 @@ def test_several_blocks_converge_to_p_alpha_when_eos_cannot_come_early():
 
 @pytest.mark.parametrize("spec_name", ["early_eos", "eos_trap"])
 def test_alpha_one_with_tau_one_reproduces_base_sampling(spec_name):
+    spec = load_spec(spec_name)
     config = SamplerConfig(alpha=1.0, proposal_temperature=1.0, max_new_tokens=3, block_count=1, mcmc_steps=5)
-    want = sequence_law(load_spec(spec_name), Proposal(1.0), 3)
-    assert tv(algorithm_law(load_spec(spec_name), config), want) < 1e-12
-    assert_follows(draw(spec_name, config), want)
+    want = sequence_law(spec, Proposal(1.0), 3)
+    assert tv(algorithm_law(spec, config), want) < 1e-12
+    assert_same_law(sampler_law(spec, replace(config, mcmc_steps=2)), want)
 
 
 @pytest.mark.parametrize("method, tau", [("base", 1.0), ("low-temp", 0.25)])
-def test_plain_methods_follow_their_exact_laws(method, tau):
+def test_plain_methods_have_their_exact_laws(method, tau):
     config = SamplerConfig(method=method, alpha=4.0, max_new_tokens=4)
-    want = sequence_law(load_spec("eos_trap"), Proposal(tau), 4)
-    assert_follows(draw("eos_trap", config), want)
+    spec = load_spec("eos_trap")
+    assert_same_law(sampler_law(spec, config), sequence_law(spec, Proposal(tau), 4))
 
 
 def test_low_temperature_is_not_the_power_distribution():
@@ -115,7 +118,8 @@ def test_low_temperature_is_not_the_power_distribution():
 # --- the MH kernel itself ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec_name, alpha, tau", [("early_eos", 4.0, 0.25), ("eos_trap", 2.0, 0.7), ("eos_trap", 3.0, 1.5)])
+@pytest.mark.parametrize("spec_name, alpha, tau",
+                         [("early_eos", 4.0, 0.25), ("eos_trap", 2.0, 0.7), ("eos_trap", 3.0, 1.5)])  # fmt: skip
 def test_detailed_balance(spec_name, alpha, tau):
     spec, cap = load_spec(spec_name), 4
     pi = power_target(spec, alpha, cap)
@@ -165,6 +169,36 @@ def _papers_kernel(spec, alpha, proposal, cap):
     return kernel
 
 
+# --- mutations: a wrong term in the MH ratio fails the traced law ------------------------------------------------
+
+MUTANT_CASE = ("eos_trap", SamplerConfig(alpha=3.0, max_new_tokens=3, block_count=1, mcmc_steps=2))
+HONEST_TERMS = power.log_ratio_terms
+
+
+def without_proposal_term(alpha, chain, i, proposed, cuts=power.UNIFORM):
+    target, _, cut = HONEST_TERMS(alpha, chain, i, proposed, cuts)
+    return target, 0.0, cut
+
+
+def without_length_term(alpha, chain, i, proposed, cuts=power.UNIFORM):
+    target, proposal, _ = HONEST_TERMS(alpha, chain, i, proposed, cuts)
+    return target, proposal, 0.0
+
+
+def with_alpha_one(alpha, chain, i, proposed, cuts=power.UNIFORM):
+    target, proposal, cut = HONEST_TERMS(alpha, chain, i, proposed, cuts)
+    return target / alpha, proposal, cut
+
+
+@pytest.mark.parametrize("mutant", [without_proposal_term, without_length_term, with_alpha_one])
+def test_a_wrong_ratio_fails_the_exact_law(mutant, monkeypatch):
+    spec_name, config = MUTANT_CASE
+    spec = load_spec(spec_name)
+    want = algorithm_law(spec, config)  # before the mutation: the exact laws are built from the same kernels
+    monkeypatch.setattr(power, "log_ratio_terms", mutant)
+    assert tv(sampler_law(spec, config), want) > 0.01
+
+
 # --- exact early rejection ----------------------------------------------------------------------------------------
 
 # After "a" the model is sure (the state "a a a ..." scores high); after "b" it is not, so a proposal that draws a
@@ -172,22 +206,27 @@ def _papers_kernel(spec, alpha, proposal, cap):
 FLOOR_SPEC = ToySpec.from_dict({"vocab": ["a", "b", "<eos>"], "eos_id": 2, "default": [0.3, 0.4, 0.3],
                                 "next": {",".join(["0"] * k): [0.9, 0.05, 0.05] for k in range(1, 6)}
                                 | {"": [0.5, 0.45, 0.05]}})  # fmt: skip
-FLOORED = SamplerConfig(alpha=2.0, max_new_tokens=5, block_count=1, mcmc_steps=4)
+FLOORED = SamplerConfig(alpha=2.0, max_new_tokens=4, block_count=1, mcmc_steps=1)
+COUNTED = Merge(state=lambda chain: (chain_state(chain), chain.tokens_generated), picks=("uniform_index",))
 
 
-def floored_samples(n: int = N) -> tuple[list[tuple[int, ...]], int]:
-    """Samples of FLOORED on FLOOR_SPEC, and the tokens they drew."""
-    records = sample(ToyBackend(FLOOR_SPEC), "ignored", FLOORED, seed=1, num_samples=n)
-    return [r.tokens for r in records], sum(r.tokens_generated for r in records)
+def floored_law() -> tuple[dict, float]:
+    """The exact law of FLOORED's tokens on FLOOR_SPEC, and the tokens it draws on average."""
+    law = program_law(TracingBackend(FLOOR_SPEC), FLOORED, lambda r: (r.tokens, r.tokens_generated), COUNTED)
+    tokens: dict = {}
+    for (x, _), p in law.items():
+        tokens[x] = tokens.get(x, 0.0) + p
+    return tokens, math.fsum(p * n for (_, n), p in law.items())
 
 
 def test_early_rejection_draws_fewer_tokens_for_the_same_law(monkeypatch):
-    """Floors are on in every finite-step law test above (each has alpha >= 1/tau >= 1, or is max-swap); here they
-    cut proposals short, the law stays exact, and a tau where the score could rise gets no floor."""
-    samples, with_floors = floored_samples()
-    assert_follows(samples, algorithm_law(FLOOR_SPEC, FLOORED))
+    """Floors are on in most finite-step law tests above (alpha >= 1/tau >= 1, or max-swap); here they cut
+    proposals short, the law stays exact, the average cost falls, and a tau where the score could rise gets no
+    floor."""
+    law, with_floors = floored_law()
+    assert_same_law(law, algorithm_law(FLOOR_SPEC, FLOORED))
     monkeypatch.setattr(power, "rejection_floor", lambda *args: None)
-    assert with_floors < 0.97 * floored_samples()[1]
+    assert with_floors < floored_law()[1] - 0.05  # 6.028 against 6.095 tokens
     monkeypatch.undo()
     chain = Chain(None, 0, tokens=[0, 1], base_logp=[-1.0, -2.0], proposal_logq=[-0.5, -0.5])
     floor = power.rejection_floor
@@ -216,5 +255,20 @@ HONEST_FLOOR = power.rejection_floor
 def test_a_wrong_floor_fails_the_exact_law(mutant, monkeypatch):
     want = algorithm_law(FLOOR_SPEC, FLOORED)
     monkeypatch.setattr(power, "rejection_floor", mutant)
-    samples, _ = floored_samples()
-    assert tv(empirical(samples), want) > tv_null_quantile(want, len(samples))
+    assert tv(sampler_law(FLOOR_SPEC, FLOORED), want) > 0.01  # 0.023 and 0.085
+
+
+# --- statistical smoke tests: real chains from numpy generators ---------------------------------------------------
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("speculate", [0, 2], ids=["", "speculate=2"])
+def test_sampled_chains_follow_the_exact_law_of_the_algorithm(speculate):
+    config = SamplerConfig(alpha=2.0, max_new_tokens=4, block_size=2, mcmc_steps=2, speculate=speculate)
+    assert_follows(draw("early_eos", config), algorithm_law(load_spec("early_eos"), config))
+
+
+@pytest.mark.statistical
+def test_long_sampled_chains_follow_p_alpha():
+    config = SamplerConfig(alpha=2.0, max_new_tokens=3, block_count=1, mcmc_steps=30)
+    assert_follows(draw("no_early_eos", config), power_target(load_spec("no_early_eos"), 2.0, 3))

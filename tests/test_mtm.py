@@ -1,23 +1,27 @@
-"""power-mtm against exact enumeration: the multiple-try kernel keeps p^alpha for any number of tries, the sampled
-chains follow the algorithm's exact finite-step law, one try is `power`, and all tries share one engine call."""
+"""power-mtm against exact enumeration: the multiple-try kernel keeps p^alpha for any number of tries, the real
+program (traced: every choice enumerated) has the algorithm's exact finite-step law, one try is `power`, and all tries
+share one engine call."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from conftest import SPECS, load_spec
 from exact_laws import algorithm_law, apply, mh_kernel, mtm_algorithm_law, mtm_kernel, power_target, tv
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.tracing import assert_same_law, sampler_law
 from test_exactness import assert_follows, draw
 from test_sampler_properties import toy_specs
 
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend
 from powersample.cli import main
+from powersample.core.numerics import logsumexp
 from powersample.core.types import Proposal
-from powersample.samplers import registry
+from powersample.samplers import mtm, registry
 
 # --- the kernel: detailed balance for p^alpha, whatever the number of tries ------------------------------------
 
@@ -68,21 +72,52 @@ def test_dropping_the_index_term_breaks_the_target():
         assert tv(apply(mtm_kernel(spec, 3.0, Proposal(1 / 3), cap, tries, no_index_term), pi), pi) > 1e-3
 
 
-# --- the algorithm, step for step: sampled chains vs the exact finite-step law ---------------------------------
+# --- the algorithm, step for step: the traced program vs the exact finite-step law --------------------------------
+
+MTM_CASES = [  # (spec, knobs, tries, speculate); top-k 2 keeps the tuples of tries few enough to enumerate
+    ("early_eos", {"alpha": 4.0, "max_new_tokens": 2, "block_count": 1, "mcmc_steps": 2}, 1, 0),
+    ("early_eos", {"alpha": 4.0, "max_new_tokens": 2, "block_count": 1, "mcmc_steps": 2}, 2, 0),
+    ("eos_trap", {"alpha": 3.0, "max_new_tokens": 3, "block_count": 1, "mcmc_steps": 1, "top_k": 2}, 1, 0),
+    ("eos_trap", {"alpha": 3.0, "max_new_tokens": 3, "block_count": 1, "mcmc_steps": 1, "top_k": 2}, 2, 2),
+    ("eos_trap", {"alpha": 3.0, "max_new_tokens": 3, "block_count": 1, "mcmc_steps": 1, "top_k": 2}, 3, 0),
+    ("eos_trap", {"alpha": 3.0, "max_new_tokens": 4, "block_size": 2, "mcmc_steps": 1, "top_k": 2}, 2, 0),
+    ("eos_trap", {"alpha": 3.0, "max_new_tokens": 4, "block_size": 2, "mcmc_steps": 1, "top_k": 2}, 2, 2),
+]
 
 
-@pytest.mark.parametrize("tries", [1, 2, 3])
-@pytest.mark.parametrize(
-    "spec_name, kwargs",
-    [
-        ("early_eos", {"alpha": 4.0, "max_new_tokens": 3, "block_count": 1, "mcmc_steps": 2}),
-        ("eos_trap", {"alpha": 3.0, "max_new_tokens": 4, "block_size": 2, "mcmc_steps": 2}),
-    ],
-)
-@pytest.mark.parametrize("speculate", [0, 2], ids=["", "speculate=2"])
-def test_output_follows_exact_law_of_the_algorithm(spec_name, kwargs, tries, speculate):
+@pytest.mark.parametrize("spec_name, kwargs, tries, speculate", MTM_CASES)
+def test_the_program_has_the_exact_law_of_the_algorithm(spec_name, kwargs, tries, speculate):
     config = SamplerConfig(method="power-mtm", tries=tries, speculate=speculate, **kwargs)
-    assert_follows(draw(spec_name, config), mtm_algorithm_law(load_spec(spec_name), config))
+    spec = load_spec(spec_name)
+    assert_same_law(sampler_law(spec, config), mtm_algorithm_law(spec, config))
+
+
+def without_backward_weights(log_w, j, log_w_current):
+    """Mutant: plain MH with the picked try, w(y_J) / w(x), as if the unpicked tries did not count."""
+    return log_w[j] - log_w_current
+
+
+def without_current_state(log_w, j, log_w_current):
+    """Mutant: the references without the current state, sum_j w(y_j) / (sum_j w(y_j) - w(y_J))."""
+    return float(logsumexp(log_w) - logsumexp([lw for m, lw in enumerate(log_w) if m != j]))
+
+
+@pytest.mark.parametrize("mutant", [without_backward_weights, without_current_state])
+def test_a_wrong_acceptance_fails_the_exact_law(mutant, monkeypatch):
+    spec_name, kwargs, tries, _ = MTM_CASES[1]
+    config, spec = SamplerConfig(method="power-mtm", tries=tries, **kwargs), load_spec(spec_name)
+    want = mtm_algorithm_law(spec, config)
+    monkeypatch.setattr(mtm, "log_accept_ratio", mutant)
+    assert tv(sampler_law(spec, config), want) > 0.01
+
+
+def test_a_pick_not_by_weight_fails_the_exact_law(monkeypatch):
+    """Mutant: the try is picked uniformly, not with probability w_J / sum w."""
+    spec_name, kwargs, tries, _ = MTM_CASES[1]
+    config, spec = SamplerConfig(method="power-mtm", tries=tries, **kwargs), load_spec(spec_name)
+    want = mtm_algorithm_law(spec, config)
+    monkeypatch.setattr(mtm, "pick", lambda log_w, rng: mtm.draw(np.zeros(len(log_w)), rng))
+    assert tv(sampler_law(spec, config), want) > 0.01
 
 
 def test_more_tries_mix_faster_and_converge_to_p_alpha():
@@ -93,18 +128,23 @@ def test_more_tries_mix_faster_and_converge_to_p_alpha():
     assert gaps[0] > gaps[1] > gaps[2]
     long = SamplerConfig(method="power-mtm", alpha=3.0, max_new_tokens=4, block_count=1, mcmc_steps=40, tries=3)
     assert tv(mtm_algorithm_law(spec, long), want) < 2e-3
-    assert_follows(draw("eos_trap", long, n=2000), want)
 
 
 def test_one_try_is_power_law_and_draw_for_draw():
     kwargs = {"alpha": 3.0, "max_new_tokens": 4, "block_size": 2, "mcmc_steps": 3}
     spec = load_spec("eos_trap")
-    mtm = SamplerConfig(method="power-mtm", tries=1, **kwargs)
-    assert tv(mtm_algorithm_law(spec, mtm), algorithm_law(spec, SamplerConfig(**kwargs))) < 1e-12
-    a = sample(ToyBackend(spec), "p", mtm, seed=4, num_samples=200)
+    mtm_config = SamplerConfig(method="power-mtm", tries=1, **kwargs)
+    assert tv(mtm_algorithm_law(spec, mtm_config), algorithm_law(spec, SamplerConfig(**kwargs))) < 1e-12
+    a = sample(ToyBackend(spec), "p", mtm_config, seed=4, num_samples=200)
     b = sample(ToyBackend(spec), "p", SamplerConfig(**kwargs), seed=4, num_samples=200)
     trace = lambda records: [(r.tokens, r.tokens_generated, r.proposals, r.accepted) for r in records]  # noqa: E731
     assert trace(a) == trace(b)
+
+
+@pytest.mark.statistical
+def test_sampled_chains_follow_the_exact_law_of_the_algorithm():
+    config = SamplerConfig(method="power-mtm", tries=3, alpha=3.0, max_new_tokens=4, block_size=2, mcmc_steps=2)
+    assert_follows(draw("eos_trap", config), mtm_algorithm_law(load_spec("eos_trap"), config))
 
 
 # --- counters, batching, determinism, bad input -----------------------------------------------------------------

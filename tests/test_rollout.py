@@ -1,21 +1,26 @@
-"""power-rollout against exact enumeration on toy models: its M -> infinity limit, convergence in M, EOS, batching."""
+"""power-rollout against exact enumeration on toy models: its M -> infinity limit, its exact law at finite M (every
+tuple of rollouts enumerated), the real program's law (traced: every choice enumerated) against it, convergence in
+M, EOS, batching."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 from conftest import SPECS, load_spec
-from exact_laws import empirical, power_target, rollout_limit_law, tv, tv_null_quantile
+from exact_laws import empirical, power_target, rollout_law, rollout_limit_law, tv, tv_null_quantile
+from support.tracing import assert_same_law, sampler_law
 
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend
 from powersample.cli import main
+from powersample.samplers import rollout
 from powersample.samplers.registry import work_units
 from powersample.samplers.rollout import candidate_probs
 
-N = 1500  # samples per sampled test; each is an independent chain
+N = 1500  # samples per statistical test; each is an independent chain
 
 
 def rollout_config(**knobs) -> SamplerConfig:
@@ -57,52 +62,62 @@ def test_few_candidates_or_a_short_horizon_are_approximations(spec_name, knobs):
     assert tv(rollout_limit_law(spec, config), power_target(spec, 4.0, 4)) > 0.02
 
 
-# --- samples against the limit --------------------------------------------------------------------------------
+# --- the program at finite M: traced against the exact law ---------------------------------------------------
+
+FINITE_M = [
+    ("early_eos", dict(max_new_tokens=3, candidates=3, rollouts=1)),  # every token a candidate, full horizon
+    ("eos_trap", dict(max_new_tokens=2, candidates=3, rollouts=2)),
+    ("eos_trap", dict(max_new_tokens=3, candidates=2, rollouts=2, rollout_horizon=1)),
+    ("fidelity_eos", dict(max_new_tokens=2, candidates=2, rollouts=2, rollout_horizon=1)),
+    ("no_early_eos", dict(max_new_tokens=3, candidates=2, rollouts=1, block_size=2)),  # blocks, then a token
+    ("early_eos", dict(max_new_tokens=3, candidates=3, rollouts=2, rollout_horizon=1, top_k=2)),  # weights p^alpha/q
+]
 
 
-@pytest.mark.parametrize(
-    "spec_name, knobs",
-    [
-        ("early_eos", dict(max_new_tokens=3, candidates=3)),  # = p^alpha
-        ("eos_trap", dict(max_new_tokens=4, candidates=2, rollout_horizon=1)),
-        ("fidelity_eos", dict(max_new_tokens=3, candidates=3, rollout_horizon=1)),
-        ("no_early_eos", dict(max_new_tokens=4, candidates=3, block_size=2)),
-        ("eos_trap", dict(max_new_tokens=4, candidates=3, block_size=3)),
-    ],
-)
-def test_samples_follow_the_limit_law_at_large_m(spec_name, knobs):
-    config = rollout_config(rollouts=16, **knobs)
-    assert_follows(draw(spec_name, config), rollout_limit_law(load_spec(spec_name), config))
+@pytest.mark.parametrize("spec_name, knobs", FINITE_M)
+def test_the_program_has_the_exact_finite_m_law(spec_name, knobs):
+    spec, config = load_spec(spec_name), rollout_config(**knobs)
+    assert_same_law(sampler_law(spec, config), rollout_law(spec, config))
 
 
-@pytest.mark.parametrize("spec_name, max_len", [("eos_trap", 4), ("no_early_eos", 3)])
-def test_law_converges_as_m_grows(spec_name, max_len):
-    """Finite-M weights are ratios of estimates, hence biased: M = 1 is visibly off; the jackknifed M = 4 is much
-    closer, and M = 16 is within sampling noise of the limit (here p^alpha, EOS included)."""
-    spec = load_spec(spec_name)
-    want = power_target(spec, 4.0, max_len)
-    have = {}
-    for m in (1, 4, 16):
-        config = rollout_config(max_new_tokens=max_len, candidates=len(spec.vocab), rollouts=m)
-        have[m] = tv(empirical(draw(spec_name, config, seed=m)), want)
-    bound = tv_null_quantile(want, N)
-    assert have[1] > 2 * bound and have[1] > 2 * have[4] and have[1] > 2 * have[16]
-    assert have[16] <= bound
+def test_without_the_jackknife_the_program_has_another_law(monkeypatch):
+    """Mutant: the plain ratio-of-estimates law P_hat, without the jackknife's bias correction."""
+    spec, config = load_spec("eos_trap"), rollout_config(max_new_tokens=2, candidates=3, rollouts=2)
+    want = rollout_law(spec, config)
+    monkeypatch.setattr(rollout, "candidate_probs", _plain)
+    assert tv(sampler_law(spec, config), want) > 0.01
+
+
+def _plain(log_head: np.ndarray, log_w: np.ndarray) -> np.ndarray:
+    """P_hat: p^alpha times the mean rollout weight, normalized over the candidates. (K,)"""
+    z = log_head + np.log(np.exp(log_w).mean(axis=1))
+    return np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+
+
+def test_the_exact_law_converges_to_p_alpha_as_m_grows():
+    """Finite-M weights are ratios of estimates, hence biased: the exact law at M = 1, 2, 3 (every token a
+    candidate, rollouts to T) closes in on the limit, here p^alpha, by more than half at each step."""
+    spec = load_spec("eos_trap")
+    want = power_target(spec, 4.0, 2)
+    gaps = [tv(rollout_law(spec, rollout_config(max_new_tokens=2, candidates=3, rollouts=m)), want) for m in (1, 2, 3)]
+    assert gaps[0] > 2 * gaps[1] > 4 * gaps[2] > 0.01, gaps
 
 
 def test_jackknife_reduces_the_bias_of_the_candidate_law():
-    """Two candidates with lognormal rollout weights: the mean of the jackknifed law is nearer the truth."""
-    rng = np.random.default_rng(0)
-    sigma, mu, m, reps = 1.0, np.array([[0.0], [0.7]]), 8, 20000
-    log_head = np.array([0.3, 0.0])
-    log_zeta = mu[:, 0] + sigma**2 / 2  # E[exp(N(mu, sigma^2))]
+    """Two candidates whose rollout log weights take two values each: over every tuple of M = 4 rollouts per
+    candidate, the mean of the jackknifed law is nearer the truth than the plain ratio of estimates."""
+    m, log_head = 4, np.array([0.3, 0.0])
+    values = np.array([[-1.0, 1.0], [-0.3, 1.7]])  # (K, 2): each rollout's log weight takes one of these
+    probs = np.array([[0.7, 0.3], [0.6, 0.4]])  # (K, 2): with these probabilities
+    log_zeta = np.log((probs * np.exp(values)).sum(axis=1))  # (K,): log E[w]
     truth = np.exp(log_head + log_zeta) / np.exp(log_head + log_zeta).sum()
     plain, jack = np.zeros(2), np.zeros(2)
-    for _ in range(reps):
-        log_w = mu + sigma * rng.standard_normal((2, m))
-        z = log_head + np.log(np.exp(log_w).mean(axis=1))
-        plain += np.exp(z - z.max()) / np.exp(z - z.max()).sum() / reps
-        jack += candidate_probs(log_head, log_w) / reps
+    for picks in itertools.product(range(2), repeat=2 * m):
+        idx = np.array(picks).reshape(2, m)  # (K, M)
+        weight = float(np.prod(np.take_along_axis(probs, idx, axis=1)))
+        log_w = np.take_along_axis(values, idx, axis=1)
+        plain += weight * _plain(log_head, log_w)
+        jack += weight * candidate_probs(log_head, log_w)
     assert abs(jack[0] - truth[0]) < 0.5 * abs(plain[0] - truth[0])
 
 
@@ -113,10 +128,20 @@ def test_candidate_law_is_exact_when_the_rollouts_agree():
     assert candidate_probs(log_head, log_w[:, :1]) == pytest.approx(want, rel=1e-12)
 
 
-def test_a_proposal_truncation_is_weighed_by_p_over_q():
-    """With top-k the rollouts come from q != p; the weights p^alpha / q keep the law on q's support exact."""
-    config = rollout_config(max_new_tokens=3, candidates=3, rollouts=16, top_k=2)
-    assert_follows(draw("early_eos", config), rollout_limit_law(load_spec("early_eos"), config))
+# --- statistical smoke tests: sampled chains against the limit at large M -------------------------------------
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize(
+    "spec_name, knobs",
+    [
+        ("early_eos", dict(max_new_tokens=3, candidates=3)),  # = p^alpha
+        ("no_early_eos", dict(max_new_tokens=4, candidates=3, block_size=2)),
+    ],
+)
+def test_samples_follow_the_limit_law_at_large_m(spec_name, knobs):
+    config = rollout_config(rollouts=16, **knobs)
+    assert_follows(draw(spec_name, config), rollout_limit_law(load_spec(spec_name), config))
 
 
 # --- batching, counters, records ------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""power-smc against exact enumeration: the weighted particles converge to p^alpha as the particles grow (with
-and without resampling, with a ramp, EOS cases included), the final weights are exactly p^alpha / q, the returned
-sample is close to p^alpha, and all particles share one engine call per token."""
+"""power-smc against exact enumeration. Its real program, traced over every choice (tests/support/tracing.py) with
+few particles, is unbiased for p^alpha: weighed by its normalizing-constant estimate Z_hat, its output has law
+p^alpha exactly, with and without resampling, with a ramp, per block, EOS cases included. Without resampling its
+law is exactly importance sampling's. The final weights are exactly p^alpha / q, and all particles share one engine
+call per token. Statistical smoke tests: the weighted particles converge as the particles grow, and the returned
+sample is close to p^alpha."""
 
 from __future__ import annotations
 
@@ -11,12 +14,14 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from conftest import SPECS, load_spec
-from exact_laws import empirical, power_target, sequence_law, tv, tv_null_quantile
+from exact_laws import empirical, power_target, sequence_law, sis_law, tv, tv_null_quantile
+from support.tracing import TracingBackend, assert_same_law, program_law
 
 import powersample.samplers.smc as smc
 from powersample import PowerSampleError, SamplerConfig, sample
 from powersample.backends.toy import ToyBackend
 from powersample.cli import main
+from powersample.core.numerics import logsumexp
 from powersample.core.types import Proposal
 
 
@@ -46,21 +51,113 @@ def resamples(monkeypatch):
     return count
 
 
-# --- the weighted particles: consistent for p^alpha -------------------------------------------------------------
+# --- the real program, traced: unbiased for p^alpha with few particles ----------------------------------------
+
+TRACED = [  # (spec, knobs, resampled); two particles, three tokens: every path of choices is enumerated
+    ("eos_trap", {"ess_threshold": 0.0}, False),  # plain sequential importance sampling
+    ("early_eos", {"ess_threshold": 1.0, "proposal_temperature": 1.0}, True),  # resample at every step
+    ("eos_trap", {"ess_threshold": 0.9, "proposal_temperature": 1.0}, True),
+    ("early_eos", {"ess_threshold": 0.9, "alpha_ramp": 2}, True),
+    ("no_early_eos", {"alpha": 6.0, "ess_threshold": 0.75, "alpha_ramp": 3, "proposal_temperature": 1.0}, True),
+    ("early_eos", {"block_size": 2, "ess_threshold": 1.0, "proposal_temperature": 1.0}, True),  # ESS per block
+    ("eos_trap", {"max_new_tokens": 4, "block_size": 3, "ess_threshold": 0.9, "alpha_ramp": 5}, True),  # ramp > T
+    ("eos_trap", {"max_new_tokens": 2, "particles": 3, "ess_threshold": 0.9, "proposal_temperature": 1.0}, True),
+]
 
 
-@pytest.mark.parametrize(
-    "spec_name, kwargs, resampled",
-    [
-        ("eos_trap", {"ess_threshold": 0.0}, False),  # plain sequential importance sampling
-        ("early_eos", {"ess_threshold": 1.0, "proposal_temperature": 1.0}, True),  # resample at every step
-        ("eos_trap", {"ess_threshold": 0.9, "proposal_temperature": 1.0}, True),
-        ("early_eos", {"ess_threshold": 0.9, "alpha_ramp": 2}, True),
-        ("no_early_eos", {"alpha": 6.0, "ess_threshold": 0.5, "alpha_ramp": 3, "proposal_temperature": 1.0}, True),
-        ("early_eos", {"block_size": 2, "ess_threshold": 1.0, "proposal_temperature": 1.0}, True),  # ESS per block
-        ("eos_trap", {"block_size": 3, "ess_threshold": 0.9, "alpha_ramp": 2}, True),  # a block that ends at T
-    ],
-)
+def log_evidence(result, events: list[dict], config: SamplerConfig) -> float:
+    """log Z_hat of one run, from its trace: the log mean weight at each resampling, and of the final weights (the
+    last step's, or equal ones when it resampled (every copy may be complete), with the rest of the ramp,
+    (alpha - a_t) log p, as the program adds it)."""
+    steps = [e for e in events if e["event"] == "smc"]
+    log_w = lambda e: np.array([-np.inf if v is None else v for v in e["log_weights"]])  # noqa: E731
+    n, last = len(result.particles), steps[-1]
+    log_z = math.fsum(float(logsumexp(log_w(e))) - math.log(n) for e in steps if e["resampled"])
+    logp = np.array([math.fsum(p.token_logp) for p in result.particles])  # (N,)
+    rest = (config.alpha - smc.ramp_exponent(config, last["t"])) * logp
+    final = (np.zeros(n) if last["resampled"] else log_w(last)) + rest
+    return log_z + float(logsumexp(final)) - math.log(n)
+
+
+def run_summary(config: SamplerConfig):
+    """What a traced run yields: (returned tokens, Z_hat, ((tokens, normalized weight) of each particle))."""
+    return lambda result, events: (result.tokens, math.exp(log_evidence(result, events, config)),
+                                   tuple((p.tokens, p.weight) for p in result.particles))  # fmt: skip
+
+
+def reweighed(law: dict, z: float, of) -> dict:
+    """E[Z_hat / z * of(run)] for a law over run summaries, where of(run) is a law over sequences."""
+    out: dict = defaultdict(float)
+    for run, prob in law.items():
+        for x, w in of(run).items():
+            out[x] += prob * run[1] / z * w
+    return dict(out)
+
+
+def particle_measure(run) -> dict:
+    measure: dict = defaultdict(float)
+    for tokens, weight in run[2]:
+        measure[tokens] += weight
+    return measure
+
+
+@pytest.mark.parametrize("spec_name, knobs, resampled", TRACED)
+def test_the_program_is_unbiased_for_p_alpha(spec_name, knobs, resampled, resamples):
+    """E[Z_hat] = Z, and E[Z_hat * 1{output = x}] = p(x)^alpha: weighed by Z_hat / Z, the returned sample and the
+    weighted particles both have law p^alpha exactly, for any number of particles."""
+    spec, config = load_spec(spec_name), smc_config(**{"max_new_tokens": 3, "particles": 2, **knobs})
+    law = program_law(TracingBackend(spec), config, run_summary(config), notes=True)
+    logp = spec.sequences(config.max_new_tokens)
+    z = math.fsum(math.exp(config.alpha * lp) for lp in logp.values())
+    assert math.isclose(math.fsum(p * run[1] for run, p in law.items()), z, rel_tol=1e-12)
+    want = power_target(spec, config.alpha, config.max_new_tokens)
+    assert_same_law(reweighed(law, z, lambda run: {run[0]: 1.0}), want)
+    assert_same_law(reweighed(law, z, particle_measure), want)
+    assert (resamples[0] > 0) == resampled
+
+
+@pytest.mark.parametrize("spec_name, particles, length", [("eos_trap", 2, 3), ("early_eos", 2, 3), ("eos_trap", 3, 2)])
+def test_without_resampling_the_output_has_the_importance_sampling_law(spec_name, particles, length):
+    spec = load_spec(spec_name)
+    config = smc_config(max_new_tokens=length, particles=particles, ess_threshold=0.0)
+    law = program_law(TracingBackend(spec), config)
+    assert_same_law(law, sis_law(spec, config))
+    assert tv(law, power_target(spec, config.alpha, length)) > 0.01  # finite N: biased, unlike the reweighed law
+
+
+def keeping_the_weights(particles, log_w, rng):
+    """Mutant: resamples, but keeps each ancestor's weight instead of resetting them to equal."""
+    new, _, picks = HONEST_RESAMPLE(particles, log_w, rng)
+    return new, log_w[picks], picks
+
+
+HONEST_RESAMPLE = smc.resample
+
+
+def test_resampling_that_keeps_the_weights_is_biased(monkeypatch):
+    spec_name, knobs, _ = TRACED[2]
+    spec, config = load_spec(spec_name), smc_config(**{"max_new_tokens": 3, "particles": 2, **knobs})
+    monkeypatch.setattr(smc, "resample", keeping_the_weights)
+    law = program_law(TracingBackend(spec), config, run_summary(config), notes=True)
+    z = math.fsum(math.exp(config.alpha * lp) for lp in spec.sequences(3).values())
+    assert tv(reweighed(law, z, particle_measure), power_target(spec, config.alpha, 3)) > 0.01
+
+
+def test_choosing_a_particle_uniformly_is_biased(monkeypatch):
+    """Mutant: the returned particle is drawn uniformly, not with probability ∝ its weight."""
+    spec, config = load_spec("eos_trap"), smc_config(max_new_tokens=3, particles=2, ess_threshold=0.0)
+    monkeypatch.setattr(smc, "draw", lambda log_w, rng: HONEST_DRAW(np.zeros(len(log_w)), rng))
+    assert tv(program_law(TracingBackend(spec), config), sis_law(spec, config)) > 0.01
+
+
+HONEST_DRAW = smc.draw
+
+
+# --- statistical smoke tests: the weighted particles converge as the particles grow --------------------------
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("spec_name, kwargs, resampled", [TRACED[0][:2] + (False,), TRACED[3][:2] + (True,)])
 def test_weighted_particles_converge_to_p_alpha(spec_name, kwargs, resampled, resamples):
     spec = load_spec(spec_name)
     config = smc_config(**kwargs)
@@ -97,11 +194,11 @@ def test_final_weights_are_p_alpha_over_q_whatever_the_ramp(spec_name, ramp, blo
     assert np.allclose([p["weight"] for p in record.particles], want / want.sum(), rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("spec_name", ["eos_trap", "early_eos"])
-def test_returned_sample_is_close_to_p_alpha(spec_name):
+@pytest.mark.statistical
+def test_returned_sample_is_close_to_p_alpha():
     """One particle drawn ∝ its weight has law p^alpha + O(1/N); with N = 16 the bias is about 0.01 here (measured
     with 20000 runs), far below the distance of the proposal's own law (tempered sampling) from p^alpha."""
-    spec, n = load_spec(spec_name), 1500
+    spec, n = load_spec("early_eos"), 1500
     config = smc_config(alpha=3.0, particles=16)
     want = power_target(spec, 3.0, 4)
     have = empirical([r.tokens for r in sample(ToyBackend(spec), "p", config, seed=1, num_samples=n)])

@@ -22,14 +22,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from powersample.backends.engine import Row, verify_step
-from powersample.core.numerics import (
-    cumulative,
-    draw_from_cdf,
-    entropy,
-    proposal_logprobs,
-    ranked_rows,
-    top_alternatives,
-)
+from powersample.core.draws import cumulative, draw_with_cdf
+from powersample.core.numerics import entropy, proposal_logprobs, ranked_rows, top_alternatives
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Ranked, Tokens
 from powersample.errors import PowerSampleError, is_unicode, parse_json
 
@@ -231,7 +225,7 @@ class ToyBackend:
         on_draw = request.report.on_draw
         for _ in range(request.max_tokens):
             table = self._table(seq, proposal)
-            tok = draw_from_cdf(table.cdf, request.rng.random(), table.proposal_logq)  # numerics.draw's exact steps
+            tok = draw_with_cdf(table.cdf, table.proposal_logq, request.rng)  # draws.draw, on the cached CDF
             tokens.append(tok)
             logp.append(table.base_logp[tok])
             logq.append(table.proposal_logq[tok])

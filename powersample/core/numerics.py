@@ -1,14 +1,14 @@
-"""Log-space numerics shared by samplers and engines: normalization, log-sum-exp, the proposal q from log p,
-draws by inverse CDF, and entropy. Numpy only; shapes are (..., V) over a vocabulary of V tokens."""
+"""Log-space numerics shared by samplers and engines: normalization, log-sum-exp, the proposal q from log p, entropy,
+and the check of drafted tokens. The draws themselves live in core.draws and are re-exported here. Numpy only;
+shapes are (..., V) over a vocabulary of V tokens."""
 
 from __future__ import annotations
 
-import bisect
-import math
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from powersample.core.draws import cumulative, draw, draw_from_cdf  # noqa: F401 - the engines' token draws, from here
 from powersample.core.types import Proposal, Ranked
 
 
@@ -80,24 +80,6 @@ def _keep_top_p(logq: np.ndarray, top_p: float) -> np.ndarray:
     out = logq.copy()
     np.put_along_axis(out, order, np.where(drop_sorted, -np.inf, np.take_along_axis(logq, order, axis=-1)), axis=-1)
     return out
-
-
-def draw(logq: np.ndarray, rng: np.random.Generator) -> int:
-    """One token id from exp(logq) (1-D) by inverse CDF; tokens with q = 0 have zero width and are never drawn."""
-    return draw_from_cdf(cumulative(logq), rng.random(), logq)
-
-
-def cumulative(logq: np.ndarray) -> np.ndarray:
-    """The unnormalized CDF that `draw` inverts: cumsum(exp(logq - max)). (V,)"""
-    return np.cumsum(np.exp(logq - np.max(logq)))
-
-
-def draw_from_cdf(cdf: Sequence[float] | np.ndarray, u: float, logq: Sequence[float] | np.ndarray) -> int:
-    """The token whose interval of `cdf` (from `cumulative`) holds u * total, for a uniform u in [0, 1)."""
-    token = bisect.bisect_right(cdf, u * cdf[-1])  # the first token whose cumulative mass exceeds u * total
-    if token == len(cdf):  # u * total rounded up to the total: take the last token with q > 0
-        token = int(np.flatnonzero(np.isfinite(logq))[-1])
-    return token
 
 
 def verify_draft(logq: np.ndarray, drafted: int, rng: np.random.Generator) -> int:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from powersample.core.drafts import NO_DRAFT, WINDOW, Corpus, Draft
+from powersample.core.draws import spawn
 from powersample.core.types import Continuation, ExtendRequest, Tokens
 
 Progress = Callable[[int], None]  # called with a number of finished work units
@@ -59,7 +60,7 @@ class Chain:
     def spawn_rngs(self, n: int) -> list[np.random.Generator]:
         """n generators seeded from the chain's, one per member of a tuple step: the members' draws then do not
         depend on the order in which the engine serves them, so a seed gives the same sample in any schedule."""
-        return [np.random.default_rng(int(s)) for s in self.rng.integers(2**63, size=n)]
+        return spawn(self.rng, n)
 
     def complete(self, eos_ids: frozenset[int]) -> bool:
         """A state is complete when it ends in EOS (EOS is never inside it)."""

@@ -38,11 +38,12 @@ from typing import Sequence
 import numpy as np
 
 from powersample.config import SamplerConfig
-from powersample.core.numerics import draw, logsumexp
+from powersample.core.draws import draw, log_uniform, uniform_index
+from powersample.core.numerics import logsumexp
 from powersample.core.types import Continuation, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program, ask, ask_all
-from powersample.samplers.power import log_uniform, rejection_floor, suffix_request
+from powersample.samplers.power import rejection_floor, suffix_request
 
 
 def mtm_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int]) -> Program:
@@ -57,7 +58,7 @@ def mtm_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
         chain.append(cont)
         chain.tokens_generated += len(cont.tokens)
         for _ in range(config.mcmc_steps):
-            i = int(chain.rng.integers(len(chain.tokens)))
+            i = uniform_index(len(chain.tokens), chain.rng)
             log_u = log_uniform(chain.rng)  # drawn first, as `power` does
             floor = rejection_floor(config, config.alpha, chain, i, log_u) if len(rngs) == 1 else None  # one try: r
             requests = tuple(suffix_request(prompt, config, chain, i, cap, rng, slot, floor)

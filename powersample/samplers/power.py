@@ -30,6 +30,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from powersample.config import SamplerConfig
+from powersample.core.draws import log_uniform, uniform_index
 from powersample.core.types import Continuation, ExtendRequest, Floor, Hints, Report, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program, ask
@@ -74,7 +75,7 @@ class UniformCuts:
         return -math.log(length)
 
     def pick(self, length: int, entropy: Sequence[float], rng: np.random.Generator) -> int:
-        return int(rng.integers(length))
+        return uniform_index(length, rng)
 
     def bound(self, i: int) -> float | None:
         return None
@@ -193,11 +194,6 @@ def log_ratio_terms(alpha: float, chain: Chain, i: int, proposed: Continuation,
         cuts.log_prob(i, i + len(proposed.tokens), new_entropy)  # the cut: c(i | x') / c(i | x) (uniform: L / L')
         - cuts.log_prob(i, len(chain.tokens), chain.entropy),
     )
-
-
-def log_uniform(rng: np.random.Generator) -> float:
-    """log u for u uniform on (0, 1], so that it is finite."""
-    return math.log(1.0 - rng.random())
 
 
 def note_extension(chain: Chain, stage: int, at: int, cont: Continuation) -> None:

@@ -46,7 +46,8 @@ from typing import Sequence
 import numpy as np
 
 from powersample.config import SamplerConfig
-from powersample.core.numerics import draw, logsumexp
+from powersample.core.draws import draw
+from powersample.core.numerics import logsumexp
 from powersample.core.types import Tokens
 from powersample.errors import PowerSampleError
 from powersample.samplers.chain import Chain

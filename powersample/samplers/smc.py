@@ -39,7 +39,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from powersample.config import SamplerConfig
-from powersample.core.numerics import draw, logsumexp
+from powersample.core.draws import draw, systematic
+from powersample.core.numerics import logsumexp
 from powersample.core.types import Continuation, ExtendRequest, Tokens
 from powersample.samplers.chain import Chain, ChainResult, WeightedParticle
 from powersample.samplers.driver import Program, ask_all
@@ -121,10 +122,8 @@ def resample(
 ) -> tuple[list[Particle], np.ndarray, list[int]]:
     """Systematic resampling: N evenly spaced points from one uniform; the new particles have equal weights.
     Also returns each new particle's ancestor (its index before)."""
-    n = len(particles)
-    points = (rng.random() + np.arange(n)) / n  # (N,) in [0, 1)
-    picks = np.minimum(np.searchsorted(np.cumsum(normalized(log_w)), points, side="right"), n - 1)
-    return [particles[k].copy() for k in picks], np.zeros(n), picks.tolist()
+    picks = systematic(normalized(log_w), rng)  # (N,)
+    return [particles[k].copy() for k in picks], np.zeros(len(particles)), picks.tolist()
 
 
 def choose(chain: Chain, particles: list[Particle], log_w: np.ndarray) -> ChainResult:
