@@ -13,8 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import SPECS, load_spec
-from eval_toy import eval_argv, write_jsonl, write_spec
+from support.toy import SPECS, load_spec
+from support.eval_toy import eval_argv, write_jsonl, write_spec
 from exact_laws import continuations, sequence_law, tv, tv_null_quantile
 from test_exactness import N, assert_follows, draw
 

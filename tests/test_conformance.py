@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import load_spec, run_check
+from support.toy import load_spec, run_check
 
 from powersample.backends import conformance
 from powersample.backends.base import ChatMessages, Confidence, ContinuousBatching, Ranking, capability

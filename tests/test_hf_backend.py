@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import run_check
+from support.toy import run_check
 
 from powersample.backends import conformance, embedded
 from powersample.core.drafts import Draft
@@ -137,7 +137,7 @@ def test_unloadable_model_is_a_one_line_error(tmp_path, monkeypatch):
 
 def test_a_users_gguf_converts_once(tmp_path, monkeypatch, capfd):
     """Keyed by path, size and mtime: a second load reads the cached folder; a rewritten file converts again."""
-    from gguf_models import tiny_gemma2
+    from support.gguf_models import tiny_gemma2
 
     monkeypatch.setenv("POWERSAMPLE_CACHE", str(tmp_path / "cache"))
     conversions, convert = [], embedded.convert_gguf

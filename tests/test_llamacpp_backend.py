@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import run_check
+from support.toy import run_check
 
 pytest.importorskip("llama_cpp")
 
@@ -211,7 +211,7 @@ def test_teardown_at_interpreter_exit_is_quiet(backend):
 def sliding_gguf(tmp_path_factory, backend):
     """A tiny gemma2 GGUF: a sliding-window model, whose every load makes llama.cpp warn about its SWA cache."""
     pytest.importorskip("gguf")
-    from gguf_models import tiny_gemma2
+    from support.gguf_models import tiny_gemma2
 
     return tiny_gemma2(tmp_path_factory.mktemp("swa") / "gemma2.gguf", chat_template=True)
 

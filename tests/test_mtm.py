@@ -6,18 +6,21 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import SPECS, load_spec
+from support.toy import SPECS, load_spec
 from exact_laws import algorithm_law, apply, mh_kernel, mtm_algorithm_law, mtm_kernel, power_target, tv
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_exactness import assert_follows, draw
-from test_sampler_properties import toy_specs
 
-from powersample import SamplerConfig, sample
-from powersample.backends.toy import ToyBackend
-from powersample.cli import main
-from powersample.core.types import Proposal
-from powersample.samplers import registry
+pytest.importorskip("hypothesis")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_exactness import assert_follows, draw  # noqa: E402
+from support.strategies import toy_specs  # noqa: E402
+
+from powersample import SamplerConfig, sample  # noqa: E402
+from powersample.backends.toy import ToyBackend  # noqa: E402
+from powersample.cli import main  # noqa: E402
+from powersample.core.types import Proposal  # noqa: E402
+from powersample.samplers import registry  # noqa: E402
 
 # --- the kernel: detailed balance for p^alpha, whatever the number of tries ------------------------------------
 

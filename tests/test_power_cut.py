@@ -7,19 +7,22 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import load_spec
+from support.toy import load_spec
 from exact_laws import algorithm_law, apply, as_chain, empirical, mh_kernel, power_target, staged_law, tv
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_exactness import assert_follows, draw
-from test_sampler_properties import toy_specs
 
-from powersample import PowerSampleError, SamplerConfig, sample
-from powersample.backends.toy import ToyBackend
-from powersample.core.types import Continuation, Proposal
-from powersample.samplers import power, registry, run_chains
-from powersample.samplers.chain import Chain
-from powersample.samplers.power_cut import EntropyCuts
+pytest.importorskip("hypothesis")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_exactness import assert_follows, draw  # noqa: E402
+from support.strategies import toy_specs  # noqa: E402
+
+from powersample import PowerSampleError, SamplerConfig, sample  # noqa: E402
+from powersample.backends.toy import ToyBackend  # noqa: E402
+from powersample.core.types import Continuation, Proposal  # noqa: E402
+from powersample.samplers import power, registry, run_chains  # noqa: E402
+from powersample.samplers.chain import Chain  # noqa: E402
+from powersample.samplers.power_cut import EntropyCuts  # noqa: E402
 
 CUT = SamplerConfig(method="power-cut", alpha=3.0, max_new_tokens=4, block_count=1, mcmc_steps=3)
 

@@ -6,32 +6,21 @@ import math
 
 import numpy as np
 import pytest
-from conftest import load_spec
+from support.toy import load_spec
 from exact_laws import apply, mh_kernel, power_target, tv
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from powersample import PowerSampleError, SamplerConfig, sample
-from powersample.backends.toy import ToyBackend, ToySpec
-from powersample.core.types import Continuation, Proposal
-from powersample.samplers import registry
-from powersample.samplers.chain import Chain
-from powersample.samplers.power import log_accept_ratio
+pytest.importorskip("hypothesis")
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from support.strategies import toy_specs  # noqa: E402
 
-@st.composite
-def toy_specs(draw):
-    """Random tables over 2-3 tokens + EOS, zeros allowed (but every row can emit something)."""
-    vocab = draw(st.integers(2, 3))
-    eos = vocab
-    def row():
-        w = draw(st.lists(st.sampled_from([0.0, 0.05, 0.2, 0.5, 1.0, 2.0]), min_size=vocab + 1, max_size=vocab + 1))
-        w = [x if sum(w) > 0 else 1.0 for x in w]
-        return [x / sum(w) for x in w]
-    prefixes = ["", "0", "1", "0,0", "0,1", "1,0", "1,1"]
-    nxt = {k: row() for k in prefixes if draw(st.booleans())}
-    return ToySpec.from_dict({"vocab": [f"t{i}" for i in range(vocab)] + ["<eos>"], "eos_id": eos,
-                              "default": row(), "next": nxt})
+from powersample import PowerSampleError, SamplerConfig, sample  # noqa: E402
+from powersample.backends.toy import ToyBackend  # noqa: E402
+from powersample.core.types import Continuation, Proposal  # noqa: E402
+from powersample.samplers import registry  # noqa: E402
+from powersample.samplers.chain import Chain  # noqa: E402
+from powersample.samplers.power import log_accept_ratio  # noqa: E402
 
 
 @settings(max_examples=25, deadline=None)

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from conftest import SPECS, load_spec
+from support.toy import SPECS, load_spec
 from exact_laws import empirical, power_target, sequence_law, tv, tv_null_quantile
 
 import powersample.samplers.smc as smc

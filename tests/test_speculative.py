@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import load_spec
+from support.toy import load_spec
 from exact_laws import continuations, empirical, row_logprobs, tv, tv_null_quantile
 
 from powersample.backends import engine
