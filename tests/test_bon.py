@@ -202,7 +202,7 @@ def test_same_seed_same_output_alone_and_beside_other_jobs():
 
 
 def test_continuous_schedule_gives_the_same_samples():
-    from test_sampler_properties import ContinuousToy
+    from support.toy import ContinuousToy
 
     spec = load_spec("early_eos")
     config = SamplerConfig(method="bon", max_new_tokens=3, bon_tokens=9)

@@ -143,7 +143,7 @@ def test_same_seed_same_output_and_chains_do_not_depend_on_batch():
 
 
 def test_continuous_schedule_gives_the_same_samples():
-    from test_sampler_properties import ContinuousToy
+    from support.toy import ContinuousToy
 
     spec = load_spec("early_eos")
     config = SamplerConfig(method="power-mtm", max_new_tokens=4, block_size=2, mcmc_steps=2, tries=3)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from support.toy import load_spec
+from support.toy import ContinuousToy, load_spec
 from exact_laws import apply, mh_kernel, power_target, tv
 
 pytest.importorskip("hypothesis")
@@ -165,17 +165,6 @@ def test_empty_prompt_and_bad_counts_are_errors():
         sample(backend, "p", num_samples=0)
     with pytest.raises(PowerSampleError, match="seed"):
         sample(backend, "p", seed=-1)
-
-
-class ContinuousToy(ToyBackend):
-    """A toy backend that serves requests continuously, newest first (not in lockstep rounds, nor in their order)."""
-
-    def extend_continuous(self, requests, proposal, refill, poll=None):
-        queue = list(requests.items())
-        while queue:
-            key, request = queue.pop()
-            [cont] = self.extend([request], proposal)
-            queue += refill(key, cont).items()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.block_size}")

@@ -149,7 +149,7 @@ def test_counters_and_records():
 
 
 def test_same_seed_same_output_and_either_schedule():
-    from test_sampler_properties import ContinuousToy
+    from support.toy import ContinuousToy
 
     spec = load_spec("eos_trap")
     config = smc_config(particles=6, ess_threshold=0.9, proposal_temperature=1.0)
