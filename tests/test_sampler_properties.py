@@ -178,6 +178,7 @@ def test_continuous_schedule_gives_the_same_samples_as_lockstep(config, spec_nam
     ]
 
 
+@pytest.mark.statistical
 def test_continuous_schedule_follows_the_exact_law():
     from exact_laws import algorithm_law, empirical, tv_null_quantile
 
