@@ -1,23 +1,24 @@
 import os
 import sys
-from pathlib import Path
 
 import pytest
+from support.toy import load_spec
 
-from powersample.backends import conformance
-from powersample.backends.toy import ToyBackend, ToySpec
-
-SPECS = Path(__file__).resolve().parent.parent / "powersample" / "toy_specs"
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
-def load_spec(name: str) -> ToySpec:
-    return ToySpec.load(SPECS / f"{name}.json")
+from powersample.backends.toy import ToyBackend
 
 
 @pytest.fixture
 def toy_backend():
     return lambda name: ToyBackend(load_spec(name))
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded model behind a server, (backend, url): one per module that asks (the server tests)."""
+    from support.server import embedded_server  # needs the serve extra
+
+    with embedded_server() as served:
+        yield served
 
 
 # -- a vLLM engine's process must not abort at interpreter teardown ------------------------------------------------
@@ -26,14 +27,6 @@ def toy_backend():
 # which turns a green run red. Once pytest has printed its summary, a session that started vLLM engines stops them
 # and leaves with pytest's own exit status, skipping that teardown.
 _EXIT_STATUS: list[int] = []
-
-
-def run_check(check, subject: conformance.Subject) -> None:
-    """One conformance check; a check that does not apply to the subject is a skip, saying why."""
-    try:
-        check(subject)
-    except conformance.NotApplicable as e:
-        pytest.skip(str(e))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

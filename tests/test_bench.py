@@ -11,7 +11,7 @@ import statistics
 from dataclasses import replace
 
 import pytest
-from conftest import SPECS
+from support.toy import SPECS
 
 from powersample.api import sample
 from powersample.backends import BackendSpec, load_backend

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import SPECS, load_spec
+from support.toy import SPECS, load_spec
 from eval_toy import eval_argv, write_jsonl, write_spec
 from exact_laws import continuations, sequence_law, tv
 from support.tracing import assert_same_law, sampler_law
@@ -23,7 +23,6 @@ from powersample import SamplerConfig, sample
 from powersample.api import sample_many
 from powersample.backends.toy import ToyBackend, ToySpec
 from powersample.cli import main
-from powersample.core.types import Continuation
 from powersample.eval.records import identity_hash, load_records, read_run
 from powersample.samplers import bon, registry
 
@@ -200,7 +199,7 @@ def test_same_seed_same_output_alone_and_beside_other_jobs():
 
 
 def test_continuous_schedule_gives_the_same_samples():
-    from test_sampler_properties import ContinuousToy
+    from support.toy import ContinuousToy
 
     spec = load_spec("early_eos")
     config = SamplerConfig(method="bon", max_new_tokens=3, bon_tokens=9)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_toy import eval_argv, write_jsonl, write_spec
+from support.eval_toy import eval_argv, write_jsonl, write_spec
 
 import powersample.io
 from powersample import SamplerConfig, sample
@@ -114,7 +114,7 @@ def test_hf_tokenizer_without_a_template(capsys):
 def test_llama_cpp_model_without_a_template(tmp_path, capsys):
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
-    from gguf_models import tiny_gemma2
+    from support.gguf_models import tiny_gemma2
 
     from powersample.backends.llamacpp import LlamaCppBackend
 

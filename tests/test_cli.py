@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SPECS, load_spec
+from support.toy import SPECS, load_spec
 
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend

@@ -154,6 +154,7 @@ def no_listening():
         yield
 
 
+@pytest.mark.fuzz
 def test_any_argv_exits_0_or_2_without_a_traceback(scratch, no_listening):
     cwd = os.getcwd()
     os.chdir(scratch["root"])  # relative paths and default output directories land in the scratch directory
@@ -175,6 +176,7 @@ def check_argvs(paths: list[str]) -> None:
     property_()
 
 
+@pytest.mark.fuzz
 def test_the_fuzzer_reaches_every_command_and_both_outcomes(scratch, no_listening):
     """The property is not vacuous: the strategy reaches every subcommand, and both good and bad argv."""
     cwd = os.getcwd()

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SPECS
+from support.toy import SPECS
 
 from powersample.cli import main
 

@@ -13,7 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
-from eval_toy import eval_argv, write_jsonl, write_spec
+from support.eval_toy import eval_argv, write_jsonl, write_spec
 
 from powersample import io
 from powersample.cli import main

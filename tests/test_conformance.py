@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import load_spec, run_check
+from support.toy import load_spec, run_check
 
 from powersample.backends import conformance
 from powersample.backends.base import ChatMessages, Confidence, ContinuousBatching, Ranking, capability
@@ -47,9 +47,11 @@ def test_conformance(subject, check):
 
 def test_run_names_the_checks_that_did_not_apply(subject):
     continuous = ["rows_joining_and_leaving_match_single_rows"]  # the plain toy has no extend_continuous
-    assert conformance.run(subject) == [*continuous, "context_length_is_checked"]  # its context is unbounded
+    cache = ["a_rewound_cache_feeds_only_the_new_ids", "a_cached_prefix_feeds_only_its_last_id",
+             "chains_share_the_prompt_prefill", "a_rejected_proposal_keeps_the_current_state_cached"]  # nor a cache
+    assert conformance.run(subject) == [*continuous, "context_length_is_checked", *cache]  # its context is unbounded
     assert conformance.run(replace(subject, next_logp=None)) == ["top_k_draws_only_from_the_top_k", *continuous,
-                                                                 "context_length_is_checked"]
+                                                                 "context_length_is_checked", *cache]
     assert "long_sequences_past_the_window" in conformance.run(replace(subject, long_prompt=()))
 
 
@@ -237,6 +239,29 @@ def test_the_suite_says_which_hints_an_engine_honours():
     assert conformance.describe_hints(toy) == "ToyBackend honours the hints: floor, speculate"
     assert conformance.describe_hints(SpeculatesUnclaimed(load_spec("eos_trap"))) == (
         "SpeculatesUnclaimed honours the hints: none; ignores: floor, speculate")
+
+
+class Cacheless(ToyBackend):
+    """Feeds every context id of every request: an engine whose cache never serves."""
+
+    fed = 0
+
+    def extend(self, requests, proposal):
+        self.fed += sum(len(r.context) for r in requests)
+        return super().extend(requests, proposal)
+
+
+CACHE_CHECKS = [conformance.a_rewound_cache_feeds_only_the_new_ids, conformance.a_cached_prefix_feeds_only_its_last_id,
+                conformance.chains_share_the_prompt_prefill,
+                conformance.a_rejected_proposal_keeps_the_current_state_cached]  # fmt: skip
+
+
+@pytest.mark.parametrize("check", CACHE_CHECKS, ids=lambda c: c.__name__)
+def test_the_cache_checks_fail_an_engine_that_feeds_every_context(check):
+    spec = load_spec("no_early_eos")
+    cache = conformance.Cache(lambda: Cacheless(spec), lambda engine: engine.fed)
+    with pytest.raises(AssertionError, match="fed"):
+        check(conformance.Subject(Cacheless(spec), LONG, tolerance=1e-12, cache=cache))
 
 
 def test_reporting_draws_once_at_the_end_is_conformant_but_not_per_forward():

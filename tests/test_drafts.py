@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from conftest import load_spec
+from support.toy import load_spec
 
 from powersample.api import sample
 from powersample.backends.toy import ToyBackend

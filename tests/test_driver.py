@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import load_spec
+from support.toy import load_spec
 
 from powersample.backends.toy import ToyBackend
 from powersample.core.types import ExtendRequest, Proposal, Report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SHARED_DATA
+from support.toy import SHARED_DATA
 
 from powersample.cli import main as run_eval_cli
 from powersample.eval.records import load_records

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from conftest import SHARED_DATA
+from support.toy import SHARED_DATA
 
 from powersample.errors import PowerSampleError
 from powersample.eval import math_grader

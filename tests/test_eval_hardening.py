@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from eval_toy import eval_argv, write_jsonl, write_spec
+from support.eval_toy import eval_argv, write_jsonl, write_spec
 
 from powersample.cli import main
 from powersample.errors import PowerSampleError

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from eval_toy import eval_argv, write_jsonl, write_spec
+from support.eval_toy import eval_argv, write_jsonl, write_spec
 
 from powersample.errors import PowerSampleError
 from powersample.eval.records import RecordWriter, load_records, repair_tail

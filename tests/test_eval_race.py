@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from eval_toy import write_jsonl
+from support.eval_toy import write_jsonl
 
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from eval_toy import eval_argv
+from support.eval_toy import eval_argv
 
 from powersample.cli import build_parser
 from powersample.cli import main as run_cli
@@ -124,6 +124,7 @@ def cluster():
                 os.environ[k] = v
 
 
+@pytest.mark.ray
 def test_toy_run_on_ray_equals_the_single_process_run(cluster, files, tmp_path, capsys):
     spec, _, data = files
     one, many = tmp_path / "one", tmp_path / "ray"
@@ -143,6 +144,7 @@ def test_toy_run_on_ray_equals_the_single_process_run(cluster, files, tmp_path, 
     assert "| math500 | power | 24 |" in capsys.readouterr().out
 
 
+@pytest.mark.ray
 def test_a_killed_worker_has_its_units_redone_and_written_once(cluster, files, tmp_path):
     from powersample.cli.options import backend_spec
     from powersample.eval.distributed import WorkerPlacement, WorkerPool
@@ -187,6 +189,7 @@ def plan_of(argv: list[str]):
                      limit=parse_limit(args.limit))  # fmt: skip
 
 
+@pytest.mark.ray
 def test_a_killed_driver_resumes_on_ray_or_without(cluster, files, tmp_path, capsys):
     spec, _, data = files
     out, clean = tmp_path / "run", tmp_path / "clean"
@@ -213,6 +216,7 @@ def test_a_killed_driver_resumes_on_ray_or_without(cluster, files, tmp_path, cap
     assert timeless(load_records(out)) == timeless(load_records(clean))
 
 
+@pytest.mark.ray
 def test_more_workers_than_the_cluster_holds_is_one_line_exit_2(cluster, files, tmp_path, capsys):
     spec, _, data = files
     for extra, words in ((["--workers", "3"], "3 Ray worker(s) x 1 CPU need 3 CPUs; the cluster has 2"),
@@ -223,6 +227,7 @@ def test_more_workers_than_the_cluster_holds_is_one_line_exit_2(cluster, files, 
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_embedded_model_on_ray(cluster, tmp_path, capsys):
     """--backend hf with its default model, the embedded SmolLM2: 2 problems x 1 seed on 2 workers."""
     pytest.importorskip("transformers")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from eval_toy import eval_argv, write_jsonl, write_spec
+from support.eval_toy import eval_argv, write_jsonl, write_spec
 
 from powersample.cli import main
 from powersample.eval import distributed

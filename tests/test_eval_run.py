@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SPECS
-from eval_toy import eval_argv
+from support.toy import SPECS
+from support.eval_toy import eval_argv
 
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend, ToySpec

@@ -12,7 +12,7 @@ import math
 from dataclasses import replace
 
 import pytest
-from conftest import load_spec
+from support.toy import load_spec
 from exact_laws import (
     algorithm_law,
     apply,

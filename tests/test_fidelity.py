@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import SPECS, load_spec
+from support.toy import SPECS, load_spec
 
 from powersample.backends.toy import ToyBackend
 from powersample.cli import main

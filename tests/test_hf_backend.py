@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import run_check
+from support.toy import run_check
 
 from powersample.backends import conformance, embedded
 from powersample.core.drafts import Draft
@@ -52,7 +52,9 @@ def subject_of(backend, prompt) -> conformance.Subject:
     return conformance.Subject(backend, prompt, proposal_tolerance=4 * TOLERANCE,  # 1/tau scales the fp32 noise
                                next_logp=lambda context: fresh_logp(backend, context)[-1],
                                contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)),  # ragged
-                               draws_per_forward=True)
+                               draws_per_forward=True,
+                               cache=conformance.Cache(lambda: HFBackend(backend.model, backend.tokenizer),
+                                                       lambda engine: engine.stats.prefilled_tokens))  # fmt: skip
 
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
@@ -68,32 +70,6 @@ def fresh_logp(backend, ids) -> np.ndarray:
     with torch.inference_mode():
         logits = backend.model(input_ids=torch.tensor([list(ids)]), use_cache=False).logits[0]
     return torch.log_softmax(logits.double(), dim=-1).numpy()
-
-
-def test_cropped_cache_matches_a_fresh_forward(backend, prompt):
-    slot = 3
-    first = sample(backend, prompt, 8, seed=2, slot=slot)
-    assert len(first.tokens) >= 4, "the test needs a few generated tokens to crop back into"
-    # The slot now caches prompt + first.tokens[:-1]. Diverge after two generated tokens: only the 3 new ids are fed.
-    other = next(t for t in (13, 14, 15) if t != first.tokens[2])
-    context = prompt + first.tokens[:2] + (other, 264, 3622)
-    before = backend.stats.prefilled_tokens
-    cropped = sample(backend, context, 6, seed=3, slot=slot)
-    assert backend.stats.prefilled_tokens - before == 3
-    np.testing.assert_allclose(backend.score(context, cropped.tokens), cropped.base_logp, atol=TOLERANCE, rtol=0)
-    fresh = sample(backend, context, 6, seed=3, slot=99)  # a slot never used: prefills everything
-    assert fresh.tokens == cropped.tokens
-    np.testing.assert_allclose(fresh.base_logp, cropped.base_logp, atol=TOLERANCE, rtol=0)
-
-
-def test_a_prefix_of_the_cache_refeeds_only_its_last_token(backend, prompt):
-    slot = 4
-    first = sample(backend, prompt, 8, seed=4, slot=slot)
-    context = prompt + first.tokens[:3]  # wholly cached: only the last id is fed again, for its logits
-    before = backend.stats.prefilled_tokens
-    cont = sample(backend, context, 6, seed=5, slot=slot)
-    assert backend.stats.prefilled_tokens - before == 1
-    np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
 
 
 def test_chat_template_and_eos_inside_the_prompt(backend, prompt):
@@ -137,7 +113,7 @@ def test_unloadable_model_is_a_one_line_error(tmp_path, monkeypatch):
 
 def test_a_users_gguf_converts_once(tmp_path, monkeypatch, capfd):
     """Keyed by path, size and mtime: a second load reads the cached folder; a rewritten file converts again."""
-    from gguf_models import tiny_gemma2
+    from support.gguf_models import tiny_gemma2
 
     monkeypatch.setenv("POWERSAMPLE_CACHE", str(tmp_path / "cache"))
     conversions, convert = [], embedded.convert_gguf
@@ -219,26 +195,6 @@ def test_batched_rows_share_one_forward_per_step(backend, prompt):
     batched = conformance.batched_rows_match_single_rows(replace(subject_of(backend, prompt), backend=batch),
                                                          alone=backend)
     assert batch.stats.decode_forwards == max(len(c.tokens) for c in batched)  # one forward per step for all
-
-
-def test_chains_share_the_prompt_prefill(backend):
-    fresh = HFBackend(backend.model, backend.tokenizer)
-    prompt = fresh.encode("A prompt no other test uses, about otters.", chat=True)
-    requests = [ExtendRequest(prompt, 3, np.random.default_rng(j), j) for j in range(4)]
-    fresh.extend(requests, BASE)
-    assert fresh.stats.prefilled_tokens == len(prompt) + 3  # the prompt once, then one re-fed token per other chain
-
-
-def test_a_rejected_proposal_keeps_the_current_state_cached(backend, prompt):
-    """MH: propose from i (the current state's cache must survive), reject, then extend the current state."""
-    fresh = HFBackend(backend.model, backend.tokenizer)
-    current = sample(fresh, prompt, 10, seed=7, slot=0)
-    state = prompt + current.tokens
-    sample(fresh, prompt + current.tokens[:3], 6, seed=8, slot=0)  # the proposal, written to the other buffer
-    before = fresh.stats.prefilled_tokens
-    following = sample(fresh, state, 4, seed=9, slot=0)  # rejected: continue from the current state
-    assert fresh.stats.prefilled_tokens - before == 1  # only its last generated token, which was never fed
-    np.testing.assert_allclose(fresh.score(state, following.tokens), following.base_logp, atol=TOLERANCE, rtol=0)
 
 
 def test_regenerate_from_scratch_baseline_prefills_everything(backend, prompt):

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import run_check
+from support.toy import run_check
 
 from powersample.backends import conformance, embedded
 from powersample.core.drafts import Draft

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import run_check
+from support.toy import run_check
 
 pytest.importorskip("llama_cpp")
 
@@ -72,9 +72,11 @@ def fresh(backend: LlamaCppBackend, **kwargs) -> LlamaCppBackend:
 
 def subject_of(backend, prompt) -> conformance.Subject:
     """The backend under the conformance suite; next_logp from its scratch sequence (`next_token_logp`)."""
-    return conformance.Subject(backend, prompt, next_logp=backend.next_token_logp,
+    return conformance.Subject(backend, prompt, tolerance=TOLERANCE, next_logp=backend.next_token_logp,
                                contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)),  # ragged
-                               draws_per_forward=True)
+                               draws_per_forward=True,
+                               cache=conformance.Cache(lambda: fresh(backend), lambda b: b.stats.evaluated_tokens,
+                                                       with_draws=True))  # fmt: skip
 
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
@@ -83,33 +85,6 @@ def test_conformance(backend, prompt, check):
 
 
 sample = conformance.extend  # one request of n tokens with a generator seeded by seed
-
-
-def test_a_rewound_cache_matches_a_fresh_evaluation(backend, prompt):
-    first = sample(backend, prompt, 12, seed=2, slot=3)
-    assert len(first.tokens) >= 4, "the test needs a few generated tokens to rewind into"
-    # Cache 3 holds prompt + first.tokens[:-1]. Diverge after two generated tokens: only the 3 new ids are decoded,
-    # then one per drawn token but the last.
-    other = next(t for t in (13, 14, 15) if t != first.tokens[2])
-    context = prompt + first.tokens[:2] + (other, 264, 3622)
-    before = backend.stats.evaluated_tokens
-    rewound = sample(backend, context, 8, seed=3, slot=3)
-    assert backend.stats.evaluated_tokens - before == 3 + len(rewound.tokens) - 1
-    backend.clear_caches()
-    before = backend.stats.evaluated_tokens
-    fresh = sample(backend, context, 8, seed=3, slot=3)
-    assert backend.stats.evaluated_tokens - before == len(context) + len(fresh.tokens) - 1  # really from scratch
-    assert fresh.tokens == rewound.tokens
-    np.testing.assert_allclose(fresh.base_logp, rewound.base_logp, atol=TOLERANCE, rtol=0)
-
-
-def test_a_prefix_of_the_cache_redecodes_only_its_last_token(backend, prompt):
-    first = sample(backend, prompt, 8, seed=4, slot=1)
-    context = prompt + first.tokens[:3]  # wholly cached: the last id is decoded again, for fresh logits
-    before = backend.stats.evaluated_tokens
-    cont = sample(backend, context, 1, seed=5, slot=1)
-    assert backend.stats.evaluated_tokens - before == 1
-    np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
 
 
 def test_slots_keep_their_own_caches(backend, prompt):
@@ -211,7 +186,7 @@ def test_teardown_at_interpreter_exit_is_quiet(backend):
 def sliding_gguf(tmp_path_factory, backend):
     """A tiny gemma2 GGUF: a sliding-window model, whose every load makes llama.cpp warn about its SWA cache."""
     pytest.importorskip("gguf")
-    from gguf_models import tiny_gemma2
+    from support.gguf_models import tiny_gemma2
 
     return tiny_gemma2(tmp_path_factory.mktemp("swa") / "gemma2.gguf", chat_template=True)
 
@@ -255,27 +230,6 @@ def test_batched_rows_share_one_decode_per_step(backend, prompt):
     # Prefills: the prompt for row 0, then prompt[-1] and 28 for row 1; rows 2 and 3 copy cached prefixes. Then
     # one llama_decode per step serves every row.
     assert batched_backend.stats.decode_calls == 2 + max(len(c.tokens) for c in batched)
-
-
-def test_chains_share_the_prompt_prefill(backend):
-    shared = fresh(backend)
-    prompt = shared.encode("A prompt no other test uses, about otters.", chat=True)
-    requests = [ExtendRequest(prompt, 3, np.random.default_rng(j), j) for j in range(4)]
-    conts = shared.extend(requests, BASE)
-    fed_context = shared.stats.evaluated_tokens - sum(len(c.tokens) - 1 for c in conts)  # minus the drawn tokens re-fed
-    assert fed_context == len(prompt) + 3  # the prompt once, then one re-fed token per other chain
-
-
-def test_a_rejected_proposal_keeps_the_current_state_cached(backend, prompt):
-    """MH: propose from i (the current state's cache must survive), reject, then extend the current state."""
-    chain = fresh(backend)
-    current = sample(chain, prompt, 10, seed=7, slot=0)
-    state = prompt + current.tokens
-    sample(chain, prompt + current.tokens[:3], 6, seed=8, slot=0)  # the proposal, in the slot's other sequence
-    before = chain.stats.evaluated_tokens
-    following = sample(chain, state, 4, seed=9, slot=0)  # rejected: continue from the current state
-    assert chain.stats.evaluated_tokens - before == len(following.tokens)  # state[-1], never fed, then drawn ones
-    np.testing.assert_allclose(chain.score(state, following.tokens), following.base_logp, atol=TOLERANCE, rtol=0)
 
 
 def test_more_chains_than_slots_wait_for_a_free_row(backend, prompt):

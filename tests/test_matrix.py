@@ -104,6 +104,7 @@ def test_the_writer_gives_each_arch_the_keys_its_loader_reads(arch, tiny_tokeniz
         assert not [k for k in have if "sliding_window" in k]
 
 
+@pytest.mark.slow
 def test_the_embedded_tokenizer_is_copied_key_for_key(tokenizer_gguf, tmp_path):
     arch = ARCHS["llama"]
     convert.write_gguf(arch, config_of(arch), {}, tmp_path / "m.gguf", tokenizer_gguf)
@@ -243,6 +244,7 @@ def test_the_conversion_agrees_with_transformers(name, llama, gemma3):
     assert measured.positions == agree.SEQUENCES * (agree.LENGTH - 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, change", [("llama", {"interleaved_rope": False}), ("gemma3", {"norm_offset": 0.0}),
                                           ("gemma3", "a window twice too wide")])  # fmt: skip
 def test_a_wrong_conversion_is_caught(name, change, llama, gemma3, tokenizer_gguf, tmp_path, monkeypatch):
@@ -338,6 +340,7 @@ def assert_every_check_passes(result: MatrixResult) -> None:
     assert all(o.status == PASS or (o.status == NOT_APPLICABLE and o.reason) for c in built for o in c.outcomes)
 
 
+@pytest.mark.slow
 def test_slice_llama_q4_1_on_llamacpp(llama):
     options = MatrixOptions(engines=("llamacpp",), archs=("llama",), quants=("q4_1",))
     ticks = []
@@ -349,6 +352,7 @@ def test_slice_llama_q4_1_on_llamacpp(llama):
     assert set(report.sizes) == {"hf", "f32", "q4_1"} and report.tensor_types == {}  # types: of mixes only
 
 
+@pytest.mark.slow
 def test_slice_gemma3_on_hf_past_its_window(gemma3):
     """gemma3's sliding layers see 32 tokens; the prompt alone is longer."""
     result = run_matrix(MatrixOptions(engines=("hf",), archs=("gemma3",)))

@@ -8,13 +8,16 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SPECS, load_spec
+
+pytest.importorskip("hypothesis")
+
+from support.toy import SPECS, load_spec
 from exact_laws import algorithm_law, apply, mh_kernel, mtm_algorithm_law, mtm_kernel, power_target, tv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.tracing import assert_same_law, sampler_law
 from test_exactness import assert_follows, draw
-from test_sampler_properties import toy_specs
+from support.strategies import toy_specs
 
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend
@@ -180,7 +183,7 @@ def test_same_seed_same_output_and_chains_do_not_depend_on_batch():
 
 
 def test_continuous_schedule_gives_the_same_samples():
-    from test_sampler_properties import ContinuousToy
+    from support.toy import ContinuousToy
 
     spec = load_spec("early_eos")
     config = SamplerConfig(method="power-mtm", max_new_tokens=4, block_size=2, mcmc_steps=2, tries=3)

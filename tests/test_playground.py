@@ -9,14 +9,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import httpx
 import pytest
 
 pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright; the test "
                                "extra has it)")  # fmt: skip
 
-from test_server import SlowToy, serve  # noqa: E402
+from support.server import SlowToy, serve  # noqa: E402
+
+pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not shutil.which(CHROMIUM):

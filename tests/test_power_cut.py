@@ -8,13 +8,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import load_spec
+
+pytest.importorskip("hypothesis")
+
+from support.toy import load_spec
 from exact_laws import algorithm_law, apply, as_chain, mh_kernel, power_target, staged_law, tv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.tracing import assert_same_law, sampler_law, trace
 from test_exactness import assert_follows, draw
-from test_sampler_properties import toy_specs
+from support.strategies import toy_specs
 
 from powersample import PowerSampleError, SamplerConfig, sample
 from powersample.backends.toy import ToyBackend

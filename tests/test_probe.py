@@ -102,6 +102,7 @@ def test_explicit_llamacpp_is_refused_in_one_line_when_the_probe_crashes(crashin
     assert "\n" not in str(err.value) and "--backend hf" in str(err.value)
 
 
+@pytest.mark.slow
 def test_the_real_probe_passes_here(monkeypatch):
     """On this machine (AMX or not) the safe placement decodes in a child: auto keeps llama.cpp."""
     pytest.importorskip("llama_cpp")

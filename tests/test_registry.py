@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import SPECS, load_spec
+from support.toy import SPECS, load_spec
 
 from powersample.config import KNOB_FIELDS, SamplerConfig
 from powersample.samplers import registry

@@ -10,7 +10,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from report_runs import verdicts, write_run
+from support.report_runs import section, verdicts, write_run
 
 from powersample.eval import paired
 from powersample.eval.report import MAX_ALL_PAIRS, build_report
@@ -104,12 +104,6 @@ def test_bootstrap_matches_the_enumerated_resamples(a, b):
 
 def test_no_shared_items_is_no_comparison():
     assert paired.compare(items([True]), items([True], name="q")) is None
-
-
-def section(markdown: str, title: str) -> list[str]:
-    """The table lines of one '## title' section."""
-    part = markdown.split(f"## {title}\n\n")[1].split("\n\n")[0]
-    return part.splitlines()[2:]
 
 
 def test_report_renders_paired_comparisons(tmp_path):

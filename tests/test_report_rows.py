@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from report_runs import write_run
+from support.report_runs import write_run
 
 from powersample.eval.report import (
     build_report,
@@ -101,7 +101,7 @@ def test_wall_counts_each_batch_once_at_its_longest():
 def test_eval_records_name_their_batch_and_the_report_counts_it_once(tmp_path):
     import json
 
-    from eval_toy import eval_argv, write_jsonl, write_spec
+    from support.eval_toy import eval_argv, write_jsonl, write_spec
 
     from powersample.cli import main
 

@@ -4,11 +4,10 @@ when runs of a method differ in the temperature they draw at and in nothing else
 from __future__ import annotations
 
 import pytest
-from report_runs import verdicts, write_run
+from support.report_runs import section, verdicts, write_run
 
 from powersample.eval import metrics
 from powersample.eval.report import SWEEPS, build_report, load_rows, sweep_figure
-from test_report_paired import section
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -75,7 +74,7 @@ def test_temperature_plot_lines(tmp_path):
 
 def test_bon_rows_show_no_acceptance_and_their_budget(tmp_path):
     """best-of-N counts candidates as proposals but accepts nothing; its token column's estimate is its budget."""
-    from report_runs import write_run
+    from support.report_runs import write_run
 
     from powersample.eval.report import acceptance_cell, load_rows, tokens_cell
 

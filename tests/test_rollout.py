@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SPECS, load_spec
+from support.toy import SPECS, load_spec
 from exact_laws import empirical, power_target, rollout_law, rollout_limit_law, tv, tv_null_quantile
 from support.tracing import assert_same_law, sampler_law
 

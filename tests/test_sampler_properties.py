@@ -6,32 +6,21 @@ import math
 
 import numpy as np
 import pytest
-from conftest import load_spec
+from support.toy import ContinuousToy, load_spec
 from exact_laws import apply, mh_kernel, power_target, tv
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from powersample import PowerSampleError, SamplerConfig, sample
-from powersample.backends.toy import ToyBackend, ToySpec
-from powersample.core.types import Continuation, Proposal
-from powersample.samplers import registry
-from powersample.samplers.chain import Chain
-from powersample.samplers.power import log_accept_ratio
+pytest.importorskip("hypothesis")
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from support.strategies import toy_specs  # noqa: E402
 
-@st.composite
-def toy_specs(draw):
-    """Random tables over 2-3 tokens + EOS, zeros allowed (but every row can emit something)."""
-    vocab = draw(st.integers(2, 3))
-    eos = vocab
-    def row():
-        w = draw(st.lists(st.sampled_from([0.0, 0.05, 0.2, 0.5, 1.0, 2.0]), min_size=vocab + 1, max_size=vocab + 1))
-        w = [x if sum(w) > 0 else 1.0 for x in w]
-        return [x / sum(w) for x in w]
-    prefixes = ["", "0", "1", "0,0", "0,1", "1,0", "1,1"]
-    nxt = {k: row() for k in prefixes if draw(st.booleans())}
-    return ToySpec.from_dict({"vocab": [f"t{i}" for i in range(vocab)] + ["<eos>"], "eos_id": eos,
-                              "default": row(), "next": nxt})
+from powersample import PowerSampleError, SamplerConfig, sample  # noqa: E402
+from powersample.backends.toy import ToyBackend  # noqa: E402
+from powersample.core.types import Continuation, Proposal  # noqa: E402
+from powersample.samplers import registry  # noqa: E402
+from powersample.samplers.chain import Chain  # noqa: E402
+from powersample.samplers.power import log_accept_ratio  # noqa: E402
 
 
 @settings(max_examples=25, deadline=None)
@@ -178,17 +167,6 @@ def test_empty_prompt_and_bad_counts_are_errors():
         sample(backend, "p", seed=-1)
 
 
-class ContinuousToy(ToyBackend):
-    """A toy backend that serves requests continuously, newest first (not in lockstep rounds, nor in their order)."""
-
-    def extend_continuous(self, requests, proposal, refill, poll=None):
-        queue = list(requests.items())
-        while queue:
-            key, request = queue.pop()
-            [cont] = self.extend([request], proposal)
-            queue += refill(key, cont).items()
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{c.block_size}")
 @pytest.mark.parametrize("spec_name", ["eos_trap", "early_eos", "no_early_eos"])
 def test_continuous_schedule_gives_the_same_samples_as_lockstep(config, spec_name):
@@ -200,6 +178,7 @@ def test_continuous_schedule_gives_the_same_samples_as_lockstep(config, spec_nam
     ]
 
 
+@pytest.mark.statistical
 def test_continuous_schedule_follows_the_exact_law():
     from exact_laws import algorithm_law, empirical, tv_null_quantile
 

@@ -9,77 +9,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-import httpx
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
-import powersample
-from powersample.backends.toy import ToyBackend, ToySpec
-from powersample.config import SamplerConfig
-from powersample.samplers import registry
-from powersample.server.app import Settings, create_app
-from powersample.server.background import background_server
-from powersample.server.protocol import Limits
+from support.server import DEFAULTS, SLOW_POWER, WORDS, SlowToy, client, serve, wait_idle, word_backend  # noqa: E402
 
-# Words, so that texts are long enough for stop strings; EOS is likely only after "."
-WORDS = {
-    "vocab": ["the", " cat", " sat", " on", " mat", ".", "\n", "<eos>"],
-    "eos_id": 7,
-    "default": [0.2, 0.15, 0.15, 0.15, 0.15, 0.1, 0.09, 0.01],
-    "next": {"": [0.6, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.0]},
-}
-DEFAULTS = SamplerConfig(max_new_tokens=12, block_size=4, mcmc_steps=3)
-
-
-def word_backend() -> ToyBackend:
-    return ToyBackend(ToySpec.from_dict(WORDS))
-
-
-class SlowToy:
-    """A toy backend that takes `delay` seconds per batched call and records each call's batch size."""
-
-    def __init__(self, delay: float = 0.02, context_length: int | None = None, fail_on: int | None = None):
-        self.inner, self.delay, self.context_length, self.fail_on = word_backend(), delay, context_length, fail_on
-        self.eos_ids = self.inner.eos_ids
-        self.batch_sizes: list[int] = []
-
-    def encode(self, prompt, chat=True):
-        return (0,) * len(prompt.split()) if self.context_length else ()  # with a context: only for its check
-
-    def decode(self, tokens):
-        return self.inner.decode(tokens)
-
-    def extend(self, requests, proposal):
-        self.batch_sizes.append(len(requests))
-        time.sleep(self.delay)
-        if self.fail_on is not None and any(r.max_tokens == self.fail_on for r in requests):
-            raise RuntimeError("engine exploded")
-        return self.inner.extend(requests, proposal)  # the prompt never reaches it: encode() gives () here
-
-
-def serve(backend=None, **settings):
-    settings.setdefault("defaults", DEFAULTS)
-    return background_server(create_app(backend or word_backend(), Settings(**settings)))
-
-
-def client(url: str, key: str = "none") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def health(url: str) -> dict:
-    return httpx.get(f"{url}/health").json()
-
-
-def wait_idle(url: str, within: float = 10.0) -> dict:
-    deadline = time.monotonic() + within
-    while True:
-        state = health(url)
-        if state["chains_in_flight"] == 0 and state["requests_running"] == 0 or time.monotonic() > deadline:
-            return state
-        time.sleep(0.05)
+import powersample  # noqa: E402
+from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
+from powersample.config import SamplerConfig  # noqa: E402
+from powersample.samplers import registry  # noqa: E402
+from powersample.server.protocol import Limits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -363,9 +306,6 @@ def test_an_engine_failure_is_a_500_and_the_server_goes_on():
 
 # --- timeouts, disconnects, batching -----------------------------------------------------------------------------
 
-SLOW_POWER = {"prompt": "x", "max_tokens": 12, "block_size": 1, "mcmc_steps": 50, "n": 2}  # ~600 backend calls
-
-
 def test_a_request_past_its_timeout_gets_504_and_frees_its_chains():
     backend = SlowToy(delay=0.01)
     with serve(backend, limits=Limits(request_timeout=0.3)) as url:
@@ -430,14 +370,6 @@ def test_shutdown_leaves_no_engine_thread():
 
 
 # --- the embedded model -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    backend = powersample.load_backend("auto")
-    with serve(backend, defaults=SamplerConfig(max_new_tokens=12, block_size=6, mcmc_steps=2),
-               model_name="smollm2") as url:  # fmt: skip
-        yield backend, url
 
 
 @pytest.mark.slow

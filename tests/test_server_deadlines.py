@@ -9,12 +9,12 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
 
-from test_server import serve  # noqa: E402
+from support.server import serve  # noqa: E402
 
 import powersample  # noqa: E402
 from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402

@@ -4,11 +4,14 @@ earliest stop string), whatever the tokens, their runs and the stops, and no del
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-import powersample
-from powersample.server.deltas import TextStream
+pytest.importorskip("hypothesis")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import powersample  # noqa: E402
+from powersample.server.deltas import TextStream  # noqa: E402
 
 # pieces that split characters over tokens (bytes), merge into others, and spell stop strings across tokens
 BYTES = [b"a", b"b", b" ", b"\n", b"ab", b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"STOP", b"ST", b"OP", b"\n\n"]

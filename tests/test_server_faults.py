@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
+pytest.importorskip("hypothesis")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
 from powersample.config import SamplerConfig  # noqa: E402

@@ -5,15 +5,15 @@ body served (2xx), every schema-invalid one refused, and no exception or error l
 
 The document states each field's real range under this server's limits and vocabulary, and the rules that join
 fields where JSON Schema can (schema.openapi). The one it cannot is the request's budget, a product of fields
-(prompts x n x members x max_tokens; bon's token budget): fuzz_hooks.py drops a positive_data_acceptance failure
+(prompts x n x members x max_tokens; bon's token budget): support/fuzz_hooks.py drops a positive_data_acceptance failure
 only when the server's own budget rule refuses that very body with that very message.
 
 The same run by hand, at any size (see the README's Serve section):
 
-    PYTHONPATH=.:tests SCHEMATHESIS_HOOKS=fuzz_hooks schemathesis run http://127.0.0.1:8000/openapi.json \
+    PYTHONPATH=.:tests SCHEMATHESIS_HOOKS=support.fuzz_hooks schemathesis run http://127.0.0.1:8000/openapi.json \
         --checks all --max-examples 60 --seed 1 -w 1
 
-(the hooks read this module's FUZZ_DEFAULTS and FUZZ_LIMITS: start the server with them, or leave the hooks out and
+(the hooks read their FUZZ_DEFAULTS and FUZZ_LIMITS: start the server with them, or leave the hooks out and
 read a 400 "the request asks for ..." as the budget rule).
 """
 
@@ -31,16 +31,14 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("schemathesis")
 
-from test_server_hardening import watched_server  # noqa: E402
+from support.fuzz_hooks import FUZZ_DEFAULTS, FUZZ_LIMITS  # noqa: E402
+from support.server import watched_server  # noqa: E402
 
-from powersample.config import SamplerConfig  # noqa: E402
-from powersample.server.protocol import Limits  # noqa: E402
+pytestmark = pytest.mark.fuzz
 
 CASES_PER_OPERATION = 60  # with the coverage phase's cases: about 1,200 in all, in about a minute on 2 cores
 # One worker: with -w 2, schemathesis's threads compile hypothesis code at once, which Python 3.11 does not survive
 # ("SystemError: AST constructor recursion depth mismatch", a schemathesis Runtime Error, never the server's)
-FUZZ_DEFAULTS = SamplerConfig(max_new_tokens=6, block_size=3, mcmc_steps=2)
-FUZZ_LIMITS = Limits(max_tokens=16, max_mcmc_steps=4, max_members=64, max_work=512, request_timeout=30)
 
 
 def schemathesis_command() -> list[str]:
@@ -61,7 +59,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(tmp_path):
                    "--request-timeout", "30"]  # fmt: skip
         tests = Path(__file__).parent
         paths = os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])
-        env = {**os.environ, "PYTHONPATH": paths, "SCHEMATHESIS_HOOKS": "fuzz_hooks"}
+        env = {**os.environ, "PYTHONPATH": paths, "SCHEMATHESIS_HOOKS": "support.fuzz_hooks"}
         run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-6000:]

@@ -4,31 +4,28 @@ and vanishing clients, error headers, and the cost of the per-token text pieces.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import socket
 import threading
-from contextlib import contextmanager
 
-import httpx
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("hypothesis")
 
-from test_server import DEFAULTS, WORDS, SlowToy, serve, word_backend  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from support.server import WORDS, SlowToy, serve, watched_server, word_backend  # noqa: E402
 
 from powersample.api import SampleRecord  # noqa: E402
 from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
 from powersample.config import SamplerConfig  # noqa: E402
 from powersample.errors import PowerSampleError  # noqa: E402
-from powersample.samplers import registry
+from powersample.samplers import registry  # noqa: E402
 from powersample.samplers.chain import Chain  # noqa: E402
 from powersample.server import protocol as wire  # noqa: E402
-from powersample.server.app import Settings, create_app  # noqa: E402
-from powersample.server.background import background_server  # noqa: E402
 from powersample.server.http import HttpLimits  # noqa: E402
 from powersample.server.protocol import Limits  # noqa: E402
 
@@ -242,37 +239,6 @@ def test_a_wrong_method_gets_405_with_allow(url):
 
 
 # --- S5, S6: clients that vanish mid-body, and slow ones ------------------------------------------------------------
-
-
-@contextmanager
-def watched_server(http: HttpLimits = HttpLimits(), **settings):
-    """A toy server whose app reports each finished request (and any exception escaping it), with uvicorn's error
-    log collected: no traceback may reach it."""
-    settings.setdefault("defaults", DEFAULTS)
-    app = create_app(word_backend(), Settings(**settings))
-    finished, escaped, logged = threading.Semaphore(0), [], []
-
-    async def watched(scope, receive, send):
-        try:
-            await app(scope, receive, send)
-        except BaseException as e:
-            escaped.append(e)
-            raise
-        finally:
-            if scope["type"] == "http":
-                finished.release()
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            logged.append(record)
-
-    handler = Collect(level=logging.ERROR)
-    logging.getLogger("uvicorn.error").addHandler(handler)
-    try:
-        with background_server(watched, limits=http) as base:
-            yield base, finished, escaped, logged
-    finally:
-        logging.getLogger("uvicorn.error").removeHandler(handler)
 
 
 def connect(base: str) -> socket.socket:

@@ -7,13 +7,13 @@ import sys
 import threading
 import time
 
-import httpx
 import pytest
 
 pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from test_server import SlowToy, serve  # noqa: E402
+from support.server import SlowToy, serve  # noqa: E402
 
 KEY = {"Authorization": "Bearer sekrit"}
 

@@ -7,18 +7,18 @@ from __future__ import annotations
 import json
 import math
 
-import httpx
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
-import powersample
-from powersample.backends.toy import ToyBackend, ToySpec
-from powersample.config import SamplerConfig
-from powersample.server.app import Settings, create_app
-from powersample.server.background import background_server
+import powersample  # noqa: E402
+from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
+from powersample.config import SamplerConfig  # noqa: E402
+from powersample.server.app import Settings, create_app  # noqa: E402
+from powersample.server.background import background_server  # noqa: E402
 
 WORDS = {  # ties at 0.15 (ids 1-4): alternatives go by the smaller id
     "vocab": ["the", " cat", " sat", " on", " mat", ".", "\n", "<eos>"],

@@ -9,13 +9,13 @@ import threading
 import time
 from dataclasses import replace
 
-import httpx
 import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
-from test_server import SLOW_POWER, SlowToy, client, embedded, serve, wait_idle, word_backend  # noqa: E402, F401
+from support.server import SLOW_POWER, SlowToy, by_index, client, events, serve, wait_idle, word_backend  # noqa: E402
 
 from powersample.backends.toy import ToyBackend  # noqa: E402
 
@@ -33,33 +33,12 @@ def toy_url():
         yield url
 
 
-def by_index(chunks, text) -> dict[int, str]:
-    """The concatenated text of each choice index."""
-    texts: dict[int, str] = {}
-    for chunk in chunks:
-        for choice in chunk.choices:
-            texts[choice.index] = texts.get(choice.index, "") + (text(choice) or "")
-    return texts
-
-
 def last_choice_chunks(chunks) -> dict[int, object]:
     last = {}
     for chunk in chunks:
         for choice in chunk.choices:
             last[choice.index] = (chunk, choice)
     return last
-
-
-def events(resp: httpx.Response) -> tuple[list[str], list]:
-    """The comment lines and the parsed `data:` payloads of a raw SSE response ("[DONE]" stays a string)."""
-    comments, data = [], []
-    for line in resp.iter_lines():
-        if line.startswith(":"):
-            comments.append(line)
-        elif line.startswith("data: "):
-            payload = line[len("data: ") :]
-            data.append(payload if payload == "[DONE]" else json.loads(payload))
-    return comments, data
 
 
 # --- the openai SDK ---------------------------------------------------------------------------------------------

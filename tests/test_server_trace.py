@@ -12,14 +12,13 @@ import re
 import time
 from dataclasses import replace
 
-import httpx
 import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
-from test_server import DEFAULTS, SLOW_POWER, SlowToy, client, serve, wait_idle, word_backend  # noqa: E402
-from test_server_stream import by_index, events  # noqa: E402
+from support.server import DEFAULTS, SLOW_POWER, SlowToy, by_index, client, serve, wait_idle, word_backend  # noqa: E402
 
 from powersample.api import ChainTrace, sample  # noqa: E402
 from powersample.samplers.chain import json_ready  # noqa: E402

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from conftest import SPECS, load_spec
+from support.toy import SPECS, load_spec
 from exact_laws import empirical, power_target, sequence_law, sis_law, tv, tv_null_quantile
 from support.tracing import TracingBackend, assert_same_law, program_law
 
@@ -246,7 +246,7 @@ def test_counters_and_records():
 
 
 def test_same_seed_same_output_and_either_schedule():
-    from test_sampler_properties import ContinuousToy
+    from support.toy import ContinuousToy
 
     spec = load_spec("eos_trap")
     config = smc_config(particles=6, ess_threshold=0.9, proposal_temperature=1.0)

@@ -12,11 +12,10 @@ of the rule must fail the same test. A seed draws the same tokens with any draft
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import load_spec
+from support.toy import load_spec
 from exact_laws import continuations, empirical, row_logprobs, tv, tv_null_quantile
 from support.tracing import assert_same_law, trace
 

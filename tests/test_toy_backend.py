@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import load_spec
+from support.toy import load_spec
 
 from powersample.backends.toy import ToyBackend, ToySpec
 from powersample.core.types import ExtendRequest, Proposal

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SPECS, load_spec
+from support.toy import SPECS, load_spec
 
 from powersample.api import make_chains
 from powersample.backends.toy import ToyBackend

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import run_check
+from support.toy import run_check
 
 pytest.importorskip("vllm")
 

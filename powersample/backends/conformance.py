@@ -36,7 +36,10 @@ The promises:
 - rows joining and leaving a continuous batch draw what they draw alone;
 - each request hint the backend honours (its `HINTS`: base.hints_honoured) costs it fewer forwards and draws the same
   tokens; a hint it does not honour changes nothing (`describe_hints` says which, for the CLI);
-- a request past the model's context length is a one-line PowerSampleError.
+- a request past the model's context length is a one-line PowerSampleError;
+- an engine's KV cache (optional: the subject's `cache`) feeds only what it lacks: the ids past a rewind, a cached
+  prefix's last id, a prompt once for the chains that share it, and nothing of a rejected proposal's current state
+  but its last id.
 """
 
 from __future__ import annotations
@@ -73,6 +76,19 @@ class NotApplicable(Exception):
 
 
 @dataclass(frozen=True)
+class Cache:
+    """An engine's KV cache as the cache checks see it."""
+
+    empty: Callable[[], Backend]  # a new engine on the same model, its caches empty
+    fed: Callable[[Backend], int]  # the ids an engine has fed its model so far
+    with_draws: bool = False  # fed counts the drawn ids fed back too (a continuation's tokens but its last)
+
+    def context_fed(self, engine: Backend, before: int, *conts: Continuation) -> int:
+        """The context ids `engine` has fed since its count was `before`, while drawing `conts` (without drafts)."""
+        return self.fed(engine) - before - (sum(len(c.tokens) - 1 for c in conts) if self.with_draws else 0)
+
+
+@dataclass(frozen=True)
 class Subject:
     """A backend under test and what the checks may use besides it."""
 
@@ -85,6 +101,7 @@ class Subject:
     draws_per_forward: bool = False  # the backend reports Report.on_draw every forward (else: at least once)
     long_prompt: Tokens = ()  # a prompt longer than the model's sliding window (its sliding layers have dropped
     # positions); () = the model has none, or the caller has no such prompt
+    cache: Cache | None = None  # the engine's KV cache, for the cache checks; None = it keeps none, or no counter
 
 
 def extend(
@@ -514,6 +531,72 @@ def context_length_is_checked(s: Subject) -> None:
         raise AssertionError(f"extending {len(s.prompt)} prompt tokens by {limit} passed the context length {limit}")
 
 
+# --- the KV cache: what an engine feeds its model -----------------------------------------------------------------
+
+
+def a_rewound_cache_feeds_only_the_new_ids(s: Subject) -> None:
+    """A slot's cache cut back where a new context diverges feeds only the ids past the divergence, and draws what an
+    empty cache draws (which feeds the whole context)."""
+    cache = _cache(s)
+    b = cache.empty()
+    first = extend(b, s.prompt, 12, seed=2, slot=3)
+    _check(len(first.tokens) >= 4, f"the check needs a few generated tokens to rewind into: {first.tokens}")
+    # The slot caches prompt + first.tokens[:-1]. Diverge after two generated tokens: three new ids.
+    ids = [t for t in s.prompt if t not in b.eos_ids]
+    context = s.prompt + first.tokens[:2] + (next(t for t in ids if t != first.tokens[2]), *ids[:2])
+    before = cache.fed(b)
+    rewound = extend(b, context, 8, seed=3, slot=3)
+    fed = cache.context_fed(b, before, rewound)
+    _check(fed == 3, f"a rewound cache fed {fed} context ids, want the 3 new ones")
+    _close(b.score(context, rewound.tokens), rewound.base_logp, s.tolerance, "score vs extend from a rewound cache")
+    empty = cache.empty()
+    before = cache.fed(empty)
+    fresh = extend(empty, context, 8, seed=3, slot=3)
+    fed = cache.context_fed(empty, before, fresh)
+    _check(fed == len(context), f"an empty cache fed {fed} ids of a {len(context)}-id context, want them all")
+    _check(fresh.tokens == rewound.tokens, f"a rewound cache drew {rewound.tokens}, an empty one {fresh.tokens}")
+    _close(fresh.base_logp, rewound.base_logp, s.tolerance, "log p from a rewound cache vs an empty one")
+
+
+def a_cached_prefix_feeds_only_its_last_id(s: Subject) -> None:
+    """A context the slot's cache holds wholly feeds only its last id again, for the next token's log p."""
+    cache = _cache(s)
+    b = cache.empty()
+    first = extend(b, s.prompt, 8, seed=4, slot=1)
+    _check(len(first.tokens) >= 4, f"the check needs a few generated tokens to cache: {first.tokens}")
+    context = s.prompt + first.tokens[:3]  # the slot caches prompt + first.tokens[:-1]
+    before = cache.fed(b)
+    cont = extend(b, context, 6, seed=5, slot=1)
+    fed = cache.context_fed(b, before, cont)
+    _check(fed == 1, f"a cached prefix fed {fed} context ids, want 1")
+    _close(b.score(context, cont.tokens), cont.base_logp, s.tolerance, "score vs extend from a cached prefix")
+
+
+def chains_share_the_prompt_prefill(s: Subject) -> None:
+    """Four chains of one batch on one prompt feed it once, then one id each for the other chains."""
+    cache = _cache(s)
+    b = cache.empty()
+    before = cache.fed(b)
+    conts = b.extend([ExtendRequest(s.prompt, 3, np.random.default_rng(j), j) for j in range(4)], BASE)
+    fed = cache.context_fed(b, before, *conts)
+    _check(fed == len(s.prompt) + 3, f"4 chains on a {len(s.prompt)}-id prompt fed {fed} ids, want it once and 3 more")
+
+
+def a_rejected_proposal_keeps_the_current_state_cached(s: Subject) -> None:
+    """MH in one slot: propose from a cut of the current state (whose cache must survive), reject, then extend the
+    current state: only its last id, never fed, is fed."""
+    cache = _cache(s)
+    b = cache.empty()
+    current = extend(b, s.prompt, 10, seed=7, slot=0)
+    state = s.prompt + current.tokens
+    extend(b, s.prompt + current.tokens[:3], 6, seed=8, slot=0)  # the proposal
+    before = cache.fed(b)
+    following = extend(b, state, 4, seed=9, slot=0)  # rejected: continue from the current state
+    fed = cache.context_fed(b, before, following)
+    _check(fed == 1, f"the current state fed {fed} context ids after a rejection, want its last one")
+    _close(b.score(state, following.tokens), following.base_logp, s.tolerance, "score vs extend after a rejection")
+
+
 CHECKS: tuple[Callable[[Subject], object], ...] = (
     score_agrees_with_sampling,
     rewinding_matches_recomputing,
@@ -535,6 +618,10 @@ CHECKS: tuple[Callable[[Subject], object], ...] = (
     rows_joining_and_leaving_match_single_rows,
     hints_change_forwards_not_draws,
     context_length_is_checked,
+    a_rewound_cache_feeds_only_the_new_ids,
+    a_cached_prefix_feeds_only_its_last_id,
+    chains_share_the_prompt_prefill,
+    a_rejected_proposal_keeps_the_current_state_cached,
 )
 
 
@@ -576,6 +663,12 @@ def _ragged(s: Subject) -> tuple[Tokens, ...]:
     """The prompt, the prompt plus one and two sampled tokens, and the prompt again: a batch of ragged lengths."""
     first = extend(s.backend, s.prompt, 2, seed=39, slot=199)
     return (s.prompt, s.prompt + first.tokens, s.prompt + first.tokens[:1], s.prompt)
+
+
+def _cache(s: Subject) -> Cache:
+    if s.cache is None:
+        raise NotApplicable("no cache: the subject keeps no KV cache, or cannot count what it feeds")
+    return s.cache
 
 
 def _rows(s: Subject, tokens: Tokens) -> list[tuple[np.ndarray, int]]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from itertools import count
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
@@ -341,7 +340,7 @@ def sampler_law(spec: ToySpec, config: SamplerConfig) -> Law:
 def requests_state(requests: Sequence[ExtendRequest]) -> tuple:
     """What the rest of a program depends on in its requests. The draft is left out: it decides how many tokens a
     forward verifies, never which (core.drafts)."""
-    return tuple((r.context, r.max_tokens, r.alternatives, r.entropy, floor_state(r.floor)) for r in requests)
+    return tuple((r.context, r.max_tokens, r.report.alternatives, r.report.entropy, floor_state(r.hints.floor)) for r in requests)
 
 
 def floor_state(floor: Floor | None) -> tuple | None:

@@ -39,3 +39,9 @@ def verdicts(pattern: str, seeds: int = 1) -> list[dict[str, Any]]:
     assert len(rows) == seeds
     return [{"problem_id": f"p{i}", "seed": s, "correct": c == "1"} for s, row in enumerate(rows)
             for i, c in enumerate(row)]  # fmt: skip
+
+
+def section(markdown: str, title: str) -> list[str]:
+    """The table lines of one '## title' section."""
+    part = markdown.split(f"## {title}\n\n")[1].split("\n\n")[0]
+    return part.splitlines()[2:]

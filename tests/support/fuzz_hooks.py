@@ -1,4 +1,5 @@
-"""schemathesis hooks for tests/test_server_fuzz.py (loaded through SCHEMATHESIS_HOOKS, in schemathesis's process).
+"""schemathesis hooks for tests/test_server_fuzz.py (loaded through SCHEMATHESIS_HOOKS, in schemathesis's process),
+and the fuzz server's defaults and limits, which the test starts it with.
 
 One rule of the server is a product of fields, which JSON Schema cannot state: the budget of a request (prompts x n x
 the members of a chain, times max_tokens; bon's token budget: `protocol.check_budget`). A schema-valid body over it
@@ -13,10 +14,12 @@ import json
 
 import schemathesis
 
-from test_server_fuzz import FUZZ_DEFAULTS, FUZZ_LIMITS
+from powersample.config import SamplerConfig
+from powersample.server.protocol import (ApiError, ChatBody, CompletionBody, Limits, check_budget, parse_body,
+                                         prompt_list, sampler_config)  # fmt: skip
 
-from powersample.server.protocol import (ApiError, ChatBody, CompletionBody, check_budget, parse_body, prompt_list,
-                                         sampler_config)  # fmt: skip
+FUZZ_DEFAULTS = SamplerConfig(max_new_tokens=6, block_size=3, mcmc_steps=2)
+FUZZ_LIMITS = Limits(max_tokens=16, max_mcmc_steps=4, max_members=64, max_work=512, request_timeout=30)
 
 BUDGET = ("the request asks for", "bon's budget")  # how protocol.check_budget's messages start
 
