@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from support.toy import SPECS, load_spec
-from eval_toy import eval_argv, write_jsonl, write_spec
+from support.eval_toy import eval_argv, write_jsonl, write_spec
 from exact_laws import continuations, sequence_law, tv
 from support.tracing import assert_same_law, sampler_law
-from test_exactness import assert_follows, draw
+from support.statistical import assert_follows, draw
 
 from powersample import SamplerConfig, sample
 from powersample.api import sample_many

@@ -16,35 +16,19 @@ from support.toy import load_spec
 from exact_laws import (
     algorithm_law,
     apply,
-    empirical,
     mh_kernel,
     power_target,
     sequence_law,
     tv,
-    tv_null_quantile,
 )
+from support.statistical import assert_follows, draw
 from support.tracing import Merge, TracingBackend, assert_same_law, chain_state, program_law, sampler_law
 
-from powersample import SamplerConfig, sample
-from powersample.backends.toy import ToyBackend, ToySpec
+from powersample import SamplerConfig
+from powersample.backends.toy import ToySpec
 from powersample.core.types import Floor, Proposal
 from powersample.samplers import power
 from powersample.samplers.chain import Chain
-
-N = 3000  # samples per statistical test; each is an independent chain
-
-
-def draw(spec_name: str, config: SamplerConfig, n: int = N, seed: int = 0) -> list[tuple[int, ...]]:
-    backend = ToyBackend(load_spec(spec_name))
-    return [r.tokens for r in sample(backend, "ignored", config, seed=seed, num_samples=n)]
-
-
-def assert_follows(samples: list[tuple[int, ...]], law: dict) -> None:
-    """TV(empirical, law) must be within the 99.9% quantile of the multinomial null for len(samples) draws."""
-    have, bound = tv(empirical(samples), law), tv_null_quantile(law, len(samples))
-    assert set(empirical(samples)) <= {k for k, v in law.items() if v > 0}, "a sample outside the support"
-    assert have <= bound, f"TV {have:.4f} > null 99.9% quantile {bound:.4f}"
-
 
 # --- the full algorithm, step for step: finite MH steps, stages, early stop at EOS ---------------------------
 

@@ -16,7 +16,7 @@ from exact_laws import algorithm_law, apply, mh_kernel, mtm_algorithm_law, mtm_k
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.tracing import assert_same_law, sampler_law
-from test_exactness import assert_follows, draw
+from support.statistical import assert_follows, draw
 from support.strategies import toy_specs
 
 from powersample import SamplerConfig, sample

@@ -16,7 +16,7 @@ from exact_laws import algorithm_law, apply, as_chain, mh_kernel, power_target, 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.tracing import assert_same_law, sampler_law, trace
-from test_exactness import assert_follows, draw
+from support.statistical import assert_follows, draw
 from support.strategies import toy_specs
 
 from powersample import PowerSampleError, SamplerConfig, sample

@@ -62,7 +62,7 @@ def drafted(backend: ToyBackend, proposal: Proposal, draft, k: int, n: int = N, 
 
 def drafted_law(backend: ToyBackend, proposal: Proposal, draft: Draft, k: int) -> dict:
     """The exact law of one drafted continuation: the engine's walk traced over every draw."""
-    request = lambda source: ExtendRequest((), MAX_TOKENS, source, draft=draft, speculate=k)  # noqa: E731
+    request = lambda source: ExtendRequest((), MAX_TOKENS, source, hints=Hints(draft, k))  # noqa: E731
     return trace(lambda source: backend.extend([request(source)], proposal)[0].tokens)
 
 
