@@ -30,8 +30,19 @@ def main() -> int:
     args = ap.parse_args()
     KNOBS["seed"] = args.seed
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", "from powersample.cli import main; main()", "serve", "--quiet",
-                               "--backend", args.backend, "--port", str(port)])  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from powersample.cli import main; main()",
+            "serve",
+            "--quiet",
+            "--backend",
+            args.backend,
+            "--port",
+            str(port),
+        ]
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, server)

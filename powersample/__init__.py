@@ -16,7 +16,6 @@ from powersample.errors import PowerSampleError
 from powersample.samplers.registry import METHODS
 
 
-
 def _installed_version() -> str:
     """The version pyproject.toml declares, as installed (the one source); "unknown" when run from a bare tree."""
     from importlib.metadata import PackageNotFoundError, version

@@ -127,14 +127,16 @@ class ChainTrace:
         return "".join(json_line(e, refusal) for e in self.events).encode()
 
 
-def trace_chains(trace: ChainTrace, chains: Sequence[Chain], prompt: str, config: SamplerConfig, seed: int,
-                 first: int = 0) -> None:  # fmt: skip
+def trace_chains(
+    trace: ChainTrace, chains: Sequence[Chain], prompt: str, config: SamplerConfig, seed: int, first: int = 0
+) -> None:
     """Trace the chains of one prompt: each records its "start" (the prompt, method, seed, its sample index and the
     config as it runs on the trace's backend) and reports its events to `trace`, chain j numbered first + j."""
     resolved = registry.resolved(on_engine(config, trace.backend))
     for j, chain in enumerate(chains):
-        chain.trace = trace.start(first + j, prompt=prompt, method=config.method, seed=seed, sample_index=j,
-                                  config=resolved)  # fmt: skip
+        chain.trace = trace.start(
+            first + j, prompt=prompt, method=config.method, seed=seed, sample_index=j, config=resolved
+        )
 
 
 def sample_many(
@@ -211,8 +213,10 @@ def _job_done(backend, prompt, config, seed, n, start, finish) -> Callable[[int]
 
 def make_chains(seed: int, n: int, return_particles: bool = False) -> list[Chain]:
     """The n chains of one sample() call: chain j draws from its own generator, seeded by chain_seeds(seed, n)[j]."""
-    return [Chain(np.random.default_rng(s), slot=j, return_particles=return_particles)
-            for j, s in enumerate(chain_seeds(seed, n))]  # fmt: skip
+    return [
+        Chain(np.random.default_rng(s), slot=j, return_particles=return_particles)
+        for j, s in enumerate(chain_seeds(seed, n))
+    ]
 
 
 def chain_seeds(seed: int, n: int) -> list[np.random.SeedSequence]:
@@ -275,15 +279,20 @@ def _particles(backend: Backend, r: ChainResult) -> list[dict] | None:
     if r.particles is None:
         return None
     return [
-        {"text": backend.decode(p.tokens), "tokens": list(p.tokens), "logp": math.fsum(p.token_logp),
-         "weight": p.weight}
+        {
+            "text": backend.decode(p.tokens),
+            "tokens": list(p.tokens),
+            "logp": math.fsum(p.token_logp),
+            "weight": p.weight,
+        }
         for p in r.particles
     ]
 
 
 @contextlib.contextmanager
-def sampling_bar(config: SamplerConfig, quiet: bool = False, desc: str = "sampling",
-                 chains: int = 1) -> Iterator[Progress | None]:  # fmt: skip
+def sampling_bar(
+    config: SamplerConfig, quiet: bool = False, desc: str = "sampling", chains: int = 1
+) -> Iterator[Progress | None]:
     """A progress bar over the backend requests of `chains` chains; yields its update function (None when quiet)."""
     with progress_bar(registry.work_units(config) * chains, desc, "req", quiet=quiet) as bar:
         if bar is None:

@@ -65,51 +65,75 @@ class SamplerConfig:
     method: str = shared("power", "sampling method: a name in the sampler registry")
     alpha: float = shared(4.0, "power alpha of the target p^alpha; 1 = the base model itself", scale=True)
     max_new_tokens: int = shared(256, "T, the most tokens generated after the prompt", lo=1, served=False)
-    block_size: int | None = shared(None, "block size B", lo=1, hi="max_new_tokens",
-                                    shown="default T / block count")  # fmt: skip
+    block_size: int | None = shared(None, "block size B", lo=1, hi="max_new_tokens", shown="default T / block count")
     block_count: int = shared(16, "number of blocks T/B, used without a block size", lo=1)
     mcmc_steps: int = shared(10, "Metropolis-Hastings steps per stage", lo=0)
-    proposal_temperature: float | None = shared(None, "proposal temperature tau", scale=True,
-                                                shown="default 1/alpha")  # fmt: skip
+    proposal_temperature: float | None = shared(None, "proposal temperature tau", scale=True, shown="default 1/alpha")
     top_k: int = shared(0, "proposal top-k truncation to the k likeliest tokens; 0 = off", lo=0, note="(0 = off)")
     top_p: float = shared(1.0, "proposal top-p (nucleus) truncation; 1 = off", lo=0, hi=1, lo_open=True)
-    speculate: int | None = shared(None, "MCMC proposals: verify guesses at each continuation (the current suffix, "
-                                   "what the chain drew before) up to K tokens per forward; the same samples, fewer "
-                                   "forwards; 0 = off", lo=0, note="(0 = off)", metavar="K",
-                                   shown="default: the engine's choice: 8 on hf, 0 on llamacpp and vllm")  # fmt: skip
+    speculate: int | None = shared(
+        None,
+        "MCMC proposals: verify guesses at each continuation (the current suffix, "
+        "what the chain drew before) up to K tokens per forward; the same samples, fewer "
+        "forwards; 0 = off",
+        lo=0,
+        note="(0 = off)",
+        metavar="K",
+        shown="default: the engine's choice: 8 on hf, 0 on llamacpp and vllm",
+    )
     # (speculate None = the engine's own choice, what `powersample bench` measured fastest on it: core.drafts)
-    tries: int = knob(4, "proposals per MH step, drawn in one batched call; 1 = power, draw for draw", lo=1,
-                      members=True)  # fmt: skip
+    tries: int = knob(
+        4, "proposals per MH step, drawn in one batched call; 1 = power, draw for draw", lo=1, members=True
+    )
     # power-smc (Azizi et al., 2026): particles and ess_threshold as in the authors' MATH500 script
     # (github.com/ArminAzizi98/Power-SMC, power_samp_math.py: n_particles=64, ess_threshold=0.5)
-    particles: int = knob(64, "particles per sample, advanced together (one batched call per block)", lo=1,
-                          members=True)  # fmt: skip
-    ess_threshold: float = knob(0.5, "resample when the effective sample size < this x particles; 0 = never "
-                                "(plain importance sampling)", lo=0, hi=1)  # fmt: skip
-    alpha_ramp: int = knob(0, "tokens over which the exponent ramps from 1 up to alpha; 0 = no ramp", lo=0,
-                           note="(0 = off)")  # fmt: skip
+    particles: int = knob(
+        64, "particles per sample, advanced together (one batched call per block)", lo=1, members=True
+    )
+    ess_threshold: float = knob(
+        0.5,
+        "resample when the effective sample size < this x particles; 0 = never (plain importance sampling)",
+        lo=0,
+        hi=1,
+    )
+    alpha_ramp: int = knob(
+        0, "tokens over which the exponent ramps from 1 up to alpha; 0 = no ramp", lo=0, note="(0 = off)"
+    )
     # (kept off: the authors' ramp also moves the proposal to 1/a_t; ours stays at tau, so a ramp changes only the
     # intermediate weights that resampling sees)
     # power-cut: entropy-guided cuts (samplers/power_cut.py)
-    cut_beta: float = knob(4.0, "cuts drawn in proportion to (entropy jump)^beta; 0 = every rise in entropy alike",
-                           lo=0, hi=1000)  # fmt: skip
-    cut_floor: float = knob(0.1, "share of the cut distribution spread uniformly, in (0, 1]; 1 = power's uniform "
-                            "cut", lo=0, hi=1, lo_open=True)  # fmt: skip
+    cut_beta: float = knob(
+        4.0, "cuts drawn in proportion to (entropy jump)^beta; 0 = every rise in entropy alike", lo=0, hi=1000
+    )
+    cut_floor: float = knob(
+        0.1,
+        "share of the cut distribution spread uniformly, in (0, 1]; 1 = power's uniform cut",
+        lo=0,
+        hi=1,
+        lo_open=True,
+    )
     candidates: int = knob(8, "K, the likeliest next tokens weighed at each step", lo=1, members=True)
     rollouts: int = knob(4, "M, rollouts per candidate estimating its future power mass", lo=1, members=True)
     rollout_horizon: int = knob(0, "tokens per rollout; 0 = up to T", lo=0, note="(0 = up to T)")
-    bon_tokens: int = knob(0, "budget: candidates are drawn until their tokens reach it (the last one in full); 0 = "
-                           "the Eq. 12 cost of this config's power run, ceil(N T^2 / (4B) + T)", lo=0,
-                           note="(0 = the Eq. 12 cost)")  # fmt: skip
-    bon_temperature: float = knob(1.0, "temperature of the candidates (1 = the base model; top-k and top-p apply)",
-                                  scale=True)  # fmt: skip
+    bon_tokens: int = knob(
+        0,
+        "budget: candidates are drawn until their tokens reach it (the last one in full); 0 = "
+        "the Eq. 12 cost of this config's power run, ceil(N T^2 / (4B) + T)",
+        lo=0,
+        note="(0 = the Eq. 12 cost)",
+    )
+    bon_temperature: float = knob(
+        1.0, "temperature of the candidates (1 = the base model; top-k and top-p apply)", scale=True
+    )
 
     def __post_init__(self) -> None:
         for name, spec in SPECS.items():
             _check_field(self, name, spec)
         stages = -(-self.max_new_tokens // self.block)  # ceil(T / B), in integers: T may exceed a float's precision
-        _check(stages <= MAX_STAGES, f"max_new_tokens / block size gives {stages} stages; at most {MAX_STAGES} "
-               f"(raise the block size)")  # fmt: skip
+        _check(
+            stages <= MAX_STAGES,
+            f"max_new_tokens / block size gives {stages} stages; at most {MAX_STAGES} (raise the block size)",
+        )
 
     @property
     def block(self) -> int:

@@ -40,5 +40,6 @@ def palette_png(png: bytes) -> bytes:
     image = Image.open(io.BytesIO(png)).convert("RGB")
     buffer = io.BytesIO()
     image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
-        buffer, format="PNG", optimize=True)
+        buffer, format="PNG", optimize=True
+    )
     return buffer.getvalue()

@@ -80,7 +80,11 @@ def as_chain(spec: ToySpec, seq: tuple[int, ...], proposal: Proposal) -> Chain:
 
 
 def mh_kernel(
-    spec: ToySpec, alpha: float, proposal: Proposal, cap: int, rule: AcceptRule = log_accept_ratio,
+    spec: ToySpec,
+    alpha: float,
+    proposal: Proposal,
+    cap: int,
+    rule: AcceptRule = log_accept_ratio,
     cuts: Cuts = UNIFORM,
 ) -> Callable[[tuple[int, ...]], Law]:
     """K(x, .) of one MH step of stage `cap`, as a function of x, built from the code's cut distribution and
@@ -267,8 +271,12 @@ def sis_law(spec: ToySpec, config: SamplerConfig) -> Law:
     from q, one of them returned with probability w_i / sum_j w_j, w = p^alpha / q (what the weights telescope to,
     with or without a ramp). Every N-tuple of sequences enumerated."""
     seqs = list(sequence_law(spec, registry.proposal(config), config.max_new_tokens).items())  # (x, q(x))
-    log_w = np.array([config.alpha * math.fsum(_continuation(spec, (), x, registry.proposal(config)).base_logp)
-                      - math.log(q) for x, q in seqs])  # fmt: skip
+    log_w = np.array(
+        [
+            config.alpha * math.fsum(_continuation(spec, (), x, registry.proposal(config)).base_logp) - math.log(q)
+            for x, q in seqs
+        ]
+    )
     n = config.particles
     idx = np.stack(np.meshgrid(*[np.arange(len(seqs))] * n, indexing="ij"), axis=-1).reshape(-1, n)  # (S^N, N)
     prob = np.prod(np.array([q for _, q in seqs])[idx], axis=1)  # (S^N,) q-probability of the tuple
@@ -306,10 +314,13 @@ def _finite_step_law(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...]) -
         pools = [(1.0, [((int(t),), float(logp[t])) for t in order])]
     else:
         cap = min(len(x) + config.block_size, config.max_new_tokens)
-        blocks = [(s, math.exp(lq), _suffix_logp(spec, x, s, proposal))
-                  for s, lq in continuations(spec, proposal, x, cap)]  # fmt: skip
-        pools = [(math.prod(q for _, q, _ in pool), _likeliest({(s, lp) for s, _, lp in pool}, config.candidates))
-                 for pool in itertools.product(blocks, repeat=config.candidates * config.rollouts)]  # fmt: skip
+        blocks = [
+            (s, math.exp(lq), _suffix_logp(spec, x, s, proposal)) for s, lq in continuations(spec, proposal, x, cap)
+        ]
+        pools = [
+            (math.prod(q for _, q, _ in pool), _likeliest({(s, lp) for s, _, lp in pool}, config.candidates))
+            for pool in itertools.product(blocks, repeat=config.candidates * config.rollouts)
+        ]
     for pool_prob, units in pools:
         for unit, prob in _weighed_units(spec, config, x, units).items():
             out[unit] += pool_prob * prob
@@ -332,8 +343,12 @@ def _weighed_units(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...], uni
         s = x + units[k][0]
         h = config.rollout_horizon or config.max_new_tokens
         cap = min(len(s) + h, config.max_new_tokens)
-        options.append([(config.alpha * _suffix_logp(spec, s, r, proposal) - lq, math.exp(lq))
-                        for r, lq in continuations(spec, proposal, s, cap)])  # fmt: skip
+        options.append(
+            [
+                (config.alpha * _suffix_logp(spec, s, r, proposal) - lq, math.exp(lq))
+                for r, lq in continuations(spec, proposal, s, cap)
+            ]
+        )
     log_head = np.array([config.alpha * lp for _, lp in units])  # (K,)
     out: Law = defaultdict(float)
     for draws in itertools.product(*[opts for opts in options for _ in range(m)]):

@@ -13,11 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from support.toy import SPECS, load_spec
-from support.eval_toy import eval_argv, write_jsonl, write_spec
 from exact_laws import continuations, sequence_law, tv
-from support.tracing import assert_same_law, sampler_law
+from support.eval_toy import eval_argv, write_jsonl, write_spec
 from support.statistical import assert_follows, draw
+from support.toy import SPECS, load_spec
+from support.tracing import assert_same_law, sampler_law
 
 from powersample import SamplerConfig, sample
 from powersample.api import sample_many
@@ -28,8 +28,12 @@ from powersample.samplers import bon, registry
 
 # Ties: with powers of two, (eos), (a, b) and (a, eos) share the mean log p log(1/4) exactly, while q draws them
 # with different probabilities, so which tied candidate wins changes the law.
-TIES = {"vocab": ["a", "b", "<eos>"], "eos_id": 2, "default": [0.5, 0.25, 0.25],
-        "next": {"": [0.25, 0.5, 0.25], "0": [0.5, 0.25, 0.25]}}  # fmt: skip
+TIES = {
+    "vocab": ["a", "b", "<eos>"],
+    "eos_id": 2,
+    "default": [0.5, 0.25, 0.25],
+    "next": {"": [0.25, 0.5, 0.25], "0": [0.5, 0.25, 0.25]},
+}
 
 
 # Every candidate ties: all rows uniform, so every token has the same log p. The earliest candidate, the first
@@ -62,8 +66,10 @@ def bon_law(spec: ToySpec, config: SamplerConfig, score=mean_score, crossing: bo
     The mutants: `score` = total log p; crossing=False: the candidate that crosses the budget is not considered;
     earliest=False: a tie goes to the later candidate."""
     budget, proposal = budget_of(config), registry.proposal(config)
-    cands = [(s, math.exp(lq), score([math.log(spec.row(s[:t])[tok]) for t, tok in enumerate(s)]))
-             for s, lq in continuations(spec, proposal, (), config.max_new_tokens)]  # fmt: skip
+    cands = [
+        (s, math.exp(lq), score([math.log(spec.row(s[:t])[tok]) for t, tok in enumerate(s)]))
+        for s, lq in continuations(spec, proposal, (), config.max_new_tokens)
+    ]
 
     def better(new: float, old: float) -> bool:
         return new > old if earliest else new >= old
@@ -115,8 +121,9 @@ def test_a_budget_below_one_candidate_is_one_base_sample():
     assert all(r.proposals == 1 and r.accepted == 0 for r in got)
 
 
-@pytest.mark.parametrize("case, mutant", [(1, {"score": total_score}), (2, {"crossing": False}),
-                                          (6, {"earliest": False})])  # fmt: skip
+@pytest.mark.parametrize(
+    "case, mutant", [(1, {"score": total_score}), (2, {"crossing": False}), (6, {"earliest": False})]
+)
 def test_the_law_tells_the_mutants_apart(case, mutant):
     """The test above fails a sampler that selects by total log p, drops the crossing candidate, or breaks ties
     toward the later one: each mutant's law is far from the rule's."""
@@ -192,8 +199,9 @@ def test_same_seed_same_output_alone_and_beside_other_jobs():
     assert alone == trace(sample(ToyBackend(spec), "p", config, seed=7, num_samples=4))
     assert alone[:2] == trace(sample(ToyBackend(spec), "p", config, seed=7, num_samples=2))
     others = [replace(config, bon_tokens=b) for b in (1, 7, 20, 7)]  # other budgets, in one engine run
-    beside = sample_many(ToyBackend(spec), [("q", 1), ("p", 7), ("r", 2), ("p", 7)], config, num_samples=4,
-                         configs=others)  # fmt: skip
+    beside = sample_many(
+        ToyBackend(spec), [("q", 1), ("p", 7), ("r", 2), ("p", 7)], config, num_samples=4, configs=others
+    )
     assert trace(beside[1]) == alone and trace(beside[3]) == alone
     assert trace(beside[2]) == trace(sample(ToyBackend(spec), "r", others[2], seed=2, num_samples=4))
 
@@ -213,8 +221,9 @@ def test_continuous_schedule_gives_the_same_samples():
 def test_job_configs_must_share_the_proposal():
     config = SamplerConfig(method="bon", max_new_tokens=3)
     with pytest.raises(Exception, match="one proposal"):
-        sample_many(ToyBackend(load_spec("eos_trap")), [("p", 0)], config,
-                    configs=[replace(config, bon_temperature=0.5)])  # fmt: skip
+        sample_many(
+            ToyBackend(load_spec("eos_trap")), [("p", 0)], config, configs=[replace(config, bon_temperature=0.5)]
+        )
 
 
 def test_registry_entry_and_budget():
@@ -226,9 +235,14 @@ def test_registry_entry_and_budget():
     assert registry.resolved(config)["proposal_temperature"] == 0.7
 
 
-@pytest.mark.parametrize("flag, value, message", [("--bon-tokens", "-1", "bon_tokens must be >= 0"),
-                                                  ("--bon-temperature", "0", "bon_temperature must be between"),
-                                                  ("--bon-temperature", "nan", "bon_temperature must be between")])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--bon-tokens", "-1", "bon_tokens must be >= 0"),
+        ("--bon-temperature", "0", "bon_temperature must be between"),
+        ("--bon-temperature", "nan", "bon_temperature must be between"),
+    ],
+)
 def test_bad_knobs_are_one_line_errors(flag, value, message, capsys):
     toy = ["--backend", "toy", "--toy-spec", str(SPECS / "eos_trap.json"), "--quiet"]
     assert main(["sample", "x", *toy, "--method", "bon", flag, value]) == 2
@@ -257,8 +271,14 @@ def test_served_bon_is_the_api_sample_and_its_budget_is_bounded():
         enum = json.dumps(client.get("/openapi.json").json())
     assert reply.status_code == 200, reply.text
     ps = reply.json()["power_sampling"]
-    want = sample(ToyBackend(spec), "x", SamplerConfig(method="bon", max_new_tokens=3, bon_tokens=7), seed=3,
-                  num_samples=2, chat=False)  # fmt: skip
+    want = sample(
+        ToyBackend(spec),
+        "x",
+        SamplerConfig(method="bon", max_new_tokens=3, bon_tokens=7),
+        seed=3,
+        num_samples=2,
+        chat=False,
+    )
     assert ps["tokens_sampled"] == sum(r.tokens_generated for r in want) and ps["acceptance_rate"] is None
     assert [c["proposals"] for c in ps["chains"]] == [r.proposals for r in want]
     assert [c["acceptance_rate"] for c in ps["chains"]] == [None, None]  # candidates are no MH proposals

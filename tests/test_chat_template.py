@@ -21,14 +21,18 @@ from powersample.eval.records import load_records, read_run
 
 pytest.importorskip("fastapi")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from powersample.server.app import NO_TEMPLATE as SERVE_NO_TEMPLATE  # noqa: E402
-from powersample.server.app import Settings, create_app  # noqa: E402
+from powersample.server.app import NO_TEMPLATE as SERVE_NO_TEMPLATE
+from powersample.server.app import Settings, create_app
 
 # Says "Sure.", then writes the user's next turn itself, as a chat model given a bare transcript does.
-TALKER = {"vocab": ["Sure.", "\nuser:", " thanks", "<eos>"], "eos_id": 3, "default": [0.0, 0.0, 0.5, 0.5],
-          "next": {"": [1.0, 0.0, 0.0, 0.0], "0": [0.0, 1.0, 0.0, 0.0]}}  # fmt: skip
+TALKER = {
+    "vocab": ["Sure.", "\nuser:", " thanks", "<eos>"],
+    "eos_id": 3,
+    "default": [0.0, 0.0, 0.5, 0.5],
+    "next": {"": [1.0, 0.0, 0.0, 0.0], "0": [0.0, 1.0, 0.0, 0.0]},
+}
 BASE = SamplerConfig(method="base", max_new_tokens=4)
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 
@@ -97,8 +101,14 @@ def test_hf_tokenizer_without_a_template(capsys):
     from powersample.backends.hf import HFBackend
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_model_dir())
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     assert has_chat_template(HFBackend(model, tokenizer))
@@ -119,7 +129,8 @@ def test_llama_cpp_model_without_a_template(tmp_path, capsys):
     from powersample.backends.llamacpp import LlamaCppBackend
 
     load = lambda template: LlamaCppBackend.load(  # noqa: E731
-        str(tiny_gemma2(tmp_path / f"{template}.gguf", chat_template=template)), n_ctx=256, max_slots=2)
+        str(tiny_gemma2(tmp_path / f"{template}.gguf", chat_template=template)), n_ctx=256, max_slots=2
+    )
     assert has_chat_template(load(True))
     backend = load(False)
     assert not has_chat_template(backend)

@@ -26,16 +26,41 @@ def run(argv, capsys):
 
 def test_sample_prints_text_and_summary_and_writes_records(tmp_path, capsys):
     out_file = tmp_path / "out.jsonl"
-    argv = ["sample", "hello", *TOY, "--max-new-tokens", "4", "--block-size", "2", "--num-samples", "3",
-            "--seed", "5", "--output", str(out_file)]
+    argv = [
+        "sample",
+        "hello",
+        *TOY,
+        "--max-new-tokens",
+        "4",
+        "--block-size",
+        "2",
+        "--num-samples",
+        "3",
+        "--seed",
+        "5",
+        "--output",
+        str(out_file),
+    ]
     code, out, err = run(argv, capsys)
     assert code == 0 and err == ""
     assert out.count("[sample ") == 3 and "method=power" in out
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert len(records) == 3
     for r in records:
-        assert {"prompt", "text", "tokens", "logp", "tokens_generated", "proposals", "accepted", "wall_seconds",
-                "method", "config", "token_logp", "finish_reason"} <= set(r)
+        assert {
+            "prompt",
+            "text",
+            "tokens",
+            "logp",
+            "tokens_generated",
+            "proposals",
+            "accepted",
+            "wall_seconds",
+            "method",
+            "config",
+            "token_logp",
+            "finish_reason",
+        } <= set(r)
         assert r["prompt"] == "hello" and r["config"]["block_size"] == 2 and r["config"]["alpha"] == 4.0
     # appending keeps what was there, and the same seed gives the same records
     assert run(argv, capsys)[0] == 0
@@ -49,15 +74,29 @@ def test_every_method_runs_that_method(method, tmp_path, capsys):
     """The record the CLI writes is the one the API gives for that method: the method's own sampler ran (a
     `base` that ran the power sampler would have made MH proposals and drawn other tokens)."""
     out_file = tmp_path / "out.jsonl"
-    argv = ["sample", "x", *TOY, "--method", method, "--max-new-tokens", "3", "--num-samples", "4", "--seed", "3",
-            "--output", str(out_file)]
+    argv = [
+        "sample",
+        "x",
+        *TOY,
+        "--method",
+        method,
+        "--max-new-tokens",
+        "3",
+        "--num-samples",
+        "4",
+        "--seed",
+        "3",
+        "--output",
+        str(out_file),
+    ]
     code, out, _ = run(argv, capsys)
     assert code == 0 and out.count(f"method={method} ") == 4
     got = [json.loads(line) for line in out_file.read_text().splitlines()]
     config = SamplerConfig(method=method, max_new_tokens=3)
     want = sample(ToyBackend(load_spec("early_eos")), "x", config, seed=3, num_samples=4)
-    assert [(r["tokens"], r["proposals"], r["tokens_generated"]) for r in got] == \
-        [(list(w.tokens), w.proposals, w.tokens_generated) for w in want]  # fmt: skip
+    assert [(r["tokens"], r["proposals"], r["tokens_generated"]) for r in got] == [
+        (list(w.tokens), w.proposals, w.tokens_generated) for w in want
+    ]
     moves = registry.method(method).family in ("mcmc", "bon")  # MH proposals, or bon's candidates
     assert all((r["proposals"] > 0) == moves for r in got)
 
@@ -136,7 +175,8 @@ def test_argparse_errors_exit_2(capsys):
 def test_console_script_has_no_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "powersample.cli", "sample", "x", "--backend", "toy", "--toy-spec", "/nope"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "cannot read" in proc.stderr
 
@@ -163,8 +203,21 @@ def test_unknown_model_path_exits_2(model, capsys):
 @pytest.mark.slow
 def test_embedded_model_end_to_end(tmp_path, capsys):
     out_file = tmp_path / "o.jsonl"
-    argv = ["sample", "What is 2 + 2?", "--quiet", "--max-new-tokens", "12", "--block-count", "2",
-            "--mcmc-steps", "2", "--num-samples", "2", "--output", str(out_file)]
+    argv = [
+        "sample",
+        "What is 2 + 2?",
+        "--quiet",
+        "--max-new-tokens",
+        "12",
+        "--block-count",
+        "2",
+        "--mcmc-steps",
+        "2",
+        "--num-samples",
+        "2",
+        "--output",
+        str(out_file),
+    ]
     code, out, err = run(argv, capsys)
     assert code == 0 and out.count("[sample ") == 2
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
@@ -188,8 +241,24 @@ def test_threads_option_sets_the_engine_threads(capsys):
 
     before = torch.get_num_threads()
     try:
-        code, out, _ = run(["sample", "2+2=", "--backend", "hf", "--threads", "1", "--quiet", "--max-new-tokens", "4",
-                            "--mcmc-steps", "1", "--block-count", "1"], capsys)
+        code, out, _ = run(
+            [
+                "sample",
+                "2+2=",
+                "--backend",
+                "hf",
+                "--threads",
+                "1",
+                "--quiet",
+                "--max-new-tokens",
+                "4",
+                "--mcmc-steps",
+                "1",
+                "--block-count",
+                "1",
+            ],
+            capsys,
+        )
         assert code == 0 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -22,22 +22,77 @@ from pathlib import Path
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from powersample.cli import build_parser, main  # noqa: E402
+from powersample.cli import build_parser, main
 
 # EOS within a few tokens (a chain ends soon, whatever T is), yet rows that differ, so the samplers really work
-TINY = {"vocab": ["a", "b", "<eos>"], "eos_id": 2, "default": [0.1, 0.1, 0.8],
-        "next": {"": [0.42, 0.58, 0.0], "0": [0.92, 0.04, 0.04], "1": [0.3, 0.2, 0.5]}}  # fmt: skip
-WORKLOAD = {"max_new_tokens", "block_size", "mcmc_steps", "tries", "particles", "candidates", "rollouts",
-            "rollout_horizon", "alpha_ramp", "num_samples", "prompts", "chains", "repeats", "samples"}  # fmt: skip
-PATHS = {"toy_spec", "data", "prompt_file", "output", "output_dir", "json_path", "spec", "plot_dir", "model",
-         "ray_temp_dir", "trace", "bon_match"}  # fmt: skip
+TINY = {
+    "vocab": ["a", "b", "<eos>"],
+    "eos_id": 2,
+    "default": [0.1, 0.1, 0.8],
+    "next": {"": [0.42, 0.58, 0.0], "0": [0.92, 0.04, 0.04], "1": [0.3, 0.2, 0.5]},
+}
+WORKLOAD = {
+    "max_new_tokens",
+    "block_size",
+    "mcmc_steps",
+    "tries",
+    "particles",
+    "candidates",
+    "rollouts",
+    "rollout_horizon",
+    "alpha_ramp",
+    "num_samples",
+    "prompts",
+    "chains",
+    "repeats",
+    "samples",
+}
+PATHS = {
+    "toy_spec",
+    "data",
+    "prompt_file",
+    "output",
+    "output_dir",
+    "json_path",
+    "spec",
+    "plot_dir",
+    "model",
+    "ray_temp_dir",
+    "trace",
+    "bon_match",
+}
 LEFT_OUT = {"--ray", "-h", "--help"}  # Ray starts a cluster; help is argparse's own exit 0
 ENGINES = ("auto", "hf", "llamacpp", "vllm")  # would load a real model: only the toy runs here
-NUMBERS = ["0", "-1", "1", "2", "-0", "0.5", "1.5", "nan", "inf", "-inf", "1e308", "1e309", "5e-324", "1e-310",
-           "9" * 30, "-" + "9" * 30, "0x10", "1_000", " 3", "3 ", "", " ", "x", "1e3", "٣"]  # fmt: skip
+NUMBERS = [
+    "0",
+    "-1",
+    "1",
+    "2",
+    "-0",
+    "0.5",
+    "1.5",
+    "nan",
+    "inf",
+    "-inf",
+    "1e308",
+    "1e309",
+    "5e-324",
+    "1e-310",
+    "9" * 30,
+    "-" + "9" * 30,
+    "0x10",
+    "1_000",
+    " 3",
+    "3 ",
+    "",
+    " ",
+    "x",
+    "1e3",
+    "٣",
+]
 SMALL = ["-2", "-1", "0", "1", "2", "3", "x", "", "1.5", "nan"]
 TEXT = st.text(alphabet=st.characters(blacklist_characters="/\\~\x00", blacklist_categories=("Cs",)), max_size=8)
 
@@ -51,17 +106,44 @@ def scratch(tmp_path_factory) -> dict:
     (root / "binary.bin").write_bytes(bytes(range(256)) * 4)
     (root / "digits.json").write_text('{"vocab": ["a"], "eos_id": ' + "7" * 5000 + "}")
     (root / "data.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2", "answer": "4"}\n')
-    (root / "dup.jsonl").write_text('{"problem": "1", "answer": "1", "id": "p"}\n{"problem": "2", "answer": "2", '
-                                    '"id": "p"}\n')  # fmt: skip
+    (root / "dup.jsonl").write_text(
+        '{"problem": "1", "answer": "1", "id": "p"}\n{"problem": "2", "answer": "2", "id": "p"}\n'
+    )
     (root / "empty.txt").write_text("")
     (root / "prompts.txt").write_text("2+2=\nName a color.\n")
     (root / "adir").mkdir()
     run = root / "run"
-    argv = ["eval", "--task", "math500", "--data", str(root / "data.jsonl"), "--backend", "toy", "--toy-spec",
-            str(root / "tiny.json"), "--quiet", "--output-dir", str(run)]  # fmt: skip
+    argv = [
+        "eval",
+        "--task",
+        "math500",
+        "--data",
+        str(root / "data.jsonl"),
+        "--backend",
+        "toy",
+        "--toy-spec",
+        str(root / "tiny.json"),
+        "--quiet",
+        "--output-dir",
+        str(run),
+    ]
     assert main(argv) == 0
-    names = ["tiny.json", "deep.json", "binary.bin", "digits.json", "data.jsonl", "dup.jsonl", "empty.txt",
-             "prompts.txt", "adir", "run", "missing.json", "new-out", "run/records.jsonl", "run/run.json"]  # fmt: skip
+    names = [
+        "tiny.json",
+        "deep.json",
+        "binary.bin",
+        "digits.json",
+        "data.jsonl",
+        "dup.jsonl",
+        "empty.txt",
+        "prompts.txt",
+        "adir",
+        "run",
+        "missing.json",
+        "new-out",
+        "run/records.jsonl",
+        "run/run.json",
+    ]
     return {"root": root, "paths": names}
 
 
@@ -69,8 +151,10 @@ def commands() -> dict[str, list]:
     """Each subcommand's options, as the parser has them."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: [a for a in p._actions if a.option_strings and not set(a.option_strings) & LEFT_OUT]
-            for name, p in sub.choices.items()}  # fmt: skip
+    return {
+        name: [a for a in p._actions if a.option_strings and not set(a.option_strings) & LEFT_OUT]
+        for name, p in sub.choices.items()
+    }
 
 
 COMMANDS = commands()
@@ -101,8 +185,10 @@ def value_for(action, paths: list[str]) -> st.SearchStrategy[str]:
     return st.one_of(kinds)
 
 
-GARBAGE = st.one_of(TEXT.filter(lambda t: t.split("=")[0] not in ("--ray", *ENGINES, "humaneval")),
-                    st.sampled_from(["-", "--", "--x", "=", "-q", "--quiet", "--raw", "0", "-1", "nan"]))  # fmt: skip
+GARBAGE = st.one_of(
+    TEXT.filter(lambda t: t.split("=")[0] not in ("--ray", *ENGINES, "humaneval")),
+    st.sampled_from(["-", "--", "--x", "=", "-q", "--quiet", "--raw", "0", "-1", "nan"]),
+)
 
 
 @st.composite
@@ -111,12 +197,14 @@ def argvs(draw, paths: list[str]) -> list[str]:
     options = COMMANDS[command]
     argv = [command]
     if command == "report":
-        argv += draw(st.lists(st.sampled_from(["run", "run", "adir", "missing.json", "tiny.json"]), min_size=1,
-                              max_size=2))  # fmt: skip
+        argv += draw(
+            st.lists(st.sampled_from(["run", "run", "adir", "missing.json", "tiny.json"]), min_size=1, max_size=2)
+        )
     elif command == "sample":
         argv += draw(st.lists(TEXT, max_size=1))  # the prompt, maybe none
-    base = {"eval": ["--task", "math500", "--data", "data.jsonl"],
-            "bench": ["--samples", "3"]}.get(command, [])  # --fidelity: 3 samples per setting, not 1000
+    base = {"eval": ["--task", "math500", "--data", "data.jsonl"], "bench": ["--samples", "3"]}.get(
+        command, []
+    )  # --fidelity: 3 samples per setting, not 1000
     if command != "report":
         base += ["--backend", "toy", "--toy-spec", "tiny.json", "--quiet"]
     argv += base
@@ -165,8 +253,13 @@ def test_any_argv_exits_0_or_2_without_a_traceback(scratch, no_listening):
 
 
 def check_argvs(paths: list[str]) -> None:
-    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+    @settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(argvs(paths))
     def property_(argv: list[str]) -> None:
         code, err = run_cli(argv)
@@ -183,8 +276,14 @@ def test_the_fuzzer_reaches_every_command_and_both_outcomes(scratch, no_listenin
     os.chdir(scratch["root"])
     seen: set[tuple[str, int]] = set()
     try:
-        @settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+
+        @settings(
+            max_examples=60,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        )
         @given(argvs(scratch["paths"]))
         def collect(argv: list[str]) -> None:
             seen.add((argv[0], run_cli(argv)[0]))

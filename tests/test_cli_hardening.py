@@ -50,9 +50,15 @@ def bad_specs(tmp_path) -> dict[str, Path]:
 # --- C1, C2: toy specs that are not JSON, or not a spec --------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, words", [("deep", ["nested too deeply"]), ("binary", ["not UTF-8"]),
-                                         ("digits", ["integer string conversion"]),
-                                         ("big_int", ["finite numbers"])])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("deep", ["nested too deeply"]),
+        ("binary", ["not UTF-8"]),
+        ("digits", ["integer string conversion"]),
+        ("big_int", ["finite numbers"]),
+    ],
+)
 @pytest.mark.parametrize("command", ["sample", "bench", "serve"])
 def test_a_bad_toy_spec_is_one_line(command, kind, words, bad_specs, capsys):
     spec = str(bad_specs[kind])
@@ -135,8 +141,19 @@ def test_a_closed_stdout_is_quiet_and_keeps_the_records(many, tmp_path):
     out = tmp_path / "records.jsonl"
     read, write = os.pipe()
     os.close(read)  # closed before the child starts: its first write to stdout fails, every time
-    argv = [sys.executable, "-m", "powersample.cli", "sample", "x", *TOY, "--quiet", "--output", str(out),
-            "--num-samples", "3000" if many else "1"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "powersample.cli",
+        "sample",
+        "x",
+        *TOY,
+        "--quiet",
+        "--output",
+        str(out),
+        "--num-samples",
+        "3000" if many else "1",
+    ]
     try:
         done = subprocess.run(argv, cwd=REPO, stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
     finally:
@@ -153,8 +170,14 @@ def test_report_into_a_closed_pipe_is_quiet(tmp_path, capsys):
     read, write = os.pipe()
     os.close(read)
     try:
-        done = subprocess.run([sys.executable, "-m", "powersample.cli", "report", str(run), "--no-plots"], cwd=REPO,
-                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "powersample.cli", "report", str(run), "--no-plots"],
+            cwd=REPO,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(write)
     assert done.returncode == 141 and done.stderr == "", done.stderr
@@ -217,5 +240,6 @@ def test_a_stage_list_too_long_to_build_is_one_line(capsys):
     with pytest.raises(PowerSampleError, match="stages; at most"):
         SamplerConfig(max_new_tokens=10**18, block_size=1)
     assert len(SamplerConfig(max_new_tokens=10**18, block_size=10**14).stage_caps()) == 10**4
-    one_line_error(main(["sample", "x", *TOY, "--max-new-tokens", str(10**18), "--block-size", "1"]), capsys,
-                   "stages; at most")
+    one_line_error(
+        main(["sample", "x", *TOY, "--max-new-tokens", str(10**18), "--block-size", "1"]), capsys, "stages; at most"
+    )

@@ -82,8 +82,12 @@ def test_sample_output_on_a_full_disk_is_one_line_and_the_next_append_is_whole(t
     assert main(["sample", "x", *TOY, "--quiet", "--output", str(out)]) == 0
     capsys.readouterr()
     full_disk(monkeypatch)  # the up-front check (an empty append) writes nothing; the records' write fails
-    one_line_error(main(["sample", "x", *TOY, "--quiet", "--output", str(out), "--seed", "1"]), capsys,
-                   str(out), "No space left on device")  # fmt: skip
+    one_line_error(
+        main(["sample", "x", *TOY, "--quiet", "--output", str(out), "--seed", "1"]),
+        capsys,
+        str(out),
+        "No space left on device",
+    )
     assert len(out.read_text().splitlines()) == 1 and out.read_text().endswith("\n")
     monkeypatch.undo()  # the disk has room again
     assert main(["sample", "x", *TOY, "--quiet", "--output", str(out), "--seed", "2"]) == 0

@@ -36,8 +36,14 @@ LONG = (0, 1) * 6  # a long context: the toy has no sliding window, so the long 
 @pytest.fixture(scope="module")
 def subject() -> conformance.Subject:
     backend = ToyBackend(load_spec("eos_trap"))
-    return conformance.Subject(backend, backend.encode("Name three primary colors.", chat=True), tolerance=1e-12,
-                               next_logp=toy_next_logp(backend), draws_per_forward=True, long_prompt=LONG)  # exact
+    return conformance.Subject(
+        backend,
+        backend.encode("Name three primary colors.", chat=True),
+        tolerance=1e-12,
+        next_logp=toy_next_logp(backend),
+        draws_per_forward=True,
+        long_prompt=LONG,
+    )  # exact
 
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
@@ -47,16 +53,26 @@ def test_conformance(subject, check):
 
 def test_run_names_the_checks_that_did_not_apply(subject):
     continuous = ["rows_joining_and_leaving_match_single_rows"]  # the plain toy has no extend_continuous
-    cache = ["a_rewound_cache_feeds_only_the_new_ids", "a_cached_prefix_feeds_only_its_last_id",
-             "chains_share_the_prompt_prefill", "a_rejected_proposal_keeps_the_current_state_cached"]  # nor a cache
+    cache = [
+        "a_rewound_cache_feeds_only_the_new_ids",
+        "a_cached_prefix_feeds_only_its_last_id",
+        "chains_share_the_prompt_prefill",
+        "a_rejected_proposal_keeps_the_current_state_cached",
+    ]  # nor a cache
     assert conformance.run(subject) == [*continuous, "context_length_is_checked", *cache]  # its context is unbounded
-    assert conformance.run(replace(subject, next_logp=None)) == ["top_k_draws_only_from_the_top_k", *continuous,
-                                                                 "context_length_is_checked", *cache]
+    assert conformance.run(replace(subject, next_logp=None)) == [
+        "top_k_draws_only_from_the_top_k",
+        *continuous,
+        "context_length_is_checked",
+        *cache,
+    ]
     assert "long_sequences_past_the_window" in conformance.run(replace(subject, long_prompt=()))
 
 
 def test_the_continuous_checks_pass_a_continuous_backend(subject):
-    conformance.rows_joining_and_leaving_match_single_rows(replace(subject, backend=ContinuousToy(load_spec("eos_trap"))))
+    conformance.rows_joining_and_leaving_match_single_rows(
+        replace(subject, backend=ContinuousToy(load_spec("eos_trap")))
+    )
 
 
 # --- the suite fails broken backends ----------------------------------------------------------------------------
@@ -105,8 +121,10 @@ class Misreporting(ToyBackend):
     """Reports each draw twice."""
 
     def extend(self, requests, proposal):
-        twice = [replace(r, report=Report(on_draw=lambda t, f=r.report.on_draw: (f(t), f(t))))
-                 if r.report.on_draw else r for r in requests]  # fmt: skip
+        twice = [
+            replace(r, report=Report(on_draw=lambda t, f=r.report.on_draw: (f(t), f(t)))) if r.report.on_draw else r
+            for r in requests
+        ]
         return super().extend(twice, proposal)
 
 
@@ -157,8 +175,10 @@ class RoundsLongDrafts(ToyBackend):
 
     def extend(self, requests, proposal):
         conts = super().extend(requests, proposal)
-        return [replace(c, base_logp=tuple(x - 1e-9 * (r.hints.speculate >= 8) for x in c.base_logp))
-                for r, c in zip(requests, conts)]
+        return [
+            replace(c, base_logp=tuple(x - 1e-9 * (r.hints.speculate >= 8) for x in c.base_logp))
+            for r, c in zip(requests, conts)
+        ]
 
 
 class ForgetsPastTheWindow(ToyBackend):
@@ -166,8 +186,10 @@ class ForgetsPastTheWindow(ToyBackend):
 
     def extend(self, requests, proposal):
         conts = super().extend(requests, proposal)
-        return [replace(c, base_logp=tuple(x + 0.01 * (len(r.context) > 8) for x in c.base_logp))
-                for r, c in zip(requests, conts)]
+        return [
+            replace(c, base_logp=tuple(x + 0.01 * (len(r.context) > 8) for x in c.base_logp))
+            for r, c in zip(requests, conts)
+        ]
 
 
 class IgnoresTheFloorItClaims(ToyBackend):
@@ -209,25 +231,26 @@ class RefillsReuseAGenerator(ContinuousToy):
         return super()._decode_one(replace(request, rng=self.first), proposal)
 
 
-@pytest.mark.parametrize("broken, check, message", [
-    (OffScore, conformance.score_agrees_with_sampling, "score vs extend"),
-    (ContextBlind, conformance.score_obeys_the_chain_rule, "the chain rule"),
-    (BatchDependent, conformance.batched_rows_match_single_rows, "in the batch"),
-    (PastEos, conformance.eos_comes_only_last, "EOS before the last token"),
-    (Limited, conformance.context_length_is_checked, "passed the context length"),
-    (Silent, conformance.draws_are_reported_as_drawn, "reported"),
-    (Misreporting, conformance.draws_are_reported_as_drawn, "reported"),
-
-
-    (RankTiesByLargerId, conformance.rank_gives_log_p_and_the_likeliest_tokens, "ties by the smaller id"),
-    (RankOneBehind, conformance.rank_gives_log_p_and_the_likeliest_tokens, "top"),
-    (SwitchesKernelAt8Rows, conformance.log_p_is_batch_invariant, "a batch of 8"),
-    (RoundsLongDrafts, conformance.log_p_is_batch_invariant, "speculate 8"),
-    (ForgetsPastTheWindow, conformance.long_sequences_past_the_window, "past the window"),
-    (RefillsReuseAGenerator, conformance.rows_joining_and_leaving_match_single_rows, "continuous batch"),
-    (IgnoresTheFloorItClaims, conformance.hints_change_forwards_not_draws, "claims the floor hint"),
-    (SpeculatesUnclaimed, conformance.hints_change_forwards_not_draws, "ignores the speculate hint"),
-])
+@pytest.mark.parametrize(
+    "broken, check, message",
+    [
+        (OffScore, conformance.score_agrees_with_sampling, "score vs extend"),
+        (ContextBlind, conformance.score_obeys_the_chain_rule, "the chain rule"),
+        (BatchDependent, conformance.batched_rows_match_single_rows, "in the batch"),
+        (PastEos, conformance.eos_comes_only_last, "EOS before the last token"),
+        (Limited, conformance.context_length_is_checked, "passed the context length"),
+        (Silent, conformance.draws_are_reported_as_drawn, "reported"),
+        (Misreporting, conformance.draws_are_reported_as_drawn, "reported"),
+        (RankTiesByLargerId, conformance.rank_gives_log_p_and_the_likeliest_tokens, "ties by the smaller id"),
+        (RankOneBehind, conformance.rank_gives_log_p_and_the_likeliest_tokens, "top"),
+        (SwitchesKernelAt8Rows, conformance.log_p_is_batch_invariant, "a batch of 8"),
+        (RoundsLongDrafts, conformance.log_p_is_batch_invariant, "speculate 8"),
+        (ForgetsPastTheWindow, conformance.long_sequences_past_the_window, "past the window"),
+        (RefillsReuseAGenerator, conformance.rows_joining_and_leaving_match_single_rows, "continuous batch"),
+        (IgnoresTheFloorItClaims, conformance.hints_change_forwards_not_draws, "claims the floor hint"),
+        (SpeculatesUnclaimed, conformance.hints_change_forwards_not_draws, "ignores the speculate hint"),
+    ],
+)
 def test_the_suite_fails_a_broken_backend(broken, check, message):
     backend = broken(load_spec("eos_trap"))
     with pytest.raises(AssertionError, match=message):
@@ -238,7 +261,8 @@ def test_the_suite_says_which_hints_an_engine_honours():
     toy = ToyBackend(load_spec("eos_trap"))
     assert conformance.describe_hints(toy) == "ToyBackend honours the hints: floor, speculate"
     assert conformance.describe_hints(SpeculatesUnclaimed(load_spec("eos_trap"))) == (
-        "SpeculatesUnclaimed honours the hints: none; ignores: floor, speculate")
+        "SpeculatesUnclaimed honours the hints: none; ignores: floor, speculate"
+    )
 
 
 class Cacheless(ToyBackend):
@@ -251,9 +275,12 @@ class Cacheless(ToyBackend):
         return super().extend(requests, proposal)
 
 
-CACHE_CHECKS = [conformance.a_rewound_cache_feeds_only_the_new_ids, conformance.a_cached_prefix_feeds_only_its_last_id,
-                conformance.chains_share_the_prompt_prefill,
-                conformance.a_rejected_proposal_keeps_the_current_state_cached]  # fmt: skip
+CACHE_CHECKS = [
+    conformance.a_rewound_cache_feeds_only_the_new_ids,
+    conformance.a_cached_prefix_feeds_only_its_last_id,
+    conformance.chains_share_the_prompt_prefill,
+    conformance.a_rejected_proposal_keeps_the_current_state_cached,
+]
 
 
 @pytest.mark.parametrize("check", CACHE_CHECKS, ids=lambda c: c.__name__)

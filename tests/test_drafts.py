@@ -71,8 +71,9 @@ def test_a_draft_guesses_first_then_looks_up():
 
 def chains(method: str, speculate: int) -> tuple[list[tuple], object]:
     """Every seed's samples (tokens, log p, counters) from 6 seeds x 2 chains, and the toy's counters."""
-    config = SamplerConfig(method=method, alpha=4.0, max_new_tokens=6, block_size=2, mcmc_steps=3, tries=2,
-                           speculate=speculate)  # fmt: skip
+    config = SamplerConfig(
+        method=method, alpha=4.0, max_new_tokens=6, block_size=2, mcmc_steps=3, tries=2, speculate=speculate
+    )
     backend = ToyBackend(load_spec("no_early_eos"))
     records = [r for seed in range(6) for r in sample(backend, "x", config, seed=seed, num_samples=2)]
     return [(r.tokens, r.token_logp, r.tokens_generated, r.proposals, r.accepted) for r in records], backend.stats

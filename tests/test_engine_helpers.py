@@ -23,8 +23,10 @@ def log(p) -> np.ndarray:
 
 
 def rows(n: int, max_tokens: int, alternatives: int = 0) -> list[Row]:
-    return [Row(j, ExtendRequest((1,), max_tokens, np.random.default_rng(j), report=Report(alternatives)), next_id=1)
-            for j in range(n)]
+    return [
+        Row(j, ExtendRequest((1,), max_tokens, np.random.default_rng(j), report=Report(alternatives)), next_id=1)
+        for j in range(n)
+    ]
 
 
 def step(batch: list[Row], logp: np.ndarray, proposal: Proposal) -> list[int]:
@@ -69,17 +71,32 @@ def test_one_step_finishes_rows_at_max_tokens():
 def test_check_fits_speaks_of_the_request_or_of_the_prompt():
     check_fits(None, 10**9, 10**9)
     check_fits(8, 5, 3)
-    with pytest.raises(PowerSampleError, match=r"^5 context tokens \+ 4 new tokens exceed the model's context length "
-                                               r"\(8\)$"):
+    with pytest.raises(
+        PowerSampleError,
+        match=r"^5 context tokens \+ 4 new tokens exceed the model's context length "
+        r"\(8\)$",
+    ):
         check_fits(8, 5, 4)
-    with pytest.raises(PowerSampleError, match=r"^the prompt is 5 tokens; with max_tokens=4 it exceeds the model's "
-                                               r"context of 8 tokens$"):
+    with pytest.raises(
+        PowerSampleError,
+        match=r"^the prompt is 5 tokens; with max_tokens=4 it exceeds the model's "
+        r"context of 8 tokens$",
+    ):
         check_fits(8, 5, 4, knob="max_tokens")
 
 
-@pytest.mark.parametrize("spelling, name", [("float32", "float32"), ("FP32", "float32"), ("float", "float32"),
-                                            ("bf16", "bfloat16"), ("half", "float16"), ("fp16", "float16"),
-                                            ("auto", "auto")])
+@pytest.mark.parametrize(
+    "spelling, name",
+    [
+        ("float32", "float32"),
+        ("FP32", "float32"),
+        ("float", "float32"),
+        ("bf16", "bfloat16"),
+        ("half", "float16"),
+        ("fp16", "float16"),
+        ("auto", "auto"),
+    ],
+)
 def test_dtype_spellings(spelling, name):
     assert hub.dtype_name(spelling, "auto") == name
 

@@ -78,14 +78,17 @@ def test_math_grader_works_off_the_main_thread():
         assert pool.submit(grade_math, "0.5", r"\boxed{\frac{1}{2}}").result().correct is True
 
 
-@pytest.mark.parametrize("text, want", [
-    (r"so \boxed{\frac{1}{2}} and finally \boxed{x^{2}}.", "x^{2}"),
-    (r"$\boxed 5$", "5"),
-    (r"\fbox{4}", "4"),
-    (r"\boxed{\left\{ 1, 2 \right\}}", r"\left\{ 1, 2 \right\}"),
-    (r"\boxed{unclosed", None),
-    ("no box", None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        (r"so \boxed{\frac{1}{2}} and finally \boxed{x^{2}}.", "x^{2}"),
+        (r"$\boxed 5$", "5"),
+        (r"\fbox{4}", "4"),
+        (r"\boxed{\left\{ 1, 2 \right\}}", r"\left\{ 1, 2 \right\}"),
+        (r"\boxed{unclosed", None),
+        ("no box", None),
+    ],
+)
 def test_last_boxed(text, want):
     assert math_grader.last_boxed(text) == want
 
@@ -104,8 +107,13 @@ def test_math500_gold_answers_grade_as_correct_against_themselves():
 def test_math_data_file_errors(tmp_path):
     task = get_task("math500")
     bad = tmp_path / "bad.json"
-    cases = [("{not json", "neither JSON nor JSONL"), ("[]", "non-empty"), ('[{"answer": "1"}]', "problem"),
-             ('[{"problem": "x"}]', "answer"), ("[1, 2]", "not an object")]  # fmt: skip
+    cases = [
+        ("{not json", "neither JSON nor JSONL"),
+        ("[]", "non-empty"),
+        ('[{"answer": "1"}]', "problem"),
+        ('[{"problem": "x"}]', "answer"),
+        ("[1, 2]", "not an object"),
+    ]
     for content, word in cases:
         bad.write_text(content)
         with pytest.raises(PowerSampleError, match=word):
@@ -121,34 +129,45 @@ def test_math_data_file_errors(tmp_path):
 # --- HumanEval ---------------------------------------------------------------------------------------------------
 
 STUB = Problem(
-    id="T/0", prompt="def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n", gold="    return a + b\n",
-    extra={"code_prompt": "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n", "entry_point": "add",
-           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"},
-)  # fmt: skip
+    id="T/0",
+    prompt='def add(a, b):\n    """Add two numbers."""\n',
+    gold="    return a + b\n",
+    extra={
+        "code_prompt": 'def add(a, b):\n    """Add two numbers."""\n',
+        "entry_point": "add",
+        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+    },
+)
 
 
-@pytest.mark.parametrize("completion", [
-    "    return a + b\n",  # raw continuation (base model)
-    "    return a + b\n\ndef unrelated():\n    pass\n\nprint(add(1, 2))\n",  # ...that runs on past the function
-    "    return a + b\n```\nThat's it.",  # a continuation closing the prompt's fence
-    "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nHope it helps.",  # chat: whole function
-    "```python\nimport operator\n\ndef add(a, b):\n    return operator.add(a, b)\n```",  # with an import
-    "```\nreturn a + b\n```",  # chat: a bare unindented body
-    "```python\n    return a + b\n```",  # chat: an indented body
-    "Sure.\ndef add(a, b):\n    return a + b\n",  # chat without a fence
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "    return a + b\n",  # raw continuation (base model)
+        "    return a + b\n\ndef unrelated():\n    pass\n\nprint(add(1, 2))\n",  # ...that runs on past the function
+        "    return a + b\n```\nThat's it.",  # a continuation closing the prompt's fence
+        "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nHope it helps.",  # chat: whole function
+        "```python\nimport operator\n\ndef add(a, b):\n    return operator.add(a, b)\n```",  # with an import
+        "```\nreturn a + b\n```",  # chat: a bare unindented body
+        "```python\n    return a + b\n```",  # chat: an indented body
+        "Sure.\ndef add(a, b):\n    return a + b\n",  # chat without a fence
+    ],
+)
 def test_humaneval_extraction_for_base_and_chat_completions(completion):
     grade = humaneval.grade(STUB, completion, FAST)
     assert grade.correct is True, (grade, humaneval.program(STUB, grade.answer))
 
 
-@pytest.mark.parametrize("completion, detail", [
-    ("    return a - b\n", "AssertionError"),
-    ("    return a +\n", "SyntaxError"),
-    ("    import sys\n    sys.exit(0)\n", "SystemExit"),  # exiting early is not passing
-    ("    import os\n    os._exit(0)\n", "exit code 0"),
-    ("", "AssertionError"),  # the stub alone returns None
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "completion, detail",
+    [
+        ("    return a - b\n", "AssertionError"),
+        ("    return a +\n", "SyntaxError"),
+        ("    import sys\n    sys.exit(0)\n", "SystemExit"),  # exiting early is not passing
+        ("    import os\n    os._exit(0)\n", "exit code 0"),
+        ("", "AssertionError"),  # the stub alone returns None
+    ],
+)
 def test_humaneval_failures(completion, detail):
     grade = humaneval.grade(STUB, completion, FAST)
     assert grade.correct is False and detail in grade.detail
@@ -176,8 +195,15 @@ def test_humaneval_data_file_errors(tmp_path):
 
 # --- GPQA --------------------------------------------------------------------------------------------------------
 
-GPQA_HEADER = ["Record ID", "Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
-               "Incorrect Answer 3", "Subdomain"]  # fmt: skip
+GPQA_HEADER = [
+    "Record ID",
+    "Question",
+    "Correct Answer",
+    "Incorrect Answer 1",
+    "Incorrect Answer 2",
+    "Incorrect Answer 3",
+    "Subdomain",
+]
 
 
 def write_gpqa(path, rows):
@@ -191,8 +217,13 @@ def write_gpqa(path, rows):
 
 def test_gpqa_load_shuffle_and_grade(tmp_path):
     path = tmp_path / "gpqa.csv"
-    write_gpqa(path, [[f"rec{i}", f"Question {i}?", "right", "wrong1", "wrong2, with a comma", "wrong3", "Physics"]
-                      for i in range(8)])  # fmt: skip
+    write_gpqa(
+        path,
+        [
+            [f"rec{i}", f"Question {i}?", "right", "wrong1", "wrong2, with a comma", "wrong3", "Physics"]
+            for i in range(8)
+        ],
+    )
     task = get_task("gpqa")
     problems = task.load(str(path), True)
     assert problems == task.load(str(path), True)  # the shuffle is seeded
@@ -205,10 +236,18 @@ def test_gpqa_load_shuffle_and_grade(tmp_path):
     assert task.grade(problems[0], "I cannot decide.", FAST).correct is False
 
 
-@pytest.mark.parametrize("text, want", [
-    ("The answer is B.", "B"), ("(C)", "C"), ("A) no; D) yes", "D"), ("**Answer: A**", "A"),
-    ("Because DNA is ...", None), ("ABCD", None), ("Answer: E", None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("The answer is B.", "B"),
+        ("(C)", "C"),
+        ("A) no; D) yes", "D"),
+        ("**Answer: A**", "A"),
+        ("Because DNA is ...", None),
+        ("ABCD", None),
+        ("Answer: E", None),
+    ],
+)
 def test_gpqa_last_standalone_letter(text, want):
     assert gpqa.last_letter(text) == want
 
@@ -227,8 +266,11 @@ def test_gpqa_needs_its_csv(tmp_path):
 
 def test_alpacaeval_load_and_export(tmp_path):
     path = tmp_path / "alpaca.json"
-    path.write_text(json.dumps([{"instruction": "Say hi.", "dataset": "helpful_base", "output": "ref"},
-                                {"instruction": "Count to 3."}]))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            [{"instruction": "Say hi.", "dataset": "helpful_base", "output": "ref"}, {"instruction": "Count to 3."}]
+        )
+    )
     task = get_task("alpacaeval")
     problems = task.load(str(path), True)
     assert [p.prompt for p in problems] == ["Say hi.", "Count to 3."]

@@ -34,8 +34,14 @@ def one_line_error(capsys, *words: str) -> str:
     [
         ([{"problem": "1+1", "answer": "2", "id": "p"}, {"problem": "3+3", "answer": "6", "id": "p"}], "lines 1 and 2"),
         ([{"problem": "1+1", "answer": "2"}, {"problem": "3+3", "answer": "6", "id": "0"}], "lines 1 and 2"),
-        ([{"problem": "a", "answer": "1", "id": "x"}, {"problem": "b", "answer": "1"},
-          {"problem": "c", "answer": "1", "id": "x"}], "lines 1 and 3"),  # fmt: skip
+        (
+            [
+                {"problem": "a", "answer": "1", "id": "x"},
+                {"problem": "b", "answer": "1"},
+                {"problem": "c", "answer": "1", "id": "x"},
+            ],
+            "lines 1 and 3",
+        ),
     ],
 )
 def test_duplicate_problem_ids_are_refused(rows, places, spec, tmp_path, capsys):
@@ -47,8 +53,15 @@ def test_duplicate_problem_ids_are_refused(rows, places, spec, tmp_path, capsys)
 
 def test_duplicate_ids_in_a_json_list_name_the_records(spec, tmp_path, capsys):
     data = tmp_path / "dup.json"
-    data.write_text(json.dumps([{"problem": "1+1", "answer": "2", "id": "p"}, {"problem": "3", "answer": "3"},
-                                {"problem": "3+3", "answer": "6", "id": "p"}]))  # fmt: skip
+    data.write_text(
+        json.dumps(
+            [
+                {"problem": "1+1", "answer": "2", "id": "p"},
+                {"problem": "3", "answer": "3"},
+                {"problem": "3+3", "answer": "6", "id": "p"},
+            ]
+        )
+    )
     assert main(eval_argv(spec, data, tmp_path / "run")) == 2
     one_line_error(capsys, "duplicate problem id 'p'", "records 1 and 3")
 

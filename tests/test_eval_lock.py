@@ -55,8 +55,9 @@ with RecordWriter(Path(sys.argv[1])) as w:
 def test_a_writer_in_another_process_is_refused(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text('{"problem_id": "a", "seed": 0}\n')
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], cwd=REPO, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
         assert holder.stdout.readline() == b"locked\n"  # the handshake: the other process holds the lock
         with pytest.raises(PowerSampleError, match="another eval is writing"):

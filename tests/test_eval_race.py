@@ -29,8 +29,15 @@ def problems(tmp_path):
 
 def plan_of(problems, alpha: float, shard: tuple[int, int] | None):
     task, rows = problems
-    return make_plan(task, rows, seeds=(0,), config=SamplerConfig(alpha=alpha, max_new_tokens=4), chat=True,
-                     backend={"name": "toy"}, shard=shard)  # fmt: skip
+    return make_plan(
+        task,
+        rows,
+        seeds=(0,),
+        config=SamplerConfig(alpha=alpha, max_new_tokens=4),
+        chat=True,
+        backend={"name": "toy"},
+        shard=shard,
+    )
 
 
 def fake_records(plan):
@@ -116,8 +123,10 @@ def test_a_run_that_fails_first_does_not_take_run_json_from_one_that_joined(prob
             except PowerSampleError as e:
                 errors.append(e)  # noqa: B023 - each round joins its threads before the next
 
-        threads = [threading.Thread(target=go, args=(plans[0], failing)),
-                   threading.Thread(target=go, args=(plans[1], fake_records(plans[1])))]  # fmt: skip
+        threads = [
+            threading.Thread(target=go, args=(plans[0], failing)),
+            threading.Thread(target=go, args=(plans[1], fake_records(plans[1]))),
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -28,8 +28,12 @@ ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parent.parent
 # A toy "model" whose tokens are boxed answers, so records get graded both ways; LONG rarely stops early, so its
 # units take long enough for a worker to be killed while it holds some.
-BOXED = {"vocab": ["The answer is ", "\\boxed{1}", "\\boxed{\\frac12}", "<eos>"], "eos_id": 3,
-         "default": [0.1, 0.4, 0.3, 0.2], "next": {"": [0.5, 0.3, 0.2, 0.0]}}  # fmt: skip
+BOXED = {
+    "vocab": ["The answer is ", "\\boxed{1}", "\\boxed{\\frac12}", "<eos>"],
+    "eos_id": 3,
+    "default": [0.1, 0.4, 0.3, 0.2],
+    "next": {"": [0.5, 0.3, 0.2, 0.0]},
+}
 LONG = {**BOXED, "default": [0.33, 0.33, 0.33, 0.01], "next": {}}
 TIMES = ("wall_seconds", "grade_seconds", "batch_id")  # the only fields that may differ between two runs
 
@@ -42,8 +46,12 @@ def files(tmp_path):
         specs.append(tmp_path / f"{name}.json")
         specs[-1].write_text(json.dumps(spec))
     data = tmp_path / "math.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i}/2?", "answer": "0.5" if i % 2 else "1",
-                                        "id": f"p{i}"}) + "\n" for i in range(40)))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"problem": f"What is {i}/2?", "answer": "0.5" if i % 2 else "1", "id": f"p{i}"}) + "\n"
+            for i in range(40)
+        )
+    )
     return specs[0], specs[1], data
 
 
@@ -152,11 +160,23 @@ def test_a_killed_worker_has_its_units_redone_and_written_once(cluster, files, t
 
     _, spec, data = files
     out, clean = tmp_path / "run", tmp_path / "clean"
-    argv = eval_argv(spec, data, out, "--limit", "6", "--seeds", "0-3", "--max-new-tokens", "48", "--block-count",
-                     "4", "--mcmc-steps", "10")  # fmt: skip
+    argv = eval_argv(
+        spec,
+        data,
+        out,
+        "--limit",
+        "6",
+        "--seeds",
+        "0-3",
+        "--max-new-tokens",
+        "48",
+        "--block-count",
+        "4",
+        "--mcmc-steps",
+        "10",
+    )
     plan = plan_of(argv)
-    pool = WorkerPool(ray, backend_spec(build_parser().parse_args(argv)).portable(), plan,
-                      WorkerPlacement(2, 0.0, 1.0))
+    pool = WorkerPool(ray, backend_spec(build_parser().parse_args(argv)).portable(), plan, WorkerPlacement(2, 0.0, 1.0))
 
     def kill_worker_0_after_the_first_record(todo):
         for i, record in enumerate(pool.records(todo)):
@@ -171,7 +191,7 @@ def test_a_killed_worker_has_its_units_redone_and_written_once(cluster, files, t
     assert pool.requeued >= 1 and len(pool.workers) == 3  # its units went back to the queue; a fresh actor started
     keys = file_keys(out)
     assert summary.records == 24 and len(keys) == len(set(keys)) == 24
-    assert run_cli([*argv[:argv.index("--output-dir") + 1], str(clean), *argv[argv.index("--output-dir") + 2:]]) == 0
+    assert run_cli([*argv[: argv.index("--output-dir") + 1], str(clean), *argv[argv.index("--output-dir") + 2 :]]) == 0
     assert timeless(load_records(out)) == timeless(load_records(clean))
 
 
@@ -184,9 +204,15 @@ def plan_of(argv: list[str]):
 
     args = build_parser().parse_args(argv)
     task = get_task(args.task)
-    return make_plan(task, task.load(args.data, not args.raw), seeds=parse_seeds(args.seeds),
-                     config=config_from_args(args), chat=not args.raw, backend=backend_spec(args).identity(),
-                     limit=parse_limit(args.limit))  # fmt: skip
+    return make_plan(
+        task,
+        task.load(args.data, not args.raw),
+        seeds=parse_seeds(args.seeds),
+        config=config_from_args(args),
+        chat=not args.raw,
+        backend=backend_spec(args).identity(),
+        limit=parse_limit(args.limit),
+    )
 
 
 @pytest.mark.ray
@@ -219,8 +245,10 @@ def test_a_killed_driver_resumes_on_ray_or_without(cluster, files, tmp_path, cap
 @pytest.mark.ray
 def test_more_workers_than_the_cluster_holds_is_one_line_exit_2(cluster, files, tmp_path, capsys):
     spec, _, data = files
-    for extra, words in ((["--workers", "3"], "3 Ray worker(s) x 1 CPU need 3 CPUs; the cluster has 2"),
-                         (["--gpus-per-worker", "1"], "1 GPUs; the cluster has 0")):  # fmt: skip
+    for extra, words in (
+        (["--workers", "3"], "3 Ray worker(s) x 1 CPU need 3 CPUs; the cluster has 2"),
+        (["--gpus-per-worker", "1"], "1 GPUs; the cluster has 0"),
+    ):
         assert run_cli(eval_argv(spec, data, tmp_path / "run", "--ray", *extra)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
@@ -232,8 +260,9 @@ def test_embedded_model_on_ray(cluster, tmp_path, capsys):
     """--backend hf with its default model, the embedded SmolLM2: 2 problems x 1 seed on 2 workers."""
     pytest.importorskip("transformers")
     data = tmp_path / "math.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-                            for i in range(2)))  # fmt: skip
+    data.write_text(
+        "".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(2))
+    )
     small = ["--max-new-tokens", "8", "--block-count", "2", "--mcmc-steps", "1", "--seeds", "0", "--threads", "1"]
     argv = ["eval", "--task", "math500", "--data", str(data), "--backend", "hf", *small, "--quiet", "--output-dir"]
     assert run_cli([*argv, str(tmp_path / "ray"), "--ray", "--workers", "2"]) == 0

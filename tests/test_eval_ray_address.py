@@ -75,7 +75,13 @@ def test_the_stated_bound_holds_on_the_command_line(argv):
     """The real bound (10 s, as --ray's help says), in a fresh process: Ray would wait minutes."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "powersample.cli", *argv(NOWHERE)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "powersample.cli", *argv(NOWHERE)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert time.monotonic() - start < distributed.CONNECT_TIMEOUT + 15

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from support.toy import SPECS
 from support.eval_toy import eval_argv
+from support.toy import SPECS
 
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend, ToySpec
@@ -24,8 +24,12 @@ from powersample.eval.tasks import get_task
 
 REPO = Path(__file__).resolve().parent.parent
 # A toy "model" whose tokens are boxed answers, so records get graded both ways.
-BOXED_SPEC = {"vocab": ["The answer is ", "\\boxed{1}", "\\boxed{\\frac12}", "<eos>"], "eos_id": 3,
-              "default": [0.1, 0.4, 0.3, 0.2], "next": {"": [0.5, 0.3, 0.2, 0.0]}}  # fmt: skip
+BOXED_SPEC = {
+    "vocab": ["The answer is ", "\\boxed{1}", "\\boxed{\\frac12}", "<eos>"],
+    "eos_id": 3,
+    "default": [0.1, 0.4, 0.3, 0.2],
+    "next": {"": [0.5, 0.3, 0.2, 0.0]},
+}
 
 
 @pytest.fixture
@@ -33,8 +37,12 @@ def files(tmp_path):
     spec = tmp_path / "boxed.json"
     spec.write_text(json.dumps(BOXED_SPEC))
     data = tmp_path / "math.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i}/2?", "answer": "0.5" if i % 2 else "1",
-                                        "id": f"p{i}"}) + "\n" for i in range(6)))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"problem": f"What is {i}/2?", "answer": "0.5" if i % 2 else "1", "id": f"p{i}"}) + "\n"
+            for i in range(6)
+        )
+    )
     return spec, data
 
 
@@ -56,9 +64,30 @@ def test_records_hold_the_sample_the_grade_and_the_confidence(files, tmp_path, c
     backend = ToyBackend(ToySpec.load(spec))
     config = SamplerConfig(max_new_tokens=6, block_count=2, mcmc_steps=2)
     for r in records:
-        assert {"prompt", "completion", "answer", "correct", "gold", "tokens", "token_logp", "logp", "finish_reason",
-                "tokens_generated", "proposals", "accepted", "acceptance_rate", "wall_seconds", "config", "method",
-                "seed", "task", "problem_id", "logp_per_token", "confidence", "grade_detail"} <= set(r)  # fmt: skip
+        assert {
+            "prompt",
+            "completion",
+            "answer",
+            "correct",
+            "gold",
+            "tokens",
+            "token_logp",
+            "logp",
+            "finish_reason",
+            "tokens_generated",
+            "proposals",
+            "accepted",
+            "acceptance_rate",
+            "wall_seconds",
+            "config",
+            "method",
+            "seed",
+            "task",
+            "problem_id",
+            "logp_per_token",
+            "confidence",
+            "grade_detail",
+        } <= set(r)
         [want] = sample(backend, r["prompt"], config, seed=r["seed"])  # identical to a plain `sample` call
         assert r["tokens"] == list(want.tokens) and r["completion"] == want.text
         assert r["logp_per_token"] == pytest.approx(want.logp / len(want.tokens))
@@ -98,8 +127,15 @@ def test_records_do_not_depend_on_the_batch(method, files, tmp_path, capsys):
 def test_confidence_is_null_without_backend_support(files, tmp_path):
     spec, data = files
     task = get_task("math500")
-    plan = make_plan(task, task.load(str(data), True), seeds=(0,), config=SamplerConfig(max_new_tokens=4),
-                     chat=True, backend={"name": "toy"}, limit=2)  # fmt: skip
+    plan = make_plan(
+        task,
+        task.load(str(data), True),
+        seeds=(0,),
+        config=SamplerConfig(max_new_tokens=4),
+        chat=True,
+        backend={"name": "toy"},
+        limit=2,
+    )
     summary = run_eval(NoConfidence(ToyBackend(ToySpec.load(spec))), plan, tmp_path / "run", quiet=True)
     records = load_records(tmp_path / "run")
     assert summary.records == 2 and [r["confidence"] for r in records] == [None, None]
@@ -124,8 +160,15 @@ def test_a_run_that_fails_before_its_first_record_leaves_no_run_directory(files,
     task, toy = get_task("math500"), ToyBackend(ToySpec.load(spec))
 
     def run(out, seeds, backend):
-        plan = make_plan(task, task.load(str(data), True), seeds=seeds, chat=True, backend={"name": "toy"}, limit=3,
-                         config=SamplerConfig(method="base", max_new_tokens=4))  # fmt: skip
+        plan = make_plan(
+            task,
+            task.load(str(data), True),
+            seeds=seeds,
+            chat=True,
+            backend={"name": "toy"},
+            limit=3,
+            config=SamplerConfig(method="base", max_new_tokens=4),
+        )
         return run_eval(backend, plan, out, quiet=True)
 
     with pytest.raises(RuntimeError, match="engine exploded"):  # as the hf engine crashed on a first batch
@@ -224,14 +267,31 @@ def test_resume_after_sigkill_loses_nothing_and_duplicates_nothing(tmp_path):
 def test_humaneval_run_survives_hostile_programs(tmp_path, capsys):
     """Completions that loop, allocate 10 GB or write outside their directory fail; the run goes on."""
     data = tmp_path / "he.jsonl"
-    data.write_text(json.dumps({"task_id": "T/0", "prompt": "def one():\n", "entry_point": "one",
-                                "test": "def check(f):\n    assert f() == 1\n"}) + "\n")  # fmt: skip
+    data.write_text(
+        json.dumps(
+            {
+                "task_id": "T/0",
+                "prompt": "def one():\n",
+                "entry_point": "one",
+                "test": "def check(f):\n    assert f() == 1\n",
+            }
+        )
+        + "\n"
+    )
     escape = tmp_path / "escaped.txt"
-    vocab = ["    while True: pass\n", "    x = bytearray(10 * 1024 ** 3)\n",
-             f"    open({str(escape)!r}, 'w').write('x')\n", "    return 1\n", "<eos>"]  # fmt: skip
+    vocab = [
+        "    while True: pass\n",
+        "    x = bytearray(10 * 1024 ** 3)\n",
+        f"    open({str(escape)!r}, 'w').write('x')\n",
+        "    return 1\n",
+        "<eos>",
+    ]
     spec = tmp_path / "code.json"
-    spec.write_text(json.dumps({"vocab": vocab, "eos_id": 4, "default": [0, 0, 0, 0, 1.0],
-                                "next": {"": [0.25, 0.25, 0.25, 0.25, 0]}}))  # fmt: skip
+    spec.write_text(
+        json.dumps(
+            {"vocab": vocab, "eos_id": 4, "default": [0, 0, 0, 0, 1.0], "next": {"": [0.25, 0.25, 0.25, 0.25, 0]}}
+        )
+    )
     out = tmp_path / "run"
     argv = [
         "eval",
@@ -265,8 +325,21 @@ def test_alpacaeval_run_writes_outputs(tmp_path):
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps([{"instruction": f"Say {w}."} for w in ("hi", "bye")]))
     out = tmp_path / "run"
-    argv = ["eval", "--task", "alpacaeval", "--data", str(data), *toy(SPECS / "early_eos.json"), "--seeds", "0-1",
-            "--max-new-tokens", "4", "--output-dir", str(out), "--quiet"]  # fmt: skip
+    argv = [
+        "eval",
+        "--task",
+        "alpacaeval",
+        "--data",
+        str(data),
+        *toy(SPECS / "early_eos.json"),
+        "--seeds",
+        "0-1",
+        "--max-new-tokens",
+        "4",
+        "--output-dir",
+        str(out),
+        "--quiet",
+    ]
     assert run_eval_cli(argv) == 0
     rows = json.loads((out / "alpaca_eval_outputs.seed1.json").read_text())
     assert [r["instruction"] for r in rows] == ["Say hi.", "Say bye."]
@@ -293,8 +366,14 @@ def test_report_table_and_plots(files, tmp_path, capsys):
     assert any("| base |" in line for line in lines)
     assert any("mcmc_steps=4" in line for line in lines)
     names = {p.name for p in plots.glob("*.png")}
-    assert names == {"passk_math500.png", "loglik_math500.png", "confidence_math500.png", "lengths_math500.png",
-                     "acc_vs_alpha_math500.png", "acc_vs_mcmc_steps_math500.png"}  # fmt: skip
+    assert names == {
+        "passk_math500.png",
+        "loglik_math500.png",
+        "confidence_math500.png",
+        "lengths_math500.png",
+        "acc_vs_alpha_math500.png",
+        "acc_vs_mcmc_steps_math500.png",
+    }
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots.glob("*.png"))
     assert (plots / "report.md").read_text().strip() == out.strip()
     assert run_eval_cli(["report", str(tmp_path / "nothing-here"), "--no-plots"]) == 2
@@ -330,8 +409,13 @@ def test_bad_input_is_one_line_and_exit_2(args, word, files, tmp_path, capsys):
 
 
 def test_module_entry_point_reports_errors(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "powersample.cli", "eval", "--task", "nope"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "powersample.cli", "eval", "--task", "nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert (
         done.returncode == 2
         and done.stderr.strip()

@@ -59,10 +59,12 @@ def test_writing_outside_its_directory_fails(level, tmp_path):
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_no_network_no_processes_no_signals(level):
-    for source in ["import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
-                   "import subprocess\nsubprocess.run(['true'])",
-                   "import os\nos.system('true')",
-                   f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)"]:  # fmt: skip
+    for source in [
+        "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
+        "import subprocess\nsubprocess.run(['true'])",
+        "import os\nos.system('true')",
+        f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)",
+    ]:
         assert not run(source, level).passed, source
 
 
@@ -88,13 +90,15 @@ def test_the_kernel_barrier_holds_without_the_audit_hook(tmp_path):
     try:
         work = sandbox._prepare(base, "", LEVELS[-1])
         target = tmp_path / "escaped.txt"
-        code = "\n".join([
-            "import socket",
-            f"try:\n    open({str(target)!r}, 'w')\nexcept OSError as e:\n    print('write', e.errno)",
-            "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=2)",
-            "except OSError as e:\n    print('net', e.errno)",
-            "open('inside.txt', 'w').write('x')\n",
-        ])  # fmt: skip
+        code = "\n".join(
+            [
+                "import socket",
+                f"try:\n    open({str(target)!r}, 'w')\nexcept OSError as e:\n    print('write', e.errno)",
+                "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=2)",
+                "except OSError as e:\n    print('net', e.errno)",
+                "open('inside.txt', 'w').write('x')\n",
+            ]
+        )
         command = sandbox._isolation_prefix(work, LEVELS[-1]) + [sys.executable, "-I", "-c", code]
         out = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr

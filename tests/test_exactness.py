@@ -12,7 +12,6 @@ import math
 from dataclasses import replace
 
 import pytest
-from support.toy import load_spec
 from exact_laws import (
     algorithm_law,
     apply,
@@ -22,6 +21,7 @@ from exact_laws import (
     tv,
 )
 from support.statistical import assert_follows, draw
+from support.toy import load_spec
 from support.tracing import Merge, TracingBackend, assert_same_law, chain_state, program_law, sampler_law
 
 from powersample import SamplerConfig
@@ -102,8 +102,9 @@ def test_low_temperature_is_not_the_power_distribution():
 # --- the MH kernel itself ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec_name, alpha, tau",
-                         [("early_eos", 4.0, 0.25), ("eos_trap", 2.0, 0.7), ("eos_trap", 3.0, 1.5)])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec_name, alpha, tau", [("early_eos", 4.0, 0.25), ("eos_trap", 2.0, 0.7), ("eos_trap", 3.0, 1.5)]
+)
 def test_detailed_balance(spec_name, alpha, tau):
     spec, cap = load_spec(spec_name), 4
     pi = power_target(spec, alpha, cap)
@@ -187,9 +188,14 @@ def test_a_wrong_ratio_fails_the_exact_law(mutant, monkeypatch):
 
 # After "a" the model is sure (the state "a a a ..." scores high); after "b" it is not, so a proposal that draws a
 # "b" falls below the current state's score within a token or two, and is cut short there.
-FLOOR_SPEC = ToySpec.from_dict({"vocab": ["a", "b", "<eos>"], "eos_id": 2, "default": [0.3, 0.4, 0.3],
-                                "next": {",".join(["0"] * k): [0.9, 0.05, 0.05] for k in range(1, 6)}
-                                | {"": [0.5, 0.45, 0.05]}})  # fmt: skip
+FLOOR_SPEC = ToySpec.from_dict(
+    {
+        "vocab": ["a", "b", "<eos>"],
+        "eos_id": 2,
+        "default": [0.3, 0.4, 0.3],
+        "next": {",".join(["0"] * k): [0.9, 0.05, 0.05] for k in range(1, 6)} | {"": [0.5, 0.45, 0.05]},
+    }
+)
 FLOORED = SamplerConfig(alpha=2.0, max_new_tokens=4, block_count=1, mcmc_steps=1)
 COUNTED = Merge(state=lambda chain: (chain_state(chain), chain.tokens_generated), picks=("uniform_index",))
 

@@ -30,8 +30,7 @@ def run_cli(argv, capsys):
 def quick_dir(tmp_path_factory):
     """One quick toy run on the trap spec, shared by the tests that read its files."""
     out = tmp_path_factory.mktemp("fidelity")
-    assert main(["bench", "--fidelity", "--quick", "--quiet", "--spec", "fidelity_trap", "--output-dir",
-                 str(out)]) == 0  # fmt: skip
+    assert main(["bench", "--fidelity", "--quick", "--quiet", "--spec", "fidelity_trap", "--output-dir", str(out)]) == 0
     return out
 
 
@@ -80,25 +79,46 @@ def test_quick_run_writes_table_json_and_png(quick_dir):
 
 def test_unregistered_methods_are_skipped_with_a_note(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(fidelity_settings, "registered", lambda method: method in ("base", "low-temp"))
-    code, out, _ = run_cli(["bench", "--fidelity", "--quick", "--quiet", "--spec", "eos_trap", "--output-dir",
-                            str(tmp_path)], capsys)  # fmt: skip
+    code, out, _ = run_cli(
+        ["bench", "--fidelity", "--quick", "--quiet", "--spec", "eos_trap", "--output-dir", str(tmp_path)], capsys
+    )
     assert code == 0
     data = json.loads(fidelity.paths(tmp_path, "toy")["json"].read_text())
     assert {p["method"] for p in data["targets"][0]["points"]} == {"base", "low-temp"}
-    assert [s["method"] for s in data["skipped"]] == ["power", "power-cut", "bon", "power-mtm", "power-smc",
-                                                      "power-rollout"]  # fmt: skip
+    assert [s["method"] for s in data["skipped"]] == [
+        "power",
+        "power-cut",
+        "bon",
+        "power-mtm",
+        "power-smc",
+        "power-rollout",
+    ]
     assert "power-smc: no sampler registered" in out
 
 
 def test_methods_picks_the_settings_and_refuses_unknown_names(tmp_path, capsys):
-    code, _, _ = run_cli(["bench", "--fidelity", "--quick", "--quiet", "--spec", "eos_trap", "--methods",
-                          "low-temp,power-cut", "--output-dir", str(tmp_path)], capsys)  # fmt: skip
+    code, _, _ = run_cli(
+        [
+            "bench",
+            "--fidelity",
+            "--quick",
+            "--quiet",
+            "--spec",
+            "eos_trap",
+            "--methods",
+            "low-temp,power-cut",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert code == 0
     data = json.loads(fidelity.paths(tmp_path, "toy")["json"].read_text())
     assert {p["method"] for p in data["targets"][0]["points"]} == {"low-temp", "power-cut"}
     assert data["methods"] == ["low-temp", "power-cut"]
-    code, _, err = run_cli(["bench", "--fidelity", "--quick", "--methods", "power,nope", "--output-dir",
-                            str(tmp_path / "x")], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        ["bench", "--fidelity", "--quick", "--methods", "power,nope", "--output-dir", str(tmp_path / "x")], capsys
+    )
     assert code == 2 and "unknown nope" in err
 
 
@@ -138,30 +158,32 @@ def test_report_renders_the_fidelity_section(quick_dir, tmp_path, capsys):
     assert code == 0 and "TV floor" in out
 
 
-@pytest.mark.parametrize("argv", [
-    ["--samples", "0"],
-    ["--spec", "no-such-spec"],
-    ["--mcmc-steps", "3"],
-    ["--json", "x.json"],
-    ["--alpha", "0"],
-    ["--max-new-tokens", "14"],  # too many sequences to enumerate
-    ["--spec", "fidelity_trap", "--backend", "hf"],  # a toy spec with a model backend
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--samples", "0"],
+        ["--spec", "no-such-spec"],
+        ["--mcmc-steps", "3"],
+        ["--json", "x.json"],
+        ["--alpha", "0"],
+        ["--max-new-tokens", "14"],  # too many sequences to enumerate
+        ["--spec", "fidelity_trap", "--backend", "hf"],  # a toy spec with a model backend
+    ],
+)
 def test_bad_input_exits_2(argv, tmp_path, capsys):
-    code, _, err = run_cli(["bench", "--fidelity", "--quick", "--quiet", "--output-dir", str(tmp_path), *argv],
-                           capsys)
+    code, _, err = run_cli(["bench", "--fidelity", "--quick", "--quiet", "--output-dir", str(tmp_path), *argv], capsys)
     assert code == 2 and "powersample: error:" in err
 
 
 def test_malformed_spec_and_results_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"vocab": ["a"], "eos_id": 3}')
-    code, _, err = run_cli(["bench", "--fidelity", "--quiet", "--spec", str(bad), "--output-dir",
-                            str(tmp_path / "out")], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        ["bench", "--fidelity", "--quiet", "--spec", str(bad), "--output-dir", str(tmp_path / "out")], capsys
+    )
     assert code == 2 and "toy spec" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "fidelity_toy.json").write_text("{not json")
     code, _, err = run_cli(["report", str(broken), "--no-plots"], capsys)
     assert code == 2 and "fidelity results" in err
-

@@ -8,7 +8,6 @@ a minute on 2 CPU cores once the embedded model is converted (the first run conv
 from __future__ import annotations
 
 import os
-
 from dataclasses import replace
 
 import numpy as np
@@ -49,12 +48,17 @@ def prompt(backend) -> tuple[int, ...]:
 
 def subject_of(backend, prompt) -> conformance.Subject:
     """The backend under the conformance suite; next_logp from an uncached forward of the model itself."""
-    return conformance.Subject(backend, prompt, proposal_tolerance=4 * TOLERANCE,  # 1/tau scales the fp32 noise
-                               next_logp=lambda context: fresh_logp(backend, context)[-1],
-                               contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)),  # ragged
-                               draws_per_forward=True,
-                               cache=conformance.Cache(lambda: HFBackend(backend.model, backend.tokenizer),
-                                                       lambda engine: engine.stats.prefilled_tokens))  # fmt: skip
+    return conformance.Subject(
+        backend,
+        prompt,
+        proposal_tolerance=4 * TOLERANCE,  # 1/tau scales the fp32 noise
+        next_logp=lambda context: fresh_logp(backend, context)[-1],
+        contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)),  # ragged
+        draws_per_forward=True,
+        cache=conformance.Cache(
+            lambda: HFBackend(backend.model, backend.tokenizer), lambda engine: engine.stats.prefilled_tokens
+        ),
+    )
 
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
@@ -192,8 +196,9 @@ def test_failed_conversion_is_one_line_and_leaves_no_temp_folder(tmp_path):
 
 def test_batched_rows_share_one_forward_per_step(backend, prompt):
     batch = HFBackend(backend.model, backend.tokenizer)  # counts only the batch: the rows alone run on `backend`
-    batched = conformance.batched_rows_match_single_rows(replace(subject_of(backend, prompt), backend=batch),
-                                                         alone=backend)
+    batched = conformance.batched_rows_match_single_rows(
+        replace(subject_of(backend, prompt), backend=batch), alone=backend
+    )
     assert batch.stats.decode_forwards == max(len(c.tokens) for c in batched)  # one forward per step for all
 
 
@@ -203,8 +208,9 @@ def test_regenerate_from_scratch_baseline_prefills_everything(backend, prompt):
     before = scratch.stats.prefilled_tokens
     again = sample(scratch, prompt + first.tokens[:2], 4, seed=2)
     assert scratch.stats.prefilled_tokens - before == len(prompt) + 2
-    np.testing.assert_allclose(scratch.score(prompt + first.tokens[:2], again.tokens), again.base_logp,
-                               atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(
+        scratch.score(prompt + first.tokens[:2], again.tokens), again.base_logp, atol=TOLERANCE, rtol=0
+    )
 
 
 def test_continuous_batching_gives_the_same_samples_as_lockstep(backend):
@@ -218,8 +224,9 @@ def test_continuous_batching_gives_the_same_samples_as_lockstep(backend):
 
     config = SamplerConfig(max_new_tokens=12, block_size=6, mcmc_steps=2)
     continuous = sample_prompt(HFBackend(backend.model, backend.tokenizer), "Count to five.", config, num_samples=3)
-    lockstep = sample_prompt(Lockstep(HFBackend(backend.model, backend.tokenizer)), "Count to five.", config,
-                             num_samples=3)
+    lockstep = sample_prompt(
+        Lockstep(HFBackend(backend.model, backend.tokenizer)), "Count to five.", config, num_samples=3
+    )
     for a, b in zip(continuous, lockstep):
         assert a.tokens == b.tokens and a.accepted == b.accepted and a.tokens_generated == b.tokens_generated
         np.testing.assert_allclose(a.token_logp, b.token_logp, atol=TOLERANCE, rtol=0)
@@ -258,11 +265,13 @@ def drafts(backend, prompt, likely) -> dict[str, tuple[tuple[int, ...], tuple[in
     short = backend.encode(SHORT)
     answer = sample(backend, short, 12, seed=0, proposal=COLD, slot=51).tokens
     assert answer[-1] in backend.eos_ids and len(answer) < 10, "the test needs a short answer ending with EOS"
-    return {"likely": (prompt, likely),
-            "impossible": (prompt, likely[:2] + (rarest(backend, prompt + likely[:2]),) + likely[3:]),
-            "eos_inside": (short, answer + likely[:6]),
-            "past_max_tokens": (prompt, likely + likely),
-            "empty": (prompt, ())}  # fmt: skip
+    return {
+        "likely": (prompt, likely),
+        "impossible": (prompt, likely[:2] + (rarest(backend, prompt + likely[:2]),) + likely[3:]),
+        "eos_inside": (short, answer + likely[:6]),
+        "past_max_tokens": (prompt, likely + likely),
+        "empty": (prompt, ()),
+    }
 
 
 def undrafted_logq(backend, context, tokens, proposal=COLD) -> np.ndarray:
@@ -279,8 +288,9 @@ def test_a_drafted_continuation_has_the_undrafted_log_p_and_log_q_whatever_the_c
     assert 1 <= len(cont.tokens) <= 10 and not backend.eos_ids & set(cont.tokens[:-1])
     assert len(cont.tokens) == 10 or cont.tokens[-1] in backend.eos_ids
     np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0)
-    np.testing.assert_allclose(undrafted_logq(backend, context, cont.tokens), cont.proposal_logq,
-                               atol=4 * TOLERANCE, rtol=0)  # 1/tau scales the fp32 noise
+    np.testing.assert_allclose(
+        undrafted_logq(backend, context, cont.tokens), cont.proposal_logq, atol=4 * TOLERANCE, rtol=0
+    )  # 1/tau scales the fp32 noise
     for other in conts[1:]:  # the same seed gives the same continuation with k = 1, 2, 4
         assert other.tokens == cont.tokens
         np.testing.assert_allclose(other.base_logp, cont.base_logp, atol=TOLERANCE, rtol=0)
@@ -296,8 +306,13 @@ def batched(backend, prompt, likely) -> list[tuple[ExtendRequest, object, int]]:
     """(request, its continuation alone, its decoding forwards alone) for rows of ragged contexts with drafts of
     different lengths and k (one undrafted), each in its own slot."""
     rare = rarest(backend, prompt)
-    rows = [(prompt, likely, 4), (prompt + (28, 314), (rare,) * 12, 2), (prompt[:-3], (), 0),
-            (prompt, likely[:3] + (rare,) + likely[4:], 3), (prompt, likely + likely, 1)]  # fmt: skip
+    rows = [
+        (prompt, likely, 4),
+        (prompt + (28, 314), (rare,) * 12, 2),
+        (prompt[:-3], (), 0),
+        (prompt, likely[:3] + (rare,) + likely[4:], 3),
+        (prompt, likely + likely, 1),
+    ]
     out = []
     for j, (context, draft, k) in enumerate(rows):
         request = ExtendRequest(context, 8, np.random.default_rng(40 + j), 40 + j, hints=Hints(Draft(draft), k))

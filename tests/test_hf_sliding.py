@@ -38,8 +38,17 @@ WINDOW = 16  # every sliding layer's window; prompts are longer
 TOLERANCE = 3e-4  # fp32: cached, batched and drafted log p vs the uncached forward (the peaked random heads
 # give logits of ~30, whose fp32 rounding reaches 1e-4 nats between forward shapes)
 COLD = Proposal(temperature=0.25)
-SIZES = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=16, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
+SIZES = dict(
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    initializer_range=0.2,
+    tie_word_embeddings=False,
+)
 HEAD_STD = 2.4  # of the output embedding's weights: peaked next-token distributions, as a trained model's (the
 # likeliest token has p ~ 0.8 and the tokens past the top 10 ~ 1e-3 together). A flat row spreads p over 49152 tokens,
 # and its inverse-CDF draw then flips between neighbouring ids on fp32 noise (~5% of 8-token rows, batched vs alone)
@@ -51,8 +60,10 @@ ARCHS = {
     "llama": ("llama", dict(num_hidden_layers=2)),
 }
 SLIDING = ("gemma3", "gemma2", "mistral", "qwen2")
-PROMPT = ("Once upon a time, in a small village by the sea, there lived an old fisherman who told the same story "
-          "every evening to anyone who would listen.")  # fmt: skip
+PROMPT = (
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who told the same story "
+    "every evening to anyone who would listen."
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,17 +127,25 @@ def close(have, want, tolerance=TOLERANCE, what="") -> None:
 
 
 def subject(backend: HFBackend, prompt) -> conformance.Subject:
-    return conformance.Subject(backend, prompt, proposal_tolerance=4 * TOLERANCE,  # 1/tau scales the fp32 noise
-                               next_logp=lambda context: next_logp(backend, context),
-                               contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)),
-                               draws_per_forward=True)  # fmt: skip
+    return conformance.Subject(
+        backend,
+        prompt,
+        proposal_tolerance=4 * TOLERANCE,  # 1/tau scales the fp32 noise
+        next_logp=lambda context: next_logp(backend, context),
+        contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)),
+        draws_per_forward=True,
+    )
 
 
 def test_the_models_have_the_layers_they_stand_for(backends):
     """Each test model really mixes (or not) full and sliding layers, and the window binds our prompts."""
     windows = {name: b._attention.windows for name, b in backends.items()}
-    assert windows["gemma3"] == windows["gemma2"] == windows["qwen2"] == {"sliding_attention": WINDOW,
-                                                                          "full_attention": None}
+    assert (
+        windows["gemma3"]
+        == windows["gemma2"]
+        == windows["qwen2"]
+        == {"sliding_attention": WINDOW, "full_attention": None}
+    )
     assert windows["mistral"] == {"sliding_attention": WINDOW} and windows["llama"] is None
     assert backends["gemma2"]._attention.implementation == "eager"
     assert backends["gemma3"]._attention.implementation == "sdpa"
@@ -155,11 +174,18 @@ def rows(backend, prompt) -> list[ExtendRequest]:
     """Ragged contexts past the window with drafts the model likes, a replaced token, none, and a long one."""
     guess = likely(backend, prompt)
     rare = int(np.argmin(next_logp(backend, prompt + guess[:3])))  # surely replaced
-    specs = [(prompt, guess, 8), (prompt + (28, 314), (rare,) * 12, 2), (prompt[:-3], (), 0),
-             (prompt, guess[:3] + (rare,) + guess[4:], 3), (prompt + guess[:5], (rare,) + guess[5:] * 2, 5)]  # fmt: skip
+    specs = [
+        (prompt, guess, 8),
+        (prompt + (28, 314), (rare,) * 12, 2),
+        (prompt[:-3], (), 0),
+        (prompt, guess[:3] + (rare,) + guess[4:], 3),
+        (prompt + guess[:5], (rare,) + guess[5:] * 2, 5),
+    ]
     # the last row has the longest context and its first draft token is replaced: holes in the widest row
-    return [ExtendRequest(c, 20, np.random.default_rng(40 + j), 40 + j, hints=Hints(Draft(d), k))
-            for j, (c, d, k) in enumerate(specs)]  # fmt: skip
+    return [
+        ExtendRequest(c, 20, np.random.default_rng(40 + j), 40 + j, hints=Hints(Draft(d), k))
+        for j, (c, d, k) in enumerate(specs)
+    ]
 
 
 def copy(request: ExtendRequest) -> ExtendRequest:
@@ -171,8 +197,7 @@ def copy(request: ExtendRequest) -> ExtendRequest:
 
 def alone(backend, requests):
     """Each request decoded alone, undrafted (the same seed draws the same tokens with or without a draft)."""
-    return [backend.extend([replace(copy(r), hints=Hints(), slot=100 + j)], COLD)[0]
-            for j, r in enumerate(requests)]  # fmt: skip
+    return [backend.extend([replace(copy(r), hints=Hints(), slot=100 + j)], COLD)[0] for j, r in enumerate(requests)]
 
 
 def assert_same(cont, want, backend, context) -> None:
@@ -300,8 +325,17 @@ METHODS = ("power", "max-swap", "power-cut", "power-mtm", "power-smc", "power-ro
 def test_every_method_samples_past_the_window_with_and_without_speculation(backends, prompt, name, method):
     from powersample import SamplerConfig, sample
 
-    config = SamplerConfig(method=method, max_new_tokens=24, block_size=8, mcmc_steps=2, tries=2, particles=3,
-                           candidates=2, rollouts=2, rollout_horizon=4)  # fmt: skip
+    config = SamplerConfig(
+        method=method,
+        max_new_tokens=24,
+        block_size=8,
+        mcmc_steps=2,
+        tries=2,
+        particles=3,
+        candidates=2,
+        rollouts=2,
+        rollout_horizon=4,
+    )
     records = {}
     for k in (0, 8):
         backend = make(name, backends[name].tokenizer)
@@ -331,8 +365,9 @@ def columns_not_positions(attention, columns, queries):
     seen = columns >= 0
     distance = q_at[:, :, None] - at[:, None, :]
     causal = seen[:, None, :] & (distance >= 0)
-    masks = {kind: attention._form(causal if w is None else causal & (distance < w))
-             for kind, w in attention.windows.items()}  # fmt: skip
+    masks = {
+        kind: attention._form(causal if w is None else causal & (distance < w)) for kind, w in attention.windows.items()
+    }
     return next(iter(masks.values())) if len(masks) == 1 else masks
 
 

@@ -72,11 +72,15 @@ def fresh(backend: LlamaCppBackend, **kwargs) -> LlamaCppBackend:
 
 def subject_of(backend, prompt) -> conformance.Subject:
     """The backend under the conformance suite; next_logp from its scratch sequence (`next_token_logp`)."""
-    return conformance.Subject(backend, prompt, tolerance=TOLERANCE, next_logp=backend.next_token_logp,
-                               contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)),  # ragged
-                               draws_per_forward=True,
-                               cache=conformance.Cache(lambda: fresh(backend), lambda b: b.stats.evaluated_tokens,
-                                                       with_draws=True))  # fmt: skip
+    return conformance.Subject(
+        backend,
+        prompt,
+        tolerance=TOLERANCE,
+        next_logp=backend.next_token_logp,
+        contexts=(prompt, prompt + (28, 314), prompt[:-3], prompt + (11,)),  # ragged
+        draws_per_forward=True,
+        cache=conformance.Cache(lambda: fresh(backend), lambda b: b.stats.evaluated_tokens, with_draws=True),
+    )
 
 
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
@@ -176,8 +180,9 @@ def test_teardown_at_interpreter_exit_is_quiet(backend):
     """hf and llamacpp backends alive at exit: llama_cpp's module globals can be torn down before the backend, whose
     finalizer then called None (`Exception ignored in ... __del__ ... TypeError`)."""
     pytest.importorskip("torch")
-    done = subprocess.run([sys.executable, "-c", TEARDOWN_SCRIPT], capture_output=True, text=True, timeout=300,
-                          check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", TEARDOWN_SCRIPT], capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ready", done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
 
@@ -198,8 +203,19 @@ SWA_WARNING = "using full-size SWA cache"
 def test_quiet_silences_llama_cpp_warnings_that_show_otherwise(sliding_gguf, quiet, capsys):
     from powersample.cli import main
 
-    argv = ["sample", "Hi", "--backend", "llamacpp", "--model", str(sliding_gguf), "--method", "base",
-            "--max-new-tokens", "2", "--raw"]  # fmt: skip
+    argv = [
+        "sample",
+        "Hi",
+        "--backend",
+        "llamacpp",
+        "--model",
+        str(sliding_gguf),
+        "--method",
+        "base",
+        "--max-new-tokens",
+        "2",
+        "--raw",
+    ]
     assert main(argv + ["--quiet"] * quiet) == 0
     err = capsys.readouterr().err
     assert (SWA_WARNING in err) is not quiet, err
@@ -225,8 +241,9 @@ def test_llama_cpp_errors_show_even_when_quiet(backend, capsys):
 
 def test_batched_rows_share_one_decode_per_step(backend, prompt):
     batched_backend = fresh(backend)  # empty caches; the rows alone run on `backend`
-    batched = conformance.batched_rows_match_single_rows(replace(subject_of(backend, prompt), backend=batched_backend),
-                                                         alone=backend)
+    batched = conformance.batched_rows_match_single_rows(
+        replace(subject_of(backend, prompt), backend=batched_backend), alone=backend
+    )
     # Prefills: the prompt for row 0, then prompt[-1] and 28 for row 1; rows 2 and 3 copy cached prefixes. Then
     # one llama_decode per step serves every row.
     assert batched_backend.stats.decode_calls == 2 + max(len(c.tokens) for c in batched)
@@ -423,8 +440,10 @@ def drafted(backend, context, n, seed, draft, k, proposal=ALPHA4, slot=0):
 
 def logq_of(backend, context, tokens, proposal):
     """log q of each token as the undrafted path computes it: the proposal of the base log p after its prefix."""
-    return [float(proposal_logprobs(backend.next_token_logp(tuple(context) + tuple(tokens[:j])), proposal)[t])
-            for j, t in enumerate(tokens)]  # fmt: skip
+    return [
+        float(proposal_logprobs(backend.next_token_logp(tuple(context) + tuple(tokens[:j])), proposal)[t])
+        for j, t in enumerate(tokens)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -458,10 +477,20 @@ def test_a_drafted_continuation_scores_like_the_undrafted_path(backend, prompt, 
         cont = drafted(backend, prompt, n, seed=7, draft=draft, k=k, proposal=proposal)
         assert (backend.stats.drafted > verified) == bool(draft), f"the {name} draft was verified iff not empty"
         assert 1 <= len(cont.tokens) <= n and all(t not in backend.eos_ids for t in cont.tokens[:-1]), name
-        np.testing.assert_allclose(backend.score(prompt, cont.tokens), cont.base_logp, atol=TOLERANCE, rtol=0,
-                                   err_msg=f"log p of the {name} draft")
-        np.testing.assert_allclose(logq_of(backend, prompt, cont.tokens, proposal), cont.proposal_logq,
-                                   atol=TOLERANCE, rtol=0, err_msg=f"log q of the {name} draft")
+        np.testing.assert_allclose(
+            backend.score(prompt, cont.tokens),
+            cont.base_logp,
+            atol=TOLERANCE,
+            rtol=0,
+            err_msg=f"log p of the {name} draft",
+        )
+        np.testing.assert_allclose(
+            logq_of(backend, prompt, cont.tokens, proposal),
+            cont.proposal_logq,
+            atol=TOLERANCE,
+            rtol=0,
+            err_msg=f"log q of the {name} draft",
+        )
         if name in ("impossible", "outside_top_k"):
             assert cont.tokens[2] != draft[2]
     undrafted = sample(backend, prompt, 12, seed=7, proposal=ALPHA4)
@@ -482,8 +511,10 @@ def test_a_seed_gives_the_same_drafted_continuation_whatever_k_and_batch(backend
         before = backend.stats.forwards
         assert drafted(backend, prompt, n, seed=11, draft=draft, k=ks[name]).tokens == alone[name].tokens, name
         forwards[name] = backend.stats.forwards - before
-    requests = [ExtendRequest(prompt, n, np.random.default_rng(11), slot=20 + j, hints=Hints(Draft(draft), ks[name]))
-                for j, (name, (draft, n)) in enumerate(drafts.items())]  # fmt: skip
+    requests = [
+        ExtendRequest(prompt, n, np.random.default_rng(11), slot=20 + j, hints=Hints(Draft(draft), ks[name]))
+        for j, (name, (draft, n)) in enumerate(drafts.items())
+    ]
     before = backend.stats.forwards
     batched = backend.extend(requests, ALPHA4)
     assert backend.stats.forwards - before == max(forwards.values())  # one llama_decode per step serves every row

@@ -25,15 +25,18 @@ def test_the_tiled_matmul_is_turned_off_unless_the_user_set_it_or_opted_out():
     assert untouched == {} and kernels.tiled_setting(untouched) == "unset"
 
 
-@pytest.mark.parametrize("native, threads, disagreement, batched, words, experts", [
-    (False, 1, None, True, "same numbers", 0),
-    (False, 1, None, False, "mixture of 4 experts", 4),  # the matrix's qwen3_moe: rare tokens differ batched
-    (True, 1, None, True, "llama.cpp's own kernels", 4),
-    (False, 1, "2 tokens of one sequence vs 1: max |logit change| 0.03", False, "round by row count", 0),
-    (False, 2, None, False, "2 threads", 0),  # a lone token's keys split across threads past 512 cells
-    (False, 8, "anything", False, "8 threads", 0),
-    (True, 4, "anything", True, "llama.cpp's own kernels", 0),
-])
+@pytest.mark.parametrize(
+    "native, threads, disagreement, batched, words, experts",
+    [
+        (False, 1, None, True, "same numbers", 0),
+        (False, 1, None, False, "mixture of 4 experts", 4),  # the matrix's qwen3_moe: rare tokens differ batched
+        (True, 1, None, True, "llama.cpp's own kernels", 4),
+        (False, 1, "2 tokens of one sequence vs 1: max |logit change| 0.03", False, "round by row count", 0),
+        (False, 2, None, False, "2 threads", 0),  # a lone token's keys split across threads past 512 cells
+        (False, 8, "anything", False, "8 threads", 0),
+        (True, 4, "anything", True, "llama.cpp's own kernels", 0),
+    ],
+)
 def test_the_layout(native, threads, disagreement, batched, words, experts):
     layout = kernels.choose_layout(native, threads, disagreement, experts)
     assert layout.batched is batched and words in layout.reason

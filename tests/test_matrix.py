@@ -22,13 +22,28 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from powersample.tools.matrix import ARCHS, MatrixOptions, render_table, run_matrix, total_units  # noqa: E402
-from powersample.tools.matrix import agreement as agree  # noqa: E402
-from powersample.tools.matrix import convert, models, promises  # noqa: E402
-from powersample.tools.matrix.archs import SHAPE, WINDOW, config_kwargs  # noqa: E402
-from powersample.tools.matrix.cells import FP32, PROMPT, Cell, cells, not_built  # noqa: E402
-from powersample.tools.matrix.run import FAIL, NOT_APPLICABLE, PASS, CellResult, MatrixResult, Outcome  # noqa: E402
-from powersample.tools.matrix.run import failure_line  # noqa: E402
+from powersample.tools.matrix import (
+    ARCHS,
+    MatrixOptions,
+    convert,
+    models,
+    promises,
+    render_table,
+    run_matrix,
+    total_units,
+)
+from powersample.tools.matrix import agreement as agree
+from powersample.tools.matrix.archs import SHAPE, WINDOW, config_kwargs
+from powersample.tools.matrix.cells import FP32, PROMPT, Cell, cells, not_built
+from powersample.tools.matrix.run import (
+    FAIL,
+    NOT_APPLICABLE,
+    PASS,
+    CellResult,
+    MatrixResult,
+    Outcome,
+    failure_line,
+)
 
 CONVERTED = [a for a in ARCHS.values() if a.gguf_arch]
 
@@ -89,17 +104,26 @@ def test_the_writer_gives_each_arch_the_keys_its_loader_reads(arch, tiny_tokeniz
     assert name == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]]
     assert arch.name not in have["general.name"] and "phi3" not in have["general.name"]  # llama.cpp keys on it
     assert have["general.file_type"] == gguf.LlamaFileType.ALL_F32
-    want = {"context_length": 512, "embedding_length": 256, "block_count": config.num_hidden_layers,
-            "attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 64,
-            "attention.value_length": 64, "rope.dimension_count": 64, "vocab_size": SHAPE["vocab_size"]}  # fmt: skip
+    want = {
+        "context_length": 512,
+        "embedding_length": 256,
+        "block_count": config.num_hidden_layers,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+        "attention.key_length": 64,
+        "attention.value_length": 64,
+        "rope.dimension_count": 64,
+        "vocab_size": SHAPE["vocab_size"],
+    }
     assert {k: have[f"{name}.{k}"] for k in want} == want
     assert have[f"{name}.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
     assert have["tokenizer.ggml.tokens"] == ["<s>", "a", "b"] and have["tokenizer.ggml.merges"] == ["a b"]
     assert have["tokenizer.chat_template"] == "{{ messages }}" and have["tokenizer.ggml.bos_token_id"] == 0
     if arch.window:
         assert have[f"{name}.attention.sliding_window"] == WINDOW
-        assert have[f"{name}.attention.sliding_window_pattern"] == [t == "sliding_attention" for t in
-                                                                    config.layer_types]  # fmt: skip
+        assert have[f"{name}.attention.sliding_window_pattern"] == [
+            t == "sliding_attention" for t in config.layer_types
+        ]
     else:
         assert not [k for k in have if "sliding_window" in k]
 
@@ -144,8 +168,9 @@ def test_every_tensor_gets_a_gguf_name(arch):
     assert all(name.endswith((".weight", ".bias")) for name in written)
     assert ("output.weight" in written) == (not model.config.tie_word_embeddings)
     if arch.norm_offset:  # gemma: every norm is w + 1
-        np.testing.assert_array_equal(written["blk.0.attn_norm.weight"],
-                                      state["model.layers.0.input_layernorm.weight"] + 1)  # fmt: skip
+        np.testing.assert_array_equal(
+            written["blk.0.attn_norm.weight"], state["model.layers.0.input_layernorm.weight"] + 1
+        )
 
 
 def test_moe_experts_are_split_gate_first():
@@ -245,8 +270,10 @@ def test_the_conversion_agrees_with_transformers(name, llama, gemma3):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, change", [("llama", {"interleaved_rope": False}), ("gemma3", {"norm_offset": 0.0}),
-                                          ("gemma3", "a window twice too wide")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, change",
+    [("llama", {"interleaved_rope": False}), ("gemma3", {"norm_offset": 0.0}), ("gemma3", "a window twice too wide")],
+)
 def test_a_wrong_conversion_is_caught(name, change, llama, gemma3, tokenizer_gguf, tmp_path, monkeypatch):
     """The agreement check is not blind: without the rope permutation or the norms' + 1 the gap is nats, not
     hundredths; with the wrong window it is right within the window and wrong past it."""
@@ -255,6 +282,7 @@ def test_a_wrong_conversion_is_caught(name, change, llama, gemma3, tokenizer_ggu
     if isinstance(change, dict):
         arch = replace(arch, **change)
     else:
+
         def too_wide(writer, config):
             writer.add_sliding_window(2 * config.sliding_window)
             writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config.layer_types])
@@ -290,10 +318,17 @@ def test_every_cell_is_planned_and_unbuilt_ones_say_why():
     assert not_built(Cell("hf", "mistral", FP32)) == ""
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"archs": ("llama", "nope")}, "unknown arch 'nope'"), ({"engines": ("tgi",)}, "unknown engine 'tgi'"),
-    ({"quants": ("q3_k",)}, "unknown quant 'q3_k'"), ({"archs": ()}, "no arch given"),
-    ({"quants": ("q4_0", "q4_0")}, "given twice"), ({"threads": 0}, "threads must be >= 1")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"archs": ("llama", "nope")}, "unknown arch 'nope'"),
+        ({"engines": ("tgi",)}, "unknown engine 'tgi'"),
+        ({"quants": ("q3_k",)}, "unknown quant 'q3_k'"),
+        ({"archs": ()}, "no arch given"),
+        ({"quants": ("q4_0", "q4_0")}, "given twice"),
+        ({"threads": 0}, "threads must be >= 1"),
+    ],
+)
 def test_bad_options_are_one_line_errors(kwargs, message):
     with pytest.raises(PowerSampleError, match=message) as e:
         MatrixOptions(**kwargs)
@@ -314,8 +349,11 @@ def test_a_failure_is_one_line_saying_what_broke():
 def test_the_table_names_failures_not_applicable_checks_and_unbuilt_cells():
     checks = ("alpha", "beta")
     ok = CellResult(Cell("hf", "llama", FP32), "", (Outcome("alpha", PASS), Outcome("beta", NOT_APPLICABLE, "no x")))
-    bad = CellResult(Cell("hf", "gemma3", FP32), "", (Outcome("alpha", FAIL, "IndexError: boom"),
-                                                      Outcome("beta", FAIL, "IndexError: boom")))  # fmt: skip
+    bad = CellResult(
+        Cell("hf", "gemma3", FP32),
+        "",
+        (Outcome("alpha", FAIL, "IndexError: boom"), Outcome("beta", FAIL, "IndexError: boom")),
+    )
     unbuilt = [CellResult(Cell("llamacpp", "mistral", q), "no window here") for q in ("q4_0", "q8_0")]
     result = MatrixResult(MatrixOptions(), "now", checks, (), (ok, bad, *unbuilt), 1.0)
     table = render_table(result)
@@ -380,8 +418,19 @@ def test_the_command_prints_the_table_and_exits_1_on_a_failure(llama, tmp_path, 
 
     monkeypatch.setattr(conformance, "CHECKS", (passes, fails, does_not_apply))
     monkeypatch.setattr(promises, "PROMISES", ())
-    argv = ["conformance", "--matrix", "--engines", "llamacpp,vllm", "--archs", "llama, mistral", "--quants", "q4_1",
-            "--json", str(tmp_path / "m.json"), "--quiet"]  # fmt: skip
+    argv = [
+        "conformance",
+        "--matrix",
+        "--engines",
+        "llamacpp,vllm",
+        "--archs",
+        "llama, mistral",
+        "--quants",
+        "q4_1",
+        "--json",
+        str(tmp_path / "m.json"),
+        "--quiet",
+    ]
     assert main(argv) == 1
     out = capsys.readouterr().out
     assert "| llamacpp | llama | q4_1 | ✓ | ✗ | – |" in out
@@ -393,11 +442,16 @@ def test_the_command_prints_the_table_and_exits_1_on_a_failure(llama, tmp_path, 
     assert main(argv[:-3] + ["--quiet"]) == 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "give --matrix"), (["--matrix", "--archs", "llama,falcon"], "unknown arch 'falcon'"),
-    (["--matrix", "--quants", "q2_k"], "unknown quant 'q2_k'"), (["--matrix", "--engines", "hf,ollama"],
-                                                                   "unknown engine 'ollama'"),
-    (["--matrix", "--json", "/no/such/dir/m.json"], "cannot write")])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give --matrix"),
+        (["--matrix", "--archs", "llama,falcon"], "unknown arch 'falcon'"),
+        (["--matrix", "--quants", "q2_k"], "unknown quant 'q2_k'"),
+        (["--matrix", "--engines", "hf,ollama"], "unknown engine 'ollama'"),
+        (["--matrix", "--json", "/no/such/dir/m.json"], "cannot write"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):
     assert main(["conformance", *argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -413,6 +467,7 @@ def test_every_supported_cell_passes_every_check(tokenizer_gguf):
     unbuilt = [c for c in result.cells if c.not_built]
     assert {c.cell.engine for c in unbuilt} >= {"vllm"} and all(c.not_built for c in unbuilt)
     assert {c.cell for c in unbuilt if c.cell.engine == "llamacpp"} == {
-        Cell("llamacpp", "mistral", q) for q in result.options.quants}
+        Cell("llamacpp", "mistral", q) for q in result.options.quants
+    }
     assert all(a.agreement is not None for a in result.archs if ARCHS[a.arch].gguf_arch)
     assert_every_check_passes(result)

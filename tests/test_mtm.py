@@ -11,13 +11,13 @@ import pytest
 
 pytest.importorskip("hypothesis")
 
-from support.toy import SPECS, load_spec
 from exact_laws import algorithm_law, apply, mh_kernel, mtm_algorithm_law, mtm_kernel, power_target, tv
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.tracing import assert_same_law, sampler_law
 from support.statistical import assert_follows, draw
 from support.strategies import toy_specs
+from support.toy import SPECS, load_spec
+from support.tracing import assert_same_law, sampler_law
 
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend
@@ -49,8 +49,13 @@ def test_detailed_balance_for_any_number_of_tries(spec_name, alpha, tau, tries):
 
 
 @settings(max_examples=15, deadline=None)
-@given(toy_specs(), st.sampled_from([0.5, 2.0, 4.0]), st.sampled_from([0.25, 1.0, 2.0]), st.integers(1, 3),
-       st.integers(2, 3))
+@given(
+    toy_specs(),
+    st.sampled_from([0.5, 2.0, 4.0]),
+    st.sampled_from([0.25, 1.0, 2.0]),
+    st.integers(1, 3),
+    st.integers(2, 3),
+)
 def test_detailed_balance_on_random_tables(spec, alpha, tau, cap, tries):
     pi = power_target(spec, alpha, cap)
     assert_detailed_balance(mtm_kernel(spec, alpha, Proposal(tau), cap, tries), pi, rel_tol=1e-8)
@@ -126,8 +131,16 @@ def test_a_pick_not_by_weight_fails_the_exact_law(monkeypatch):
 def test_more_tries_mix_faster_and_converge_to_p_alpha():
     spec = load_spec("eos_trap")
     want = power_target(spec, 3.0, 4)
-    gaps = [tv(mtm_algorithm_law(spec, SamplerConfig(method="power-mtm", alpha=3.0, max_new_tokens=4, block_count=1,
-                                                     mcmc_steps=3, tries=k)), want) for k in (1, 2, 3)]
+    gaps = [
+        tv(
+            mtm_algorithm_law(
+                spec,
+                SamplerConfig(method="power-mtm", alpha=3.0, max_new_tokens=4, block_count=1, mcmc_steps=3, tries=k),
+            ),
+            want,
+        )
+        for k in (1, 2, 3)
+    ]
     assert gaps[0] > gaps[1] > gaps[2]
     long = SamplerConfig(method="power-mtm", alpha=3.0, max_new_tokens=4, block_count=1, mcmc_steps=40, tries=3)
     assert tv(mtm_algorithm_law(spec, long), want) < 2e-3

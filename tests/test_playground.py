@@ -13,10 +13,11 @@ import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright; the test "
-                               "extra has it)")  # fmt: skip
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="needs playwright (pip install playwright; the test extra has it)"
+)
 
-from support.server import SlowToy, serve  # noqa: E402
+from support.server import SlowToy, serve
 
 pytestmark = pytest.mark.browser
 
@@ -50,8 +51,9 @@ def test_the_page_runs_a_chain_live_and_shows_the_final_text(endpoint):
     text = {"prompt": PROMPT} if endpoint == "completions" else {"messages": [{"role": "user", "content": PROMPT}]}
     path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
     with serve(model_name="toy-words") as url:
-        want = httpx.post(url + path, json={**text, "method": "power", "n": 1,
-                                            **{k: int(v) for k, v in KNOBS.items()}}).json()  # fmt: skip
+        want = httpx.post(
+            url + path, json={**text, "method": "power", "n": 1, **{k: int(v) for k, v in KNOBS.items()}}
+        ).json()
         problems = []
         with opened(url, problems) as page:
             page.fill("#prompt", PROMPT)
@@ -79,8 +81,9 @@ def test_the_page_shows_base_sampling_as_it_is_drawn():
     """base streams its tokens as they are drawn ("draw" trace events and text chunks): the live state grows one
     span, and the final text is the non-streamed one."""
     with serve(model_name="toy-words") as url:
-        want = httpx.post(url + "/v1/completions", json={"prompt": PROMPT, "method": "base", "max_tokens": 12,
-                                                         "seed": 7}).json()["choices"][0]["text"]  # fmt: skip
+        want = httpx.post(
+            url + "/v1/completions", json={"prompt": PROMPT, "method": "base", "max_tokens": 12, "seed": 7}
+        ).json()["choices"][0]["text"]
         with opened(url) as page:
             page.fill("#prompt", PROMPT)
             page.select_option("#endpoint", "completions")

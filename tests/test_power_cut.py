@@ -11,13 +11,13 @@ import pytest
 
 pytest.importorskip("hypothesis")
 
-from support.toy import load_spec
 from exact_laws import algorithm_law, apply, as_chain, mh_kernel, power_target, staged_law, tv
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.tracing import assert_same_law, sampler_law, trace
 from support.statistical import assert_follows, draw
 from support.strategies import toy_specs
+from support.toy import load_spec
+from support.tracing import assert_same_law, sampler_law, trace
 
 from powersample import PowerSampleError, SamplerConfig, sample
 from powersample.backends.toy import ToyBackend
@@ -61,8 +61,9 @@ def test_cuts_follow_the_entropy_jumps_with_a_uniform_floor():
     assert math.isclose(float(np.exp(cuts.log_probs(entropy)).sum()), 1.0)
     assert np.allclose(np.exp(cuts.log_probs([0.0, 0.0, 0.0])), 1 / 3)  # no rise anywhere: uniform
     assert np.allclose(np.exp(EntropyCuts(4.0, 1.0).log_probs(entropy)), 1 / 4)  # floor 1: power's cut
-    assert np.allclose(np.exp(EntropyCuts(0.0, 0.5).log_probs(entropy)), [0.125 + 0.5 / 3] * 2 + [0.125]
-                       + [0.125 + 0.5 / 3])  # beta 0: every rise alike  # fmt: skip
+    assert np.allclose(
+        np.exp(EntropyCuts(0.0, 0.5).log_probs(entropy)), [0.125 + 0.5 / 3] * 2 + [0.125] + [0.125 + 0.5 / 3]
+    )  # beta 0: every rise alike
     assert np.allclose(cuts.log_probs([0.7]), [0.0])
     falling = np.exp(cuts.log_probs([2.0, 1.0, 0.5]))  # only the first token "rises" (from certainty)
     assert np.allclose(falling, [0.2 / 3 + 0.8, 0.2 / 3, 0.2 / 3])
@@ -86,16 +87,24 @@ def test_picks_follow_the_cut_distribution():
 # --- the kernel: detailed balance by enumeration ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec_name, alpha, tau", [("early_eos", 4.0, 0.25), ("eos_trap", 2.0, 0.7),
-                                                   ("eos_trap", 3.0, 1 / 3), ("no_early_eos", 2.0, 0.5)])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec_name, alpha, tau",
+    [("early_eos", 4.0, 0.25), ("eos_trap", 2.0, 0.7), ("eos_trap", 3.0, 1 / 3), ("no_early_eos", 2.0, 0.5)],
+)
 @pytest.mark.parametrize("beta, floor", [(4.0, 0.1), (1.0, 0.5), (0.0, 0.05)])
 def test_detailed_balance(spec_name, alpha, tau, beta, floor):
     assert_reversible(load_spec(spec_name), alpha, tau, 4, EntropyCuts(beta, floor))
 
 
 @settings(max_examples=25, deadline=None)
-@given(toy_specs(), st.sampled_from([0.5, 1.0, 2.0, 4.0]), st.sampled_from([0.25, 0.5, 1.0]), st.integers(1, 3),
-       st.sampled_from([0.0, 1.0, 4.0]), st.sampled_from([0.01, 0.1, 0.9]))  # fmt: skip
+@given(
+    toy_specs(),
+    st.sampled_from([0.5, 1.0, 2.0, 4.0]),
+    st.sampled_from([0.25, 0.5, 1.0]),
+    st.integers(1, 3),
+    st.sampled_from([0.0, 1.0, 4.0]),
+    st.sampled_from([0.01, 0.1, 0.9]),
+)
 def test_detailed_balance_on_random_tables(spec, alpha, tau, cap, beta, floor):
     assert_reversible(spec, alpha, tau, cap, EntropyCuts(beta, floor))
 
@@ -136,8 +145,11 @@ def test_the_program_without_the_cut_correction_has_the_wrong_law(monkeypatch):
     bound from the honest ratio."""
     spec, config = load_spec("early_eos"), replace(CUT, max_new_tokens=3, mcmc_steps=2)
     want = algorithm_law(spec, config)
-    wrong = staged_law(spec, config, lambda cap: mh_kernel(spec, 3.0, registry.proposal(config), cap,
-                                                            without_cut_term, EntropyCuts(4.0, 0.1)))  # fmt: skip
+    wrong = staged_law(
+        spec,
+        config,
+        lambda cap: mh_kernel(spec, 3.0, registry.proposal(config), cap, without_cut_term, EntropyCuts(4.0, 0.1)),
+    )
     honest = power.log_ratio_terms
     monkeypatch.setattr(power, "log_ratio_terms", lambda *a: (*honest(*a)[:2], 0.0))
     monkeypatch.setattr(power, "rejection_floor", lambda *a: None)

@@ -123,8 +123,9 @@ def test_sample_command_falls_back_and_answers(crashing_llamacpp, capsys):
     pytest.importorskip("transformers")
     from powersample.cli import main
 
-    code = main(["sample", "What is 2+2?", "--max-new-tokens", "4", "--block-count", "1", "--mcmc-steps", "1",
-                 "--quiet"])
+    code = main(
+        ["sample", "What is 2+2?", "--max-new-tokens", "4", "--block-count", "1", "--mcmc-steps", "1", "--quiet"]
+    )
     out, err = capsys.readouterr()
     assert code == 0 and out.strip()
     assert [line for line in err.splitlines() if "crashed" in line] == [err.splitlines()[0]]

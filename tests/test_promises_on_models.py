@@ -26,8 +26,10 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLER = ["--method", "power", "--max-new-tokens", "12", "--block-size", "4", "--mcmc-steps", "2", "--threads", "1"]
-PROBLEMS = [{"problem": f"What is {a} + {b}?", "answer": str(a + b), "id": f"p{a}"} for a, b in
-            ((3, 4), (12, 30), (7, 8), (21, 5))]  # fmt: skip
+PROBLEMS = [
+    {"problem": f"What is {a} + {b}?", "answer": str(a + b), "id": f"p{a}"}
+    for a, b in ((3, 4), (12, 30), (7, 8), (21, 5))
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,23 @@ def model(request) -> list[str]:
 
 
 def argv(model: list[str], data: Path, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--task", "math500", "--data", str(data), "--backend", "llamacpp", *model, *SAMPLER,
-            "--seeds", "0-1", "--output-dir", str(out), "--quiet", *extra]  # fmt: skip
+    return [
+        "eval",
+        "--task",
+        "math500",
+        "--data",
+        str(data),
+        "--backend",
+        "llamacpp",
+        *model,
+        *SAMPLER,
+        "--seeds",
+        "0-1",
+        "--output-dir",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def records(out: Path) -> dict[tuple[str, int], tuple]:

@@ -7,11 +7,11 @@ import pytest
 
 pytest.importorskip("hypothesis")
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from powersample.core.numerics import draw, proposal_logprobs  # noqa: E402
-from powersample.core.types import Proposal  # noqa: E402
+from powersample.core.numerics import draw, proposal_logprobs
+from powersample.core.types import Proposal
 
 probs_strategy = st.lists(st.floats(0.0, 1.0), min_size=2, max_size=12).filter(lambda p: sum(p) > 1e-3)
 

@@ -38,9 +38,9 @@ def echo_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: f
 def echo_work_units(config: SamplerConfig) -> int:
     return 1
 '''
-ENTRY = '''    Method("echo", "plain", echo_program, echo_work_units, "a test sampler"),
-'''
-DRIVE = '''
+ENTRY = """    Method("echo", "plain", echo_program, echo_work_units, "a test sampler"),
+"""
+DRIVE = """
 import json, sys
 from fastapi.testclient import TestClient
 from powersample.backends import load_backend
@@ -51,7 +51,7 @@ with TestClient(app) as client:
     enum = client.get("/openapi.json").json()
 print(json.dumps({"status": reply.status_code, "method": reply.json()["power_sampling"]["method"],
                   "enum": "echo" in json.dumps(enum)}))
-'''
+"""
 
 
 def test_every_knob_belongs_to_one_method_and_is_a_config_field():
@@ -72,8 +72,11 @@ def package_with(tmp_path: Path, module: str, source: str, imports: str, entry: 
     samplers = tmp_path / "powersample" / "samplers"
     (samplers / f"{module}.py").write_text(source)
     registry_source = (samplers / "registry.py").read_text()
-    registry_source = registry_source.replace("from powersample.samplers.mtm import", f"from powersample.samplers."
-                                              f"{module} import {imports}\nfrom powersample.samplers.mtm import", 1)
+    registry_source = registry_source.replace(
+        "from powersample.samplers.mtm import",
+        f"from powersample.samplers.{module} import {imports}\nfrom powersample.samplers.mtm import",
+        1,
+    )
     anchor = "\n)}  # fmt: skip"
     assert anchor in registry_source
     (samplers / "registry.py").write_text(registry_source.replace(anchor, "\n" + entry.rstrip("\n") + anchor, 1))
@@ -89,13 +92,34 @@ def test_a_new_sampler_is_one_file_and_one_registry_entry(tmp_path):
     """Add `echo` to a copy of the package, touching nothing else, and use it through the CLI and the server."""
     env = package_with(tmp_path, "echo", ECHO, "echo_program, echo_work_units", ENTRY)
     spec = str(SPECS / "early_eos.json")
-    sample = subprocess.run([sys.executable, "-m", "powersample.cli", "sample", "x", "--method", "echo", "--backend",
-                             "toy", "--toy-spec", spec, "--max-new-tokens", "3", "--quiet"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    sample = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "powersample.cli",
+            "sample",
+            "x",
+            "--method",
+            "echo",
+            "--backend",
+            "toy",
+            "--toy-spec",
+            spec,
+            "--max-new-tokens",
+            "3",
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sample.returncode == 0, sample.stderr
     assert "method=echo " in sample.stdout and "accepted=0/0" in sample.stdout
-    served = subprocess.run([sys.executable, "-c", DRIVE, spec], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    served = subprocess.run(
+        [sys.executable, "-c", DRIVE, spec], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert served.returncode == 0, served.stderr
     assert json.loads(served.stdout.splitlines()[-1]) == {"status": 200, "method": "echo", "enum": True}
     assert "echo" not in METHODS  # the copy, not this package, has it
@@ -103,18 +127,21 @@ def test_a_new_sampler_is_one_file_and_one_registry_entry(tmp_path):
 
 # A sampler with knobs: `temper`, the temperature it draws at (a ranged float), and `copies`, the sequences one chain
 # holds (a member-setting int). What its author writes: this file, one registry entry, one declaration per knob.
-TEMPERED = ECHO.replace("echo_", "tempered_") + '''
+TEMPERED = (
+    ECHO.replace("echo_", "tempered_")
+    + """
 
 def tempered_temperature(config: SamplerConfig) -> float:
     return config.temper
-'''
-TEMPERED_ENTRY = '''    Method("tempered", "plain", tempered_program, tempered_work_units, "a test sampler with knobs",
+"""
+)
+TEMPERED_ENTRY = """    Method("tempered", "plain", tempered_program, tempered_work_units, "a test sampler with knobs",
            knobs=("temper", "copies"), temperature=tempered_temperature),
-'''
-TEMPERED_FIELDS = '''    temper: float = knob(1.5, "the temperature drawn at", lo=0, hi=10, lo_open=True)
+"""
+TEMPERED_FIELDS = """    temper: float = knob(1.5, "the temperature drawn at", lo=0, hi=10, lo_open=True)
     copies: int = knob(2, "sequences per chain", lo=1, members=True)
-'''
-DRIVE_KNOBS = '''
+"""
+DRIVE_KNOBS = """
 import contextlib, io, json, sys
 from fastapi.testclient import TestClient
 from powersample.backends import load_backend
@@ -145,16 +172,28 @@ with TestClient(app) as client:
     body = client.get("/openapi.json").json()["components"]["schemas"]["CompletionBody"]["properties"]
     result["openapi"] = {k: body[k]["anyOf"][0] for k in ("temper", "copies")}
 print(json.dumps(result))
-'''
+"""
 
 
 def test_a_new_sampler_with_knobs_is_one_file_one_entry_and_a_declaration_per_knob(tmp_path):
     """`tempered`'s two knobs, declared once in SamplerConfig, become CLI options with their help and one-line
     range errors, request fields with their 400s, member caps and /openapi.json ranges, with nothing else edited."""
-    env = package_with(tmp_path, "tempered", TEMPERED, "tempered_program, tempered_temperature, tempered_work_units",
-                       TEMPERED_ENTRY, TEMPERED_FIELDS)  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", DRIVE_KNOBS, str(SPECS / "early_eos.json")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    env = package_with(
+        tmp_path,
+        "tempered",
+        TEMPERED,
+        "tempered_program, tempered_temperature, tempered_work_units",
+        TEMPERED_ENTRY,
+        TEMPERED_FIELDS,
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", DRIVE_KNOBS, str(SPECS / "early_eos.json")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout.splitlines()[-1])
     help_text = " ".join(got["help"].split())
@@ -162,21 +201,33 @@ def test_a_new_sampler_with_knobs_is_one_file_one_entry_and_a_declaration_per_kn
     assert "--copies COPIES tempered: sequences per chain (default 2)" in help_text
     cli = got["cli"]
     assert cli["ok"][0] == 0 and "method=tempered " in cli["ok"][1], cli["ok"]
-    for case, message in {"hot": "temper must be in (0, 10], got 20.0", "cold": "temper must be in (0, 10], got 0.0",
-                          "none": "copies must be >= 1, got 0"}.items():  # fmt: skip
+    for case, message in {
+        "hot": "temper must be in (0, 10], got 20.0",
+        "cold": "temper must be in (0, 10], got 0.0",
+        "none": "copies must be >= 1, got 0",
+    }.items():
         code, _, err = cli[case]
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (case, err)
     status, _, config = got["ok"]
     assert status == 200 and config["temper"] == 1.5 and config["copies"] == 2 and config["proposal_temperature"] == 1.5
-    assert got["hot"][:2] == [400, {"message": "temper must be in (0, 10], got 20.0", "type": "invalid_request_error",
-                                    "param": "temper", "code": None}]  # fmt: skip
+    assert got["hot"][:2] == [
+        400,
+        {
+            "message": "temper must be in (0, 10], got 20.0",
+            "type": "invalid_request_error",
+            "param": "temper",
+            "code": None,
+        },
+    ]
     assert got["none"][0] == 400 and got["none"][1]["param"] == "copies"
     assert got["many"][0] == 400 and got["many"][1]["param"] == "copies" and got["many"][1]["code"] == "over_limit"
     max_members = wire.Limits().max_members
     assert got["budget"][0] == 400 and got["budget"][1]["param"] == "copies"  # 2 x 3000 members: the budget's cap
     assert got["budget"][1]["message"].startswith("the request asks for 6000 sequences")
-    assert got["openapi"] == {"temper": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
-                              "copies": {"type": "integer", "minimum": 1, "maximum": max_members}}  # fmt: skip
+    assert got["openapi"] == {
+        "temper": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
+        "copies": {"type": "integer", "minimum": 1, "maximum": max_members},
+    }
 
 
 def test_acceptance_rate_is_null_where_no_mh_proposal_was_made():

@@ -92,8 +92,15 @@ def enumerated_interval(sums: list[int], size: int) -> tuple[float, float]:
     return means[math.ceil(0.025 * len(means)) - 1], means[math.ceil(0.975 * len(means)) - 1]
 
 
-@pytest.mark.parametrize("a, b", [("0011 0101", "1111 0111"), ("0011 0101", "1100 1100"),
-                                  ("1100 1100", "1111 0111"), ("10010 00110", "11011 10111")])  # fmt: skip
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("0011 0101", "1111 0111"),
+        ("0011 0101", "1100 1100"),
+        ("1100 1100", "1111 0111"),
+        ("10010 00110", "11011 10111"),
+    ],
+)
 def test_bootstrap_matches_the_enumerated_resamples(a, b):
     """On a few problems the bootstrap's law can be listed whole; 10,000 resamples find its quantiles (none of these
     cases has a quantile where the law's distribution function is within 0.01 of 2.5% or 97.5%)."""
@@ -107,9 +114,11 @@ def test_no_shared_items_is_no_comparison():
 
 
 def test_report_renders_paired_comparisons(tmp_path):
-    runs = [write_run(tmp_path / "base", verdicts("0011 0101", seeds=2), method="base"),
-            write_run(tmp_path / "power", verdicts("1111 0111", seeds=2), method="power"),
-            write_run(tmp_path / "low", verdicts("1100 1100", seeds=2), method="low-temp")]  # fmt: skip
+    runs = [
+        write_run(tmp_path / "base", verdicts("0011 0101", seeds=2), method="base"),
+        write_run(tmp_path / "power", verdicts("1111 0111", seeds=2), method="power"),
+        write_run(tmp_path / "low", verdicts("1100 1100", seeds=2), method="low-temp"),
+    ]
     text, _ = build_report(runs, None)
     lines = section(text, "Paired comparisons")
     # base 4/8, power 7/8: power alone right on three items, never the reverse, so McNemar's p = 2 / 2^3. Per problem
@@ -121,18 +130,23 @@ def test_report_renders_paired_comparisons(tmp_path):
         "| math500 | low-temp | power | 8 (4) | 0.500 | 0.875 | +0.375 [-0.250, +1.000] | 1 / 4 | 0.375 |",
     ]
     assert "McNemar's exact test counts the discordant items as independent" in text  # several seeds per problem
-    one_seed = [write_run(tmp_path / "b1", verdicts("0011"), method="base"),
-                write_run(tmp_path / "p1", verdicts("1111"), method="power")]  # fmt: skip
+    one_seed = [
+        write_run(tmp_path / "b1", verdicts("0011"), method="base"),
+        write_run(tmp_path / "p1", verdicts("1111"), method="power"),
+    ]
     text, _ = build_report(one_seed, None)
     assert section(text, "Paired comparisons") == [
-        "| math500 | base | power | 4 (4) | 0.500 | 1.000 | +0.500 [+0.000, +1.000] | 0 / 2 | 0.5 |"]
+        "| math500 | base | power | 4 (4) | 0.500 | 1.000 | +0.500 [+0.000, +1.000] | 0 / 2 | 0.5 |"
+    ]
     assert "counts the discordant items as independent" not in text
 
 
 def test_only_shared_items_are_paired_and_ungraded_runs_are_left_out(tmp_path):
-    runs = [write_run(tmp_path / "base", verdicts("0011 0101", seeds=2), method="base"),
-            write_run(tmp_path / "power", verdicts("1111"), method="power"),
-            write_run(tmp_path / "alpaca", verdicts("1111"), method="power", task="alpaca_eval")]  # fmt: skip
+    runs = [
+        write_run(tmp_path / "base", verdicts("0011 0101", seeds=2), method="base"),
+        write_run(tmp_path / "power", verdicts("1111"), method="power"),
+        write_run(tmp_path / "alpaca", verdicts("1111"), method="power", task="alpaca_eval"),
+    ]
     (runs[2] / "records.jsonl").write_text((runs[2] / "records.jsonl").read_text().replace("true", "null"))
     lines = section(build_report(runs, None)[0], "Paired comparisons")
     assert lines == ["| math500 | base | power | 4 (4) | 0.500 | 1.000 | +0.500 [+0.000, +1.000] | 0 / 2 | 0.5 |"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from support.report_runs import write_run
 
+from powersample.eval.records import identity_hash
 from powersample.eval.report import (
     build_report,
     histogram_figure,
@@ -16,15 +17,16 @@ from powersample.eval.report import (
     sampling_seconds,
     wall_cell,
 )
-from powersample.eval.records import identity_hash
 
 GGUF = "/models/gemma-3-4b-pt-Q4_K_M.gguf"
 
 
 def scored(n: int, logp: float, first: int = 0) -> list[dict]:
     """n graded records with this log-likelihood and confidence, problems p<first>, p<first + 1>, ..."""
-    return [{"problem_id": f"p{first + i}", "correct": i % 2 == 0, "logp_per_token": logp + i / 10,
-             "confidence": logp / 2} for i in range(n)]  # fmt: skip
+    return [
+        {"problem_id": f"p{first + i}", "correct": i % 2 == 0, "logp_per_token": logp + i / 10, "confidence": logp / 2}
+        for i in range(n)
+    ]
 
 
 def drawn(rows) -> dict[str, list]:
@@ -52,11 +54,13 @@ def test_runs_differing_only_in_backend_are_told_apart_everywhere(tmp_path):
 
 
 def test_labels_name_every_setting_that_differs(tmp_path):
-    runs = [write_run(tmp_path / "a", scored(2, -1.0), backend={"name": "llamacpp", "model": GGUF}),
-            write_run(tmp_path / "b", scored(2, -1.0), backend={"name": "llamacpp", "model": GGUF, "quant": "q8_0"}),
-            write_run(tmp_path / "c", scored(2, -1.0), backend={"name": "llamacpp", "model": "/m/other.gguf"}),
-            write_run(tmp_path / "d", scored(2, -1.0), backend={"name": "hf", "model": GGUF, "dtype": "bfloat16"}),
-            write_run(tmp_path / "e", scored(2, -1.0), speculate=4, backend={"name": "hf", "model": GGUF})]
+    runs = [
+        write_run(tmp_path / "a", scored(2, -1.0), backend={"name": "llamacpp", "model": GGUF}),
+        write_run(tmp_path / "b", scored(2, -1.0), backend={"name": "llamacpp", "model": GGUF, "quant": "q8_0"}),
+        write_run(tmp_path / "c", scored(2, -1.0), backend={"name": "llamacpp", "model": "/m/other.gguf"}),
+        write_run(tmp_path / "d", scored(2, -1.0), backend={"name": "hf", "model": GGUF, "dtype": "bfloat16"}),
+        write_run(tmp_path / "e", scored(2, -1.0), speculate=4, backend={"name": "hf", "model": GGUF}),
+    ]
     # the sampler's settings first, then the backend's; a setting already implied is left out (d's dtype here)
     gemma = "model=gemma-3-4b-pt-Q4_K_M.gguf"
     assert sorted(row.label for row in load_rows(runs)) == [

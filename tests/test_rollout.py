@@ -9,8 +9,8 @@ import math
 
 import numpy as np
 import pytest
-from support.toy import SPECS, load_spec
 from exact_laws import empirical, power_target, rollout_law, rollout_limit_law, tv, tv_null_quantile
+from support.toy import SPECS, load_spec
 from support.tracing import assert_same_law, sampler_law
 
 from powersample import SamplerConfig, sample
@@ -53,8 +53,11 @@ def test_limit_is_p_alpha_with_every_candidate_and_a_full_horizon(spec_name, max
 
 @pytest.mark.parametrize(
     "spec_name, knobs",
-    [("early_eos", dict(candidates=2, rollout_horizon=1)), ("no_early_eos", dict(candidates=1)),
-     ("fidelity_eos", dict(candidates=3, rollout_horizon=1))],
+    [
+        ("early_eos", dict(candidates=2, rollout_horizon=1)),
+        ("no_early_eos", dict(candidates=1)),
+        ("fidelity_eos", dict(candidates=3, rollout_horizon=1)),
+    ],
 )
 def test_few_candidates_or_a_short_horizon_are_approximations(spec_name, knobs):
     config = rollout_config(max_new_tokens=4, **knobs)
@@ -201,8 +204,19 @@ def test_records_and_progress(spec_name):
 
 # --- command line ---------------------------------------------------------------------------------------------
 
-TOY = ["sample", "x", "--backend", "toy", "--toy-spec", str(SPECS / "eos_trap.json"), "--quiet",
-       "--method", "power-rollout", "--max-new-tokens", "3"]
+TOY = [
+    "sample",
+    "x",
+    "--backend",
+    "toy",
+    "--toy-spec",
+    str(SPECS / "eos_trap.json"),
+    "--quiet",
+    "--method",
+    "power-rollout",
+    "--max-new-tokens",
+    "3",
+]
 
 
 def test_cli_runs_power_rollout(capsys):
@@ -213,8 +227,13 @@ def test_cli_runs_power_rollout(capsys):
 
 @pytest.mark.parametrize(
     "extra, word",
-    [(["--candidates", "0"], "candidates"), (["--rollouts", "0"], "rollouts"), (["--rollouts", "-3"], "rollouts"),
-     (["--rollout-horizon", "-1"], "rollout_horizon"), (["--proposal-temperature", "0.5"], "proposal_temperature")],
+    [
+        (["--candidates", "0"], "candidates"),
+        (["--rollouts", "0"], "rollouts"),
+        (["--rollouts", "-3"], "rollouts"),
+        (["--rollout-horizon", "-1"], "rollout_horizon"),
+        (["--proposal-temperature", "0.5"], "proposal_temperature"),
+    ],
 )
 def test_cli_bad_knobs_exit_2_with_one_line(extra, word, capsys):
     code = main([*TOY, *extra])

@@ -6,21 +6,21 @@ import math
 
 import numpy as np
 import pytest
-from support.toy import ContinuousToy, load_spec
 from exact_laws import apply, mh_kernel, power_target, tv
+from support.toy import ContinuousToy, load_spec
 
 pytest.importorskip("hypothesis")
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from support.strategies import toy_specs  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.strategies import toy_specs
 
-from powersample import PowerSampleError, SamplerConfig, sample  # noqa: E402
-from powersample.backends.toy import ToyBackend  # noqa: E402
-from powersample.core.types import Continuation, Proposal  # noqa: E402
-from powersample.samplers import registry  # noqa: E402
-from powersample.samplers.chain import Chain  # noqa: E402
-from powersample.samplers.power import log_accept_ratio  # noqa: E402
+from powersample import PowerSampleError, SamplerConfig, sample
+from powersample.backends.toy import ToyBackend
+from powersample.core.types import Continuation, Proposal
+from powersample.samplers import registry
+from powersample.samplers.chain import Chain
+from powersample.samplers.power import log_accept_ratio
 
 
 @settings(max_examples=25, deadline=None)
@@ -35,7 +35,9 @@ def test_detailed_balance_on_random_tables(spec, alpha, tau, cap):
 
 
 def test_max_swap_accepts_only_strict_increases():
-    chain = Chain(rng=np.random.default_rng(0), slot=0, tokens=[0, 1], base_logp=[-1.0, -2.0], proposal_logq=[-1.0, -1.0])
+    chain = Chain(
+        rng=np.random.default_rng(0), slot=0, tokens=[0, 1], base_logp=[-1.0, -2.0], proposal_logq=[-1.0, -1.0]
+    )
     up = Continuation((2,), (-1.5,), (-9.0,))
     same = Continuation((0,), (-2.0,), (-0.1,))
     down = Continuation((0, 0), (-1.0, -1.5), (-0.1, -0.1))
@@ -48,15 +50,25 @@ def test_max_swap_accepts_only_strict_increases():
 def test_proposing_the_current_suffix_again_is_the_current_state(alpha):
     """Its tokens' log p from another forward shape may differ in the last bits (hf fp32: ~1e-6): no step may turn on
     that. max-swap sees no increase; MH's ratio is exactly 1."""
-    chain = Chain(rng=np.random.default_rng(0), slot=0, tokens=[0, 1, 1], base_logp=[-1.0, -2.0, -0.5],
-                  proposal_logq=[-0.7, -1.1, -0.2])
+    chain = Chain(
+        rng=np.random.default_rng(0),
+        slot=0,
+        tokens=[0, 1, 1],
+        base_logp=[-1.0, -2.0, -0.5],
+        proposal_logq=[-0.7, -1.1, -0.2],
+    )
     again = Continuation((1, 1), (-2.0 + 3e-6, -0.5 + 1e-6), (-1.1 - 2e-6, -0.2))
     assert log_accept_ratio(alpha, chain, 1, again) == (-math.inf if math.isinf(alpha) else 0.0)
 
 
 def test_accept_ratio_counts_both_suffixes_in_full_and_the_index_choice():
-    chain = Chain(rng=np.random.default_rng(0), slot=0, tokens=[0, 1, 1], base_logp=[-1.0, -2.0, -0.5],
-                  proposal_logq=[-0.7, -1.1, -0.2])
+    chain = Chain(
+        rng=np.random.default_rng(0),
+        slot=0,
+        tokens=[0, 1, 1],
+        base_logp=[-1.0, -2.0, -0.5],
+        proposal_logq=[-0.7, -1.1, -0.2],
+    )
     prop = Continuation((2,), (-0.3,), (-0.4,))  # EOS right away: x' is shorter
     want = 4.0 * (-0.3 - (-2.5)) + (-1.3 - (-0.4)) + math.log(3) - math.log(2)
     assert math.isclose(log_accept_ratio(4.0, chain, 1, prop), want, rel_tol=1e-12)
@@ -107,7 +119,9 @@ def test_batched_chains_share_one_backend_call_per_round():
     backend = ToyBackend(load_spec("no_early_eos"))  # no early EOS: every chain runs every stage
     config = SamplerConfig(max_new_tokens=6, block_size=2, mcmc_steps=4)
     sample(backend, "p", config, num_samples=16)
-    assert backend.stats.extend_calls == 3 * (1 + 4)  # 3 stages x (extension + 4 MH rounds), whatever the number of chains
+    assert backend.stats.extend_calls == 3 * (
+        1 + 4
+    )  # 3 stages x (extension + 4 MH rounds), whatever the number of chains
 
 
 def test_finished_chains_stop_costing():

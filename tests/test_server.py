@@ -16,13 +16,13 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from support.server import DEFAULTS, SLOW_POWER, WORDS, SlowToy, client, serve, wait_idle, word_backend  # noqa: E402
+from support.server import DEFAULTS, SLOW_POWER, WORDS, SlowToy, client, serve, wait_idle, word_backend
 
-import powersample  # noqa: E402
-from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
-from powersample.config import SamplerConfig  # noqa: E402
-from powersample.samplers import registry  # noqa: E402
-from powersample.server.protocol import Limits  # noqa: E402
+import powersample
+from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.config import SamplerConfig
+from powersample.samplers import registry
+from powersample.server.protocol import Limits
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def toy_url():
 
 def test_completions_equal_powersample_sample_with_the_same_seed(toy_url):
     extra = {"alpha": 2.0, "mcmc_steps": 2, "block_size": 3, "method": "power"}
-    resp = client(toy_url).completions.create(model="toy-words", prompt="x", n=3, seed=5, max_tokens=9,
-                                              extra_body=extra)  # fmt: skip
+    resp = client(toy_url).completions.create(
+        model="toy-words", prompt="x", n=3, seed=5, max_tokens=9, extra_body=extra
+    )
     config = SamplerConfig(alpha=2.0, mcmc_steps=2, block_size=3, max_new_tokens=9)
     want = powersample.sample(word_backend(), "x", config, seed=5, num_samples=3, chat=False)
     assert [c.text for c in sorted(resp.choices, key=lambda c: c.index)] == [r.text for r in want]
@@ -50,14 +51,18 @@ def test_completions_equal_powersample_sample_with_the_same_seed(toy_url):
     assert resp.usage.completion_tokens == sum(len(r.tokens) for r in want)
 
 
-@pytest.mark.parametrize("extra", [
-    {"method": "power-smc", "particles": 5, "ess_threshold": 0.9, "alpha_ramp": 2, "block_size": 2},
-    {"method": "power-mtm", "tries": 3, "mcmc_steps": 2, "block_size": 3},
-    {"method": "power-rollout", "candidates": 2, "rollouts": 2, "rollout_horizon": 2, "block_size": 1},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"method": "power-smc", "particles": 5, "ess_threshold": 0.9, "alpha_ramp": 2, "block_size": 2},
+        {"method": "power-mtm", "tries": 3, "mcmc_steps": 2, "block_size": 3},
+        {"method": "power-rollout", "candidates": 2, "rollouts": 2, "rollout_horizon": 2, "block_size": 1},
+    ],
+)
 def test_every_method_and_its_knobs_through_extra_body(toy_url, extra):
-    resp = client(toy_url).completions.create(model="toy-words", prompt="x", n=2, seed=4, max_tokens=5,
-                                              extra_body=extra)  # fmt: skip
+    resp = client(toy_url).completions.create(
+        model="toy-words", prompt="x", n=2, seed=4, max_tokens=5, extra_body=extra
+    )
     ps = resp.model_extra["power_sampling"]
     assert all(ps["config"][k] == v for k, v in extra.items()) and not ps.get("ignored")
     knobs = {k: v for k, v in extra.items() if k != "method"}
@@ -86,9 +91,14 @@ def test_no_seed_picks_a_random_one_and_reports_it(toy_url):
 
 def test_chat_completion_with_logprobs(toy_url):
     resp = client(toy_url).chat.completions.create(
-        model="m", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-        n=2, seed=3, logprobs=True, top_logprobs=1, extra_body={"method": "max-swap", "mcmc_steps": 2},
-    )  # fmt: skip
+        model="m",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        n=2,
+        seed=3,
+        logprobs=True,
+        top_logprobs=1,
+        extra_body={"method": "max-swap", "mcmc_steps": 2},
+    )
     assert resp.object == "chat.completion" and len(resp.choices) == 2
     for choice in resp.choices:
         assert choice.message.role == "assistant"
@@ -104,16 +114,22 @@ def test_stop_strings_cut_the_text_and_its_logprobs(toy_url):
     full = client(toy_url).completions.create(model="m", prompt="x", seed=2, max_tokens=12, logprobs=1)
     text = full.choices[0].text
     stop = next(w for w in (" sat", " on", " mat", " cat", ".") if w in text[1:])
-    cut = client(toy_url).completions.create(model="m", prompt="x", seed=2, max_tokens=12, logprobs=1, stop=[stop, "zzz"])
+    cut = client(toy_url).completions.create(
+        model="m", prompt="x", seed=2, max_tokens=12, logprobs=1, stop=[stop, "zzz"]
+    )
     choice = cut.choices[0]
     assert choice.text == text[: text.find(stop)] and choice.finish_reason == "stop"
     assert "".join(choice.logprobs.tokens) == choice.text
-    assert choice.logprobs.text_offset == [len("".join(choice.logprobs.tokens[:i])) for i in range(len(choice.logprobs.tokens))]
+    assert choice.logprobs.text_offset == [
+        len("".join(choice.logprobs.tokens[:i])) for i in range(len(choice.logprobs.tokens))
+    ]
     assert choice.logprobs.token_logprobs == full.choices[0].logprobs.token_logprobs[: len(choice.logprobs.tokens)]
 
 
 def test_finish_reason_length_and_eos(toy_url):
-    resp = client(toy_url).completions.create(model="m", prompt="x", n=8, seed=0, max_tokens=2, extra_body={"method": "base"})
+    resp = client(toy_url).completions.create(
+        model="m", prompt="x", n=8, seed=0, max_tokens=2, extra_body={"method": "base"}
+    )
     assert {c.finish_reason for c in resp.choices} == {"length"}
     spec = dict(WORDS, default=[0, 0, 0, 0, 0, 0, 0, 1.0])
     with serve(ToyBackend(ToySpec.from_dict(spec))) as url:
@@ -123,15 +139,18 @@ def test_finish_reason_length_and_eos(toy_url):
 
 def test_temperature_zero_is_greedy_for_plain_methods_and_ignored_for_power(toy_url):
     texts = {
-        client(toy_url).completions.create(model="m", prompt="x", seed=s, max_tokens=5, temperature=0,
-                                           extra_body={"method": "base"}).choices[0].text
+        client(toy_url)
+        .completions.create(model="m", prompt="x", seed=s, max_tokens=5, temperature=0, extra_body={"method": "base"})
+        .choices[0]
+        .text
         for s in range(4)
-    }  # fmt: skip
+    }
     assert texts == {"thethethethethe"}  # "the" is the likeliest token everywhere
     resp = client(toy_url).completions.create(model="m", prompt="x", seed=1, max_tokens=5, temperature=0)
     assert "temperature" in resp.model_extra["power_sampling"]["ignored"]
-    low = client(toy_url).completions.create(model="m", prompt="x", max_tokens=5, temperature=0.5, top_p=0.9,
-                                             extra_body={"method": "base"})  # fmt: skip
+    low = client(toy_url).completions.create(
+        model="m", prompt="x", max_tokens=5, temperature=0.5, top_p=0.9, extra_body={"method": "base"}
+    )
     config = low.model_extra["power_sampling"]["config"]
     assert (config["method"], config["proposal_temperature"], config["top_p"]) == ("low-temp", 0.5, 0.9)
 
@@ -164,14 +183,18 @@ def test_unknown_fields_are_ignored_and_listed(toy_url):
 def test_what_the_served_document_allows_is_served(toy_url):
     """Bodies inside the document's ranges that the server once refused: a whole number written 2.0, a block past
     max_tokens (one block), a proposal temperature for a method that draws at tau = 1 (ignored and listed)."""
-    resp = httpx.post(f"{toy_url}/v1/completions", json={"prompt": "x", "max_tokens": 4.0, "n": 2.0, "seed": 5.0,
-                                                         "block_size": 99, "alpha": 2})  # fmt: skip
+    resp = httpx.post(
+        f"{toy_url}/v1/completions",
+        json={"prompt": "x", "max_tokens": 4.0, "n": 2.0, "seed": 5.0, "block_size": 99, "alpha": 2},
+    )
     assert resp.status_code == 200, resp.text
     out = resp.json()
     assert len(out["choices"]) == 2 and out["power_sampling"]["seed"] == 5
     assert out["power_sampling"]["config"]["block_size"] == 4 and out["power_sampling"]["config"]["alpha"] == 2.0
-    resp = httpx.post(f"{toy_url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "method": "power-rollout",
-                                                         "proposal_temperature": 0.5})  # fmt: skip
+    resp = httpx.post(
+        f"{toy_url}/v1/completions",
+        json={"prompt": "x", "max_tokens": 2, "method": "power-rollout", "proposal_temperature": 0.5},
+    )
     assert resp.status_code == 200 and resp.json()["power_sampling"]["ignored"] == ["proposal_temperature"]
 
 
@@ -220,9 +243,14 @@ BAD = [
     ("chat/completions", {"messages": [{"role": "user", "content": ""}]}, 400, "messages", None),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", None),
     ("chat/completions", {"messages": "hi"}, 400, "messages", "invalid_type"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6}, 400,
-     "max_completion_tokens", None),
-]  # fmt: skip
+    (
+        "chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6},
+        400,
+        "max_completion_tokens",
+        None,
+    ),
+]
 
 
 @pytest.mark.parametrize("path, body, status, param, code", BAD)
@@ -255,9 +283,15 @@ def test_unknown_paths_and_methods():
 
 def test_the_api_key_is_required_on_every_endpoint():
     with serve(api_key="s3cret") as url:
-        for method, path in [("GET", "/openapi.json"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
-                             ("POST", "/v1/chat/completions"), ("GET", "/tokenizer_info"), ("POST", "/tokenize"),
-                             ("POST", "/detokenize")]:  # fmt: skip
+        for method, path in [
+            ("GET", "/openapi.json"),
+            ("GET", "/v1/models"),
+            ("POST", "/v1/completions"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/tokenizer_info"),
+            ("POST", "/tokenize"),
+            ("POST", "/detokenize"),
+        ]:
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
                 resp = httpx.request(method, url + path, json={"prompt": "x"}, headers=headers)
                 assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"
@@ -306,6 +340,7 @@ def test_an_engine_failure_is_a_500_and_the_server_goes_on():
 
 # --- timeouts, disconnects, batching -----------------------------------------------------------------------------
 
+
 def test_a_request_past_its_timeout_gets_504_and_frees_its_chains():
     backend = SlowToy(delay=0.01)
     with serve(backend, limits=Limits(request_timeout=0.3)) as url:
@@ -333,8 +368,9 @@ def test_a_client_that_disconnects_frees_its_chains():
 
 def test_concurrent_requests_share_batches_and_keep_their_samples():
     backend = SlowToy(delay=0.01)
-    bodies = [{"prompt": "x", "max_tokens": 8, "block_size": 2, "mcmc_steps": 3, "seed": s, "n": 1 + s % 2}
-              for s in range(8)]  # fmt: skip
+    bodies = [
+        {"prompt": "x", "max_tokens": 8, "block_size": 2, "mcmc_steps": 3, "seed": s, "n": 1 + s % 2} for s in range(8)
+    ]
     with serve(backend) as url:
         with ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=60), bodies))
@@ -350,8 +386,9 @@ def test_concurrent_requests_share_batches_and_keep_their_samples():
 
 def test_requests_with_different_proposals_all_get_served():
     backend = SlowToy(delay=0.005)
-    bodies = [{"prompt": "x", "max_tokens": 6, "seed": s, "alpha": [2.0, 4.0, 8.0][s % 3], "mcmc_steps": 2}
-              for s in range(9)]  # fmt: skip
+    bodies = [
+        {"prompt": "x", "max_tokens": 6, "seed": s, "alpha": [2.0, 4.0, 8.0][s % 3], "mcmc_steps": 2} for s in range(9)
+    ]
     with serve(backend) as url:
         with ThreadPoolExecutor(9) as pool:
             replies = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=60), bodies))
@@ -376,13 +413,25 @@ def test_shutdown_leaves_no_engine_thread():
 def test_embedded_model_completions_match_powersample_sample(embedded):
     backend, url = embedded
     prompt = "The capital of France is"
-    resp = client(url).completions.create(model="smollm2", prompt=prompt, n=2, seed=7, max_tokens=12,
-                                          extra_body={"alpha": 4.0, "mcmc_steps": 2, "block_size": 6})  # fmt: skip
+    resp = client(url).completions.create(
+        model="smollm2",
+        prompt=prompt,
+        n=2,
+        seed=7,
+        max_tokens=12,
+        extra_body={"alpha": 4.0, "mcmc_steps": 2, "block_size": 6},
+    )
     config = SamplerConfig(alpha=4.0, mcmc_steps=2, block_size=6, max_new_tokens=12)
     want = powersample.sample(backend, prompt, config, seed=7, num_samples=2, chat=False)
     assert [c.text for c in resp.choices] == [r.text for r in want]
-    again = client(url).completions.create(model="smollm2", prompt=prompt, n=2, seed=7, max_tokens=12,
-                                           extra_body={"alpha": 4.0, "mcmc_steps": 2, "block_size": 6})  # fmt: skip
+    again = client(url).completions.create(
+        model="smollm2",
+        prompt=prompt,
+        n=2,
+        seed=7,
+        max_tokens=12,
+        extra_body={"alpha": 4.0, "mcmc_steps": 2, "block_size": 6},
+    )
     assert [c.text for c in again.choices] == [c.text for c in resp.choices]
 
 
@@ -390,12 +439,15 @@ def test_embedded_model_completions_match_powersample_sample(embedded):
 def test_embedded_model_chat_uses_the_chat_template(embedded):
     backend, url = embedded
     messages = [{"role": "user", "content": "What is 2 + 2? Answer with a number."}]
-    resp = client(url).chat.completions.create(model="smollm2", messages=messages, seed=1, max_tokens=8,
-                                               logprobs=True, extra_body={"method": "base"})  # fmt: skip
+    resp = client(url).chat.completions.create(
+        model="smollm2", messages=messages, seed=1, max_tokens=8, logprobs=True, extra_body={"method": "base"}
+    )
     want = powersample.sample(backend, messages[0]["content"], SamplerConfig(method="base", max_new_tokens=8), seed=1)
     choice = resp.choices[0]
     assert choice.message.content == want[0].text
-    assert [e.logprob for e in choice.logprobs.content] == pytest.approx(list(want[0].token_logp[: len(choice.logprobs.content)]))
+    assert [e.logprob for e in choice.logprobs.content] == pytest.approx(
+        list(want[0].token_logp[: len(choice.logprobs.content)])
+    )
     assert resp.usage.prompt_tokens == len(backend.encode(messages[0]["content"], True))
     system = [{"role": "system", "content": "You answer in French."}] + messages
     rendered = backend.decode(backend.encode_messages(system))
@@ -411,8 +463,12 @@ def hf_backend():
 @pytest.mark.slow
 def test_hf_and_llamacpp_render_conversations_alike(hf_backend):
     pytest.importorskip("llama_cpp")
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]  # fmt: skip
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+    ]
     hf, llama = hf_backend, powersample.load_backend("llamacpp")
     assert hf.encode_messages(conversation) == llama.encode_messages(conversation)
     one = [{"role": "user", "content": "Hi"}]
@@ -479,8 +535,25 @@ def test_serve_command_line_starts_serves_and_stops(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path / "served.jsonl"
-    cmd = [sys.executable, "-m", "powersample.cli", "serve", "--backend", "toy", "--toy-spec", str(spec), "--port",
-           str(port), "--max-new-tokens", "6", "--api-key", "k", "--output", str(log), "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "powersample.cli",
+        "serve",
+        "--backend",
+        "toy",
+        "--toy-spec",
+        str(spec),
+        "--port",
+        str(port),
+        "--max-new-tokens",
+        "6",
+        "--api-key",
+        "k",
+        "--output",
+        str(log),
+        "--quiet",
+    ]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
@@ -502,27 +575,33 @@ def test_serve_command_line_starts_serves_and_stops(tmp_path):
     assert [r["response_text"] for r in rows] == [c.text for c in resp.choices] and rows[0]["seed"] == 3
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--max-n", "0"], "--max-n must be >= 1"),
-    (["--request-timeout", "0"], "--request-timeout must be > 0"),
-    (["--max-new-tokens", "50", "--max-tokens-limit", "10"], "exceeds --max-tokens-limit"),
-    (["--alpha", "0"], "alpha must be"),
-    (["--port", "70000"], "--port must be"),
-    (["--max-tokens-limit", "0"], "--max-tokens-limit must be >= 1, got 0"),
-    (["--max-members", "0"], "--max-members must be >= 1"),
-    (["--max-work", "-1"], "--max-work must be >= 1"),
-    (["--max-context", "0"], "--max-context must be >= 1"),
-    (["--header-timeout", "0"], "--header-timeout must be > 0"),
-    (["--keep-alive-timeout", "-1"], "--keep-alive-timeout must be > 0"),
-    (["--stream-keepalive", "0"], "--stream-keepalive must be > 0"),
-    (["--mcmc-steps", "20", "--max-mcmc-steps", "10"], "--mcmc-steps (20) exceeds --max-mcmc-steps (10)"),
-    (["--method", "power-smc", "--particles", "5000"], "--particles gives 5000 sequences per chain, over --max-members"),
-    (["--alpha", "5e-324"], "alpha must be between"),
-    (["--proposal-temperature", "1e-310"], "proposal_temperature must be between"),
-    (["--api-key", ""], "--api-key (or $POWERSAMPLE_API_KEY) is empty"),
-    (["--host", "no such host!"], "--host 'no such host!' is not an address of this machine"),
-    (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:8000"),  # TEST-NET: not this machine's
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-n", "0"], "--max-n must be >= 1"),
+        (["--request-timeout", "0"], "--request-timeout must be > 0"),
+        (["--max-new-tokens", "50", "--max-tokens-limit", "10"], "exceeds --max-tokens-limit"),
+        (["--alpha", "0"], "alpha must be"),
+        (["--port", "70000"], "--port must be"),
+        (["--max-tokens-limit", "0"], "--max-tokens-limit must be >= 1, got 0"),
+        (["--max-members", "0"], "--max-members must be >= 1"),
+        (["--max-work", "-1"], "--max-work must be >= 1"),
+        (["--max-context", "0"], "--max-context must be >= 1"),
+        (["--header-timeout", "0"], "--header-timeout must be > 0"),
+        (["--keep-alive-timeout", "-1"], "--keep-alive-timeout must be > 0"),
+        (["--stream-keepalive", "0"], "--stream-keepalive must be > 0"),
+        (["--mcmc-steps", "20", "--max-mcmc-steps", "10"], "--mcmc-steps (20) exceeds --max-mcmc-steps (10)"),
+        (
+            ["--method", "power-smc", "--particles", "5000"],
+            "--particles gives 5000 sequences per chain, over --max-members",
+        ),
+        (["--alpha", "5e-324"], "alpha must be between"),
+        (["--proposal-temperature", "1e-310"], "proposal_temperature must be between"),
+        (["--api-key", ""], "--api-key (or $POWERSAMPLE_API_KEY) is empty"),
+        (["--host", "no such host!"], "--host 'no such host!' is not an address of this machine"),
+        (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:8000"),  # TEST-NET: not this machine's
+    ],
+)
 def test_serve_rejects_bad_options_before_loading(flags, message, capsys):
     from powersample.cli import main
 
@@ -547,8 +626,18 @@ def test_serve_on_a_busy_port_exits_2_before_loading(capsys):
 @pytest.mark.slow
 def test_hf_backend_batches_concurrent_requests(hf_backend):
     backend = hf_backend
-    bodies = [{"prompt": f"Count to {k}:", "max_tokens": 6, "block_size": 3, "mcmc_steps": 1, "seed": k, "n": 2,
-               "logprobs": 0} for k in range(3)]  # fmt: skip
+    bodies = [
+        {
+            "prompt": f"Count to {k}:",
+            "max_tokens": 6,
+            "block_size": 3,
+            "mcmc_steps": 1,
+            "seed": k,
+            "n": 2,
+            "logprobs": 0,
+        }
+        for k in range(3)
+    ]
     with serve(backend) as url:
         with ThreadPoolExecutor(3) as pool:
             replies = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=120), bodies))

@@ -14,20 +14,26 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from support.server import serve  # noqa: E402
+from support.server import serve
 
-import powersample  # noqa: E402
-from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
-from powersample.config import SamplerConfig  # noqa: E402
-from powersample.server.protocol import Limits  # noqa: E402
+import powersample
+from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.config import SamplerConfig
+from powersample.server.protocol import Limits
 
 NO_EOS = Path(powersample.__file__).parent / "toy_specs" / "no_early_eos.json"
 TIMEOUT = 1.5  # the server's request timeout, seconds
 IDLE_WITHIN = 2.0  # the engine is idle this soon after the 504
 INNOCENT_WITHIN = 1.0
 FORWARD = 0.0005  # an innocent request is answered this soon after the big one's 504
-LIMITS = Limits(request_timeout=TIMEOUT, max_body_bytes=2_000_000, max_work=2**24, max_queued_work=2**25,
-                max_queued_chains=300, max_context=500_000)
+LIMITS = Limits(
+    request_timeout=TIMEOUT,
+    max_body_bytes=2_000_000,
+    max_work=2**24,
+    max_queued_work=2**25,
+    max_queued_chains=300,
+    max_context=500_000,
+)
 BIG = {
     "base n 16": {"prompt": ["hi"] * 16, "method": "base", "n": 16, "max_tokens": 4096},
     "base with logprobs": {"prompt": ["hi"] * 16, "method": "base", "n": 16, "max_tokens": 4096, "logprobs": 3},
@@ -109,10 +115,16 @@ def test_scoring_work_is_budgeted():
     """Scoring counts in the work budget: prompt tokens x (1 + logprobs); over the per-request limit is a 400."""
     limits = Limits(max_work=1000, request_timeout=30)
     with serve(ToyBackend(ToySpec.load(NO_EOS)), limits=limits) as base:
-        ok = httpx.post(f"{base}/v1/completions", json={"prompt": [0] * 200, "max_tokens": 0, "echo": True,
-                                                         "logprobs": 3}, timeout=30)  # fmt: skip
-        over = httpx.post(f"{base}/v1/completions", json={"prompt": [0] * 300, "max_tokens": 0, "echo": True,
-                                                           "logprobs": 3}, timeout=30)  # fmt: skip
+        ok = httpx.post(
+            f"{base}/v1/completions",
+            json={"prompt": [0] * 200, "max_tokens": 0, "echo": True, "logprobs": 3},
+            timeout=30,
+        )
+        over = httpx.post(
+            f"{base}/v1/completions",
+            json={"prompt": [0] * 300, "max_tokens": 0, "echo": True, "logprobs": 3},
+            timeout=30,
+        )
     assert ok.status_code == 200, ok.text[:300]
     assert over.status_code == 400 and over.json()["error"]["code"] == "over_limit"
     assert "1200" in over.json()["error"]["message"] and over.json()["error"]["param"] == "prompt"

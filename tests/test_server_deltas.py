@@ -7,11 +7,11 @@ import pytest
 
 pytest.importorskip("hypothesis")
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import powersample  # noqa: E402
-from powersample.server.deltas import TextStream  # noqa: E402
+import powersample
+from powersample.server.deltas import TextStream
 
 # pieces that split characters over tokens (bytes), merge into others, and spell stop strings across tokens
 BYTES = [b"a", b"b", b" ", b"\n", b"ab", b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"STOP", b"ST", b"OP", b"\n\n"]
@@ -41,9 +41,11 @@ def stream(decode, tokens, runs, stops) -> tuple[list[str], str]:
 
 
 @settings(max_examples=400, deadline=None)
-@given(tokens=st.lists(st.integers(0, len(BYTES) - 1), max_size=40),
-       runs=st.lists(st.integers(1, 4), max_size=40),
-       stops=st.lists(st.sampled_from(["STOP", "\n", "b\n", "é", "ab a", "€ "]), max_size=3))  # fmt: skip
+@given(
+    tokens=st.lists(st.integers(0, len(BYTES) - 1), max_size=40),
+    runs=st.lists(st.integers(1, 4), max_size=40),
+    stops=st.lists(st.sampled_from(["STOP", "\n", "b\n", "é", "ab a", "€ "]), max_size=3),
+)
 def test_deltas_add_up_to_the_final_text(tokens, runs, stops):
     deltas, rest = stream(byte_decode, tokens, runs, stops)
     assert "".join(deltas) + rest == final_text(byte_decode, tokens, stops)

@@ -11,13 +11,13 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("hypothesis")
 
-from fastapi.testclient import TestClient  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
-from powersample.config import SamplerConfig  # noqa: E402
-from powersample.server.app import Settings, create_app  # noqa: E402
+from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.config import SamplerConfig
+from powersample.server.app import Settings, create_app
 
 DEFAULTS = SamplerConfig(max_new_tokens=4, block_size=2, mcmc_steps=1)
 
@@ -62,12 +62,19 @@ def test_a_zero_probability_alternative_is_null_not_infinity():
         assert lp["token_logprobs"][:2] == [None, None]  # the echoed "c c": p = 0 after "c"
         assert None in lp["top_logprobs"][2].values()
         events = sse_data(client.post("/v1/completions", json={**body, "stream": True}).text)
-        assert any(None in (t or {}).values() for e in events for c in e.get("choices", [])
-                   for t in (c.get("logprobs") or {}).get("top_logprobs", []))  # fmt: skip
+        assert any(
+            None in (t or {}).values()
+            for e in events
+            for c in e.get("choices", [])
+            for t in (c.get("logprobs") or {}).get("top_logprobs", [])
+        )
 
 
-ROW = (st.lists(st.sampled_from([0, 0, 1, 3, 6]), min_size=4, max_size=4).filter(any)
-       .map(lambda r: [w / sum(r) for w in r]))  # fmt: skip
+ROW = (
+    st.lists(st.sampled_from([0, 0, 1, 3, 6]), min_size=4, max_size=4)
+    .filter(any)
+    .map(lambda r: [w / sum(r) for w in r])
+)
 
 
 @st.composite
@@ -84,14 +91,26 @@ def scored_requests(draw) -> tuple[str, dict]:
     method = draw(st.sampled_from(["power", "base"]))
     if draw(st.booleans()):
         top = draw(st.none() | st.integers(0, 20))
-        body = {"messages": [{"role": "user", "content": "hi"}], "logprobs": draw(st.booleans()), "method": method,
-                "max_tokens": draw(st.integers(1, 4)), "stream": stream}  # fmt: skip
+        body = {
+            "messages": [{"role": "user", "content": "hi"}],
+            "logprobs": draw(st.booleans()),
+            "method": method,
+            "max_tokens": draw(st.integers(1, 4)),
+            "stream": stream,
+        }
         return "/v1/chat/completions", body | ({"top_logprobs": top} if top is not None and body["logprobs"] else {})
     echo = draw(st.booleans())
     prompt = draw(st.just("x") | st.lists(st.integers(0, 3), min_size=1, max_size=4))
     tokens = draw(st.integers(0 if echo and not stream else 1, 4))
-    body = {"prompt": prompt, "echo": echo, "logprobs": draw(st.none() | st.integers(0, 5)), "method": method,
-            "max_tokens": tokens, "stream": stream, "seed": draw(st.integers(0, 3))}  # fmt: skip
+    body = {
+        "prompt": prompt,
+        "echo": echo,
+        "logprobs": draw(st.none() | st.integers(0, 5)),
+        "method": method,
+        "max_tokens": tokens,
+        "stream": stream,
+        "seed": draw(st.integers(0, 3)),
+    }
     return "/v1/completions", body
 
 
@@ -144,11 +163,15 @@ def test_text_that_is_not_unicode_is_a_400_naming_its_field_on_the_toy(path, raw
 
 def test_a_field_name_that_is_not_unicode_is_a_400():
     with toy_client(ZEROS) as client:
-        resp = client.post("/v1/completions", content=b'{"prompt": "ok", "\\ud800": 1}',
-                           headers={"content-type": "application/json"})  # fmt: skip
+        resp = client.post(
+            "/v1/completions", content=b'{"prompt": "ok", "\\ud800": 1}', headers={"content-type": "application/json"}
+        )
         assert resp.status_code == 400 and strict_json(resp.text)["error"]["code"] == "invalid_text"
-        pair = client.post("/v1/completions", content=b'{"prompt": "\\ud83d\\ude42", "max_tokens": 1}',
-                           headers={"content-type": "application/json"})  # fmt: skip
+        pair = client.post(
+            "/v1/completions",
+            content=b'{"prompt": "\\ud83d\\ude42", "max_tokens": 1}',
+            headers={"content-type": "application/json"},
+        )
         assert pair.status_code == 200, pair.text  # a surrogate pair is one character: fine
 
 
@@ -240,9 +263,22 @@ def test_sampled_pieces_keep_characters_split_over_tokens_whole(llama):
     from powersample.server import protocol as wire
 
     ids = tuple(llama.encode(SPLIT, False))
-    record = SampleRecord(prompt="x", text=SPLIT, tokens=ids, token_logp=(-1.0,) * len(ids), logp=-1.0,
-                          finish_reason="length", tokens_generated=len(ids), proposals=0, accepted=0,
-                          wall_seconds=0.0, method="base", seed=0, sample_index=0, config={})  # fmt: skip
+    record = SampleRecord(
+        prompt="x",
+        text=SPLIT,
+        tokens=ids,
+        token_logp=(-1.0,) * len(ids),
+        logp=-1.0,
+        finish_reason="length",
+        tokens_generated=len(ids),
+        proposals=0,
+        accepted=0,
+        wall_seconds=0.0,
+        method="base",
+        seed=0,
+        sample_index=0,
+        config={},
+    )
     out = wire.finish(llama.decode, record, [], True)
     assert "".join(out.pieces) == SPLIT
     content = formats.chat_logprobs(out, 0).model_dump()["content"]
@@ -251,8 +287,14 @@ def test_sampled_pieces_keep_characters_split_over_tokens_whole(llama):
 
 # --- 5: a keyed server declares its security scheme -------------------------------------------------------------------
 
-KEYED = {("/v1/models", "get"), ("/v1/completions", "post"), ("/v1/chat/completions", "post"),
-         ("/tokenizer_info", "get"), ("/tokenize", "post"), ("/detokenize", "post")}  # fmt: skip
+KEYED = {
+    ("/v1/models", "get"),
+    ("/v1/completions", "post"),
+    ("/v1/chat/completions", "post"),
+    ("/tokenizer_info", "get"),
+    ("/tokenize", "post"),
+    ("/detokenize", "post"),
+}
 
 
 @pytest.mark.parametrize("key", ["sesame", None])
@@ -273,12 +315,15 @@ def test_the_served_document_declares_bearer_auth_where_the_key_is_needed(key):
 # --- 6: empty guard flags are refused at startup ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("argv", "flag"), [
-    (["--cors-origin", ""], "--cors-origin"),
-    (["--cors-origin", "  "], "--cors-origin"),
-    (["--allowed-host", ""], "--allowed-host"),
-    (["--allowed-host", "example.com", "--allowed-host", " "], "--allowed-host"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--cors-origin", ""], "--cors-origin"),
+        (["--cors-origin", "  "], "--cors-origin"),
+        (["--allowed-host", ""], "--allowed-host"),
+        (["--allowed-host", "example.com", "--allowed-host", " "], "--allowed-host"),
+    ],
+)
 def test_empty_guard_flags_are_one_line_and_exit_2(argv, flag, capsys, monkeypatch):
     from importlib.resources import files
 
@@ -339,8 +384,11 @@ def test_a_long_chat_is_encoded_off_the_event_loop(llama):
     turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(8000)]
     app = create_app(llama, Settings(defaults=DEFAULTS, model_name="smollm2"))
     with background_server(app) as base:
-        slow = threading.Thread(target=httpx.post, args=(f"{base}/v1/chat/completions",),
-                                kwargs={"json": {"messages": turns}, "timeout": 120})  # fmt: skip
+        slow = threading.Thread(
+            target=httpx.post,
+            args=(f"{base}/v1/chat/completions",),
+            kwargs={"json": {"messages": turns}, "timeout": 120},
+        )
         slow.start()
         time.sleep(0.5)  # the long chat is being encoded now
         start = time.monotonic()

@@ -31,8 +31,8 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("schemathesis")
 
-from support.fuzz_hooks import FUZZ_DEFAULTS, FUZZ_LIMITS  # noqa: E402
-from support.server import watched_server  # noqa: E402
+from support.fuzz_hooks import FUZZ_DEFAULTS, FUZZ_LIMITS
+from support.server import watched_server
 
 pytestmark = pytest.mark.fuzz
 
@@ -54,9 +54,24 @@ def schemathesis_command() -> list[str]:
 
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(tmp_path):
     with watched_server(defaults=FUZZ_DEFAULTS, limits=FUZZ_LIMITS) as (base, finished, escaped, logged):
-        command = [*schemathesis_command(), "run", f"{base}/openapi.json", "--checks", "all", "--max-examples",
-                   str(CASES_PER_OPERATION), "--seed", "1", "-w", "1", "--no-color", "--generation-database", "none",
-                   "--request-timeout", "30"]  # fmt: skip
+        command = [
+            *schemathesis_command(),
+            "run",
+            f"{base}/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            str(CASES_PER_OPERATION),
+            "--seed",
+            "1",
+            "-w",
+            "1",
+            "--no-color",
+            "--generation-database",
+            "none",
+            "--request-timeout",
+            "30",
+        ]
         tests = Path(__file__).parent
         paths = os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])
         env = {**os.environ, "PYTHONPATH": paths, "SCHEMATHESIS_HOOKS": "support.fuzz_hooks"}

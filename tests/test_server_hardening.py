@@ -15,19 +15,19 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("hypothesis")
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from support.server import WORDS, SlowToy, serve, watched_server, word_backend  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.server import WORDS, SlowToy, serve, watched_server, word_backend
 
-from powersample.api import SampleRecord  # noqa: E402
-from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
-from powersample.config import SamplerConfig  # noqa: E402
-from powersample.errors import PowerSampleError  # noqa: E402
-from powersample.samplers import registry  # noqa: E402
-from powersample.samplers.chain import Chain  # noqa: E402
-from powersample.server import protocol as wire  # noqa: E402
-from powersample.server.http import HttpLimits  # noqa: E402
-from powersample.server.protocol import Limits  # noqa: E402
+from powersample.api import SampleRecord
+from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.config import SamplerConfig
+from powersample.errors import PowerSampleError
+from powersample.samplers import registry
+from powersample.samplers.chain import Chain
+from powersample.server import protocol as wire
+from powersample.server.http import HttpLimits
+from powersample.server.protocol import Limits
 
 SOCKET_TIMEOUT = 20.0  # a failure bound for raw-socket reads: a server that never closes fails the test, not hangs it
 
@@ -79,18 +79,24 @@ def test_the_one_request_dos_gets_a_400_before_any_member_exists(monkeypatch):
         assert spawned == [] and backend.batch_sizes == []  # refused before any chain was built or run
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"method": "power-mtm", "tries": 11}, "tries"),
-    ({"method": "power-rollout", "candidates": 4, "rollouts": 3}, "candidates"),
-    ({"method": "power-smc", "particles": 6}, "particles"),
-    ({"method": "power", "n": 11}, "n"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"method": "power-mtm", "tries": 11}, "tries"),
+        ({"method": "power-rollout", "candidates": 4, "rollouts": 3}, "candidates"),
+        ({"method": "power-smc", "particles": 6}, "particles"),
+        ({"method": "power", "n": 11}, "n"),
+    ],
+)
 def test_members_past_the_limit_name_their_field(body, param):
     with serve(limits=Limits(max_members=10)) as base:
         resp = post(base, {"prompt": "x", "n": 2, "max_tokens": 2, **body})
         assert resp.status_code == 400 and error_of(resp)["param"] == param
         assert error_of(resp)["code"] == "over_limit"
-        assert post(base, {"prompt": "x", "max_tokens": 2, "method": "power-smc", "particles": 5, "n": 2}).status_code == 200
+        assert (
+            post(base, {"prompt": "x", "max_tokens": 2, "method": "power-smc", "particles": 5, "n": 2}).status_code
+            == 200
+        )
 
 
 def test_members_times_max_tokens_is_budgeted():
@@ -114,8 +120,11 @@ def test_the_work_in_flight_is_budgeted_and_a_429_says_when_to_retry():
     backend = Gate()
     with serve(backend, limits=Limits(max_queued_work=40, retry_after=3)) as base:
         with httpx.Client(timeout=60) as http:
-            first = threading.Thread(target=http.post, args=(f"{base}/v1/completions",),
-                                     kwargs={"json": {"prompt": "x", "max_tokens": 12, "n": 3}})  # fmt: skip
+            first = threading.Thread(
+                target=http.post,
+                args=(f"{base}/v1/completions",),
+                kwargs={"json": {"prompt": "x", "max_tokens": 12, "n": 3}},
+            )
             first.start()
             assert backend.entered.wait(SOCKET_TIMEOUT)  # 36 of the 40 in flight
             busy = post(base, {"prompt": "x", "max_tokens": 5})
@@ -135,31 +144,65 @@ def test_a_full_engine_429_carries_retry_after():
 # --- S1, S2, S3, S12: configs with non-finite derived values, huge counts, an empty method --------------------------
 
 
-@pytest.mark.parametrize("field, value", [
-    ("alpha", 5e-324), ("alpha", 1e-310), ("alpha", 1e300), ("proposal_temperature", 5e-324),
-    ("proposal_temperature", 1e-310), ("proposal_temperature", 1e300),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("alpha", 5e-324),
+        ("alpha", 1e-310),
+        ("alpha", 1e300),
+        ("proposal_temperature", 5e-324),
+        ("proposal_temperature", 1e-310),
+        ("proposal_temperature", 1e300),
+    ],
+)
 def test_scales_whose_reciprocal_overflows_are_400s(url, field, value):
     for method in ("power", "power-smc", "low-temp"):
         resp = post(url, {"prompt": "x", "max_tokens": 3, "method": method, field: value})
         assert resp.status_code == 400 and error_of(resp)["param"] == field, resp.text
 
 
-@pytest.mark.parametrize("field", ["tries", "particles", "candidates", "rollouts", "mcmc_steps", "top_k",
-                                   "block_count", "alpha_ramp", "rollout_horizon"])  # fmt: skip
+@pytest.mark.parametrize(
+    "field",
+    [
+        "tries",
+        "particles",
+        "candidates",
+        "rollouts",
+        "mcmc_steps",
+        "top_k",
+        "block_count",
+        "alpha_ramp",
+        "rollout_horizon",
+    ],
+)
 @pytest.mark.parametrize("value", [2**63, 2**64 + 1, 10**30])
 def test_counts_past_int64_are_400s(url, field, value):
-    method = {"tries": "power-mtm", "particles": "power-smc", "candidates": "power-rollout",
-              "rollouts": "power-rollout", "alpha_ramp": "power-smc", "rollout_horizon": "power-rollout"}  # fmt: skip
+    method = {
+        "tries": "power-mtm",
+        "particles": "power-smc",
+        "candidates": "power-rollout",
+        "rollouts": "power-rollout",
+        "alpha_ramp": "power-smc",
+        "rollout_horizon": "power-rollout",
+    }
     resp = post(url, {"prompt": "x", "max_tokens": 3, "method": method.get(field, "power"), field: value})
     assert resp.status_code == 400 and error_of(resp)["param"] == field, resp.text
 
 
-@pytest.mark.parametrize("extra", [{"alpha": 1e6}, {"alpha": 1e-6}, {"proposal_temperature": 1e-6},
-                                   {"proposal_temperature": 1e6}, {"alpha": 1e6, "alpha_ramp": 3}])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"alpha": 1e6},
+        {"alpha": 1e-6},
+        {"proposal_temperature": 1e-6},
+        {"proposal_temperature": 1e6},
+        {"alpha": 1e6, "alpha_ramp": 3},
+    ],
+)
 def test_power_smc_at_the_edges_of_the_scales_has_finite_weights(url, extra):
-    resp = post(url, {"prompt": "x", "max_tokens": 6, "method": "power-smc", "particles": 8, "block_size": 1,
-                      "n": 2, **extra})  # fmt: skip
+    resp = post(
+        url, {"prompt": "x", "max_tokens": 6, "method": "power-smc", "particles": 8, "block_size": 1, "n": 2, **extra}
+    )
     assert resp.status_code == 200, resp.text
     assert all(math.isfinite(c["logp"]) for c in resp.json()["power_sampling"]["chains"])
 
@@ -170,8 +213,11 @@ def test_an_empty_method_is_unknown(url):
 
 
 @settings(max_examples=300, deadline=None)
-@given(alpha=st.floats(allow_nan=True, allow_infinity=True), tau=st.none() | st.floats(),
-       method=st.sampled_from(["power", "power-smc", "low-temp", "base", "max-swap"]))  # fmt: skip
+@given(
+    alpha=st.floats(allow_nan=True, allow_infinity=True),
+    tau=st.none() | st.floats(),
+    method=st.sampled_from(["power", "power-smc", "low-temp", "base", "max-swap"]),
+)
 def test_every_config_that_constructs_has_finite_json_values(alpha, tau, method):
     try:
         config = SamplerConfig(method=method, alpha=alpha, proposal_temperature=tau)
@@ -184,20 +230,34 @@ def test_every_config_that_constructs_has_finite_json_values(alpha, tau, method)
 # --- S9: cross-site requests --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                          None])  # fmt: skip
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
+)
 def test_a_body_that_is_not_json_typed_gets_415(url, content_type):
     headers = {"content-type": content_type} if content_type else {}
     resp = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "x", "max_tokens": 2}', headers=headers)
     assert resp.status_code == 415 and error_of(resp)["code"] == "unsupported_media_type"
     typed = {"content-type": "application/json; charset=utf-8"}
-    assert httpx.post(f"{url}/v1/completions", content=b'{"prompt": "x", "max_tokens": 2}', headers=typed).status_code == 200
+    assert (
+        httpx.post(f"{url}/v1/completions", content=b'{"prompt": "x", "max_tokens": 2}', headers=typed).status_code
+        == 200
+    )
 
 
-@pytest.mark.parametrize("host, status", [
-    ("evil.example", 403), ("evil.example:8000", 403), ("127.0.0.1.nip.io", 403), ("localhost", 200),
-    ("localhost:1234", 200), ("127.0.0.1", 200), ("[::1]:80", 200), ("api.localhost", 200), ("127.9.9.9", 200),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "host, status",
+    [
+        ("evil.example", 403),
+        ("evil.example:8000", 403),
+        ("127.0.0.1.nip.io", 403),
+        ("localhost", 200),
+        ("localhost:1234", 200),
+        ("127.0.0.1", 200),
+        ("[::1]:80", 200),
+        ("api.localhost", 200),
+        ("127.9.9.9", 200),
+    ],
+)
 def test_the_host_must_be_this_server(url, host, status):
     resp = post(url, {"prompt": "x", "max_tokens": 2}, headers={"host": host})
     assert resp.status_code == status
@@ -220,8 +280,10 @@ def test_cors_is_off_by_default_and_one_origin_can_be_allowed(url):
     assert resp.status_code == 403 and "access-control-allow-origin" not in resp.headers
     with serve(cors_origin="http://localhost:3000") as base:
         ok = {"origin": "http://localhost:3000"}
-        preflight = httpx.options(f"{base}/v1/completions", headers={**ok, "access-control-request-method": "POST",
-                                  "access-control-request-headers": "content-type"})  # fmt: skip
+        preflight = httpx.options(
+            f"{base}/v1/completions",
+            headers={**ok, "access-control-request-method": "POST", "access-control-request-headers": "content-type"},
+        )
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
         resp = post(base, {"prompt": "x", "max_tokens": 2}, headers=ok)
@@ -299,9 +361,22 @@ def test_slow_headers_and_bodies_are_cut_off():
 
 
 def record_of(tokens: tuple[int, ...], text: str) -> SampleRecord:
-    return SampleRecord(prompt="x", text=text, tokens=tokens, token_logp=(-1.0,) * len(tokens), logp=-len(tokens),
-                        finish_reason="length", tokens_generated=len(tokens), proposals=0, accepted=0,
-                        wall_seconds=0.0, method="base", seed=0, sample_index=0, config={})  # fmt: skip
+    return SampleRecord(
+        prompt="x",
+        text=text,
+        tokens=tokens,
+        token_logp=(-1.0,) * len(tokens),
+        logp=-len(tokens),
+        finish_reason="length",
+        tokens_generated=len(tokens),
+        proposals=0,
+        accepted=0,
+        wall_seconds=0.0,
+        method="base",
+        seed=0,
+        sample_index=0,
+        config={},
+    )
 
 
 def test_token_pieces_decode_linearly_and_match_the_prefix_growth():
@@ -368,12 +443,16 @@ def test_the_served_document_describes_the_real_bodies_and_limits():
     body = schemas["CompletionBody"]["properties"]
     assert {"prompt", "alpha", "method", "mcmc_steps", "particles", "tries", "candidates", "rollouts"} <= set(body)
     assert {"messages", "max_completion_tokens", "top_logprobs"} <= set(schemas["ChatBody"]["properties"])
-    ints = {name: next(b for b in body[name].get("anyOf", [body[name]]) if b.get("type") == "integer")
-            for name in ("max_tokens", "n")}  # fmt: skip
+    ints = {
+        name: next(b for b in body[name].get("anyOf", [body[name]]) if b.get("type") == "integer")
+        for name in ("max_tokens", "n")
+    }
     assert ints["max_tokens"]["maximum"] == 99 and ints["n"]["maximum"] == 7
     post_op = doc["paths"]["/v1/completions"]["post"]
     assert post_op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/CompletionBody")
     ok = post_op["responses"]["200"]["content"]["application/json"]["schema"]
-    assert ok["$ref"].endswith("/CompletionResponse") and "power_sampling" in schemas["CompletionResponse"]["properties"]
+    assert (
+        ok["$ref"].endswith("/CompletionResponse") and "power_sampling" in schemas["CompletionResponse"]["properties"]
+    )
     assert {"400", "413", "415", "429", "504"} <= set(post_op["responses"])
     assert "/openapi.json" not in doc["paths"]

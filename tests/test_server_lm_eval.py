@@ -53,8 +53,9 @@ metric_list:
 """
 
 
-def write_task(folder: Path, name: str = "powersample_sums", template: str = TASK,
-               questions: list[dict] = QUESTIONS) -> Path:  # fmt: skip
+def write_task(
+    folder: Path, name: str = "powersample_sums", template: str = TASK, questions: list[dict] = QUESTIONS
+) -> Path:
     """A folder for lm-eval's --include_path holding task `name` (its YAML from `template`) over a JSONL file of
     `questions`; each task gets its own folder under `folder`."""
     data = folder / f"{name}.jsonl"
@@ -67,22 +68,44 @@ def write_task(folder: Path, name: str = "powersample_sums", template: str = TAS
 
 def lm_eval_command(url: str, tasks: Path, out: Path) -> list[str]:
     exe = shutil.which("lm_eval") or str(Path(sys.executable).with_name("lm_eval"))
-    model_args = (f"model=toy-sums,base_url={url}/v1/completions,tokenizer_backend=none,tokenized_requests=False,"
-                  "num_concurrent=2,max_retries=1")  # fmt: skip
-    return [exe, "--model", "local-completions", "--model_args", model_args, "--tasks", "powersample_sums",
-            "--include_path", str(tasks), "--output_path", str(out), "--log_samples"]  # fmt: skip
+    model_args = (
+        f"model=toy-sums,base_url={url}/v1/completions,tokenizer_backend=none,tokenized_requests=False,"
+        "num_concurrent=2,max_retries=1"
+    )
+    return [
+        exe,
+        "--model",
+        "local-completions",
+        "--model_args",
+        model_args,
+        "--tasks",
+        "powersample_sums",
+        "--include_path",
+        str(tasks),
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
 
 
 def test_lm_eval_local_completions_runs_against_the_server(tmp_path):
     tasks, log, out = write_task(tmp_path), tmp_path / "server.jsonl", tmp_path / "out"
     backend = ToyBackend(ToySpec.from_dict(SPEC))
-    settings = Settings(defaults=SamplerConfig(max_new_tokens=16, mcmc_steps=4), model_name="toy-sums",
-                        api_key="k3y", output=str(log))  # fmt: skip
-    env = {**os.environ, "OPENAI_API_KEY": "k3y", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    settings = Settings(
+        defaults=SamplerConfig(max_new_tokens=16, mcmc_steps=4), model_name="toy-sums", api_key="k3y", output=str(log)
+    )
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": "k3y",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     with background_server(create_app(backend, settings)) as url:
-        run = subprocess.run(lm_eval_command(url, tasks, out), env=env, capture_output=True, text=True,
-                             timeout=300, check=False)
+        run = subprocess.run(
+            lm_eval_command(url, tasks, out), env=env, capture_output=True, text=True, timeout=300, check=False
+        )
     assert run.returncode == 0, run.stderr[-3000:]
     [samples_file] = out.rglob("samples_powersample_sums_*.jsonl")
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
@@ -93,8 +116,9 @@ def test_lm_eval_local_completions_runs_against_the_server(tmp_path):
     assert Counter(s["resps"][0][0] for s in samples) == Counter(r["response_text"] for r in served)
     assert all("\n" not in r["response_text"] for r in served)
     # lm-eval's generation kwargs reached the sampler; its default seed too
-    assert {(r["config"]["alpha"], r["config"]["mcmc_steps"], r["config"]["block_size"], r["seed"]) for r in served} \
-        == {(2.0, 2, 5, 1234)}  # fmt: skip
+    assert {
+        (r["config"]["alpha"], r["config"]["mcmc_steps"], r["config"]["block_size"], r["seed"]) for r in served
+    } == {(2.0, 2, 5, 1234)}
     assert {r["prompt"] for r in served} == {q["question"] + " Answer:" for q in QUESTIONS}
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     assert "powersample_sums" in results["results"]
@@ -149,10 +173,28 @@ def run_mc(url: str, tasks: Path, out: Path, key: str, env_dir: Path) -> list[di
     sent as token ids; the logged samples, in document order."""
     exe = shutil.which("lm_eval") or str(Path(sys.executable).with_name("lm_eval"))
     model_args = f"model=powersample,base_url={url}/v1/completions,auth_token={key},max_retries=1"
-    command = [exe, "--model", "local-completions", "--model_args", model_args, "--tasks", "powersample_mc",
-               "--include_path", str(tasks), "--output_path", str(out), "--log_samples"]  # fmt: skip
-    env = {**os.environ, "OPENAI_API_KEY": key, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(env_dir / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    command = [
+        exe,
+        "--model",
+        "local-completions",
+        "--model_args",
+        model_args,
+        "--tasks",
+        "powersample_mc",
+        "--include_path",
+        str(tasks),
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": key,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(env_dir / "hf-datasets"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Using remote tokenizer" in run.stderr, run.stderr[-3000:]
@@ -169,8 +211,7 @@ def exact_loglikelihoods(backend, question: dict) -> list[tuple[float, bool]]:
     for choice in question["choices"]:
         continuation = backend.encode(f"{question['question']} Answer: {choice}", chat=False)[len(context) :]
         ranked = backend.rank(context, continuation, 1)
-        out.append((math.fsum(backend.score(context, continuation)),
-                    all(r.base_logp == r.top[0][1] for r in ranked)))  # fmt: skip
+        out.append((math.fsum(backend.score(context, continuation)), all(r.base_logp == r.top[0][1] for r in ranked)))
     return out
 
 
@@ -183,7 +224,9 @@ def test_lm_eval_multiple_choice_scores_with_the_toys_exact_log_probs(tmp_path):
     backend = mc_toy()
     settings = Settings(defaults=SamplerConfig(max_new_tokens=8, mcmc_steps=1), api_key="k3y")
     with background_server(create_app(backend, settings)) as url:
-        samples = run_mc(url, write_task(tmp_path, "powersample_mc", MC_TASK, MC_QUESTIONS), tmp_path / "out", "k3y", tmp_path)
+        samples = run_mc(
+            url, write_task(tmp_path, "powersample_mc", MC_TASK, MC_QUESTIONS), tmp_path / "out", "k3y", tmp_path
+        )
     assert len(samples) == len(MC_QUESTIONS)
     correct = []
     for sample, question in zip(samples, MC_QUESTIONS):
@@ -207,7 +250,9 @@ def test_lm_eval_multiple_choice_on_the_embedded_model_gets_score_of_the_same_to
     questions = [{k: v for k, v in q.items() if k != "likely"} for q in MC_QUESTIONS]
     settings = Settings(defaults=SamplerConfig(method="base", max_new_tokens=8), api_key="k3y")
     with background_server(create_app(backend, settings)) as url:
-        samples = run_mc(url, write_task(tmp_path, "powersample_mc", MC_TASK, questions), tmp_path / "out", "k3y", tmp_path)
+        samples = run_mc(
+            url, write_task(tmp_path, "powersample_mc", MC_TASK, questions), tmp_path / "out", "k3y", tmp_path
+        )
     for sample, question in zip(samples, questions):
         want = exact_loglikelihoods(backend, question)
         have = logged(sample)

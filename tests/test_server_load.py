@@ -30,8 +30,15 @@ SPEC = {
 
 def body(i: int) -> tuple[str, dict]:
     """A mix: completions and chat, power, max-swap and base, n 1-3, stops, logprobs, two alphas."""
-    common = {"max_tokens": 32, "seed": i, "n": 1 + i % 3, "alpha": [2.0, 4.0][i % 2], "mcmc_steps": 4,
-              "block_size": 8, "method": ["power", "max-swap", "base", "power"][i % 4]}  # fmt: skip
+    common = {
+        "max_tokens": 32,
+        "seed": i,
+        "n": 1 + i % 3,
+        "alpha": [2.0, 4.0][i % 2],
+        "mcmc_steps": 4,
+        "block_size": 8,
+        "method": ["power", "max-swap", "base", "power"][i % 4],
+    }
     if i % 5 == 0:
         return "chat/completions", {**common, "messages": [{"role": "user", "content": f"q{i}"}], "logprobs": True}
     return "completions", {**common, "prompt": f"q{i}", "stop": [" mat"] if i % 3 == 0 else None, "logprobs": 1}
@@ -56,7 +63,10 @@ def percentile(values: list[float], q: float) -> float:
 def test_200_requests_16_at_a_time():
     app = create_app(ToyBackend(ToySpec.from_dict(SPEC)), Settings(defaults=SamplerConfig(), model_name="toy"))
     latencies, statuses = [], []
-    with background_server(app) as url, httpx.Client(timeout=120, limits=httpx.Limits(max_connections=CONCURRENCY)) as http:
+    with (
+        background_server(app) as url,
+        httpx.Client(timeout=120, limits=httpx.Limits(max_connections=CONCURRENCY)) as http,
+    ):
 
         def one(i: int) -> None:
             path, request = body(i)
@@ -74,5 +84,7 @@ def test_200_requests_16_at_a_time():
     assert state["chains_in_flight"] == 0 and state["requests_running"] == 0 and state["requests_waiting"] == 0
     time.sleep(0.1)
     assert not [t for t in threading.enumerate() if t.name in ("powersample-engine", "powersample-http")]
-    print(f"\n{REQUESTS} requests, {CONCURRENCY} concurrent: p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
-          f"p95 {percentile(latencies, 0.95) * 1000:.0f} ms, peak chains in one batch {state['peak_chains']}")
+    print(
+        f"\n{REQUESTS} requests, {CONCURRENCY} concurrent: p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+        f"p95 {percentile(latencies, 0.95) * 1000:.0f} ms, peak chains in one batch {state['peak_chains']}"
+    )

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from support.server import SlowToy, serve  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
+from support.server import SlowToy, serve
 
 KEY = {"Authorization": "Bearer sekrit"}
 
@@ -68,22 +68,36 @@ def test_a_streamed_completion_counts_like_a_plain_one():
         start = scrape(url)
         plain = complete(url, **fields).json()
         middle = scrape(url)
-        with httpx.stream("POST", f"{url}/v1/completions", json={"model": "toy", "prompt": "x", "stream": True,
-                                                                  **fields}, timeout=60) as resp:  # fmt: skip
+        with httpx.stream(
+            "POST", f"{url}/v1/completions", json={"model": "toy", "prompt": "x", "stream": True, **fields}, timeout=60
+        ) as resp:
             assert resp.status_code == 200 and resp.read().endswith(b"data: [DONE]\n\n")
         end = scrape(url)
-    for name in ("powersample_tokens_sampled_total", "powersample_tokens_kept_total", "powersample_proposals_total",
-                 "powersample_accepted_total"):  # fmt: skip
+    for name in (
+        "powersample_tokens_sampled_total",
+        "powersample_tokens_kept_total",
+        "powersample_proposals_total",
+        "powersample_accepted_total",
+    ):
         assert moved(start, middle, name, method="power") == moved(middle, end, name, method="power") > 0, name
-    assert moved(middle, end, "powersample_tokens_sampled_total", method="power") == plain["power_sampling"][
-        "tokens_sampled"]
+    assert (
+        moved(middle, end, "powersample_tokens_sampled_total", method="power")
+        == plain["power_sampling"]["tokens_sampled"]
+    )
     assert moved(middle, end, "powersample_requests_total", endpoint="/v1/completions", status="200") == 1
 
 
 def test_a_chat_completion_counts_under_its_endpoint_and_method():
     with serve() as url:
-        body = {"model": "toy", "messages": [{"role": "user", "content": "x"}], "n": 2, "seed": 7, "max_tokens": 6,
-                "method": "power-mtm", "tries": 2}  # fmt: skip
+        body = {
+            "model": "toy",
+            "messages": [{"role": "user", "content": "x"}],
+            "n": 2,
+            "seed": 7,
+            "max_tokens": 6,
+            "method": "power-mtm",
+            "tries": 2,
+        }
         reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
         after = scrape(url)
     ps = reply["power_sampling"]
@@ -98,8 +112,10 @@ def test_every_response_counts_errors_included_and_its_latency_too():
     with serve() as url:
         before = scrape(url)
         assert complete(url, n=0).status_code == 400
-        assert httpx.post(f"{url}/v1/completions", content=b"{", headers={"content-type": "application/json"}
-                          ).status_code == 400  # fmt: skip
+        assert (
+            httpx.post(f"{url}/v1/completions", content=b"{", headers={"content-type": "application/json"}).status_code
+            == 400
+        )
         assert httpx.get(f"{url}/v1/nothing").status_code == 404
         assert httpx.get(f"{url}/some/{'x' * 50}").status_code == 404
         assert httpx.get(f"{url}/v1/completions").status_code == 405
@@ -107,8 +123,14 @@ def test_every_response_counts_errors_included_and_its_latency_too():
         assert httpx.get(f"{url}/health", headers={"host": "evil.example"}).status_code == 403
         assert httpx.get(f"{url}/v1/models").status_code == 200
         after = scrape(url)
-    want = {("/v1/completions", "400"): 2, ("other", "404"): 2, ("/v1/completions", "405"): 1,
-            ("/v1/chat/completions", "413"): 1, ("/health", "403"): 1, ("/v1/models", "200"): 1}  # fmt: skip
+    want = {
+        ("/v1/completions", "400"): 2,
+        ("other", "404"): 2,
+        ("/v1/completions", "405"): 1,
+        ("/v1/chat/completions", "413"): 1,
+        ("/health", "403"): 1,
+        ("/v1/models", "200"): 1,
+    }
     for (endpoint, status), count in want.items():
         assert moved(before, after, "powersample_requests_total", endpoint=endpoint, status=status) == count
     for endpoint in ("/v1/completions", "other", "/v1/chat/completions", "/health", "/v1/models"):
@@ -143,11 +165,14 @@ def test_the_gauges_are_zero_when_idle_and_count_chains_running_and_waiting():
         idle = scrape(url)
         assert value(idle, "powersample_chains_in_flight") == 0 and value(idle, "powersample_chains_queued") == 0
         # a different proposal waits until the first request's run drains (engine.py): one queued, one running
-        jobs = [{"n": 2, "seed": 1, "max_tokens": 12},
-                {"n": 3, "seed": 2, "max_tokens": 4, "proposal_temperature": 0.9}]  # fmt: skip
+        jobs = [
+            {"n": 2, "seed": 1, "max_tokens": 12},
+            {"n": 3, "seed": 2, "max_tokens": 4, "proposal_temperature": 0.9},
+        ]
         statuses: list[int] = []
-        threads = [threading.Thread(target=lambda j=job: statuses.append(complete(url, **j).status_code))
-                   for job in jobs]  # fmt: skip
+        threads = [
+            threading.Thread(target=lambda j=job: statuses.append(complete(url, **j).status_code)) for job in jobs
+        ]
         seen = []
         for t in threads:
             t.start()

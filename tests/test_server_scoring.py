@@ -14,11 +14,11 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import powersample  # noqa: E402
-from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
-from powersample.config import SamplerConfig  # noqa: E402
-from powersample.server.app import Settings, create_app  # noqa: E402
-from powersample.server.background import background_server  # noqa: E402
+import powersample
+from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.config import SamplerConfig
+from powersample.server.app import Settings, create_app
+from powersample.server.background import background_server
 
 WORDS = {  # ties at 0.15 (ids 1-4): alternatives go by the smaller id
     "vocab": ["the", " cat", " sat", " on", " mat", ".", "\n", "<eos>"],
@@ -116,11 +116,13 @@ def test_a_completions_final_eos_is_its_last_logprob_and_a_chats_is_not():
     with serve(coin) as url:
         body = {"max_tokens": 4, "n": 8, "seed": 0, "method": "base", "logprobs": 1}
         resp = post(url, {**body, "prompt": "x"}).json()
-        chat = post(url, {**body, "messages": [{"role": "user", "content": "x"}], "logprobs": True},
-                    "/v1/chat/completions").json()  # fmt: skip
+        chat = post(
+            url, {**body, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "/v1/chat/completions"
+        ).json()
     ended = [c["logprobs"] for c in resp["choices"] if c["finish_reason"] == "stop"]
-    assert ended and all(lp["tokens"][-1] == "" and lp["token_logprobs"][-1] == pytest.approx(math.log(0.5))
-                         for lp in ended)  # fmt: skip
+    assert ended and all(
+        lp["tokens"][-1] == "" and lp["token_logprobs"][-1] == pytest.approx(math.log(0.5)) for lp in ended
+    )
     assert sum(len(c["logprobs"]["tokens"]) for c in resp["choices"]) == resp["usage"]["completion_tokens"]
     assert all(e["token"] == "a" for c in chat["choices"] for e in c["logprobs"]["content"])
 
@@ -158,8 +160,18 @@ def test_scoring_agrees_with_a_streamed_echo(url):
 
 
 def test_chat_top_logprobs_are_the_real_alternatives(url):
-    resp = post(url, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 3,
-                      "max_tokens": 4, "seed": 1, "method": "max-swap"}, "/v1/chat/completions").json()  # fmt: skip
+    resp = post(
+        url,
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "logprobs": True,
+            "top_logprobs": 3,
+            "max_tokens": 4,
+            "seed": 1,
+            "method": "max-swap",
+        },
+        "/v1/chat/completions",
+    ).json()
     vocab = {v: t for t, v in enumerate(WORDS["vocab"])}
     content = resp["choices"][0]["logprobs"]["content"]
     tokens = [vocab[e["token"]] for e in content]
@@ -226,8 +238,11 @@ def test_a_backend_without_the_capabilities_says_so_and_serves_the_rest():
     with serve(Minimal()) as url:
         resp = post(url, {"prompt": "x", "logprobs": 2, "max_tokens": 2})
         assert resp.status_code == 400 and "Ranking" in resp.json()["error"]["message"]
-        chat = post(url, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 1},
-                    "/v1/chat/completions")  # fmt: skip
+        chat = post(
+            url,
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 1},
+            "/v1/chat/completions",
+        )
         assert chat.status_code == 400 and chat.json()["error"]["param"] == "top_logprobs"
         ids = post(url, {"prompt": [0, 1], "max_tokens": 2})
         assert ids.status_code == 400 and "Vocabulary" in ids.json()["error"]["message"]
@@ -244,23 +259,30 @@ def test_a_backend_without_the_capabilities_says_so_and_serves_the_rest():
 def test_tokenizer_endpoints_in_vllms_shapes(url):
     info = httpx.get(url + "/tokenizer_info").json()
     assert info == {"eos_token": "<eos>", "model_max_length": None, "vocab_size": 8}
-    assert post(url, {"prompt": "anything", "add_special_tokens": False}, "/tokenize").json() == \
-        {"count": 0, "max_model_len": None, "tokens": [], "token_strs": None}  # the toy encodes no prompt
+    assert post(url, {"prompt": "anything", "add_special_tokens": False}, "/tokenize").json() == {
+        "count": 0,
+        "max_model_len": None,
+        "tokens": [],
+        "token_strs": None,
+    }  # the toy encodes no prompt
     chat = post(url, {"messages": [{"role": "user", "content": "hi"}]}, "/tokenize").json()
     assert chat["tokens"] == []
     assert post(url, {"tokens": [0, 1, 7]}, "/detokenize").json() == {"prompt": "the cat"}
 
 
-@pytest.mark.parametrize("path, body, status", [
-    ("/tokenize", {}, 400),
-    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
-    ("/tokenize", {"prompt": 5}, 400),
-    ("/tokenize", {"messages": [{"role": "wizard", "content": "b"}]}, 400),
-    ("/tokenize", [1], 400),
-    ("/detokenize", {"tokens": [0, 99]}, 400),
-    ("/detokenize", {"tokens": "0"}, 400),
-    ("/detokenize", {}, 400),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, body, status",
+    [
+        ("/tokenize", {}, 400),
+        ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
+        ("/tokenize", {"prompt": 5}, 400),
+        ("/tokenize", {"messages": [{"role": "wizard", "content": "b"}]}, 400),
+        ("/tokenize", [1], 400),
+        ("/detokenize", {"tokens": [0, 99]}, 400),
+        ("/detokenize", {"tokens": "0"}, 400),
+        ("/detokenize", {}, 400),
+    ],
+)
 def test_bad_tokenizer_bodies_are_4xx(url, path, body, status):
     resp = httpx.post(url + path, content=json.dumps(body), headers={"content-type": "application/json"})
     assert resp.status_code == status and resp.json()["error"]["type"] == "invalid_request_error"
@@ -286,8 +308,12 @@ def test_metrics_count_the_tokenizer_endpoints():
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     backend, log = powersample.load_backend("auto"), tmp_path_factory.mktemp("served") / "samples.jsonl"
-    with serve(backend, defaults=SamplerConfig(max_new_tokens=8, block_size=4, mcmc_steps=1), model_name="smollm2",
-               output=str(log)) as url:  # fmt: skip
+    with serve(
+        backend,
+        defaults=SamplerConfig(max_new_tokens=8, block_size=4, mcmc_steps=1),
+        model_name="smollm2",
+        output=str(log),
+    ) as url:
         yield backend, url, log
 
 
@@ -305,8 +331,10 @@ def test_embedded_model_scores_a_text_prompt_as_score_and_rank_do(embedded):
     tokenized = post(url, {"prompt": prompt, "add_special_tokens": False}, "/tokenize").json()
     assert tokenized["tokens"] == list(ids) and tokenized["max_model_len"] == backend.context_length
     assert post(url, {"tokens": list(ids)}, "/detokenize").json() == {"prompt": prompt}
-    assert post(url, {"prompt": list(ids), "echo": True, "max_tokens": 0, "logprobs": 3}).json()["choices"][0][
-        "logprobs"] == resp.choices[0].logprobs.model_dump()  # the same prompt as ids scores the same
+    assert (
+        post(url, {"prompt": list(ids), "echo": True, "max_tokens": 0, "logprobs": 3}).json()["choices"][0]["logprobs"]
+        == resp.choices[0].logprobs.model_dump()
+    )  # the same prompt as ids scores the same
     info = httpx.get(url + "/tokenizer_info").json()
     assert info["eos_token"] and info["vocab_size"] == backend.vocab_size()
 

@@ -87,8 +87,15 @@ def ordinary(i: int) -> dict:
     if kind == 2:
         return {"path": "completions", "prompt": f"Count to {i}:", "max_tokens": 6, "n": 4, "method": "base"}
     if kind == 3:
-        return {"path": "completions", "prompt": f"Say {i}", "max_tokens": 8, "logprobs": 2, "method": "power",
-                "mcmc_steps": 2, "block_size": 4}  # fmt: skip
+        return {
+            "path": "completions",
+            "prompt": f"Say {i}",
+            "max_tokens": 8,
+            "logprobs": 2,
+            "method": "power",
+            "mcmc_steps": 2,
+            "block_size": 4,
+        }
     return {"path": "completions", "prompt": ids(rng, 300), "max_tokens": 0, "echo": True, "logprobs": 1}
 
 
@@ -97,13 +104,22 @@ def hostile(i: int) -> dict:
     rng = random.Random(10_000 + i)
     kind = i % 20
     if kind == 0 and i % 120 == 0:  # near the limit
-        return {"path": "completions", "prompt": ids(rng, MAX_CONTEXT - 8 - rng.randrange(200)), "max_tokens": 4,
-                "method": "base"}  # fmt: skip
+        return {
+            "path": "completions",
+            "prompt": ids(rng, MAX_CONTEXT - 8 - rng.randrange(200)),
+            "max_tokens": 4,
+            "method": "base",
+        }
     if kind == 1:  # past it: 400
         return {"path": "completions", "prompt": ids(rng, MAX_CONTEXT), "max_tokens": 16, "expect": (400,)}
     if kind == 2 and i % 80 == 2:  # echo + logprobs scoring of a long prompt
-        return {"path": "completions", "prompt": ids(rng, 1100 + rng.randrange(300)), "max_tokens": 0, "echo": True,
-                "logprobs": 1}  # fmt: skip
+        return {
+            "path": "completions",
+            "prompt": ids(rng, 1100 + rng.randrange(300)),
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 1,
+        }
     if kind == 3:  # a many-turn chat
         turns = [{"role": ["user", "assistant"][t % 2], "content": "hi"} for t in range(20 + rng.randrange(40))]
         return {"path": "chat/completions", "messages": turns, "max_tokens": 2, "method": "base"}
@@ -114,11 +130,24 @@ def hostile(i: int) -> dict:
     if kind == 6:  # a client that leaves mid-request
         return {"path": "completions", "prompt": ids(rng, 200), "max_tokens": 48, "method": "base", "timeout": 0.3}
     if kind == 7:
-        return {"path": "completions", "prompt": f"Think {i}", "max_tokens": 4, "method": "power", "mcmc_steps": 1,
-                "block_size": 2, "logprobs": 1}  # fmt: skip
+        return {
+            "path": "completions",
+            "prompt": f"Think {i}",
+            "max_tokens": 4,
+            "method": "power",
+            "mcmc_steps": 1,
+            "block_size": 2,
+            "logprobs": 1,
+        }
     if kind == 8:
-        return {"path": "chat/completions", "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 4,
-                "logprobs": True, "top_logprobs": 2, "stream": True}  # fmt: skip
+        return {
+            "path": "chat/completions",
+            "messages": [{"role": "user", "content": f"q{i}"}],
+            "max_tokens": 4,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "stream": True,
+        }
     return {"path": "completions", "prompt": f"x{i}", "max_tokens": 1 + i % 4, "method": "base", "seed": i}
 
 
@@ -160,9 +189,25 @@ def curve(points: list[tuple[float, int]], every: float = 5.0) -> str:
 
 def test_memory_stays_bounded_under_500_hostile_requests(tmp_path):
     port = free_port()
-    cmd = [sys.executable, "-m", "powersample.cli", "serve", "--backend", "llamacpp", "--threads", "1", "--port",
-           str(port), "--max-context", str(MAX_CONTEXT), "--request-timeout", str(TIMEOUT), "--max-new-tokens", "8",
-           "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "powersample.cli",
+        "serve",
+        "--backend",
+        "llamacpp",
+        "--threads",
+        "1",
+        "--port",
+        str(port),
+        "--max-context",
+        str(MAX_CONTEXT),
+        "--request-timeout",
+        str(TIMEOUT),
+        "--max-new-tokens",
+        "8",
+        "--quiet",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url, start = f"http://127.0.0.1:{port}", time.monotonic()
@@ -188,9 +233,11 @@ def test_memory_stays_bounded_under_500_hostile_requests(tmp_path):
         _, err = server.communicate(timeout=60)
     counts = {o: outcomes.count(o) for o in sorted(set(outcomes))}
     peak = max(rss for _, rss in sampler.points)
-    print(f"\nsoak: {len(outcomes)} requests in {time.monotonic() - start:.0f} s, outcomes {counts}; RSS idle after "
-          f"warm-up (t={warm_at:.0f} s) {warm / 1e6:.0f} MB, peak {peak / 1e6:.0f} MB, idle at the end "
-          f"{final / 1e6:.0f} MB ({final / warm:.2f}x)\nRSS curve (s:MB, max per 5 s): {curve(sampler.points)}")
+    print(
+        f"\nsoak: {len(outcomes)} requests in {time.monotonic() - start:.0f} s, outcomes {counts}; RSS idle after "
+        f"warm-up (t={warm_at:.0f} s) {warm / 1e6:.0f} MB, peak {peak / 1e6:.0f} MB, idle at the end "
+        f"{final / 1e6:.0f} MB ({final / warm:.2f}x)\nRSS curve (s:MB, max per 5 s): {curve(sampler.points)}"
+    )
     assert len(outcomes) == REQUESTS and "Traceback" not in err, err[-2000:]
     assert final <= GROWTH_LIMIT * warm, f"RSS grew from {warm / 1e6:.0f} MB to {final / 1e6:.0f} MB"
 

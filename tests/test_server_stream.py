@@ -15,12 +15,11 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from support.server import SLOW_POWER, SlowToy, by_index, client, events, serve, wait_idle, word_backend  # noqa: E402
+from support.server import SLOW_POWER, SlowToy, by_index, client, events, serve, wait_idle, word_backend
 
-from powersample.backends.toy import ToyBackend  # noqa: E402
-
-from powersample.server import schema  # noqa: E402
-from powersample.server.protocol import Limits  # noqa: E402
+from powersample.backends.toy import ToyBackend
+from powersample.server import schema
+from powersample.server.protocol import Limits
 
 CHAT = [{"role": "user", "content": "Hi"}]
 POWER = {"method": "power", "alpha": 2.0, "mcmc_steps": 2, "block_size": 3}
@@ -57,7 +56,8 @@ def test_streamed_completions_equal_the_non_streamed_ones(toy_url, extra):
     ps = chunks[-2].model_extra["power_sampling"]  # the last choice chunk, before the usage chunk
     assert ps["method"] == extra["method"] and ps["seed"] == 5
     assert {k: ps[k] for k in ("proposals", "accepted", "tokens_sampled", "chains")} == {
-        k: want.model_extra["power_sampling"][k] for k in ("proposals", "accepted", "tokens_sampled", "chains")}
+        k: want.model_extra["power_sampling"][k] for k in ("proposals", "accepted", "tokens_sampled", "chains")
+    }
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == want.usage.model_dump()
     assert all(c.usage is None for c in chunks[:-1])
 
@@ -92,8 +92,10 @@ def test_stop_strings_cut_the_streamed_text_as_the_non_streamed(toy_url):
 
 
 def test_every_chunk_fits_the_served_document(toy_url):
-    for path, model, body in [("completions", schema.CompletionChunk, {"prompt": "x", "logprobs": 1}),
-                              ("chat/completions", schema.ChatChunk, {"messages": CHAT, "logprobs": True})]:
+    for path, model, body in [
+        ("completions", schema.CompletionChunk, {"prompt": "x", "logprobs": 1}),
+        ("chat/completions", schema.ChatChunk, {"messages": CHAT, "logprobs": True}),
+    ]:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}, "n": 2, "max_tokens": 5}
         with httpx.stream("POST", f"{toy_url}/v1/{path}", json=body, timeout=60) as resp:
             assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
@@ -152,9 +154,15 @@ def live_text_arrives_before_the_chain_ends(path: str, body: dict) -> tuple[list
 @pytest.mark.parametrize("method", ["base", "low-temp"])
 @pytest.mark.parametrize("path", ["completions", "chat/completions"])
 def test_plain_methods_stream_their_text_as_it_is_drawn(path, method):
-    body = {"max_tokens": 12, "n": 2, "seed": 4, "method": method, "stop": [" mat"],
-            "stream_options": {"include_usage": True},
-            **({"prompt": "x"} if path == "completions" else {"messages": CHAT})}  # fmt: skip
+    body = {
+        "max_tokens": 12,
+        "n": 2,
+        "seed": 4,
+        "method": method,
+        "stop": [" mat"],
+        "stream_options": {"include_usage": True},
+        **({"prompt": "x"} if path == "completions" else {"messages": CHAT}),
+    }
     data, backend, want = live_text_arrives_before_the_chain_ends(path, body)
     assert backend.waited and all(backend.waited)  # every chain paused mid-way, and the client's text opened it
     chat = path.startswith("chat")
@@ -199,8 +207,9 @@ def test_plain_methods_with_logprobs_send_their_text_at_the_end():
 
 def test_keep_alives_arrive_while_a_slow_chain_runs():
     with serve(SlowToy(delay=0.01), stream_keepalive=0.05) as url:
-        with httpx.stream("POST", f"{url}/v1/completions", json={**SLOW_POWER, "n": 1, "mcmc_steps": 20,
-                                                                  "stream": True}, timeout=60) as resp:  # fmt: skip
+        with httpx.stream(
+            "POST", f"{url}/v1/completions", json={**SLOW_POWER, "n": 1, "mcmc_steps": 20, "stream": True}, timeout=60
+        ) as resp:
             assert resp.status_code == 200
             lines = [line for line in resp.iter_lines() if line]
     first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
@@ -208,13 +217,16 @@ def test_keep_alives_arrive_while_a_slow_chain_runs():
     assert lines[-1] == "data: [DONE]" and not any(line.startswith(":") for line in lines[first_data:])
 
 
-@pytest.mark.parametrize("body, param, code", [
-    ({"prompt": "x", "stream": True, "n": 0}, "n", None),
-    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options", "invalid_type"),
-    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", None),
-    ({"prompt": "x", "stream": True, "method": "magic"}, "method", None),
-    ({"prompt": " ", "stream": True}, "prompt", None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        ({"prompt": "x", "stream": True, "n": 0}, "n", None),
+        ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options", "invalid_type"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", None),
+        ({"prompt": "x", "stream": True, "method": "magic"}, "method", None),
+        ({"prompt": " ", "stream": True}, "prompt", None),
+    ],
+)
 def test_a_bad_streamed_request_gets_a_json_error_before_any_stream(toy_url, body, param, code):
     resp = httpx.post(f"{toy_url}/v1/completions", json=body)
     assert resp.status_code == 400 and resp.headers["content-type"] == "application/json"
@@ -238,8 +250,11 @@ def test_a_failure_after_the_stream_started_is_one_error_event():
             _, data = events(resp)
         assert len(data) == 1 and data[0]["error"]["code"] == "engine_error" and "Traceback" not in json.dumps(data)
         with pytest.raises(openai.APIError, match="engine exploded"):
-            list(client(url).completions.create(model="m", prompt="x", max_tokens=7, stream=True,
-                                                extra_body={"method": "base"}))  # fmt: skip
+            list(
+                client(url).completions.create(
+                    model="m", prompt="x", max_tokens=7, stream=True, extra_body={"method": "base"}
+                )
+            )
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5}).status_code == 200
 
 
@@ -279,11 +294,18 @@ def health_chains(url: str) -> int:
 
 
 @pytest.mark.slow
-def test_embedded_model_streams_the_non_streamed_text(embedded):  # noqa: F811
+def test_embedded_model_streams_the_non_streamed_text(embedded):
     _, url = embedded
     for extra in ({"alpha": 4.0, "mcmc_steps": 2, "block_size": 6}, {"method": "base"}):
-        args = dict(model="smollm2", messages=[{"role": "user", "content": "Name a colour."}], n=2, seed=7,
-                    max_tokens=12, stop=["\n"], extra_body=extra)  # fmt: skip
+        args = dict(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Name a colour."}],
+            n=2,
+            seed=7,
+            max_tokens=12,
+            stop=["\n"],
+            extra_body=extra,
+        )
         want = client(url).chat.completions.create(**args)
         chunks = list(client(url).chat.completions.create(**args, stream=True))
         assert by_index(chunks, lambda c: c.delta.content) == {c.index: c.message.content for c in want.choices}

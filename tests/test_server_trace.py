@@ -18,11 +18,11 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from support.server import DEFAULTS, SLOW_POWER, SlowToy, by_index, client, serve, wait_idle, word_backend  # noqa: E402
+from support.server import DEFAULTS, SLOW_POWER, SlowToy, by_index, client, serve, wait_idle, word_backend
 
-from powersample.api import ChainTrace, sample  # noqa: E402
-from powersample.samplers.chain import json_ready  # noqa: E402
-from powersample.server import sse  # noqa: E402
+from powersample.api import ChainTrace, sample
+from powersample.samplers.chain import json_ready
+from powersample.server import sse
 
 TRACE = {"stream": True, "stream_options": {"include_trace": True}}
 POWER = {"method": "power", "alpha": 2.0, "mcmc_steps": 2, "block_size": 3, "max_tokens": 9}
@@ -39,8 +39,9 @@ def traced(resp: httpx.Response) -> tuple[list[dict], list, list[str]]:
     """The trace events, the `data:` payloads and every non-empty line, in order."""
     lines = [line for line in resp.iter_lines() if line]
     trace = [json.loads(line[len(sse.TRACE) :]) for line in lines if line.startswith(sse.TRACE)]
-    data = [p if (p := line[len("data: ") :]) == "[DONE]" else json.loads(p) for line in lines
-            if line.startswith("data: ")]  # fmt: skip
+    data = [
+        p if (p := line[len("data: ") :]) == "[DONE]" else json.loads(p) for line in lines if line.startswith("data: ")
+    ]
     return trace, data, lines
 
 
@@ -52,8 +53,9 @@ def post(url: str, path: str, body: dict) -> tuple[list[dict], list, list[str]]:
 
 def recorded(prompt: str, extra: dict, seed: int, n: int, first: int = 0) -> list[dict]:
     """What `sample(..., trace=ChainTrace)` records for the request's chains, numbered from `first`, as JSON."""
-    config = replace(DEFAULTS, max_new_tokens=extra["max_tokens"],
-                     **{k: v for k, v in extra.items() if k != "max_tokens"})  # fmt: skip
+    config = replace(
+        DEFAULTS, max_new_tokens=extra["max_tokens"], **{k: v for k, v in extra.items() if k != "max_tokens"}
+    )
     trace = ChainTrace(word_backend())
     sample(word_backend(), prompt, config, seed=seed, num_samples=n, chat=False, trace=trace)
     events = [{**e, "chain": e["chain"] + first} for e in trace.events]
@@ -136,13 +138,16 @@ def test_a_client_that_leaves_a_traced_stream_frees_its_chains():
         assert len(backend.batch_sizes) == calls < 200  # stopped long before the ~600 calls of a full run
 
 
-@pytest.mark.parametrize("body, param, code", [
-    ({"prompt": "x", "stream_options": {"include_trace": True}}, "stream_options", None),
-    ({"prompt": "x", "stream": False, "stream_options": {"include_trace": True}}, "stream_options", None),
-    ({"prompt": "x", "stream": True, "stream_options": {"include_trace": "yes"}}, "stream_options", "invalid_type"),
-    ({"prompt": "x", "stream": True, "stream_options": {"include_trace": 1}}, "stream_options", "invalid_type"),
-    ({"prompt": "x", **TRACE, "method": "power", "alpha": -1}, "alpha", None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        ({"prompt": "x", "stream_options": {"include_trace": True}}, "stream_options", None),
+        ({"prompt": "x", "stream": False, "stream_options": {"include_trace": True}}, "stream_options", None),
+        ({"prompt": "x", "stream": True, "stream_options": {"include_trace": "yes"}}, "stream_options", "invalid_type"),
+        ({"prompt": "x", "stream": True, "stream_options": {"include_trace": 1}}, "stream_options", "invalid_type"),
+        ({"prompt": "x", **TRACE, "method": "power", "alpha": -1}, "alpha", None),
+    ],
+)
 def test_a_bad_traced_request_is_a_400_before_any_stream(url, body, param, code):
     resp = httpx.post(f"{url}/v1/completions", json=body)
     assert resp.status_code == 400 and resp.headers["content-type"] == "application/json"

@@ -13,8 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from support.toy import SPECS, load_spec
 from exact_laws import empirical, power_target, sequence_law, sis_law, tv, tv_null_quantile
+from support.toy import SPECS, load_spec
 from support.tracing import TracingBackend, assert_same_law, program_law
 
 import powersample.samplers.smc as smc
@@ -81,8 +81,11 @@ def log_evidence(result, events: list[dict], config: SamplerConfig) -> float:
 
 def run_summary(config: SamplerConfig):
     """What a traced run yields: (returned tokens, Z_hat, ((tokens, normalized weight) of each particle))."""
-    return lambda result, events: (result.tokens, math.exp(log_evidence(result, events, config)),
-                                   tuple((p.tokens, p.weight) for p in result.particles))  # fmt: skip
+    return lambda result, events: (
+        result.tokens,
+        math.exp(log_evidence(result, events, config)),
+        tuple((p.tokens, p.weight) for p in result.particles),
+    )
 
 
 def reweighed(law: dict, z: float, of) -> dict:

@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 import pytest
-from support.toy import load_spec
 from exact_laws import continuations, empirical, row_logprobs, tv, tv_null_quantile
+from support.toy import load_spec
 from support.tracing import assert_same_law, trace
 
 from powersample.backends import engine
@@ -47,8 +47,15 @@ def drafts(spec, proposal: Proposal) -> dict[str, tuple[int, ...]]:
     first = row_logprobs(spec, (), proposal)[1]
     impossible = int(np.flatnonzero(~np.isfinite(first))[0]) if not np.isfinite(first).all() else None
     best = likeliest(spec, proposal, MAX_TOKENS)
-    out = {"likeliest": best, "eos inside": (best[0], spec.eos_id, best[0]), "past max_tokens": best * 3, "none": (),
-           "one token": best[:1], "eos alone": (spec.eos_id,), "shorter": best[:2][::-1]}  # short: fully fed at once
+    out = {
+        "likeliest": best,
+        "eos inside": (best[0], spec.eos_id, best[0]),
+        "past max_tokens": best * 3,
+        "none": (),
+        "one token": best[:1],
+        "eos alone": (spec.eos_id,),
+        "shorter": best[:2][::-1],
+    }  # short: fully fed at once
     if impossible is not None:
         out["impossible token"] = (impossible,) + best[1:]
     return out
@@ -66,8 +73,11 @@ def drafted_law(backend: ToyBackend, proposal: Proposal, draft: Draft, k: int) -
     return trace(lambda source: backend.extend([request(source)], proposal)[0].tokens)
 
 
-CASES = [(name, proposal, k) for name, proposal in (("eos_trap", Proposal(0.5)), ("eos_trap", TRUNCATED),
-         ("early_eos", Proposal(0.25))) for k in (1, 2, 3)]  # fmt: skip
+CASES = [
+    (name, proposal, k)
+    for name, proposal in (("eos_trap", Proposal(0.5)), ("eos_trap", TRUNCATED), ("early_eos", Proposal(0.25)))
+    for k in (1, 2, 3)
+]
 
 
 @pytest.mark.parametrize("spec_name, proposal, k", CASES)
@@ -125,7 +135,7 @@ def test_mutations_of_the_rule_fail(mutant, monkeypatch):
 def test_verify_draft_keeps_d_with_probability_q_d():
     logq = np.array([math.log(0.7), math.log(0.2), math.log(0.1), -np.inf])
     for d in range(4):  # q(d) = 0 for d = 3: never kept
-        assert_same_law(trace(lambda source: verify_draft(logq, d, source)), {0: 0.7, 1: 0.2, 2: 0.1})
+        assert_same_law(trace(lambda source, d=d: verify_draft(logq, d, source)), {0: 0.7, 1: 0.2, 2: 0.1})
     assert trace(lambda source: verify_draft(np.array([0.0, -np.inf]), 0, source)) == {0: 1.0}  # q(d) = 1: kept
 
 

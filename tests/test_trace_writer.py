@@ -11,15 +11,38 @@ from powersample.api import make_chains
 from powersample.backends.toy import ToyBackend
 from powersample.cli import main
 from powersample.config import SamplerConfig
-from powersample.samplers import programs
 from powersample.eval.trace import replay
+from powersample.samplers import programs
 
 
 def sample_with_trace(tmp_path, method: str, *extra: str) -> tuple[list[dict], list[dict]]:
     trace, out = tmp_path / "trace.jsonl", tmp_path / "out.jsonl"
-    code = main(["sample", "q", "--backend", "toy", "--toy-spec", str(SPECS / "eos_trap.json"), "--method", method,
-                 "--max-new-tokens", "4", "--block-count", "2", "--mcmc-steps", "3", "--num-samples", "3", "--quiet",
-                 "--trace", str(trace), "--output", str(out), *extra])  # fmt: skip
+    code = main(
+        [
+            "sample",
+            "q",
+            "--backend",
+            "toy",
+            "--toy-spec",
+            str(SPECS / "eos_trap.json"),
+            "--method",
+            method,
+            "--max-new-tokens",
+            "4",
+            "--block-count",
+            "2",
+            "--mcmc-steps",
+            "3",
+            "--num-samples",
+            "3",
+            "--quiet",
+            "--trace",
+            str(trace),
+            "--output",
+            str(out),
+            *extra,
+        ]
+    )
     assert code == 0
     events = [json.loads(line) for line in trace.read_text().splitlines()]
     return events, [json.loads(line) for line in out.read_text().splitlines()]
@@ -57,8 +80,9 @@ def test_untraced_plain_chains_ask_for_no_reports():
 
 
 def test_smc_traces_weights_per_block(tmp_path):
-    events, _ = sample_with_trace(tmp_path, "power-smc", "--particles", "4", "--ess-threshold", "1.0",
-                                  "--proposal-temperature", "1.0")  # fmt: skip
+    events, _ = sample_with_trace(
+        tmp_path, "power-smc", "--particles", "4", "--ess-threshold", "1.0", "--proposal-temperature", "1.0"
+    )
     smc = [e for e in events if e["event"] == "smc"]
     for chain in range(3):
         stages = [e["stage"] for e in smc if e["chain"] == chain]
@@ -69,6 +93,17 @@ def test_smc_traces_weights_per_block(tmp_path):
 
 
 def test_an_unwritable_trace_path_fails_before_sampling(tmp_path, capsys):
-    code = main(["sample", "q", "--backend", "toy", "--toy-spec", str(SPECS / "eos_trap.json"), "--quiet",
-                 "--trace", str(tmp_path / "missing" / "t.jsonl")])  # fmt: skip
+    code = main(
+        [
+            "sample",
+            "q",
+            "--backend",
+            "toy",
+            "--toy-spec",
+            str(SPECS / "eos_trap.json"),
+            "--quiet",
+            "--trace",
+            str(tmp_path / "missing" / "t.jsonl"),
+        ]
+    )
     assert code == 2 and "cannot write" in capsys.readouterr().err

@@ -1,9 +1,9 @@
 """The version is written once, in pyproject.toml; everything else reads it back."""
 
 import pathlib
-import tomllib
 
 import pytest
+import tomllib
 
 import powersample
 

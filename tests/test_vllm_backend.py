@@ -19,10 +19,10 @@ from support.toy import run_check
 
 pytest.importorskip("vllm")
 
-from powersample.backends import conformance, load_backend  # noqa: E402
+from powersample.backends import conformance, load_backend
 from powersample.core.numerics import proposal_logprobs, top_alternatives
 from powersample.core.types import ExtendRequest, Proposal, Report
-from powersample.errors import PowerSampleError  # noqa: E402
+from powersample.errors import PowerSampleError
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -55,20 +55,25 @@ def test_conformance(backend, prompt, check):
 
 
 def requests(context, n, seeds, alternatives=0):
-    return [ExtendRequest(tuple(context), n, np.random.default_rng(s), slot=s, report=Report(alternatives))
-            for s in seeds]
+    return [
+        ExtendRequest(tuple(context), n, np.random.default_rng(s), slot=s, report=Report(alternatives)) for s in seeds
+    ]
 
 
-@pytest.mark.parametrize("proposal", [Proposal(0.25), Proposal(0.7, top_k=20, top_p=0.9), Proposal(1.0)],
-                         ids=["tau=0.25", "tau=0.7,top-k,top-p", "tau=1"])
+@pytest.mark.parametrize(
+    "proposal",
+    [Proposal(0.25), Proposal(0.7, top_k=20, top_p=0.9), Proposal(1.0)],
+    ids=["tau=0.25", "tau=0.7,top-k,top-p", "tau=1"],
+)
 def test_log_p_and_log_q_agree_with_the_hf_backend(backend, hf, prompt, proposal):
     assert hf.encode("Name three primary colors.", chat=True) == prompt
     for cont in backend.extend(requests(prompt, 12, seeds=[1, 2], alternatives=3), proposal):
         logp = hf_logp(hf, prompt, cont.tokens)  # (T, V)
         picked = np.arange(len(cont.tokens)), list(cont.tokens)
         np.testing.assert_allclose(cont.base_logp, logp[picked], atol=HF_TOLERANCE, rtol=0)
-        np.testing.assert_allclose(cont.proposal_logq, proposal_logprobs(logp, proposal)[picked],
-                                   atol=HF_TOLERANCE, rtol=0)
+        np.testing.assert_allclose(
+            cont.proposal_logq, proposal_logprobs(logp, proposal)[picked], atol=HF_TOLERANCE, rtol=0
+        )
         want = top_alternatives(logp[0], 3)
         assert [i for i, _ in cont.alternatives] == [i for i, _ in want]
         np.testing.assert_allclose([lp for _, lp in cont.alternatives], [lp for _, lp in want], atol=HF_TOLERANCE)
@@ -152,8 +157,12 @@ def test_continuous_batching_gives_the_same_samples_as_lockstep_in_fewer_steps(b
 
 
 def test_refills_and_polled_requests_join_while_others_run(backend, prompt):
-    short, long_, polled, refilled = requests(prompt, 2, [31])[0], requests(prompt, 40, [32])[0], \
-        requests(prompt, 3, [33])[0], requests(prompt, 2, [34])[0]
+    short, long_, polled, refilled = (
+        requests(prompt, 2, [31])[0],
+        requests(prompt, 40, [32])[0],
+        requests(prompt, 3, [33])[0],
+        requests(prompt, 2, [34])[0],
+    )
     done, running_at_refill, polls = {}, [], [{2: polled}]
 
     def refill(key, cont):
@@ -192,8 +201,9 @@ def test_an_exception_in_refill_or_poll_aborts_what_is_running(backend, prompt, 
         return {}
 
     with pytest.raises(Boom):
-        backend.extend_continuous({0: requests(prompt, 2, [41])[0], 1: requests(prompt, 40, [42])[0]},
-                                  Proposal(0.5), refill, poll)
+        backend.extend_continuous(
+            {0: requests(prompt, 2, [41])[0], 1: requests(prompt, 40, [42])[0]}, Proposal(0.5), refill, poll
+        )
     assert not backend.llm.llm_engine.has_unfinished_requests()
     [cont] = backend.extend(requests(prompt, 4, [43]), Proposal(0.5))  # the engine serves the next call alone
     assert len(cont.tokens) >= 1
@@ -208,8 +218,9 @@ def test_power_sampling_runs_on_vllm(backend):
     assert [r.tokens for r in records] == [r.tokens for r in again]  # deterministic given the seed
     for r in records:
         assert 1 <= len(r.tokens) <= 16 and r.proposals >= 1
-        np.testing.assert_allclose(backend.score(backend.encode("What is 2 + 3?", True), r.tokens), r.token_logp,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            backend.score(backend.encode("What is 2 + 3?", True), r.tokens), r.token_logp, atol=1e-4
+        )
 
 
 def test_bench_quick_runs_on_vllm(backend, capsys):
@@ -219,27 +230,34 @@ def test_bench_quick_runs_on_vllm(backend, capsys):
     assert "powersample bench: vllm" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda b, p: b.extend(requests((), 4, [0]), Proposal(1.0)), "empty context"),
-    (lambda b, p: b.extend(requests(p, b.context_length, [0]), Proposal(1.0)), "context length"),
-    (lambda b, p: b.extend(requests(p, 4, [0]), Proposal(0.005)), "temperature >= 0.01"),
-    (lambda b, p: b.score((), (1, 2)), "empty context"),
-], ids=["empty", "too-long", "too-cold", "score-empty"])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda b, p: b.extend(requests((), 4, [0]), Proposal(1.0)), "empty context"),
+        (lambda b, p: b.extend(requests(p, b.context_length, [0]), Proposal(1.0)), "context length"),
+        (lambda b, p: b.extend(requests(p, 4, [0]), Proposal(0.005)), "temperature >= 0.01"),
+        (lambda b, p: b.score((), (1, 2)), "empty context"),
+    ],
+    ids=["empty", "too-long", "too-cold", "score-empty"],
+)
 def test_bad_requests_are_one_line_errors(backend, prompt, bad, message):
     with pytest.raises(PowerSampleError, match=message) as e:
         bad(backend, prompt)
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"model": "/no/such/model.gguf"}, "not .gguf files"),
-    ({"model": "/no/such/folder"}, "unknown model path"),
-    ({"device": "cuda"}, "--device doesn't apply"),
-    ({"threads": 1}, "--threads doesn't apply"),
-    ({"dtype": "float8"}, "unknown dtype"),
-    ({"gpu_memory_utilization": 1.5}, "gpu-memory-utilization"),
-    ({"tensor_parallel_size": 0}, "tensor-parallel-size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"model": "/no/such/model.gguf"}, "not .gguf files"),
+        ({"model": "/no/such/folder"}, "unknown model path"),
+        ({"device": "cuda"}, "--device doesn't apply"),
+        ({"threads": 1}, "--threads doesn't apply"),
+        ({"dtype": "float8"}, "unknown dtype"),
+        ({"gpu_memory_utilization": 1.5}, "gpu-memory-utilization"),
+        ({"tensor_parallel_size": 0}, "tensor-parallel-size"),
+    ],
+)
 def test_bad_options_are_one_line_errors_before_any_engine_starts(kwargs, message):
     with pytest.raises(PowerSampleError, match=message):
         load_backend("vllm", **kwargs)

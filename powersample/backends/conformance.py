@@ -120,17 +120,21 @@ def score_agrees_with_sampling(s: Subject) -> None:
     b = s.backend
     for proposal in (BASE, Proposal(0.5)):
         cont = extend(b, s.prompt, 12, seed=1, proposal=proposal)
-        _check(len(cont.tokens) == len(cont.base_logp) == len(cont.proposal_logq) >= 1,
-               f"a continuation needs one log p and one log q per token, and at least one token: {cont}")
+        _check(
+            len(cont.tokens) == len(cont.base_logp) == len(cont.proposal_logq) >= 1,
+            f"a continuation needs one log p and one log q per token, and at least one token: {cont}",
+        )
         _close(b.score(s.prompt, cont.tokens), cont.base_logp, s.tolerance, f"score vs extend at {proposal}")
     proposal = Proposal(0.5)
     first = extend(b, s.prompt, 3, seed=1, proposal=proposal, slot=10)
     contexts = [s.prompt, s.prompt + first.tokens[:1], s.prompt + first.tokens[:2]]
     requests = [ExtendRequest(c, 6, np.random.default_rng(j), 20 + j) for j, c in enumerate(contexts)]
     for context, cont in zip(contexts, b.extend(requests, proposal)):
-        _check(1 <= len(cont.tokens) == len(cont.base_logp) == len(cont.proposal_logq) <= 6,
-               f"a batched row of max_tokens=6 returned {len(cont.tokens)} tokens, {len(cont.base_logp)} log p, "
-               f"{len(cont.proposal_logq)} log q")
+        _check(
+            1 <= len(cont.tokens) == len(cont.base_logp) == len(cont.proposal_logq) <= 6,
+            f"a batched row of max_tokens=6 returned {len(cont.tokens)} tokens, {len(cont.base_logp)} log p, "
+            f"{len(cont.proposal_logq)} log q",
+        )
         _close(b.score(context, cont.tokens), cont.base_logp, s.tolerance, "score vs a batched extend")
 
 
@@ -142,8 +146,10 @@ def rewinding_matches_recomputing(s: Subject) -> None:
     rewound = extend(b, cut, 6, seed=3, slot=30)  # same slot: the cache is rewound to `cut`
     _close(b.score(cut, rewound.tokens), rewound.base_logp, s.tolerance, "score vs extend from a rewound cache")
     recomputed = extend(b, cut, 6, seed=3, slot=31)  # a fresh slot
-    _check(recomputed.tokens == rewound.tokens,
-           f"a rewound cache drew {rewound.tokens}, a fresh slot {recomputed.tokens}, with the same generator")
+    _check(
+        recomputed.tokens == rewound.tokens,
+        f"a rewound cache drew {rewound.tokens}, a fresh slot {recomputed.tokens}, with the same generator",
+    )
     _close(recomputed.base_logp, rewound.base_logp, s.tolerance, "log p from a rewound cache vs a fresh slot")
 
 
@@ -174,8 +180,10 @@ def top_k_draws_only_from_the_top_k(s: Subject) -> None:
     cont = extend(s.backend, s.prompt, 12, seed=11, proposal=Proposal(temperature=1.0, top_k=k), slot=42)
     for row, tok in _rows(s, cont.tokens):
         _check(row[tok] >= np.sort(row)[-k], f"top_k={k} drew token {tok}, which is not among its row's top {k}")
-    _check(all(q >= p for q, p in zip(cont.proposal_logq, cont.base_logp)),
-           f"top-k's renormalized log q must be >= log p: {cont.proposal_logq} vs {cont.base_logp}")
+    _check(
+        all(q >= p for q, p in zip(cont.proposal_logq, cont.base_logp)),
+        f"top-k's renormalized log q must be >= log p: {cont.proposal_logq} vs {cont.base_logp}",
+    )
 
 
 def same_generator_same_continuation(s: Subject) -> None:
@@ -185,8 +193,10 @@ def same_generator_same_continuation(s: Subject) -> None:
     one = extend(b, s.prompt, 12, seed=12, slot=5)
     again = extend(b, s.prompt, 12, seed=12, slot=5)  # the same slot: served from its cache
     other_slot = extend(b, s.prompt, 12, seed=12, slot=6)
-    _check(one.tokens == again.tokens == other_slot.tokens,
-           f"one generator, three draws: {one.tokens}, {again.tokens} (same slot), {other_slot.tokens} (other slot)")
+    _check(
+        one.tokens == again.tokens == other_slot.tokens,
+        f"one generator, three draws: {one.tokens}, {again.tokens} (same slot), {other_slot.tokens} (other slot)",
+    )
     _close(one.base_logp, again.base_logp, s.tolerance, "log p of the same draw from the slot's cache")
     _close(one.base_logp, other_slot.base_logp, s.tolerance, "log p of the same draw in another slot")
     others = [extend(b, s.prompt, 12, seed=seed, slot=7).tokens for seed in (13, 14, 15)]
@@ -201,8 +211,10 @@ def eos_comes_only_last(s: Subject) -> None:
     two = extend(b, s.prompt, 12, seed=6, proposal=hot, slot=61)
     _check(one.tokens == two.tokens, f"one generator drew {one.tokens} in one slot, {two.tokens} in another")
     _check(not set(one.tokens[:-1]) & b.eos_ids, f"EOS before the last token: {one.tokens}")
-    _check(len(one.tokens) == 12 or one.tokens[-1] in b.eos_ids,
-           f"stopped after {len(one.tokens)} of 12 tokens without EOS: {one.tokens}")
+    _check(
+        len(one.tokens) == 12 or one.tokens[-1] in b.eos_ids,
+        f"stopped after {len(one.tokens)} of 12 tokens without EOS: {one.tokens}",
+    )
 
 
 def score_obeys_the_chain_rule(s: Subject) -> None:
@@ -259,18 +271,29 @@ def rank_gives_log_p_and_the_likeliest_tokens(s: Subject) -> None:
         for i, (r, token) in enumerate(zip(ranked, cont.tokens)):
             _check_ranking(r.top, n if vocab is None else min(n, vocab), f"position {i}, n = {n}")
             if n and len(r.top) == n and r.base_logp > r.top[-1][1] + s.tolerance:
-                _check(token in dict(r.top), f"position {i}: token {token} (log p {r.base_logp}) is likelier than "
-                       f"the last of the top {n} {r.top} but not among them")  # fmt: skip
+                _check(
+                    token in dict(r.top),
+                    f"position {i}: token {token} (log p {r.base_logp}) is likelier than "
+                    f"the last of the top {n} {r.top} but not among them",
+                )
         if n == 3:
-            _check([t for t, _ in ranked[0].top] == [t for t, _ in cont.alternatives] or _near_tie(ranked[0].top),
-                   f"rank's first top 3 {ranked[0].top} vs extend's alternatives {cont.alternatives}")
-            _close([lp for _, lp in ranked[0].top], [lp for _, lp in cont.alternatives], s.tolerance,
-                   "rank's first top 3 vs extend's alternatives")  # fmt: skip
+            _check(
+                [t for t, _ in ranked[0].top] == [t for t, _ in cont.alternatives] or _near_tie(ranked[0].top),
+                f"rank's first top 3 {ranked[0].top} vs extend's alternatives {cont.alternatives}",
+            )
+            _close(
+                [lp for _, lp in ranked[0].top],
+                [lp for _, lp in cont.alternatives],
+                s.tolerance,
+                "rank's first top 3 vs extend's alternatives",
+            )
         if s.next_logp is not None:
             for (row, _), r in zip(_rows(s, cont.tokens), ranked):
                 want = top_alternatives(row, n)
-                _check([t for t, _ in r.top] == [t for t, _ in want] or _near_tie(want),
-                       f"rank's top {n} {r.top} vs the independent row's {want}")
+                _check(
+                    [t for t, _ in r.top] == [t for t, _ in want] or _near_tie(want),
+                    f"rank's top {n} {r.top} vs the independent row's {want}",
+                )
                 _close([lp for _, lp in r.top], [lp for _, lp in want], s.tolerance, f"rank's top {n} log p")
                 _close([lp for _, lp in r.top], [row[t] for t, _ in r.top], s.tolerance, f"rank's top {n} ids' log p")
 
@@ -283,8 +306,10 @@ def vocabulary_covers_the_ids(s: Subject) -> None:
         raise NotApplicable("the backend has no vocab_size and token_text (the optional Vocabulary capability)")
     size = vocab.vocab_size()
     cont = extend(s.backend, s.prompt, 8, seed=9, proposal=Proposal(1.5), slot=76)
-    _check(size >= 1 and all(0 <= t < size for t in (*cont.tokens, *s.backend.eos_ids)),
-           f"vocab_size {size} does not cover the drawn ids {cont.tokens} and EOS ids {sorted(s.backend.eos_ids)}")
+    _check(
+        size >= 1 and all(0 <= t < size for t in (*cont.tokens, *s.backend.eos_ids)),
+        f"vocab_size {size} does not cover the drawn ids {cont.tokens} and EOS ids {sorted(s.backend.eos_ids)}",
+    )
     [logp] = s.backend.score(s.prompt, (size - 1,))
     _check(logp <= 1e-9, f"the last id {size - 1} scored {logp}")
     _check(isinstance(s.backend.decode([size - 1]), str), f"the last id {size - 1} does not decode to text")
@@ -314,11 +339,19 @@ def entropies_are_reported_when_asked(s: Subject) -> None:
     _check(plain.entropy == (), f"entropies came unasked: {plain.entropy}")
     scorer = capability(s.backend, Confidence)
     if scorer is not None:
-        _close(conts[1].entropy, [-c for c in scorer.confidence(s.prompt, conts[1].tokens)], s.tolerance,
-               "entropy vs -confidence")  # fmt: skip
+        _close(
+            conts[1].entropy,
+            [-c for c in scorer.confidence(s.prompt, conts[1].tokens)],
+            s.tolerance,
+            "entropy vs -confidence",
+        )
     if s.next_logp is not None:
-        _close(conts[1].entropy, [-negative_entropy(row) for row, _ in _rows(s, conts[1].tokens)], s.tolerance,
-               "entropy vs -sum p log p of the next_logp rows")  # fmt: skip
+        _close(
+            conts[1].entropy,
+            [-negative_entropy(row) for row, _ in _rows(s, conts[1].tokens)],
+            s.tolerance,
+            "entropy vs -sum p log p of the next_logp rows",
+        )
 
 
 def draws_are_reported_as_drawn(s: Subject) -> None:
@@ -328,8 +361,12 @@ def draws_are_reported_as_drawn(s: Subject) -> None:
     seen: dict[int, list[Tokens]] = {0: [], 1: []}
     cold = Proposal(temperature=0.5)
     draft = Draft((), Corpus(), ())
-    requests = [ExtendRequest(s.prompt, 7, np.random.default_rng(60 + j), 60 + j, Report(on_draw=seen[j].append),
-                              Hints(draft, 2 * j)) for j in (0, 1)]  # fmt: skip
+    requests = [
+        ExtendRequest(
+            s.prompt, 7, np.random.default_rng(60 + j), 60 + j, Report(on_draw=seen[j].append), Hints(draft, 2 * j)
+        )
+        for j in (0, 1)
+    ]
     conts = s.backend.extend(requests, cold)
     for j, cont in enumerate(conts):
         plain = extend(s.backend, s.prompt, 7, seed=60 + j, proposal=cold, slot=62 + j)
@@ -403,9 +440,12 @@ def batch_invariance_gaps(s: Subject) -> dict[str, dict[str, float]]:
     gaps = {}
     for what, have, alone in _shapes(s):
         same = common_prefix(have.tokens, alone.tokens)
-        gaps[what] = {name: max((abs(a - b) for a, b in zip(getattr(have, name)[:same], getattr(alone, name)[:same])),
-                                default=0.0)
-                      for name in ("base_logp", "proposal_logq")}  # fmt: skip
+        gaps[what] = {
+            name: max(
+                (abs(a - b) for a, b in zip(getattr(have, name)[:same], getattr(alone, name)[:same])), default=0.0
+            )
+            for name in ("base_logp", "proposal_logq")
+        }
     return gaps
 
 
@@ -417,8 +457,10 @@ def _shapes(s: Subject) -> Iterator[tuple[str, Continuation, Continuation]]:
     neighbours = [c for c in (*_ragged(s), *(s.prompt[: max(1, len(s.prompt) - j)] for j in (1, 3, 5))) if c]
     for n in (2, 4, 8):
         requests = [ExtendRequest(s.prompt, 16, np.random.default_rng(95), 96)]
-        requests += [ExtendRequest(c, 4 + j, np.random.default_rng(100 + j), 97 + j)
-                     for j, c in enumerate((neighbours * 8)[: n - 1])]  # fmt: skip
+        requests += [
+            ExtendRequest(c, 4 + j, np.random.default_rng(100 + j), 97 + j)
+            for j, c in enumerate((neighbours * 8)[: n - 1])
+        ]
         yield f"row 0 of a batch of {n}", b.extend(requests, cold)[0], alone
     replaced = alone.tokens[:2] + tuple(reversed(alone.tokens[2:]))
     for k in (1, 4, 8):
@@ -441,8 +483,10 @@ def long_sequences_past_the_window(s: Subject) -> None:
         _close(alone.base_logp, want, s.tolerance, "log p past the window vs next_logp")
     drafted = ExtendRequest(long, 24, np.random.default_rng(110), 111, hints=Hints(Draft(alone.tokens[::-1]), 8))
     _same(s, b.extend([drafted], cold)[0], alone, "drafted past the window vs alone")
-    batch = [ExtendRequest(long, 24, np.random.default_rng(110), 112),
-             ExtendRequest(s.prompt, 6, np.random.default_rng(1), 113)]
+    batch = [
+        ExtendRequest(long, 24, np.random.default_rng(110), 112),
+        ExtendRequest(s.prompt, 6, np.random.default_rng(1), 113),
+    ]
     _same(s, b.extend(batch, cold)[0], alone, "batched past the window vs alone")
     cut = long[: len(long) - 3]
     rewound = extend(b, cut, 8, seed=114, proposal=cold, slot=110)  # the slot's cache held long + 24 tokens
@@ -461,8 +505,13 @@ def rows_joining_and_leaving_match_single_rows(s: Subject) -> None:
     def request(key: int, slot: int) -> ExtendRequest:  # keys 0-2 start, 10-12 refill them, 20 arrives by poll
         context = s.prompt[: len(s.prompt) - key % 10] or s.prompt
         draft, k = (Draft((), Corpus(), ()), 4) if key == 11 else (NO_DRAFT, 0)
-        return ExtendRequest(context, 3 + 4 * (key % 10) if key < 10 else 5, np.random.default_rng(120 + key), slot,
-                             hints=Hints(draft, k))  # fmt: skip
+        return ExtendRequest(
+            context,
+            3 + 4 * (key % 10) if key < 10 else 5,
+            np.random.default_rng(120 + key),
+            slot,
+            hints=Hints(draft, k),
+        )
 
     results: dict[int, Continuation] = {}
 
@@ -484,6 +533,7 @@ def rows_joining_and_leaving_match_single_rows(s: Subject) -> None:
         one = s.backend.extend([request(key, 150 + key)], cold)[0]
         _same(s, results[key], one, f"request {key} in a continuous batch vs alone")
 
+
 def hints_change_forwards_not_draws(s: Subject) -> None:
     """Each hint the backend claims (`HINTS`) shows in its forwards and never in its draws: "speculate" with the
     draw's own tokens as the draft (k = 4) draws them in fewer forwards; "floor", one no token can reach, cuts the
@@ -495,27 +545,36 @@ def hints_change_forwards_not_draws(s: Subject) -> None:
     if sum(len(c.tokens) for c, _ in plain) <= len(plain):
         raise NotApplicable("every continuation ended after one token: no forward left to save")
     for hint, hints in (("speculate", lambda c: Hints(Draft(c.tokens), 4)), ("floor", lambda c: Hints(floor=_SUNK))):
-        hinted = [_costed(s, ExtendRequest(s.prompt, 8, np.random.default_rng(170 + j), 170, hints=hints(c)))
-                  for j, (c, _) in enumerate(plain)]  # fmt: skip
+        hinted = [
+            _costed(s, ExtendRequest(s.prompt, 8, np.random.default_rng(170 + j), 170, hints=hints(c)))
+            for j, (c, _) in enumerate(plain)
+        ]
         for (want, _), (have, _) in zip(plain, hinted):
             cut = len(have.tokens) if hint == "floor" and hint in honoured else len(want.tokens)
-            _check(have.tokens == want.tokens[:cut] and cut >= 1,
-                   f"the {hint} hint changed the draw: {have.tokens} vs {want.tokens}")  # fmt: skip
+            _check(
+                have.tokens == want.tokens[:cut] and cut >= 1,
+                f"the {hint} hint changed the draw: {have.tokens} vs {want.tokens}",
+            )
         before, after = sum(n for _, n in plain), sum(n for _, n in hinted)
         if hint in honoured:
-            _check(after < before, f"{type(b).__name__} claims the {hint} hint, but it cost {after} forwards, "
-                                   f"{before} without")  # fmt: skip
+            _check(
+                after < before,
+                f"{type(b).__name__} claims the {hint} hint, but it cost {after} forwards, {before} without",
+            )
         else:
-            _check(after == before, f"{type(b).__name__} ignores the {hint} hint, yet its forwards went from "
-                                    f"{before} to {after}")  # fmt: skip
+            _check(
+                after == before,
+                f"{type(b).__name__} ignores the {hint} hint, yet its forwards went from {before} to {after}",
+            )
 
 
 def describe_hints(backend: Backend) -> str:
     """One line: the request hints `backend` honours and those it ignores (base.HINTS)."""
     honoured = hints_honoured(backend)
     ignored = sorted(HINTS - honoured)
-    return (f"{type(backend).__name__} honours the hints: {', '.join(sorted(honoured)) or 'none'}"
-            + (f"; ignores: {', '.join(ignored)}" if ignored else ""))
+    return f"{type(backend).__name__} honours the hints: {', '.join(sorted(honoured)) or 'none'}" + (
+        f"; ignores: {', '.join(ignored)}" if ignored else ""
+    )
 
 
 def context_length_is_checked(s: Subject) -> None:
@@ -682,8 +741,10 @@ def _check_ranking(top: Sequence[tuple[int, float]], size: int, what: str) -> No
     _check(len(top) == size, f"{what}: {len(top)} ranked tokens, want {size}")
     _check(len({t for t, _ in top}) == len(top), f"{what}: an id ranked twice: {top}")
     _check(all(lp <= 1e-9 for _, lp in top), f"{what}: a log p above 0: {top}")
-    _check(all((-a[1], a[0]) < (-b[1], b[0]) for a, b in zip(top, top[1:])),
-           f"{what}: not likeliest first, ties by the smaller id: {top}")
+    _check(
+        all((-a[1], a[0]) < (-b[1], b[0]) for a, b in zip(top, top[1:])),
+        f"{what}: not likeliest first, ties by the smaller id: {top}",
+    )
 
 
 def _near_tie(top: Sequence[tuple[int, float]], gap: float = 1e-3) -> bool:
@@ -709,5 +770,6 @@ def _check(condition: bool, message: str) -> None:
 
 def _close(have: Sequence[float], want: Sequence[float], tolerance: float, what: str) -> None:
     """|have - want| <= tolerance elementwise (same lengths; -inf matches -inf), else an AssertionError: `what`."""
-    np.testing.assert_allclose(np.asarray(have, dtype=float), np.asarray(want, dtype=float), atol=tolerance, rtol=0,
-                               err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(have, dtype=float), np.asarray(want, dtype=float), atol=tolerance, rtol=0, err_msg=what
+    )

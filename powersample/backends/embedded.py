@@ -79,8 +79,9 @@ def embedded_gguf_path() -> Path:
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize `gguf` into a safetensors folder at `target`, atomically; returns the folder that won."""
-    print(f"powersample: converting {gguf.name} once (dequantized, fp32) into {target} ...", file=sys.stderr,
-          flush=True)  # fmt: skip
+    print(
+        f"powersample: converting {gguf.name} once (dequantized, fp32) into {target} ...", file=sys.stderr, flush=True
+    )
     try:
         with folder_being_built(target) as tmp:
             _write_safetensors_copy(gguf, tmp)

@@ -15,10 +15,10 @@ from powersample.errors import PowerSampleError
 
 
 def extend_in_one_run(
-    run: Callable[[dict[int, "ExtendRequest"], "Proposal", Refill], None],
-    requests: Sequence["ExtendRequest"],
-    proposal: "Proposal",
-) -> list["Continuation"]:
+    run: Callable[[dict[int, ExtendRequest], Proposal, Refill], None],
+    requests: Sequence[ExtendRequest],
+    proposal: Proposal,
+) -> list[Continuation]:
     """`extend` for a backend whose continuous loop is `run(requests, proposal, refill)`: every request in one run,
     none refilled; the continuations in request order."""
     results: dict[int, Continuation] = {}
@@ -99,12 +99,14 @@ class Row:
         return floor.below(self.score, len(self.tokens))
 
     def continuation(self) -> Continuation:
-        return Continuation(tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives,
-                            tuple(self.entropy))  # fmt: skip
+        return Continuation(
+            tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives, tuple(self.entropy)
+        )
 
 
-def verify_step(rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Proposal,
-                eos_ids: frozenset[int]) -> tuple[list[int], list[int]]:  # fmt: skip
+def verify_step(
+    rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Proposal, eos_ids: frozenset[int]
+) -> tuple[list[int], list[int]]:
     """Draw each row's next tokens from the base log p after each id it fed (`logp[b]`: (len(feed), V)), with its
     request's own generator, recording log p and log q (and, at a row's first step, the likeliest alternatives;
     and the entropy of each row of log p when the request asks), and reporting each row's new tokens to its
@@ -191,4 +193,3 @@ def check_fits(context_length: int | None, context: int, new: int, knob: str | N
     raise PowerSampleError(
         f"{context} context tokens + {new} new tokens exceed the model's context length ({context_length})"
     )
-

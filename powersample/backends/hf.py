@@ -37,6 +37,7 @@ from its guess are void: they become holes (columns no row uses are cropped off 
 restacked). Finished rows (EOS, their max_tokens, or below their floor) leave the batch at once and their caches go
 back to their buffers holding exactly the valid ids.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -94,13 +95,15 @@ class _Attention:
     dtype: torch.dtype  # of an additive mask
 
     @classmethod
-    def of(cls, model: Any) -> "_Attention":
+    def of(cls, model: Any) -> _Attention:
         """The model's layer types and windows; a one-line error for layers our caches cannot serve."""
         windows = _layer_windows(model.config)
         implementation = model.config._attn_implementation
         if windows is not None and implementation not in ("sdpa", "eager"):
-            raise PowerSampleError(f"the hf backend runs sliding-window models with attn_implementation sdpa or eager, "
-                                   f"not {implementation}")  # fmt: skip
+            raise PowerSampleError(
+                f"the hf backend runs sliding-window models with attn_implementation sdpa or eager, "
+                f"not {implementation}"
+            )
         return cls(windows, implementation, model.dtype)
 
     def masks(self, columns: torch.Tensor, queries: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -111,8 +114,10 @@ class _Attention:
             return seen.long()  # (B, K): the model's causal mask over the columns, which hold each row in order
         distance = queries[:, :, None] - columns[:, None, :]  # (B, T, K): how far back each key lies
         causal = seen[:, None, :] & (distance >= 0)
-        masks = {kind: self._form(causal if window is None else causal & (distance < window))
-                 for kind, window in self.windows.items()}  # fmt: skip
+        masks = {
+            kind: self._form(causal if window is None else causal & (distance < window))
+            for kind, window in self.windows.items()
+        }
         return next(iter(masks.values())) if len(masks) == 1 else masks
 
     def _form(self, visible: torch.Tensor) -> torch.Tensor:
@@ -120,8 +125,9 @@ class _Attention:
         0 where visible and the dtype's minimum elsewhere (as transformers' eager_mask)."""
         if self.implementation == "sdpa":
             return visible[:, None]
-        return torch.zeros((), dtype=self.dtype, device=visible.device).masked_fill(~visible[:, None],
-                                                                                    torch.finfo(self.dtype).min)
+        return torch.zeros((), dtype=self.dtype, device=visible.device).masked_fill(
+            ~visible[:, None], torch.finfo(self.dtype).min
+        )
 
 
 def _layer_windows(config: Any) -> dict[str, int | None] | None:
@@ -137,8 +143,10 @@ def _layer_windows(config: Any) -> dict[str, int | None] | None:
     if not unknown:  # KV sharing and the like show in the cache transformers builds for the model
         unknown = sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers} - _CACHE_LAYERS)
     if unknown:
-        raise PowerSampleError(f"the hf backend serves full and sliding-window attention layers only; this "
-                               f"{text.model_type} model has {', '.join(unknown)}")  # fmt: skip
+        raise PowerSampleError(
+            f"the hf backend serves full and sliding-window attention layers only; this "
+            f"{text.model_type} model has {', '.join(unknown)}"
+        )
     windows = {kind: (window if kind == "sliding_attention" else None) for kind in dict.fromkeys(types)}
     return windows if any(w is not None for w in windows.values()) else None
 
@@ -180,8 +188,10 @@ class _Batch:
         feeds = [r.feed(budget // len(self.rows) - 1) for r in self.rows]
         t = max(map(len, feeds))
         ids = torch.tensor([fed + fed[-1:] * (t - len(fed)) for fed in feeds], device=self.device)
-        queries = torch.tensor([[len(r.ids) + min(j, len(fed) - 1) for j in range(t)] for r, fed in zip(self.rows, feeds)],
-                               device=self.device)  # fmt: skip
+        queries = torch.tensor(
+            [[len(r.ids) + min(j, len(fed) - 1) for j in range(t)] for r, fed in zip(self.rows, feeds)],
+            device=self.device,
+        )
         fed = self._span([0] * len(feeds), [len(f) for f in feeds], t, start=[len(r.ids) for r in self.rows])
         return feeds, ids, self.attention.masks(torch.cat([self.positions, fed], dim=1), queries), queries
 
@@ -215,8 +225,10 @@ class _Batch:
     def _kv(self, b: int) -> KV:
         """Row b's keys and values at the columns it holds (a copy): (1, heads, len(ids), head_dim) per layer."""
         columns = (self.positions[b] >= 0).nonzero()[:, 0]
-        return tuple((layer.keys[b : b + 1].index_select(2, columns), layer.values[b : b + 1].index_select(2, columns))
-                     for layer in self.cache.layers)  # fmt: skip
+        return tuple(
+            (layer.keys[b : b + 1].index_select(2, columns), layer.values[b : b + 1].index_select(2, columns))
+            for layer in self.cache.layers
+        )
 
     def _span(self, offsets: list[int], counts: list[int], width: int, start: list[int]) -> torch.Tensor:
         """(B, width) positions: row b's columns offsets[b] ... offsets[b] + counts[b] - 1 hold positions start[b],
@@ -270,7 +282,7 @@ class HFBackend:
         dtype: str | None = None,
         reuse_cache: bool = True,
         threads: int | None = None,
-    ) -> "HFBackend":
+    ) -> HFBackend:
         """Load `model`: None = the embedded SmolLM2, a local folder, a .gguf file, or a hub id.
 
         device None = cuda when available, else cpu; dtype None = float32 on cpu, bfloat16 on cuda; threads sets
@@ -437,8 +449,9 @@ class HFBackend:
             self._forward(torch.tensor([missing], device=self.device), cache, mask, columns[:, width:])
             buffer.kv, buffer.ids = tuple((la.keys, la.values) for la in cache.layers), buffer.ids + missing
 
-    def _forward(self, ids: torch.Tensor, cache: DynamicCache, mask: Any, positions: torch.Tensor | None,
-                 keep: int = 1) -> torch.Tensor:  # fmt: skip
+    def _forward(
+        self, ids: torch.Tensor, cache: DynamicCache, mask: Any, positions: torch.Tensor | None, keep: int = 1
+    ) -> torch.Tensor:
         """Feed ids (B, T) after the cache; logits (B, keep, V) of the next token after each row's last `keep` ids."""
         args = self._forward_args
         kwargs = {args["cache"]: cache, **({"logits_to_keep": keep} if args["logits_to_keep"] else {})}

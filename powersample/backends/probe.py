@@ -57,8 +57,14 @@ def remembered(key: Mapping[str, str], compute: Callable[[], dict]) -> dict:
 
 def _run(command: Sequence[str], timeout: float) -> tuple[bool, str]:
     try:
-        done = subprocess.run(list(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, timeout=timeout, check=False)
+        done = subprocess.run(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout:.0f} s"
     except OSError as e:

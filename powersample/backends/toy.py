@@ -40,7 +40,7 @@ class ToySpec:
     next: Mapping[str, tuple[float, ...]]
 
     @classmethod
-    def from_dict(cls, spec: Any) -> "ToySpec":
+    def from_dict(cls, spec: Any) -> ToySpec:
         """Validate a parsed JSON spec; every problem is a one-line PowerSampleError naming the bad key."""
         if not isinstance(spec, dict):
             raise PowerSampleError("toy spec: must be a JSON object")
@@ -60,7 +60,7 @@ class ToySpec:
         return cls(tuple(vocab), eos_id, default, rows)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ToySpec":
+    def load(cls, path: str | Path) -> ToySpec:
         """Read and validate a spec file; an unreadable, binary or malformed file is a one-line error."""
         try:
             data = Path(path).read_bytes()
@@ -197,8 +197,9 @@ class ToyBackend:
         """Each token's exact log p and its row's n likeliest tokens (the `Ranking` capability)."""
         prefixes = (list(context) + list(continuation[:i]) for i in range(len(continuation)))
         base = Proposal(temperature=1.0)
-        return ranked_rows(((np.asarray(self._table(seq, base).base_logp), tok)
-                            for seq, tok in zip(prefixes, continuation)), n)  # fmt: skip
+        return ranked_rows(
+            ((np.asarray(self._table(seq, base).base_logp), tok) for seq, tok in zip(prefixes, continuation)), n
+        )
 
     def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         seq = list(context)
@@ -237,8 +238,9 @@ class ToyBackend:
         self.stats.forwards += len(tokens)  # one per token drawn
         return tokens, logp, logq
 
-    def _report(self, request: ExtendRequest, tokens: Sequence[int],
-                proposal: Proposal) -> tuple[tuple[tuple[int, float], ...], tuple[float, ...]]:  # fmt: skip
+    def _report(
+        self, request: ExtendRequest, tokens: Sequence[int], proposal: Proposal
+    ) -> tuple[tuple[tuple[int, float], ...], tuple[float, ...]]:
         """(alternatives, entropies) as the request asks: its first token's likeliest alternatives, and the base
         entropy before each token."""
         report, context = request.report, list(request.context)

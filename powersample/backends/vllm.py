@@ -169,7 +169,7 @@ class VLLMBackend:
         gpu_memory_utilization: float | None = None,
         max_model_len: int | None = None,
         reuse_cache: bool = True,
-    ) -> "VLLMBackend":
+    ) -> VLLMBackend:
         """Load `model` (None = the embedded SmolLM2, converted once to a folder; a folder; a hub id).
 
         dtype None = float32 on CPU (as the hf backend), else the checkpoint's; gpu_memory_utilization None = 0.3
@@ -279,8 +279,10 @@ class VLLMBackend:
         self._check_context(context, len(continuation))
         [out] = self._prompt_outputs([tuple(context)], [tuple(continuation)], [n])
         rows, start = out.prompt_logprobs, len(context)
-        return tuple(Ranked(_logprob_of(rows, start + i, token), _top(rows, start + i, n))
-                     for i, token in enumerate(continuation))  # fmt: skip
+        return tuple(
+            Ranked(_logprob_of(rows, start + i, token), _top(rows, start + i, n))
+            for i, token in enumerate(continuation)
+        )
 
     def confidence(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         """Sum_x p log p of the next-token distribution before each continuation token (Eq. 13).
@@ -323,8 +325,7 @@ class VLLMBackend:
     def _params(self, read_cache: bool = False, **kwargs: Any) -> Any:
         """SamplingParams with ids only; read_cache lets a prompt log-probs request read the prefix cache."""
         skip_cache = True if not self.reuse_cache else (False if read_cache else None)  # None: vLLM's default
-        return vllm.SamplingParams(detokenize=False, flat_logprobs=True, skip_reading_prefix_cache=skip_cache,
-                                   **kwargs)
+        return vllm.SamplingParams(detokenize=False, flat_logprobs=True, skip_reading_prefix_cache=skip_cache, **kwargs)
 
     def _submit(self, job: _Job) -> str:
         """Add the job's current stage to the engine as one request; its request id."""
@@ -390,8 +391,9 @@ class VLLMBackend:
         outs = self._prompt_outputs(contexts, continuations, alternatives)
         return [_scored(out, len(c), t, k) for out, c, t, k in zip(outs, contexts, continuations, alternatives)]
 
-    def _prompt_outputs(self, contexts: Sequence[Tokens], continuations: Sequence[Tokens],
-                        alternatives: Sequence[int]) -> list[Any]:  # fmt: skip
+    def _prompt_outputs(
+        self, contexts: Sequence[Tokens], continuations: Sequence[Tokens], alternatives: Sequence[int]
+    ) -> list[Any]:
         """Per request, the output of scoring context + continuation at temperature 1 with prompt_logprobs = its
         `alternatives`, in one engine call.
 
@@ -402,14 +404,16 @@ class VLLMBackend:
         without the cache.
         """
         prompts = [c + t for c, t in zip(contexts, continuations)]
-        outs = self._generate(prompts, [self._params(True, max_tokens=1, prompt_logprobs=k) for k in alternatives],
-                              salt=SCORE_SALT)
+        outs = self._generate(
+            prompts, [self._params(True, max_tokens=1, prompt_logprobs=k) for k in alternatives], salt=SCORE_SALT
+        )
         redo = [j for j, (out, c) in enumerate(zip(outs, contexts)) if (out.num_cached_tokens or 0) > len(c) - 1]
         kept = (out for j, out in enumerate(outs) if j not in redo)
         self.stats.scored_cached_tokens += sum(out.num_cached_tokens or 0 for out in kept)
         if redo:
-            again = self._generate([prompts[j] for j in redo],
-                                   [self._params(max_tokens=1, prompt_logprobs=alternatives[j]) for j in redo])
+            again = self._generate(
+                [prompts[j] for j in redo], [self._params(max_tokens=1, prompt_logprobs=alternatives[j]) for j in redo]
+            )
             for j, out in zip(redo, again):
                 outs[j] = out
         return outs
@@ -446,8 +450,10 @@ class VLLMBackend:
     def _check_entropy(self, request: ExtendRequest) -> None:
         if request.report.entropy:  # a sampled token's row holds its top-k log-probs only; the whole row, per
             # position, would cost V numbers per token as Python objects
-            raise PowerSampleError("the vllm backend does not report per-token entropies (power-cut needs them); use "
-                                   "the hf or llamacpp backend")  # fmt: skip
+            raise PowerSampleError(
+                "the vllm backend does not report per-token entropies (power-cut needs them); use "
+                "the hf or llamacpp backend"
+            )
 
     def _check_context(self, context: Sequence[int], new: int) -> None:
         if not context:
@@ -481,7 +487,6 @@ def _scored(out: Any, start: int, tokens: Tokens, k: int) -> tuple[list[float], 
     k likeliest first tokens (id, log p)."""
     rows = out.prompt_logprobs
     return [_logprob_of(rows, start + i, token) for i, token in enumerate(tokens)], _top(rows, start, k)
-
 
 
 def _entries(rows: Any, position: int) -> tuple[list[int], list[float]]:
@@ -550,7 +555,7 @@ def _parse_dtype(dtype: str | None, cpu: bool) -> str:
 
 
 def _device_name() -> str:
-    """"cpu" on vLLM's CPU build, else the accelerator's name (cuda, rocm, ...)."""
+    """ "cpu" on vLLM's CPU build, else the accelerator's name (cuda, rocm, ...)."""
     from vllm.platforms import current_platform  # resolved on first use, not at import
 
     return "cpu" if current_platform.is_cpu() else str(current_platform.device_type or "gpu")

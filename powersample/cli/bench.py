@@ -53,8 +53,13 @@ registered method over a sweep of its knobs, on enumerable toy specs. Model mode
 or --model): base log-likelihood per token of the outputs against tokens sampled and wall per sample. The sweeps
 are fixed; of the sampler options only --alpha and --max-new-tokens apply (T default: 6 for toy specs, 48 for a
 model; --quick: 8 for a model). Methods with no registered sampler are skipped and named in the output."""
-FIDELITY_REFUSED = {"mcmc_steps": "--mcmc-steps", "block_size": "--block-size", "block_count": "--block-count",
-                    "chains": "--chains", "json_path": "--json"}  # bench flags that --fidelity does not use
+FIDELITY_REFUSED = {
+    "mcmc_steps": "--mcmc-steps",
+    "block_size": "--block-size",
+    "block_count": "--block-count",
+    "chains": "--chains",
+    "json_path": "--json",
+}  # bench flags that --fidelity does not use
 FULL = {"max_new_tokens": 192, "block_size": 48, "mcmc_steps": 4, "prompts": 3, "chains": 8}  # the default profile
 QUICK = {"max_new_tokens": 16, "block_size": 8, "mcmc_steps": 2, "prompts": 1, "chains": 2}  # --quick, for CI
 
@@ -67,8 +72,9 @@ B=8, 2 steps, 1 prompt, 2 chains. Explicit flags override either profile."""
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `bench` on the `powersample` subparsers."""
-    p = subparsers.add_parser("bench", help="benchmark power sampling (speed, memory, targets)",
-                              description=DESCRIPTION)
+    p = subparsers.add_parser(
+        "bench", help="benchmark power sampling (speed, memory, targets)", description=DESCRIPTION
+    )
     add_sampler_options(p)
     add_backend_options(p)
     g = p.add_argument_group("bench")
@@ -81,11 +87,14 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every phase (default 0)")
     g.add_argument("--raw", action="store_true", help="send the prompts as-is, without the chat template")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--engines", metavar="A,B,...",
-                   help="compare engine configurations side by side, taking turns: NAME[:KEY=VALUE...] with keys "
-                        "threads, dtype, quant, device (e.g. llamacpp,llamacpp:quant=iq4_nl,hf:dtype=bfloat16); "
-                        "--threads, --dtype and --device apply to every candidate that sets none of its own; "
-                        "runs plain decoding at batch 1 and power sampling with 1 and K chains")
+    g.add_argument(
+        "--engines",
+        metavar="A,B,...",
+        help="compare engine configurations side by side, taking turns: NAME[:KEY=VALUE...] with keys "
+        "threads, dtype, quant, device (e.g. llamacpp,llamacpp:quant=iq4_nl,hf:dtype=bfloat16); "
+        "--threads, --dtype and --device apply to every candidate that sets none of its own; "
+        "runs plain decoding at batch 1 and power sampling with 1 and K chains",
+    )
     add_fidelity_options(p)
     # None = "not given": filled from the FULL or QUICK profile by options_from_args
     p.set_defaults(handler=_cmd_bench, max_new_tokens=None, block_size=None, block_count=None, mcmc_steps=None)
@@ -95,14 +104,21 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def add_fidelity_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fidelity per compute (--fidelity)", FIDELITY_HELP)
     g.add_argument("--fidelity", action="store_true", help="measure fidelity per compute instead of speed")
-    g.add_argument("--spec", action="append", metavar="NAME|PATH",
-                   help="toy target: a shipped spec name or a JSON file; repeatable (default: "
-                        f"{' and '.join(DEFAULT_SPECS)})")
-    g.add_argument("--samples", type=int, help="toy: samples per setting (default 1000, --quick 200); model: "
-                                               "samples per prompt (default 4, --quick 1)")
+    g.add_argument(
+        "--spec",
+        action="append",
+        metavar="NAME|PATH",
+        help=f"toy target: a shipped spec name or a JSON file; repeatable (default: {' and '.join(DEFAULT_SPECS)})",
+    )
+    g.add_argument(
+        "--samples",
+        type=int,
+        help="toy: samples per setting (default 1000, --quick 200); model: samples per prompt (default 4, --quick 1)",
+    )
     g.add_argument("--methods", metavar="A,B,...", help="only these methods' settings (default: every method)")
-    g.add_argument("--output-dir", default="fidelity",
-                   help="where fidelity_<toy|model>.{json,md,png} go (default ./fidelity)")
+    g.add_argument(
+        "--output-dir", default="fidelity", help="where fidelity_<toy|model>.{json,md,png} go (default ./fidelity)"
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
@@ -234,15 +250,31 @@ def fidelity_options_from_args(args: argparse.Namespace) -> FidelityOptions:
     if mode == "toy":
         t = 6 if args.max_new_tokens is None else args.max_new_tokens
         names = (args.spec or []) + ([args.toy_spec] if args.toy_spec else [])
-        return FidelityOptions("toy", args.alpha, t, _samples(args, 1000, 200), args.seed, args.quick,
-                               targets=tuple(ToyTarget.resolve(n, t) for n in names or DEFAULT_SPECS),
-                               methods=_methods(args))  # fmt: skip
+        return FidelityOptions(
+            "toy",
+            args.alpha,
+            t,
+            _samples(args, 1000, 200),
+            args.seed,
+            args.quick,
+            targets=tuple(ToyTarget.resolve(n, t) for n in names or DEFAULT_SPECS),
+            methods=_methods(args),
+        )
     if args.spec:
         raise PowerSampleError("--spec names a toy target; it does not apply with a model backend")
     t = (8 if args.quick else 48) if args.max_new_tokens is None else args.max_new_tokens
     profile = QUICK if args.quick else FULL
-    return FidelityOptions("model", args.alpha, t, _samples(args, 4, 1), args.seed, args.quick,
-                           prompts=bench_prompts(args, profile), chat=not args.raw, methods=_methods(args))
+    return FidelityOptions(
+        "model",
+        args.alpha,
+        t,
+        _samples(args, 4, 1),
+        args.seed,
+        args.quick,
+        prompts=bench_prompts(args, profile),
+        chat=not args.raw,
+        methods=_methods(args),
+    )
 
 
 def _methods(args: argparse.Namespace) -> tuple[str, ...]:

@@ -11,8 +11,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from powersample.cli.bench import _bar
 from powersample.backends import conformance
+from powersample.cli.bench import _bar
 from powersample.cli.options import add_backend_options, backend_spec, load
 from powersample.errors import PowerSampleError
 from powersample.io import check_writable, write_json_atomic
@@ -35,17 +35,24 @@ GAPS_PROMPT = "Name the three primary colors of paint, and say why mixing two of
 
 def add_conformance_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `conformance` on the `powersample` subparsers."""
-    p = subparsers.add_parser("conformance", help="the conformance checks on a matrix of models (support table)",
-                              description=DESCRIPTION)  # fmt: skip
+    p = subparsers.add_parser(
+        "conformance", help="the conformance checks on a matrix of models (support table)", description=DESCRIPTION
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--matrix", action="store_true", help="run the model matrix")
     mode.add_argument("--gaps", action="store_true", help="measure one backend's log p gaps between forward shapes")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated (default {','.join(ENGINES)})")
     p.add_argument("--archs", default=",".join(ARCHS), help=f"comma-separated (default {','.join(ARCHS)})")
-    p.add_argument("--quants", default=",".join(MATRIX_QUANTS),
-                   help=f"llamacpp's GGUF types, comma-separated (default {','.join(MATRIX_QUANTS)})")  # fmt: skip
-    p.add_argument("--threads", type=int, help=f"CPU threads of each engine (default: {THREADS} with --matrix, the "
-                                               "engine's own with --gaps)")  # fmt: skip
+    p.add_argument(
+        "--quants",
+        default=",".join(MATRIX_QUANTS),
+        help=f"llamacpp's GGUF types, comma-separated (default {','.join(MATRIX_QUANTS)})",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help=f"CPU threads of each engine (default: {THREADS} with --matrix, the engine's own with --gaps)",
+    )
     p.add_argument("--json", dest="json_path", metavar="PATH", help="write every outcome to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_backend_options(p, threads=False)
@@ -59,8 +66,9 @@ def run_conformance(args: argparse.Namespace) -> int:
         return run_gaps(args)
     if not args.matrix:
         raise PowerSampleError("give --matrix (the model matrix) or --gaps (one backend's batch-invariance gaps)")
-    options = MatrixOptions(_names(args.engines), _names(args.archs), _names(args.quants),
-                            THREADS if args.threads is None else args.threads)  # fmt: skip
+    options = MatrixOptions(
+        _names(args.engines), _names(args.archs), _names(args.quants), THREADS if args.threads is None else args.threads
+    )
     if args.json_path:
         check_writable(args.json_path)
     with _bar(total_units(options), "matrix", "unit", args.quiet) as update:
@@ -80,13 +88,16 @@ def run_gaps(args: argparse.Namespace) -> int:
     gaps = conformance.batch_invariance_gaps(conformance.Subject(backend, prompt))
     layout = getattr(getattr(backend, "layout", None), "label", None)  # llamacpp's decode layout
     worst = {name: max(g[name] for g in gaps.values()) for name in ("base_logp", "proposal_logq")}
-    print(f"{type(backend).__name__}{f' ({layout} layout)' if layout else ''}, {len(prompt)}-token prompt: largest "
-          f"change vs the lone decode, log p {worst['base_logp']:.3g} nats, log q (tau 1/4) "
-          f"{worst['proposal_logq']:.3g}\n")  # fmt: skip
+    print(
+        f"{type(backend).__name__}{f' ({layout} layout)' if layout else ''}, {len(prompt)}-token prompt: largest "
+        f"change vs the lone decode, log p {worst['base_logp']:.3g} nats, log q (tau 1/4) "
+        f"{worst['proposal_logq']:.3g}\n"
+    )
     print(conformance.describe_hints(backend) + "\n")
     print("| forward shape | max abs log p change (nats) | max abs log q change |\n|---|---|---|")
-    print("".join(f"| {shape} | {g['base_logp']:.3g} | {g['proposal_logq']:.3g} |\n" for shape, g in gaps.items()),
-          end="")  # fmt: skip
+    print(
+        "".join(f"| {shape} | {g['base_logp']:.3g} | {g['proposal_logq']:.3g} |\n" for shape, g in gaps.items()), end=""
+    )
     if args.json_path:
         write_json_atomic(Path(args.json_path), {"backend": type(backend).__name__, "layout": layout, "gaps": gaps})
     return 0

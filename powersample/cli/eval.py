@@ -28,8 +28,11 @@ MAX_SEEDS = 100_000  # a typo like 0-99999999 should fail fast, not allocate
 
 def add_eval_parsers(subparsers: Any) -> None:
     """Register `eval` and `report` on an argparse subparsers object."""
-    e = subparsers.add_parser("eval", help="evaluate a sampler on a task", description="Evaluate a sampler on a "
-                              "task: one JSONL record per (problem, seed), resumable.")  # fmt: skip
+    e = subparsers.add_parser(
+        "eval",
+        help="evaluate a sampler on a task",
+        description="Evaluate a sampler on a task: one JSONL record per (problem, seed), resumable.",
+    )
     e.add_argument("--task", required=True, help=f"one of {', '.join(TASK_NAMES)}")
     e.add_argument("--data", help="data file (MATH500: JSON/JSONL; GPQA: CSV; AlpacaEval: JSON; HumanEval: JSONL)")
     e.add_argument("--seeds", default="0", help="seeds to run: 0-7, 0,2,5 or 3 (default 0)")
@@ -37,10 +40,19 @@ def add_eval_parsers(subparsers: Any) -> None:
     e.add_argument("--shard", help="I/N: only shard I (0-based) of N, every N-th problem from the I-th")
     e.add_argument("--output-dir", help="run directory (default runs/<task>-<method>-<config hash>)")
     e.add_argument("--raw", action="store_true", help="no chat template: the prompt format for base models")
-    e.add_argument("--batch", type=int, default=8, help="(problem, seed) pairs sampled together, their chains "
-                   "sharing every engine call (default %(default)s; records do not depend on it)")
-    e.add_argument("--bon-match", metavar="RUN_DIR", help="--method bon: each (problem, seed)'s token budget is "
-                   "its tokens_generated in RUN_DIR, a run of the same task and data (e.g. a power run)")
+    e.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="(problem, seed) pairs sampled together, their chains "
+        "sharing every engine call (default %(default)s; records do not depend on it)",
+    )
+    e.add_argument(
+        "--bon-match",
+        metavar="RUN_DIR",
+        help="--method bon: each (problem, seed)'s token budget is "
+        "its tokens_generated in RUN_DIR, a run of the same task and data (e.g. a power run)",
+    )
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     g = e.add_argument_group("grading")
     g.add_argument("--code-timeout", type=float, default=GradeOptions.code_timeout, help="seconds per program")
@@ -50,30 +62,47 @@ def add_eval_parsers(subparsers: Any) -> None:
     add_sampler_options(e)
     add_backend_options(e)
     e.set_defaults(handler=cmd_eval)
-    r = subparsers.add_parser("report", help="tabulate and plot eval runs", description="Markdown table and plots "
-                              "of one or more eval run directories, or of a chain trace.")  # fmt: skip
+    r = subparsers.add_parser(
+        "report",
+        help="tabulate and plot eval runs",
+        description="Markdown table and plots of one or more eval run directories, or of a chain trace.",
+    )
     r.add_argument("run_dirs", nargs="*", help="run directories written by `powersample eval`")
     r.add_argument("--plot-dir", default="report", help="where PNG plots and report.md go (default ./report)")
     r.add_argument("--no-plots", action="store_true", help="print the table only")
-    r.add_argument("--trace", metavar="FILE", help="a chain trace (`powersample sample --trace`): its summary, and "
-                   "trace_chain<N>.png/.html/.md in --plot-dir")  # fmt: skip
+    r.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="a chain trace (`powersample sample --trace`): its summary, and "
+        "trace_chain<N>.png/.html/.md in --plot-dir",
+    )
     r.add_argument("--chain", type=int, metavar="N", help="the trace's chain to show (default: its first)")
     r.set_defaults(handler=cmd_report)
 
 
 def add_ray_options(e: argparse.ArgumentParser) -> None:
     g = e.add_argument_group("Ray (data-parallel; pip install 'powersample[ray]')")
-    g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="spread the (problem, seed) units over Ray actors: no ADDRESS = start a local Ray (or join "
-                        "$RAY_ADDRESS), auto = the cluster running here, else HOST:PORT or ray://HOST:PORT; an "
-                        "address that does not answer within 10 s is refused")  # distributed.CONNECT_TIMEOUT
-    g.add_argument("--workers", metavar="N", help="Ray actors, one backend each (default: one per GPU, else one "
-                                                  "per CPU)")
-    g.add_argument("--gpus-per-worker", metavar="G", help="GPUs per actor (default 1 when the cluster has GPUs, 0 "
-                                                          "for the toy and llamacpp engines)")
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="spread the (problem, seed) units over Ray actors: no ADDRESS = start a local Ray (or join "
+        "$RAY_ADDRESS), auto = the cluster running here, else HOST:PORT or ray://HOST:PORT; an "
+        "address that does not answer within 10 s is refused",
+    )  # distributed.CONNECT_TIMEOUT
+    g.add_argument(
+        "--workers", metavar="N", help="Ray actors, one backend each (default: one per GPU, else one per CPU)"
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        metavar="G",
+        help="GPUs per actor (default 1 when the cluster has GPUs, 0 for the toy and llamacpp engines)",
+    )
     g.add_argument("--cpus-per-worker", metavar="C", help="CPUs per actor (default 1)")
-    g.add_argument("--ray-temp-dir", metavar="DIR", help="Ray's temp and log directory when starting a local Ray "
-                                                         "(default Ray's)")  # fmt: skip
+    g.add_argument(
+        "--ray-temp-dir", metavar="DIR", help="Ray's temp and log directory when starting a local Ray (default Ray's)"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -90,8 +119,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_paths(args)
     task = get_task(args.task)
     problems = task.load(args.data, not args.raw)
-    plan = make_plan(task, problems, seeds=seeds, config=config, chat=not args.raw, backend=spec.identity(),
-                     grading=grading, shard=shard, limit=limit)  # fmt: skip
+    plan = make_plan(
+        task,
+        problems,
+        seeds=seeds,
+        config=config,
+        chat=not args.raw,
+        backend=spec.identity(),
+        grading=grading,
+        shard=shard,
+        limit=limit,
+    )
     if args.bon_match is not None:
         from powersample.eval.bon_match import match_plan
 
@@ -108,8 +146,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         summary = run_eval_ray(spec.portable(), plan, run_dir, ray_options, args.quiet, batch=args.batch)
     accuracy = f"accuracy {summary.correct}/{summary.graded}" if summary.graded else "not graded here"
-    print(f"{task.name} {config.method}: {summary.records} records ({summary.resumed} resumed), {accuracy}; "
-          f"run directory {run_dir}")  # fmt: skip
+    print(
+        f"{task.name} {config.method}: {summary.records} records ({summary.resumed} resumed), {accuracy}; "
+        f"run directory {run_dir}"
+    )
     return 0
 
 
@@ -168,8 +208,12 @@ def parse_limit(spec: str | None) -> int | None:
 
 def parse_ray_options(args: argparse.Namespace) -> Any:
     """A `distributed.RayOptions` for --ray (checking that Ray imports), None without it."""
-    ray_only = {"--workers": args.workers, "--gpus-per-worker": args.gpus_per_worker,
-                "--cpus-per-worker": args.cpus_per_worker, "--ray-temp-dir": args.ray_temp_dir}  # fmt: skip
+    ray_only = {
+        "--workers": args.workers,
+        "--gpus-per-worker": args.gpus_per_worker,
+        "--cpus-per-worker": args.cpus_per_worker,
+        "--ray-temp-dir": args.ray_temp_dir,
+    }
     if args.ray is None:
         given = [name for name, value in ray_only.items() if value is not None]
         if given:
@@ -235,4 +279,3 @@ def check_paths(args: argparse.Namespace) -> None:
     for option, value in (("--data", args.data), ("--output-dir", args.output_dir), ("--bon-match", args.bon_match)):
         if value is not None and not value.strip():
             raise PowerSampleError(f"{option} is empty")
-

@@ -39,8 +39,14 @@ def _add_field(g: argparse._ActionsContainer, name: str, defaults: SamplerConfig
     """The option of one SamplerConfig field, as its declaration says."""
     spec = SPECS[name]
     kind, choices = (None, METHODS) if name == "method" else (TYPES[name], None)
-    g.add_argument(option(name), type=kind, default=getattr(defaults, name), metavar=spec.metavar, choices=choices,
-                   help=f"{help} ({spec.shown})")  # fmt: skip
+    g.add_argument(
+        option(name),
+        type=kind,
+        default=getattr(defaults, name),
+        metavar=spec.metavar,
+        choices=choices,
+        help=f"{help} ({spec.shown})",
+    )
 
 
 def option(field: str) -> str:
@@ -51,25 +57,36 @@ def option(field: str) -> str:
 def add_backend_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
     """The backend options (`threads` False: the caller declares its own --threads)."""
     g = p.add_argument_group("backend")
-    g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="engine; auto = llamacpp for GGUF models on CPU when installed, else hf; vllm = the vLLM engine "
-                        "(default auto)")  # fmt: skip
+    g.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="engine; auto = llamacpp for GGUF models on CPU when installed, else hf; vllm = the vLLM engine "
+        "(default auto)",
+    )
     g.add_argument("--model", help="local model dir, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--toy-spec", help="toy model JSON spec (with --backend toy)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", help="hf, vllm: float32, bfloat16, float16 or auto (default: float32 on CPU)")
     if threads:
         g.add_argument("--threads", type=int, help="CPU threads of the engine (default: the engine's own)")
-    g.add_argument("--quant", choices=QUANTS, help="llamacpp: re-quantize the GGUF once to this type (cached) and "
-                                                   "load the copy; see the README's Performance section")  # fmt: skip
+    g.add_argument(
+        "--quant",
+        choices=QUANTS,
+        help="llamacpp: re-quantize the GGUF once to this type (cached) and "
+        "load the copy; see the README's Performance section",
+    )
     add_vllm_options(g)
 
 
 def add_vllm_options(g: argparse._ArgumentGroup) -> None:
     """vLLM's engine options (--backend vllm only); None = the backend's defaults."""
     g.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs per engine (default 1)")
-    g.add_argument("--gpu-memory-utilization", type=float,
-                   help="vllm: share of memory for weights + KV cache (default 0.9 on GPU, 0.3 on CPU)")
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="vllm: share of memory for weights + KV cache (default 0.9 on GPU, 0.3 on CPU)",
+    )
     g.add_argument("--max-model-len", type=int, help="vllm: context length of the engine (default: the model's)")
 
 
@@ -89,16 +106,27 @@ def check_members(config: SamplerConfig, chains: int, option_name: str = "--num-
     if total > MAX_SEQUENCES:
         knobs = registry.method(config.method).members
         per_chain = f" x {' x '.join(option(k) for k in knobs)} ({members})" if knobs else ""
-        raise PowerSampleError(f"{option_name} ({chains}){per_chain} asks for {total} sequences at once; at most "
-                               f"{MAX_SEQUENCES} (run more commands with other seeds)")  # fmt: skip
+        raise PowerSampleError(
+            f"{option_name} ({chains}){per_chain} asks for {total} sequences at once; at most "
+            f"{MAX_SEQUENCES} (run more commands with other seeds)"
+        )
 
 
 def backend_spec(args: argparse.Namespace) -> BackendSpec:
     """The BackendSpec of the backend options (checked now, before any model loads), quiet with --quiet."""
-    return BackendSpec(args.backend, model=args.model, toy_spec=args.toy_spec, device=args.device, dtype=args.dtype,
-                       threads=args.threads, quant=args.quant, tensor_parallel_size=args.tensor_parallel_size,
-                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                       quiet=args.quiet)  # fmt: skip
+    return BackendSpec(
+        args.backend,
+        model=args.model,
+        toy_spec=args.toy_spec,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        quant=args.quant,
+        tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        quiet=args.quiet,
+    )
 
 
 def load(spec: BackendSpec, quiet: bool) -> Backend:

@@ -13,7 +13,7 @@ from powersample.cli.options import (
     add_sampler_options,
     backend_spec,
     check_members,
-    config_from_args,  # fmt: skip
+    config_from_args,
     load,
 )
 from powersample.config import SamplerConfig
@@ -23,8 +23,9 @@ from powersample.samplers import registry
 
 
 def add_sample_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("sample", help="sample completions of a prompt",
-                              description="Sample completions of a prompt.")  # fmt: skip
+    p = subparsers.add_parser(
+        "sample", help="sample completions of a prompt", description="Sample completions of a prompt."
+    )
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file)")
     p.add_argument("--prompt-file", help="read the prompt from this file ('-' = stdin)")
     p.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
@@ -33,11 +34,18 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (chains run batched)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, config and backend => same output)")
     p.add_argument("--output", help="append one JSON record per sample to this JSONL file")
-    p.add_argument("--trace", metavar="FILE", help="write every chain's steps to this JSONL file (MH steps: cut, "
-                   "proposal, log r and its terms, accepted; SMC weights); `powersample report --trace FILE` plots it")
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write every chain's steps to this JSONL file (MH steps: cut, "
+        "proposal, log r and its terms, accepted; SMC weights); `powersample report --trace FILE` plots it",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--return-particles", action="store_true",
-                   help="power-smc: also put every particle with its weight in the records")  # fmt: skip
+    p.add_argument(
+        "--return-particles",
+        action="store_true",
+        help="power-smc: also put every particle with its weight in the records",
+    )
     p.set_defaults(handler=cmd_sample)
 
 
@@ -52,8 +60,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     backend = load(spec, args.quiet)
     trace = ChainTrace(backend) if args.trace else None
     with sampling_bar(config, args.quiet, chains=args.num_samples) as progress:
-        records = sample(backend, prompt, config, seed=args.seed, num_samples=args.num_samples, chat=not args.raw,
-                         progress=progress, return_particles=args.return_particles, trace=trace)  # fmt: skip
+        records = sample(
+            backend,
+            prompt,
+            config,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            chat=not args.raw,
+            progress=progress,
+            return_particles=args.return_particles,
+            trace=trace,
+        )
     if args.output:  # first: the records are kept even if printing fails (a closed pipe)
         append_jsonl(args.output, [r.to_dict() for r in records])
     if trace is not None:

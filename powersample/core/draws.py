@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Protocol, Sequence, Union
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -45,12 +45,12 @@ class Source(Protocol):
         """What `systematic_picks(probs, u)` gives for u uniform on [0, 1). (N,)"""
         ...
 
-    def spawn(self, n: int) -> list["Source"]:
+    def spawn(self, n: int) -> list[Source]:
         """n sources whose choices are independent of this one's and of each other's."""
         ...
 
 
-Rng = Union[np.random.Generator, Source]
+Rng = np.random.Generator | Source
 
 
 def draw(logq: np.ndarray, rng: Rng) -> int:

@@ -107,4 +107,3 @@ def negative_entropy(base_logp: np.ndarray) -> np.ndarray:
     """Sum_x p log p over the last axis, with 0 log 0 = 0. Shapes: (..., V) -> (...)."""
     p = np.exp(base_logp)
     return np.sum(np.where(p > 0, p * np.where(p > 0, base_logp, 0.0), 0.0), axis=-1)
-

@@ -10,9 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-import numpy as np
-
 from powersample.core.drafts import NO_DRAFT, Draft
+from powersample.core.draws import Rng
 
 Tokens = tuple[int, ...]
 
@@ -97,7 +96,7 @@ class ExtendRequest:
 
     context: Tokens  # prompt ids + generated ids so far
     max_tokens: int  # >= 1
-    rng: np.random.Generator  # the chain's own generator; every draw for this request comes from it
+    rng: Rng  # the chain's own generator; every draw for this request comes from it
     slot: int = 0  # the chain's cache slot
     report: Report = NO_REPORT
     hints: Hints = NO_HINTS

@@ -32,13 +32,16 @@ def match_plan(plan: EvalPlan, run_dir: Path) -> EvalPlan:
     units = [(p.id, s) for p in plan.problems for s in plan.seeds]
     missing = [u for u in units if u not in costs]
     if missing:
-        raise PowerSampleError(f"--bon-match {run_dir} has no record for {len(missing)} of the {len(units)} "
-                               f"(problem, seed) pairs (first: problem {missing[0][0]!r} seed {missing[0][1]}); "
-                               f"finish them there, or choose --seeds and --limit within it")  # fmt: skip
+        raise PowerSampleError(
+            f"--bon-match {run_dir} has no record for {len(missing)} of the {len(units)} "
+            f"(problem, seed) pairs (first: problem {missing[0][0]!r} seed {missing[0][1]}); "
+            f"finish them there, or choose --seeds and --limit within it"
+        )
     bad = [u for u in units if type(costs[u]) is not int or costs[u] < 1]
     if bad:
-        raise PowerSampleError(f"--bon-match {run_dir}: the record of problem {bad[0][0]!r} seed {bad[0][1]} has "
-                               f"no tokens_generated >= 1")  # fmt: skip
+        raise PowerSampleError(
+            f"--bon-match {run_dir}: the record of problem {bad[0][0]!r} seed {bad[0][1]} has no tokens_generated >= 1"
+        )
     return replace(plan, bon_match=identity_hash(identity), budgets={u: costs[u] for u in units})
 
 
@@ -48,5 +51,6 @@ def check_same_prompts(run_dir: Path, have: dict[str, Any], want: dict[str, Any]
     model tells of this run's (run_eval then records chat: false here too)."""
     for key in MATCHED:
         if have.get(key) != want[key] and not (key == "chat" and want[key] and have.get(key) is False):
-            raise PowerSampleError(f"--bon-match {run_dir} is a run with another {key} ({have.get(key)!r} there, "
-                                   f"{want[key]!r} here)")  # fmt: skip
+            raise PowerSampleError(
+                f"--bon-match {run_dir} is a run with another {key} ({have.get(key)!r} there, {want[key]!r} here)"
+            )

@@ -71,7 +71,7 @@ class WorkerPlacement:
     cpus: float  # per actor; Ray also caps the actor's torch/OpenMP threads to it
 
     @classmethod
-    def of(cls, options: RayOptions, cluster: dict[str, float], cpu_only: bool) -> "WorkerPlacement":
+    def of(cls, options: RayOptions, cluster: dict[str, float], cpu_only: bool) -> WorkerPlacement:
         """Defaults from the cluster's resources; a one-line error when the workers cannot all be placed."""
         have_gpus, have_cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
         gpus = options.gpus_per_worker
@@ -97,8 +97,10 @@ def require_ray() -> Any:
     except ImportError as e:
         if e.name == "ray":
             raise PowerSampleError("--ray needs Ray: pip install 'powersample[ray]'") from None
-        raise PowerSampleError(f"Ray is installed but cannot be imported ({e}); reinstall it: "
-                               "pip install --force-reinstall 'powersample[ray]'") from None  # fmt: skip
+        raise PowerSampleError(
+            f"Ray is installed but cannot be imported ({e}); reinstall it: "
+            "pip install --force-reinstall 'powersample[ray]'"
+        ) from None
     return ray
 
 
@@ -221,8 +223,12 @@ def run_eval_ray(
     with connected(options) as ray:
         placement = WorkerPlacement.of(options, ray.cluster_resources(), spec.cpu_only)
         if not quiet:
-            print(f"powersample: up to {placement.workers} Ray worker(s), {placement.gpus:g} GPU and "
-                  f"{placement.cpus:g} CPU each", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"powersample: up to {placement.workers} Ray worker(s), {placement.gpus:g} GPU and "
+                f"{placement.cpus:g} CPU each",
+                file=sys.stderr,
+                flush=True,
+            )
         pool = WorkerPool(ray, spec, plan, placement, batch)
         try:
             if plan.chat and not pool.has_chat_template():  # what the identity says, before run.json is written
@@ -263,9 +269,7 @@ class _Worker:
 class WorkerPool:
     """Actors that make records for units; the driver's queue, the re-queueing of a dead actor's units."""
 
-    def __init__(
-        self, ray: Any, spec: BackendSpec, plan: EvalPlan, placement: WorkerPlacement, batch: int = 1
-    ):
+    def __init__(self, ray: Any, spec: BackendSpec, plan: EvalPlan, placement: WorkerPlacement, batch: int = 1):
         self._ray, self._placement, self._batch = ray, placement, batch
         self._actor_class = ray.remote(UnitWorker).options(num_gpus=placement.gpus, num_cpus=placement.cpus)
         self._spec_ref, self._plan_ref = ray.put(spec), ray.put(plan)
@@ -328,8 +332,10 @@ class WorkerPool:
         except RayActorError as e:
             if e.actor_init_failed:  # it could not even unpickle its arguments: no use restarting it
                 lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-                raise PowerSampleError(f"a Ray worker could not start ({lines[-1] if lines else type(e).__name__}); "
-                                       "is this powersample installed on every node?") from None  # fmt: skip
+                raise PowerSampleError(
+                    f"a Ray worker could not start ({lines[-1] if lines else type(e).__name__}); "
+                    "is this powersample installed on every node?"
+                ) from None
             self._lost(worker, units, queue)
             return []
         except RayTaskError as e:  # the unit itself failed; a bad input is one line, a bug a traceback
@@ -343,8 +349,10 @@ class WorkerPool:
             key = record_key({"problem_id": unit[0].id, "seed": unit[1]})
             self._attempts[key] += 1
             if self._attempts[key] >= MAX_ATTEMPTS:
-                raise PowerSampleError(f"problem {key[0]} seed {key[1]}: {MAX_ATTEMPTS} Ray workers died while it "
-                                       "was theirs (out of memory?); see Ray's logs")  # fmt: skip
+                raise PowerSampleError(
+                    f"problem {key[0]} seed {key[1]}: {MAX_ATTEMPTS} Ray workers died while it "
+                    "was theirs (out of memory?); see Ray's logs"
+                )
         queue.extendleft(reversed(units))
         self.requeued += len(units)
         if worker.dead:
@@ -355,5 +363,6 @@ class WorkerPool:
             self.restarts_left -= 1
             self.workers.append(self._start())
         elif all(w.dead for w in self.workers):
-            raise PowerSampleError(f"every Ray worker died ({len(queue)} units not done); run the same command "
-                                   "again to resume")  # fmt: skip
+            raise PowerSampleError(
+                f"every Ray worker died ({len(queue)} units not done); run the same command again to resume"
+            )

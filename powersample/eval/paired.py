@@ -39,8 +39,9 @@ class Paired:
         return self.accuracy_b - self.accuracy_a
 
 
-def compare(a: Mapping[Item, bool], b: Mapping[Item, bool], resamples: int = RESAMPLES,
-            seed: int = SEED) -> Paired | None:  # fmt: skip
+def compare(
+    a: Mapping[Item, bool], b: Mapping[Item, bool], resamples: int = RESAMPLES, seed: int = SEED
+) -> Paired | None:
     """B against A over the items both have; None when they share none."""
     items = sorted(set(a) & set(b), key=repr)
     if not items:
@@ -50,12 +51,21 @@ def compare(a: Mapping[Item, bool], b: Mapping[Item, bool], resamples: int = RES
     _, clusters = np.unique([repr(i[0]) for i in items], return_inverse=True)  # (n,) cluster index
     a_only, b_only = int(np.sum(right_a > right_b)), int(np.sum(right_b > right_a))
     interval = cluster_bootstrap(clusters, right_b - right_a, resamples, np.random.default_rng(seed))
-    return Paired(len(items), int(clusters.max()) + 1, float(right_a.mean()), float(right_b.mean()), interval,
-                  a_only, b_only, mcnemar_exact(a_only, b_only))  # fmt: skip
+    return Paired(
+        len(items),
+        int(clusters.max()) + 1,
+        float(right_a.mean()),
+        float(right_b.mean()),
+        interval,
+        a_only,
+        b_only,
+        mcnemar_exact(a_only, b_only),
+    )
 
 
-def cluster_bootstrap(clusters: np.ndarray, values: np.ndarray, resamples: int,
-                      rng: np.random.Generator) -> tuple[float, float]:  # fmt: skip
+def cluster_bootstrap(
+    clusters: np.ndarray, values: np.ndarray, resamples: int, rng: np.random.Generator
+) -> tuple[float, float]:
     """95% percentile interval of the mean of `values`, resampling whole clusters with replacement.
 
     `clusters` (n,) holds each value's cluster index 0..K-1. A resample draws K clusters and takes the mean over

@@ -39,9 +39,18 @@ SCHEMA = 1  # bump when records change meaning; part of the identity
 # or a tuple of types where None means the field may be null or absent. The sample's own fields (SampleRecord's)
 # come first, then the grading's.
 NUMBER = (int, float)
-RECORD_FIELDS = {"problem_id": (str, int), "tokens": list, "wall_seconds": NUMBER, "proposals": int, "accepted": int,
-                 "tokens_generated": int, "correct": (bool, None), "logp_per_token": (*NUMBER, None),
-                 "confidence": (*NUMBER, None), "finish_reason": (str, None)}  # fmt: skip
+RECORD_FIELDS = {
+    "problem_id": (str, int),
+    "tokens": list,
+    "wall_seconds": NUMBER,
+    "proposals": int,
+    "accepted": int,
+    "tokens_generated": int,
+    "correct": (bool, None),
+    "logp_per_token": (*NUMBER, None),
+    "confidence": (*NUMBER, None),
+    "finish_reason": (str, None),
+}
 
 
 def check_fields(obj: dict[str, Any], fields: dict[str, Any], where: str, what: str) -> None:
@@ -63,8 +72,14 @@ def check_fields(obj: dict[str, Any], fields: dict[str, Any], where: str, what: 
 
 
 MAX_MAGNITUDE = 2**53  # numbers beyond are no measurement: sums and means of them would overflow floats
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
-               dict: "an object"}  # fmt: skip
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true/false",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def identity_hash(identity: dict[str, Any]) -> str:
@@ -72,9 +87,7 @@ def identity_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def open_run(
-    run_dir: Path, identity: dict[str, Any], meta: dict[str, Any], path: Path
-) -> tuple["RecordWriter", "Opened"]:
+def open_run(run_dir: Path, identity: dict[str, Any], meta: dict[str, Any], path: Path) -> tuple[RecordWriter, Opened]:
     """Create the run directory with its run.json, or check that an existing one has the same identity; then become
     the one writer of its records file `path`. All of it under the directory's lock (run_lock), so of two first runs
     with different identities exactly one creates run.json and the other is refused. Returns the writer, and what
@@ -353,8 +366,10 @@ class RecordWriter:
     def write(self, record: dict[str, Any]) -> None:
         """Append one record; a non-finite number is refused rather than written as invalid JSON (Infinity), and a
         failed write (a full disk) is cut back, so the file ends with a whole line either way."""
-        refusal = (f"the record of problem {record.get('problem_id')!r} seed {record.get('seed')!r} holds a "
-                   f"non-finite number; not writing it to {self.path}")  # fmt: skip
+        refusal = (
+            f"the record of problem {record.get('problem_id')!r} seed {record.get('seed')!r} holds a "
+            f"non-finite number; not writing it to {self.path}"
+        )
         append_durably(self._fd, json_line(record, refusal).encode(), self.path)
 
     def close(self) -> None:
@@ -365,7 +380,7 @@ class RecordWriter:
             _HELD_LOCKS.discard(self._lock)
             os.close(self._lock)
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -83,8 +83,9 @@ class ReportSection(Protocol):
         """The section's markdown, and the files it wrote into plot_dir (none when it is None)."""
 
 
-def build_report(run_dirs: list[Path], plot_dir: Path | None,
-                 sections: Sequence[ReportSection] = ()) -> tuple[str, list[Path]]:
+def build_report(
+    run_dirs: list[Path], plot_dir: Path | None, sections: Sequence[ReportSection] = ()
+) -> tuple[str, list[Path]]:
     """The markdown table, and the paths of the plots written to plot_dir (none when it is None).
 
     A directory that a section holds renders as that section; it is an eval run too when it has a run.json.
@@ -218,12 +219,26 @@ def unique_labels(rows: list[Row]) -> list[Row]:
     seen: dict[tuple[str, str], int] = defaultdict(int)
     for row in rows:
         seen[row.task, row.label] += 1
-    return [dataclasses.replace(row, label=f"{row.label} ({identity_hash(row.identity)})")
-            if seen[row.task, row.label] > 1 else row for row in rows]
+    return [
+        dataclasses.replace(row, label=f"{row.label} ({identity_hash(row.identity)})")
+        if seen[row.task, row.label] > 1
+        else row
+        for row in rows
+    ]
 
 
-HEADER = ("task", "method", "n", "accuracy (95% CI)", "mean length", "log-lik/token", "confidence", "acceptance",
-          "tokens sampled / Eq. 12", "wall")  # fmt: skip
+HEADER = (
+    "task",
+    "method",
+    "n",
+    "accuracy (95% CI)",
+    "mean length",
+    "log-lik/token",
+    "confidence",
+    "acceptance",
+    "tokens sampled / Eq. 12",
+    "wall",
+)
 
 
 def eval_markdown(rows: list[Row]) -> str:
@@ -245,12 +260,17 @@ def row_cells(row: Row) -> list[str]:
     """The table cells of one row."""
     recs = row.records
     return [
-        row.task, row.label, str(len(recs)), accuracy_cell(row.graded),
+        row.task,
+        row.label,
+        str(len(recs)),
+        accuracy_cell(row.graded),
         _num(metrics.mean([len(r["tokens"]) for r in recs]), ".1f"),
         _num(metrics.mean([r.get("logp_per_token") for r in recs]), ".3f"),
         _num(metrics.mean([r.get("confidence") for r in recs]), ".3f"),
-        acceptance_cell(row), tokens_cell(row), wall_cell(recs),
-    ]  # fmt: skip
+        acceptance_cell(row),
+        tokens_cell(row),
+        wall_cell(recs),
+    ]
 
 
 def accuracy_cell(graded: list[bool]) -> str:
@@ -287,8 +307,9 @@ def sampling_seconds(records: Sequence[dict[str, Any]]) -> tuple[float, bool]:
 def tokens_cell(row: Row) -> str:
     c = row.config
     bon = c["method"] == "bon"  # best-of-N spends its budget: Eq. 12's by default, else its own (per record)
-    estimate = metrics.estimated_tokens(c["max_new_tokens"], c["block_size"], c["mcmc_steps"],
-                                        bon or c["method"] in MCMC_METHODS)  # fmt: skip
+    estimate = metrics.estimated_tokens(
+        c["max_new_tokens"], c["block_size"], c["mcmc_steps"], bon or c["method"] in MCMC_METHODS
+    )
     if bon and c.get("bon_tokens"):
         estimate = metrics.mean([r.get("config", c).get("bon_tokens", c["bon_tokens"]) for r in row.records])
     return f"{_num(metrics.mean([r['tokens_generated'] for r in row.records]), '.1f')} / {estimate:.1f}"
@@ -297,11 +318,22 @@ def tokens_cell(row: Row) -> str:
 # --- paired comparisons and output lengths -------------------------------------------------------------------
 
 MAX_ALL_PAIRS = 6  # a task with more rows compares each with its first row only (else the lines grow as rows^2)
-PAIRED_HEADER = ("task", "A", "B", "n (problems)", "accuracy A", "accuracy B", "B − A (95% CI)", "A only / B only",
-                 "McNemar p")  # fmt: skip
-PAIRED_NOTE = ("B − A: paired bootstrap over problems (all seeds of a problem resampled together). McNemar's exact "
-               "test counts the discordant items as independent, which seeds of one problem are not: with several "
-               "seeds per problem read the interval.")  # fmt: skip
+PAIRED_HEADER = (
+    "task",
+    "A",
+    "B",
+    "n (problems)",
+    "accuracy A",
+    "accuracy B",
+    "B − A (95% CI)",
+    "A only / B only",
+    "McNemar p",
+)
+PAIRED_NOTE = (
+    "B − A: paired bootstrap over problems (all seeds of a problem resampled together). McNemar's exact "
+    "test counts the discordant items as independent, which seeds of one problem are not: with several "
+    "seeds per problem read the interval."
+)
 
 
 def paired_section(rows: list[Row]) -> str:
@@ -329,9 +361,17 @@ def row_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
 
 def paired_cells(a: Row, b: Row, result: paired.Paired) -> list[str]:
     low, high = result.interval
-    return [a.task, a.label, b.label, f"{result.n} ({result.clusters})", f"{result.accuracy_a:.3f}",
-            f"{result.accuracy_b:.3f}", f"{result.difference:+.3f} [{low:+.3f}, {high:+.3f}]",
-            f"{result.a_only} / {result.b_only}", f"{result.p_value:.3g}"]  # fmt: skip
+    return [
+        a.task,
+        a.label,
+        b.label,
+        f"{result.n} ({result.clusters})",
+        f"{result.accuracy_a:.3f}",
+        f"{result.accuracy_b:.3f}",
+        f"{result.difference:+.3f} [{low:+.3f}, {high:+.3f}]",
+        f"{result.a_only} / {result.b_only}",
+        f"{result.p_value:.3g}",
+    ]
 
 
 LENGTH_HEADER = ("task", "method", "n", "mean", "median", "10%", "90%", "ended in EOS")
@@ -347,8 +387,16 @@ def length_cells(row: Row) -> list[str]:
     lengths = [len(r["tokens"]) for r in row.records]
     median, low, high = metrics.percentiles(lengths, (50, 10, 90))
     eos = eos_share(row.records)
-    return [row.task, row.label, str(len(lengths)), f"{metrics.mean(lengths):.1f}", f"{median:.1f}", f"{low:.1f}",
-            f"{high:.1f}", "—" if eos is None else f"{eos:.3f}"]  # fmt: skip
+    return [
+        row.task,
+        row.label,
+        str(len(lengths)),
+        f"{metrics.mean(lengths):.1f}",
+        f"{median:.1f}",
+        f"{low:.1f}",
+        f"{high:.1f}",
+        "—" if eos is None else f"{eos:.3f}",
+    ]
 
 
 def eos_share(records: Iterable[dict[str, Any]]) -> float | None:
@@ -443,8 +491,9 @@ def lengths_figure(task: str, rows: list[Row]) -> Any:
     table's), the mean as a triangle."""
     fig, ax = figure()
     shown = [row for row in rows if row.records]
-    ax.boxplot([[len(r["tokens"]) for r in row.records] for row in shown], whis=(10, 90), showmeans=True,
-               showfliers=False)  # fmt: skip
+    ax.boxplot(
+        [[len(r["tokens"]) for r in row.records] for row in shown], whis=(10, 90), showmeans=True, showfliers=False
+    )
     ax.set_xticks(range(1, len(shown) + 1), [row.label for row in shown], rotation=20, ha="right", fontsize=8)
     ax.set(ylabel="generated tokens", title=f"{task}: output length")
     return fig
@@ -492,8 +541,9 @@ def sweep_figure(task: str, rows: list[Row], sweep: Sweep) -> Any:
     xlabel = sweep.name.replace("_", " ")
     axes[0].set(xlabel=xlabel, ylabel="accuracy", title=f"{task}: accuracy against {sweep.name}", ylim=(0, 1.02))
     if sweep.loglik:
-        axes[1].set(xlabel=xlabel, ylabel="mean log-likelihood per token (nats)",
-                    title=f"{task}: log-likelihood per token")
+        axes[1].set(
+            xlabel=xlabel, ylabel="mean log-likelihood per token (nats)", title=f"{task}: log-likelihood per token"
+        )
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:  # a panel may be empty (no log-likelihoods recorded)
             ax.legend(fontsize=8)
@@ -507,8 +557,10 @@ def _accuracy(row: Row) -> float:
 def _accuracy_line(ax: Any, name: str, points: list[tuple[float, Row]]) -> None:
     xs, accs = [x for x, _ in points], [_accuracy(row) for _, row in points]
     bounds = [metrics.wilson_interval(sum(row.graded), len(row.graded)) for _, row in points]
-    errors = [[a - lo for a, (lo, _) in zip(accs, bounds, strict=True)],
-              [hi - a for a, (_, hi) in zip(accs, bounds, strict=True)]]  # fmt: skip
+    errors = [
+        [a - lo for a, (lo, _) in zip(accs, bounds, strict=True)],
+        [hi - a for a, (_, hi) in zip(accs, bounds, strict=True)],
+    ]
     ax.errorbar(xs, accs, yerr=errors, marker="o", capsize=3, label=name)
 
 

@@ -56,10 +56,15 @@ class EvalPlan:
     def identity(self) -> dict[str, Any]:
         """What must match for records to belong in one run (seeds, limit and shard choose among them)."""
         return {
-            "schema": SCHEMA, "task": self.task.name, "data": self.data_digest, "chat": self.chat,
-            "config": registry.resolved(self.config), "backend": self.backend, "grading": asdict(self.grading),
+            "schema": SCHEMA,
+            "task": self.task.name,
+            "data": self.data_digest,
+            "chat": self.chat,
+            "config": registry.resolved(self.config),
+            "backend": self.backend,
+            "grading": asdict(self.grading),
             **({"bon_match": self.bon_match} if self.bon_match is not None else {}),
-        }  # fmt: skip
+        }
 
     def unit_config(self, problem: Problem, seed: int) -> SamplerConfig:
         """The config one (problem, seed) is sampled with: the plan's, with its own budget under --bon-match."""
@@ -99,9 +104,16 @@ def make_plan(
 ) -> EvalPlan:
     """A plan over `problems` (the task's whole data set, which the identity hashes), selecting with limit and shard."""
     return EvalPlan(
-        task=task, problems=tuple(select(problems, limit, shard)), data_digest=problems_digest(problems),
-        seeds=seeds, config=config, chat=chat, backend=backend, grading=grading, shard=shard,
-    )  # fmt: skip
+        task=task,
+        problems=tuple(select(problems, limit, shard)),
+        data_digest=problems_digest(problems),
+        seeds=seeds,
+        config=config,
+        chat=chat,
+        backend=backend,
+        grading=grading,
+        shard=shard,
+    )
 
 
 def select(problems: list[Problem], limit: int | None, shard: tuple[int, int] | None) -> list[Problem]:
@@ -131,8 +143,13 @@ def evaluate_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: 
     plan = replace(plan, chat=plan.chat and has_chat_template(backend))
     for first in range(0, len(todo), batch):
         units = todo[first : first + batch]
-        sampled = sample_many(backend, [(p.prompt, s) for p, s in units], plan.config, chat=plan.chat,
-                              configs=[plan.unit_config(p, s) for p, s in units])  # fmt: skip
+        sampled = sample_many(
+            backend,
+            [(p.prompt, s) for p, s in units],
+            plan.config,
+            chat=plan.chat,
+            configs=[plan.unit_config(p, s) for p, s in units],
+        )
         batch_id = uuid.uuid4().hex[:16]
         for (problem, _), outcome in zip(units, sampled):
             if isinstance(outcome, PowerSampleError):
@@ -184,11 +201,17 @@ def grade_record(backend: Backend, plan: EvalPlan, problem: Problem, sampled: Sa
     record = sampled.to_dict()
     record["completion"] = record.pop("text")
     record.update(
-        task=plan.task.name, problem_id=problem.id, gold=problem.gold, chat=plan.chat,
-        answer=grade.answer, correct=grade.correct, grade_detail=grade.detail, grade_seconds=graded_in,
+        task=plan.task.name,
+        problem_id=problem.id,
+        gold=problem.gold,
+        chat=plan.chat,
+        answer=grade.answer,
+        correct=grade.correct,
+        grade_detail=grade.detail,
+        grade_seconds=graded_in,
         logp_per_token=metrics.per_token(sampled.logp, len(sampled.tokens)),
         confidence=confidence(backend, problem.prompt, plan.chat, sampled),
-    )  # fmt: skip
+    )
     check_fields(record, RECORD_FIELDS, f"problem {problem.id!r}", "record")  # what the report will read back
     return record
 
@@ -212,7 +235,7 @@ class _Tally:
     graded: int = 0
 
     @classmethod
-    def of(cls, records: Any) -> "_Tally":
+    def of(cls, records: Any) -> _Tally:
         tally = cls()
         for r in records:
             tally.add(r)

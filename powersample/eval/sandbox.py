@@ -155,9 +155,16 @@ def _execute(command: list[str], work: str, token: str, limits: Limits, out) -> 
     """Run to the end or the timeout; the exit code, or None when it was killed for time."""
     env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "POWERSAMPLE_TOKEN": token}
     proc = subprocess.Popen(
-        command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=functools.partial(_limit_child, limits), close_fds=True,
-    )  # fmt: skip
+        command,
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=functools.partial(_limit_child, limits),
+        close_fds=True,
+    )
     try:
         return proc.wait(timeout=limits.timeout)
     except subprocess.TimeoutExpired:
@@ -198,14 +205,17 @@ def _verdict(rc: int | None, output: str, token: str, limits: Limits) -> ExecRes
     return ExecResult("failed", lines[-1][:300] if lines else f"exit code {rc}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def isolation_level() -> str:
     """The strongest isolation that works here: "nobody", "nocaps" (namespaces, our uid) or "none" (warned)."""
     for level in ("nobody", "nocaps"):
         if shutil.which("unshare") and shutil.which("setpriv") and _probe(level):
             return level
-    print("powersample: warning: no mount/network namespaces here (unshare); generated code runs with rlimits "
-          "and an audit hook only", file=sys.stderr)  # fmt: skip
+    print(
+        "powersample: warning: no mount/network namespaces here (unshare); generated code runs with rlimits "
+        "and an audit hook only",
+        file=sys.stderr,
+    )
     return "none"
 
 

@@ -102,7 +102,7 @@ def read_events(path: Path) -> list[Event]:
                 continue
             raise
         if not isinstance(event, dict) or not isinstance(event.get("event"), str):
-            raise PowerSampleError(f"trace {path} line {n} is not an event (a JSON object with an \"event\" name)")
+            raise PowerSampleError(f'trace {path} line {n} is not an event (a JSON object with an "event" name)')
         events.append((n, event))
     return events
 
@@ -167,8 +167,9 @@ class _State:
         if event["accepted"]:
             self._write(n, Write(event["stage"], event["step"], event["cut"]), event["proposal"], event["pieces"])
             self._check_length(n, event.get("length_after"))
-        self.points.append(Point(event["stage"], event["step"], float(event["logp"]), event["accepted"],
-                                 event["cut"], event["length"]))  # fmt: skip
+        self.points.append(
+            Point(event["stage"], event["step"], float(event["logp"]), event["accepted"], event["cut"], event["length"])
+        )
 
     def smc(self, n: int, event: dict[str, Any]) -> None:
         self.ess.append(float(event["ess"]))
@@ -176,14 +177,24 @@ class _State:
     def end(self, n: int, event: dict[str, Any]) -> None:
         _token_ids(event["tokens"], f"trace {self.path} line {n}: end event")
         if event["tokens"] != self.tokens:
-            self._inconsistent(n, f"its {len(event['tokens'])} final tokens differ from the {len(self.tokens)} "
-                                  "that its events build")  # fmt: skip
+            self._inconsistent(
+                n, f"its {len(event['tokens'])} final tokens differ from the {len(self.tokens)} that its events build"
+            )
         self.ended = float(event["logp"])
 
     def result(self) -> Replay:
         logp = self.ended if self.ended is not None else (self.points[-1].logp if self.points else None)
-        return Replay(self.chain, self.begun or {}, tuple(self.tokens), tuple(self.pieces), tuple(self.writers),
-                      tuple(self.writes), tuple(self.points), tuple(self.ess), logp)  # fmt: skip
+        return Replay(
+            self.chain,
+            self.begun or {},
+            tuple(self.tokens),
+            tuple(self.pieces),
+            tuple(self.writers),
+            tuple(self.writes),
+            tuple(self.points),
+            tuple(self.ess),
+            logp,
+        )
 
     def _write(self, n: int, write: Write, tokens: Any, pieces: Any) -> None:
         """Cut the state at write.start, then append the tokens, each marked as this write's."""

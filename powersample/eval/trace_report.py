@@ -1,11 +1,11 @@
 """`powersample report --trace FILE [--chain N]`: one chain of a trace (eval.trace), shown three ways.
 
-    trace_chain<N>.md     the summary the command prints: stages, steps, acceptance, accepted cuts, acceptance by
-                          cut position, final log p, and the final text with the spans of accepted steps in [[...]]
-    trace_chain<N>.html   the final text token by token, each span coloured by the extension or accepted MH step
-                          that wrote it last, with a legend (one self-contained page, every text escaped)
-    trace_chain<N>.png    log p of the state across extensions and steps (stage boundaries dotted, accepted and
-                          rejected steps marked apart); acceptance by relative cut position; power-smc's ESS per block
+trace_chain<N>.md     the summary the command prints: stages, steps, acceptance, accepted cuts, acceptance by
+                      cut position, final log p, and the final text with the spans of accepted steps in [[...]]
+trace_chain<N>.html   the final text token by token, each span coloured by the extension or accepted MH step
+                      that wrote it last, with a legend (one self-contained page, every text escaped)
+trace_chain<N>.png    log p of the state across extensions and steps (stage boundaries dotted, accepted and
+                      rejected steps marked apart); acceptance by relative cut position; power-smc's ESS per block
 """
 
 from __future__ import annotations
@@ -53,9 +53,15 @@ SUMMARY_HEADER = ("stages", "MH steps", "accepted", "acceptance", "final log p",
 def summary(path: Path, r: Replay) -> str:
     """Markdown: what the chain did, and its final text with the spans of accepted steps in [[...]]."""
     marked = "".join(f"[[{text}]]" if r.writes[w].step is not None else text for w, text in spans(r))
-    parts = [f"## Trace of chain {r.chain} ({path.name})", _about(r.start), grid(SUMMARY_HEADER, [_counts(r)]),
-             "Accepted cuts (stage.step: cut / length): " + _accepted_cuts(r), _position_table(r),
-             "Final text; spans written by accepted MH steps are in [[...]]:", _fenced(marked)]  # fmt: skip
+    parts = [
+        f"## Trace of chain {r.chain} ({path.name})",
+        _about(r.start),
+        grid(SUMMARY_HEADER, [_counts(r)]),
+        "Accepted cuts (stage.step: cut / length): " + _accepted_cuts(r),
+        _position_table(r),
+        "Final text; spans written by accepted MH steps are in [[...]]:",
+        _fenced(marked),
+    ]
     return "\n\n".join(part for part in parts if part)
 
 
@@ -63,9 +69,15 @@ def _counts(r: Replay) -> list[str]:
     """The cells of SUMMARY_HEADER."""
     steps = r.steps
     accepted = sum(bool(p.accepted) for p in steps)
-    return [str(len({p.stage for p in r.points})), str(len(steps)), str(accepted),
-            f"{accepted / len(steps):.3f}" if steps else "—", "—" if r.logp is None else f"{r.logp:.3f}",
-            str(len(r.tokens)), str(len(r.ess))]  # fmt: skip
+    return [
+        str(len({p.stage for p in r.points})),
+        str(len(steps)),
+        str(accepted),
+        f"{accepted / len(steps):.3f}" if steps else "—",
+        "—" if r.logp is None else f"{r.logp:.3f}",
+        str(len(r.tokens)),
+        str(len(r.ess)),
+    ]
 
 
 def _about(start: dict[str, Any]) -> str:
@@ -86,8 +98,10 @@ def _position_table(r: Replay) -> str:
     """Acceptance per bin of cut / length; "" without steps."""
     if not r.steps:
         return ""
-    cells = [[f"{i / BINS:.1f}–{(i + 1) / BINS:.1f}", str(n), str(a), f"{a / n:.3f}" if n else "—"]
-             for i, (n, a) in enumerate(acceptance_by_position(r.steps, BINS))]  # fmt: skip
+    cells = [
+        [f"{i / BINS:.1f}–{(i + 1) / BINS:.1f}", str(n), str(a), f"{a / n:.3f}" if n else "—"]
+        for i, (n, a) in enumerate(acceptance_by_position(r.steps, BINS))
+    ]
     return grid(("cut / length", "steps", "accepted", "acceptance"), cells)
 
 
@@ -99,18 +113,22 @@ def _fenced(text: str) -> str:
 
 # --- html ------------------------------------------------------------------------------------------------------
 
-STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-         ".text{white-space:pre-wrap;font-family:monospace;line-height:1.7;border:1px solid #ccc;padding:1em}"
-         ".step{outline:1px solid #666}.swatch{display:inline-block;width:2em;margin-right:.5em}")  # fmt: skip
+STYLE = (
+    "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+    ".text{white-space:pre-wrap;font-family:monospace;line-height:1.7;border:1px solid #ccc;padding:1em}"
+    ".step{outline:1px solid #666}.swatch{display:inline-block;width:2em;margin-right:.5em}"
+)
 
 
 def html_page(path: Path, r: Replay) -> str:
     """One self-contained page: the final text, each span coloured by what wrote it, and the legend."""
     body = "".join(_span(r, w, text) for w, text in spans(r))
     title = html.escape(f"chain {r.chain} of {path.name}")
-    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style>'
-            f"</head><body>\n<h1>{title}</h1>\n<p>{html.escape(_about(r.start))}</p>\n<p>{_stats(r)}</p>\n"
-            f'<div class="text">{body}</div>\n<h2>What wrote each span</h2>\n{_legend(r)}\n</body></html>\n')
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style>'
+        f"</head><body>\n<h1>{title}</h1>\n<p>{html.escape(_about(r.start))}</p>\n<p>{_stats(r)}</p>\n"
+        f'<div class="text">{body}</div>\n<h2>What wrote each span</h2>\n{_legend(r)}\n</body></html>\n'
+    )
 
 
 def _stats(r: Replay) -> str:
@@ -120,15 +138,20 @@ def _stats(r: Replay) -> str:
 
 def _span(r: Replay, w: int, text: str) -> str:
     kind = "extend" if r.writes[w].step is None else "step"
-    return (f'<span class="{kind}" data-write="{w}" title="{html.escape(r.writes[w].name)}" '
-            f'style="background:{_colour(r, w)}">{html.escape(text)}</span>')
+    return (
+        f'<span class="{kind}" data-write="{w}" title="{html.escape(r.writes[w].name)}" '
+        f'style="background:{_colour(r, w)}">{html.escape(text)}</span>'
+    )
 
 
 def _legend(r: Replay) -> str:
     """A line per write that the final text still holds, and how many accepted steps were overwritten."""
     shown = sorted(set(r.writers))
-    items = [f'<li><span class="swatch" style="background:{_colour(r, w)}">&nbsp;</span>{html.escape(r.writes[w].name)}'
-             f": tokens {r.writers.index(w)}–{_last(r, w)}</li>" for w in shown]  # fmt: skip
+    items = [
+        f'<li><span class="swatch" style="background:{_colour(r, w)}">&nbsp;</span>{html.escape(r.writes[w].name)}'
+        f": tokens {r.writers.index(w)}–{_last(r, w)}</li>"
+        for w in shown
+    ]
     gone = sum(1 for w, write in enumerate(r.writes) if write.step is not None and w not in shown)
     return f"<ul>{''.join(items)}</ul>\n<p>{gone} accepted step(s) overwritten later.</p>"
 
@@ -164,8 +187,11 @@ def trace_figure(r: Replay) -> Any:
 def _logp_panel(ax: Any, r: Replay) -> None:
     """log p after each extension and step; a dotted line before each extension (a stage boundary)."""
     ax.plot(range(len(r.points)), [p.logp for p in r.points], color="0.75", linewidth=1, zorder=1)
-    marks = (("extension", lambda p: p.step is None, "s", "black"), ("accepted", lambda p: p.accepted, "o", "green"),
-             ("rejected", lambda p: p.accepted is False, "x", "red"))  # fmt: skip
+    marks = (
+        ("extension", lambda p: p.step is None, "s", "black"),
+        ("accepted", lambda p: p.accepted, "o", "green"),
+        ("rejected", lambda p: p.accepted is False, "x", "red"),
+    )
     for name, chosen, marker, colour in marks:
         xs = [x for x, p in enumerate(r.points) if chosen(p)]
         if xs:
@@ -186,5 +212,10 @@ def _acceptance_panel(ax: Any, r: Replay) -> None:
     for x, (n, a) in zip(centres, counts):
         if n:
             ax.text(x, min(a / n, 1.0) + 0.02, f"{a}/{n}", ha="center", fontsize=7)
-    ax.set(xlabel="cut / length (where the proposal starts)", ylabel="acceptance rate", xlim=(0, 1), ylim=(0, 1.1),
-           title="acceptance by cut position" + ("" if r.steps else " (no MH steps)"))  # fmt: skip
+    ax.set(
+        xlabel="cut / length (where the proposal starts)",
+        ylabel="acceptance rate",
+        xlim=(0, 1),
+        ylim=(0, 1.1),
+        title="acceptance by cut position" + ("" if r.steps else " (no MH steps)"),
+    )

@@ -7,9 +7,8 @@ Each algorithm is one file holding a per-chain program (see `driver.py`); the dr
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from dataclasses import replace
+from typing import Sequence
 
 from powersample.backends.base import Backend, Speculation, capability
 from powersample.config import SamplerConfig

@@ -41,8 +41,9 @@ def bon_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
     budget, best = bon_budget(config), None
     while chain.tokens_generated < budget:
         k = round_size(budget - chain.tokens_generated, config.max_new_tokens)
-        requests = tuple(ExtendRequest(prompt, config.max_new_tokens, rng, slot)
-                         for slot, rng in enumerate(try_rngs(chain, k)))  # fmt: skip
+        requests = tuple(
+            ExtendRequest(prompt, config.max_new_tokens, rng, slot) for slot, rng in enumerate(try_rngs(chain, k))
+        )
         candidates = yield from ask_all(requests)
         best = keep_best(best, candidates)
         drawn = sum(len(c.tokens) for c in candidates)

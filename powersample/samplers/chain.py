@@ -6,10 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
-
 from powersample.core.drafts import NO_DRAFT, WINDOW, Corpus, Draft
-from powersample.core.draws import spawn
+from powersample.core.draws import Rng, spawn
 from powersample.core.types import Continuation, ExtendRequest, Tokens
 
 Progress = Callable[[int], None]  # called with a number of finished work units
@@ -20,7 +18,7 @@ Trace = Callable[[dict[str, Any]], None]  # called with each event a chain recor
 class Chain:
     """One chain's current state x (generated ids only) with per-token log p and log q, and its counters."""
 
-    rng: np.random.Generator
+    rng: Rng
     slot: int
     tokens: list[int] = field(default_factory=list)
     base_logp: list[float] = field(default_factory=list)  # log p(x_t | x_<t), per token
@@ -57,7 +55,7 @@ class Chain:
         if self.corpus is not None:
             self.corpus.add(request.context, cont.tokens)
 
-    def spawn_rngs(self, n: int) -> list[np.random.Generator]:
+    def spawn_rngs(self, n: int) -> list[Rng]:
         """n generators seeded from the chain's, one per member of a tuple step: the members' draws then do not
         depend on the order in which the engine serves them, so a seed gives the same sample in any schedule."""
         return spawn(self.rng, n)
@@ -77,7 +75,7 @@ class Chain:
         self.proposal_logq.extend(cont.proposal_logq)
         self.entropy.extend(cont.entropy)
 
-    def result(self) -> "ChainResult":
+    def result(self) -> ChainResult:
         return ChainResult(
             tokens=tuple(self.tokens),
             token_logp=tuple(self.base_logp),
@@ -108,7 +106,7 @@ class ChainResult:
     tokens_generated: int  # every token drawn, rejected proposals included
     proposals: int  # MH proposals made (bon: candidates drawn)
     accepted: int  # MH proposals accepted
-    particles: tuple["WeightedParticle", ...] | None = None  # power-smc, when asked: every particle; else None
+    particles: tuple[WeightedParticle, ...] | None = None  # power-smc, when asked: every particle; else None
 
 
 @dataclass(frozen=True)

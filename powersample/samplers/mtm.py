@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from powersample.config import SamplerConfig
-from powersample.core.draws import draw, log_uniform, uniform_index
+from powersample.core.draws import Rng, draw, log_uniform, uniform_index
 from powersample.core.numerics import logsumexp
 from powersample.core.types import Continuation, Tokens
 from powersample.samplers.chain import Chain
@@ -61,8 +61,9 @@ def mtm_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
             i = uniform_index(len(chain.tokens), chain.rng)
             log_u = log_uniform(chain.rng)  # drawn first, as `power` does
             floor = rejection_floor(config, config.alpha, chain, i, log_u) if len(rngs) == 1 else None  # one try: r
-            requests = tuple(suffix_request(prompt, config, chain, i, cap, rng, slot, floor)
-                             for slot, rng in enumerate(rngs))  # fmt: skip
+            requests = tuple(
+                suffix_request(prompt, config, chain, i, cap, rng, slot, floor) for slot, rng in enumerate(rngs)
+            )
             tries = yield from ask_all(requests)
             for request, cont in zip(requests, tries):
                 chain.drew(request, cont)
@@ -77,7 +78,7 @@ def mtm_work_units(config: SamplerConfig) -> int:
     return len(config.stage_caps()) * (1 + config.mcmc_steps * config.tries)
 
 
-def try_rngs(chain: Chain, k: int) -> list[np.random.Generator]:
+def try_rngs(chain: Chain, k: int) -> list[Rng]:
     """One generator per try slot: the chain's own for try 0 (so k = 1 draws exactly like `power`), and k - 1
     children seeded from it, so a try's tokens never depend on how the engine interleaves the batch."""
     if k == 1:
@@ -108,6 +109,6 @@ def log_accept_ratio(log_w: Sequence[float], j: int, log_w_current: float) -> fl
     return float(logsumexp(log_w) - logsumexp(references))
 
 
-def pick(log_w: Sequence[float], rng: np.random.Generator) -> int:
+def pick(log_w: Sequence[float], rng: Rng) -> int:
     """Index J with probability w_J / sum w; no draw when there is one try (so k = 1 draws like `power`)."""
     return 0 if len(log_w) == 1 else draw(np.asarray(log_w), rng)

@@ -27,10 +27,8 @@ from __future__ import annotations
 import math
 from typing import Protocol, Sequence
 
-import numpy as np
-
 from powersample.config import SamplerConfig
-from powersample.core.draws import log_uniform, uniform_index
+from powersample.core.draws import Rng, log_uniform, uniform_index
 from powersample.core.types import Continuation, ExtendRequest, Floor, Hints, Report, Tokens
 from powersample.samplers.chain import Chain
 from powersample.samplers.driver import Program, ask
@@ -56,7 +54,7 @@ class Cuts(Protocol):
         """log c(i | x) for a state x of `length` tokens with these per-token entropies."""
         ...
 
-    def pick(self, length: int, entropy: Sequence[float], rng: np.random.Generator) -> int:
+    def pick(self, length: int, entropy: Sequence[float], rng: Rng) -> int:
         """An index i drawn from c(. | x)."""
         ...
 
@@ -74,7 +72,7 @@ class UniformCuts:
     def log_prob(self, i: int, length: int, entropy: Sequence[float]) -> float:
         return -math.log(length)
 
-    def pick(self, length: int, entropy: Sequence[float], rng: np.random.Generator) -> int:
+    def pick(self, length: int, entropy: Sequence[float], rng: Rng) -> int:
         return uniform_index(length, rng)
 
     def bound(self, i: int) -> float | None:
@@ -84,8 +82,9 @@ class UniformCuts:
 UNIFORM = UniformCuts()
 
 
-def mh_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int], alpha: float,
-               cuts: Cuts = UNIFORM) -> Program:  # fmt: skip
+def mh_program(
+    prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: frozenset[int], alpha: float, cuts: Cuts = UNIFORM
+) -> Program:
     """The stages and MH steps of Algorithm 1 with target exponent `alpha`, cutting where `cuts` says."""
     if config.speculate:
         chain.remember(prompt)
@@ -100,8 +99,17 @@ def mh_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fro
         for step in range(config.mcmc_steps):
             i = cuts.pick(len(chain.tokens), chain.entropy, chain.rng)
             log_u = log_uniform(chain.rng)  # drawn first, so that a proposal sure to be rejected stops early
-            request = suffix_request(prompt, config, chain, i, cap, chain.rng, chain.slot,
-                                     rejection_floor(config, alpha, chain, i, log_u, cuts), cuts.entropy)  # fmt: skip
+            request = suffix_request(
+                prompt,
+                config,
+                chain,
+                i,
+                cap,
+                chain.rng,
+                chain.slot,
+                rejection_floor(config, alpha, chain, i, log_u, cuts),
+                cuts.entropy,
+            )
             cont = yield from ask(request)
             chain.drew(request, cont)
             mh_step(chain, i, cont, alpha, log_u, cuts, (stage, step))
@@ -123,8 +131,17 @@ def eq12_tokens(max_new_tokens: int, block_size: int, mcmc_steps: int) -> float:
     return n * t * t / (4 * b) + t
 
 
-def suffix_request(prompt: Tokens, config: SamplerConfig, chain: Chain, i: int, cap: int, rng: np.random.Generator,
-                   slot: int, floor: Floor | None = None, entropy: bool = False) -> ExtendRequest:  # fmt: skip
+def suffix_request(
+    prompt: Tokens,
+    config: SamplerConfig,
+    chain: Chain,
+    i: int,
+    cap: int,
+    rng: Rng,
+    slot: int,
+    floor: Floor | None = None,
+    entropy: bool = False,
+) -> ExtendRequest:
     """A fresh q-continuation of x_<i until EOS or `cap` tokens (or until it falls below `floor`), drawn with `rng`
     (cache `slot`), with the base entropy before each token when `entropy`: an MH proposal, or with i = len(x) a
     stage's extension. With `speculate` on, its draft guesses the current suffix x_>=i, then what the chain drew
@@ -134,8 +151,9 @@ def suffix_request(prompt: Tokens, config: SamplerConfig, chain: Chain, i: int, 
     return ExtendRequest(context, cap - i, rng, slot, Report(entropy=entropy), hints)
 
 
-def rejection_floor(config: SamplerConfig, alpha: float, chain: Chain, i: int, log_u: float,
-                    cuts: Cuts = UNIFORM) -> Floor | None:  # fmt: skip
+def rejection_floor(
+    config: SamplerConfig, alpha: float, chain: Chain, i: int, log_u: float, cuts: Cuts = UNIFORM
+) -> Floor | None:
     """Exact early rejection: the proposal from i is accepted iff log u <= log r, that is iff its score
 
         alpha * log p(x'_>=i | x_<i) - log q(x'_>=i | x_<i) + log c(i | x')  >=  the same of x, + log u
@@ -148,16 +166,26 @@ def rejection_floor(config: SamplerConfig, alpha: float, chain: Chain, i: int, l
         return Floor(math.fsum(chain.base_logp[i:]), alpha)
     if not (config.tau <= 1.0 and alpha * config.tau >= 1.0 - 1e-15):  # 1e-15: alpha * (1 / alpha) rounds below 1
         return None
-    current = (alpha * math.fsum(chain.base_logp[i:]) - math.fsum(chain.proposal_logq[i:])
-               + cuts.log_prob(i, len(chain.tokens), chain.entropy))  # fmt: skip
+    current = (
+        alpha * math.fsum(chain.base_logp[i:])
+        - math.fsum(chain.proposal_logq[i:])
+        + cuts.log_prob(i, len(chain.tokens), chain.entropy)
+    )
     bound = cuts.bound(i)
     if bound is None:
         return Floor(current + log_u, alpha, i)
     return Floor(current + log_u - bound, alpha, i, per_length=False)
 
 
-def mh_step(chain: Chain, i: int, proposed: Continuation, alpha: float, log_u: float, cuts: Cuts = UNIFORM,
-            where: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
+def mh_step(
+    chain: Chain,
+    i: int,
+    proposed: Continuation,
+    alpha: float,
+    log_u: float,
+    cuts: Cuts = UNIFORM,
+    where: tuple[int, int] = (0, 0),
+) -> None:
     """Accept or reject x' = x_<i + proposed (a proposal cut short by its floor is always rejected), and count it
     (and trace it: `where` is the (stage, step))."""
     chain.tokens_generated += len(proposed.tokens)
@@ -176,8 +204,9 @@ def log_accept_ratio(alpha: float, chain: Chain, i: int, proposed: Continuation,
     return math.fsum(log_ratio_terms(alpha, chain, i, proposed, cuts))
 
 
-def log_ratio_terms(alpha: float, chain: Chain, i: int, proposed: Continuation,
-                    cuts: Cuts = UNIFORM) -> tuple[float, float, float]:  # fmt: skip
+def log_ratio_terms(
+    alpha: float, chain: Chain, i: int, proposed: Continuation, cuts: Cuts = UNIFORM
+) -> tuple[float, float, float]:
     """The three terms of log r: target, proposal and cut (max-swap: 0 or -inf, then 0, 0). A proposal of the current
     suffix's own tokens is the current state, whatever rounding its forwards had: its ratio is exactly 1 (max-swap: no
     increase), so that an engine's last-bit differences between forward shapes cannot decide a step."""
@@ -200,18 +229,45 @@ def note_extension(chain: Chain, stage: int, at: int, cont: Continuation) -> Non
     """Trace a stage's extension, appended at index `at` (nothing is computed for an untraced chain)."""
     if chain.trace is None:
         return
-    chain.note("extend", stage=stage, at=at, tokens=list(cont.tokens), base_logp=list(cont.base_logp),
-               logp=math.fsum(chain.base_logp), length=len(chain.tokens))  # fmt: skip
+    chain.note(
+        "extend",
+        stage=stage,
+        at=at,
+        tokens=list(cont.tokens),
+        base_logp=list(cont.base_logp),
+        logp=math.fsum(chain.base_logp),
+        length=len(chain.tokens),
+    )
 
 
-def note_step(chain: Chain, where: tuple[int, int], i: int, length: int, proposed: Continuation, log_r: float,
-              terms: tuple[float, float, float], log_u: float, accepted: bool) -> None:  # fmt: skip
+def note_step(
+    chain: Chain,
+    where: tuple[int, int],
+    i: int,
+    length: int,
+    proposed: Continuation,
+    log_r: float,
+    terms: tuple[float, float, float],
+    log_u: float,
+    accepted: bool,
+) -> None:
     """Trace one MH step (after it moved, or not): a log r or term of -inf is written as None (Chain.note). Nothing is
     computed for an untraced chain."""
     if chain.trace is None:
         return
     stage, step = where
-    chain.note("step", stage=stage, step=step, cut=i, length=length, proposal=list(proposed.tokens),
-               proposal_logp=math.fsum(proposed.base_logp), log_r=log_r, log_u=log_u, accepted=accepted,
-               terms=dict(zip(("target", "proposal", "cut"), terms)),
-               logp=math.fsum(chain.base_logp), length_after=len(chain.tokens))  # fmt: skip
+    chain.note(
+        "step",
+        stage=stage,
+        step=step,
+        cut=i,
+        length=length,
+        proposal=list(proposed.tokens),
+        proposal_logp=math.fsum(proposed.base_logp),
+        log_r=log_r,
+        log_u=log_u,
+        accepted=accepted,
+        terms=dict(zip(("target", "proposal", "cut"), terms)),
+        logp=math.fsum(chain.base_logp),
+        length_after=len(chain.tokens),
+    )

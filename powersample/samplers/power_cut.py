@@ -46,7 +46,7 @@ from typing import Sequence
 import numpy as np
 
 from powersample.config import SamplerConfig
-from powersample.core.draws import draw
+from powersample.core.draws import Rng, draw
 from powersample.core.numerics import logsumexp
 from powersample.core.types import Tokens
 from powersample.errors import PowerSampleError
@@ -77,7 +77,7 @@ class EntropyCuts:
     def log_prob(self, i: int, length: int, entropy: Sequence[float]) -> float:
         return float(self.log_probs(_checked(entropy, length))[i])
 
-    def pick(self, length: int, entropy: Sequence[float], rng: np.random.Generator) -> int:
+    def pick(self, length: int, entropy: Sequence[float], rng: Rng) -> int:
         return draw(self.log_probs(_checked(entropy, length)), rng)
 
     def bound(self, i: int) -> float:
@@ -87,8 +87,10 @@ class EntropyCuts:
 
 def _checked(entropy: Sequence[float], length: int) -> Sequence[float]:
     if len(entropy) != length:
-        raise PowerSampleError(f"power-cut needs the base entropy before every token; the backend reported "
-                               f"{len(entropy)} for {length} tokens")  # fmt: skip
+        raise PowerSampleError(
+            f"power-cut needs the base entropy before every token; the backend reported "
+            f"{len(entropy)} for {length} tokens"
+        )
     return entropy
 
 

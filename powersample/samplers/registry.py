@@ -107,8 +107,9 @@ def check(config: SamplerConfig) -> None:
     holds (at most MAX_MEMBERS), and the method's own checks."""
     entry = method(config.method)
     if members(config) > MAX_MEMBERS:
-        raise PowerSampleError(f"{member_field(config)} must keep the sequences per chain at most {MAX_MEMBERS}, "
-                               f"got {members(config)}")  # fmt: skip
+        raise PowerSampleError(
+            f"{member_field(config)} must keep the sequences per chain at most {MAX_MEMBERS}, got {members(config)}"
+        )
     if entry.check is not None:
         entry.check(config)
 

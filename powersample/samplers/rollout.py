@@ -71,7 +71,6 @@ def rollout_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids
     return chain.result()
 
 
-
 def rollout_work_units(config: SamplerConfig) -> int:
     """Backend requests one chain makes at most: per step, K alternatives (or L = K*M blocks) and K*M rollouts."""
     width, b = config.candidates * config.rollouts, _block(config)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from powersample.config import SamplerConfig
-from powersample.core.draws import draw, systematic
+from powersample.core.draws import Rng, draw, systematic
 from powersample.core.numerics import logsumexp
 from powersample.core.types import Continuation, ExtendRequest, Tokens
 from powersample.samplers.chain import Chain, ChainResult, WeightedParticle
@@ -63,7 +63,7 @@ class Particle:
         self.logp += math.fsum(cont.base_logp)
         self.done = bool(cont.tokens) and cont.tokens[-1] in eos_ids
 
-    def copy(self) -> "Particle":
+    def copy(self) -> Particle:
         return Particle(list(self.tokens), list(self.base_logp), list(self.proposal_logq), self.logp, self.done)
 
 
@@ -89,8 +89,15 @@ def smc_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_ids: fr
         if t < horizon and any(not p.done for p in particles) and effective < config.ess_threshold * n:
             particles, log_w, ancestors = resample(particles, log_w, chain.rng)
         if chain.trace is not None:
-            chain.note("smc", stage=-(-t // config.block), t=t, ess=effective, log_weights=weights.tolist(),
-                       resampled=ancestors is not None, ancestors=ancestors)  # fmt: skip
+            chain.note(
+                "smc",
+                stage=-(-t // config.block),
+                t=t,
+                ess=effective,
+                log_weights=weights.tolist(),
+                resampled=ancestors is not None,
+                ancestors=ancestors,
+            )
     log_w += (config.alpha - exponent) * np.array([p.logp for p in particles])  # the rest of the ramp, if any
     return choose(chain, particles, log_w)
 
@@ -117,9 +124,7 @@ def normalized(log_w: np.ndarray) -> np.ndarray:
     return np.exp(log_w - logsumexp(log_w))
 
 
-def resample(
-    particles: list[Particle], log_w: np.ndarray, rng: np.random.Generator
-) -> tuple[list[Particle], np.ndarray, list[int]]:
+def resample(particles: list[Particle], log_w: np.ndarray, rng: Rng) -> tuple[list[Particle], np.ndarray, list[int]]:
     """Systematic resampling: N evenly spaced points from one uniform; the new particles have equal weights.
     Also returns each new particle's ancestor (its index before)."""
     picks = systematic(normalized(log_w), rng)  # (N,)

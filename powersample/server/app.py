@@ -38,7 +38,6 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 import powersample
-
 from powersample.backends import BackendSpec
 from powersample.backends.base import Backend, ChatMessages, Ranking, Vocabulary, capability, has_chat_template
 from powersample.backends.engine import check_fits
@@ -88,16 +87,24 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
         finally:
             await asyncio.to_thread(engine.close)
 
-    app = FastAPI(title="powersample", version=powersample.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None, default_response_class=JsonResponse)  # fmt: skip
+    app = FastAPI(
+        title="powersample",
+        version=powersample.__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        default_response_class=JsonResponse,
+    )
     app.state.engine, app.state.settings = engine, settings
     add_error_handlers(app)
     add_guards(app, settings.bind_host, settings.allowed_hosts, settings.cors_origin)
     metrics = make_metrics(engine.chain_counts)
     if metrics is not None:
         app.add_middleware(CountRequests, metrics=metrics)  # added last: the outermost, so it sees every response
-    pipeline = Pipeline(backend, engine, settings.limits, settings.model_name, settings.output,
-                        settings.stream_keepalive, metrics)  # fmt: skip
+    pipeline = Pipeline(
+        backend, engine, settings.limits, settings.model_name, settings.output, settings.stream_keepalive, metrics
+    )
     server = _Endpoints(backend, pipeline, settings)
     keyed = [Depends(authenticate(settings.api_key))]
     add_playground(app, settings.defaults)  # GET /: public, a static page holding no data (playground.py)
@@ -107,20 +114,33 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
         """Liveness: {"status": "ok"} for anyone; the engine's state too with the API key (or without a key)."""
         if not key_ok(request, settings.api_key):
             return {"status": "ok"}
-        return {"status": "ok", "model": settings.model_name, "backend": settings.backend.name if settings.backend else "unknown", **engine.stats()}
+        return {
+            "status": "ok",
+            "model": settings.model_name,
+            "backend": settings.backend.name if settings.backend else "unknown",
+            **engine.stats(),
+        }
 
     @app.get("/v1/models", dependencies=keyed, responses=schema.responses(schema.ModelList))
     async def models() -> dict:
         card = {"id": settings.model_name, "object": "model", "created": server.started, "owned_by": "powersample"}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=keyed, openapi_extra=schema.request_body(CompletionBody),
-              responses=schema.responses(schema.CompletionResponse, True, schema.CompletionChunk))  # fmt: skip
+    @app.post(
+        "/v1/completions",
+        dependencies=keyed,
+        openapi_extra=schema.request_body(CompletionBody),
+        responses=schema.responses(schema.CompletionResponse, True, schema.CompletionChunk),
+    )
     async def completions(request: Request) -> Response:
         return await server.completions(request)
 
-    @app.post("/v1/chat/completions", dependencies=keyed, openapi_extra=schema.request_body(ChatBody),
-              responses=schema.responses(schema.ChatResponse, True, schema.ChatChunk))  # fmt: skip
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=keyed,
+        openapi_extra=schema.request_body(ChatBody),
+        responses=schema.responses(schema.ChatResponse, True, schema.ChatChunk),
+    )
     async def chat_completions(request: Request) -> Response:
         return await server.chat(request)
 
@@ -129,13 +149,21 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
         """What vLLM's /tokenizer_info says that clients read: the EOS token's text (lm-eval's remote tokenizer)."""
         return server.tokenizer_info()
 
-    @app.post("/tokenize", dependencies=keyed, openapi_extra=schema.request_body(TokenizeBody),
-              responses=schema.responses(schema.Tokenized, body=True))  # fmt: skip
+    @app.post(
+        "/tokenize",
+        dependencies=keyed,
+        openapi_extra=schema.request_body(TokenizeBody),
+        responses=schema.responses(schema.Tokenized, body=True),
+    )
     async def tokenize(request: Request) -> dict:
         return await server.tokenize(request)
 
-    @app.post("/detokenize", dependencies=keyed, openapi_extra=schema.request_body(DetokenizeBody),
-              responses=schema.responses(schema.Detokenized, body=True))  # fmt: skip
+    @app.post(
+        "/detokenize",
+        dependencies=keyed,
+        openapi_extra=schema.request_body(DetokenizeBody),
+        responses=schema.responses(schema.Detokenized, body=True),
+    )
     async def detokenize(request: Request) -> dict:
         return await server.detokenize(request)
 
@@ -156,8 +184,10 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
     return app
 
 
-NO_TEMPLATE = ("the model has no chat template: chat requests go to it as a plain 'role: content' transcript, "
-               "each reply ending at the next role line")  # fmt: skip
+NO_TEMPLATE = (
+    "the model has no chat template: chat requests go to it as a plain 'role: content' transcript, "
+    "each reply ending at the next role line"
+)
 
 
 class _Endpoints:
@@ -177,8 +207,20 @@ class _Endpoints:
         work = 0 if scoring else wire.check_budget(config, len(prompts), body.n, self.settings.limits)
         new = 0 if scoring else config.max_new_tokens
         ids, texts = await asyncio.to_thread(self._encoded, prompts, new)  # off the event loop: tokenizers can be slow
-        gen = _generation(body, texts, ids, config, ignored, work, deadline, logprobs=body.logprobs, echo=body.echo,
-                          id_prompts=not isinstance(prompts[0], str), final_eos=True, scoring=scoring)  # fmt: skip
+        gen = _generation(
+            body,
+            texts,
+            ids,
+            config,
+            ignored,
+            work,
+            deadline,
+            logprobs=body.logprobs,
+            echo=body.echo,
+            id_prompts=not isinstance(prompts[0], str),
+            final_eos=True,
+            scoring=scoring,
+        )
         return await self._answer(request, gen, "logprobs", formats.COMPLETIONS)
 
     async def chat(self, request: Request) -> Response:
@@ -188,8 +230,17 @@ class _Endpoints:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids, transcript = await asyncio.to_thread(encode_messages, self.backend, messages, self.chat_template)
         ids = self._checked(ids, config.max_new_tokens, "messages")
-        gen = _generation(body, [json.dumps(messages)], [ids], config, ignored, work, deadline,
-                          logprobs=wire.wanted_logprobs(body), transcript=transcript)  # fmt: skip
+        gen = _generation(
+            body,
+            [json.dumps(messages)],
+            [ids],
+            config,
+            ignored,
+            work,
+            deadline,
+            logprobs=wire.wanted_logprobs(body),
+            transcript=transcript,
+        )
         return await self._answer(request, gen, "top_logprobs", formats.CHAT)
 
     async def _body(self, request: Request, model: type[wire._Body]) -> tuple[Any, float]:
@@ -202,8 +253,12 @@ class _Endpoints:
     async def _answer(self, request: Request, gen: Generation, param: str, fmt: formats.Format) -> Response:
         """A 400 before any work when the request asks for alternatives the backend cannot rank; else the answer."""
         if gen.logprobs and capability(self.backend, Ranking) is None:
-            raise ApiError(400, f"{param} >= 1 needs a backend that ranks tokens (the Ranking capability); this one "
-                           f"gives only each token's log p: ask for {param} 0", param=param)  # fmt: skip
+            raise ApiError(
+                400,
+                f"{param} >= 1 needs a backend that ranks tokens (the Ranking capability); this one "
+                f"gives only each token's log p: ask for {param} 0",
+                param=param,
+            )
         return await self.pipeline.answer(request, gen, fmt)
 
     def _encoded(self, prompts: list, new: int) -> tuple[list[Tokens], list[str]]:
@@ -219,13 +274,20 @@ class _Endpoints:
         """`ids` when every one is in the backend's vocabulary, else a 400 naming `param`."""
         vocab = capability(self.backend, Vocabulary)
         if vocab is None:
-            raise ApiError(400, "this server's backend does not say what its token ids are (the Vocabulary "
-                           "capability): send text", param=param)  # fmt: skip
+            raise ApiError(
+                400,
+                "this server's backend does not say what its token ids are (the Vocabulary capability): send text",
+                param=param,
+            )
         size = vocab.vocab_size()
         bad = next((t for t in ids if not 0 <= t < size), None)
         if bad is not None:
-            raise ApiError(400, f"token id {bad} is outside the vocabulary (ids 0 to {size - 1})", param=param,
-                           code="invalid_token_id")  # fmt: skip
+            raise ApiError(
+                400,
+                f"token id {bad} is outside the vocabulary (ids 0 to {size - 1})",
+                param=param,
+                code="invalid_token_id",
+            )
         return tuple(ids)
 
     def _checked(self, ids: Tokens, new: int, param: str) -> Tokens:
@@ -234,8 +296,13 @@ class _Endpoints:
         except PowerSampleError as e:
             raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
         if len(ids) + new > (most := self.settings.limits.max_context):
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; with max_tokens={new} it exceeds this server's "
-                           f"--max-context of {most} tokens", param=param, code="context_length_exceeded")  # fmt: skip
+            raise ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens; with max_tokens={new} it exceeds this server's "
+                f"--max-context of {most} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
         return ids
 
     async def _read(self, request: Request) -> Any:
@@ -246,8 +313,11 @@ class _Endpoints:
     def tokenizer_info(self) -> dict:
         vocab = capability(self.backend, Vocabulary)
         eos = vocab.token_text(min(self.backend.eos_ids)) if vocab is not None and self.backend.eos_ids else None
-        return {"eos_token": eos or None, "model_max_length": self.backend.context_length,
-                "vocab_size": vocab.vocab_size() if vocab is not None else None}  # fmt: skip
+        return {
+            "eos_token": eos or None,
+            "model_max_length": self.backend.context_length,
+            "vocab_size": vocab.vocab_size() if vocab is not None else None,
+        }
 
     async def tokenize(self, request: Request) -> dict:
         """A prompt's ids as /v1/completions encodes it, or a conversation's as /v1/chat/completions does."""
@@ -259,8 +329,12 @@ class _Endpoints:
             ids, _ = await asyncio.to_thread(encode_messages, self.backend, messages, self.chat_template)
         else:
             ids = await asyncio.to_thread(self.backend.encode, body.prompt, False)
-        return {"count": len(ids), "max_model_len": self.backend.context_length, "tokens": list(ids),
-                "token_strs": None}  # fmt: skip
+        return {
+            "count": len(ids),
+            "max_model_len": self.backend.context_length,
+            "tokens": list(ids),
+            "token_strs": None,
+        }
 
     async def detokenize(self, request: Request) -> dict:
         body = wire.parse_body(DetokenizeBody, await self._read(request))
@@ -281,14 +355,33 @@ def encode_messages(backend: Backend, messages: list[dict], template: bool = Tru
     return backend.encode(plain_transcript(messages), False), transcript_stops(messages)
 
 
-def _generation(body: wire._Body, texts: Sequence[str], ids: Sequence[Tokens], config: SamplerConfig,
-                ignored: Sequence[str], work: int, deadline: float, transcript: Sequence[str] = (),
-                **what: Any) -> Generation:  # fmt: skip
+def _generation(
+    body: wire._Body,
+    texts: Sequence[str],
+    ids: Sequence[Tokens],
+    config: SamplerConfig,
+    ignored: Sequence[str],
+    work: int,
+    deadline: float,
+    transcript: Sequence[str] = (),
+    **what: Any,
+) -> Generation:
     """The fields both endpoints set alike: the seed (a random one when the body has none), the stops (the body's,
     and a plain transcript's role lines) and the stream options."""
     options = body.stream_options
-    return Generation(tuple(texts), tuple(ids), config, body.seed if body.seed is not None else wire.new_seed(),
-                      body.n, deadline, tuple(ignored), work, tuple(wire.stop_strings(body)) + tuple(transcript),
-                      transcript=tuple(transcript), stream=bool(body.stream),
-                      usage_chunk=bool(options and options.include_usage),
-                      traced=bool(options and options.include_trace), **what)  # fmt: skip
+    return Generation(
+        tuple(texts),
+        tuple(ids),
+        config,
+        body.seed if body.seed is not None else wire.new_seed(),
+        body.n,
+        deadline,
+        tuple(ignored),
+        work,
+        tuple(wire.stop_strings(body)) + tuple(transcript),
+        transcript=tuple(transcript),
+        stream=bool(body.stream),
+        usage_chunk=bool(options and options.include_usage),
+        traced=bool(options and options.include_trace),
+        **what,
+    )

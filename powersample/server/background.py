@@ -13,8 +13,9 @@ from powersample.server.http import HttpLimits, uvicorn_config
 
 
 @contextmanager
-def background_server(app: Any, host: str = "127.0.0.1", startup_timeout: float = 30.0,
-                      limits: HttpLimits = HttpLimits()) -> Iterator[str]:  # fmt: skip
+def background_server(
+    app: Any, host: str = "127.0.0.1", startup_timeout: float = 30.0, limits: HttpLimits = HttpLimits()
+) -> Iterator[str]:
     """Run `app` with uvicorn in a thread, under `limits`; yields its base URL ("http://127.0.0.1:PORT") and shuts
     it down after (the app's lifespan, and with it the engine thread, ends before this returns)."""
     import uvicorn

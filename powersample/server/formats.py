@@ -37,25 +37,47 @@ def head(kind: str, model: str) -> dict[str, Any]:
 
 def usage(prompt_tokens: int, outputs: Sequence[Output]) -> schema.Usage:
     completion = sum(o.completion_tokens for o in outputs)
-    return schema.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                        total_tokens=prompt_tokens + completion)  # fmt: skip
+    return schema.Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+    )
 
 
-def power_sampling(config: SamplerConfig, seed: int, records: Sequence[SampleRecord], ignored: Sequence[str],
-                   transcript: Sequence[str] = ()) -> schema.PowerSampling:  # fmt: skip
+def power_sampling(
+    config: SamplerConfig,
+    seed: int,
+    records: Sequence[SampleRecord],
+    ignored: Sequence[str],
+    transcript: Sequence[str] = (),
+) -> schema.PowerSampling:
     """The extension object: what ran, and how the chains went; with a `transcript` (chat sent as plain "role:
     content" lines, to a model without a chat template), the role lines that ended each reply."""
     proposals, accepted = sum(r.proposals for r in records), sum(r.accepted for r in records)
-    chains = [schema.ChainStats(index=j, logp=r.logp, finish_reason=r.finish_reason, proposals=r.proposals,
-                                accepted=r.accepted, acceptance_rate=r.acceptance_rate,
-                                tokens_sampled=r.tokens_generated) for j, r in enumerate(records)]  # fmt: skip
+    chains = [
+        schema.ChainStats(
+            index=j,
+            logp=r.logp,
+            finish_reason=r.finish_reason,
+            proposals=r.proposals,
+            accepted=r.accepted,
+            acceptance_rate=r.acceptance_rate,
+            tokens_sampled=r.tokens_generated,
+        )
+        for j, r in enumerate(records)
+    ]
     extra = {"transcript": schema.Transcript(stop=list(transcript))} if transcript else {}
     return schema.PowerSampling(
-        **extra, method=config.method, seed=seed, config=registry.resolved(config),
-        acceptance_rate=registry.acceptance_rate(config.method, proposals, accepted), proposals=proposals,
-        accepted=accepted, tokens_sampled=sum(r.tokens_generated for r in records),
-        wall_seconds=max((r.wall_seconds for r in records), default=0.0), chains=chains, ignored=list(ignored),
-    )  # fmt: skip
+        **extra,
+        method=config.method,
+        seed=seed,
+        config=registry.resolved(config),
+        acceptance_rate=registry.acceptance_rate(config.method, proposals, accepted),
+        proposals=proposals,
+        accepted=accepted,
+        tokens_sampled=sum(r.tokens_generated for r in records),
+        wall_seconds=max((r.wall_seconds for r in records), default=0.0),
+        chains=chains,
+        ignored=list(ignored),
+    )
 
 
 def completion_logprobs(out: Output, top: int) -> schema.CompletionLogprobs:
@@ -63,10 +85,13 @@ def completion_logprobs(out: Output, top: int) -> schema.CompletionLogprobs:
     token itself when it is not among them, as OpenAI does) and its character offset in the choice's text."""
     tops = None
     if top > 0:
-        tops = [None if alts is None else {**dict(alts), **({} if piece in dict(alts) else {piece: lp})}
-                for piece, lp, alts in zip(out.pieces, out.logp, out.top)]  # fmt: skip
-    return schema.CompletionLogprobs(tokens=list(out.pieces), token_logprobs=list(out.logp), top_logprobs=tops,
-                                     text_offset=list(out.offsets))  # fmt: skip
+        tops = [
+            None if alts is None else {**dict(alts), **({} if piece in dict(alts) else {piece: lp})}
+            for piece, lp, alts in zip(out.pieces, out.logp, out.top)
+        ]
+    return schema.CompletionLogprobs(
+        tokens=list(out.pieces), token_logprobs=list(out.logp), top_logprobs=tops, text_offset=list(out.offsets)
+    )
 
 
 def chat_logprobs(out: Output, top: int) -> schema.ChatLogprobs:
@@ -76,8 +101,10 @@ def chat_logprobs(out: Output, top: int) -> schema.ChatLogprobs:
         return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
 
     alternatives = out.top if top > 0 else ((),) * len(out.pieces)
-    content = [schema.TokenLogprob(**entry(piece, lp), top_logprobs=[entry(p, a) for p, a in alts or ()])
-               for piece, lp, alts in zip(out.pieces, out.logp, alternatives)]  # fmt: skip
+    content = [
+        schema.TokenLogprob(**entry(piece, lp), top_logprobs=[entry(p, a) for p, a in alts or ()])
+        for piece, lp, alts in zip(out.pieces, out.logp, alternatives)
+    ]
     return schema.ChatLogprobs(content=content, refusal=None)
 
 
@@ -96,16 +123,29 @@ class Format:
 
 
 COMPLETIONS = Format(
-    "text_completion", "text_completion", schema.CompletionResponse, schema.CompletionChunk, completion_logprobs,
+    "text_completion",
+    "text_completion",
+    schema.CompletionResponse,
+    schema.CompletionChunk,
+    completion_logprobs,
     lambda i, out, lp: schema.CompletionChoice(text=out.text, index=i, finish_reason=out.finish_reason, logprobs=lp),
     lambda i, text, lp, end: schema.CompletionChunkChoice(index=i, text=text or "", logprobs=lp, finish_reason=end),
 )
 CHAT = Format(
-    "chat.completion", "chat.completion.chunk", schema.ChatResponse, schema.ChatChunk, chat_logprobs,
-    lambda i, out, lp: schema.ChatChoice(index=i, message=schema.AssistantMessage(role="assistant", content=out.text,
-                                         refusal=None), finish_reason=out.finish_reason, logprobs=lp),  # fmt: skip
-    lambda i, text, lp, end: schema.ChatChunkChoice(index=i, delta=schema.ChatDelta(**_content(text)), logprobs=lp,
-                                                    finish_reason=end),  # fmt: skip
+    "chat.completion",
+    "chat.completion.chunk",
+    schema.ChatResponse,
+    schema.ChatChunk,
+    chat_logprobs,
+    lambda i, out, lp: schema.ChatChoice(
+        index=i,
+        message=schema.AssistantMessage(role="assistant", content=out.text, refusal=None),
+        finish_reason=out.finish_reason,
+        logprobs=lp,
+    ),
+    lambda i, text, lp, end: schema.ChatChunkChoice(
+        index=i, delta=schema.ChatDelta(**_content(text)), logprobs=lp, finish_reason=end
+    ),
     role=True,
 )
 

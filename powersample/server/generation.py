@@ -114,8 +114,12 @@ class Pipeline:
             outcomes = await wait_job(request, job, future, gen.deadline, self.limits.request_timeout)
         records, outputs = await self._results(request, gen, outcomes, time.perf_counter() - start)
         choices = [formats.choice(fmt, i, out, gen.logprobs) for i, out in enumerate(outputs)]
-        body = fmt.response(**head, choices=choices, usage=formats.usage(gen.prompt_tokens, outputs),
-                            power_sampling=self._power_sampling(gen, records))  # fmt: skip
+        body = fmt.response(
+            **head,
+            choices=choices,
+            usage=formats.usage(gen.prompt_tokens, outputs),
+            power_sampling=self._power_sampling(gen, records),
+        )
         await self._log(head["id"], records, outputs)
         return JsonResponse(body.model_dump(exclude_unset=True))
 
@@ -127,8 +131,9 @@ class Pipeline:
         events = self._events(request, gen, self._programs(gen, feed), chunks, feed, live)
         return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
-    async def _events(self, request: Request, gen: Generation, progs: list, chunks: sse.Chunks, feed: Feed,
-                      live: sse.LiveText | None) -> AsyncIterator[bytes]:  # fmt: skip
+    async def _events(
+        self, request: Request, gen: Generation, progs: list, chunks: sse.Chunks, feed: Feed, live: sse.LiveText | None
+    ) -> AsyncIterator[bytes]:
         """Keep-alives (and the trace events, when traced; the text as it is drawn, when live) while the chains run,
         then the chunks and [DONE]; a failure is one error event. A client that leaves cancels this generator
         (Starlette watches for the disconnect), which stops the job."""
@@ -157,8 +162,9 @@ class Pipeline:
             if not future.done():
                 job.stop("request abandoned")
 
-    async def _running(self, job: Job, future: asyncio.Future, gen: Generation, feed: Feed,
-                       live: sse.LiveText | None) -> AsyncIterator[bytes]:  # fmt: skip
+    async def _running(
+        self, job: Job, future: asyncio.Future, gen: Generation, feed: Feed, live: sse.LiveText | None
+    ) -> AsyncIterator[bytes]:
         """While the chains run: their trace events and live text as they come, and keep-alives when nothing else
         was sent for `keepalive` seconds; past the deadline the job is stopped (504)."""
         beat = time.monotonic()
@@ -205,14 +211,20 @@ class Pipeline:
         """429 when `chains` more chains, or `work` more work, would take the engine over its limits."""
         busy = self.engine.chains_in_flight() + chains > self.limits.max_queued_chains
         if busy or self.engine.work_in_flight() + work > self.limits.max_queued_work:
-            raise ApiError(429, "the server is full (chains or their work in flight at the limit); retry later",
-                           kind="rate_limit_error", code="server_busy",
-                           headers={"Retry-After": str(self.limits.retry_after)})  # fmt: skip
+            raise ApiError(
+                429,
+                "the server is full (chains or their work in flight at the limit); retry later",
+                kind="rate_limit_error",
+                code="server_busy",
+                headers={"Retry-After": str(self.limits.retry_after)},
+            )
 
     async def _results(self, request: Request, gen: Generation, outcomes: list, wall: float) -> Results:
         """The chains' records and the choices' outputs (counted in /metrics, when it is on)."""
-        records = [chain_record(self.backend, gen.texts[k // gen.n], gen.config, gen.seed, k % gen.n, outcome, wall)
-                   for k, outcome in enumerate(outcomes)]  # fmt: skip
+        records = [
+            chain_record(self.backend, gen.texts[k // gen.n], gen.config, gen.seed, k % gen.n, outcome, wall)
+            for k, outcome in enumerate(outcomes)
+        ]
         outputs = await self._outputs(request, gen, records)
         if self.metrics is not None:
             self.metrics.count_samples(gen.config.method, records, sum(o.completion_tokens for o in outputs))
@@ -242,8 +254,10 @@ class Pipeline:
         ranks = await on_engine(request, self.engine, rank, gen.deadline, timeout, scoring_work(gen, self.limits))
 
         def scored(check: Callable[[], None]) -> list[Output]:
-            return [_scored(self.backend.decode, gen, j // gen.n, out, rank, check)
-                    for j, (out, rank) in enumerate(zip(outputs, ranks))]  # fmt: skip
+            return [
+                _scored(self.backend.decode, gen, j // gen.n, out, rank, check)
+                for j, (out, rank) in enumerate(zip(outputs, ranks))
+            ]
 
         return await self._in_thread(request, gen, scored)
 
@@ -268,8 +282,15 @@ class Pipeline:
         """Append the samples (with the text returned and its finish reason) to --output, off the event loop."""
         if not self.output or not records:
             return
-        rows = [{**r.to_dict(), "request_id": request_id, "response_text": o.text,
-                 "response_finish_reason": o.finish_reason} for r, o in zip(records, outputs)]  # fmt: skip
+        rows = [
+            {
+                **r.to_dict(),
+                "request_id": request_id,
+                "response_text": o.text,
+                "response_finish_reason": o.finish_reason,
+            }
+            for r, o in zip(records, outputs)
+        ]
 
         def write() -> None:
             with self._log_lock:
@@ -285,17 +306,22 @@ def scoring_work(gen: Generation, limits: Limits) -> int:
         return 0
     work = gen.prompt_tokens * (1 + gen.logprobs)
     if work > limits.max_work:
-        raise ApiError(400, f"scoring the prompts costs {work} tokens of work ({gen.prompt_tokens} prompt tokens x "
-                       f"(1 + logprobs {gen.logprobs})); the server's limit is {limits.max_work}", param="prompt",
-                       code="over_limit")  # fmt: skip
+        raise ApiError(
+            400,
+            f"scoring the prompts costs {work} tokens of work ({gen.prompt_tokens} prompt tokens x "
+            f"(1 + logprobs {gen.logprobs})); the server's limit is {limits.max_work}",
+            param="prompt",
+            code="over_limit",
+        )
     return work
 
 
 Ranks = tuple[tuple[Ranked, ...] | None, tuple[Ranked, ...] | None]  # (a prompt's tokens after its first, a sample's)
 
 
-def _ranks(backend: Backend, gen: Generation, prompts: Sequence[Tokens],
-           outputs: Sequence[Output]) -> Generator[None, None, list[Ranks]]:  # fmt: skip
+def _ranks(
+    backend: Backend, gen: Generation, prompts: Sequence[Tokens], outputs: Sequence[Output]
+) -> Generator[None, None, list[Ranks]]:
     """Per output, what the request asks to score (on the engine thread, in steps: a Call); equal (prompt, tokens)
     pairs scored once."""
     memo: dict[tuple[Tokens, Tokens], Ranks] = {}
@@ -305,8 +331,9 @@ def _ranks(backend: Backend, gen: Generation, prompts: Sequence[Tokens],
     return [memo[prompt, out.tokens] for prompt, out in zip(prompts, outputs)]
 
 
-def _rank_one(backend: Backend, prompt: Tokens, tokens: Tokens, echo: bool,
-              n: int | None) -> Generator[None, None, Ranks]:  # fmt: skip
+def _rank_one(
+    backend: Backend, prompt: Tokens, tokens: Tokens, echo: bool, n: int | None
+) -> Generator[None, None, Ranks]:
     """(the prompt's tokens after the first, when echoed; the sample's tokens, when alternatives are asked for),
     ranked with n alternatives, SCORE_CHUNK tokens per step; None where nothing is needed (the sample's log p came
     with it)."""
@@ -322,8 +349,9 @@ def _rank_one(backend: Backend, prompt: Tokens, tokens: Tokens, echo: bool,
     return (ranks[:echoed_tokens] if echo else None), ranks[echoed_tokens:]
 
 
-def _in_chunks(score: Callable[[Tokens, Tokens], Sequence], context: Tokens,
-               rest: Tokens) -> Generator[None, None, tuple]:  # fmt: skip
+def _in_chunks(
+    score: Callable[[Tokens, Tokens], Sequence], context: Tokens, rest: Tokens
+) -> Generator[None, None, tuple]:
     """score(context + the tokens of `rest` before a chunk, the chunk) over `rest`, SCORE_CHUNK tokens at a time,
     joined; it yields between chunks, where the engine checks for a stop and serves other work (a backend keeps the
     context it scored last, so each chunk costs its own tokens)."""

@@ -32,8 +32,12 @@ WILDCARDS = ("", "0.0.0.0", "::")
 def add_guards(app: FastAPI, bind_host: str, allowed_hosts: Sequence[str], cors_origin: str | None) -> None:
     """CORS for `cors_origin` (when given), inside the Host and Origin checks."""
     if cors_origin:
-        app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type"])  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[cors_origin],
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
     app.add_middleware(HostGuard, bind_host=bind_host, allowed_hosts=tuple(allowed_hosts), cors_origin=cors_origin)
 
 
@@ -56,8 +60,9 @@ class HostGuard:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             problem = self.problem(headers.get("host"), headers.get("origin"))
             if problem is not None:
-                body = {"error": {"message": problem, "type": "permission_error", "param": None,
-                                  "code": "forbidden_host"}}  # fmt: skip
+                body = {
+                    "error": {"message": problem, "type": "permission_error", "param": None, "code": "forbidden_host"}
+                }
                 await JSONResponse(body, status_code=403)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -66,13 +71,17 @@ class HostGuard:
         """Why the request is refused, or None."""
         named = host is not None and self.named(host)
         if origin is not None and origin != self.cors_origin and not (named and same_origin(origin, host)):
-            return (f"cross-origin requests from {origin!r} are refused; start the server with --cors-origin "
-                    f"{origin} to allow that origin")  # fmt: skip
+            return (
+                f"cross-origin requests from {origin!r} are refused; start the server with --cors-origin "
+                f"{origin} to allow that origin"
+            )
         if host is None or self.any_host or named:
             return None  # (no Host: an HTTP/1.0 client; no browser sends that)
         name = host_name(host)
-        return (f"the Host {host!r} is not this server's; start it with --allowed-host {name} to allow that name "
-                "(this check stops DNS rebinding)")  # fmt: skip
+        return (
+            f"the Host {host!r} is not this server's; start it with --allowed-host {name} to allow that name "
+            "(this check stops DNS rebinding)"
+        )
 
 
 def same_origin(origin: str, host: str | None) -> bool:

@@ -43,9 +43,15 @@ def uvicorn_config(app: Any, limits: HttpLimits = HttpLimits(), **options: Any):
     """A uvicorn Config serving `app` under `limits` (options: host, port, log_level, ...)."""
     import uvicorn
 
-    return uvicorn.Config(app, http=protocol_class(limits), timeout_keep_alive=limits.keep_alive,
-                          limit_concurrency=limits.max_connections, h11_max_incomplete_event_size=limits.max_header_bytes,
-                          timeout_graceful_shutdown=5, **options)  # fmt: skip
+    return uvicorn.Config(
+        app,
+        http=protocol_class(limits),
+        timeout_keep_alive=limits.keep_alive,
+        limit_concurrency=limits.max_connections,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        timeout_graceful_shutdown=5,
+        **options,
+    )
 
 
 def protocol_class(limits: HttpLimits) -> type:
@@ -110,16 +116,25 @@ def over_capacity(app: Any, full: Any) -> Any:
     """`app`, except that while `full()` an HTTP request gets 503 in OpenAI's error JSON, with Retry-After and
     `Connection: close` (uvicorn's limit_concurrency check, which this replaces, answers plain text). `full` runs
     inside the request's own task, so the task count it sees includes this request (hence uvicorn's `>=` is `>`)."""
+
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not full():
             await app(scope, receive, send)
             return
-        error = ApiError(503, "the server is at its limit of connections or requests at once; retry later",
-                         kind="server_error", code="too_many_connections")  # fmt: skip
+        error = ApiError(
+            503,
+            "the server is at its limit of connections or requests at once; retry later",
+            kind="server_error",
+            code="too_many_connections",
+        )
         logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit.")  # as uvicorn's own check logs it
         body = json_bytes(error.body())
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"retry-after", str(RETRY_AFTER).encode()), (b"connection", b"close")]  # fmt: skip
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(RETRY_AFTER).encode()),
+            (b"connection", b"close"),
+        ]
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 

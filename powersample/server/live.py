@@ -66,8 +66,9 @@ class Feed:
         yield self.pop()
 
 
-def trace_feed(backend: Backend, chains: Sequence[Chain], prompt: str, config: SamplerConfig, seed: int,
-               first: int, feed: Feed) -> None:  # fmt: skip
+def trace_feed(
+    backend: Backend, chains: Sequence[Chain], prompt: str, config: SamplerConfig, seed: int, first: int, feed: Feed
+) -> None:
     """Trace one prompt's chains into `feed` as ("trace", event): their "start" events now, the sampler's events as
     the engine thread makes them; chain j is numbered first + j (the request's choice index)."""
     trace_chains(ChainTrace(backend, sink=lambda item: feed.push(("trace", item))), chains, prompt, config, seed, first)

@@ -26,12 +26,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from powersample.api import SampleRecord
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json",
-             "/tokenize", "/detokenize", "/tokenizer_info")
+ENDPOINTS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/openapi.json",
+    "/tokenize",
+    "/detokenize",
+    "/tokenizer_info",
+)
 # seconds: a /health answers in milliseconds, a power-sampling request in seconds to minutes (timeout 600 s)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MISSING = "GET /metrics needs prometheus-client: pip install 'powersample[serve]'"
@@ -45,12 +55,22 @@ class Metrics:
 
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("powersample_requests", "HTTP responses, by endpoint and status",
-                                ["endpoint", "status"], registry=r)  # fmt: skip
-        self.latency = Histogram("powersample_request_latency_seconds", "seconds from a request's arrival to its "
-                                 "response", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.sampled = Counter("powersample_tokens_sampled", "tokens drawn by the chains, rejected proposals "
-                               "included", ["method"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "powersample_requests", "HTTP responses, by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "powersample_request_latency_seconds",
+            "seconds from a request's arrival to its response",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sampled = Counter(
+            "powersample_tokens_sampled",
+            "tokens drawn by the chains, rejected proposals included",
+            ["method"],
+            registry=r,
+        )
         self.kept = Counter("powersample_tokens_kept", "tokens of the returned samples", ["method"], registry=r)
         self.proposals = Counter("powersample_proposals", "MH proposals", ["method"], registry=r)
         self.accepted = Counter("powersample_accepted", "MH proposals accepted", ["method"], registry=r)

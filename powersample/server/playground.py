@@ -31,8 +31,12 @@ _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 def add_playground(app: FastAPI, defaults: SamplerConfig) -> None:
     """`GET /`: the page, with its CSP and no-sniff, no-referrer headers."""
     body = render(defaults)
-    headers = {"Content-Security-Policy": content_security_policy(body), "X-Content-Type-Options": "nosniff",
-               "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}  # fmt: skip
+    headers = {
+        "Content-Security-Policy": content_security_policy(body),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-cache",
+    }
 
     @app.get("/", include_in_schema=False)
     async def playground() -> Response:
@@ -43,9 +47,14 @@ def render(defaults: SamplerConfig) -> str:
     """The page with its placeholders filled: the methods (the default selected), each method's knobs, and the main
     knobs' defaults."""
     page = resources.files("powersample.server").joinpath(PAGE).read_text("utf-8")
-    values = {"methods": _methods(defaults.method), "knobs": _knobs(defaults), "alpha": f"{defaults.alpha:g}",
-              "mcmc_steps": str(defaults.mcmc_steps), "block_count": str(defaults.block_count),
-              "max_tokens": str(defaults.max_new_tokens)}  # fmt: skip
+    values = {
+        "methods": _methods(defaults.method),
+        "knobs": _knobs(defaults),
+        "alpha": f"{defaults.alpha:g}",
+        "mcmc_steps": str(defaults.mcmc_steps),
+        "block_count": str(defaults.block_count),
+        "max_tokens": str(defaults.max_new_tokens),
+    }
     for name, value in values.items():
         page = page.replace("{{" + name + "}}", value)
     return page
@@ -57,14 +66,16 @@ def content_security_policy(page: str) -> str:
     for kind, text in _INLINE.findall(page):
         digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
         hashes[kind].append(f"'sha256-{digest}'")
-    return (f"default-src 'none'; script-src {' '.join(hashes['script'])}; style-src {' '.join(hashes['style'])}; "
-            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return (
+        f"default-src 'none'; script-src {' '.join(hashes['script'])}; style-src {' '.join(hashes['style'])}; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
 
 
 def _methods(default: str) -> str:
     return "".join(
         f'<option value="{html.escape(name)}" title="{html.escape(m.summary)}"'
-        f'{" selected" if name == default else ""}>{html.escape(name)}</option>'
+        f"{' selected' if name == default else ''}>{html.escape(name)}</option>"
         for name, m in REGISTRY.items()
     )
 
@@ -76,7 +87,9 @@ def _knobs(defaults: SamplerConfig) -> str:
     for name, m in REGISTRY.items():
         for knob in m.knobs:
             step = "1" if types[knob] is int else "any"
-            rows.append(f'<label class="knob" data-method="{html.escape(name)}" title="{html.escape(knob_help(knob))}">'
-                        f'<span>{html.escape(knob)}</span><input name="{knob}" type="number" step="{step}" min="0" '
-                        f'value="{getattr(defaults, knob)}"></label>')  # fmt: skip
+            rows.append(
+                f'<label class="knob" data-method="{html.escape(name)}" title="{html.escape(knob_help(knob))}">'
+                f'<span>{html.escape(knob)}</span><input name="{knob}" type="number" step="{step}" min="0" '
+                f'value="{getattr(defaults, knob)}"></label>'
+            )
     return "\n    ".join(rows)

@@ -65,8 +65,15 @@ from powersample.server.deltas import REPLACEMENT
 class ApiError(Exception):
     """An error answered as OpenAI's `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers  # sent with the response (Retry-After on a 429)
@@ -265,8 +272,9 @@ def check_limits(body: _Body, limits: Limits) -> None:
     _check_counts(body, limits)
     if body.temperature is not None and not _temperature_ok(body.temperature):
         lo = SCALE_RANGE[0]
-        raise ApiError(400, f"temperature must be 0 (greedy) or between {lo:g} and 2, got {body.temperature}",
-                       param="temperature")  # fmt: skip
+        raise ApiError(
+            400, f"temperature must be 0 (greedy) or between {lo:g} and 2, got {body.temperature}", param="temperature"
+        )
     if isinstance(body, CompletionBody):
         _check_completion(body, limits)
     elif isinstance(body, ChatBody):
@@ -299,15 +307,15 @@ def _check_completion(body: CompletionBody, limits: Limits) -> None:
     if not prompts:
         raise ApiError(400, "prompt must be a string, a token-id list, or a non-empty list of those", param="prompt")
     if len(prompts) > limits.max_prompts:
-        raise ApiError(400, f"prompt may hold at most {limits.max_prompts} prompts, got {len(prompts)}",
-                       param="prompt")  # fmt: skip
+        raise ApiError(400, f"prompt may hold at most {limits.max_prompts} prompts, got {len(prompts)}", param="prompt")
     if any(not (p.strip() if isinstance(p, str) else p) for p in prompts):
         raise ApiError(400, "the prompt is empty", param="prompt")
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
         raise ApiError(400, f"logprobs must be between 0 and 5, got {body.logprobs}", param="logprobs")
     if scores_only(body) and body.stream:
-        raise ApiError(400, "max_tokens 0 (prompt scoring) is not streamed: send it without stream: true",
-                       param="stream")  # fmt: skip
+        raise ApiError(
+            400, "max_tokens 0 (prompt scoring) is not streamed: send it without stream: true", param="stream"
+        )
 
 
 def _check_chat(body: ChatBody) -> None:
@@ -356,22 +364,34 @@ def check_budget(config: SamplerConfig, prompts: int, n: int, limits: Limits) ->
     """The request's work (members x max_tokens), checked against the per-request limits: each a 400 naming the
     field that sets it. Checked before any chain exists, so a huge request costs nothing."""
     if config.method in MCMC_METHODS and config.mcmc_steps > limits.max_mcmc_steps:
-        raise ApiError(400, f"mcmc_steps must be at most {limits.max_mcmc_steps}, got {config.mcmc_steps}",
-                       param="mcmc_steps", code="over_limit")  # fmt: skip
+        raise ApiError(
+            400,
+            f"mcmc_steps must be at most {limits.max_mcmc_steps}, got {config.mcmc_steps}",
+            param="mcmc_steps",
+            code="over_limit",
+        )
     if registry.method(config.method).family == "bon":
         _check_bon_budget(config, limits)
     members = prompts * n * registry.members(config)
     what = f"{prompts} prompt(s) x n {n} x {registry.member_field(config)} {registry.members(config)}"
     param = registry.member_field(config) if registry.members(config) > 1 else "n"
     if members > limits.max_members:
-        raise ApiError(400, f"the request asks for {members} sequences ({what}); the server's limit is "
-                       f"{limits.max_members}", param=param, code="over_limit")  # fmt: skip
+        raise ApiError(
+            400,
+            f"the request asks for {members} sequences ({what}); the server's limit is {limits.max_members}",
+            param=param,
+            code="over_limit",
+        )
     work = members * config.max_new_tokens
     if work > limits.max_work:
         param = "max_tokens" if registry.members(config) == 1 and n == 1 else param
-        raise ApiError(400, f"the request asks for {work} tokens of sequences ({what} x max_tokens "
-                       f"{config.max_new_tokens}); the server's limit is {limits.max_work}", param=param,
-                       code="over_limit")  # fmt: skip
+        raise ApiError(
+            400,
+            f"the request asks for {work} tokens of sequences ({what} x max_tokens "
+            f"{config.max_new_tokens}); the server's limit is {limits.max_work}",
+            param=param,
+            code="over_limit",
+        )
     return work
 
 
@@ -381,9 +401,13 @@ def _check_bon_budget(config: SamplerConfig, limits: Limits) -> None:
     param = "bon_tokens" if config.bon_tokens else "mcmc_steps"
     most = math.ceil(eq12_tokens(config.max_new_tokens, config.block, limits.max_mcmc_steps))
     if bon_budget(config) > most:
-        raise ApiError(400, f"bon's budget of {bon_budget(config)} tokens is over the server's limit of {most} (the "
-                       f"cost of {limits.max_mcmc_steps} MCMC steps at this max_tokens and block size)", param=param,
-                       code="over_limit")  # fmt: skip
+        raise ApiError(
+            400,
+            f"bon's budget of {bon_budget(config)} tokens is over the server's limit of {most} (the "
+            f"cost of {limits.max_mcmc_steps} MCMC steps at this max_tokens and block size)",
+            param=param,
+            code="over_limit",
+        )
 
 
 def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig, list[str]]:
@@ -470,8 +494,14 @@ class Output:
     # (piece, base log p), likeliest first; None where no distribution comes before the token; () when not asked
 
 
-def finish(decode, record: SampleRecord, stops: Sequence[str], want_pieces: bool,
-           check: Callable[[], None] | None = None, keep_eos: bool = False) -> Output:  # fmt: skip
+def finish(
+    decode,
+    record: SampleRecord,
+    stops: Sequence[str],
+    want_pieces: bool,
+    check: Callable[[], None] | None = None,
+    keep_eos: bool = False,
+) -> Output:
     """Cut the record's text before its earliest stop string, and find the tokens behind what is left (`keep_eos`:
     a final EOS stays among them, with the piece ""). `check` is called before each token's piece (it raises to stop
     the work: the client left, or the deadline passed)."""
@@ -480,13 +510,21 @@ def finish(decode, record: SampleRecord, stops: Sequence[str], want_pieces: bool
     cut = min((i for i in (record.text.find(s) for s in stops) if i >= 0), default=-1)
     text = record.text if cut < 0 else record.text[:cut]
     if cut < 0 and not want_pieces:
-        return Output(text, "stop" if ended else "length", tokens, (), (), record.token_logp[: len(tokens)],
-                      len(record.tokens))  # fmt: skip
+        return Output(
+            text, "stop" if ended else "length", tokens, (), (), record.token_logp[: len(tokens)], len(record.tokens)
+        )
     pieces, offsets = _pieces(decode, tokens, check)
     keep = len(tokens) if cut < 0 else sum(1 for o in offsets if o < cut)
     count = len(record.tokens) if cut < 0 else keep
-    return Output(text, "stop" if ended or cut >= 0 else "length", tokens[:keep], pieces[:keep], offsets[:keep],
-                  record.token_logp[:keep], count)  # fmt: skip
+    return Output(
+        text,
+        "stop" if ended or cut >= 0 else "length",
+        tokens[:keep],
+        pieces[:keep],
+        offsets[:keep],
+        record.token_logp[:keep],
+        count,
+    )
 
 
 PIECE_WINDOW = 8  # tokens of context each token's piece is decoded with (detokenizers look only a few tokens back)
@@ -497,8 +535,9 @@ def _window_start(i: int, window: int = PIECE_WINDOW) -> int:
     return max(0, (i // window - 1) * window)
 
 
-def _pieces(decode, tokens: Sequence[int], check: Callable[[], None] | None = None,
-            window: int = PIECE_WINDOW) -> tuple[tuple[str, ...], tuple[int, ...]]:  # fmt: skip
+def _pieces(
+    decode, tokens: Sequence[int], check: Callable[[], None] | None = None, window: int = PIECE_WINDOW
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """Each token's text as the growth of the decoded text when the token is added, so the pieces add up to the text.
 
     Incremental: the growth is measured on a window that starts at a multiple of `window` tokens, between `window`
@@ -538,8 +577,15 @@ def ranked(decode, out: Output, ranks: Sequence[Ranked], check: Callable[[], Non
     return replace(out, logp=tuple(r.base_logp for r in ranks), top=tops)
 
 
-def echoed(decode, out: Output, prompt: Sequence[int], text: str | None, ranks: Sequence[Ranked] | None,
-           top: bool, check: Callable[[], None] | None = None) -> Output:  # fmt: skip
+def echoed(
+    decode,
+    out: Output,
+    prompt: Sequence[int],
+    text: str | None,
+    ranks: Sequence[Ranked] | None,
+    top: bool,
+    check: Callable[[], None] | None = None,
+) -> Output:
     """`out` with its prompt in front (echo): the prompt's text (`text`, or its tokens' pieces joined for an id
     prompt) and tokens, with the log p and (`top`) the alternatives that `ranks` gives every prompt token after the
     first (None: no log-probs asked). The first prompt token has neither: None."""
@@ -548,12 +594,24 @@ def echoed(decode, out: Output, prompt: Sequence[int], text: str | None, ranks: 
     head = (None,) if prompt else ()
     logp = head + (tuple(r.base_logp for r in ranks) if ranks is not None else (None,) * max(len(prompt) - 1, 0))
     tops = head + _named(decode, prompt, [r.top for r in ranks or ()], check, first=1) + out.top if top else ()
-    return replace(out, text=text + out.text, tokens=tuple(prompt) + out.tokens, pieces=pieces + out.pieces,
-                   offsets=offsets + tuple(len(text) + o for o in out.offsets), logp=logp + out.logp, top=tops)
+    return replace(
+        out,
+        text=text + out.text,
+        tokens=tuple(prompt) + out.tokens,
+        pieces=pieces + out.pieces,
+        offsets=offsets + tuple(len(text) + o for o in out.offsets),
+        logp=logp + out.logp,
+        top=tops,
+    )
 
 
-def _named(decode, tokens: Sequence[int], tops: Sequence[tuple[tuple[int, float], ...]],
-           check: Callable[[], None] | None = None, first: int = 0) -> tuple[Alternatives, ...]:  # fmt: skip
+def _named(
+    decode,
+    tokens: Sequence[int],
+    tops: Sequence[tuple[tuple[int, float], ...]],
+    check: Callable[[], None] | None = None,
+    first: int = 0,
+) -> tuple[Alternatives, ...]:
     """Each position's (id, log p) alternatives as (piece, log p), from position `first` of `tokens` on: a token's
     piece is what its text adds after the tokens before it, decoded as `_pieces` decodes the token there (the same
     window, held at a character boundary alike), so the piece of the token actually there is its own piece."""

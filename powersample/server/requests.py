@@ -51,8 +51,11 @@ async def read_json(request: Request, limit: int, timeout: float = 30.0) -> Any:
         raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="body_timeout") from None
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json":
-        raise ApiError(415, f"the request body must be sent as 'Content-Type: application/json', not "
-                       f"{media or 'no type'!r}", code="unsupported_media_type")  # fmt: skip
+        raise ApiError(
+            415,
+            f"the request body must be sent as 'Content-Type: application/json', not {media or 'no type'!r}",
+            code="unsupported_media_type",
+        )
     try:
         data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -75,8 +78,12 @@ def check_text(data: Any) -> None:
         value, path = stack.pop()
         if isinstance(value, str) and not is_unicode(value):
             where = ".".join(map(str, path)) or "body"
-            raise ApiError(400, f"'{where}' is not valid Unicode text (it holds a lone surrogate, such as \\ud800): "
-                           "send UTF-8 text", param=str(path[0]) if path else None, code="invalid_text")  # fmt: skip
+            raise ApiError(
+                400,
+                f"'{where}' is not valid Unicode text (it holds a lone surrogate, such as \\ud800): send UTF-8 text",
+                param=str(path[0]) if path else None,
+                code="invalid_text",
+            )
         if isinstance(value, dict):
             for key, item in value.items():
                 if not is_unicode(key):
@@ -119,8 +126,12 @@ def authenticate(api_key: str | None):
 
     async def check(request: Request, _: Any = Security(bearer)) -> None:
         if not key_ok(request, api_key):
-            raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
-                           kind="authentication_error", code="invalid_api_key")  # fmt: skip
+            raise ApiError(
+                401,
+                "a valid API key is required: send 'Authorization: Bearer <key>'",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
 
     return check
 

@@ -249,18 +249,30 @@ class Health(BaseModel):
     engine_alive: bool | None = None
 
 
-_ERRORS = {401: "no valid API key", 403: "a foreign Host or Origin", 500: "the engine failed",
-           503: "too many connections or requests at once (Retry-After)"}  # fmt: skip
-_BODY_ERRORS = {400: "a bad field or a limit (param names the field)", 408: "the body did not arrive in time",
-                413: "the body is too large", 415: "the body is not application/json",
-                499: "the client closed the request"}  # fmt: skip
-_GENERATION_ERRORS = {**_BODY_ERRORS, 429: "the server is full (Retry-After)",
-                      503: "stopped by a shutdown, or too many connections or requests at once (Retry-After)",
-                      504: "past the request timeout"}  # fmt: skip
+_ERRORS = {
+    401: "no valid API key",
+    403: "a foreign Host or Origin",
+    500: "the engine failed",
+    503: "too many connections or requests at once (Retry-After)",
+}
+_BODY_ERRORS = {
+    400: "a bad field or a limit (param names the field)",
+    408: "the body did not arrive in time",
+    413: "the body is too large",
+    415: "the body is not application/json",
+    499: "the client closed the request",
+}
+_GENERATION_ERRORS = {
+    **_BODY_ERRORS,
+    429: "the server is full (Retry-After)",
+    503: "stopped by a shutdown, or too many connections or requests at once (Retry-After)",
+    504: "past the request timeout",
+}
 
 
-def responses(model: type[BaseModel], generation: bool = False, chunk: type[BaseModel] | None = None,
-              body: bool = False) -> dict[int | str, dict]:  # fmt: skip
+def responses(
+    model: type[BaseModel], generation: bool = False, chunk: type[BaseModel] | None = None, body: bool = False
+) -> dict[int | str, dict]:
     """The `responses` of a route: `model` for 200 (and server-sent `chunk`s with `stream: true`), the error body
     for each error status it can answer (`body`: a route that reads a JSON body)."""
     errors = {**_ERRORS, **(_GENERATION_ERRORS if generation else _BODY_ERRORS if body else {})}
@@ -270,22 +282,31 @@ def responses(model: type[BaseModel], generation: bool = False, chunk: type[Base
     return {200: ok, **{s: {"model": ErrorResponse, "description": d} for s, d in errors.items()}}
 
 
-_STREAM = ("with stream: true, server-sent events: ': keep-alive' comments while the chains run (base and "
-           "low-temp without logprobs: their text chunks as it is drawn; and, with "
-           "stream_options.include_trace, one ': trace {{json}}' comment per chain trace event: the events of "
-           "`powersample sample --trace`, their 'chain' the choice index), then 'data: {{json}}' events, each a "
-           "{chunk} (components), or one ErrorResponse when the request fails after the stream has started, then "
-           "'data: [DONE]'")  # fmt: skip
+_STREAM = (
+    "with stream: true, server-sent events: ': keep-alive' comments while the chains run (base and "
+    "low-temp without logprobs: their text chunks as it is drawn; and, with "
+    "stream_options.include_trace, one ': trace {{json}}' comment per chain trace event: the events of "
+    "`powersample sample --trace`, their 'chain' the choice index), then 'data: {{json}}' events, each a "
+    "{chunk} (components), or one ErrorResponse when the request fails after the stream has started, then "
+    "'data: [DONE]'"
+)
 
 
 def sse_event(chunk: type[BaseModel]) -> dict:
     """One server-sent event, as the OpenAPI specification's generic text/event-stream schema describes it (OpenAPI
     3.1 has no itemSchema: tools read `schema` as one event's): its `data` is JSON text, a `chunk` or an
     ErrorResponse, or the literal [DONE]."""
-    return {"type": "object", "description": _STREAM.format(chunk=chunk.__name__), "required": ["data"],
-            "properties": {"data": {"type": "string", "contentMediaType": "application/json"},
-                           "event": {"type": "string"}, "id": {"type": "string"},
-                           "retry": {"type": "integer", "minimum": 0}}}  # fmt: skip
+    return {
+        "type": "object",
+        "description": _STREAM.format(chunk=chunk.__name__),
+        "required": ["data"],
+        "properties": {
+            "data": {"type": "string", "contentMediaType": "application/json"},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer", "minimum": 0},
+        },
+    }
 
 
 def request_body(model: type[BaseModel]) -> dict:
@@ -302,8 +323,12 @@ def openapi(app: FastAPI, limits: Limits, vocab_size: int | None = None) -> dict
     message starts "the request asks for" or "bon's budget" (`protocol.check_budget`). So is a prompt longer than
     the model's context (400 context_length_exceeded: tokens, not characters)."""
     if app.openapi_schema is None:
-        doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                          description="power sampling p(x)^alpha behind the OpenAI API")  # fmt: skip
+        doc = get_openapi(
+            title=app.title,
+            version=app.version,
+            routes=app.routes,
+            description="power sampling p(x)^alpha behind the OpenAI API",
+        )
         components = doc.setdefault("components", {}).setdefault("schemas", {})
         for model in (CompletionBody, ChatBody, TokenizeBody, DetokenizeBody):
             body = model.model_json_schema(ref_template=_REF)
@@ -389,19 +414,30 @@ def _joined(components: dict, vocab_size: int | None) -> None:
     """The rules that join fields, in JSON Schema's terms (protocol.check_limits and the handlers give their 400s):
     stream_options only with stream: true; max_tokens 0 only with echo: true and no stream (completions); chat needs
     a message with some text; /tokenize takes exactly one of prompt and messages; token ids lie in the vocabulary."""
-    streamed = {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
-                "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}  # fmt: skip
-    scoring = {"if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
-               "then": {"required": ["echo"], "properties": {"echo": {"const": True},
-                                                              "stream": {"enum": [False, None]}}}}  # fmt: skip
+    streamed = {
+        "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+    }
+    scoring = {
+        "if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+        "then": {"required": ["echo"], "properties": {"echo": {"const": True}, "stream": {"enum": [False, None]}}},
+    }
     components["CompletionBody"]["allOf"] = [streamed, scoring]
     components["ChatBody"]["allOf"] = [streamed]
     text = {"type": "string", "pattern": text_pattern()}
-    some_text = {"required": ["content"], "properties": {"content": {"anyOf": [
-        text, {"type": "array", "contains": {"required": ["text"], "properties": {"text": text}}}]}}}  # fmt: skip
+    some_text = {
+        "required": ["content"],
+        "properties": {
+            "content": {
+                "anyOf": [text, {"type": "array", "contains": {"required": ["text"], "properties": {"text": text}}}]
+            }
+        },
+    }
     components["ChatBody"]["properties"]["messages"]["contains"] = some_text
-    one_of = [{"required": [given], "properties": {given: {"not": {"type": "null"}}, other: {"type": "null"}}}
-              for given, other in (("prompt", "messages"), ("messages", "prompt"))]  # fmt: skip
+    one_of = [
+        {"required": [given], "properties": {given: {"not": {"type": "null"}}, other: {"type": "null"}}}
+        for given, other in (("prompt", "messages"), ("messages", "prompt"))
+    ]
     components["TokenizeBody"]["oneOf"] = one_of
     _ids(components["DetokenizeBody"]["properties"]["tokens"]["items"], vocab_size)
 
@@ -411,8 +447,9 @@ def _nullable(prop: dict) -> None:
     meta = {k: prop.pop(k) for k in ("title", "default", "description") if k in prop}
     inner = dict(prop)
     prop.clear()
-    prop.update(anyOf=inner.pop("anyOf") + [{"type": "null"}] if "anyOf" in inner else [inner, {"type": "null"}],
-                **meta)  # fmt: skip
+    prop.update(
+        anyOf=inner.pop("anyOf") + [{"type": "null"}] if "anyOf" in inner else [inner, {"type": "null"}], **meta
+    )
 
 
 def _bounded(body: dict, limits: Limits, completions: bool = False, vocab_size: int | None = None) -> dict:
@@ -439,8 +476,6 @@ def _bounded(body: dict, limits: Limits, completions: bool = False, vocab_size: 
         branches = prop.get("anyOf", [prop])
         for branch in branches:
             kind = branch.get("type")
-            if kind in ("integer", "number") and "enum" not in extra:
-                branch.update(extra)
-            elif kind == "string" and "enum" in extra:
+            if kind in ("integer", "number") and "enum" not in extra or kind == "string" and "enum" in extra:
                 branch.update(extra)
     return body

@@ -23,8 +23,9 @@ from powersample.server.requests import client_closed
 POLL_SECONDS = 0.1  # how often a waiting handler checks its client and its deadline
 
 
-def submit(engine: Engine, progs: Sequence[Program], proposal: Proposal, deadline: float,
-           work: int) -> tuple[Job, asyncio.Future]:  # fmt: skip
+def submit(
+    engine: Engine, progs: Sequence[Program], proposal: Proposal, deadline: float, work: int
+) -> tuple[Job, asyncio.Future]:
     """Submit the chains as one Job; the future gets their outcomes, on the event loop."""
     future, on_done = _future()
     job = Job(progs, proposal, deadline, lambda outcomes: on_done(list(outcomes)), work=work)
@@ -42,8 +43,9 @@ async def wait_job(request: Request, job: Job, future: asyncio.Future, deadline:
     return results(future.result(), timeout)
 
 
-async def on_engine(request: Request, engine: Engine, steps: Callable[[], Steps], deadline: float,
-                    timeout: float, work: int = 0) -> Any:  # fmt: skip
+async def on_engine(
+    request: Request, engine: Engine, steps: Callable[[], Steps], deadline: float, timeout: float, work: int = 0
+) -> Any:
     """The result of the generator steps() run on the engine thread (a `Call` of `work`), watched like a job: 499
     when the client leaves first, 504 past the deadline; its exception answers as a chain's would (400 for a
     PowerSampleError)."""
@@ -58,8 +60,9 @@ async def on_engine(request: Request, engine: Engine, steps: Callable[[], Steps]
     return results(future.result(), timeout)[0]
 
 
-async def watch(request: Request, work: asyncio.Future, deadline: float, stop: Callable[[str], None],
-                timeout: float) -> None:  # fmt: skip
+async def watch(
+    request: Request, work: asyncio.Future, deadline: float, stop: Callable[[str], None], timeout: float
+) -> None:
     """Wait for `work`; when the client disconnects or the deadline passes first, stop(reason) and answer 499/504."""
     while not work.done():
         await asyncio.wait({work}, timeout=POLL_SECONDS)
@@ -88,8 +91,12 @@ def results(outcomes: list, timeout: float) -> list:
 
 
 def timeout_error(timeout: float) -> ApiError:
-    return ApiError(504, f"the request took longer than the server's request timeout ({timeout:g} s); its chains "
-                    "were stopped", kind="timeout_error", code="timeout")  # fmt: skip
+    return ApiError(
+        504,
+        f"the request took longer than the server's request timeout ({timeout:g} s); its chains were stopped",
+        kind="timeout_error",
+        code="timeout",
+    )
 
 
 def _future() -> tuple[asyncio.Future, Callable[[list], None]]:

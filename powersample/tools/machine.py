@@ -13,9 +13,15 @@ from powersample.backends.base import Backend
 
 def machine_info(load_average: tuple[float, ...]) -> dict[str, Any]:
     """CPUs, platform, Python, torch (if installed), the load when the run started."""
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-            "python": platform.python_version(), "torch": torch_info(), "load_average_start": list(load_average),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "torch": torch_info(),
+        "load_average_start": list(load_average),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def torch_info() -> dict[str, Any] | None:

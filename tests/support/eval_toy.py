@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SPEC = {"vocab": ["The answer is ", "\\boxed{1}", "\\boxed{2}", "<eos>"], "eos_id": 3,
-        "default": [0.1, 0.4, 0.3, 0.2], "next": {"": [0.5, 0.3, 0.2, 0.0]}}  # fmt: skip
+SPEC = {
+    "vocab": ["The answer is ", "\\boxed{1}", "\\boxed{2}", "<eos>"],
+    "eos_id": 3,
+    "default": [0.1, 0.4, 0.3, 0.2],
+    "next": {"": [0.5, 0.3, 0.2, 0.0]},
+}
 SAMPLER = ["--max-new-tokens", "6", "--block-count", "2", "--mcmc-steps", "2"]
 
 
@@ -23,5 +27,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def eval_argv(spec: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--task", "math500", "--data", str(data), "--backend", "toy", "--toy-spec", str(spec), *SAMPLER,
-            "--output-dir", str(out), "--quiet", *extra]  # fmt: skip
+    return [
+        "eval",
+        "--task",
+        "math500",
+        "--data",
+        str(data),
+        "--backend",
+        "toy",
+        "--toy-spec",
+        str(spec),
+        *SAMPLER,
+        "--output-dir",
+        str(out),
+        "--quiet",
+        *extra,
+    ]

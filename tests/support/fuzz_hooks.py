@@ -15,8 +15,16 @@ import json
 import schemathesis
 
 from powersample.config import SamplerConfig
-from powersample.server.protocol import (ApiError, ChatBody, CompletionBody, Limits, check_budget, parse_body,
-                                         prompt_list, sampler_config)  # fmt: skip
+from powersample.server.protocol import (
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    Limits,
+    check_budget,
+    parse_body,
+    prompt_list,
+    sampler_config,
+)
 
 FUZZ_DEFAULTS = SamplerConfig(max_new_tokens=6, block_size=3, mcmc_steps=2)
 FUZZ_LIMITS = Limits(max_tokens=16, max_mcmc_steps=4, max_members=64, max_work=512, request_timeout=30)

@@ -16,12 +16,12 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-import powersample  # noqa: E402
-from powersample.backends.toy import ToyBackend, ToySpec  # noqa: E402
-from powersample.config import SamplerConfig  # noqa: E402
-from powersample.server.app import Settings, create_app  # noqa: E402
-from powersample.server.background import background_server  # noqa: E402
-from powersample.server.http import HttpLimits  # noqa: E402
+import powersample
+from powersample.backends.toy import ToyBackend, ToySpec
+from powersample.config import SamplerConfig
+from powersample.server.app import Settings, create_app
+from powersample.server.background import background_server
+from powersample.server.http import HttpLimits
 
 # Words, so that texts are long enough for stop strings; EOS is likely only after "."
 WORDS = {
@@ -140,6 +140,7 @@ def events(resp: httpx.Response) -> tuple[list[str], list]:
 def embedded_server():
     """The embedded model behind a server: (backend, url). The `embedded` fixture (conftest.py) serves it."""
     backend = powersample.load_backend("auto")
-    with serve(backend, defaults=SamplerConfig(max_new_tokens=12, block_size=6, mcmc_steps=2),
-               model_name="smollm2") as url:  # fmt: skip
+    with serve(
+        backend, defaults=SamplerConfig(max_new_tokens=12, block_size=6, mcmc_steps=2), model_name="smollm2"
+    ) as url:
         yield backend, url

@@ -4,10 +4,10 @@ with an exact one against the multinomial null (the exact tests use support.trac
 from __future__ import annotations
 
 from exact_laws import empirical, tv, tv_null_quantile
-from support.toy import load_spec
 
 from powersample import SamplerConfig, sample
 from powersample.backends.toy import ToyBackend
+from support.toy import load_spec
 
 N = 3000  # samples per statistical test; each is an independent chain
 

@@ -285,8 +285,13 @@ class Merge:
     picks: tuple[str, ...] = ()
 
 
-def program_law(backend: TracingBackend, config: SamplerConfig, output: Callable[..., Hashable] = tokens_of,
-                merge: Merge | None = None, notes: bool = False) -> Law:  # fmt: skip
+def program_law(
+    backend: TracingBackend,
+    config: SamplerConfig,
+    output: Callable[..., Hashable] = tokens_of,
+    merge: Merge | None = None,
+    notes: bool = False,
+) -> Law:
     """The exact law of `output(result)` of one chain of config.method's real program (samplers.run_chains, the
     driver, the toy backend). With `merge`, paths that reach the same state are explored once. With `notes`, the
     chain is traced (Chain.note) and `output(result, events)` also gets its events."""
@@ -340,7 +345,9 @@ def sampler_law(spec: ToySpec, config: SamplerConfig) -> Law:
 def requests_state(requests: Sequence[ExtendRequest]) -> tuple:
     """What the rest of a program depends on in its requests. The draft is left out: it decides how many tokens a
     forward verifies, never which (core.drafts)."""
-    return tuple((r.context, r.max_tokens, r.report.alternatives, r.report.entropy, floor_state(r.hints.floor)) for r in requests)
+    return tuple(
+        (r.context, r.max_tokens, r.report.alternatives, r.report.entropy, floor_state(r.hints.floor)) for r in requests
+    )
 
 
 def floor_state(floor: Floor | None) -> tuple | None:

@@ -55,8 +55,16 @@ class LlamaCppBackend:
 
     HINTS = frozenset({"speculate", "floor"})  # engine.Row: drafts verified per forward, a row below its floor leaves
 
-    def __init__(self, weights: Weights, *, n_ctx: int | None = None, max_slots: int = MAX_SLOTS,
-                 reuse_cache: bool = True, layout: Layout | None = None, quiet: bool = False):
+    def __init__(
+        self,
+        weights: Weights,
+        *,
+        n_ctx: int | None = None,
+        max_slots: int = MAX_SLOTS,
+        reuse_cache: bool = True,
+        layout: Layout | None = None,
+        quiet: bool = False,
+    ):
         if not 1 <= max_slots <= MOST_SLOTS:
             raise PowerSampleError(f"max_slots must be between 1 and {MOST_SLOTS}, got {max_slots}")
         self._lib = import_llama_cpp()
@@ -233,8 +241,11 @@ class LlamaCppBackend:
         """One llama_decode of each row's fed ids at the next positions of its sequence, logits for every one; the
         rows' tokens drawn or verified from them (engine.verify_step); void fed ids cut from the cache. Returns the
         indices of the rows now finished."""
-        items = [(token, len(row.seq.ids) + j, row.seq.seq_id, True) for row, fed in zip(rows, feeds)
-                 for j, token in enumerate(fed)]  # fmt: skip
+        items = [
+            (token, len(row.seq.ids) + j, row.seq.seq_id, True)
+            for row, fed in zip(rows, feeds)
+            for j, token in enumerate(fed)
+        ]
         self._decode(items)
         self.stats.forwards += 1
         self.stats.fed_tokens += len(items)
@@ -401,7 +412,6 @@ class LlamaCppBackend:
 
     def _check_length(self, context: int, new: int) -> None:
         check_fits(self.context_length, context, new)
-
 
 
 def _eos_ids(lib: Any, vocab: Any, metadata: dict[str, str]) -> frozenset[int]:

@@ -100,11 +100,17 @@ def choose_layout(native: bool, threads: int, disagreement: str | None, experts:
     if native:
         return Layout(True, f"{NATIVE_OPT_IN}=1: batched, llama.cpp's own kernels (log p depends on the batch)")
     if experts:
-        return Layout(False, f"a mixture of {experts} experts: batched decodes route rare tokens by other numbers "
-                             "than lone ones, which no probe can be sure to meet, so one row per decode")  # fmt: skip
+        return Layout(
+            False,
+            f"a mixture of {experts} experts: batched decodes route rare tokens by other numbers "
+            "than lone ones, which no probe can be sure to meet, so one row per decode",
+        )
     if threads > 1:
-        return Layout(False, f"{threads} threads: flash attention splits a lone token's keys across threads, so "
-                             "one token per micro-batch")  # fmt: skip
+        return Layout(
+            False,
+            f"{threads} threads: flash attention splits a lone token's keys across threads, so "
+            "one token per micro-batch",
+        )
     if disagreement is not None:
         return Layout(False, f"this model's kernels round by row count ({disagreement}), so one row per decode")
     return Layout(True, "this model's kernels give every row the same numbers at 1 to 32 rows")

@@ -50,14 +50,20 @@ def probe_key(llama_cpp: Any, path: Path, where: Placement) -> dict[str, str]:
     """What a probe's finding depends on: the engine build, the CPU, the model file, where its weights go and
     whether llama.cpp's tiled matmul is on."""
     library = Path(llama_cpp.__file__).parent / "lib"
-    builds = sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in library.iterdir()
-                    if f.is_file() and not f.is_symlink())  # fmt: skip
+    builds = sorted(
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+        for f in library.iterdir()
+        if f.is_file() and not f.is_symlink()
+    )
     source = path.resolve()
     return {
-        "engine": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}", "build": ";".join(builds),
-        "cpu": _cpu_identity(), "model": f"{source}:{source.stat().st_size}:{source.stat().st_mtime_ns}",
-        "placement": where.label, "tiled": tiled_setting(),
-    }  # fmt: skip
+        "engine": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}",
+        "build": ";".join(builds),
+        "cpu": _cpu_identity(),
+        "model": f"{source}:{source.stat().st_size}:{source.stat().st_mtime_ns}",
+        "placement": where.label,
+        "tiled": tiled_setting(),
+    }
 
 
 def _cpu_identity() -> str:
@@ -89,8 +95,12 @@ def layout_for(lib: Any, weights: Weights, n_vocab: int, quiet: bool) -> Layout:
 
     def run() -> dict[str, str | None]:
         if not quiet:
-            print(f"powersample: checking once whether {weights.path.name}'s llama.cpp kernels round alike at "
-                  "every batch shape ...", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"powersample: checking once whether {weights.path.name}'s llama.cpp kernels round alike at "
+                "every batch shape ...",
+                file=sys.stderr,
+                flush=True,
+            )
         return {"disagreement": rows_disagree(lib, weights, n_vocab)}
 
     found = probe.remembered(key, run)

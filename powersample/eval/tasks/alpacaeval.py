@@ -43,8 +43,12 @@ def export(run_dir: Path, problems: list[Problem], records: list[dict], generato
 
 
 def _output_row(problem: Problem, record: dict, generator: str) -> dict:
-    return {"instruction": problem.prompt, "output": record["completion"].strip(), "generator": generator,
-            "dataset": problem.extra.get("dataset", "alpaca_eval")}  # fmt: skip
+    return {
+        "instruction": problem.prompt,
+        "output": record["completion"].strip(),
+        "generator": generator,
+        "dataset": problem.extra.get("dataset", "alpaca_eval"),
+    }
 
 
 TASK = Task(name="alpacaeval", load=load, grade=grade, export=export)

@@ -42,7 +42,27 @@ from powersample.tools.bench.run import run_bench, run_call, total_work_units, w
 from powersample.tools.bench.table import format_table
 from powersample.tools.bench.targets import Target
 
-__all__ = ["PROMPTS", "WARMUP_TOKENS", "BenchOptions", "BenchResult", "CallStats", "Phase", "PhaseResult", "Target",
-           "backend_dict", "check_writable", "eq12_summary", "eq12_tokens_per_sample", "expected_tokens_full_length",
-           "format_table", "phases", "pick_prompts", "read_prompts", "run_bench", "run_call", "total_work_units",
-           "warm_up", "write_json"]
+__all__ = [
+    "PROMPTS",
+    "WARMUP_TOKENS",
+    "BenchOptions",
+    "BenchResult",
+    "CallStats",
+    "Phase",
+    "PhaseResult",
+    "Target",
+    "backend_dict",
+    "check_writable",
+    "eq12_summary",
+    "eq12_tokens_per_sample",
+    "expected_tokens_full_length",
+    "format_table",
+    "phases",
+    "pick_prompts",
+    "read_prompts",
+    "run_bench",
+    "run_call",
+    "total_work_units",
+    "warm_up",
+    "write_json",
+]

@@ -43,8 +43,9 @@ class Candidate:
     backend: BackendSpec  # what it loads
 
 
-def parse_candidates(text: str, model: str | None, given: Mapping[str, Any] | None = None,
-                     quiet: bool = False) -> tuple[Candidate, ...]:  # fmt: skip
+def parse_candidates(
+    text: str, model: str | None, given: Mapping[str, Any] | None = None, quiet: bool = False
+) -> tuple[Candidate, ...]:
     """`llamacpp,hf:dtype=bfloat16,...` as candidates on `model` (None = the embedded one); one-line errors.
 
     `given`: bench's own --threads, --dtype and --device (None where not given), for every candidate that does not
@@ -81,9 +82,11 @@ def _inherit(spec: str, own: BackendSpec, inherited: dict[str, Any]) -> BackendS
         return replace(own, **inherited)
     except PowerSampleError as e:
         options = " ".join(f"--{k} {v}" for k, v in inherited.items())
-        raise PowerSampleError(f"--engines candidate {spec!r} cannot take {options} ({e}): give it to the "
-                               f"candidates that take it instead, e.g. hf:{next(iter(inherited))}="
-                               f"{next(iter(inherited.values()))}") from None
+        raise PowerSampleError(
+            f"--engines candidate {spec!r} cannot take {options} ({e}): give it to the "
+            f"candidates that take it instead, e.g. hf:{next(iter(inherited))}="
+            f"{next(iter(inherited.values()))}"
+        ) from None
 
 
 def _threads(spec: str, value: str) -> int:
@@ -106,9 +109,17 @@ class EngineRow:
 
     def to_dict(self) -> dict[str, Any]:
         c = self.candidate.backend
-        return {"spec": self.candidate.spec, "backend": c.name, "threads": c.threads, "dtype": c.dtype,
-                "device": c.device, "quant": c.quant, "placement": self.placement, "kl_from_first": self.kl,
-                "phases": {p.phase.name: p.to_dict() for p in self.phases}}
+        return {
+            "spec": self.candidate.spec,
+            "backend": c.name,
+            "threads": c.threads,
+            "dtype": c.dtype,
+            "device": c.device,
+            "quant": c.quant,
+            "placement": self.placement,
+            "kl_from_first": self.kl,
+            "phases": {p.phase.name: p.to_dict() for p in self.phases},
+        }
 
 
 @dataclass(frozen=True)
@@ -122,9 +133,15 @@ class EnginesResult:
     complete: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"benchmark": "powersample bench --engines", "complete": self.complete, "date": self.date,
-                "machine": self.machine, "config": registry.resolved(self.options.config),
-                "options": self.options.to_dict(), "engines": [r.to_dict() for r in self.rows]}
+        return {
+            "benchmark": "powersample bench --engines",
+            "complete": self.complete,
+            "date": self.date,
+            "machine": self.machine,
+            "config": registry.resolved(self.options.config),
+            "options": self.options.to_dict(),
+            "engines": [r.to_dict() for r in self.rows],
+        }
 
 
 def engine_phases(options: BenchOptions) -> tuple[Phase, ...]:
@@ -137,7 +154,9 @@ def total_units(options: BenchOptions, candidates: Sequence[Candidate]) -> int:
 
 
 def run_engines(
-    options: BenchOptions, candidates: Sequence[Candidate], update: Update | None = None,
+    options: BenchOptions,
+    candidates: Sequence[Candidate],
+    update: Update | None = None,
     on_progress: Callable[[EnginesResult], None] | None = None,
 ) -> EnginesResult:
     """Load every candidate, then run the phases with the candidates taking turns (module docstring)."""
@@ -161,8 +180,15 @@ def run_engines(
 class _EnginesRun:
     """The calls so far, per candidate and phase, and the load average after each candidate's latest call."""
 
-    def __init__(self, options: BenchOptions, candidates: tuple[Candidate, ...], backends: list[Backend],
-                 machine: dict[str, Any], date: str, divergence: list[float | None]) -> None:
+    def __init__(
+        self,
+        options: BenchOptions,
+        candidates: tuple[Candidate, ...],
+        backends: list[Backend],
+        machine: dict[str, Any],
+        date: str,
+        divergence: list[float | None],
+    ) -> None:
         self.options, self.candidates, self.backends = options, candidates, backends
         self.machine, self.date, self.divergence = machine, date, divergence
         n = len(engine_phases(options))
@@ -175,14 +201,18 @@ class _EnginesRun:
         self.loads[c][p] = os.getloadavg()
 
     def result(self, complete: bool) -> EnginesResult:
-        rows = tuple(EngineRow(c, _placement(b), self._phase_results(i), d)
-                     for i, (c, b, d) in enumerate(zip(self.candidates, self.backends, self.divergence)))
+        rows = tuple(
+            EngineRow(c, _placement(b), self._phase_results(i), d)
+            for i, (c, b, d) in enumerate(zip(self.candidates, self.backends, self.divergence))
+        )
         return EnginesResult(self.options, self.machine, self.date, rows, complete)
 
     def _phase_results(self, c: int) -> tuple[PhaseResult, ...]:
-        return tuple(PhaseResult(phase, tuple(calls), peak_rss_kb(), load)
-                     for phase, calls, load in zip(engine_phases(self.options), self.calls[c], self.loads[c])
-                     if calls)
+        return tuple(
+            PhaseResult(phase, tuple(calls), peak_rss_kb(), load)
+            for phase, calls, load in zip(engine_phases(self.options), self.calls[c], self.loads[c])
+            if calls
+        )
 
 
 def _divergences(options: BenchOptions, backends: Sequence[Backend]) -> list[float | None]:
@@ -238,4 +268,3 @@ def _use_threads(spec: BackendSpec, default: int | None) -> None:
         import torch
 
         torch.set_num_threads(spec.threads or default)
-

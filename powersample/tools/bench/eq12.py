@@ -39,6 +39,9 @@ def eq12_summary(config: SamplerConfig, phase: PhaseLookup) -> dict[str, Any]:
         p = phase(name)
         if p is not None:
             means = p.per_sample()
-            out[name] = {"actual_tokens_per_sample": means["mean_tokens_sampled_per_sample"],
-                         "mean_length": means["mean_length"], "eos_fraction": means["eos_fraction"]}
+            out[name] = {
+                "actual_tokens_per_sample": means["mean_tokens_sampled_per_sample"],
+                "mean_length": means["mean_length"],
+                "eos_fraction": means["eos_fraction"],
+            }
     return out

@@ -40,8 +40,10 @@ class BenchOptions:
     quick: bool = False  # the tiny CI profile was asked for (recorded only)
 
     def __post_init__(self) -> None:
-        check(self.config.method in MCMC_METHODS,
-              f"bench measures an MCMC method; --method must be one of {', '.join(MCMC_METHODS)}")
+        check(
+            self.config.method in MCMC_METHODS,
+            f"bench measures an MCMC method; --method must be one of {', '.join(MCMC_METHODS)}",
+        )
         check(len(self.prompts) >= 1, "bench needs at least one prompt (--prompts must be >= 1)")
         check(all(p.strip() for p in self.prompts), "bench prompts must not be empty")
         check(self.chains >= 1, f"chains must be >= 1, got {self.chains}")
@@ -60,9 +62,17 @@ class BenchOptions:
 
     def to_dict(self) -> dict:
         """The options in the result JSON (the configs are written beside them)."""
-        return {"prompts": list(self.prompts), "chains": self.chains, "repeats": self.repeats, "seed": self.seed,
-                "chat": self.chat, "quick": self.quick, "warmup_tokens": WARMUP_TOKENS, "speculate": self.speculate,
-                "seeds": [self.seed + i for i in range(len(self.prompts))]}
+        return {
+            "prompts": list(self.prompts),
+            "chains": self.chains,
+            "repeats": self.repeats,
+            "seed": self.seed,
+            "chat": self.chat,
+            "quick": self.quick,
+            "warmup_tokens": WARMUP_TOKENS,
+            "speculate": self.speculate,
+            "seeds": [self.seed + i for i in range(len(self.prompts))],
+        }
 
 
 def read_prompts(path: str) -> tuple[str, ...]:

@@ -64,11 +64,21 @@ class CallStats:
         return tuple(r == "eos" for r in self.finish_reasons)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"repeat": self.repeat, "prompt_index": self.prompt_index, "seed": self.seed,
-                "wall_seconds": self.wall_seconds, "tokens_generated": list(self.tokens_generated),
-                "lengths": list(self.lengths), "finish_reasons": list(self.finish_reasons),
-                "proposals": self.proposals, "accepted": self.accepted, "forwards": self.forwards,
-                "drafted": self.drafted, "kept_drafts": self.kept_drafts, "digests": list(self.digests)}
+        return {
+            "repeat": self.repeat,
+            "prompt_index": self.prompt_index,
+            "seed": self.seed,
+            "wall_seconds": self.wall_seconds,
+            "tokens_generated": list(self.tokens_generated),
+            "lengths": list(self.lengths),
+            "finish_reasons": list(self.finish_reasons),
+            "proposals": self.proposals,
+            "accepted": self.accepted,
+            "forwards": self.forwards,
+            "drafted": self.drafted,
+            "kept_drafts": self.kept_drafts,
+            "digests": list(self.digests),
+        }
 
 
 @dataclass(frozen=True)
@@ -133,19 +143,31 @@ class PhaseResult:
 
     def per_sample(self) -> dict[str, float]:
         """Means per sample: tokens sampled, final length, and the fraction that ended at EOS."""
-        return {"mean_tokens_sampled_per_sample": self.sample_mean(lambda c: c.tokens_generated),
-                "mean_length": self.sample_mean(lambda c: c.lengths),
-                "eos_fraction": self.sample_mean(lambda c: c.ended_at_eos)}
+        return {
+            "mean_tokens_sampled_per_sample": self.sample_mean(lambda c: c.tokens_generated),
+            "mean_length": self.sample_mean(lambda c: c.lengths),
+            "eos_fraction": self.sample_mean(lambda c: c.ended_at_eos),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.phase.name, "label": self.phase.label, "chains": self.phase.chains,
-            "method": self.phase.method, "reuse_cache": self.phase.reuse_cache,
-            "samples": self.samples, "tokens_sampled": self.tokens_sampled, "wall_seconds": self.wall_seconds,
-            "tokens_per_second": self.tokens_per_second, "wall_per_sample": self.wall_per_sample,
-            "acceptance_rate": self.acceptance_rate, **self.per_sample(), "speculate": self.phase.speculate,
-            "forwards_per_sample": self.forwards_per_sample, "kept_drafts_per_forward": self.kept_drafts_per_forward,
-            "peak_rss_kb": self.peak_rss_kb, "load_average": list(self.load_average),
+            "name": self.phase.name,
+            "label": self.phase.label,
+            "chains": self.phase.chains,
+            "method": self.phase.method,
+            "reuse_cache": self.phase.reuse_cache,
+            "samples": self.samples,
+            "tokens_sampled": self.tokens_sampled,
+            "wall_seconds": self.wall_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "wall_per_sample": self.wall_per_sample,
+            "acceptance_rate": self.acceptance_rate,
+            **self.per_sample(),
+            "speculate": self.phase.speculate,
+            "forwards_per_sample": self.forwards_per_sample,
+            "kept_drafts_per_forward": self.kept_drafts_per_forward,
+            "peak_rss_kb": self.peak_rss_kb,
+            "load_average": list(self.load_average),
             "calls": [c.to_dict() for c in self.calls],
         }
 

@@ -38,13 +38,17 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "benchmark": "powersample bench", "complete": self.complete, "date": self.date,
-            "machine": self.machine, "backend": backend_dict(self.options.backend, self.device),
+            "benchmark": "powersample bench",
+            "complete": self.complete,
+            "date": self.date,
+            "machine": self.machine,
+            "backend": backend_dict(self.options.backend, self.device),
             "config": registry.resolved(self.options.config),
             "plain_config": registry.resolved(self.options.plain_config),
             "options": self.options.to_dict(),
             "phases": {p.phase.name: p.to_dict() for p in self.phases},
-            "eq12": self.eq12(), "targets": {t.name: t.to_dict() for t in self.targets()},
+            "eq12": self.eq12(),
+            "targets": {t.name: t.to_dict() for t in self.targets()},
             "speculative_same_samples": self.same_samples(),
         }
 
@@ -62,5 +66,12 @@ class BenchResult:
 
 def backend_dict(spec: BackendSpec, device: str | None) -> dict[str, Any]:
     """The backend in the result JSON (bench, bench --fidelity's model mode)."""
-    return {"name": spec.name, "model": spec.describe(), "toy_spec": spec.toy_spec, "device": device,
-            "dtype": spec.dtype, "threads": spec.threads, "quant": spec.quant}
+    return {
+        "name": spec.name,
+        "model": spec.describe(),
+        "toy_spec": spec.toy_spec,
+        "device": device,
+        "dtype": spec.dtype,
+        "threads": spec.threads,
+        "quant": spec.quant,
+    }

@@ -66,6 +66,7 @@ class _Run:
         def progress(n: int) -> None:
             reported[0] += n
             self.say(phase.label, n, "")
+
         return progress
 
     def say(self, label: str, n: int, what: str) -> None:
@@ -75,31 +76,49 @@ class _Run:
 
     def _publish(self, current: PhaseResult) -> None:
         if self.on_progress:
-            self.on_progress(BenchResult(self.options, self.machine, self.date, (*self.done, current), False,
-                                         self.device))
+            self.on_progress(
+                BenchResult(self.options, self.machine, self.date, (*self.done, current), False, self.device)
+            )
 
     def result(self, complete: bool) -> BenchResult:
         return BenchResult(self.options, self.machine, self.date, tuple(self.done), complete, self.device)
 
 
 def run_call(
-    backend: Backend, options: BenchOptions, phase: Phase, repeat: int, index: int,
+    backend: Backend,
+    options: BenchOptions,
+    phase: Phase,
+    repeat: int,
+    index: int,
     progress: Callable[[int], None] | None,
 ) -> CallStats:
     """One prompt of one phase: `phase.chains` samples drawn together, seeded with seed + index."""
     config = options.plain_config if phase.plain else replace(options.config, speculate=phase.speculate)
     seed = options.seed + index
     before = engine_counts(backend)
-    records = sample(backend, options.prompts[index], config, seed=seed, num_samples=phase.chains,
-                     chat=options.chat, progress=progress)
+    records = sample(
+        backend,
+        options.prompts[index],
+        config,
+        seed=seed,
+        num_samples=phase.chains,
+        chat=options.chat,
+        progress=progress,
+    )
     counts = [None if b is None else a - b for a, b in zip(engine_counts(backend), before)]
     return CallStats(
-        repeat=repeat, prompt_index=index, seed=seed, wall_seconds=records[0].wall_seconds,
+        repeat=repeat,
+        prompt_index=index,
+        seed=seed,
+        wall_seconds=records[0].wall_seconds,
         tokens_generated=tuple(r.tokens_generated for r in records),
         lengths=tuple(len(r.tokens) for r in records),
         finish_reasons=tuple(r.finish_reason for r in records),
-        proposals=sum(r.proposals for r in records), accepted=sum(r.accepted for r in records),
-        forwards=counts[0], drafted=counts[1], kept_drafts=counts[2],
+        proposals=sum(r.proposals for r in records),
+        accepted=sum(r.accepted for r in records),
+        forwards=counts[0],
+        drafted=counts[1],
+        kept_drafts=counts[2],
         digests=tuple(hashlib.sha256(repr(r.tokens).encode()).hexdigest()[:12] for r in records),
     )
 

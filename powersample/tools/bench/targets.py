@@ -37,9 +37,16 @@ class Target:
         return self.value >= self.target if self.op == ">=" else self.value <= self.target
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "label": self.label, "numerator": self.numerator,
-                "denominator": self.denominator, "value": self.value, "target": self.target, "op": self.op,
-                "met": self.met}
+        return {
+            "name": self.name,
+            "label": self.label,
+            "numerator": self.numerator,
+            "denominator": self.denominator,
+            "value": self.value,
+            "target": self.target,
+            "op": self.op,
+            "met": self.met,
+        }
 
 
 def targets(phase: PhaseLookup, mcmc_steps: int) -> list[Target]:
@@ -49,17 +56,19 @@ def targets(phase: PhaseLookup, mcmc_steps: int) -> list[Target]:
     return [t for t in made if t is not None]
 
 
-def _ratio_target(name: str, label: str, num: str, den: str, field: str, bound: float,
-                  op: str) -> Callable[[PhaseLookup], Target | None]:  # fmt: skip
+def _ratio_target(
+    name: str, label: str, num: str, den: str, field: str, bound: float, op: str
+) -> Callable[[PhaseLookup], Target | None]:
     """The target `field` of phase `num` over `field` of phase `den`, compared with `bound` by `op`; None until
     both phases have run. `label` may name {num_chains}, {num_speculate} and {den_speculate}."""
+
     def make(phase: PhaseLookup) -> Target | None:
         a, b = phase(num), phase(den)
         if a is None or b is None:
             return None
-        text = label.format(num_chains=a.phase.chains, num_speculate=a.phase.speculate,
-                            den_speculate=b.phase.speculate)
+        text = label.format(num_chains=a.phase.chains, num_speculate=a.phase.speculate, den_speculate=b.phase.speculate)
         return Target(name, text, getattr(a, field), getattr(b, field), bound, op)
+
     return make
 
 
@@ -67,25 +76,73 @@ def _rss_target(phase: PhaseLookup) -> Target | None:
     a = phase("power-K")
     if a is None:
         return None
-    return Target("peak_rss_gib_K", f"peak RSS (GiB) after {a.phase.chains} chains", a.peak_rss_kb, GIB_KB,
-                  2.0, "<=")
+    return Target("peak_rss_gib_K", f"peak RSS (GiB) after {a.phase.chains} chains", a.peak_rss_kb, GIB_KB, 2.0, "<=")
 
 
-_one_step_target = _ratio_target("one_step_vs_plain_1", "1 MH step/stage: wall/sample, k={num_speculate} / plain",
-                                 "speculative-1", "plain-1", "wall_per_sample", 1.3, "<=")
+_one_step_target = _ratio_target(
+    "one_step_vs_plain_1",
+    "1 MH step/stage: wall/sample, k={num_speculate} / plain",
+    "speculative-1",
+    "plain-1",
+    "wall_per_sample",
+    1.3,
+    "<=",
+)
 
 TARGETS = (
-    _ratio_target("rate_power-K_vs_plain-K", "MCMC / plain tokens/s, K chains (batch K)", "power-K", "plain-K",
-                  "tokens_per_second", 0.85, ">="),
-    _ratio_target("rate_power-1_vs_plain-1", "MCMC / plain tokens/s, 1 chain (batch 1)", "power-1", "plain-1",
-                  "tokens_per_second", 0.85, ">="),
-    _ratio_target("scratch_vs_ours_1", "regenerate-from-scratch wall / ours, 1 chain", "scratch-1", "power-1",
-                  "wall_per_sample", 5.0, ">="),
-    _ratio_target("scratch_vs_speculative_1", "regenerate-from-scratch wall / k={den_speculate}, 1 chain",
-                  "scratch-1", "speculative-1", "wall_per_sample", 4.0, ">="),
-    _ratio_target("speculative_vs_plain_proposals_1", "wall/sample, 1 chain, no / k={den_speculate} speculation",
-                  "power-1", "speculative-1", "wall_per_sample", 1.5, ">="),
-    _ratio_target("wall_per_sample_K_vs_1", "wall per sample, {num_chains} chains / 1 chain", "power-K", "power-1",
-                  "wall_per_sample", 0.25, "<="),
+    _ratio_target(
+        "rate_power-K_vs_plain-K",
+        "MCMC / plain tokens/s, K chains (batch K)",
+        "power-K",
+        "plain-K",
+        "tokens_per_second",
+        0.85,
+        ">=",
+    ),
+    _ratio_target(
+        "rate_power-1_vs_plain-1",
+        "MCMC / plain tokens/s, 1 chain (batch 1)",
+        "power-1",
+        "plain-1",
+        "tokens_per_second",
+        0.85,
+        ">=",
+    ),
+    _ratio_target(
+        "scratch_vs_ours_1",
+        "regenerate-from-scratch wall / ours, 1 chain",
+        "scratch-1",
+        "power-1",
+        "wall_per_sample",
+        5.0,
+        ">=",
+    ),
+    _ratio_target(
+        "scratch_vs_speculative_1",
+        "regenerate-from-scratch wall / k={den_speculate}, 1 chain",
+        "scratch-1",
+        "speculative-1",
+        "wall_per_sample",
+        4.0,
+        ">=",
+    ),
+    _ratio_target(
+        "speculative_vs_plain_proposals_1",
+        "wall/sample, 1 chain, no / k={den_speculate} speculation",
+        "power-1",
+        "speculative-1",
+        "wall_per_sample",
+        1.5,
+        ">=",
+    ),
+    _ratio_target(
+        "wall_per_sample_K_vs_1",
+        "wall per sample, {num_chains} chains / 1 chain",
+        "power-K",
+        "power-1",
+        "wall_per_sample",
+        0.25,
+        "<=",
+    ),
     _rss_target,
 )

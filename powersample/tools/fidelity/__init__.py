@@ -33,6 +33,24 @@ from powersample.tools.fidelity.settings import Setting
 from powersample.tools.fidelity.table import render_table
 from powersample.tools.fidelity.toy import run_toy
 
-__all__ = ["DEFAULT_SPECS", "SECTION", "FidelityOptions", "Law", "Setting", "ToyTarget", "empirical_law",
-           "fidelity_section", "has_fidelity", "paths", "power_law", "prepare_dir", "render_table", "run_model",
-           "run_toy", "tv_distance", "tv_floor", "write_json", "write_outputs"]
+__all__ = [
+    "DEFAULT_SPECS",
+    "SECTION",
+    "FidelityOptions",
+    "Law",
+    "Setting",
+    "ToyTarget",
+    "empirical_law",
+    "fidelity_section",
+    "has_fidelity",
+    "paths",
+    "power_law",
+    "prepare_dir",
+    "render_table",
+    "run_model",
+    "run_toy",
+    "tv_distance",
+    "tv_floor",
+    "write_json",
+    "write_outputs",
+]

@@ -26,8 +26,10 @@ def check_enumerable(spec: ToySpec, max_new_tokens: int) -> None:
     branching = len(spec.vocab) - 1  # EOS ends a sequence
     bound = sum(branching**k for k in range(max_new_tokens + 1))
     if bound > MAX_SEQUENCES:
-        raise PowerSampleError(f"a vocabulary of {len(spec.vocab)} with T={max_new_tokens} may have {bound} "
-                               f"sequences, over {MAX_SEQUENCES} to enumerate; lower --max-new-tokens")  # fmt: skip
+        raise PowerSampleError(
+            f"a vocabulary of {len(spec.vocab)} with T={max_new_tokens} may have {bound} "
+            f"sequences, over {MAX_SEQUENCES} to enumerate; lower --max-new-tokens"
+        )
 
 
 def power_law(spec: ToySpec, alpha: float, max_new_tokens: int) -> Law:

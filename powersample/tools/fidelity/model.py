@@ -32,32 +32,46 @@ class ModelPoint:
 
     def to_dict(self, base_wall: float | None) -> dict[str, Any]:
         ratio = self.wall_per_sample / base_wall if base_wall else None
-        return {**self.setting.to_dict(), "samples": self.samples, "logp_per_token": self.logp_per_token,
-                "mean_length": self.mean_length, "eos_fraction": self.eos_fraction,
-                "tokens_per_sample": self.tokens_per_sample, "wall_per_sample": self.wall_per_sample,
-                "wall_vs_base": ratio}  # fmt: skip
+        return {
+            **self.setting.to_dict(),
+            "samples": self.samples,
+            "logp_per_token": self.logp_per_token,
+            "mean_length": self.mean_length,
+            "eos_fraction": self.eos_fraction,
+            "tokens_per_sample": self.tokens_per_sample,
+            "wall_per_sample": self.wall_per_sample,
+            "wall_vs_base": ratio,
+        }
 
 
 def model_point(setting: Setting, records: list[Any]) -> ModelPoint:
     """The averages of one setting's records (SampleRecord) so far."""
     n = len(records)
-    return ModelPoint(setting, n, sum(r.logp / max(1, len(r.tokens)) for r in records) / n,
-                      sum(len(r.tokens) for r in records) / n,
-                      sum(r.finish_reason == "eos" for r in records) / n,
-                      sum(r.tokens_generated for r in records) / n,
-                      sum(r.wall_seconds for r in records) / n)  # fmt: skip
+    return ModelPoint(
+        setting,
+        n,
+        sum(r.logp / max(1, len(r.tokens)) for r in records) / n,
+        sum(len(r.tokens) for r in records) / n,
+        sum(r.finish_reason == "eos" for r in records) / n,
+        sum(r.tokens_generated for r in records) / n,
+        sum(r.wall_seconds for r in records) / n,
+    )
 
 
-def run_model(options: FidelityOptions, backend: Backend, describe: dict[str, Any], update: Update | None = None,
-              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_model(
+    options: FidelityOptions,
+    backend: Backend,
+    describe: dict[str, Any],
+    update: Update | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Every registered setting on the loaded backend; `describe` names it in the JSON.
 
     The settings take turns within each (prompt, seed) round, so that load from other jobs on a shared machine
     slows them alike rather than whichever setting happened to run at the time.
     """
     settings, skipped = split_registered(model_settings(options.max_new_tokens, options.quick), options.methods)
-    out = options.header() | {"backend": describe, "prompts": list(options.prompts), "skipped": skipped,
-                              "points": []}
+    out = options.header() | {"backend": describe, "prompts": list(options.prompts), "skipped": skipped, "points": []}
     warm_up(backend, options.prompts[0], options.max_new_tokens, options.seed, options.chat)
     records: dict[Setting, list[Any]] = {s: [] for s in settings}
     for prompt in options.prompts:

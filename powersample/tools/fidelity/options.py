@@ -68,7 +68,16 @@ class FidelityOptions:
 
     def header(self) -> dict[str, Any]:
         """The start of the result JSON: the run, the machine, `complete` false until the end."""
-        return {"benchmark": "powersample bench --fidelity", "mode": self.mode, "complete": False,
-                "date": utc_now(), "machine": machine_info(os.getloadavg()), "alpha": self.alpha,
-                "max_new_tokens": self.max_new_tokens, "samples": self.samples, "seed": self.seed,
-                "quick": self.quick, "methods": list(self.methods)}  # fmt: skip
+        return {
+            "benchmark": "powersample bench --fidelity",
+            "mode": self.mode,
+            "complete": False,
+            "date": utc_now(),
+            "machine": machine_info(os.getloadavg()),
+            "alpha": self.alpha,
+            "max_new_tokens": self.max_new_tokens,
+            "samples": self.samples,
+            "seed": self.seed,
+            "quick": self.quick,
+            "methods": list(self.methods),
+        }

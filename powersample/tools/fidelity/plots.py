@@ -25,8 +25,13 @@ def toy_figure(data: dict[str, Any]) -> Any:
         for curve, points in _curves(t["points"]).items():
             _plot_curve(ax, points, "tokens_per_sample", "tv", curve, colors[curve])
         ax.axhline(t["floor"], linestyle="--", color="gray", label=f"TV floor: mean of {data['samples']} exact samples")
-        ax.set(xscale="log", yscale="log", xlabel="tokens sampled per sample", ylabel="TV to exact p^alpha",
-               title=f"{t['spec']} (T={t['max_new_tokens']}, alpha={data['alpha']:g})")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="tokens sampled per sample",
+            ylabel="TV to exact p^alpha",
+            title=f"{t['spec']} (T={t['max_new_tokens']}, alpha={data['alpha']:g})",
+        )
         low, high = ax.get_ylim()
         ax.axhspan(low, t["floor_q95"], color="gray", alpha=0.12, label="within sampling noise (95%)")
         ax.set_ylim(low, high)
@@ -39,8 +44,12 @@ def model_figure(data: dict[str, Any]) -> Any:
     """Log-likelihood per token against tokens sampled and against wall per sample, one curve per sweep."""
     fig = _figure(2, 5.0)
     colors = _colors(data["points"])
-    for ax, x, label in zip(fig.axes, ("tokens_per_sample", "wall_per_sample"),
-                            ("tokens sampled per sample", "wall per sample (s)"), strict=True):
+    for ax, x, label in zip(
+        fig.axes,
+        ("tokens_per_sample", "wall_per_sample"),
+        ("tokens sampled per sample", "wall per sample (s)"),
+        strict=True,
+    ):
         for curve, points in _curves(data["points"]).items():
             _plot_curve(ax, points, x, "logp_per_token", curve, colors[curve])
         ax.set(xscale="log", xlabel=label, ylabel="base log-likelihood per token")
@@ -87,8 +96,14 @@ def _plot_curve(ax: Any, points: list[dict[str, Any]], x: str, y: str, label: st
     ax.plot([p[x] for p in points], ys, marker="o", markersize=4, label=label, color=color)
     for p, yv in zip(points, ys, strict=True):
         if p["swept"]:
-            ax.annotate(str(p["knobs"][p["swept"]]), (p[x], yv), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points", color=color)
+            ax.annotate(
+                str(p["knobs"][p["swept"]]),
+                (p[x], yv),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+                color=color,
+            )
 
 
 def _figure(panels: int, width: float) -> Any:

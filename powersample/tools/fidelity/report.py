@@ -32,8 +32,12 @@ def fidelity_section(path: Path, plot_dir: Path | None) -> tuple[str, list[Path]
         if not files["json"].is_file():
             continue
         data = _read_json(files["json"])
-        parts += [f"## Fidelity per compute ({'exact toy targets' if mode == 'toy' else 'model'}): {path}", "",
-                  render_table(data), ""]
+        parts += [
+            f"## Fidelity per compute ({'exact toy targets' if mode == 'toy' else 'model'}): {path}",
+            "",
+            render_table(data),
+            "",
+        ]
         if files["png"].is_file():
             parts += [f"![fidelity per compute, {mode}]({_place_png(files['png'], plot_dir, copied)})", ""]
     return "\n".join(parts).rstrip(), copied

@@ -28,12 +28,17 @@ class Setting:
         return " ".join(f"{k}={v}" for k, v in self.knobs) or "-"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "knobs": dict(self.knobs), "curve": self.curve or self.method,
-                "swept": self.swept}
+        return {
+            "method": self.method,
+            "knobs": dict(self.knobs),
+            "curve": self.curve or self.method,
+            "swept": self.swept,
+        }
 
 
-def sweep(method: str, knob: str, values: Iterable[Any], fixed: dict[str, Any] | None = None,
-          curve: str | None = None) -> list[Setting]:
+def sweep(
+    method: str, knob: str, values: Iterable[Any], fixed: dict[str, Any] | None = None, curve: str | None = None
+) -> list[Setting]:
     """One curve: `knob` over `values` with the `fixed` knobs; `curve` names it (default: method and fixed knobs)."""
     fixed = fixed or {}
     name = curve or " ".join([method, *(f"{k}={v}" for k, v in fixed.items())])
@@ -44,13 +49,16 @@ def toy_settings(max_new_tokens: int, vocab_size: int, quick: bool) -> list[Sett
     """The toy sweeps: plain baselines, MH at several step counts and block counts, and the three new methods."""
     t, v = max_new_tokens, vocab_size
     if quick:
-        return [Setting("base"), Setting("low-temp"),
-                *sweep("power", "mcmc_steps", (1, 8), {"block_count": t}, "power blocks=T"),
-                *sweep("power-cut", "mcmc_steps", (1, 8), {"block_count": t}, "power-cut blocks=T"),
-                *sweep("bon", "bon_tokens", (2 * t,)),
-                *sweep("power-mtm", "tries", (2, 4), {"mcmc_steps": 1, "block_count": t}, "power-mtm steps=1 blocks=T"),
-                *sweep("power-smc", "particles", (4, 16)),
-                *sweep("power-rollout", "rollouts", (1, 4), {"candidates": v}, "power-rollout K=vocab")]  # fmt: skip
+        return [
+            Setting("base"),
+            Setting("low-temp"),
+            *sweep("power", "mcmc_steps", (1, 8), {"block_count": t}, "power blocks=T"),
+            *sweep("power-cut", "mcmc_steps", (1, 8), {"block_count": t}, "power-cut blocks=T"),
+            *sweep("bon", "bon_tokens", (2 * t,)),
+            *sweep("power-mtm", "tries", (2, 4), {"mcmc_steps": 1, "block_count": t}, "power-mtm steps=1 blocks=T"),
+            *sweep("power-smc", "particles", (4, 16)),
+            *sweep("power-rollout", "rollouts", (1, 4), {"candidates": v}, "power-rollout K=vocab"),
+        ]
     # fmt: off
     return [
         Setting("base"), Setting("low-temp"),
@@ -74,9 +82,14 @@ def model_settings(max_new_tokens: int, quick: bool) -> list[Setting]:
     horizon = max(1, max_new_tokens // 6)
     rollout = {"candidates": 4, "rollout_horizon": horizon}
     if quick:
-        return [Setting("base"), Setting("low-temp"), *sweep("power", "mcmc_steps", (1,), {"block_count": 2}),
-                *sweep("power-mtm", "tries", (2,), {"mcmc_steps": 1, "block_count": 2}),
-                *sweep("power-smc", "particles", (4,)), *sweep("power-rollout", "rollouts", (1,), rollout)]
+        return [
+            Setting("base"),
+            Setting("low-temp"),
+            *sweep("power", "mcmc_steps", (1,), {"block_count": 2}),
+            *sweep("power-mtm", "tries", (2,), {"mcmc_steps": 1, "block_count": 2}),
+            *sweep("power-smc", "particles", (4,)),
+            *sweep("power-rollout", "rollouts", (1,), rollout),
+        ]
     # fmt: off
     return [
         Setting("base"), Setting("low-temp"),
@@ -99,8 +112,9 @@ def registered(method: str) -> bool:
     return True
 
 
-def split_registered(settings: list[Setting], methods: tuple[str, ...] = ()) -> tuple[list[Setting],
-                                                                                    list[dict[str, str]]]:
+def split_registered(
+    settings: list[Setting], methods: tuple[str, ...] = ()
+) -> tuple[list[Setting], list[dict[str, str]]]:
     """(settings to run, one note per method skipped because no sampler is registered for it); only those of
     `methods` when given."""
     settings = [s for s in settings if not methods or s.method in methods]

@@ -31,8 +31,14 @@ class ToyPoint:
     wall_seconds: float  # sampling wall of the batch (toy: Python overhead, not a model's cost)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.setting.to_dict(), "tv": self.tv, "tokens_per_sample": self.tokens_per_sample,
-                "calls": self.calls, "mean_length": self.mean_length, "wall_seconds": self.wall_seconds}
+        return {
+            **self.setting.to_dict(),
+            "tv": self.tv,
+            "tokens_per_sample": self.tokens_per_sample,
+            "calls": self.calls,
+            "mean_length": self.mean_length,
+            "wall_seconds": self.wall_seconds,
+        }
 
 
 def toy_point(backend: ToyBackend, law: Law, setting: Setting, options: FidelityOptions, t: int) -> ToyPoint:
@@ -41,13 +47,19 @@ def toy_point(backend: ToyBackend, law: Law, setting: Setting, options: Fidelity
     calls = backend.stats.extend_calls
     records = sample(backend, "fidelity", config, seed=options.seed, num_samples=options.samples, chat=False)
     n = len(records)
-    return ToyPoint(setting, tv_distance(empirical_law(r.tokens for r in records), law),
-                    sum(r.tokens_generated for r in records) / n, backend.stats.extend_calls - calls,
-                    sum(len(r.tokens) for r in records) / n, records[0].wall_seconds)  # fmt: skip
+    return ToyPoint(
+        setting,
+        tv_distance(empirical_law(r.tokens for r in records), law),
+        sum(r.tokens_generated for r in records) / n,
+        backend.stats.extend_calls - calls,
+        sum(len(r.tokens) for r in records) / n,
+        records[0].wall_seconds,
+    )
 
 
-def run_toy(options: FidelityOptions, update: Update | None = None,
-            on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_toy(
+    options: FidelityOptions, update: Update | None = None, on_progress: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Every registered setting on every target; returns the JSON-ready result."""
     specs = [ToySpec.load(t.path) for t in options.targets]
     out = options.header() | {"targets": [], "skipped": []}
@@ -66,8 +78,7 @@ def run_toy(options: FidelityOptions, update: Update | None = None,
     return out | {"complete": True}
 
 
-def _settings(target: ToyTarget, spec: ToySpec, options: FidelityOptions) -> tuple[list[Setting],
-                                                                                  list[dict[str, str]]]:
+def _settings(target: ToyTarget, spec: ToySpec, options: FidelityOptions) -> tuple[list[Setting], list[dict[str, str]]]:
     """The target's registered settings (of options.methods, when given), and the notes on the skipped methods."""
     return split_registered(toy_settings(target.max_new_tokens, len(spec.vocab), options.quick), options.methods)
 
@@ -75,8 +86,15 @@ def _settings(target: ToyTarget, spec: ToySpec, options: FidelityOptions) -> tup
 def _target_entry(law: Law, target: ToyTarget, options: FidelityOptions) -> dict[str, Any]:
     """A target's JSON entry before its points: the exact law's support and the TV floor of S exact samples."""
     floor, floor_q95 = tv_floor(law, options.samples, options.seed)
-    return {"spec": target.name, "path": target.path, "max_new_tokens": target.max_new_tokens,
-            "support": len(law), "floor": floor, "floor_q95": floor_q95, "points": []}
+    return {
+        "spec": target.name,
+        "path": target.path,
+        "max_new_tokens": target.max_new_tokens,
+        "support": len(law),
+        "floor": floor,
+        "floor_q95": floor_q95,
+        "points": [],
+    }
 
 
 def toy_units(options: FidelityOptions) -> int:

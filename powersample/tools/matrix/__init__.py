@@ -23,5 +23,16 @@ from powersample.tools.matrix.cells import ENGINES, MATRIX_QUANTS, Cell
 from powersample.tools.matrix.run import MatrixOptions, MatrixResult, run_matrix, total_units
 from powersample.tools.matrix.table import render_table, write_json
 
-__all__ = ["ARCHS", "ENGINES", "MATRIX_QUANTS", "Arch", "Cell", "MatrixOptions", "MatrixResult", "render_table",
-           "run_matrix", "total_units", "write_json"]
+__all__ = [
+    "ARCHS",
+    "ENGINES",
+    "MATRIX_QUANTS",
+    "Arch",
+    "Cell",
+    "MatrixOptions",
+    "MatrixResult",
+    "render_table",
+    "run_matrix",
+    "total_units",
+    "write_json",
+]

@@ -58,8 +58,9 @@ def agreement(files: ArchFiles) -> Agreement:
     found = _read(cache)
     if found is not None and found.llama_cpp == llama_cpp.__version__:
         return found
-    result = measure(files.hf, files.gguf(), routed=bool(files.arch.config.get("num_experts")),
-                     version=llama_cpp.__version__)  # fmt: skip
+    result = measure(
+        files.hf, files.gguf(), routed=bool(files.arch.config.get("num_experts")), version=llama_cpp.__version__
+    )
     write_json_atomic(cache, asdict(result))
     return result
 
@@ -78,8 +79,15 @@ def measure(hf_dir: Path, gguf: Path, routed: bool = False, version: str = "") -
         backend.close()
     gap = np.abs(have - want)  # (S, LENGTH - 1)
     allowed = int(ROUTING_FLIPS * gap.size) if routed else 0
-    return Agreement(float(gap.max()), float(np.median(gap)), float(gap[:, : WINDOW - 1].max()),
-                     int((gap > TOLERANCE).sum()), allowed, int(gap.size), version)  # fmt: skip
+    return Agreement(
+        float(gap.max()),
+        float(np.median(gap)),
+        float(gap[:, : WINDOW - 1].max()),
+        int((gap > TOLERANCE).sum()),
+        allowed,
+        int(gap.size),
+        version,
+    )
 
 
 def sequences() -> list[list[int]]:

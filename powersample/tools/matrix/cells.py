@@ -28,8 +28,10 @@ from powersample.tools.matrix.models import ArchFiles, quantized
 ENGINES = ("hf", "llamacpp", "vllm")
 MATRIX_QUANTS = ("f16", "q8_0", "q6_k", "q5_0", "q4_k_m", "q4_1", "q4_0")  # the matrix's default GGUF types
 FP32 = "fp32"  # the quant column of engines that run the weights as saved
-PROMPT = ("Name the three primary colors of paint. Then explain, in two short sentences, why mixing two of them gives "
-          "a secondary color, and give one example of each secondary color.")  # fmt: skip
+PROMPT = (
+    "Name the three primary colors of paint. Then explain, in two short sentences, why mixing two of them gives "
+    "a secondary color, and give one example of each secondary color."
+)
 HF_PROPOSAL_TOLERANCE = 4 * conformance.TOLERANCE  # 1/tau scales fp32 noise in a cold proposal's log q
 LLAMACPP_TOLERANCE = 0.0  # llama.cpp's exact kernels (backends/llamacpp/kernels.py): the same token's log p is the same
 # float whatever the forward's shape, so every check compares bit for bit
@@ -53,8 +55,12 @@ class Cell:
 
 def cells(engines: tuple[str, ...], archs: tuple[str, ...], quants: tuple[str, ...]) -> list[Cell]:
     """Every cell of the asked engines, architectures and quants, engine by engine, arch by arch."""
-    return [Cell(engine, arch, quant) for engine in engines for arch in archs
-            for quant in (quants if engine == "llamacpp" else (FP32,))]  # fmt: skip
+    return [
+        Cell(engine, arch, quant)
+        for engine in engines
+        for arch in archs
+        for quant in (quants if engine == "llamacpp" else (FP32,))
+    ]
 
 
 def not_built(cell: Cell) -> str:
@@ -89,9 +95,15 @@ def _hf_subject(cell: Cell, files: ArchFiles, threads: int) -> Iterator[conforma
     with torch_threads(threads):
         backend = HFBackend.load(str(files.hf), device="cpu", dtype="float32")
         prompt = backend.encode(PROMPT, chat=True)
-        yield conformance.Subject(backend, prompt, proposal_tolerance=HF_PROPOSAL_TOLERANCE,
-                                  next_logp=_fresh_next_logp(backend.model), contexts=ragged(prompt),
-                                  draws_per_forward=True, long_prompt=long_prompt(cell, prompt))  # fmt: skip
+        yield conformance.Subject(
+            backend,
+            prompt,
+            proposal_tolerance=HF_PROPOSAL_TOLERANCE,
+            next_logp=_fresh_next_logp(backend.model),
+            contexts=ragged(prompt),
+            draws_per_forward=True,
+            long_prompt=long_prompt(cell, prompt),
+        )
 
 
 @contextlib.contextmanager
@@ -103,9 +115,15 @@ def _llamacpp_subject(cell: Cell, files: ArchFiles, threads: int) -> Iterator[co
     backend = LlamaCppBackend.load(str(quantized(files, cell.quant)), n_ctx=CONTEXT, n_threads=threads, quiet=True)
     try:
         prompt = backend.encode(PROMPT, chat=True)
-        yield conformance.Subject(backend, prompt, tolerance=LLAMACPP_TOLERANCE, next_logp=backend.next_token_logp,
-                                  contexts=ragged(prompt), draws_per_forward=True,
-                                  long_prompt=long_prompt(cell, prompt))  # fmt: skip
+        yield conformance.Subject(
+            backend,
+            prompt,
+            tolerance=LLAMACPP_TOLERANCE,
+            next_logp=backend.next_token_logp,
+            contexts=ragged(prompt),
+            draws_per_forward=True,
+            long_prompt=long_prompt(cell, prompt),
+        )
     finally:
         backend.close()
 
@@ -154,4 +172,3 @@ def _fresh_next_logp(model: Any) -> Callable[[Tokens], np.ndarray]:
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-

@@ -168,5 +168,8 @@ def tokenizer_fields(source: Path) -> tuple[tuple[str, Any, Any, Any], ...]:
     import gguf
 
     fields = gguf.GGUFReader(source).fields.items()
-    return tuple((key, field.contents(), field.types[0], field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY
-                  else None) for key, field in fields if key.startswith(TOKENIZER_PREFIX))  # fmt: skip
+    return tuple(
+        (key, field.contents(), field.types[0], field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+        for key, field in fields
+        if key.startswith(TOKENIZER_PREFIX)
+    )

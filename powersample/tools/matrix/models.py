@@ -20,8 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from powersample.backends.embedded import (cache_root, embedded_gguf_path, embedded_model_dir, folder_being_built,
-                                           quiet_loading)  # fmt: skip
+from powersample.backends.embedded import (
+    cache_root,
+    embedded_gguf_path,
+    embedded_model_dir,
+    folder_being_built,
+    quiet_loading,
+)
 from powersample.io import write_json_atomic
 from powersample.tools.matrix.archs import Arch, config_kwargs
 from powersample.tools.matrix.convert import write_gguf
@@ -58,9 +63,17 @@ def content_key(arch: Arch) -> str:
     import torch
     import transformers
 
-    what = {"arch": arch.name, "model_type": arch.model_type, "config": config_kwargs(arch), "seed": SEED,
-            "format": FORMAT, "gguf_arch": arch.gguf_arch, "rope": arch.interleaved_rope, "norm": arch.norm_offset,
-            "versions": [transformers.__version__, torch.__version__, getattr(gguf, "__version__", "")]}  # fmt: skip
+    what = {
+        "arch": arch.name,
+        "model_type": arch.model_type,
+        "config": config_kwargs(arch),
+        "seed": SEED,
+        "format": FORMAT,
+        "gguf_arch": arch.gguf_arch,
+        "rope": arch.interleaved_rope,
+        "norm": arch.norm_offset,
+        "versions": [transformers.__version__, torch.__version__, getattr(gguf, "__version__", "")],
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -55,8 +55,7 @@ PROMISES = (same_seed_same_samples_at_any_speculation, records_do_not_depend_on_
 
 
 def _records(s: Subject, config: SamplerConfig, speculate: int, chains: int) -> list[SampleRecord]:
-    return sample(s.backend, TEXTS[0], replace(config, speculate=speculate), seed=SEED, num_samples=chains,
-                  chat=False)  # fmt: skip
+    return sample(s.backend, TEXTS[0], replace(config, speculate=speculate), seed=SEED, num_samples=chains, chat=False)
 
 
 def _ok(records: Sequence[SampleRecord] | Exception) -> Sequence[SampleRecord]:

@@ -40,8 +40,11 @@ class MatrixOptions:
 
     def __post_init__(self) -> None:
         check(self.threads >= 1, f"threads must be >= 1, got {self.threads}")
-        for what, given, known in (("engine", self.engines, ENGINES), ("arch", self.archs, tuple(ARCHS)),
-                                   ("quant", self.quants, tuple(QUANTS))):  # fmt: skip
+        for what, given, known in (
+            ("engine", self.engines, ENGINES),
+            ("arch", self.archs, tuple(ARCHS)),
+            ("quant", self.quants, tuple(QUANTS)),
+        ):
             check(bool(given), f"no {what} given; choose from {', '.join(known)}")
             unknown = [g for g in given if g not in known]
             check(not unknown, f"unknown {what} {unknown[0]!r}; choose from {', '.join(known)}" if unknown else "")
@@ -115,8 +118,9 @@ def total_units(options: MatrixOptions, checks: Sequence[Check] | None = None) -
     return len({c.arch for c in planned}) + len(measured) + len(planned) * len(checks or every_check())
 
 
-def run_matrix(options: MatrixOptions, update: Update | None = None,
-               checks: Sequence[Check] | None = None) -> MatrixResult:  # fmt: skip
+def run_matrix(
+    options: MatrixOptions, update: Update | None = None, checks: Sequence[Check] | None = None
+) -> MatrixResult:
     """Run `checks` (default: every_check()) on every cell of `options` (see the module docstring)."""
     checks = tuple(checks or every_check())
     start, started = time.perf_counter(), utc_now()
@@ -132,8 +136,14 @@ def run_matrix(options: MatrixOptions, update: Update | None = None,
         measured = _agreement(files, update) if any(c.engine == "llamacpp" for c in mine) else None
         results.update((c, _run_cell(c, files, checks, options.threads, update)) for c in mine)
         reports.append(_report(files, seconds, measured, [c.quant for c in mine if c.engine == "llamacpp"]))
-    return MatrixResult(options, started, tuple(c.__name__ for c in checks), tuple(reports),
-                        tuple(results[c] for c in planned), time.perf_counter() - start)  # fmt: skip
+    return MatrixResult(
+        options,
+        started,
+        tuple(c.__name__ for c in checks),
+        tuple(reports),
+        tuple(results[c] for c in planned),
+        time.perf_counter() - start,
+    )
 
 
 def failure_line(error: BaseException) -> str:
@@ -166,8 +176,9 @@ def _agreement(files: ArchFiles, update: Update | None) -> Agreement | None:
     return measured
 
 
-def _run_cell(cell: Cell, files: ArchFiles, checks: tuple[Check, ...], threads: int,
-              update: Update | None) -> CellResult:  # fmt: skip
+def _run_cell(
+    cell: Cell, files: ArchFiles, checks: tuple[Check, ...], threads: int, update: Update | None
+) -> CellResult:
     """Open the cell's backend and run every check; a backend that does not open fails every check with why."""
     start, outcomes, hints = time.perf_counter(), [], ()
     try:

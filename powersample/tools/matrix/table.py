@@ -24,8 +24,15 @@ MB = 1e6
 
 def render_table(result: MatrixResult) -> str:
     """The whole report, in Markdown."""
-    parts = [_summary(result), _legend(result), _cells(result), _hints(result), _failures(result),
-             _not_applicable(result), _conversions(result)]  # fmt: skip
+    parts = [
+        _summary(result),
+        _legend(result),
+        _cells(result),
+        _hints(result),
+        _failures(result),
+        _not_applicable(result),
+        _conversions(result),
+    ]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -46,11 +53,18 @@ def _summary(result: MatrixResult) -> str:
     built = [c for c in result.cells if not c.not_built]
     failed = [c for c in built if c.failures]
     bad = [a.arch for a in result.archs if a.agreement and not a.agreement.ok]
-    verdict = (f"{len(failed)} cells fail" if failed else "no cell was built here" if not built
-               else "every built cell passes every check that applies")
+    verdict = (
+        f"{len(failed)} cells fail"
+        if failed
+        else "no cell was built here"
+        if not built
+        else "every built cell passes every check that applies"
+    )
     verdict += f"; the conversion of {', '.join(bad)} disagrees with transformers" if bad else ""
-    return (f"{len(result.cells)} cells ({len(built)} built here) x {len(result.checks)} checks, "
-            f"{result.wall_seconds:.0f} s, started {result.started}: **{verdict}**.")  # fmt: skip
+    return (
+        f"{len(result.cells)} cells ({len(built)} built here) x {len(result.checks)} checks, "
+        f"{result.wall_seconds:.0f} s, started {result.started}: **{verdict}**."
+    )
 
 
 def _legend(result: MatrixResult) -> str:
@@ -60,13 +74,16 @@ def _legend(result: MatrixResult) -> str:
 
 def _cells(result: MatrixResult) -> str:
     numbers = list(range(1, len(result.checks) + 1))
-    rows = ["| engine | arch | quant | " + " | ".join(map(str, numbers)) + " | cell |",
-            "|---|---|---|" + ":-:|" * len(numbers) + "---|"]  # fmt: skip
+    rows = [
+        "| engine | arch | quant | " + " | ".join(map(str, numbers)) + " | cell |",
+        "|---|---|---|" + ":-:|" * len(numbers) + "---|",
+    ]
     for c in result.cells:
         if not c.not_built:
             marks = [MARK[o.status] for o in c.outcomes]
-            rows.append(f"| {c.cell.engine} | {c.cell.arch} | {c.cell.quant} | " + " | ".join(marks)
-                        + f" | {_verdict(c)} |")  # fmt: skip
+            rows.append(
+                f"| {c.cell.engine} | {c.cell.arch} | {c.cell.quant} | " + " | ".join(marks) + f" | {_verdict(c)} |"
+            )
     blank = " | ".join("" for _ in numbers)
     for (engine, reason), group in _not_built_groups(result).items():
         archs = ", ".join(dict.fromkeys(c.cell.arch for c in group))
@@ -100,8 +117,10 @@ def _not_applicable(result: MatrixResult) -> str:
         for i, o in enumerate(c.outcomes, 1):
             if o.status == NOT_APPLICABLE:
                 where[(i, o.reason)].append(c.cell.name)
-    lines = [f"- {i} `{result.checks[i - 1]}` on {_cells_named(names)}: {reason}"
-             for (i, reason), names in sorted(where.items())]  # fmt: skip
+    lines = [
+        f"- {i} `{result.checks[i - 1]}` on {_cells_named(names)}: {reason}"
+        for (i, reason), names in sorted(where.items())
+    ]
     return "### Not applicable\n\n" + "\n".join(lines) if lines else ""
 
 
@@ -109,19 +128,25 @@ def _conversions(result: MatrixResult) -> str:
     if not any(a.folder for a in result.archs):
         return ""
     quants = list(dict.fromkeys(q for a in result.archs for q in a.sizes if q != "hf"))
-    rows = [f"### Models and conversions\n\nThe conversion: llama.cpp's log p of the F32 GGUF against transformers' "
-            f"fp32 log p of the same ids, at {SEQUENCES} x {LENGTH - 1} positions: the largest and the median |Δ| in "
-            f"nats, and how many positions are past {TOLERANCE} (none may be; in an MoE, a near-tied router may pick "
-            f"other experts at {ROUTING_FLIPS:.0%} of them). Sizes on disk in MB.\n",
-            "| " + " | ".join(["arch", "exercises", "conversion", "hf", *quants]) + " |",
-            "|---|---|---|---|" + "---|" * len(quants)]  # fmt: skip
+    rows = [
+        f"### Models and conversions\n\nThe conversion: llama.cpp's log p of the F32 GGUF against transformers' "
+        f"fp32 log p of the same ids, at {SEQUENCES} x {LENGTH - 1} positions: the largest and the median |Δ| in "
+        f"nats, and how many positions are past {TOLERANCE} (none may be; in an MoE, a near-tied router may pick "
+        f"other experts at {ROUTING_FLIPS:.0%} of them). Sizes on disk in MB.\n",
+        "| " + " | ".join(["arch", "exercises", "conversion", "hf", *quants]) + " |",
+        "|---|---|---|---|" + "---|" * len(quants),
+    ]
     for a in result.archs:
         if not a.folder:
             continue
         sizes = [f"{a.sizes[q] / MB:.1f}" if q in a.sizes else "" for q in ("hf", *quants)]
         rows.append("| " + " | ".join([a.arch, ARCHS[a.arch].note, _agreement(a.agreement), *sizes]) + " |")
-    mixes = [f"- {a.arch} {q}: " + ", ".join(f"{n} {t}" for t, n in types.items())
-             for a in result.archs for q, types in a.tensor_types.items() if q.endswith("_m")]  # fmt: skip
+    mixes = [
+        f"- {a.arch} {q}: " + ", ".join(f"{n} {t}" for t, n in types.items())
+        for a in result.archs
+        for q, types in a.tensor_types.items()
+        if q.endswith("_m")
+    ]
     if mixes:
         rows.append("\nTensor types of the mixes (llama.cpp's per-tensor choice; short rows fall back):\n")
         rows += mixes
