@@ -64,7 +64,9 @@ PATHS = {
     "trace",
     "bon_match",
 }
-LEFT_OUT = {"--ray", "-h", "--help"}  # Ray starts a cluster; help is argparse's own exit 0
+# Ray starts a cluster and --matrix builds every model of the matrix (each has its own lane); help is argparse's
+# own exit 0
+LEFT_OUT = {"--ray", "--matrix", "-h", "--help"}
 ENGINES = ("auto", "hf", "llamacpp", "vllm")  # would load a real model: only the toy runs here
 NUMBERS = [
     "0",
