@@ -163,9 +163,10 @@ def _continuation(spec: ToySpec, prefix, suffix, proposal: Proposal) -> Continua
 # --- power-rollout: the limit of its law as M (and, for blocks, the pool L) grows ------------------------------
 
 
-def rollout_limit_law(spec: ToySpec, config: SamplerConfig) -> Law:
-    """Exact law of power-rollout's output as M -> infinity (and L -> infinity for blocks): each step draws one of
-    its K candidates ∝ p(unit)^alpha * zeta_H(prefix + unit), with zeta_H from rollouts cut at H tokens (or T)."""
+def unit_law(
+    spec: ToySpec, config: SamplerConfig, step: Callable[[ToySpec, SamplerConfig, tuple[int, ...]], Law]
+) -> Law:
+    """Law of the sequence built unit by unit, each unit after x drawn from step(spec, config, x), until EOS or T."""
     law: Law = defaultdict(float)
     frontier: list[tuple[tuple[int, ...], float]] = [((), 1.0)]
     while frontier:
@@ -173,9 +174,15 @@ def rollout_limit_law(spec: ToySpec, config: SamplerConfig) -> Law:
         if len(x) == config.max_new_tokens or (x and x[-1] == spec.eos_id):
             law[x] += w
             continue
-        for unit, prob in rollout_step_law(spec, config, x).items():
+        for unit, prob in step(spec, config, x).items():
             frontier.append((x + unit, w * prob))
     return dict(law)
+
+
+def rollout_limit_law(spec: ToySpec, config: SamplerConfig) -> Law:
+    """Exact law of power-rollout's output as M -> infinity (and L -> infinity for blocks): each step draws one of
+    its K candidates ∝ p(unit)^alpha * zeta_H(prefix + unit), with zeta_H from rollouts cut at H tokens (or T)."""
+    return unit_law(spec, config, rollout_step_law)
 
 
 def rollout_step_law(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...]) -> Law:
@@ -292,16 +299,7 @@ def sis_law(spec: ToySpec, config: SamplerConfig) -> Law:
 def rollout_law(spec: ToySpec, config: SamplerConfig) -> Law:
     """Exact law of power-rollout's output at finite M (and L = K*M blocks): each step draws one of its candidates
     with the code's jackknifed law (rollout.candidate_probs), averaged over every tuple of rollouts (and blocks)."""
-    law: Law = defaultdict(float)
-    frontier: list[tuple[tuple[int, ...], float]] = [((), 1.0)]
-    while frontier:
-        x, w = frontier.pop()
-        if len(x) == config.max_new_tokens or (x and x[-1] == spec.eos_id):
-            law[x] += w
-            continue
-        for unit, prob in _finite_step_law(spec, config, x).items():
-            frontier.append((x + unit, w * prob))
-    return dict(law)
+    return unit_law(spec, config, _finite_step_law)
 
 
 def _finite_step_law(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...]) -> Law:
