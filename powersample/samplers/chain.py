@@ -33,7 +33,7 @@ class Chain:
     # drafts
     trace: Trace | None = None  # gets the chain's events (MH steps, extensions, SMC weights); None = not traced
     on_draw: Callable[[Tokens], None] | None = None  # gets each run of tokens drawn whose text is already final (the
-    # plain methods': ExtendRequest.on_draw), for live text; None = nobody listens
+    # plain methods': Report.on_draw), for live text; None = nobody listens
 
     def note(self, event: str, **fields: Any) -> None:
         """Record one event for the trace, when the chain is traced: {"event": event, **fields}, JSON-ready (a

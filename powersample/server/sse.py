@@ -8,7 +8,7 @@ asked for), and a chunk with its finish_reason. The stream's last choice chunk a
 `usage: null`, as OpenAI sends them); then `data: [DONE]`.
 
 The plain methods (`base`, `low-temp`) stream their text as it is drawn, when no log-probs are asked for: each run
-of tokens the engine draws (`ExtendRequest.on_draw`, through `Chain.on_draw`: the live-text channel, apart from the
+of tokens the engine draws (`Report.on_draw`, through `Chain.on_draw`: the live-text channel, apart from the
 trace) goes through the choice's `deltas.TextStream`, and the text it releases is one content chunk (`LiveText`).
 At the end each choice gets what is left of its final text and its finish_reason. With log-probs they stream as the
 power methods do.
