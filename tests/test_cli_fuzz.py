@@ -63,6 +63,7 @@ PATHS = {
     "ray_temp_dir",
     "trace",
     "bon_match",
+    "vote_match",
 }
 # Ray starts a cluster and --matrix builds every model of the matrix (each has its own lane); help is argparse's
 # own exit 0

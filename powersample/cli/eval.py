@@ -53,6 +53,12 @@ def add_eval_parsers(subparsers: Any) -> None:
         help="--method bon: each (problem, seed)'s token budget is "
         "its tokens_generated in RUN_DIR, a run of the same task and data (e.g. a power run)",
     )
+    e.add_argument(
+        "--vote-match",
+        metavar="RUN_DIR",
+        help="--method base or low-temp: for each (problem, seed), draw samples until their tokens reach its "
+        "tokens_generated in RUN_DIR (a run of the same task and data), then take a majority vote (math500, gpqa)",
+    )
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     g = e.add_argument_group("grading")
     g.add_argument("--code-timeout", type=float, default=GradeOptions.code_timeout, help="seconds per program")
@@ -130,10 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         shard=shard,
         limit=limit,
     )
-    if args.bon_match is not None:
-        from powersample.eval.bon_match import match_plan
-
-        plan = match_plan(plan, Path(args.bon_match))
+    plan = _matched(plan, args)
     check_members(config, min(args.batch, len(plan.problems) * len(seeds)), "--batch")  # pairs sampled at once
     run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(plan)
     precheck_run_dir(run_dir, plan.identity(), shard)
@@ -151,6 +154,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"run directory {run_dir}"
     )
     return 0
+
+
+def _matched(plan: Any, args: argparse.Namespace) -> Any:
+    """The plan with its per-pair budgets under --bon-match or --vote-match (at most one of them)."""
+    from powersample.eval.budget_match import match_plan
+
+    given = [(kind, run) for kind, run in (("bon", args.bon_match), ("vote", args.vote_match)) if run is not None]
+    if len(given) > 1:
+        raise PowerSampleError("--bon-match and --vote-match exclude each other")
+    return match_plan(plan, Path(given[0][1]), given[0][0]) if given else plan
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -276,6 +289,12 @@ def _grade_options(args: argparse.Namespace) -> GradeOptions:
 
 def check_paths(args: argparse.Namespace) -> None:
     """An empty path would silently mean another thing (--data: the hub; --output-dir: the default directory)."""
-    for option, value in (("--data", args.data), ("--output-dir", args.output_dir), ("--bon-match", args.bon_match)):
+    paths = {
+        "--data": args.data,
+        "--output-dir": args.output_dir,
+        "--bon-match": args.bon_match,
+        "--vote-match": args.vote_match,
+    }
+    for option, value in paths.items():
         if value is not None and not value.strip():
             raise PowerSampleError(f"{option} is empty")

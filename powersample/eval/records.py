@@ -50,7 +50,31 @@ RECORD_FIELDS = {
     "logp_per_token": (*NUMBER, None),
     "confidence": (*NUMBER, None),
     "finish_reason": (str, None),
+    "answer": (str, None),  # what grading extracted; what a majority vote counts (eval.voting)
+    "vote": (dict, None),  # --vote-match: the vote this record's answer won (VOTE_FIELDS)
 }
+# A --vote-match record's vote: its budget (the matched record's tokens_generated), the winning group's votes, and
+# every sample drawn, in draw order (VOTE_SAMPLE_FIELDS; their tokens_generated sum to the record's).
+VOTE_FIELDS = {"budget": int, "votes": int, "groups": int, "tie_break": bool, "samples": list}
+VOTE_SAMPLE_FIELDS = {
+    "answer": (str, None),
+    "correct": (bool, None),
+    "tokens": list,
+    "logp_per_token": (*NUMBER, None),
+    "finish_reason": str,
+}
+
+
+def check_record(record: dict[str, Any], where: str) -> None:
+    """A one-line error naming `where` and the first field of the record (or of its vote) that is missing or bad."""
+    check_fields(record, RECORD_FIELDS, where, "record")
+    vote = record.get("vote")
+    if vote is not None:
+        check_fields(vote, VOTE_FIELDS, where, "record's vote")
+        for i, sample in enumerate(vote["samples"]):
+            if not isinstance(sample, dict):
+                raise PowerSampleError(f"{where}: record's vote sample {i} is not an object")
+            check_fields(sample, VOTE_SAMPLE_FIELDS, where, f"record's vote sample {i}")
 
 
 def check_fields(obj: dict[str, Any], fields: dict[str, Any], where: str, what: str) -> None:

@@ -35,9 +35,9 @@ from powersample.errors import PowerSampleError
 from powersample.eval import metrics, paired
 from powersample.eval.records import (
     NUMBER,
-    RECORD_FIELDS,
     RUN_FILE,
     check_fields,
+    check_record,
     identity_hash,
     iter_records,
     read_run,
@@ -117,7 +117,7 @@ def load_rows(run_dirs: list[Path]) -> list[Row]:
         identity = read_identity(run_dir)
         _, records = merged.setdefault(identity_hash(identity), (identity, {}))
         for path, line, r in iter_records(run_dir):
-            check_fields(r, RECORD_FIELDS, f"{path} line {line}", "record")
+            check_record(r, f"{path} line {line}")
             records.setdefault(record_key(r), r)
     identities = [identity for identity, _ in merged.values()]
     rows = [Row(i["task"], label(i, identities), i["config"], tuple(recs.values()), i) for i, recs in merged.values()]

@@ -22,10 +22,10 @@ from powersample.backends.base import Confidence, capability, has_chat_template
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
+from powersample.eval.budget_match import Match
 from powersample.eval.records import (
-    RECORD_FIELDS,
     SCHEMA,
-    check_fields,
+    check_record,
     discard_opened,
     load_records,
     open_run,
@@ -50,8 +50,7 @@ class EvalPlan:
     backend: dict[str, Any]  # how the backend was asked for: name, model, toy spec digest, device, dtype
     grading: GradeOptions = GradeOptions()
     shard: tuple[int, int] | None = None  # (index, count)
-    bon_match: str | None = None  # bon with --bon-match: the identity hash of the run the budgets come from
-    budgets: dict[tuple[str, int], int] | None = None  # bon with --bon-match: bon_tokens per (problem id, seed)
+    match: Match | None = None  # --bon-match or --vote-match: each pair's token budget, from another run
 
     def identity(self) -> dict[str, Any]:
         """What must match for records to belong in one run (seeds, limit and shard choose among them)."""
@@ -63,14 +62,14 @@ class EvalPlan:
             "config": registry.resolved(self.config),
             "backend": self.backend,
             "grading": asdict(self.grading),
-            **({"bon_match": self.bon_match} if self.bon_match is not None else {}),
+            **({f"{self.match.kind}_match": self.match.run} if self.match is not None else {}),
         }
 
     def unit_config(self, problem: Problem, seed: int) -> SamplerConfig:
         """The config one (problem, seed) is sampled with: the plan's, with its own budget under --bon-match."""
-        if self.budgets is None:
+        if self.match is None or self.match.kind != "bon":
             return self.config
-        return replace(self.config, bon_tokens=self.budgets[(problem.id, seed)])
+        return replace(self.config, bon_tokens=self.match.budgets[(problem.id, seed)])
 
     @property
     def generator(self) -> str:
@@ -139,8 +138,14 @@ def evaluate_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: 
     """The records of `todo`, sampled `batch` units at a time. Records of one batch share a `batch_id` (unique
     across processes and resumes): their wall_seconds all count from the batch's start, so the batch took the
     largest of them (what the report sums). A model without a chat template gets plain prompts, and records that say
-    so (run_eval, and a Ray driver, have said so once already)."""
+    so (run_eval, and a Ray driver, have said so once already). Under --vote-match a unit's record is a vote
+    (vote_match.vote_batches)."""
     plan = replace(plan, chat=plan.chat and has_chat_template(backend))
+    if plan.match is not None and plan.match.kind == "vote":
+        from powersample.eval.vote_match import vote_batches
+
+        yield from vote_batches(backend, plan, todo, batch)
+        return
     for first in range(0, len(todo), batch):
         units = todo[first : first + batch]
         sampled = sample_many(
@@ -212,7 +217,7 @@ def grade_record(backend: Backend, plan: EvalPlan, problem: Problem, sampled: Sa
         logp_per_token=metrics.per_token(sampled.logp, len(sampled.tokens)),
         confidence=confidence(backend, problem.prompt, plan.chat, sampled),
     )
-    check_fields(record, RECORD_FIELDS, f"problem {problem.id!r}", "record")  # what the report will read back
+    check_record(record, f"problem {problem.id!r}")  # what the report will read back
     return record
 
 

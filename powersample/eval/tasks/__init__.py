@@ -3,7 +3,8 @@
     load(data, chat)              -> list[Problem]   # the problems, with the prompt sent to `sample()`
     grade(problem, text, options) -> Grade           # extract the answer from a completion and judge it
 
-One file per task; this module holds the shared types and the registry.
+and, for a task that can be voted on, its vote rule: which extracted answers (Grade.answer) count as one answer in a
+majority vote (eval.voting). One file per task; this module holds the shared types and the registry.
 """
 
 from __future__ import annotations
@@ -46,14 +47,26 @@ class GradeOptions:
 
 
 @dataclass(frozen=True)
+class VoteRule:
+    """How a task's answers are grouped for a majority vote. The answers are what grading extracted (Grade.answer,
+    the record's `answer`): a sample without one abstains. Two answers are one vote when `same(a, b, options)`; a
+    group is named, and judged, by its first answer (eval.voting.group_answers)."""
+
+    name: str  # what the report says the answers were grouped by
+    same: Callable[[str, str, GradeOptions], bool]
+
+
+@dataclass(frozen=True)
 class Task:
-    """A named task: its loader and its grader."""
+    """A named task: its loader and its grader, and its vote rule (None: its answers cannot be voted on)."""
 
     name: str
     load: Callable[[str | None, bool], list[Problem]]  # (data path or None, chat) -> problems
     grade: Callable[[Problem, str, GradeOptions], Grade]  # (problem, completion, options) -> verdict
     # (run dir, problems, records, generator name): task-specific outputs after a run (AlpacaEval's outputs file)
     export: Callable[[Path, list[Problem], list[dict], str], None] | None = None
+    vote: VoteRule | None = None
+    no_vote: str = "answers cannot be voted on"  # why not, for the report, when vote is None
 
 
 def get_task(name: str) -> Task:
@@ -76,4 +89,4 @@ def problems_digest(problems: list[Problem]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-__all__ = ["Grade", "GradeOptions", "Problem", "Task", "TASK_NAMES", "get_task", "problems_digest"]
+__all__ = ["Grade", "GradeOptions", "Problem", "Task", "TASK_NAMES", "VoteRule", "get_task", "problems_digest"]

@@ -51,4 +51,4 @@ def _output_row(problem: Problem, record: dict, generator: str) -> dict:
     }
 
 
-TASK = Task(name="alpacaeval", load=load, grade=grade, export=export)
+TASK = Task(name="alpacaeval", load=load, grade=grade, export=export, no_vote="open-ended answers, judged elsewhere")

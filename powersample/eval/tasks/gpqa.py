@@ -14,7 +14,7 @@ import zlib
 
 from powersample.errors import PowerSampleError
 from powersample.eval.data import Place, check_unique_ids, read_csv
-from powersample.eval.tasks import Grade, GradeOptions, Problem, Task
+from powersample.eval.tasks import Grade, GradeOptions, Problem, Task, VoteRule
 
 COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 LETTERS = "ABCD"
@@ -65,4 +65,9 @@ def grade(problem: Problem, completion: str, options: GradeOptions) -> Grade:
     return Grade(answer=letter, correct=letter == problem.gold, detail="" if letter == problem.gold else "wrong")
 
 
-TASK = Task(name="gpqa", load=load, grade=grade)
+def same_letter(a: str, b: str, options: GradeOptions) -> bool:
+    """One vote per letter."""
+    return a == b
+
+
+TASK = Task(name="gpqa", load=load, grade=grade, vote=VoteRule("the letter", same_letter))

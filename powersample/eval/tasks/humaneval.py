@@ -123,4 +123,8 @@ def _read(data: str | None) -> dict[str, dict]:
     return rows
 
 
-TASK = Task(name="humaneval", load=load, grade=grade)
+# Programs have no answer to count: two different programs can both pass, and telling when two are "the same"
+# would need running them against each other's tests.
+TASK = Task(
+    name="humaneval", load=load, grade=grade, no_vote="programs are graded by tests, not by one answer to count"
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from powersample.errors import PowerSampleError
 from powersample.eval import math_grader
 from powersample.eval.data import Place, check_unique_ids, field, read_records
-from powersample.eval.tasks import Grade, GradeOptions, Problem, Task
+from powersample.eval.tasks import Grade, GradeOptions, Problem, Task, VoteRule
 
 # The paper's prompt for base models; instruct models get the same text through their chat template.
 PROMPT = (
@@ -54,4 +54,12 @@ def _from_hub() -> list[dict]:
         raise PowerSampleError(f"cannot load {HUB_ID} ({type(e).__name__}); pass --data FILE") from None
 
 
-TASK = Task(name="math500", load=load, grade=grade)
+def same_answer(a: str, b: str, options: GradeOptions) -> bool:
+    """Whether two boxed answers are one vote: math-verify equivalence (so 1/2, 0.5 and \\frac{1}{2} are one),
+    under the grading's timeout (a timeout counts as different)."""
+    return a.strip() == b.strip() or math_grader.equivalent(a, b, options.math_timeout)[0]
+
+
+TASK = Task(
+    name="math500", load=load, grade=grade, vote=VoteRule("math-verify equivalence of the boxed answers", same_answer)
+)
