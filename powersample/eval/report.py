@@ -162,14 +162,19 @@ def label(identity: dict[str, Any], all_identities: list[dict[str, Any]]) -> str
     along the proposal temperature 1/alpha that follows from it. Runs whose identities differ always get different
     settings named; their labels can still read alike (two models of one file name), which `unique_labels` settles.
     """
-    same = [_settings(i) for i in all_identities if i["config"]["method"] == identity["config"]["method"]]
+    same = [_settings(i) for i in all_identities if method_name(i) == method_name(identity)]
     shown: list[str] = []
     for key in sorted({k for s in same for k in s}, key=_setting_order):
         before = {tuple(s.get(k) for k in shown) for s in same}
         if len({tuple(s.get(k) for k in (*shown, key)) for s in same}) > len(before):
             shown.append(key)
     mine = _settings(identity)
-    return " ".join([identity["config"]["method"], *(_named(key, mine.get(key)) for key in shown)])
+    return " ".join([method_name(identity), *(_named(key, mine.get(key)) for key in shown)])
+
+
+def method_name(identity: dict[str, Any]) -> str:
+    """The method a label starts with: `vote base` for a --vote-match run of base (its records are votes)."""
+    return ("vote " if "vote_match" in identity else "") + identity["config"]["method"]
 
 
 def _settings(identity: dict[str, Any]) -> dict[str, Any]:
@@ -242,8 +247,12 @@ HEADER = (
 
 
 def eval_markdown(rows: list[Row]) -> str:
-    """The table, then the paired comparisons and the output lengths (each left out when it has no line)."""
-    return "\n\n".join(part for part in (markdown_table(rows), paired_section(rows), lengths_section(rows)) if part)
+    """The table, then the paired comparisons, the voting sections (eval.vote_report) and the output lengths (each
+    left out when it has no line)."""
+    from powersample.eval.vote_report import voting_sections  # it builds on this module's rows and grids
+
+    parts = [markdown_table(rows), paired_section(rows), *voting_sections(rows), lengths_section(rows)]
+    return "\n\n".join(part for part in parts if part)
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -312,6 +321,8 @@ def tokens_cell(row: Row) -> str:
     )
     if bon and c.get("bon_tokens"):
         estimate = metrics.mean([r.get("config", c).get("bon_tokens", c["bon_tokens"]) for r in row.records])
+    if "vote_match" in row.identity:  # a vote spends its matched budget
+        estimate = metrics.mean([r["vote"]["budget"] for r in row.records if r.get("vote")]) or estimate
     return f"{_num(metrics.mean([r['tokens_generated'] for r in row.records]), '.1f')} / {estimate:.1f}"
 
 

@@ -36,6 +36,7 @@ class Ballots:
     groups: tuple[int | None, ...]  # each sample's group (None: abstains); groups are numbered as formed
     right: tuple[bool, ...]  # per group: whether its first answer was graded correct
     scores: tuple[float, ...]  # each sample's log p per token
+    correct: tuple[bool, ...]  # each sample's own verdict (what pass@k counts)
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -73,6 +74,7 @@ def ballots(
         tuple(groups),
         tuple(bool(correct[i]) for i in first),
         tuple(UNKNOWN_SCORE if s is None else float(s) for s in scores),
+        tuple(bool(c) for c in correct),
     )
 
 
