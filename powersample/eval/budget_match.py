@@ -13,40 +13,27 @@ run never silently covers fewer pairs than it claims. The match run's identity h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any
 
 from powersample.errors import PowerSampleError
 from powersample.eval.records import identity_hash, load_records, read_run, record_key
-
-if TYPE_CHECKING:
-    from powersample.eval.runner import EvalPlan
+from powersample.eval.runner import EvalPlan, Match
+from powersample.eval.vote_match import MAX_VOTE_SEED, VOTE_METHODS
 
 MATCHED = ("task", "data", "chat")  # identity fields the match run must share: the same prompts
 KINDS = ("bon", "vote")
-VOTE_METHODS = ("base", "low-temp")  # what a vote draws its samples with
-MAX_VOTE_SEED = 2**32  # vote sample j of seed s is drawn with seed s + j * MAX_VOTE_SEED (vote_match.sample_seed)
-
-
-@dataclass(frozen=True)
-class Match:
-    """The run whose per-pair costs budget this one."""
-
-    kind: str  # "bon" or "vote" (KINDS): the option --<kind>-match, and the identity key <kind>_match
-    run: str  # the identity hash of the matched run
-    budgets: Mapping[tuple[str, int], int]  # tokens per (problem id, seed)
-
-    @property
-    def option(self) -> str:
-        return f"--{self.kind}-match"
 
 
 def match_plan(plan: EvalPlan, run_dir: Path, kind: str) -> EvalPlan:
     """The plan with each of its (problem, seed) budgets read from run_dir's records (one-line errors otherwise)."""
     option = f"--{kind}-match"
     check_method(plan, kind, option)
-    identity = read_run(run_dir)["identity"]
+    try:
+        identity = read_run(run_dir)["identity"]
+    except PowerSampleError as e:
+        raise PowerSampleError(f"{option}: {e}") from None
     check_same_prompts(run_dir, identity, plan.identity(), option)
     units = [(p.id, s) for p in plan.problems for s in plan.seeds]
     budgets = read_budgets(run_dir, units, option)

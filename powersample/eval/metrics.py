@@ -1,4 +1,4 @@
-"""Every number the report shows, as small pure functions."""
+"""Every number the report shows, as small pure functions; and confidence (Eq. 13), which asks the backend."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from powersample.api import SampleRecord
+from powersample.backends import Backend
+from powersample.backends.base import Confidence, capability
 from powersample.samplers.power import eq12_tokens
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -68,3 +71,14 @@ def percentiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
     """The qs-th percentiles (0 to 100) of values, interpolated linearly between order statistics (numpy's default
     rule); the values must not be empty."""
     return [float(v) for v in np.percentile(np.asarray(values, dtype=float), qs)]
+
+
+def confidence(backend: Backend, prompt: str, chat: bool, sampled: SampleRecord) -> float | None:
+    """Eq. 13: the mean over generated positions of sum_x p log p of the base next-token distribution.
+
+    None when the backend cannot say (it has no `confidence` method) or nothing was generated.
+    """
+    scorer = capability(backend, Confidence)
+    if scorer is None or not sampled.tokens:
+        return None
+    return mean(scorer.confidence(backend.encode(prompt, chat), sampled.tokens))

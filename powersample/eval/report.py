@@ -25,8 +25,7 @@ import dataclasses
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
-from itertools import combinations
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -43,6 +42,8 @@ from powersample.eval.records import (
     read_run,
     record_key,
 )
+from powersample.eval.rows import Row, grid, num_cell, row_pairs
+from powersample.eval.vote_report import voting_sections
 from powersample.io import write_bytes_atomic
 from powersample.plots import new_figure, png_bytes
 from powersample.samplers import registry
@@ -50,26 +51,6 @@ from powersample.samplers.registry import MCMC_METHODS, METHODS, PLAIN_METHODS
 
 # the order a label names the sampler's settings in: the paper's two axes (Fig. 6), then the declaration order
 LABEL_KEYS = ("alpha", "mcmc_steps", *(name for name in SHARED_FIELDS if name not in ("method", "alpha", "mcmc_steps")))
-
-
-@dataclass(frozen=True)
-class Row:
-    """One (task, method) cell: its records and the config they were made with."""
-
-    task: str
-    label: str
-    config: dict[str, Any]  # SamplerConfig.resolved()
-    records: tuple[dict[str, Any], ...]
-    identity: dict[str, Any] = field(default_factory=dict)  # the run's (run.json), config included
-
-    @property
-    def graded(self) -> list[bool]:
-        return [bool(r["correct"]) for r in self.records if r.get("correct") is not None]
-
-    @property
-    def verdicts(self) -> dict[tuple[str, int], bool]:
-        """Each graded record's verdict by (problem, seed): what paired comparisons match on."""
-        return {record_key(r): bool(r["correct"]) for r in self.records if r.get("correct") is not None}
 
 
 class ReportSection(Protocol):
@@ -249,20 +230,12 @@ HEADER = (
 def eval_markdown(rows: list[Row]) -> str:
     """The table, then the paired comparisons, the voting sections (eval.vote_report) and the output lengths (each
     left out when it has no line)."""
-    from powersample.eval.vote_report import voting_sections  # it builds on this module's rows and grids
-
     parts = [markdown_table(rows), paired_section(rows), *voting_sections(rows), lengths_section(rows)]
     return "\n\n".join(part for part in parts if part)
 
 
 def markdown_table(rows: list[Row]) -> str:
     return grid(HEADER, [row_cells(row) for row in rows])
-
-
-def grid(header: Sequence[str], cells: Iterable[Sequence[str]]) -> str:
-    """A markdown table: the header, then a line per row of cells."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in cells])
 
 
 def row_cells(row: Row) -> list[str]:
@@ -273,9 +246,9 @@ def row_cells(row: Row) -> list[str]:
         row.label,
         str(len(recs)),
         accuracy_cell(row.graded),
-        _num(metrics.mean([len(r["tokens"]) for r in recs]), ".1f"),
-        _num(metrics.mean([r.get("logp_per_token") for r in recs]), ".3f"),
-        _num(metrics.mean([r.get("confidence") for r in recs]), ".3f"),
+        num_cell(metrics.mean([len(r["tokens"]) for r in recs]), ".1f"),
+        num_cell(metrics.mean([r.get("logp_per_token") for r in recs]), ".3f"),
+        num_cell(metrics.mean([r.get("confidence") for r in recs]), ".3f"),
         acceptance_cell(row),
         tokens_cell(row),
         wall_cell(recs),
@@ -292,7 +265,7 @@ def accuracy_cell(graded: list[bool]) -> str:
 def acceptance_cell(row: Row) -> str:
     """MH acceptance; "—" where no MH proposal was made (registry.acceptance_rate)."""
     proposals, accepted = sum(r["proposals"] for r in row.records), sum(r["accepted"] for r in row.records)
-    return _num(registry.acceptance_rate(row.config["method"], proposals, accepted), ".3f")
+    return num_cell(registry.acceptance_rate(row.config["method"], proposals, accepted), ".3f")
 
 
 def wall_cell(records: Sequence[dict[str, Any]]) -> str:
@@ -323,12 +296,11 @@ def tokens_cell(row: Row) -> str:
         estimate = metrics.mean([r.get("config", c).get("bon_tokens", c["bon_tokens"]) for r in row.records])
     if "vote_match" in row.identity:  # a vote spends its matched budget
         estimate = metrics.mean([r["vote"]["budget"] for r in row.records if r.get("vote")]) or estimate
-    return f"{_num(metrics.mean([r['tokens_generated'] for r in row.records]), '.1f')} / {estimate:.1f}"
+    return f"{num_cell(metrics.mean([r['tokens_generated'] for r in row.records]), '.1f')} / {estimate:.1f}"
 
 
 # --- paired comparisons and output lengths -------------------------------------------------------------------
 
-MAX_ALL_PAIRS = 6  # a task with more rows compares each with its first row only (else the lines grow as rows^2)
 PAIRED_HEADER = (
     "task",
     "A",
@@ -355,19 +327,6 @@ def paired_section(rows: list[Row]) -> str:
     cells = [paired_cells(a, b, result) for a, b, result in compared]
     several = any(result.n > result.clusters for _, _, result in compared)
     return "\n\n".join(["## Paired comparisons", grid(PAIRED_HEADER, cells)] + [PAIRED_NOTE] * several)
-
-
-def row_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
-    """Pairs of graded rows of one task: all of them up to MAX_ALL_PAIRS rows, else each row against the first."""
-    by_task: dict[str, list[Row]] = defaultdict(list)
-    for row in rows:
-        if row.graded:
-            by_task[row.task].append(row)
-    pairs = []
-    for task_rows in by_task.values():
-        many = len(task_rows) > MAX_ALL_PAIRS
-        pairs += [(task_rows[0], b) for b in task_rows[1:]] if many else list(combinations(task_rows, 2))
-    return pairs
 
 
 def paired_cells(a: Row, b: Row, result: paired.Paired) -> list[str]:
@@ -414,10 +373,6 @@ def eos_share(records: Iterable[dict[str, Any]]) -> float | None:
     """The share of samples that ended in EOS rather than at max_new_tokens; None when no record says."""
     reasons = [r["finish_reason"] for r in records if r.get("finish_reason") is not None]
     return sum(reason == "eos" for reason in reasons) / len(reasons) if reasons else None
-
-
-def _num(value: float | None, fmt: str) -> str:
-    return "—" if value is None else format(value, fmt)
 
 
 def _duration(seconds: float) -> str:

@@ -14,15 +14,14 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from powersample.api import SampleRecord, chat_prompts, sample_many
 from powersample.backends import Backend
-from powersample.backends.base import Confidence, capability, has_chat_template
+from powersample.backends.base import has_chat_template
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics
-from powersample.eval.budget_match import Match
 from powersample.eval.records import (
     SCHEMA,
     check_record,
@@ -35,6 +34,15 @@ from powersample.eval.records import (
 from powersample.eval.tasks import GradeOptions, Problem, Task, problems_digest
 from powersample.io import progress_bar
 from powersample.samplers import registry
+
+
+@dataclass(frozen=True)
+class Match:
+    """A run whose per-pair token costs budget this one (eval.budget_match: --bon-match, --vote-match)."""
+
+    kind: str  # "bon" or "vote": the option --<kind>-match, and the identity key <kind>_match
+    run: str  # the identity hash of the matched run
+    budgets: Mapping[tuple[str, int], int]  # tokens per (problem id, seed)
 
 
 @dataclass(frozen=True)
@@ -215,21 +223,10 @@ def grade_record(backend: Backend, plan: EvalPlan, problem: Problem, sampled: Sa
         grade_detail=grade.detail,
         grade_seconds=graded_in,
         logp_per_token=metrics.per_token(sampled.logp, len(sampled.tokens)),
-        confidence=confidence(backend, problem.prompt, plan.chat, sampled),
+        confidence=metrics.confidence(backend, problem.prompt, plan.chat, sampled),
     )
     check_record(record, f"problem {problem.id!r}")  # what the report will read back
     return record
-
-
-def confidence(backend: Backend, prompt: str, chat: bool, sampled: SampleRecord) -> float | None:
-    """Eq. 13: the mean over generated positions of sum_x p log p of the base next-token distribution.
-
-    None when the backend cannot say (it has no `confidence` method) or nothing was generated.
-    """
-    scorer = capability(backend, Confidence)
-    if scorer is None or not sampled.tokens:
-        return None
-    return metrics.mean(scorer.confidence(backend.encode(prompt, chat), sampled.tokens))
 
 
 @dataclass

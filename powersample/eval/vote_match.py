@@ -28,12 +28,13 @@ from powersample.api import SampleRecord, sample_many
 from powersample.backends import Backend
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics, voting
-from powersample.eval.budget_match import MAX_VOTE_SEED
 from powersample.eval.records import check_record
-from powersample.eval.runner import EvalPlan, Unit, confidence
-from powersample.eval.tasks import Grade
+from powersample.eval.tasks import Grade, Problem
 
 MAX_ROUND = 64  # most samples one pair draws in one round (the engine's batch holds a round's rows at once)
+VOTE_METHODS = ("base", "low-temp")  # what a vote draws its samples with
+MAX_VOTE_SEED = 2**32  # sample j of seed s is drawn with seed s + j * MAX_VOTE_SEED, so seeds must be below it
+Unit = tuple[Problem, int]  # runner.Unit; plans are runner.EvalPlan (not imported: the runner imports this module)
 
 
 def sample_seed(seed: int, j: int) -> int:
@@ -54,7 +55,7 @@ class Drawn:
         return self.budget - sum(s.tokens_generated for s in self.samples)
 
 
-def vote_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: int) -> Iterator[dict[str, Any]]:
+def vote_batches(backend: Backend, plan: Any, todo: list[Unit], batch: int) -> Iterator[dict[str, Any]]:
     """The vote records of `todo`, `batch` pairs drawn together (their records share a batch_id)."""
     assert plan.match is not None
     for first in range(0, len(todo), batch):
@@ -65,7 +66,7 @@ def vote_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: int)
             yield {**vote_record(backend, plan, (problem, seed), pair), "batch_id": batch_id}
 
 
-def draw(backend: Backend, plan: EvalPlan, units: list[Unit]) -> list[Drawn]:
+def draw(backend: Backend, plan: Any, units: list[Unit]) -> list[Drawn]:
     """Every pair's samples, in rounds, until its tokens reach its budget."""
     assert plan.match is not None
     drawn = [Drawn(plan.match.budgets[(p.id, s)]) for p, s in units]
@@ -86,7 +87,7 @@ def draw(backend: Backend, plan: EvalPlan, units: list[Unit]) -> list[Drawn]:
     return drawn
 
 
-def vote_record(backend: Backend, plan: EvalPlan, unit: Unit, pair: Drawn) -> dict[str, Any]:
+def vote_record(backend: Backend, plan: Any, unit: Unit, pair: Drawn) -> dict[str, Any]:
     """Grade every sample, vote, and build the pair's record."""
     problem, seed = unit
     start = time.perf_counter()
@@ -118,7 +119,7 @@ def vote_record(backend: Backend, plan: EvalPlan, unit: Unit, pair: Drawn) -> di
         grade_detail=grade.detail,
         grade_seconds=time.perf_counter() - start,
         logp_per_token=scores[shown],
-        confidence=confidence(backend, problem.prompt, plan.chat, chosen),
+        confidence=metrics.confidence(backend, problem.prompt, plan.chat, chosen),
         vote={**vote_summary(pair, grades, scores, b, won), "shown": shown},
     )
     check_record(record, f"problem {problem.id!r}")

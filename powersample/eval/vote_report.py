@@ -23,7 +23,7 @@ import numpy as np
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics, paired, voting
 from powersample.eval.records import identity_hash, record_key
-from powersample.eval.report import Row, _num, grid, row_pairs
+from powersample.eval.rows import Row, grid, num_cell, row_pairs
 from powersample.eval.tasks import GradeOptions, Task, get_task
 
 VOTE_HEADER = ("task", "method", "k", "problems", "pass@k (95% CI)", "maj@k (95% CI)")
@@ -117,8 +117,8 @@ def _cached(same: Callable[[str, str], bool]) -> Callable[[str, str], bool]:
 
 def ks(most: int) -> list[int]:
     """k = 1, 2, 4, ... up to `most`, and `most` itself."""
-    out = [1 << i for i in range(most.bit_length()) if 1 << i <= most]
-    return out + [most] * (most not in out)
+    out = [1 << i for i in range(most.bit_length())]
+    return out + [most] * (most >= 1 and most not in out)
 
 
 def maj_cells(row: Row, table: dict[str, voting.Ballots]) -> list[list[str]]:
@@ -190,9 +190,9 @@ def match_cells(a: Row, b: Row, result: paired.Paired) -> list[str]:
         a.label,
         b.label,
         f"{result.n} ({result.clusters})",
-        _num(tokens_a, ".1f"),
-        _num(tokens_b, ".1f"),
-        _num(samples, ".1f"),
+        num_cell(tokens_a, ".1f"),
+        num_cell(tokens_b, ".1f"),
+        num_cell(samples, ".1f"),
         f"{result.accuracy_a:.3f}",
         f"{result.accuracy_b:.3f}",
         f"{result.difference:+.3f} [{low:+.3f}, {high:+.3f}]",

@@ -7,12 +7,14 @@ group is named and judged by its first answer: the vote is correct when that ans
 
 The vote. The group with the most votes wins. A tie goes to the tied group whose voting samples have the highest
 mean log p per token (each sample's `logp_per_token`, the per-token mean of its base log p, averaged over the
-group's samples in the vote), then to the group formed first. A vote where every sample abstained is wrong.
+group's samples in the vote), then to the group whose first sample in the vote was drawn first. A vote where
+every sample abstained is wrong.
 
 maj@k. For a problem with n graded samples, maj@k is the probability that the vote of k of them, a uniformly random
 k-subset, is correct: the mean over all C(n, k) subsets, enumerated when there are at most MAX_SUBSETS of them, else
 estimated by MAX_SUBSETS random subsets drawn with a generator seeded by (problem, k), so a report is reproducible.
-Both are unbiased for the same number, as pass@k's estimator is for its own; maj@1 is pass@1.
+Both are unbiased for the same number, as pass@k's estimator is for its own. maj@1 is pass@1
+(but where math-verify judged two equivalent answers differently: a group takes its first answer's verdict).
 """
 
 from __future__ import annotations
@@ -80,20 +82,23 @@ def ballots(
 
 def winners(b: Ballots, subsets: np.ndarray) -> np.ndarray:
     """The winning group of each subset (rows of sample indices, (m, k)); -1 where every sample abstained."""
-    count = len(b.right)
-    member = np.zeros((len(b), count + 1))  # (n, G + 1): one-hot group, the last column for abstaining
-    member[np.arange(len(b)), [count if g is None else g for g in b.groups]] = 1.0
-    member = member[:, :count]
-    weighted = member * np.asarray(b.scores)[:, None]  # (n, G)
-    votes = np.zeros((len(subsets), count))  # (m, G)
-    sums = np.zeros((len(subsets), count))  # (m, G) summed log p per token of each group's voters
+    count, m = len(b.right), len(subsets)
+    group = np.array([count if g is None else g for g in b.groups])  # (n,) the abstaining get group G
+    scores = np.asarray(b.scores)  # (n,)
+    votes = np.zeros((m, count + 1))  # (m, G + 1)
+    sums = np.zeros((m, count + 1))  # (m, G + 1) summed log p per token of each group's voters
+    first = np.full((m, count + 1), np.inf)  # (m, G + 1) each group's first sample in the subset
+    rows = np.arange(m)
     for column in subsets.T:  # k columns, so memory stays (m, G)
-        votes += member[column]
-        sums += weighted[column]
+        np.add.at(votes, (rows, group[column]), 1.0)
+        np.add.at(sums, (rows, group[column]), scores[column])
+        np.minimum.at(first, (rows, group[column]), column.astype(float))
+    votes, sums, first = votes[:, :count], sums[:, :count], first[:, :count]
     top = votes.max(axis=1, initial=0.0)  # (m,)
     tied = (votes == top[:, None]) & (votes > 0)
     mean = np.where(tied, sums / np.maximum(votes, 1.0), -np.inf)  # the tie-break: mean log p per token
-    won = np.argmax(mean, axis=1) if count else np.zeros(len(subsets), dtype=int)  # first max: earliest group
+    best = tied & (mean == mean.max(axis=1, initial=-np.inf)[:, None])
+    won = np.argmin(np.where(best, first, np.inf), axis=1) if count else np.zeros(m, dtype=int)  # then: given first
     return np.where(top > 0, won, -1)
 
 
