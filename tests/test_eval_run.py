@@ -358,9 +358,10 @@ def test_report_table_and_plots(files, tmp_path, capsys):
     plots = tmp_path / "plots"
     assert run_eval_cli(["report", *map(str, runs), "--plot-dir", str(plots)]) == 0
     out = capsys.readouterr().out
-    table, paired, lengths = out.strip().split("\n\n## ")  # the table, then its two sections
+    table, paired, votes, lengths = out.strip().split("\n\n## ")  # the table, then its three sections
     lines = table.splitlines()
     assert paired.startswith("Paired comparisons") and lengths.startswith("Output lengths")
+    assert votes.startswith("Majority vote (maj@k) and pass@k") and "| power alpha=4.0 mcmc_steps=2 | 4 |" in votes
     assert lines[0].startswith("| task | method | n | accuracy (95% CI)") and len(lines) == 2 + 4
     assert any("| power alpha=1.0 mcmc_steps=2 |" in line for line in lines)
     assert any("| base |" in line for line in lines)

@@ -13,7 +13,8 @@ import pytest
 from support.report_runs import section, verdicts, write_run
 
 from powersample.eval import paired
-from powersample.eval.report import MAX_ALL_PAIRS, build_report
+from powersample.eval.report import build_report
+from powersample.eval.rows import MAX_ALL_PAIRS
 
 
 def exact_mcnemar(b: int, c: int) -> float:
