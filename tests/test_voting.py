@@ -288,6 +288,8 @@ def test_report_shows_maj_at_k_and_pairs_the_vote_with_its_matched_run(power_run
     assert cells[1] == "power" and cells[2] == "vote base" and cells[3] == "12 (4)"
     costs = [r["tokens_generated"] for r in load_records(run)]
     assert float(cells[4]) == pytest.approx(sum(costs) / 12, abs=0.05) and float(cells[5]) >= float(cells[4])
+    ties = [r["vote"]["tie_break"] for r in load_records(vote)]
+    assert float(cells[7]) == pytest.approx(sum(ties) / 12, abs=0.0005)
     alone, _ = build_report([vote], None)
     assert "is not in this report" in section(alone, "Power vs a vote at equal tokens")
 
@@ -309,3 +311,39 @@ def test_a_damaged_vote_is_a_one_line_error(power_run, tmp_path, capsys):
     assert main(["report", str(vote), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert "vote sample 0 has a bad 'tokens'" in err and err.count("\n") == 1
+
+
+GPQA_SPEC = {
+    "vocab": ["The answer is", " A", " B", "<eos>"],
+    "eos_id": 3,
+    "default": [0.1, 0.4, 0.3, 0.2],
+    "next": {"": [0.6, 0.2, 0.2, 0.0]},
+}
+
+
+def test_gpqa_votes_by_letter_end_to_end(tmp_path):
+    spec = tmp_path / "gpqa_spec.json"
+    spec.write_text(json.dumps(GPQA_SPEC))
+    header = "Record ID,Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer 3\n"
+    rows = "".join(f"q{i},Which is {i}?,{i},x{i},y{i},z{i}\n" for i in range(3))
+    data = tmp_path / "gpqa.csv"
+    data.write_text(header + rows)
+    run, vote = tmp_path / "power", tmp_path / "vote"
+
+    def argv(out, *extra):
+        args = eval_argv(spec, data, out, "--seeds", "0-3", *extra)
+        args[args.index("math500")] = "gpqa"
+        return args
+
+    assert main(argv(run)) == 0
+    assert main(argv(vote, "--method", "base", "--vote-match", str(run))) == 0
+    for r in load_records(vote):
+        letters = [s["answer"] for s in r["vote"]["samples"]]
+        assert set(letters) <= {"A", "B", None} and r["answer"] in (*letters, None)
+        voters = Counter(a for a in letters if a is not None)
+        if voters:
+            assert voters[r["answer"]] == max(voters.values()) == r["vote"]["votes"]
+            assert r["vote"]["groups"] == len(voters)
+    report, _ = build_report([run, vote], None)
+    assert "the letter (gpqa)" in section(report, "Majority vote (maj@k) and pass@k")
+    assert "| gpqa | power | vote base | 12 (3) |" in section(report, "Power vs a vote at equal tokens")

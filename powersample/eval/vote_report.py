@@ -36,6 +36,7 @@ MATCH_HEADER = (
     "tokens/pair A",
     "tokens/pair B",
     "samples/vote",
+    "ties broken",
     "accuracy A",
     "accuracy B",
     "B − A (95% CI)",
@@ -51,7 +52,8 @@ VOTE_NOTE = (
 )
 MATCH_NOTE = (
     "Each (problem, seed) of B drew base (or low-temp) samples until their tokens reached that pair's "
-    "tokens_generated in A, then voted (ties as above). B − A: paired bootstrap over problems."
+    "tokens_generated in A, then voted (ties as above; 'ties broken': the share of votes the tie-break decided). "
+    "B − A: paired bootstrap over problems."
 )
 
 
@@ -183,7 +185,9 @@ def match_cells(a: Row, b: Row, result: paired.Paired) -> list[str]:
     both = set(a.verdicts) & set(b.verdicts)
     tokens_a = metrics.mean([r["tokens_generated"] for r in a.records if record_key(r) in both])
     tokens_b = metrics.mean([r["tokens_generated"] for r in b.records if record_key(r) in both])
-    samples = metrics.mean([len(r["vote"]["samples"]) for r in b.records if record_key(r) in both and r.get("vote")])
+    votes = [r["vote"] for r in b.records if record_key(r) in both and r.get("vote")]
+    samples = metrics.mean([len(v["samples"]) for v in votes])
+    ties = metrics.mean([float(v["tie_break"]) for v in votes])
     low, high = result.interval
     return [
         a.task,
@@ -193,6 +197,7 @@ def match_cells(a: Row, b: Row, result: paired.Paired) -> list[str]:
         num_cell(tokens_a, ".1f"),
         num_cell(tokens_b, ".1f"),
         num_cell(samples, ".1f"),
+        num_cell(ties, ".3f"),
         f"{result.accuracy_a:.3f}",
         f"{result.accuracy_b:.3f}",
         f"{result.difference:+.3f} [{low:+.3f}, {high:+.3f}]",
