@@ -15,8 +15,10 @@ task:
                                    runs of a method differ in nothing else
     lengths_<task>.png         generated length per method (p^alpha favours answers that end early)
 
-After the table come two sections: paired comparisons between rows of one task on the (problem, seed) items both
-graded (eval.paired), and each row's distribution of output lengths with the share that ended in EOS.
+After the table come its sections: paired comparisons between rows of one task on the (problem, seed) items both
+graded (eval.paired); maj@k beside pass@k, and each `eval --vote-match` run against the run it matched
+(eval.vote_report); and each row's distribution of output lengths with the share that ended in EOS. A run of
+--vote-match is labelled `vote <method>`: its records are votes.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from powersample.eval.records import (
     read_run,
     record_key,
 )
-from powersample.eval.rows import Row, grid, num_cell, row_pairs
+from powersample.eval.rows import Row, grid, method_name, num_cell, row_pairs
 from powersample.eval.vote_report import voting_sections
 from powersample.io import write_bytes_atomic
 from powersample.plots import new_figure, png_bytes
@@ -143,19 +145,15 @@ def label(identity: dict[str, Any], all_identities: list[dict[str, Any]]) -> str
     along the proposal temperature 1/alpha that follows from it. Runs whose identities differ always get different
     settings named; their labels can still read alike (two models of one file name), which `unique_labels` settles.
     """
-    same = [_settings(i) for i in all_identities if method_name(i) == method_name(identity)]
+    name = method_name(identity["config"]["method"], identity)
+    same = [_settings(i) for i in all_identities if method_name(i["config"]["method"], i) == name]
     shown: list[str] = []
     for key in sorted({k for s in same for k in s}, key=_setting_order):
         before = {tuple(s.get(k) for k in shown) for s in same}
         if len({tuple(s.get(k) for k in (*shown, key)) for s in same}) > len(before):
             shown.append(key)
     mine = _settings(identity)
-    return " ".join([method_name(identity), *(_named(key, mine.get(key)) for key in shown)])
-
-
-def method_name(identity: dict[str, Any]) -> str:
-    """The method a label starts with: `vote base` for a --vote-match run of base (its records are votes)."""
-    return ("vote " if "vote_match" in identity else "") + identity["config"]["method"]
+    return " ".join([name, *(_named(key, mine.get(key)) for key in shown)])
 
 
 def _settings(identity: dict[str, Any]) -> dict[str, Any]:
@@ -550,7 +548,7 @@ def _line_names(rows: list[Row], sweep: Sweep) -> list[str]:
     """Each row's line: its method, or with `sweep.apart` its label among the identities without the setting (and
     the hash of that identity too when runs apart in a setting the label does not name would share a line)."""
     if sweep.apart is None:
-        return [row.config["method"] for row in rows]
+        return [method_name(row.config["method"], row.identity) for row in rows]
     others = [sweep.apart(row.identity) for row in rows]
     names, keys = [label(i, others) for i in others], [identity_hash(i) for i in others]
     clash = {n for n in names if len({k for k, m in zip(keys, names) if m == n}) > 1}

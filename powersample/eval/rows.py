@@ -12,6 +12,11 @@ from powersample.eval.records import record_key
 MAX_ALL_PAIRS = 6  # a task with more rows compares each with its first row only (else the lines grow as rows^2)
 
 
+def method_name(method: str, identity: dict[str, Any]) -> str:
+    """The method a row's label starts with: `vote base` for a --vote-match run of base (its records are votes)."""
+    return ("vote " if "vote_match" in identity else "") + method
+
+
 @dataclass(frozen=True)
 class Row:
     """One (task, method) cell: its records and the config they were made with."""
