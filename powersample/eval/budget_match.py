@@ -60,7 +60,7 @@ def check_method(plan: EvalPlan, kind: str, option: str) -> None:
 
 def read_budgets(run_dir: Path, units: list[tuple[str, int]], option: str) -> dict[tuple[str, int], int]:
     """tokens_generated of each unit's record in run_dir; a one-line error when one is missing or not >= 1."""
-    costs = {record_key(r): r.get("tokens_generated") for r in load_records(run_dir)}
+    costs: dict[tuple[str, int], Any] = {record_key(r): r.get("tokens_generated") for r in load_records(run_dir)}
     missing = [u for u in units if u not in costs]
     if missing:
         raise PowerSampleError(

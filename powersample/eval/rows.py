@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Iterable, Sequence
 
+from powersample.eval.paired import Item
 from powersample.eval.records import record_key
 
 MAX_ALL_PAIRS = 6  # a task with more rows compares each with its first row only (else the lines grow as rows^2)
@@ -32,7 +33,7 @@ class Row:
         return [bool(r["correct"]) for r in self.records if r.get("correct") is not None]
 
     @property
-    def verdicts(self) -> dict[tuple[str, int], bool]:
+    def verdicts(self) -> dict[Item, bool]:
         """Each graded record's verdict by (problem, seed): what paired comparisons match on."""
         return {record_key(r): bool(r["correct"]) for r in self.records if r.get("correct") is not None}
 

@@ -64,15 +64,15 @@ def voting_sections(rows: list[Row]) -> list[str]:
 
 def maj_section(rows: list[Row]) -> str:
     """maj@k and pass@k per row, then maj@k paired between rows; and a line per task that has no vote."""
-    tasks = {row.task: _task(row.task) for row in rows if row.graded}
-    voted = [row for row in rows if row.graded and tasks[row.task] and tasks[row.task].vote and not _is_vote(row)]
-    tables = {id(row): problem_ballots(row, tasks[row.task]) for row in voted}  # type: ignore[arg-type]
+    tasks = {row.task: task for row in rows if row.graded and (task := _task(row.task)) is not None}
+    voted = [row for row in rows if row.task in tasks and tasks[row.task].vote and not _is_vote(row)]
+    tables = {id(row): problem_ballots(row, tasks[row.task]) for row in voted}
     cells = [line for row in voted for line in maj_cells(row, tables[id(row)])]
     paired_cells = [line for a, b in row_pairs(voted) for line in paired_maj_cells(a, b, tables[id(a)], tables[id(b)])]
-    no_vote = [f"{name}: no majority vote ({task.no_vote})." for name, task in tasks.items() if task and not task.vote]
+    no_vote = [f"{name}: no majority vote ({task.no_vote})." for name, task in tasks.items() if not task.vote]
     if not cells and not no_vote:
         return ""
-    rules = "; ".join(sorted({f"{t.vote.name} ({name})" for name, t in tasks.items() if t and t.vote}))
+    rules = "; ".join(sorted({f"{t.vote.name} ({name})" for name, t in tasks.items() if t.vote}))
     parts = ["## Majority vote (maj@k) and pass@k"]
     parts += [grid(VOTE_HEADER, cells), VOTE_NOTE.format(rules=rules)] if cells else []
     parts += [grid(PAIRED_VOTE_HEADER, paired_cells)] if paired_cells else []
