@@ -54,7 +54,7 @@ RECORD_FIELDS = {
     "vote": (dict, None),  # --vote-match: the vote this record's answer won (VOTE_FIELDS)
 }
 # A --vote-match record's vote: its budget (the matched record's tokens_generated), the winning group's votes, and
-# every sample drawn, in draw order (VOTE_SAMPLE_FIELDS; their tokens_generated sum to the record's).
+# every sample drawn, in draw order (VOTE_SAMPLE_FIELDS; their tokens add up to the record's tokens_generated).
 VOTE_FIELDS = {"budget": int, "votes": int, "groups": int, "tie_break": bool, "samples": list}
 VOTE_SAMPLE_FIELDS = {
     "answer": (str, None),
