@@ -347,3 +347,27 @@ def test_gpqa_votes_by_letter_end_to_end(tmp_path):
     report, _ = build_report([run, vote], None)
     assert "the letter (gpqa)" in section(report, "Majority vote (maj@k) and pass@k")
     assert "| gpqa | power | vote base | 12 (3) |" in section(report, "Power vs a vote at equal tokens")
+
+
+@pytest.mark.slow
+def test_vote_match_on_the_embedded_model(tmp_path):
+    """The embedded model through llama.cpp, two MATH500 problems, T = 16: a power run, a vote at its tokens."""
+    from support.toy import SHARED_DATA
+
+    pytest.importorskip("llama_cpp")
+    math500 = SHARED_DATA / "MATH500.json"
+    if not math500.exists():
+        pytest.skip(f"shared data file {math500} is absent")
+    small = ["--task", "math500", "--data", str(math500), "--backend", "llamacpp", "--limit", "2", "--seeds", "0-1"]
+    small += ["--max-new-tokens", "16", "--block-count", "2", "--mcmc-steps", "1", "--quiet"]
+    run, vote = tmp_path / "power", tmp_path / "vote"
+    assert main(["eval", *small, "--output-dir", str(run)]) == 0
+    assert main(["eval", *small, "--method", "base", "--vote-match", str(run), "--output-dir", str(vote)]) == 0
+    costs = {(r["problem_id"], r["seed"]): r["tokens_generated"] for r in load_records(run)}
+    records = load_records(vote)
+    assert len(records) == 4
+    for r in records:
+        spent = [len(s["tokens"]) for s in r["vote"]["samples"]]
+        assert sum(spent[:-1]) < costs[(r["problem_id"], r["seed"])] == r["vote"]["budget"] <= sum(spent)
+    report, _ = build_report([run, vote], None)
+    assert "| math500 | power | vote base | 4 (2) |" in section(report, "Power vs a vote at equal tokens")
