@@ -1,21 +1,25 @@
 """Model mode: every registered setting on a real model (the embedded one by default).
 
 Per setting, one sample per call (num_samples=1: the latency of one sample) for each prompt and seed: mean base
-log-likelihood per token of the outputs, tokens sampled per sample, wall per sample, and that wall over the wall of
-a plain (`base`) sample.
+log-likelihood per token of the outputs (and its standard error), tokens sampled per sample, wall per sample, and
+that wall over the wall of a plain (`base`) sample; and every curve at the token budget of power with 4 blocks and
+4 steps (budget.py).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from powersample.api import sample
 from powersample.backends.base import Backend
 from powersample.tools.common import Update, tick, warm_up
+from powersample.tools.fidelity.budget import matched_budget
 from powersample.tools.fidelity.options import FidelityOptions
-from powersample.tools.fidelity.settings import Setting, model_settings, split_registered
+from powersample.tools.fidelity.settings import MODEL_REFERENCE, Setting, model_settings, split_registered
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class ModelPoint:
     setting: Setting
     samples: int
     logp_per_token: float  # mean over samples of (sum of base log p) / length
+    logp_per_token_se: float | None  # its standard error (sample sd / sqrt(samples)); None under 2 samples
     mean_length: float
     eos_fraction: float
     tokens_per_sample: float  # mean tokens_generated
@@ -36,6 +41,7 @@ class ModelPoint:
             **self.setting.to_dict(),
             "samples": self.samples,
             "logp_per_token": self.logp_per_token,
+            "logp_per_token_se": self.logp_per_token_se,
             "mean_length": self.mean_length,
             "eos_fraction": self.eos_fraction,
             "tokens_per_sample": self.tokens_per_sample,
@@ -47,10 +53,12 @@ class ModelPoint:
 def model_point(setting: Setting, records: list[Any]) -> ModelPoint:
     """The averages of one setting's records (SampleRecord) so far."""
     n = len(records)
+    per_token = [r.logp / max(1, len(r.tokens)) for r in records]
     return ModelPoint(
         setting,
         n,
-        sum(r.logp / max(1, len(r.tokens)) for r in records) / n,
+        statistics.fmean(per_token),
+        statistics.stdev(per_token) / math.sqrt(n) if n > 1 else None,
         sum(len(r.tokens) for r in records) / n,
         sum(r.finish_reason == "eos" for r in records) / n,
         sum(r.tokens_generated for r in records) / n,
@@ -71,7 +79,8 @@ def run_model(
     slows them alike rather than whichever setting happened to run at the time.
     """
     settings, skipped = split_registered(model_settings(options.max_new_tokens, options.quick), options.methods)
-    out = options.header() | {"backend": describe, "prompts": list(options.prompts), "skipped": skipped, "points": []}
+    out = options.header() | {"backend": describe, "prompts": list(options.prompts), "skipped": skipped}
+    out |= {"points": [], "matched": None}
     warm_up(backend, options.prompts[0], options.max_new_tokens, options.seed, options.chat)
     records: dict[Setting, list[Any]] = {s: [] for s in settings}
     for prompt in options.prompts:
@@ -81,6 +90,7 @@ def run_model(
                 records[setting] += sample(backend, prompt, config, seed=options.seed + k, chat=options.chat)
                 tick(update, f"{setting.method} {setting.knob_text}")
             out["points"] = _model_points(records)
+            out["matched"] = matched_budget(out["points"], MODEL_REFERENCE, "model")
             if on_progress:
                 on_progress(out)
     return out | {"complete": True, "load_average_end": list(os.getloadavg())}
