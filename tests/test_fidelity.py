@@ -228,6 +228,23 @@ def test_model_mode_on_a_toy_backend_renders(tmp_path):
     assert "log-lik/token" in text and "fidelity_model.png" in text
 
 
+def test_model_mode_pairs_every_setting_with_the_reference(tmp_path):
+    """With power at 4 blocks and 4 steps measured, each setting's gap to it is paired by (prompt, seed), and every
+    curve is put at its token budget."""
+    options = FidelityOptions("model", 4.0, 4, samples=2, prompts=("p", "q"), methods=("power", "power-smc"))
+    data = fidelity.run_model(options, ToyBackend(load_spec("eos_trap")), {"name": "toy", "model": "eos_trap"})
+    ref = next(p for p in data["points"] if fidelity_settings.MODEL_REFERENCE.same(p))
+    assert ref["vs_reference"] == {"mean": 0.0, "se": 0.0} and ref["samples"] == 4
+    assert all(p["vs_reference"]["se"] is not None for p in data["points"])
+    assert data["matched"]["tokens_per_sample"] == ref["tokens_per_sample"]
+    assert {c["curve"] for c in data["matched"]["curves"]} == {p["curve"] for p in data["points"]}
+    assert any(p["knobs"].get("ess_threshold") == 0.0 for p in data["points"])
+    table = fidelity.render_table(data)
+    assert "vs reference, paired" in table and "At the token budget of power block_count=4 mcmc_steps=4" in table
+    fidelity.write_outputs(tmp_path, data)
+    assert fidelity.paths(tmp_path, "model")["png"].read_bytes().startswith(b"\x89PNG")
+
+
 def test_report_renders_the_fidelity_section(quick_dir, tmp_path, capsys):
     table, plots = build_report([quick_dir], tmp_path / "report", sections=(fidelity.SECTION,))
     assert "Fidelity per compute" in table and "| power |" in table
