@@ -136,7 +136,7 @@ def test_matched_budget_takes_the_best_point_within_and_the_cheapest_over():
     points = [
         point("power", {"block_count": 1, "mcmc_steps": 16}, 50.0, 0.4),
         point("power-smc", {"particles": 4}, 20.0, 0.3),
-        point("power-smc", {"particles": 16}, 52.0, 0.2),  # within the 5% slack
+        point("power-smc", {"particles": 16}, 52.0, 0.2),  # within the slack (SLACK x 50 tokens)
         point("power-smc", {"particles": 64}, 200.0, 0.01),
         point("power-smc", {"particles": 256}, 800.0, 0.005),
         point("bon", {"bon_tokens": 400}, 400.0, 0.5),

@@ -11,7 +11,8 @@ from typing import Any
 
 from powersample.tools.fidelity.settings import Setting
 
-SLACK = 1.05  # a point "within" the budget spends at most this x the reference's tokens per sample
+SLACK = 1.10  # a point "within" the budget spends at most this x the reference's tokens per sample (power-pt with
+# K replicas spends about K x power's tokens at the same steps, so its points rarely land on the budget exactly)
 
 # per mode: the measure, and whether higher is better
 MEASURES = {"toy": ("tv", False), "model": ("logp_per_token", True)}
