@@ -39,7 +39,7 @@ def toy_figure(data: dict[str, Any]) -> Any:
         ax.axhspan(low, t["floor_q95"], color="gray", alpha=0.12, label="within sampling noise (95%)")
         ax.set_ylim(low, high)
         _plain_ticks(ax)
-    fig.axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _legend(fig)
     return fig
 
 
@@ -63,13 +63,24 @@ def model_figure(data: dict[str, Any]) -> Any:
     if base:
         fig.axes[1].axvline(2 * base, linestyle="--", color="gray", label="2x the wall of a base sample")
     fig.suptitle(f"{data['backend']['model']}, T={data['max_new_tokens']}, alpha={data['alpha']:g}", fontsize=9)
-    fig.axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _legend(fig)
     return fig
 
 
 def target_pngs(data: dict[str, Any]) -> dict[str, bytes]:
     """A toy result's plot of each target alone, by the target's spec name."""
     return {t["spec"]: figure_png(data | {"targets": [t]}) for t in data["targets"]}
+
+
+def _legend(fig: Any) -> None:
+    """One legend right of the last panel, with every panel's entries once (the budget line is on some only)."""
+    entries: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.axes[-1].legend(
+        list(entries.values()), list(entries), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5)
+    )
 
 
 def _budget_line(ax: Any, matched: dict[str, Any] | None) -> None:
