@@ -108,7 +108,7 @@ def toy_settings(max_new_tokens: int, vocab_size: int, quick: bool) -> list[Sett
         *sweep("power-rollout", "rollouts", (1, 4, 16, 64), {"candidates": v}, "power-rollout K=vocab"),
         *sweep("bon", "bon_tokens", (2 * t, 8 * t, 32 * t)),
         *pt_sweep((1, 2, 3, 4, 6, 8, 12, 16), 1, "blocks=1"),  # 3 and 6: K = 4 and 2 near the budget
-        *pt_sweep((1, 2, 4, 8, 16), t, "blocks=T"),
+        *pt_sweep((1, 2, 4, 8), t, "blocks=T"),
     ]
     # fmt: on
 
