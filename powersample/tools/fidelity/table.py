@@ -40,7 +40,7 @@ def model_table(data: dict[str, Any]) -> str:
     rows = [
         f"| {p['method']} | {_knobs(p)} | {p['samples']} | {p['logp_per_token']:.3f}{_se(p)} | "
         f"{p['mean_length']:.1f} | {p['eos_fraction']:.0%} | {p['tokens_per_sample']:.1f} | "
-        f"{p['wall_per_sample']:.2f} | {_opt(p['wall_vs_base'], '.2f')}x | {_gap(p.get('vs_reference'))} |"
+        f"{p['wall_per_sample']:.2f} | {_opt(p['wall_vs_base'], '.2f', 'x')} | {_gap(p.get('vs_reference'))} |"
         for p in data["points"]
     ]
     matched = _matched_lines(data.get("matched"))
@@ -117,5 +117,5 @@ def _skipped_lines(data: dict[str, Any]) -> list[str]:
     return [f"\n- {s['method']}: {s['reason']}" for s in data.get("skipped", [])]
 
 
-def _opt(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+def _opt(value: float | None, fmt: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, fmt) + unit
