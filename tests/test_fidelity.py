@@ -69,12 +69,90 @@ def test_quick_run_writes_table_json_and_png(quick_dir):
     [target] = data["targets"]
     assert target["spec"] == "fidelity_trap" and 0 < target["floor"] <= target["floor_q95"] < 1
     methods = {p["method"] for p in target["points"]} | {s["method"] for s in data["skipped"]}
-    assert methods == {"base", "low-temp", "power", "power-cut", "bon", "power-mtm", "power-smc", "power-rollout"}
+    assert methods == {
+        "base",
+        "low-temp",
+        "power",
+        "power-cut",
+        "bon",
+        "power-mtm",
+        "power-smc",
+        "power-rollout",
+        "power-pt",
+    }
     for p in target["points"]:
         assert 0 <= p["tv"] <= 1 and p["tokens_per_sample"] >= p["mean_length"] > 0 and p["calls"] >= 1
     table = files["md"].read_text()
     assert "| method | knobs | TV | TV floor | tokens/sample | calls |" in table
     assert files["png"].read_bytes().startswith(b"\x89PNG")
+    assert fidelity.target_png(quick_dir, "fidelity_trap").read_bytes().startswith(b"\x89PNG")
+
+
+def test_quick_run_holds_every_registered_setting_and_the_matched_budget(quick_dir):
+    """Every setting of the quick list is a point (or its method is named as skipped), the pooled importance
+    weighting among them; every curve appears at the budget of power with one block and 16 steps."""
+    data = json.loads(fidelity.paths(quick_dir, "toy")["json"].read_text())
+    [target] = data["targets"]
+    want = fidelity_settings.toy_settings(6, len(load_spec("fidelity_trap").vocab), quick=True)
+    skipped = {s["method"] for s in data["skipped"]}
+    have = [(p["method"], p["knobs"]) for p in target["points"]]
+    assert have == [(s.method, dict(s.knobs)) for s in want if s.method not in skipped]
+    assert {"ess_threshold": 0.0, "particles": 16} in [p["knobs"] for p in target["points"]]
+    matched = target["matched"]
+    assert matched["reference"] == {"method": "power", "knobs": {"block_count": 1, "mcmc_steps": 16}}
+    assert matched["measure"] == "tv" and matched["tokens_per_sample"] > 6
+    assert [c["curve"] for c in matched["curves"]] == list(dict.fromkeys(p["curve"] for p in target["points"]))
+    for c in matched["curves"]:
+        assert (
+            c["within"] is None or c["within"]["tokens_per_sample"] <= matched["slack"] * matched["tokens_per_sample"]
+        )
+        assert c["over"] is None or c["over"]["tokens_per_sample"] > matched["slack"] * matched["tokens_per_sample"]
+    assert (
+        "At the token budget of power block_count=1 mcmc_steps=16" in fidelity.paths(quick_dir, "toy")["md"].read_text()
+    )
+
+
+def test_power_pt_settings_are_listed_and_run_once_registered():
+    """power-pt at K = 2 and 4 replicas is in the sweeps; until its sampler registers, it is skipped with a note."""
+    settings = fidelity_settings.toy_settings(6, 6, quick=False)
+    pt = [s for s in settings if s.method == "power-pt"]
+    assert {dict(s.knobs)["replicas"] for s in pt} == {2, 4}
+    assert {dict(s.knobs)["block_count"] for s in pt} == {1, 6}
+    assert {dict(s.knobs)["mcmc_steps"] for s in pt} >= {1, 2, 4, 8, 16}
+    run, notes = fidelity_settings.split_registered(settings)
+    if fidelity_settings.registered("power-pt"):
+        assert pt == [s for s in run if s.method == "power-pt"]
+        assert all(s.config(4.0, 6).replicas == dict(s.knobs)["replicas"] for s in pt)
+    else:
+        assert "power-pt" in {n["method"] for n in notes} and not any(s.method == "power-pt" for s in run)
+    pooled = [dict(s.knobs) for s in settings if s.curve == "power-smc pooled IW (ess=0)"]
+    assert pooled == [{"ess_threshold": 0.0, "particles": n} for n in (4, 16, 64)]
+
+
+def test_matched_budget_takes_the_best_point_within_and_the_cheapest_over():
+    def point(method, knobs, tokens, value, curve=None):
+        return {"method": method, "knobs": knobs, "curve": curve or method, "tokens_per_sample": tokens, "tv": value}
+
+    points = [
+        point("power", {"block_count": 1, "mcmc_steps": 16}, 50.0, 0.4),
+        point("power-smc", {"particles": 4}, 20.0, 0.3),
+        point("power-smc", {"particles": 16}, 52.0, 0.2),  # within the slack (SLACK x 50 tokens)
+        point("power-smc", {"particles": 64}, 200.0, 0.01),
+        point("power-smc", {"particles": 256}, 800.0, 0.005),
+        point("bon", {"bon_tokens": 400}, 400.0, 0.5),
+    ]
+    matched = fidelity.matched_budget(points, fidelity_settings.TOY_REFERENCE, "toy")
+    assert matched["tokens_per_sample"] == 50.0
+    smc = next(c for c in matched["curves"] if c["curve"] == "power-smc")
+    assert smc["within"] == {"knobs": {"particles": 16}, "tokens_per_sample": 52.0, "tv": 0.2}
+    assert smc["over"]["knobs"] == {"particles": 64}
+    bon = next(c for c in matched["curves"] if c["curve"] == "bon")
+    assert bon["within"] is None and bon["over"]["tv"] == 0.5
+    assert fidelity.matched_budget(points[1:], fidelity_settings.TOY_REFERENCE, "toy") is None
+    model = [p | {"logp_per_token": -p["tv"]} for p in points]  # higher is better on a model
+    model[0]["knobs"] = dict(fidelity_settings.MODEL_REFERENCE.knobs)
+    smc = fidelity.matched_budget(model, fidelity_settings.MODEL_REFERENCE, "model")["curves"][1]
+    assert smc["within"]["knobs"] == {"particles": 16} and smc["within"]["logp_per_token"] == -0.2
 
 
 def test_unregistered_methods_are_skipped_with_a_note(monkeypatch, tmp_path, capsys):
@@ -92,6 +170,7 @@ def test_unregistered_methods_are_skipped_with_a_note(monkeypatch, tmp_path, cap
         "power-mtm",
         "power-smc",
         "power-rollout",
+        "power-pt",
     ]
     assert "power-smc: no sampler registered" in out
 
@@ -141,10 +220,29 @@ def test_model_mode_on_a_toy_backend_renders(tmp_path):
     base = next(p for p in data["points"] if p["method"] == "base")
     assert base["wall_vs_base"] == pytest.approx(1.0) and base["samples"] == 2
     assert all(p["logp_per_token"] <= 0 and p["tokens_per_sample"] >= p["mean_length"] for p in data["points"])
+    assert all(p["logp_per_token_se"] >= 0 for p in data["points"])
+    assert data["matched"] is None  # the quick list has no power with 4 blocks and 4 steps
     written = fidelity.write_outputs(tmp_path, data)
     assert {p.name for p in written} == {"fidelity_model.json", "fidelity_model.md", "fidelity_model.png"}
     text, _ = fidelity.fidelity_section(tmp_path, None)
     assert "log-lik/token" in text and "fidelity_model.png" in text
+
+
+def test_model_mode_pairs_every_setting_with_the_reference(tmp_path):
+    """With power at 4 blocks and 4 steps measured, each setting's gap to it is paired by (prompt, seed), and every
+    curve is put at its token budget."""
+    options = FidelityOptions("model", 4.0, 4, samples=2, prompts=("p", "q"), methods=("power", "power-smc"))
+    data = fidelity.run_model(options, ToyBackend(load_spec("eos_trap")), {"name": "toy", "model": "eos_trap"})
+    ref = next(p for p in data["points"] if fidelity_settings.MODEL_REFERENCE.same(p))
+    assert ref["vs_reference"] == {"mean": 0.0, "se": 0.0} and ref["samples"] == 4
+    assert all(p["vs_reference"]["se"] is not None for p in data["points"])
+    assert data["matched"]["tokens_per_sample"] == ref["tokens_per_sample"]
+    assert {c["curve"] for c in data["matched"]["curves"]} == {p["curve"] for p in data["points"]}
+    assert any(p["knobs"].get("ess_threshold") == 0.0 for p in data["points"])
+    table = fidelity.render_table(data)
+    assert "vs reference, paired" in table and "At the token budget of power block_count=4 mcmc_steps=4" in table
+    fidelity.write_outputs(tmp_path, data)
+    assert fidelity.paths(tmp_path, "model")["png"].read_bytes().startswith(b"\x89PNG")
 
 
 def test_report_renders_the_fidelity_section(quick_dir, tmp_path, capsys):

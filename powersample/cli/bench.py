@@ -52,7 +52,9 @@ FIDELITY_HELP = """Toy mode (the default): TV distance to the exact p^alpha agai
 registered method over a sweep of its knobs, on enumerable toy specs. Model mode (with --backend hf or llamacpp,
 or --model): base log-likelihood per token of the outputs against tokens sampled and wall per sample. The sweeps
 are fixed; of the sampler options only --alpha and --max-new-tokens apply (T default: 6 for toy specs, 48 for a
-model; --quick: 8 for a model). Methods with no registered sampler are skipped and named in the output."""
+model; --quick: 8 for a model). Methods with no registered sampler are skipped and named in the output. Every
+sweep is also read at one matched token budget: that of power with 1 block and 16 steps (toy), or 4 blocks and 4
+steps (model)."""
 FIDELITY_REFUSED = {
     "mcmc_steps": "--mcmc-steps",
     "block_size": "--block-size",
@@ -117,7 +119,9 @@ def add_fidelity_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--methods", metavar="A,B,...", help="only these methods' settings (default: every method)")
     g.add_argument(
-        "--output-dir", default="fidelity", help="where fidelity_<toy|model>.{json,md,png} go (default ./fidelity)"
+        "--output-dir",
+        default="fidelity",
+        help="where fidelity_<toy|model>.{json,md,png} and fidelity_toy_<spec>.png go (default ./fidelity)",
     )
 
 

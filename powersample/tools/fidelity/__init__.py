@@ -8,6 +8,9 @@ this version is skipped and named in the output, never given a number.
     model   On a real model (the embedded one by default): per setting, base log-likelihood per token against
             tokens sampled and wall per sample (model.py).
 
+Both also put every curve at one token budget, a reference setting's (budget.py), so that methods are compared at
+equal cost.
+
 One concern per module:
 
     exact.py     the exact p^alpha law over an enumerable toy spec, empirical laws, TV distance and its floor
@@ -16,16 +19,18 @@ One concern per module:
     options.py   FidelityOptions (validated once), ToyTarget (a shipped spec or a JSON file), the result header
     toy.py       toy mode: run_toy, one ToyPoint per setting and target
     model.py     model mode: run_model, the settings taking turns per (prompt, seed)
+    budget.py    every curve at one matched token budget (power's, at the settings the issue 26 targets name)
     table.py     the markdown tables
     plots.py     the matplotlib figures (PNG bytes through powersample.plots)
-    files.py     the output directory: fidelity_<mode>.{json,md,png}, written atomically
+    files.py     the output directory: fidelity_<mode>.{json,md,png} and fidelity_toy_<spec>.png, written atomically
     report.py    the section of `powersample report` (handed to eval's report by the command line)
 
 The command line is powersample.cli.bench.
 """
 
+from powersample.tools.fidelity.budget import matched_budget
 from powersample.tools.fidelity.exact import Law, empirical_law, power_law, tv_distance, tv_floor
-from powersample.tools.fidelity.files import paths, prepare_dir, write_json, write_outputs
+from powersample.tools.fidelity.files import paths, prepare_dir, target_png, write_json, write_outputs
 from powersample.tools.fidelity.model import run_model
 from powersample.tools.fidelity.options import DEFAULT_SPECS, FidelityOptions, ToyTarget
 from powersample.tools.fidelity.report import SECTION, fidelity_section, has_fidelity
@@ -43,12 +48,14 @@ __all__ = [
     "empirical_law",
     "fidelity_section",
     "has_fidelity",
+    "matched_budget",
     "paths",
     "power_law",
     "prepare_dir",
     "render_table",
     "run_model",
     "run_toy",
+    "target_png",
     "tv_distance",
     "tv_floor",
     "write_json",

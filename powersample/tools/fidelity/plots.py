@@ -1,4 +1,6 @@
-"""The fidelity plots: TV (toy) or log-likelihood per token (model) against what it cost, one curve per sweep.
+"""The fidelity plots: TV (toy) or log-likelihood per token (model) against what it cost, one curve per sweep, and a
+dotted line at the matched token budget (budget.py). A toy result has one figure with a panel per target, and one
+figure per target.
 Rendered to palette PNG bytes through powersample.plots, the one PNG path it shares with `powersample report`."""
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def toy_figure(data: dict[str, Any]) -> Any:
         for curve, points in _curves(t["points"]).items():
             _plot_curve(ax, points, "tokens_per_sample", "tv", curve, colors[curve])
         ax.axhline(t["floor"], linestyle="--", color="gray", label=f"TV floor: mean of {data['samples']} exact samples")
+        _budget_line(ax, t.get("matched"))
         ax.set(
             xscale="log",
             yscale="log",
@@ -36,7 +39,7 @@ def toy_figure(data: dict[str, Any]) -> Any:
         ax.axhspan(low, t["floor_q95"], color="gray", alpha=0.12, label="within sampling noise (95%)")
         ax.set_ylim(low, high)
         _plain_ticks(ax)
-    fig.axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _legend(fig)
     return fig
 
 
@@ -53,13 +56,41 @@ def model_figure(data: dict[str, Any]) -> Any:
         for curve, points in _curves(data["points"]).items():
             _plot_curve(ax, points, x, "logp_per_token", curve, colors[curve])
         ax.set(xscale="log", xlabel=label, ylabel="base log-likelihood per token")
+        if x == "tokens_per_sample":
+            _budget_line(ax, data.get("matched"))
         _plain_ticks(ax)
     base = next((p["wall_per_sample"] for p in data["points"] if p["method"] == "base"), None)
     if base:
         fig.axes[1].axvline(2 * base, linestyle="--", color="gray", label="2x the wall of a base sample")
     fig.suptitle(f"{data['backend']['model']}, T={data['max_new_tokens']}, alpha={data['alpha']:g}", fontsize=9)
-    fig.axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    _legend(fig)
     return fig
+
+
+def target_pngs(data: dict[str, Any]) -> dict[str, bytes]:
+    """A toy result's plot of each target alone, by the target's spec name."""
+    return {t["spec"]: figure_png(data | {"targets": [t]}) for t in data["targets"]}
+
+
+def _legend(fig: Any) -> None:
+    """One legend right of the last panel, with every panel's entries once (the budget line is on some only)."""
+    entries: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.axes[-1].legend(
+        list(entries.values()), list(entries), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5)
+    )
+
+
+def _budget_line(ax: Any, matched: dict[str, Any] | None) -> None:
+    """A dotted vertical line at the matched token budget (budget.py), when the reference was measured."""
+    if matched:
+        ref = matched["reference"]
+        knobs = " ".join(f"{k}={v}" for k, v in ref["knobs"].items())
+        ax.axvline(
+            matched["tokens_per_sample"], linestyle=":", color="black", label=f"budget of {ref['method']} {knobs}"
+        )
 
 
 def _curves(points: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -27,6 +27,10 @@ class Setting:
     def knob_text(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.knobs) or "-"
 
+    def same(self, point: dict[str, Any]) -> bool:
+        """Whether a result point (to_dict) measured this method with these knobs, whatever its curve."""
+        return point["method"] == self.method and point["knobs"] == dict(self.knobs)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
@@ -45,6 +49,32 @@ def sweep(
     return [Setting(method, (*fixed.items(), (knob, v)), name, knob) for v in values]
 
 
+# The pooled importance weighting of issue 26 (arXiv 2608.14420): power-smc that never resamples, so the particles
+# are a pool of full samples, one returned in proportion to its weight.
+POOLED = {"ess_threshold": 0.0}
+
+# power-pt (parallel power tempering, samplers/tempering.py) is listed before its sampler lands in this branch:
+# split_registered skips a method with no registered sampler and names it in the output, so these settings run as
+# soon as "power-pt" registers (its knobs: replicas K, the ladder alphas, alpha_min).
+PT_REPLICAS = (2, 4)
+
+# Where the methods are compared at a matched token budget: the tokens these settings spend per sample (issue 26's
+# targets: on the toy traps power with one block and 16 MH steps, on a model power with 4 blocks and 4 steps).
+TOY_REFERENCE = Setting("power", (("block_count", 1), ("mcmc_steps", 16)))
+MODEL_REFERENCE = Setting("power", (("block_count", 4), ("mcmc_steps", 4)))
+
+
+def pt_sweep(steps: Iterable[int], blocks: int, name: str) -> list[Setting]:
+    """power-pt at K = 2 and 4 replicas (default geometric ladder up to alpha), `steps` MH steps per stage."""
+    return [
+        s
+        for k in PT_REPLICAS
+        for s in sweep(
+            "power-pt", "mcmc_steps", steps, {"replicas": k, "block_count": blocks}, f"power-pt K={k} {name}"
+        )
+    ]
+
+
 def toy_settings(max_new_tokens: int, vocab_size: int, quick: bool) -> list[Setting]:
     """The toy sweeps: plain baselines, MH at several step counts and block counts, and the three new methods."""
     t, v = max_new_tokens, vocab_size
@@ -53,11 +83,14 @@ def toy_settings(max_new_tokens: int, vocab_size: int, quick: bool) -> list[Sett
             Setting("base"),
             Setting("low-temp"),
             *sweep("power", "mcmc_steps", (1, 8), {"block_count": t}, "power blocks=T"),
+            *sweep("power", "mcmc_steps", (16,), {"block_count": 1}, "power blocks=1"),  # TOY_REFERENCE
             *sweep("power-cut", "mcmc_steps", (1, 8), {"block_count": t}, "power-cut blocks=T"),
             *sweep("bon", "bon_tokens", (2 * t,)),
             *sweep("power-mtm", "tries", (2, 4), {"mcmc_steps": 1, "block_count": t}, "power-mtm steps=1 blocks=T"),
             *sweep("power-smc", "particles", (4, 16)),
+            *sweep("power-smc", "particles", (4, 16), POOLED, "power-smc pooled IW (ess=0)"),
             *sweep("power-rollout", "rollouts", (1, 4), {"candidates": v}, "power-rollout K=vocab"),
+            *pt_sweep((1, 8), 1, "blocks=1"),
         ]
     # fmt: off
     return [
@@ -71,8 +104,11 @@ def toy_settings(max_new_tokens: int, vocab_size: int, quick: bool) -> list[Sett
         *sweep("power-smc", "particles", (4, 16, 64, 256)),
         *sweep("power-smc", "particles", (4, 16, 64, 256), {"ess_threshold": 1.0}, "power-smc resample always"),
         *sweep("power-smc", "particles", (4, 16, 64, 256), {"alpha_ramp": max(1, t // 2)}, "power-smc ramp=T/2"),
+        *sweep("power-smc", "particles", (4, 16, 64), POOLED, "power-smc pooled IW (ess=0)"),
         *sweep("power-rollout", "rollouts", (1, 4, 16, 64), {"candidates": v}, "power-rollout K=vocab"),
         *sweep("bon", "bon_tokens", (2 * t, 8 * t, 32 * t)),
+        *pt_sweep((1, 2, 3, 4, 6, 8, 12, 16), 1, "blocks=1"),  # 3 and 6: K = 4 and 2 near the budget
+        *pt_sweep((1, 2, 4, 8), t, "blocks=T"),
     ]
     # fmt: on
 
@@ -88,17 +124,22 @@ def model_settings(max_new_tokens: int, quick: bool) -> list[Setting]:
             *sweep("power", "mcmc_steps", (1,), {"block_count": 2}),
             *sweep("power-mtm", "tries", (2,), {"mcmc_steps": 1, "block_count": 2}),
             *sweep("power-smc", "particles", (4,)),
+            *sweep("power-smc", "particles", (4,), POOLED, "power-smc pooled IW (ess=0)"),
             *sweep("power-rollout", "rollouts", (1,), rollout),
+            *pt_sweep((1,), 2, "blocks=2"),
         ]
     # fmt: off
     return [
         Setting("base"), Setting("low-temp"),
-        *sweep("power", "mcmc_steps", (1, 4), {"block_count": 4}),
+        *sweep("power", "mcmc_steps", (1, 2, 4), {"block_count": 4}),  # 4 steps: MODEL_REFERENCE
         *sweep("power-cut", "mcmc_steps", (1, 2), {"block_count": 4}),
         *sweep("bon", "bon_tokens", (2 * max_new_tokens, 5 * max_new_tokens)),
         *sweep("power-mtm", "tries", (4,), {"mcmc_steps": 1, "block_count": 4}),
         *sweep("power-smc", "particles", (4, 16, 64)),
+        # (not 64 pooled particles on a model: ~2600 tokens a sample, 1-2 min on one thread; the toy sweep has them)
+        *sweep("power-smc", "particles", (4, 16), POOLED, "power-smc pooled IW (ess=0)"),
         *sweep("power-rollout", "rollouts", (1, 4), rollout),
+        *pt_sweep((1, 2), 4, "blocks=4"),
     ]
     # fmt: on
 

@@ -2,7 +2,8 @@
 
 Per spec, the exact law (exact.power_law). Per setting: S samples from one seeded, batched sample() call;
 TV(empirical law, exact law); mean tokens sampled per sample (tokens_generated, rejected proposals and discarded
-particles included); the backend's batched extend() calls. The TV floor is the mean TV of S exact samples
+particles included); the backend's batched extend() calls. Per target, every curve at the token budget of power
+with one block and 16 steps (budget.py). The TV floor is the mean TV of S exact samples
 (simulated), what a perfect sampler would score: TVs near it are as good as S samples can tell.
 """
 
@@ -14,9 +15,10 @@ from typing import Any, Callable
 from powersample.api import sample
 from powersample.backends.toy import ToyBackend, ToySpec
 from powersample.tools.common import Update, tick
+from powersample.tools.fidelity.budget import matched_budget
 from powersample.tools.fidelity.exact import Law, check_enumerable, empirical_law, power_law, tv_distance, tv_floor
 from powersample.tools.fidelity.options import FidelityOptions, ToyTarget
-from powersample.tools.fidelity.settings import Setting, split_registered, toy_settings
+from powersample.tools.fidelity.settings import TOY_REFERENCE, Setting, split_registered, toy_settings
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ def run_toy(
         backend = ToyBackend(spec)
         for setting in settings:
             entry["points"].append(toy_point(backend, law, setting, options, target.max_new_tokens).to_dict())
+            entry["matched"] = matched_budget(entry["points"], TOY_REFERENCE, "toy")
             tick(update, f"{target.name}: {setting.method} {setting.knob_text}")
             if on_progress:
                 on_progress(out)
@@ -94,6 +97,7 @@ def _target_entry(law: Law, target: ToyTarget, options: FidelityOptions) -> dict
         "floor": floor,
         "floor_q95": floor_q95,
         "points": [],
+        "matched": None,  # every curve at the tokens of settings.TOY_REFERENCE (budget.py)
     }
 
 
