@@ -397,6 +397,39 @@ def batched_rows_match_single_rows(s: Subject, alone: Backend | None = None) -> 
     return batched
 
 
+def requests_carry_their_own_proposals(s: Subject) -> None:
+    """Requests with proposals of their own (power-pt's rungs) share one call: each draws what it draws alone at its
+    proposal, with log q under it."""
+    b, rungs = s.backend, (Proposal(0.5), BASE, Proposal(1.5))
+    requests = [ExtendRequest(s.prompt, 8, np.random.default_rng(120 + j), 120 + j, proposal=q) for j, q in
+                enumerate(rungs)]  # fmt: skip
+    for j, (q, cont) in enumerate(zip(rungs, b.extend(requests, Proposal(0.25)))):
+        one = extend(b, s.prompt, 8, seed=120 + j, proposal=q, slot=130 + j)
+        _check(one.tokens == cont.tokens, f"row {j} at {q} drew {cont.tokens} in the batch, {one.tokens} alone")
+        _close(one.proposal_logq, cont.proposal_logq, s.tolerance, f"row {j}'s log q at its own proposal")
+
+
+def log_q_is_reported_under_other_proposals(s: Subject) -> None:
+    """Report.logq_under gives each token's log q under each proposal asked for: under the one drawn from, its
+    proposal_logq; under another, q's log-prob after the same base log p (next_logp, when the subject has it)."""
+    b, drawn, others = s.backend, Proposal(0.5), (Proposal(0.5), BASE, Proposal(0.25, top_k=3))
+    request = ExtendRequest(s.prompt, 6, np.random.default_rng(140), 140, Report(logq_under=others))
+    try:
+        [cont] = b.extend([request], drawn)
+    except PowerSampleError as e:
+        raise NotApplicable(str(e)) from None
+    _check(len(cont.logq_under) == len(others), f"{len(cont.logq_under)} columns of log q for {len(others)} asked")
+    _check(all(len(c) == len(cont.tokens) for c in cont.logq_under), "a log q column per token")
+    _close(cont.logq_under[0], cont.proposal_logq, s.tolerance, "log q under the drawn proposal")
+    _close(cont.logq_under[1], cont.base_logp, s.tolerance, "log q under the base model")
+    if s.next_logp is not None:
+        context = tuple(s.prompt)
+        for t, token in enumerate(cont.tokens):
+            want = proposal_logprobs(s.next_logp(context + cont.tokens[:t]), others[2])[token]
+            tolerance = s.proposal_tolerance if s.proposal_tolerance is not None else s.tolerance
+            _close((cont.logq_under[2][t],), (float(want),), tolerance, f"log q under {others[2]} at token {t}")
+
+
 def drafted_continuations_are_like_any(s: Subject) -> None:
     """A continuation verified against a draft (speculate = 1, 2, 4; drafts: the model's own likely continuation,
     the same reversed, one longer than max_tokens, one with EOS inside, none, and lookups in a corpus) draws the
@@ -671,6 +704,8 @@ CHECKS: tuple[Callable[[Subject], object], ...] = (
     entropies_are_reported_when_asked,
     draws_are_reported_as_drawn,
     batched_rows_match_single_rows,
+    requests_carry_their_own_proposals,
+    log_q_is_reported_under_other_proposals,
     drafted_continuations_are_like_any,
     log_p_is_batch_invariant,
     long_sequences_past_the_window,

@@ -50,12 +50,16 @@ class Row:
     proposal_logq: list[float] = field(default_factory=list)
     alternatives: tuple[tuple[int, float], ...] = ()
     entropy: list[float] = field(default_factory=list)  # when the request asks: the base entropy before each token
+    logq_under: list[list[float]] = field(default_factory=list)  # when the request asks: per proposal of its
+    # Report.logq_under, each token's log q under it
     guess: list[int] = field(default_factory=list)  # the guessed tokens after `tokens`, none verified yet
     drafted: int = 0  # guessed tokens verified (kept or not)
     kept_drafts: int = 0  # of those, kept
     score: float = 0.0  # the request's floor score of the tokens so far (core.types.Floor), without its length term
 
     def __post_init__(self) -> None:
+        if not self.logq_under:
+            self.logq_under = [[] for _ in self.request.report.logq_under]
         if self.request.hints.speculate > 0 and not self.tokens:
             self.guess = list(self.request.hints.draft.first(self.request.max_tokens))
 
@@ -100,7 +104,12 @@ class Row:
 
     def continuation(self) -> Continuation:
         return Continuation(
-            tuple(self.tokens), tuple(self.base_logp), tuple(self.proposal_logq), self.alternatives, tuple(self.entropy)
+            tuple(self.tokens),
+            tuple(self.base_logp),
+            tuple(self.proposal_logq),
+            self.alternatives,
+            tuple(self.entropy),
+            tuple(tuple(lq) for lq in self.logq_under),
         )
 
 
@@ -108,9 +117,10 @@ def verify_step(
     rows: Sequence[Row], logp: Sequence[np.ndarray], proposal: Proposal, eos_ids: frozenset[int]
 ) -> tuple[list[int], list[int]]:
     """Draw each row's next tokens from the base log p after each id it fed (`logp[b]`: (len(feed), V)), with its
-    request's own generator, recording log p and log q (and, at a row's first step, the likeliest alternatives;
-    and the entropy of each row of log p when the request asks), and reporting each row's new tokens to its
-    request's `on_draw`.
+    request's own generator and from its request's proposal (`proposal` unless it has its own), recording log p and
+    log q (and, at a row's first step, the likeliest alternatives; and, when the request asks, the entropy of each
+    row of log p and log q under its other proposals), and reporting each row's new tokens to its request's
+    `on_draw`.
 
     Returns the rows now finished (EOS, max_tokens, below their floor, or halted by their caller: ExtendRequest.halt)
     and, per row, how many of the ids it fed
@@ -119,7 +129,7 @@ def verify_step(
     done, kept = [], []
     for b, row in enumerate(rows):
         before = len(row.tokens)
-        finished, valid = _walk(row, logp[b], proposal, eos_ids)
+        finished, valid = _walk(row, logp[b], row.request.drawn_from(proposal), eos_ids)
         on_draw = row.request.report.on_draw
         if on_draw is not None and len(row.tokens) > before:
             on_draw(tuple(row.tokens[before:]))
@@ -151,6 +161,8 @@ def _draw(row: Row, logp: np.ndarray, proposal: Proposal, guessed: int | None) -
     row.tokens.append(token)
     row.base_logp.append(float(logp[token]))
     row.proposal_logq.append(float(logq[token]))
+    for under, other in zip(row.logq_under, row.request.report.logq_under):
+        under.append(float((logq if other == proposal else proposal_logprobs(logp, other))[token]))
     row.next_id = token
     return token
 

@@ -182,7 +182,7 @@ class ToyBackend:
 
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
         self.stats.extend_calls += 1
-        return [self._extend_one(r, proposal) for r in requests]
+        return [self._extend_one(r, r.drawn_from(proposal)) for r in requests]
 
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
         seq = list(context)
@@ -215,8 +215,8 @@ class ToyBackend:
         if request.hints.speculate > 0 or request.hints.floor is not None:
             return self._extend_walked(request, proposal)
         tokens, logp, logq = self._draw(request, proposal)
-        alternatives, entropies = self._report(request, tokens, proposal)
-        return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives, entropies)
+        alternatives, entropies, under = self._report(request, tokens, proposal)
+        return Continuation(tuple(tokens), tuple(logp), tuple(logq), alternatives, entropies, under)
 
     def _draw(self, request: ExtendRequest, proposal: Proposal) -> tuple[list[int], list[float], list[float]]:
         """(tokens, log p, log q): up to max_tokens drawn from q, one forward each, each handed to the request's
@@ -240,16 +240,21 @@ class ToyBackend:
 
     def _report(
         self, request: ExtendRequest, tokens: Sequence[int], proposal: Proposal
-    ) -> tuple[tuple[tuple[int, float], ...], tuple[float, ...]]:
-        """(alternatives, entropies) as the request asks: its first token's likeliest alternatives, and the base
-        entropy before each token."""
+    ) -> tuple[tuple[tuple[int, float], ...], tuple[float, ...], tuple[tuple[float, ...], ...]]:
+        """(alternatives, entropies, log q under other proposals) as the request asks: its first token's likeliest
+        alternatives, the base entropy before each token, and each token's log q under each of its other
+        proposals."""
         report, context = request.report, list(request.context)
         alternatives, entropies = (), ()
         if report.alternatives:
             alternatives = top_alternatives(np.asarray(self._table(context, proposal).base_logp), report.alternatives)
         if report.entropy:
             entropies = tuple(self._table(context + list(tokens[:i]), proposal).entropy for i in range(len(tokens)))
-        return alternatives, entropies
+        under = tuple(
+            tuple(self._table(context + list(tokens[:i]), other).proposal_logq[t] for i, t in enumerate(tokens))
+            for other in report.logq_under
+        )
+        return alternatives, entropies, under
 
     def _extend_walked(self, request: ExtendRequest, proposal: Proposal) -> Continuation:
         """The engines' walk (backends.engine.verify_step: drafts, floors) on exact rows: each loop is one forward of

@@ -216,7 +216,6 @@ class VLLMBackend:
         refill(key, continuation) gives the requests that start now, and poll(), called once per engine step, those
         that arrived; both join the engine's batch at its next step. Returns once nothing is in flight and poll()
         has nothing. On any exception the requests still in the engine are aborted."""
-        self._check_proposal(proposal)
         engine = self.llm.llm_engine
         capacity = None if self.reuse_cache else 1  # the baseline runs one request at a time
         waiting: deque[_Job] = deque()  # jobs whose next stage is not in the engine yet
@@ -225,8 +224,9 @@ class VLLMBackend:
         def intake(new: Mapping[int, ExtendRequest]) -> None:
             for request in new.values():  # every request checked before any draws its seed
                 self._check_context(request.context, request.max_tokens)
-                self._check_entropy(request)
-            waiting.extend(_Job(key, r, self._sampling(r, proposal)) for key, r in new.items())
+                self._check_proposal(request.drawn_from(proposal))
+                self._check_report(request)
+            waiting.extend(_Job(key, r, self._sampling(r, r.drawn_from(proposal))) for key, r in new.items())
 
         try:
             intake(requests)
@@ -357,7 +357,7 @@ class VLLMBackend:
             self._report(job, job.tokens)  # what the last step drew
             self.stats.cached_tokens += out.num_cached_tokens or 0
             job.logq = _sampled_logprobs(out.outputs[0].logprobs, job.tokens)
-            if proposal.is_base:  # q = p: the numbers vLLM returned are log p already
+            if request.drawn_from(proposal).is_base:  # q = p: the numbers vLLM returned are log p already
                 job.logp, job.alternatives = job.logq, _top(out.outputs[0].logprobs, 0, request.report.alternatives)
                 return True
             job.stage = "score"
@@ -447,12 +447,19 @@ class VLLMBackend:
                 f"{MIN_TEMPERATURE}), got {proposal.temperature:g}"
             )
 
-    def _check_entropy(self, request: ExtendRequest) -> None:
-        if request.report.entropy:  # a sampled token's row holds its top-k log-probs only; the whole row, per
-            # position, would cost V numbers per token as Python objects
+    def _check_report(self, request: ExtendRequest) -> None:
+        """Refuse what vLLM cannot report: a sampled token's row holds its top-k log-probs only, and the whole row,
+        per position, would cost V numbers per token as Python objects."""
+        if request.report.entropy:
             raise PowerSampleError(
                 "the vllm backend does not report per-token entropies (power-cut needs them); use "
                 "the hf or llamacpp backend"
+            )
+        if request.report.logq_under:
+            raise PowerSampleError(
+                "the vllm backend reports log q under the drawn proposal only (power-pt's rungs at their own "
+                "temperatures need the others); give every rung one with --proposal-temperature, or use the hf or "
+                "llamacpp backend"
             )
 
     def _check_context(self, context: Sequence[int], new: int) -> None:

@@ -69,6 +69,8 @@ class Report:
     on_draw: Callable[[Tokens], None] | None = None  # called with each run of new tokens as the engine draws them
     # (from the engine's thread, in order, before the Continuation returns; together they are its tokens). How often
     # is the engine's choice: every forward (toy, hf, llamacpp), every engine step (vLLM).
+    logq_under: tuple[Proposal, ...] = ()  # also report each token's log q under each of these proposals
+    # (Continuation.logq_under): what a state drawn at one temperature needs to move to another (power-pt's swaps)
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,16 @@ class ExtendRequest:
     slot: int = 0  # the chain's cache slot
     report: Report = NO_REPORT
     hints: Hints = NO_HINTS
+    proposal: Proposal | None = None  # this request's own proposal (power-pt's rungs, each at its temperature, share
+    # one batch); None = the call's (Backend.extend's `proposal`)
     halt: Callable[[], bool] | None = None  # asked after every forward (engine step, for vLLM): once True, the engine
     # stops decoding the request and returns the tokens drawn so far, a cut continuation its caller discards (a server
     # job whose client left or whose deadline passed frees the engine within one forward). It changes no draw. Not a
     # hint: the server counts on every engine to honour it.
+
+    def drawn_from(self, proposal: Proposal) -> Proposal:
+        """The proposal this request's tokens are drawn from, in a call made with `proposal`: its own, or the call's."""
+        return proposal if self.proposal is None else self.proposal
 
     def halted(self) -> bool:
         """Whether the request's caller asked the engine to stop decoding it (see `halt`)."""
@@ -121,6 +129,8 @@ class Continuation:
     # first tokens, likeliest first (ties by id); empty unless asked for
     entropy: tuple[float, ...] = ()  # nats >= 0: -sum_x p log p of the base next-token distribution each token was
     # drawn after (temperature 1, no truncation); empty unless the request asked (Report.entropy)
+    logq_under: tuple[tuple[float, ...], ...] = ()  # per proposal of the request's Report.logq_under, the log q of
+    # each token under it (as proposal_logq is under the one drawn from); empty unless asked
 
 
 # Continuous batching (optional backend method `extend_continuous(requests, proposal, refill, poll=None)`): the
