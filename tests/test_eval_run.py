@@ -462,3 +462,21 @@ def test_add_eval_parsers_plugs_into_another_parser(files, tmp_path):
     assert args.handler(args) == 0 and len(load_records(tmp_path / "run")) == 4
     args = parser.parse_args(["report", str(tmp_path / "run"), "--no-plots"])
     assert args.handler(args) == 0
+
+
+def test_a_run_made_before_a_sampler_field_existed_resumes(files, tmp_path, capsys):
+    """A run.json written before power-pt's knobs were declared has no `replicas`: at its default, the run resumes;
+    set otherwise, it is another config."""
+    spec, data = files
+    out = tmp_path / "run"
+    assert run_eval_cli(eval_argv(spec, data, out, "--seeds", "0")) == 0
+    run = json.loads((out / "run.json").read_text())
+    for name in ("replicas", "alphas", "alpha_min"):
+        del run["identity"]["config"][name]
+    (out / "run.json").write_text(json.dumps(run))
+    before = (out / "records.jsonl").read_text()
+    assert run_eval_cli(eval_argv(spec, data, out, "--seeds", "0")) == 0
+    assert (out / "records.jsonl").read_text() == before  # nothing redone
+    capsys.readouterr()
+    assert run_eval_cli(eval_argv(spec, data, out, "--seeds", "0", "--replicas", "2")) == 2
+    assert "replicas" in capsys.readouterr().err

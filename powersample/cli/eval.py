@@ -263,13 +263,20 @@ def precheck_run_dir(run_dir: Path, identity: dict[str, Any], shard: tuple[int, 
     """Refuse a directory holding another config, or one that another eval of this shard is writing, before the
     (slow) model load. A run asked with chat prompts may find its directory saying chat: false (its model has no
     chat template, which only the loaded model tells: the run checks again once it is known)."""
-    from powersample.eval.records import RUN_FILE, check_identity, check_unlocked, read_run, records_path
+    from powersample.eval.records import (
+        RUN_FILE,
+        check_identity,
+        check_unlocked,
+        identity_diffs,
+        read_run,
+        records_path,
+    )
 
     if run_dir.exists() and not run_dir.is_dir():
         raise PowerSampleError(f"--output-dir {run_dir} is not a directory")
     if (run_dir / RUN_FILE).exists():
         have = read_run(run_dir).get("identity")
-        if not (identity["chat"] and have == {**identity, "chat": False}):
+        if not (identity["chat"] and not identity_diffs(have, {**identity, "chat": False})):
             check_identity(run_dir, have, identity)
     check_unlocked(records_path(run_dir, shard))
 

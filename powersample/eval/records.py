@@ -19,6 +19,7 @@ that fails before its first record takes back the directory, run.json and record
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError, parse_json
 from powersample.io import append_durably, json_line, write_json_atomic
 
@@ -52,6 +54,7 @@ RECORD_FIELDS = {
     "finish_reason": (str, None),
     "answer": (str, None),  # what grading extracted; what a majority vote counts (eval.voting)
     "vote": (dict, None),  # --vote-match: the vote this record's answer won (VOTE_FIELDS)
+    "swaps": (list, None),  # power-pt: [swaps attempted, accepted] per pair of adjacent rungs
 }
 # A --vote-match record's vote: its budget (the matched record's tokens_generated), the winning group's votes, and
 # every sample drawn, in draw order (VOTE_SAMPLE_FIELDS; their tokens add up to the record's tokens_generated).
@@ -235,13 +238,35 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 
 def check_identity(run_dir: Path, have: Any, want: dict[str, Any]) -> None:
-    """A one-line error naming the first settings that differ, unless `have` is `want`."""
-    if have == want:
+    """A one-line error naming the first settings that differ, unless `have` is `want` (up to sampler fields added
+    since `have` was written, at their defaults)."""
+    diffs = identity_diffs(have, want)
+    if not diffs:
         return
     old, new = _flatten(have if isinstance(have, dict) else {}), _flatten(want)
-    diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     shown = "; ".join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} now" for k in diffs[:3])
     raise PowerSampleError(f"{run_dir} holds a run with a different config ({shown}); use another --output-dir")
+
+
+def identity_diffs(have: Any, want: dict[str, Any]) -> list[str]:
+    """The settings (flattened: "config.alpha") in which identity `have` differs from `want`, leaving out sampler
+    fields that `have` lacks where `want` holds their default (fields added since `have` was written)."""
+    if have == want:
+        return []
+    old, new = _flatten(have if isinstance(have, dict) else {}), _flatten(want)
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not _added_since(k, old, new)]
+
+
+def _added_since(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether `key` is a sampler field added since the run was made (power-pt's knobs, say), at its default: the
+    run was made with that default in effect, so it resumes."""
+    name = key.removeprefix("config.")
+    default = _DEFAULTS.get(name, _NO_DEFAULT) if key.startswith("config.") else _NO_DEFAULT
+    return key not in old and new.get(key) == default
+
+
+_NO_DEFAULT = object()
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
