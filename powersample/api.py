@@ -40,6 +40,10 @@ class SampleRecord:
     config: dict  # SamplerConfig.resolved()
     particles: list[dict] | None = None  # power-smc with return_particles: every particle as {"text", "tokens",
     # "logp", "weight"} (weights normalized); None otherwise, and then left out of to_dict()
+    replicas: list[dict] | None = None  # power-pt with return_replicas: every replica as {"text", "tokens", "logp",
+    # "alpha"}, the flattest first (the last is the sample); None otherwise, and then left out of to_dict()
+    swaps: list[list[int]] | None = None  # power-pt: per pair of adjacent rungs, [swaps attempted, accepted], the
+    # flattest pair first; None for other methods, and then left out of to_dict()
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -50,8 +54,9 @@ class SampleRecord:
         out = asdict(self)
         out["tokens"], out["token_logp"] = list(self.tokens), list(self.token_logp)
         out["acceptance_rate"] = self.acceptance_rate
-        if self.particles is None:
-            del out["particles"]  # every other method's record keeps its shape
+        for name in ("particles", "replicas", "swaps"):
+            if out[name] is None:
+                del out[name]  # every other method's record keeps its shape
         return out
 
 
@@ -66,20 +71,21 @@ def sample(
     progress: Progress | None = None,
     return_particles: bool = False,
     trace: ChainTrace | None = None,
+    return_replicas: bool = False,
 ) -> list[SampleRecord]:
     """Draw `num_samples` independent samples for `prompt` (chains run batched). Same seed => same output.
 
     `chat`: the prompt goes through the model's chat template; a model without one gets it as plain text
     (chat_prompts, with one notice per process).
 
-    `return_particles` (power-smc only) also returns every particle of each sample with its normalized weight;
-    `trace` collects every chain's events (MH steps, extensions, SMC weights), chain j numbered j."""
+    `return_particles` (power-smc only) also returns every particle of each sample with its normalized weight,
+    `return_replicas` (power-pt only) every replica's state with its alpha; `trace` collects every chain's events
+    (MH steps, extensions, SMC weights, swaps), chain j numbered j."""
     if num_samples < 1:
         raise PowerSampleError(f"num_samples must be >= 1, got {num_samples}")
-    if return_particles and config.method != "power-smc":
-        raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
+    check_returns(config, return_particles, return_replicas)
     prompt_ids = encode_prompt(backend, prompt, config, chat_prompts(backend, chat))
-    chains = make_chains(seed, num_samples, return_particles)
+    chains = make_chains(seed, num_samples, return_particles, return_replicas)
     if trace is not None:
         trace_chains(trace, chains, prompt, config, seed)
     start = time.perf_counter()
@@ -211,12 +217,20 @@ def _job_done(backend, prompt, config, seed, n, start, finish) -> Callable[[int]
     return chain_done
 
 
-def make_chains(seed: int, n: int, return_particles: bool = False) -> list[Chain]:
+def make_chains(seed: int, n: int, return_particles: bool = False, return_replicas: bool = False) -> list[Chain]:
     """The n chains of one sample() call: chain j draws from its own generator, seeded by chain_seeds(seed, n)[j]."""
     return [
-        Chain(np.random.default_rng(s), slot=j, return_particles=return_particles)
+        Chain(np.random.default_rng(s), slot=j, return_particles=return_particles, return_replicas=return_replicas)
         for j, s in enumerate(chain_seeds(seed, n))
     ]
+
+
+def check_returns(config: SamplerConfig, return_particles: bool, return_replicas: bool) -> None:
+    """A one-line error for asking a method for members it does not have."""
+    if return_particles and config.method != "power-smc":
+        raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
+    if return_replicas and config.method != "power-pt":
+        raise PowerSampleError(f"return_replicas needs method power-pt, not {config.method}")
 
 
 def chain_seeds(seed: int, n: int) -> list[np.random.SeedSequence]:
@@ -272,6 +286,8 @@ def chain_record(
         sample_index=index,
         config=registry.resolved(on_engine(config, backend)),
         particles=_particles(backend, r),
+        replicas=_replicas(backend, r),
+        swaps=[list(pair) for pair in r.swaps] if r.swaps is not None else None,
     )
 
 
@@ -286,6 +302,15 @@ def _particles(backend: Backend, r: ChainResult) -> list[dict] | None:
             "weight": p.weight,
         }
         for p in r.particles
+    ]
+
+
+def _replicas(backend: Backend, r: ChainResult) -> list[dict] | None:
+    if r.replicas is None:
+        return None
+    return [
+        {"text": backend.decode(m.tokens), "tokens": list(m.tokens), "logp": math.fsum(m.token_logp), "alpha": m.alpha}
+        for m in r.replicas
     ]
 
 

@@ -125,6 +125,17 @@ class SamplerConfig:
     bon_temperature: float = knob(
         1.0, "temperature of the candidates (1 = the base model; top-k and top-p apply)", scale=True
     )
+    # power-pt: parallel power tempering (samplers/tempering.py)
+    replicas: int = knob(
+        4, "K, MH chains at powers alpha_1 < ... < alpha_K = alpha; adjacent ones swap states", lo=1, members=True
+    )
+    alphas: str | None = knob(
+        None,
+        "the ladder alpha_1,...,alpha_K: K increasing powers ending at alpha",
+        metavar="A1,...,AK",
+        shown="default: geometric from alpha_min to alpha",
+    )
+    alpha_min: float = knob(1.0, "the lowest power of the default geometric ladder", scale=True)
 
     def __post_init__(self) -> None:
         for name, spec in SPECS.items():

@@ -19,7 +19,7 @@ from powersample.backends.toy import ToySpec
 from powersample.config import SamplerConfig
 from powersample.core.numerics import proposal_logprobs
 from powersample.core.types import Continuation, Proposal
-from powersample.samplers import registry
+from powersample.samplers import registry, tempering
 from powersample.samplers.chain import Chain
 from powersample.samplers.power import UNIFORM, Cuts, log_accept_ratio
 from powersample.samplers.power_cut import EntropyCuts
@@ -356,4 +356,69 @@ def _weighed_units(spec: ToySpec, config: SamplerConfig, x: tuple[int, ...], uni
         prob = math.prod(q for _, q in draws)
         for (unit, _), p in zip(units, candidate_probs(log_head, log_w)):
             out[unit] += prob * float(p)
+    return dict(out)
+
+
+# --- power-pt: K replicas on a ladder, MH sweeps and swaps --------------------------------------------------------
+
+Joint = dict[tuple[tuple[int, ...], ...], float]  # the law of the K replicas' states, the flattest rung first
+SwapRule = Callable[[float, float, Chain, Chain], float]  # (alpha_low, alpha_high, low, high) -> log a
+
+
+def tempering_law(spec: ToySpec, config: SamplerConfig, rule: SwapRule | None = None) -> Law:
+    """Exact law of power-pt's output (the top replica's state): per stage cap, the incomplete replicas are extended
+    with their rung's q; each sweep moves every replica by its rung's MH kernel, then swaps the pairs of the sweep's
+    parity by `rule` (the code's, by default); the run stops after the stage whose final top state is complete."""
+    rungs = tempering.rung_configs(config)
+    proposals = [tempering.rung_proposal(r) for r in rungs]
+    joint: Joint = {((),) * len(rungs): 1.0}
+    out: Law = defaultdict(float)
+    sweep = 0
+    for cap in config.stage_caps():
+        joint = _joint_extend(joint, spec, proposals, cap)
+        kernels = [mh_kernel(spec, r.alpha, q, cap) for r, q in zip(rungs, proposals)]
+        for _ in range(config.mcmc_steps):
+            joint = _joint_apply(joint, kernels)
+            joint = swap_law(spec, rungs, joint, sweep % 2, rule)
+            sweep += 1
+        for xs in list(joint):
+            if xs[-1] and xs[-1][-1] == spec.eos_id:
+                out[xs[-1]] += joint.pop(xs)
+    for xs, w in joint.items():
+        out[xs[-1]] += w
+    return dict(out)
+
+
+def swap_law(spec: ToySpec, rungs, joint: Joint, parity: int, rule: SwapRule | None = None) -> Joint:
+    """joint after the swap moves of one sweep's parity (pairs (parity, parity + 1), (parity + 2, ...), ...)."""
+    rule = rule or tempering.log_swap_ratio
+    for j in range(parity, len(rungs) - 1, 2):
+        out: Joint = defaultdict(float)
+        for xs, w in joint.items():
+            low, high = (as_chain(spec, x, Proposal(1.0)) for x in xs[j : j + 2])
+            a = math.exp(min(0.0, rule(rungs[j].alpha, rungs[j + 1].alpha, low, high)))
+            swapped = xs[:j] + (xs[j + 1], xs[j]) + xs[j + 2 :]
+            out[swapped] += w * a
+            out[xs] += w * (1.0 - a)
+        joint = dict(out)
+    return joint
+
+
+def _joint_extend(joint: Joint, spec: ToySpec, proposals, cap: int) -> Joint:
+    """Each incomplete replica extended with its own q up to cap, independently."""
+    return _joint_apply(
+        joint,
+        [
+            (lambda x, q=q: {x: 1.0} if x and x[-1] == spec.eos_id else _extend_law({x: 1.0}, spec, q, cap))
+            for q in proposals
+        ],
+    )
+
+
+def _joint_apply(joint: Joint, kernels) -> Joint:
+    """joint (K_1 x ... x K_K): every replica moved by its own kernel, independently."""
+    out: Joint = defaultdict(float)
+    for xs, w in joint.items():
+        for moves in itertools.product(*(kernel(x).items() for kernel, x in zip(kernels, xs))):
+            out[tuple(y for y, _ in moves)] += w * math.prod(k for _, k in moves)
     return dict(out)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from powersample.api import ChainTrace, SampleRecord, check_prompt, sample, sampling_bar
+from powersample.api import ChainTrace, SampleRecord, check_prompt, check_returns, sample, sampling_bar
 from powersample.cli.options import (
     add_backend_options,
     add_sampler_options,
@@ -46,6 +46,11 @@ def add_sample_parser(subparsers: Any) -> None:
         action="store_true",
         help="power-smc: also put every particle with its weight in the records",
     )
+    p.add_argument(
+        "--return-replicas",
+        action="store_true",
+        help="power-pt: also put every replica's state with its alpha in the records",
+    )
     p.set_defaults(handler=cmd_sample)
 
 
@@ -70,6 +75,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             progress=progress,
             return_particles=args.return_particles,
             trace=trace,
+            return_replicas=args.return_replicas,
         )
     if args.output:  # first: the records are kept even if printing fails (a closed pipe)
         append_jsonl(args.output, [r.to_dict() for r in records])
@@ -88,8 +94,7 @@ def check_sample_args(args: argparse.Namespace, config: SamplerConfig) -> None:
     check_members(config, args.num_samples)
     if args.seed < 0:
         raise PowerSampleError(f"seed must be an integer >= 0, got {args.seed}")
-    if args.return_particles and config.method != "power-smc":
-        raise PowerSampleError(f"return_particles needs method power-smc, not {config.method}")
+    check_returns(config, args.return_particles, args.return_replicas)
 
 
 def read_prompt(args: argparse.Namespace) -> str:

@@ -29,6 +29,7 @@ class Chain:
     proposals: int = 0
     accepted: int = 0
     return_particles: bool = False  # power-smc: the result also holds every particle with its weight
+    return_replicas: bool = False  # power-pt: the result also holds every replica's state with its alpha
     corpus: Corpus | None = None  # what the chain has drawn, for the drafts of its requests (core.drafts); None = no
     # drafts
     trace: Trace | None = None  # gets the chain's events (MH steps, extensions, SMC weights); None = not traced
@@ -107,6 +108,9 @@ class ChainResult:
     proposals: int  # MH proposals made (bon: candidates drawn)
     accepted: int  # MH proposals accepted
     particles: tuple[WeightedParticle, ...] | None = None  # power-smc, when asked: every particle; else None
+    replicas: tuple[Rung, ...] | None = None  # power-pt, when asked: every replica, the flattest first; else None
+    swaps: tuple[tuple[int, int], ...] | None = None  # power-pt: per pair of adjacent rungs, (swaps attempted,
+    # accepted), the flattest pair first; None for other methods
 
 
 @dataclass(frozen=True)
@@ -116,3 +120,12 @@ class WeightedParticle:
     tokens: Tokens  # generated ids, ending in EOS when complete
     token_logp: tuple[float, ...]  # base log p of each token (nats)
     weight: float  # normalized: the particles' weights sum to 1
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One power-pt replica at the end of a run: its state and the power it targets."""
+
+    tokens: Tokens  # generated ids, ending in EOS when complete
+    token_logp: tuple[float, ...]  # base log p of each token (nats)
+    alpha: float

@@ -27,6 +27,7 @@ from powersample.samplers.power_cut import power_cut_program
 from powersample.samplers.rollout import check_config as check_rollout
 from powersample.samplers.rollout import rollout_program, rollout_work_units
 from powersample.samplers.smc import smc_program, smc_work_units
+from powersample.samplers.tempering import check_ladder, tempering_program, tempering_work_units
 
 ProgramFactory = Callable[[Tokens, SamplerConfig, Chain, frozenset], Program]  # (prompt, config, chain, eos_ids)
 FAMILIES = ("mcmc", "smc", "rollout", "plain", "bon")
@@ -76,6 +77,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            knobs=("cut_beta", "cut_floor")),
     Method("power-mtm", "mcmc", mtm_program, mtm_work_units,
            "multiple-try Metropolis: `tries` proposals per step in one batched call", knobs=("tries",)),
+    Method("power-pt", "mcmc", tempering_program, tempering_work_units,
+           "parallel power tempering: power chains on a ladder of alphas, swapping states (arXiv 2609.38104)",
+           knobs=("replicas", "alphas", "alpha_min"), check=check_ladder),
     Method("power-smc", "smc", smc_program, smc_work_units,
            "sequential Monte Carlo over particles (Azizi et al., 2026)",
            knobs=("particles", "ess_threshold", "alpha_ramp")),
