@@ -195,3 +195,25 @@ def test_counters_swaps_and_replicas_are_reported():
     assert [r.alpha for r in result.replicas] == [1.0, 2.0, 4.0]
     assert result.replicas[-1].tokens == result.tokens
     assert registry.members(config) == 3
+
+
+# --- the doors: the server takes power-pt and its knobs from the one declaration ---------------------------------
+
+
+def test_the_server_serves_power_pt():
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from powersample.backends import load_backend
+    from powersample.server.app import Settings, create_app
+
+    spec = str(tempering.__file__).replace("samplers/tempering.py", "toy_specs/fidelity_trap.json")
+    app = create_app(load_backend("toy", toy_spec=spec), Settings(allowed_hosts=("testserver",)))
+    with TestClient(app) as client:
+        body = {"prompt": "x", "method": "power-pt", "max_tokens": 4, "replicas": 3, "alpha_min": 1.5, "seed": 3}
+        ok = client.post("/v1/completions", json=body)
+        assert ok.status_code == 200, ok.text
+        config = ok.json()["power_sampling"]["config"]
+        assert (config["method"], config["replicas"], config["alpha_min"]) == ("power-pt", 3, 1.5)
+        bad = client.post("/v1/completions", json={**body, "alphas": "1,2"})
+        assert bad.status_code == 400 and "alphas lists 2 powers" in bad.json()["error"]["message"]

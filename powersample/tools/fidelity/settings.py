@@ -53,10 +53,10 @@ def sweep(
 # are a pool of full samples, one returned in proportion to its weight.
 POOLED = {"ess_threshold": 0.0}
 
-# power-pt (parallel power tempering, samplers/tempering.py) is listed before its sampler lands in this branch:
-# split_registered skips a method with no registered sampler and names it in the output, so these settings run as
-# soon as "power-pt" registers (its knobs: replicas K, the ladder alphas, alpha_min).
+# power-pt (parallel power tempering, samplers/tempering.py): K = 2 and 4 replicas on the default geometric ladder
+# from 1 to alpha; on the model also a sharper ladder (from 2), whose flat rung wastes fewer tokens.
 PT_REPLICAS = (2, 4)
+PT_SHARP = {"replicas": 2, "alpha_min": 2.0}
 
 # Where the methods are compared at a matched token budget: the tokens these settings spend per sample (issue 26's
 # targets: on the toy traps power with one block and 16 MH steps, on a model power with 4 blocks and 4 steps).
@@ -140,6 +140,7 @@ def model_settings(max_new_tokens: int, quick: bool) -> list[Setting]:
         *sweep("power-smc", "particles", (4, 16), POOLED, "power-smc pooled IW (ess=0)"),
         *sweep("power-rollout", "rollouts", (1, 4), rollout),
         *pt_sweep((1, 2), 4, "blocks=4"),
+        *sweep("power-pt", "mcmc_steps", (1, 2), {**PT_SHARP, "block_count": 4}, "power-pt K=2 alpha_min=2 blocks=4"),
     ]
     # fmt: on
 
