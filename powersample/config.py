@@ -6,6 +6,7 @@ What each method is (its family, which of these fields it reads, what it draws a
 from __future__ import annotations
 
 import math
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -19,6 +20,8 @@ MAX_MEMBERS = 2**24  # most sequences one chain may hold (particles, tries, cand
 # (checked by the sampler registry, which knows which method reads which member fields)
 MAX_STAGES = 2**20  # most stages (T / B) a config may have: its stage list is built at once
 MAX_INT = 2**62  # every integer field stays below this, so numpy never sees an int64 overflow
+_NUMBER = r" *([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)? *"
+LADDER_PATTERN = f"^{_NUMBER}(,{_NUMBER})*$"  # power-pt's --alphas: "2.35,2.5,2.7,2.9"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class Spec:
     shown: str = "default %(default)s"  # what --help says of the default, in brackets after the help line
     metavar: str | None = None  # the CLI option's metavar; None = argparse's own
     served: bool = True  # a request field under its own name (max_new_tokens is the endpoints' max_tokens instead)
+    pattern: str | None = None  # a string field's form, as a regular expression (also the OpenAPI `pattern`);
+    # `note` says it in words
 
     def __post_init__(self) -> None:
         if self.scale:
@@ -134,6 +139,8 @@ class SamplerConfig:
         "the ladder alpha_1,...,alpha_K: K increasing powers ending at alpha",
         metavar="A1,...,AK",
         shown="default: geometric from alpha_min to alpha",
+        pattern=LADDER_PATTERN,
+        note="numbers separated by commas",
     )
     alpha_min: float = knob(1.0, "the lowest power of the default geometric ladder", scale=True)
 
@@ -198,7 +205,11 @@ def _check_field(config: SamplerConfig, name: str, spec: Spec) -> None:
     if value is None and name in OPTIONAL:
         return
     if TYPES[name] is str:
-        _check(isinstance(value, str) and value != "", f"{name} must be a name, got {value!r}")
+        if spec.pattern is None:
+            _check(isinstance(value, str) and value != "", f"{name} must be a name, got {value!r}")
+        else:
+            ok = isinstance(value, str) and re.fullmatch(spec.pattern, value) is not None
+            _check(ok, f"{name} must be {spec.note}, got {value!r}")
         return
     lo, hi = spec.lo, getattr(config, spec.hi) if isinstance(spec.hi, str) else spec.hi
     ok = _finite(value) and (lo is None or (lo < value if spec.lo_open else lo <= value))

@@ -18,6 +18,7 @@ from support.toy import load_spec
 from support.tracing import Merge, TracingBackend, assert_same_law, chain_state, program_law
 
 from powersample import SamplerConfig
+from powersample.config import LADDER_PATTERN
 from powersample.backends.toy import ToyBackend
 from powersample.core.draws import uniform_index
 from powersample.errors import PowerSampleError
@@ -176,12 +177,13 @@ def test_the_default_ladder_is_geometric_and_ends_at_alpha():
         ({"alphas": "1,2,3,3.5", "alpha": 4.0}, "alphas must end at alpha"),
         ({"alphas": "1,3,2,4"}, "positive and increasing"),
         ({"alphas": "1,x,3,4"}, "numbers separated by commas"),
+        ({"alphas": ""}, "numbers separated by commas"),
         ({"alpha_min": 5.0}, "alpha_min must be below alpha"),
     ],
 )
 def test_a_bad_ladder_is_refused_in_one_line(knobs, message):
     with pytest.raises(PowerSampleError, match=message):
-        registry.check(SamplerConfig(method="power-pt", **knobs))
+        registry.check(SamplerConfig(method="power-pt", **knobs))  # (the form: when the config is made)
 
 
 def test_counters_swaps_and_replicas_are_reported():
@@ -217,3 +219,7 @@ def test_the_server_serves_power_pt():
         assert (config["method"], config["replicas"], config["alpha_min"]) == ("power-pt", 3, 1.5)
         bad = client.post("/v1/completions", json={**body, "alphas": "1,2"})
         assert bad.status_code == 400 and "alphas lists 2 powers" in bad.json()["error"]["message"]
+        bad = client.post("/v1/completions", json={**body, "alphas": "1;2"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "alphas"
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["CompletionBody"]["properties"]
+        assert schema["alphas"]["anyOf"][0]["pattern"] == LADDER_PATTERN

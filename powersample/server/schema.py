@@ -320,8 +320,10 @@ def openapi(app: FastAPI, limits: Limits, vocab_size: int | None = None) -> dict
     under this server's `limits` and token ids under its `vocab_size` (built once), so that a body the document
     accepts is served. One rule is the handlers' alone: the budget of a request (prompts x n x the members of a chain,
     times max_tokens; bon's token budget), a product of fields that JSON Schema cannot state: over it, a 400 whose
-    message starts "the request asks for" or "bon's budget" (`protocol.check_budget`). So is a prompt longer than
-    the model's context (400 context_length_exceeded: tokens, not characters)."""
+    message starts "the request asks for" or "bon's budget" (`protocol.check_budget`). So is power-pt's ladder (as
+    many powers in `alphas` as `replicas`, increasing, ending at `alpha`; `alpha_min` below `alpha`:
+    samplers/tempering.check_ladder), and a prompt longer than the model's context (400 context_length_exceeded:
+    tokens, not characters)."""
     if app.openapi_schema is None:
         doc = get_openapi(
             title=app.title,
@@ -364,6 +366,8 @@ def sampler_range(name: str, cap: int | None = None) -> dict:
     """One sampler field's range in JSON Schema's terms: its declared bounds (exclusive where open), the server's
     `cap` in place of its upper bound when there is one, and below 2^62 for an integer (SamplerConfig's limit)."""
     spec, out = SPECS[name], {}
+    if spec.pattern is not None:
+        out["pattern"] = spec.pattern
     if spec.lo is not None:
         out["exclusiveMinimum" if spec.lo_open else "minimum"] = spec.lo
     if cap is not None:
@@ -476,6 +480,11 @@ def _bounded(body: dict, limits: Limits, completions: bool = False, vocab_size: 
         branches = prop.get("anyOf", [prop])
         for branch in branches:
             kind = branch.get("type")
-            if kind in ("integer", "number") and "enum" not in extra or kind == "string" and "enum" in extra:
+            if (
+                kind in ("integer", "number")
+                and "enum" not in extra
+                or kind == "string"
+                and extra.keys() & {"enum", "pattern"}
+            ):
                 branch.update(extra)
     return body
