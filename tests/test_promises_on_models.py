@@ -110,3 +110,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_one(model, data, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"8 records ({killed_at} resumed)" in done.stdout
     assert records(out) == records(clean)
+
+
+def test_power_pt_records_do_not_depend_on_the_batch(model, data, tmp_path):
+    """power-pt's replicas share each batch with other chains' replicas, at rung temperatures of their own: the
+    records are still the same at --batch 1 and 8, swap counts included."""
+    pt = ["--method", "power-pt", "--replicas", "2", "--alpha-min", "2"]  # after SAMPLER's --method: it wins
+    runs = {}
+    for batch in (1, 8):
+        assert main(argv(model, data, tmp_path / f"b{batch}", "--batch", str(batch), *pt)) == 0
+        rows = [json.loads(line) for line in (tmp_path / f"b{batch}" / "records.jsonl").read_text().splitlines()]
+        runs[batch] = {(r["problem_id"], r["seed"]): (r["tokens"], r["token_logp"], r["swaps"]) for r in rows}
+    assert len(runs[1]) == 8 and runs[1] == runs[8]
