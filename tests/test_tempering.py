@@ -18,8 +18,8 @@ from support.toy import load_spec
 from support.tracing import Merge, TracingBackend, assert_same_law, chain_state, program_law
 
 from powersample import SamplerConfig
-from powersample.config import LADDER_PATTERN
 from powersample.backends.toy import ToyBackend
+from powersample.config import LADDER_PATTERN
 from powersample.core.draws import uniform_index
 from powersample.errors import PowerSampleError
 from powersample.samplers import registry, run_chains, tempering
