@@ -398,15 +398,18 @@ def batched_rows_match_single_rows(s: Subject, alone: Backend | None = None) -> 
 
 
 def requests_carry_their_own_proposals(s: Subject) -> None:
-    """Requests with proposals of their own (power-pt's rungs) share one call: each draws what it draws alone at its
-    proposal, with log q under it."""
+    """Requests with proposals of their own (power-pt's rungs) share one call: each draws from its own proposal, not
+    the call's: its first token is the one it draws alone at that proposal, and its log q is that proposal's over the
+    tokens both drew alike (up to the first that differs: a batch's rounding may move a later draw across a CDF
+    boundary on an engine that is not bit-exact; batched_rows_match_single_rows holds those to every token)."""
     b, rungs = s.backend, (Proposal(0.5), BASE, Proposal(1.5))
     requests = [ExtendRequest(s.prompt, 8, np.random.default_rng(120 + j), 120 + j, proposal=q) for j, q in
                 enumerate(rungs)]  # fmt: skip
     for j, (q, cont) in enumerate(zip(rungs, b.extend(requests, Proposal(0.25)))):
         one = extend(b, s.prompt, 8, seed=120 + j, proposal=q, slot=130 + j)
-        _check(one.tokens == cont.tokens, f"row {j} at {q} drew {cont.tokens} in the batch, {one.tokens} alone")
-        _close(one.proposal_logq, cont.proposal_logq, s.tolerance, f"row {j}'s log q at its own proposal")
+        same = common_prefix(one.tokens, cont.tokens)
+        _check(same >= 1, f"row {j} at {q} drew {cont.tokens} in the batch, {one.tokens} alone")
+        _close(one.proposal_logq[:same], cont.proposal_logq[:same], s.tolerance, f"row {j}'s log q at its proposal")
 
 
 def log_q_is_reported_under_other_proposals(s: Subject) -> None:

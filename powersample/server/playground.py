@@ -21,7 +21,7 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from powersample.config import SamplerConfig, knob_help
+from powersample.config import SPECS, SamplerConfig, knob_help
 from powersample.samplers.registry import REGISTRY
 
 PAGE = "static/playground.html"
@@ -81,15 +81,20 @@ def _methods(default: str) -> str:
 
 
 def _knobs(defaults: SamplerConfig) -> str:
-    """One labelled input per (method, knob), shown by the page for the chosen method only."""
+    """One labelled input per (method, knob), shown by the page for the chosen method only: a number, or text in
+    the knob's declared form (power-pt's ladder); empty where the default is None (the server's own then)."""
     types = typing.get_type_hints(SamplerConfig)
     rows = []
     for name, m in REGISTRY.items():
         for knob in m.knobs:
-            step = "1" if types[knob] is int else "any"
+            value, spec = getattr(defaults, knob), SPECS[knob]
+            if spec.pattern is not None:
+                kind = f'type="text" placeholder="{html.escape(spec.shown)}"'  # the server checks its form'
+            else:
+                kind = f'type="number" step="{"1" if types[knob] is int else "any"}" min="0"'
             rows.append(
                 f'<label class="knob" data-method="{html.escape(name)}" title="{html.escape(knob_help(knob))}">'
-                f'<span>{html.escape(knob)}</span><input name="{knob}" type="number" step="{step}" min="0" '
-                f'value="{getattr(defaults, knob)}"></label>'
+                f'<span>{html.escape(knob)}</span><input name="{knob}" {kind} '
+                f'value="{"" if value is None else html.escape(str(value))}"></label>'
             )
     return "\n    ".join(rows)
