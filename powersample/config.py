@@ -11,6 +11,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from powersample.core.types import Proposal
 from powersample.errors import PowerSampleError
 
 # Scales (alpha, and the proposal temperature, 1/alpha by default) outside this range are refused: their reciprocals
@@ -164,6 +165,10 @@ class SamplerConfig:
     def tau(self) -> float:
         """The usual proposal temperature: proposal_temperature, or 1/alpha."""
         return 1.0 / self.alpha if self.proposal_temperature is None else self.proposal_temperature
+
+    def proposal_at(self, temperature: float) -> Proposal:
+        """The distribution tokens are drawn from at `temperature`: temperature, then this config's top-k and top-p."""
+        return Proposal(temperature, self.top_k, self.top_p)
 
     def stage_caps(self) -> list[int]:
         """Length cap of each stage: B, 2B, ..., with the last one clipped to T."""

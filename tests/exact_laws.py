@@ -370,7 +370,7 @@ def tempering_law(spec: ToySpec, config: SamplerConfig, rule: SwapRule | None = 
     with their rung's q; each sweep moves every replica by its rung's MH kernel, then swaps the pairs of the sweep's
     parity by `rule` (the code's, by default); the run stops after the stage whose final top state is complete."""
     rungs = tempering.rung_configs(config)
-    proposals = [tempering.rung_proposal(r) for r in rungs]
+    proposals = [r.proposal_at(r.tau) for r in rungs]
     joint: Joint = {((),) * len(rungs): 1.0}
     out: Law = defaultdict(float)
     sweep = 0

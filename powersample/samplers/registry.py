@@ -144,7 +144,7 @@ def temperature(config: SamplerConfig) -> float:
 
 def proposal(config: SamplerConfig) -> Proposal:
     """The distribution tokens are drawn from: temperature, then top-k, then top-p."""
-    return Proposal(temperature(config), config.top_k, config.top_p)
+    return config.proposal_at(temperature(config))
 
 
 def resolved(config: SamplerConfig) -> dict[str, Any]:

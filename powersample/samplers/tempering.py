@@ -44,7 +44,7 @@ from powersample.config import SamplerConfig
 from powersample.core.draws import log_uniform, uniform_index
 from powersample.core.types import Continuation, ExtendRequest, Proposal, Tokens
 from powersample.errors import PowerSampleError
-from powersample.samplers.chain import Chain, ChainResult, Rung
+from powersample.samplers.chain import Chain, Rung
 from powersample.samplers.driver import Program, Reply, Step, ask_all
 from powersample.samplers.power import mh_step, note_extension, rejection_floor, suffix_request
 
@@ -85,11 +85,6 @@ def rung_configs(config: SamplerConfig) -> tuple[SamplerConfig, ...]:
     """Each rung as a `power` config: its alpha, and its proposal temperature (1/alpha_j unless one is shared)."""
     tau = config.proposal_temperature
     return tuple(replace(config, alpha=a, proposal_temperature=1.0 / a if tau is None else tau) for a in ladder(config))
-
-
-def rung_proposal(rung: SamplerConfig) -> Proposal:
-    """The proposal replica j draws from."""
-    return Proposal(rung.tau, rung.top_k, rung.top_p)
 
 
 @dataclass
@@ -135,7 +130,7 @@ def tempering_program(prompt: Tokens, config: SamplerConfig, chain: Chain, eos_i
     """Parallel power tempering for one chain: K replicas, each stage's extensions and each sweep's proposals in one
     batched call, swaps after each sweep; returns the top replica's final state."""
     rungs = rung_configs(config)
-    proposals = tuple(rung_proposal(r) for r in rungs)
+    proposals = tuple(r.proposal_at(r.tau) for r in rungs)
     replicas = make_replicas(chain, prompt, rungs, len(set(proposals)) > 1)
     swaps, sweep = Swaps([0] * (len(rungs) - 1), [0] * (len(rungs) - 1)), 0
     top = replicas[-1]
@@ -271,12 +266,7 @@ def tempering_result(chain: Chain, rungs: Sequence[SamplerConfig], replicas: Seq
         if chain.return_replicas
         else None
     )
-    return ChainResult(
-        tokens=tuple(top.tokens),
-        token_logp=tuple(top.base_logp),
-        tokens_generated=chain.tokens_generated,
-        proposals=chain.proposals,
-        accepted=chain.accepted,
-        replicas=everyone,
-        swaps=swaps.result(),
+    summary = chain.result()
+    return replace(
+        summary, tokens=tuple(top.tokens), token_logp=tuple(top.base_logp), replicas=everyone, swaps=swaps.result()
     )
