@@ -68,6 +68,21 @@ VOTE_SAMPLE_FIELDS = {
 }
 
 
+def graded_fields(plan: Any, problem: Any, grade: Any, seconds: float) -> dict[str, Any]:
+    """What every eval record says about its problem and its grade (plan: runner.EvalPlan, problem: tasks.Problem,
+    grade: tasks.Grade; not imported, since both import this module), in the records' order."""
+    return dict(
+        task=plan.task.name,
+        problem_id=problem.id,
+        gold=problem.gold,
+        chat=plan.chat,
+        answer=grade.answer,
+        correct=grade.correct,
+        grade_detail=grade.detail,
+        grade_seconds=seconds,
+    )
+
+
 def check_record(record: dict[str, Any], where: str) -> None:
     """A one-line error naming `where` and the first field of the record (or of its vote) that is missing or bad."""
     check_fields(record, RECORD_FIELDS, where, "record")

@@ -26,6 +26,7 @@ from powersample.eval.records import (
     SCHEMA,
     check_record,
     discard_opened,
+    graded_fields,
     load_records,
     open_run,
     record_key,
@@ -214,14 +215,7 @@ def grade_record(backend: Backend, plan: EvalPlan, problem: Problem, sampled: Sa
     record = sampled.to_dict()
     record["completion"] = record.pop("text")
     record.update(
-        task=plan.task.name,
-        problem_id=problem.id,
-        gold=problem.gold,
-        chat=plan.chat,
-        answer=grade.answer,
-        correct=grade.correct,
-        grade_detail=grade.detail,
-        grade_seconds=graded_in,
+        **graded_fields(plan, problem, grade, graded_in),
         logp_per_token=metrics.per_token(sampled.logp, len(sampled.tokens)),
         confidence=metrics.confidence(backend, problem.prompt, plan.chat, sampled),
     )

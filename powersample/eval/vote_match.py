@@ -28,7 +28,7 @@ from powersample.api import SampleRecord, sample_many
 from powersample.backends import Backend
 from powersample.errors import PowerSampleError
 from powersample.eval import metrics, voting
-from powersample.eval.records import check_record
+from powersample.eval.records import check_record, graded_fields
 from powersample.eval.tasks import Grade, Problem
 
 MAX_ROUND = 64  # most samples one pair draws in one round (the engine's batch holds a round's rows at once)
@@ -110,14 +110,7 @@ def vote_record(backend: Backend, plan: Any, unit: Unit, pair: Drawn) -> dict[st
         tokens_generated=sum(s.tokens_generated for s in pair.samples),
         proposals=len(pair.samples),
         accepted=0,
-        task=plan.task.name,
-        problem_id=problem.id,
-        gold=problem.gold,
-        chat=plan.chat,
-        answer=grade.answer,
-        correct=grade.correct,
-        grade_detail=grade.detail,
-        grade_seconds=time.perf_counter() - start,
+        **graded_fields(plan, problem, grade, time.perf_counter() - start),
         logp_per_token=scores[shown],
         confidence=metrics.confidence(backend, problem.prompt, plan.chat, chosen),
         vote={**vote_summary(pair, grades, scores, b, won), "shown": shown},
