@@ -1,4 +1,4 @@
-"""Screenshot of the playground (docs/images/playground.png, the README's): `powersample serve` on the embedded model
+"""Screenshot of the playground (docs/images/playground.png, in serving.md): `powersample serve` on the embedded model
 (SmolLM2-135M-Instruct, llama.cpp backend), one finished power run in headless Chromium.
 
     python docs/playground_screenshot.py [--out docs/images/playground.png] [--chromium /usr/bin/chromium] [--seed 1]
