@@ -1,5 +1,6 @@
-"""The README's eval promises on real engines, on more than one model: records do not depend on `--batch`, and a run
-killed with SIGKILL and resumed equals an uninterrupted one, bit for bit (llama.cpp's exact kernels).
+"""The eval promises (docs/evaluation.md) on real engines, on more than one model: records do not depend on
+`--batch`, and a run killed with SIGKILL and resumed equals an uninterrupted one, bit for bit (llama.cpp's exact
+kernels).
 
 Models: the embedded SmolLM2 (Q4_1) and the model matrix's gemma3 at Q4_K_M (sliding layers, the K-quant mix that
 broke both promises before llama.cpp ran its exact kernels: 5 of 10 records differed between --batch 1 and 8, and 3

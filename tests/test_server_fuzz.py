@@ -8,7 +8,7 @@ fields where JSON Schema can (schema.openapi). The one it cannot is the request'
 (prompts x n x members x max_tokens; bon's token budget): support/fuzz_hooks.py drops a positive_data_acceptance failure
 only when the server's own budget rule refuses that very body with that very message.
 
-The same run by hand, at any size (see the README's Serve section):
+The same run by hand, at any size (see docs/serving.md):
 
     PYTHONPATH=.:tests SCHEMATHESIS_HOOKS=support.fuzz_hooks schemathesis run http://127.0.0.1:8000/openapi.json \
         --checks all --max-examples 60 --seed 1 -w 1

@@ -50,7 +50,7 @@ def hf():
 @pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__)
 def test_conformance(backend, prompt, check):
     """fp32 on the CPU: a token's log p moves up to ~3e-5 between batch shapes, and a cold proposal's log q by
-    1/tau times that (conformance.batch_invariance_gaps; the README's Exactness table)."""
+    1/tau times that (conformance.batch_invariance_gaps; docs/backends.md's batch-invariance table)."""
     run_check(check, conformance.Subject(backend, prompt, proposal_tolerance=4 * conformance.TOLERANCE))
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The static checks CI runs (the README's test command) and .pre-commit-config.yaml mirrors, all configured in
+# The static checks CI runs (scripts/test) and .pre-commit-config.yaml mirrors, all configured in
 # pyproject.toml: ruff's lint rules, ruff's formatter at 120 columns, and mypy on the typed core.
 #
 #   tools/lint.sh          check only (exit 1 on any finding)

@@ -73,8 +73,7 @@ def add_backend_options(p: argparse.ArgumentParser, threads: bool = True) -> Non
     g.add_argument(
         "--quant",
         choices=QUANTS,
-        help="llamacpp: re-quantize the GGUF once to this type (cached) and "
-        "load the copy; see the README's Performance section",
+        help="llamacpp: re-quantize the GGUF once to this type (cached) and load the copy; see docs/performance.md",
     )
     add_vllm_options(g)
 

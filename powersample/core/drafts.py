@@ -10,7 +10,7 @@ often not to the chain: earlier proposals (rejected ones too) took the same bran
 prompt and the state hold the same phrase. A `Corpus` keeps everything a chain has produced (prompt, extensions,
 proposals), indexed by n-grams, and `Corpus.lookup` continues the longest recent match of the latest tokens.
 A `Draft` starts from its own guess (the current suffix, for an MH proposal) and asks the corpus once that guess is
-replaced or used up. Measured on power-sampling traces of the embedded model (README, Performance), that turns
+replaced or used up. Measured on power-sampling traces of the embedded model (docs/performance.md), that turns
 1.25 tokens per forward (the current suffix alone) into 2.6 at k = 8.
 
 Same output in any schedule. The draft token at each position is a function of the tokens drawn before it (the

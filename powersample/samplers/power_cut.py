@@ -34,7 +34,7 @@ there: TV to p^alpha 0.46 against 0.04 on `fidelity_trap` at one block and 16 st
 
 Defaults. beta = 4 and the idea of cutting on positive entropy jumps follow the 2026 Entropy-Cut MH proposal (Zhou,
 Mehrotra & Liu, arXiv 2605.30327); we could not read its paper or reference code, so j_0, the floor eps and the
-flat-profile fallback are our own definitions, stated here and measured in the README.
+flat-profile fallback are our own definitions, stated here and measured in docs/measurements/.
 """
 
 from __future__ import annotations

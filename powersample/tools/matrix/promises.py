@@ -1,4 +1,5 @@
-"""The README's promises, checked on every cell of the matrix, one level above the backend seam: through the samplers.
+"""The documented promises (docs/backends.md), checked on every cell of the matrix, one level above the backend
+seam: through the samplers.
 
 - "Same seed, same samples": each MCMC method's records (tokens, their log p, proposals and acceptances) are the
   same with speculation off and on (`--speculate 0` and 8), and a chain's records do not depend on how many chains

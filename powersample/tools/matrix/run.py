@@ -2,7 +2,7 @@
 
 Architecture by architecture: build its files (once per machine), measure its conversion's agreement (once per
 llama.cpp version, where llama.cpp runs it), then open each of its cells' backends and run `conformance.CHECKS` and
-the README's promises (`promises.PROMISES`), both read when the run starts, so every check added there runs here
+the documented promises (`promises.PROMISES`), both read when the run starts, so every check added there runs here
 too. A check passes, fails (with the one line that says
 what broke; an engine's exception is a failure too) or does not apply (with why). A cell this machine cannot build
 is named with the reason, never skipped silently.
@@ -106,7 +106,7 @@ class MatrixResult:
 
 
 def every_check() -> tuple[Check, ...]:
-    """What a cell runs: every backend conformance check, then the README's promises through the samplers (read
+    """What a cell runs: every backend conformance check, then the documented promises through the samplers (read
     when called, so every check added to either runs here too)."""
     return (*conformance.CHECKS, *promises.PROMISES)
 
