@@ -105,7 +105,7 @@ def _about(what: str) -> Iterator[None]:
 
 def coerce(name: str, value: Any, kind: type, optional: bool) -> Any:
     """`value` as the type `kind` of field `name` (None where the field may be None); else a one-line error."""
-    if value is None and optional:
+    if optional and (value is None or str(value).lower() == "none"):  # lm-eval's command line keeps "none" text
         return None
     out = _as(kind, value)
     if out is None:
