@@ -43,18 +43,9 @@ def run_lm_eval(tmp_path: Path, model_args: str, tasks: str, *extra: str) -> tup
     """`powersample lm-eval` from the repository root (the tasks' data paths are relative to it), offline: lm-eval's
     results, its logged samples per task (in document order) and its stdout."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "powersample.cli", "lm-eval", "--model", "powersample", "--model_args"]
-    command += [model_args, "--tasks", tasks, "--include_path", str(TASKS), "--output_path", str(out)]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"),
-    }
-    run = subprocess.run(
-        [*command, "--log_samples", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    argv = ["--model", "powersample", "--model_args", model_args, "--tasks", tasks, "--include_path", str(TASKS)]
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    run = powersample_lm_eval(*argv, "--output_path", str(out), "--log_samples", *extra, env=offline)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     samples = {}
@@ -62,6 +53,13 @@ def run_lm_eval(tmp_path: Path, model_args: str, tasks: str, *extra: str) -> tup
         [path] = out.rglob(f"samples_{task}_*.jsonl")
         samples[task] = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
     return results, samples, run.stdout
+
+
+def powersample_lm_eval(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`powersample lm-eval ARGV` in a process of its own (lm-eval sets up its logging on stderr once per process)."""
+    command = [sys.executable, "-m", "powersample.cli", "lm-eval", *argv]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def toy() -> ToyBackend:
@@ -101,7 +99,7 @@ def test_lm_eval_command_on_the_toy_gives_our_samples_and_the_exact_log_likeliho
 
 
 @pytest.mark.slow
-def test_lm_eval_command_on_the_embedded_model_matches_score_and_sample(tmp_path, capsys):
+def test_lm_eval_command_on_the_embedded_model_matches_score_and_sample(tmp_path):
     from powersample.backends import load_backend
 
     args = "backend=hf,method=power,alpha=4,mcmc_steps=2,block_size=2,chat=true"  # chat: no "\n" before the answer
@@ -123,6 +121,12 @@ def test_lm_eval_command_on_the_embedded_model_matches_score_and_sample(tmp_path
         whole = backend.encode(f"{doc['question']} Answer: {choice}", False)
         assert whole[: len(context)] == context
         assert float(ll) == pytest.approx(math.fsum(backend.score(context, whole[len(context) :])), abs=1e-6)
+    # a rolling log-likelihood (one window here): the text's score after the EOS token
+    lm = PowerSampleLM.from_backend(backend)
+    text = "The capital of France is Paris."
+    [total] = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))], disable_tqdm=True)
+    ids = backend.encode(text, False)
+    assert total == pytest.approx(math.fsum(backend.score((min(backend.eos_ids),), ids)), abs=1e-6)
 
 
 # --- the model's pieces, in-process --------------------------------------------------------------------------------
@@ -183,12 +187,12 @@ def test_bad_model_args_are_one_line_errors(args, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def test_bad_model_args_through_the_command_exit_2_with_one_line(capsys):
+def test_bad_model_args_through_the_command_exit_2_with_one_line():
     """lm-eval builds the model after indexing its tasks (about 10 s here), then our error ends the command."""
-    argv = ["lm-eval", "--model", "powersample", "--model_args", "backend=toy,alpah=2"]
-    assert main([*argv, "--tasks", "powersample_choices", "--include_path", str(TASKS)]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("powersample: error: model_args: unknown argument 'alpah'")
+    argv = ["--model", "powersample", "--model_args", "backend=toy,alpah=2", "--tasks", "powersample_choices"]
+    run = powersample_lm_eval(*argv, "--include_path", str(TASKS))
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("powersample: error: model_args: unknown argument 'alpah'")
 
 
 @pytest.mark.parametrize(
@@ -222,11 +226,10 @@ def test_stops_are_until_and_the_eos_text_cut_as_the_server_cuts():
         lm._job("q", {"until": 3})
 
 
-def test_lm_eval_help_is_lm_evals_own(capsys):
-    with pytest.raises(SystemExit) as exit:
-        main(["lm-eval", "--help"])
-    assert exit.value.code == 0
-    assert "Language Model Evaluation Harness" in capsys.readouterr().out
+def test_lm_eval_help_is_lm_evals_own():
+    run = powersample_lm_eval("--help")
+    assert run.returncode == 0
+    assert "Language Model Evaluation Harness" in run.stdout
 
 
 def test_without_lm_eval_the_command_is_one_line_and_exit_2(capsys, monkeypatch):

@@ -47,7 +47,7 @@ from powersample.api import first_stop, sample_many, sampling_bar
 from powersample.backends import Backend, BackendSpec
 from powersample.backends.base import Ranking, Vocabulary, capability
 from powersample.config import OPTIONAL, SPECS, TYPES, SamplerConfig, _without_none
-from powersample.core.types import Tokens
+from powersample.core.types import Proposal, Tokens
 from powersample.errors import PowerSampleError
 from powersample.io import notice_once
 from powersample.samplers import registry
@@ -148,7 +148,7 @@ def request_config(base: SamplerConfig, kwargs: dict[str, Any]) -> SamplerConfig
     if kwargs:
         notice_once(f"lm-eval generation kwargs ignored: {', '.join(sorted(kwargs))}")
     block, budget = over.get("block_size", base.block_size), over.get("max_new_tokens", base.max_new_tokens)
-    if block is not None and isinstance(budget, int) and block > budget:
+    if block is not None and block > budget:
         over["block_size"] = budget  # a block past T is one block of T, as on the server
     method = over.get("method", base.method)
     if temperature is not None and method in registry.PLAIN_METHODS:
@@ -162,7 +162,7 @@ def request_config(base: SamplerConfig, kwargs: dict[str, Any]) -> SamplerConfig
 def generate(engine: Backend, jobs: Sequence[Job], chat: bool, quiet: bool = False) -> list[str]:
     """Each job's text, cut at its stops: the jobs that share a proposal run as one engine run."""
     texts = [""] * len(jobs)
-    groups: dict[Any, list[int]] = {}
+    groups: dict[Proposal, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(registry.proposal(job.config), []).append(i)
     for group in groups.values():
