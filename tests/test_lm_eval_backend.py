@@ -179,6 +179,8 @@ def test_model_args_are_parsed_through_the_field_declarations():
         ({"chat": "maybe"}, "model_args: chat must be true or false, got 'maybe'"),
         ({"backend": "gpt"}, "model_args: unknown backend 'gpt'"),
         ({"method": "nope"}, "model_args: unknown method 'nope'"),
+        ({"seed": -1}, "model_args: seed must be an integer >= 0, got -1"),
+        ({"block_size": "none", "max_new_tokens": "x"}, "model_args: max_new_tokens must be an integer, got 'x'"),
     ],
 )
 def test_bad_model_args_are_one_line_errors(args, message):

@@ -43,7 +43,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences
 from tqdm import tqdm
 
-from powersample.api import first_stop, sample_many, sampling_bar
+from powersample.api import chain_seeds, first_stop, sample_many, sampling_bar
 from powersample.backends import Backend, BackendSpec
 from powersample.backends.base import Ranking, Vocabulary, capability
 from powersample.config import OPTIONAL, SPECS, TYPES, SamplerConfig, _without_none
@@ -87,6 +87,7 @@ def parse_model_args(args: Mapping[str, Any]) -> Settings:
         config = SamplerConfig(**{k: coerce(k, v, TYPES[k], k in OPTIONAL) for k, v in _of(args, SPECS)})
         registry.check(config)
         run = {k: coerce(k, v, RUN_KINDS[k], False) for k, v in _of(args, RUN_KINDS)}
+        chain_seeds(run.get("seed", DEFAULT_SEED), 1)  # a seed the chains take (>= 0), checked now
         return Settings(spec, config, **run)
 
 
@@ -280,11 +281,12 @@ class PowerSampleLM(TemplateLM):
         self.config, self.seed, self.chat, self.name = settings.config, settings.seed, settings.chat, name
         vocab = capability(engine, Vocabulary)
         self.eos_text = vocab.token_text(min(engine.eos_ids)) if vocab is not None and engine.eos_ids else None
-        self.spelled: dict[str, int] | None = None  # set for a backend whose encode ignores text: its vocabulary
+        self.spelled: dict[str, int] | None = None  # for a backend whose encode ignores text: its vocabulary
         if not engine.encode(TEXT_PROBE, False):
             if vocab is None:
                 raise PowerSampleError("the backend encodes no text and does not say what its ids are (Vocabulary)")
-            self.spelled = {vocab.token_text(t): t for t in reversed(range(vocab.vocab_size()))}
+            self.spelled = {vocab.token_text(t): t for t in reversed(range(vocab.vocab_size()))}  # the smaller id
+            self.longest = max(map(len, self.spelled))
 
     # --- what TemplateLM asks of a model --------------------------------------------------------------------------
 
@@ -300,7 +302,7 @@ class PowerSampleLM(TemplateLM):
         """The ids of lm-eval's text: the backend's plain encoding (the server's /tokenize), or its vocabulary's."""
         if self.spelled is None:
             return list(self.engine.encode(string, False))
-        return list(spell(self.spelled, max(map(len, self.spelled)), string))
+        return list(spell(self.spelled, self.longest, string))
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if self.spelled is None:
