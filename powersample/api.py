@@ -260,6 +260,13 @@ def encode_prompt(backend: Backend, prompt: str, config: SamplerConfig, chat: bo
     return ids
 
 
+def first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where a sample's text is cut for its stop strings: the start of the earliest one found in it; -1 when none is.
+    A stop string ends no chain (p^alpha is a law over whole sequences): the finished text is cut instead (the
+    server's `stop`, lm-eval's `until`)."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+
+
 def check_prompt(prompt: str) -> None:
     if not isinstance(prompt, str) or not prompt.strip():
         raise PowerSampleError("the prompt is empty")

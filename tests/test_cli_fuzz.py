@@ -151,12 +151,14 @@ def scratch(tmp_path_factory) -> dict:
 
 
 def commands() -> dict[str, list]:
-    """Each subcommand's options, as the parser has them."""
+    """Each subcommand's options, as the parser has them (not `lm-eval`'s: its arguments are lm-eval's own command
+    line's, tested in test_lm_eval_backend.py)."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return {
         name: [a for a in p._actions if a.option_strings and not set(a.option_strings) & LEFT_OUT]
         for name, p in sub.choices.items()
+        if name != "lm-eval"
     }
 
 

@@ -1,5 +1,6 @@
-"""The command line: `powersample sample | eval | report | bench | serve | conformance`, one module per subcommand, and
-`options.py` for the options they share. The top layer: nothing in the library imports it."""
+"""The command line: `powersample sample | eval | report | bench | serve | conformance | lm-eval`, one module per
+subcommand, and `options.py` for the options they share (`lm-eval` passes every argument after it to lm-eval's own
+command line). The top layer: nothing in the library imports it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Sequence
 from powersample.cli.bench import add_bench_parser
 from powersample.cli.conformance import add_conformance_parser
 from powersample.cli.eval import add_eval_parsers
+from powersample.cli.lm_eval import add_lm_eval_parser, passthrough
 from powersample.cli.sample import add_sample_parser
 from powersample.cli.serve import add_serve_parser
 from powersample.errors import PowerSampleError
@@ -23,8 +25,10 @@ DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO} 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    ours, theirs = passthrough(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(ours)
+    if theirs:
+        args.lm_eval_args = theirs
     never_opened = _hold_closed_stdout()
     try:
         with quiet_notices(getattr(args, "quiet", False)):  # report has no --quiet
@@ -59,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parsers(sub)
     add_serve_parser(sub)
     add_conformance_parser(sub)
+    add_lm_eval_parser(sub)
     return parser
 
 

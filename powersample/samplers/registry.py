@@ -156,6 +156,17 @@ def resolved(config: SamplerConfig) -> dict[str, Any]:
     return out
 
 
+def plain_temperature(method: str, temperature: float, explicit: float | None) -> dict[str, Any]:
+    """The config fields that make a plain method (`base`, `low-temp`) draw at a client's `temperature` (the
+    server's request field, lm-eval's generation kwarg): 0 = greedy (top-k 1); else low-temp at it, unless the
+    proposal temperature is set explicitly (`explicit`) or it is base's own 1. The MCMC methods ignore it."""
+    if temperature == 0:
+        return {"top_k": 1}
+    if explicit is not None or (method == "base" and temperature == 1.0):
+        return {}
+    return {"method": "low-temp", "proposal_temperature": temperature}
+
+
 def work_units(config: SamplerConfig) -> int:
     """Backend requests one chain makes at most (progress units)."""
     return method(config.method).work_units(config)

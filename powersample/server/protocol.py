@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from powersample.api import SampleRecord
+from powersample.api import SampleRecord, first_stop
 from powersample.config import MEMBER_FIELDS, SCALE_RANGE, SPECS, TYPES, SamplerConfig
 from powersample.core.types import Ranked
 from powersample.errors import PowerSampleError
@@ -431,7 +431,7 @@ def sampler_config(body: _Body, defaults: SamplerConfig) -> tuple[SamplerConfig,
         ignored.append("top_logprobs")  # alternatives come only with logprobs: true
     if body.temperature is not None:
         if over["method"] in PLAIN_METHODS:
-            over.update(_plain_temperature(over["method"], body.temperature, body.proposal_temperature))
+            over.update(registry.plain_temperature(over["method"], body.temperature, body.proposal_temperature))
         else:
             ignored.append("temperature")
     if "proposal_temperature" in over and _draws_at_one(over["method"]):
@@ -450,15 +450,6 @@ def _draws_at_one(method: str) -> bool:
     means nothing (power-rollout's own check refuses one; a request's is ignored and listed instead)."""
     entry = registry.REGISTRY.get(method)
     return entry is not None and entry.temperature is registry.base_tau
-
-
-def _plain_temperature(method: str, temperature: float, explicit: float | None) -> dict:
-    """Plain sampling at `temperature`; 0 = greedy (top-k 1). An explicit proposal_temperature wins."""
-    if temperature == 0:
-        return {"top_k": 1}
-    if explicit is not None or (method == "base" and temperature == 1.0):
-        return {}
-    return {"method": "low-temp", "proposal_temperature": temperature}
 
 
 def _param_of(message: str, over: dict) -> str | None:
@@ -507,7 +498,7 @@ def finish(
     the work: the client left, or the deadline passed)."""
     ended = record.finish_reason == "eos"
     tokens = record.tokens[:-1] if ended and not keep_eos else record.tokens
-    cut = min((i for i in (record.text.find(s) for s in stops) if i >= 0), default=-1)
+    cut = first_stop(record.text, stops)
     text = record.text if cut < 0 else record.text[:cut]
     if cut < 0 and not want_pieces:
         return Output(
