@@ -189,14 +189,14 @@ def _check(ok: bool, message: str) -> None:
         raise PowerSampleError(message)
 
 
-def _without_none(hint: Any) -> type:
+def without_none(hint: Any) -> type:
     """A field's type without its None: int for `int | None`."""
     return next(a for a in typing.get_args(hint) or (hint,) if a is not type(None))
 
 
 SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in fields(SamplerConfig)}  # every field, in order
 _HINTS = typing.get_type_hints(SamplerConfig)
-TYPES: dict[str, type] = {name: _without_none(hint) for name, hint in _HINTS.items()}  # int, float or str
+TYPES: dict[str, type] = {name: without_none(hint) for name, hint in _HINTS.items()}  # int, float or str
 OPTIONAL = frozenset(name for name, hint in _HINTS.items() if type(None) in typing.get_args(hint))  # may be None
 INT_FIELDS = tuple(name for name in SPECS if TYPES[name] is int)
 SHARED_FIELDS = tuple(name for name, spec in SPECS.items() if not spec.knob)

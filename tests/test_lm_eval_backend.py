@@ -29,7 +29,7 @@ from powersample.cli import main
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.integrations import lm_eval as integration
-from powersample.integrations.lm_eval import Job, PowerSampleLM, generate, parse_model_args, request_config
+from powersample.integrations.lm_eval import Job, PowerSampleLM, generate, parse_model_args, request_config, run_cli
 
 TASKS = ROOT / "tests" / "data" / "lm_eval_tasks"
 TOY_SPEC = TASKS / "toy_capitals.json"
@@ -248,3 +248,17 @@ def test_the_package_and_its_command_line_import_without_lm_eval():
     code = "import sys, powersample, powersample.cli; print('lm_eval' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
+
+
+def test_lm_evals_own_errors_are_one_line_unless_verbosity_is_given(monkeypatch):
+    import lm_eval.__main__
+
+    def missing_task():
+        raise ValueError("Tasks not found: nonexistent_task")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", missing_task)
+    with pytest.raises(PowerSampleError) as error:
+        run_cli(["--tasks", "nonexistent_task"])
+    assert str(error.value) == ("lm-eval: Tasks not found: nonexistent_task (--verbosity DEBUG shows its traceback)")
+    with pytest.raises(ValueError, match="^Tasks not found"):
+        run_cli(["--tasks", "nonexistent_task", "--verbosity", "DEBUG"])

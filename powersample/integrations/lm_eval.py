@@ -46,18 +46,19 @@ from tqdm import tqdm
 from powersample.api import chain_seeds, first_stop, sample_many, sampling_bar
 from powersample.backends import Backend, BackendSpec
 from powersample.backends.base import Ranking, Vocabulary, capability
-from powersample.config import OPTIONAL, SPECS, TYPES, SamplerConfig, _without_none
+from powersample.config import OPTIONAL, SPECS, TYPES, SamplerConfig, without_none
 from powersample.core.types import Proposal, Tokens
-from powersample.errors import PowerSampleError
+from powersample.errors import PowerSampleError, one_line
 from powersample.io import notice_once
 from powersample.samplers import registry
 
 MODEL_NAME = "powersample"  # lm-eval's --model
 DEFAULT_SEED = 1234  # lm-eval's own default seed: what `local-completions` sends the server
-_SPEC_KINDS = {name: _without_none(hint) for name, hint in typing.get_type_hints(BackendSpec).items()}
+_SPEC_KINDS = {name: without_none(hint) for name, hint in typing.get_type_hints(BackendSpec).items()}
 BACKEND_ARGS = {"backend": "name", **{n: n for n in _SPEC_KINDS if n not in ("name", "reuse_cache", "quiet")}}
 RUN_KINDS: dict[str, type] = {"seed": int, "chat": bool}
 KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+DEBUG_FLAG = "--verbosity"  # lm-eval's; with it, lm-eval's own errors keep their traceback
 TEXT_PROBE = "Hello."  # any text: a backend that encodes it to no ids ignores its prompts (the toy)
 
 Pair = tuple[Tokens, Tokens]  # (context ids, continuation ids)
@@ -377,6 +378,10 @@ def run_cli(argv: Sequence[str]) -> int:
     saved, sys.argv = sys.argv, ["lm-eval", *argv]
     try:
         cli_evaluate()
+    except (ValueError, FileNotFoundError) as e:  # lm-eval's word on bad input ("Tasks not found: ..."): one line
+        if DEBUG_FLAG in argv:
+            raise
+        raise PowerSampleError(f"lm-eval: {one_line(e)} ({DEBUG_FLAG} DEBUG shows its traceback)") from None
     finally:
         sys.argv = saved
     return 0
