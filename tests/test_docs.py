@@ -2,10 +2,11 @@
 
 A fenced code block preceded by the line `<!-- docs: run -->` (in README.md or docs/**.md) is run here, one test per
 block named `FILE:LINE`: bash blocks with `bash -euo pipefail`, python blocks with this interpreter. Each runs in a
-fresh temporary directory holding `powersample` (a link to the package's folder, so `powersample/toy_specs/...`
-resolves and `import powersample` finds this checkout) and a `powersample` command on the PATH that runs this
-checkout's CLI. HOME and POWERSAMPLE_CACHE are left alone: the blocks run on the toy backend, which caches nothing,
-and a fresh cache would make any block that did load the embedded model convert it again (about 20 s).
+fresh temporary directory holding `powersample` and `tests` (links to the repository's folders, so
+`powersample/toy_specs/...` and `tests/data/...` resolve and `import powersample` finds this checkout) and a
+`powersample` command on the PATH that runs this checkout's CLI. HOME and POWERSAMPLE_CACHE are left alone: the
+blocks run on the toy backend, which caches nothing, and a fresh cache would make any block that did load the
+embedded model convert it again (about 20 s).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- docs: run -->"
 README_LIMIT = 12 * 1024  # bytes: the README is one page; everything else lives in docs/
 BLOCK_TIMEOUT = 120  # seconds; a runnable block takes a second or two on the toy backend
+LINKED = ("powersample", "tests")  # what a block may read from the repository: the toy specs, the test data
 RUNNERS = {"bash": ["bash", "-euo", "pipefail"], "python": [sys.executable]}
 
 
@@ -63,7 +65,8 @@ BLOCKS = [block for path in doc_files() for block in runnable_blocks(path)]
 
 def sandbox(tmp_path: Path) -> dict[str, str]:
     """The block's directory: the package linked in, a `powersample` command for this checkout; returns the env."""
-    (tmp_path / "powersample").symlink_to(ROOT / "powersample", target_is_directory=True)
+    for linked in LINKED:
+        (tmp_path / linked).symlink_to(ROOT / linked, target_is_directory=True)
     bin_dir = tmp_path / ".bin"
     bin_dir.mkdir()
     shim = bin_dir / "powersample"
