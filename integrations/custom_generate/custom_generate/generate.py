@@ -25,6 +25,7 @@ strings, ...) is a ValueError, never silently ignored.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -59,16 +60,15 @@ def generate(model: Any, inputs: torch.Tensor | None = None, generation_config: 
     """Power samples for every row of `input_ids`, as `model.generate` returns them (see the module docstring)."""
     knobs, seed = _power_arguments(kwargs)
     input_ids, mask = _inputs(inputs, kwargs)
-    tokenizer = kwargs.pop("tokenizer", None)  # transformers' generate takes one (for stop strings); we may decode
+    kwargs.pop("tokenizer", None)  # transformers' generate takes one for stop strings; nothing here decodes text
     _refuse(name for name in NOT_SUPPORTED if kwargs.pop(name, None) is not None)
-    if generation_config is None:  # power sampling always samples (transformers refuses several greedy sequences)
-        kwargs.setdefault("do_sample", True)
+    generation_config, kwargs = _sampling(generation_config, kwargs)
     config, rest = model._prepare_generation_config(generation_config, **kwargs)  # as transformers' own generate
     _refuse(name for name, value in rest.items() if value is not None)
     _check_generation_config(config)
     sampler = powersample.SamplerConfig(max_new_tokens=_max_new_tokens(config, input_ids.shape[1]), **knobs)
     eos = _ids(config.eos_token_id)
-    backend = powersample.from_transformers(model, tokenizer, eos_ids=eos)
+    backend = powersample.from_transformers(model, None, eos_ids=eos)  # token ids only
     n = config.num_return_sequences or 1
     if n < 1:
         raise ValueError(f"num_return_sequences must be >= 1, got {n}")
@@ -86,6 +86,18 @@ def sample_ids(
     chains = make_chains(seed, len(prompts) * n)
     work = [p for i, ids in enumerate(prompts) for p in programs(backend, ids, config, chains[i * n : (i + 1) * n])]
     return [result.tokens for result in drive(backend, work, registry.proposal(config))]
+
+
+def _sampling(generation_config: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The generation config and keyword arguments with do_sample on, copied: power sampling always samples, and
+    transformers refuses num_return_sequences > 1 from a greedy config. A given config gets it on a copy, so that
+    no keyword argument is added beside it (transformers warns about both at once)."""
+    if generation_config is None or "do_sample" in kwargs:
+        kwargs = {**kwargs, "do_sample": True}
+    if generation_config is not None:
+        generation_config = copy.deepcopy(generation_config)
+        generation_config.do_sample = True
+    return generation_config, kwargs
 
 
 def _power_arguments(kwargs: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
