@@ -36,6 +36,11 @@ log p comes from the logits of every fed id. After `engine.verify_step`, a row's
 from its guess are void: they become holes (columns no row uses are cropped off at once; a batch with many holes is
 restacked). Finished rows (EOS, their max_tokens, or below their floor) leave the batch at once and their caches go
 back to their buffers holding exactly the valid ids.
+
+Models the caller holds. `from_transformers(model, tokenizer)` wraps a model loaded elsewhere (any device or dtype,
+accelerate's `device_map` included) after checking it, and `HFBackend.load` loads one by path. Either way the backend
+never moves, casts or copies the weights and never changes the model's mode: ids go to the input embeddings'
+execution device, each layer's cache stays where its layer computes it, and a model in training mode is refused.
 """
 
 from __future__ import annotations
@@ -310,7 +315,7 @@ class HFBackend:
             with quiet_loading():
                 lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
                 tokenizer = AutoTokenizer.from_pretrained(folder)
-                lm = lm.to(device).eval()  # our own copy: from_pretrained leaves it in eval mode already
+                lm = lm.to(device).eval()  # our own copy (from_pretrained leaves it in eval mode already)
         except Exception as e:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
             what = f"unknown model path or hub id {model!r}" if is_hub else f"cannot load model {model or folder}"
             raise PowerSampleError(f"{what}: {one_line(e)}") from None
@@ -617,5 +622,6 @@ TRAINING = "the model is in training mode, where dropout makes log p random: cal
 
 
 def _check_eval(model: Any) -> None:
+    """A one-line error for a model in training mode (we never switch the caller's model to eval ourselves)."""
     if getattr(model, "training", False):
         raise PowerSampleError(TRAINING)
