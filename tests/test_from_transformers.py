@@ -77,7 +77,7 @@ def draws(records) -> list[tuple[tuple[int, ...], float]]:
     return [(r.tokens, r.logp) for r in records]
 
 
-@pytest.mark.parametrize("method", ["power", "power-smc", "power-pt", "bon"])
+@pytest.mark.parametrize("method", ["power", "power-smc", "power-pt", "power-mtm", "bon"])
 def test_same_samples_as_load_backend(model, tokenizer, reference, method):
     backend = powersample.from_transformers(model, tokenizer)
     have = powersample.sample(backend, PROMPT, config(method), seed=7, num_samples=2)
