@@ -7,10 +7,12 @@ Karan & Du (2025), "Reasoning with Sampling: Your Base Model is Smarter Than You
     config = powersample.SamplerConfig(alpha=4.0, max_new_tokens=128)
     [record] = powersample.sample(backend, "What is 12 * 13?", config, seed=0)
     print(record.text, record.logp, record.acceptance_rate)
+
+A model you already hold (any device, dtype or device_map): `backend = powersample.from_transformers(model, tokenizer)`.
 """
 
 from powersample.api import SampleRecord, sample
-from powersample.backends import load_backend
+from powersample.backends import from_transformers, load_backend
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.samplers.registry import METHODS
@@ -28,4 +30,13 @@ def _installed_version() -> str:
 
 __version__ = _installed_version()
 
-__all__ = ["METHODS", "PowerSampleError", "SampleRecord", "SamplerConfig", "load_backend", "sample", "__version__"]
+__all__ = [
+    "METHODS",
+    "PowerSampleError",
+    "SampleRecord",
+    "SamplerConfig",
+    "from_transformers",
+    "load_backend",
+    "sample",
+    "__version__",
+]

@@ -110,7 +110,7 @@ def test_hf_tokenizer_without_a_template(capsys):
         num_key_value_heads=1,
     )
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()  # HFBackend refuses training mode
     assert has_chat_template(HFBackend(model, tokenizer))
     tokenizer.chat_template = None
     backend = HFBackend(model, tokenizer)

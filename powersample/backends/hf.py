@@ -36,6 +36,11 @@ log p comes from the logits of every fed id. After `engine.verify_step`, a row's
 from its guess are void: they become holes (columns no row uses are cropped off at once; a batch with many holes is
 restacked). Finished rows (EOS, their max_tokens, or below their floor) leave the batch at once and their caches go
 back to their buffers holding exactly the valid ids.
+
+Models the caller holds. `from_transformers(model, tokenizer)` wraps a model loaded elsewhere (any device or dtype,
+accelerate's `device_map` included) after checking it, and `HFBackend.load` loads one by path. Either way the backend
+never moves, casts or copies the weights and never changes the model's mode: ids go to the input embeddings'
+execution device, each layer's cache stays where its layer computes it, and a model in training mode is refused.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -216,18 +221,20 @@ class _Batch:
     def drop(self, gone: list[int]) -> None:
         keep = [b for b in range(len(self.rows)) if b not in set(gone)]
         if len(keep) < len(self.rows) and keep:
-            self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            self.cache.batch_select_indices(torch.tensor(keep))  # CPU indices index a layer on any device
         self.rows = [self.rows[b] for b in keep]
         self.positions = self.positions[keep]
         if not keep:
             self.cache = None
 
     def _kv(self, b: int) -> KV:
-        """Row b's keys and values at the columns it holds (a copy): (1, heads, len(ids), head_dim) per layer."""
+        """Row b's keys and values at the columns it holds (a copy): (1, heads, len(ids), head_dim) per layer, each on
+        its layer's device (a sharded model's layers live on several)."""
         columns = (self.positions[b] >= 0).nonzero()[:, 0]
         return tuple(
-            (layer.keys[b : b + 1].index_select(2, columns), layer.values[b : b + 1].index_select(2, columns))
+            (layer.keys[b : b + 1].index_select(2, at), layer.values[b : b + 1].index_select(2, at))
             for layer in self.cache.layers
+            for at in [columns.to(layer.keys.device)]
         )
 
     def _span(self, offsets: list[int], counts: list[int], width: int, start: list[int]) -> torch.Tensor:
@@ -255,16 +262,25 @@ class HFStats:
 
 
 class HFBackend:
-    """Sampling and scoring with a transformers causal LM; batched decoding, two KV buffers per slot."""
+    """Sampling and scoring with a transformers causal LM; batched decoding, two KV buffers per slot.
+
+    It uses the model as it is: never moves, casts or copies its weights, nor changes its mode (a model in training
+    mode is refused). Inputs go to the device of the input embeddings, where a sharded model (`device_map`) takes
+    them; each layer's cache stays on its layer's device. `tokenizer` None serves token ids only (what
+    `model.generate(custom_generate=...)` needs): encoding and decoding text is then a one-line error.
+    """
 
     HINTS = frozenset({"speculate", "floor"})  # drafts verified within FEED_BUDGET; rows below their floor leave
 
-    def __init__(self, model: Any, tokenizer: Any, reuse_cache: bool = True):
-        self.model = model.eval()
+    def __init__(
+        self, model: Any, tokenizer: Any | None, reuse_cache: bool = True, eos_ids: Iterable[int] | None = None
+    ):
+        _check_eval(model)
+        self.model = model
         self.tokenizer = tokenizer
-        self.device = model.device
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
+        self.device = _input_device(model)
+        self.eos_ids = _eos_ids(model, tokenizer) if eos_ids is None else frozenset(int(i) for i in eos_ids)
+        self.context_length: int | None = getattr(_text_config(model), "max_position_embeddings", None)
         self.reuse_cache = reuse_cache  # False: every request prefills its whole context alone (bench baseline)
         self._buffers: dict[int, tuple[_Buffer, _Buffer]] = {}
         self._scoring = _Buffer()  # what score/rank/confidence fed last (see _fresh_logp)
@@ -299,7 +315,7 @@ class HFBackend:
             with quiet_loading():
                 lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
                 tokenizer = AutoTokenizer.from_pretrained(folder)
-                lm = lm.to(device)
+                lm = lm.to(device).eval()  # our own copy (from_pretrained leaves it in eval mode already)
         except Exception as e:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
             what = f"unknown model path or hub id {model!r}" if is_hub else f"cannot load model {model or folder}"
             raise PowerSampleError(f"{what}: {one_line(e)}") from None
@@ -307,7 +323,7 @@ class HFBackend:
 
     def encode(self, prompt: str, chat: bool = True) -> Tokens:
         """Prompt ids; with `chat` and a chat template, the prompt is one user message plus the assistant header."""
-        return encode_prompt_ids(self.tokenizer, prompt, chat)
+        return encode_prompt_ids(self._text(), prompt, chat)
 
     def default_speculate(self) -> int:
         """Draft tokens per forward when the sampler leaves it to the engine (base.Speculation)."""
@@ -315,17 +331,23 @@ class HFBackend:
 
     def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Tokens:
         """Ids of a chat conversation plus the assistant header (see backends/tokenizer.py)."""
-        return encode_message_ids(self.tokenizer, messages)
+        return encode_message_ids(self._text(), messages)
 
     def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        return self._text().decode(list(tokens), skip_special_tokens=True)
 
     def vocab_size(self) -> int:
         """Ids both the tokenizer and the model's embedding know (the `Vocabulary` capability)."""
-        return min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+        return min(len(self._text()), self.model.get_input_embeddings().num_embeddings)
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
+        return self._text().decode([token], skip_special_tokens=False)
+
+    def _text(self) -> Any:
+        """The tokenizer, or a one-line error for a backend of token ids only."""
+        if self.tokenizer is None:
+            raise PowerSampleError("this backend has no tokenizer: pass one to from_transformers to use text")
+        return self.tokenizer
 
     @torch.inference_mode()
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
@@ -369,7 +391,7 @@ class HFBackend:
         if not continuation:
             return ()
         logp = self._fresh_logp(context, continuation)  # (T, V)
-        picked = logp.gather(-1, torch.tensor(list(continuation), device=self.device)[:, None])[:, 0]
+        picked = logp.gather(-1, torch.tensor(list(continuation), device=logp.device)[:, None])[:, 0]
         return tuple(picked.cpu().tolist())
 
     @torch.inference_mode()
@@ -454,6 +476,7 @@ class HFBackend:
     ) -> torch.Tensor:
         """Feed ids (B, T) after the cache; logits (B, keep, V) of the next token after each row's last `keep` ids."""
         args = self._forward_args
+        _check_eval(self.model)  # the user may have switched their model back to training since
         kwargs = {args["cache"]: cache, **({"logits_to_keep": keep} if args["logits_to_keep"] else {})}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -keep:]
@@ -532,7 +555,73 @@ def _forward_arguments(model: Any) -> dict[str, Any]:
     return {"cache": "cache" if "cache" in params else "past_key_values", "logits_to_keep": "logits_to_keep" in params}
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+def _eos_ids(model: Any, tokenizer: Any | None) -> frozenset[int]:
     """EOS ids from the model's generation config (an int or a list) plus the tokenizer's EOS."""
     generation = getattr(model, "generation_config", None)
-    return eos_ids(tokenizer.eos_token_id, getattr(generation, "eos_token_id", None))
+    return eos_ids(getattr(tokenizer, "eos_token_id", None), getattr(generation, "eos_token_id", None))
+
+
+def _text_config(model: Any) -> Any:
+    """The config of the model's text decoder (the model's own config for a plain causal LM)."""
+    return model.config.get_text_config(decoder=True)
+
+
+def _input_device(model: Any) -> torch.device:
+    """Where the model takes its input ids: the input embeddings' execution device. Under accelerate's hooks
+    (`device_map`, offloading) that is the hook's execution device (an offloaded weight sits on `meta`), else the
+    embedding weight's own device."""
+    embeddings = model.get_input_embeddings()
+    device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else embeddings.weight.device
+
+
+def from_transformers(
+    model: Any, tokenizer: Any | None = None, *, eos_ids: Iterable[int] | None = None, reuse_cache: bool = True
+) -> HFBackend:
+    """An HFBackend around a model (and tokenizer) the caller already holds, checked first (one-line
+    PowerSampleErrors): a causal LM in eval mode, with its weights loaded, and a tokenizer of the same vocabulary.
+    `eos_ids` None = the model's generation config's EOS ids plus the tokenizer's."""
+    _check_causal_lm(model)
+    vocabulary = model.get_input_embeddings().num_embeddings
+    _check_tokenizer(tokenizer, vocabulary)
+    if eos_ids is not None:
+        eos_ids = list(eos_ids)
+        if not all(isinstance(i, int) and 0 <= i < vocabulary for i in eos_ids):
+            raise PowerSampleError(f"eos_ids must be token ids in [0, {vocabulary}), got {eos_ids}")
+    return HFBackend(model, tokenizer, reuse_cache=reuse_cache, eos_ids=eos_ids)
+
+
+def _check_causal_lm(model: Any) -> None:
+    """A one-line error unless `model` is a transformers causal LM (a decoder with a language-model head)."""
+    if not (hasattr(model, "config") and callable(getattr(model, "get_input_embeddings", None))):
+        raise PowerSampleError(f"expected a transformers causal LM (AutoModelForCausalLM), got {type(model).__name__}")
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise PowerSampleError(f"{name} is an encoder-decoder model: power sampling needs a causal LM")
+    if callable(getattr(model, "can_generate", None)) and not model.can_generate():
+        raise PowerSampleError(f"{name} has no language-model head: load the model with AutoModelForCausalLM")
+    if _input_device(model).type == "meta":
+        raise PowerSampleError(f"{name}'s weights are on the meta device: load them before sampling")
+
+
+def _check_tokenizer(tokenizer: Any | None, vocabulary: int) -> None:
+    """A one-line error unless `tokenizer` (None: ids only) is a tokenizer whose ids the model's embedding holds."""
+    if tokenizer is None:
+        return
+    if not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
+        raise PowerSampleError(f"expected a transformers tokenizer (AutoTokenizer), got {type(tokenizer).__name__}")
+    special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    size = max([len(tokenizer)] + [i + 1 for i in special if i is not None])  # ids the tokenizer may produce
+    if size > vocabulary:
+        raise PowerSampleError(
+            f"the tokenizer has {size} ids but the model's embedding only {vocabulary}: they belong to different models"
+        )
+
+
+TRAINING = "the model is in training mode, where dropout makes log p random: call model.eval() first"
+
+
+def _check_eval(model: Any) -> None:
+    """A one-line error for a model in training mode (we never switch the caller's model to eval ourselves)."""
+    if getattr(model, "training", False):
+        raise PowerSampleError(TRAINING)
