@@ -2,7 +2,7 @@
 
 A fenced code block preceded by the line `<!-- docs: run -->` (in README.md or docs/**.md) is run here, one test per
 block named `FILE:LINE`: bash blocks with `bash -euo pipefail`, python blocks with this interpreter. Each runs in a
-fresh temporary directory holding `powersample` and `tests` (links to the repository's folders, so
+fresh temporary directory holding `powersample`, `tests` and `integrations` (links to the repository's folders, so
 `powersample/toy_specs/...` and `tests/data/...` resolve and `import powersample` finds this checkout) and a
 `powersample` command on the PATH that runs this checkout's CLI. HOME and POWERSAMPLE_CACHE are left alone: the
 blocks run on the toy backend, which caches nothing, and a fresh cache would make any block that did load the
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- docs: run -->"
 README_LIMIT = 12 * 1024  # bytes: the README is one page; everything else lives in docs/
 BLOCK_TIMEOUT = 120  # seconds; a runnable block takes a second or two on the toy backend
-LINKED = ("powersample", "tests")  # what a block may read from the repository: the toy specs, the test data
+LINKED = ("powersample", "tests", "integrations")  # what a block may read: toy specs, test data, custom_generate
 RUNNERS = {"bash": ["bash", "-euo", "pipefail"], "python": [sys.executable]}
 
 

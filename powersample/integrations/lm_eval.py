@@ -378,6 +378,8 @@ def run_cli(argv: Sequence[str]) -> int:
     saved, sys.argv = sys.argv, ["lm-eval", *argv]
     try:
         cli_evaluate()
+    except PowerSampleError:  # ours (a ValueError too): already one line
+        raise
     except (ValueError, FileNotFoundError) as e:  # lm-eval's word on bad input ("Tasks not found: ..."): one line
         if DEBUG_FLAG in argv:
             raise
