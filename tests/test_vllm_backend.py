@@ -115,15 +115,53 @@ def test_a_batch_is_one_engine_loop_with_all_its_requests_in_flight(backend, pro
     assert not backend.llm.llm_engine.has_unfinished_requests()
 
 
-def test_a_resampling_step_hits_the_prefix_cache_for_prompt_and_x_before_i(backend, prompt):
-    block = backend.llm.llm_engine.vllm_config.cache_config.block_size
-    [first] = backend.extend(requests(prompt, 3 * block, seeds=[11]), Proposal(0.5))
+@pytest.fixture(scope="module")
+def prefill(backend):
+    """The same engine, with log p from the scoring prefill (the path where LogpChannel is unavailable)."""
+    from powersample.backends.vllm import VLLMBackend
+
+    return VLLMBackend(backend.llm, logp_in_pass=False)
+
+
+def test_a_resampling_step_hits_the_prefix_cache_for_prompt_and_x_before_i(prefill, prompt):
+    block = prefill.llm.llm_engine.vllm_config.cache_config.block_size
+    [first] = prefill.extend(requests(prompt, 3 * block, seeds=[11]), Proposal(0.5))
     context = prompt + first.tokens[: 2 * block]  # resample from i = 2 blocks into the answer
-    before, scored_before = backend.stats.cached_tokens, backend.stats.scored_cached_tokens
-    [cont] = backend.extend(requests(context, 4, seeds=[12]), Proposal(0.5))
-    assert backend.stats.cached_tokens - before >= (len(context) - 1) // block * block  # every whole block but the last
-    assert backend.stats.scored_cached_tokens - scored_before >= (len(context) - 1) // block * block  # log p: the same
-    np.testing.assert_allclose(backend.score(context, cont.tokens), cont.base_logp, atol=1e-4, rtol=0)
+    before, scored_before = prefill.stats.cached_tokens, prefill.stats.scored_cached_tokens
+    [cont] = prefill.extend(requests(context, 4, seeds=[12]), Proposal(0.5))
+    assert prefill.stats.cached_tokens - before >= (len(context) - 1) // block * block  # every whole block but the last
+    assert prefill.stats.scored_cached_tokens - scored_before >= (len(context) - 1) // block * block  # log p: the same
+    np.testing.assert_allclose(prefill.score(context, cont.tokens), cont.base_logp, atol=1e-4, rtol=0)
+
+
+IN_PASS_TOLERANCE = 1e-4  # log p from the draw's pass (tau log q + c, float32 logits) vs the scoring prefill's
+
+
+@pytest.mark.parametrize("tau", [0.25, 0.7])
+def test_log_p_in_the_draws_own_pass_matches_the_scoring_prefill(backend, prefill, prompt, tau):
+    """LogpChannel: the same tokens and log q bit for bit (it changes no logit), log p within IN_PASS_TOLERANCE,
+    and no scoring prefill at all. One request per call: in a batch, the prefill path's scoring requests share
+    engine steps with the draws, and fp32 numerics move with the batch (a rare token flips)."""
+    assert backend.logp_file is not None, "the CPU build runs the V1 model runner: LogpChannel should be on"
+    in_pass, scored = backend.stats.logp_in_pass, backend.stats.scored_tokens
+    have = [backend.extend(requests(prompt, 24, seeds=[s]), Proposal(tau))[0] for s in range(3)]
+    want = [prefill.extend(requests(prompt, 24, seeds=[s]), Proposal(tau))[0] for s in range(3)]
+    assert backend.stats.logp_in_pass - in_pass == 3 and backend.stats.scored_tokens == scored
+    for x, y in zip(have, want):
+        assert x.tokens == y.tokens and x.proposal_logq == y.proposal_logq
+        np.testing.assert_allclose(x.base_logp, y.base_logp, atol=IN_PASS_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "proposal, alternatives",
+    [(Proposal(0.5, top_k=20), 0), (Proposal(0.5, top_p=0.9), 0), (Proposal(0.5), 3)],
+    ids=["top-k", "top-p", "alternatives"],
+)
+def test_truncated_proposals_and_alternatives_keep_the_scoring_prefill(backend, prompt, proposal, alternatives):
+    in_pass, scored = backend.stats.logp_in_pass, backend.stats.scored_tokens
+    [cont] = backend.extend(requests(prompt, 8, seeds=[7], alternatives=alternatives), proposal)
+    assert backend.stats.logp_in_pass == in_pass and backend.stats.scored_tokens > scored
+    assert len(cont.alternatives) == alternatives
 
 
 def test_same_seed_same_tokens_within_a_batch_of_others(backend, prompt):
@@ -293,3 +331,20 @@ def test_a_halted_request_is_aborted_before_the_next_engine_step(backend, prompt
     assert not backend.llm.llm_engine.has_unfinished_requests()
     [again] = backend.extend(requests(prompt, 4, [52]), Proposal(0.5))
     assert again.tokens == done[1].tokens
+
+
+def test_scoring_is_bitwise_independent_of_batch_order_and_cache_hits(prefill):
+    """vLLM issue 42019 reports prompt log-probs that move with the batch's order under prefix caching. Not on this
+    build: the same continuation scored alone, cold and warm, and beside another request sharing its prefix (first
+    or second, the other's blocks cached or not) gives the same floats bit for bit."""
+    block = prefill.llm.llm_engine.vllm_config.cache_config.block_size
+    text = " ".join(f"Item {i}: the sky over the harbour changes with the weather." for i in range(3 * block // 10))
+    context = tuple(prefill.encode(text, chat=True)[: 2 * block + 17])  # two whole blocks and some
+    [mine, other] = [c.tokens for c in prefill.extend(requests(context, 12, seeds=[61, 62]), Proposal(1.0))]
+
+    def scored(pairs, at):
+        return prefill._prompt_logprobs([context] * len(pairs), pairs, [0] * len(pairs))[at][0]
+
+    cold = scored([mine], 0)  # the first scoring of this context: nothing cached under the salt
+    assert scored([mine], 0) == cold  # warm: the context's blocks come from the cache
+    assert scored([other, mine], 1) == cold and scored([mine, other], 0) == cold

@@ -8,7 +8,8 @@ tied token.
 
     extend_continuous(requests, proposal, refill, poll), per request, in one engine loop shared by all:
       1. a draw request:                          tokens, log q       (seeded per request; prefix cache hit)
-      2. when q != p, once 1 is done, a scoring request: log p = prompt log-probs of context + tokens (temperature 1)
+         and, at pure temperature, log p in the same pass: tau log q + c, c written by LogpChannel (below)
+      2. otherwise, when q != p, once 1 is done, a scoring request: log p = prompt log-probs of context + tokens
       3. once the continuation is complete, refill(key, continuation): its chain's next requests join at once
     extend:     the same loop with no refills (a batch of requests, one continuation each)
     score:      prompt log-probs of the given continuation (raw: prompt tokens never go through the sampler)
@@ -27,6 +28,12 @@ prompt log-probs of tokens it computes, and unsalted it would find the continuat
 Salted, it finds prompt + x_<i as scored when the current state was proposed, and computes only the new suffix.
 When q = p (tau = 1, no truncation) the numbers of step 1 are log p already and step 2 is skipped.
 
+Log p in the draw's pass. vLLM returns one kind of log-prob per engine, so step 2 used to recompute every drawn token
+in a prefill. Where engines run vLLM's V1 model runner (the CPU build: no Triton), they carry LogpChannel, a logits
+processor that changes no logit and writes, per position, the one number that turns the returned log q into log p,
+into a file shared with the engine's worker: step 2 is then skipped for pure-temperature proposals that ask for no
+alternatives. Truncated proposals, alternatives and the V2 model runner (CUDA builds) keep step 2.
+
 Randomness: each request draws one 63-bit seed from its chain's generator and hands it to vLLM as the request's
 seed, so a chain's tokens depend only on its own generator (and, as with every engine, on the engine's numerics).
 
@@ -44,6 +51,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import tempfile
+import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +69,9 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import vllm  # after the logging settings above (E402 allows them: they only set os.environ)
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
+from vllm.v1.sample.logits_processor import BatchUpdate
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from powersample.backends.engine import check_fits, extend_in_one_run
 from powersample.backends.hub import dtype_name, eos_ids, is_hub_id
@@ -70,6 +83,8 @@ SCORE_SALT = "powersample-score"  # prefix-cache salt of scoring requests (see V
 CONFIDENCE_BATCH = 16  # positions per engine call in confidence(); each returns V log-probs
 MIN_TEMPERATURE = 0.01  # vLLM raises smaller temperatures to 0.01 (`_MAX_TEMP`), which would change q
 CPU_MEMORY_FRACTION = 0.3  # default share of memory for weights + KV cache on a CPU-only machine (vLLM's: 0.9)
+LOGP_KEY = "powersample_logp"  # SamplingParams.extra_args key: where LogpChannel writes a draw's log p offsets
+LOGP_ROWS = 1024  # draws at once that LogpChannel serves; more in flight are scored by prefill
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,7 @@ class EngineOptions:
     gpu_memory_utilization: float = 0.9  # share of (GPU, or on CPU host) memory for weights + KV cache
     max_model_len: int | None = None  # None = the model's own context length
     enforce_eager: bool = False  # True skips torch.compile / CUDA graphs (on CPU compiling costs minutes)
+    logp_channel: bool = False  # install LogpChannel: log p of a draw in the draw's own pass (V1 model runner only)
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -115,6 +131,7 @@ def _start_engine(options: EngineOptions) -> Any:
             logprobs_mode="processed_logprobs",  # log q of the token drawn, not log p (see the module docstring)
             max_logprobs=-1,  # confidence() asks for the whole vocabulary
             seed=0,
+            logits_processors=[LogpChannel] if options.logp_channel else None,
         )
     except Exception as e:  # noqa: BLE001 - every engine failure becomes one line, never a traceback
         raise PowerSampleError(f"vLLM could not start on {options.model}: {one_line(e)}") from None
@@ -133,6 +150,86 @@ def shutdown_engines() -> None:
             pass
 
 
+# --- log p in the draw's own pass -------------------------------------------------------------------------------
+
+
+_Tracked = tuple[np.memmap, int, float, list[int]]  # a tracked draw: shared file, its row, tau, its output ids
+
+
+class LogpChannel(V1LogitsProcessor):  # type: ignore[misc]  # vllm is untyped here
+    """A vLLM logits processor (the V1 model runner's interface) that changes no logit: for each drawing request
+    whose extra_args carry LOGP_KEY, it writes at each position the offset c that turns the log q vLLM returns for
+    the drawn token into its log p, into a file the backend shares with the engine's worker process:
+
+        log q(x) = l_x / tau - LSE(l / tau)             (vLLM's processed log-prob of the token drawn; l: raw logits)
+        log p(x) = l_x - LSE(l) = tau log q(x) + c,     c = tau LSE(l / tau) - LSE(l)
+
+    c depends on the row of logits only, not on the token, so it is known before the draw. Pure temperature only:
+    under top-k / top-p, LSE runs over the kept tokens, which vLLM picks after this processor has run.
+    """
+
+    def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool):
+        self.requests: dict[int, _Tracked] = {}  # batch index -> what _track keeps
+        self.files: dict[tuple[str, int], np.memmap] = {}  # (path, width) -> the shared file, opened once
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # so it runs on the raw logits, before temperature (argmax-invariant processors run after)
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        process_dict_updates(self.requests, batch_update, self._track)
+
+    def _track(self, params: Any, _prompt: Any, output_ids: list[int]) -> _Tracked | None:
+        spec = (params.extra_args or {}).get(LOGP_KEY)
+        if spec is None:
+            return None
+        path, width, row, tau = spec
+        if (path, width) not in self.files:
+            self.files[path, width] = np.memmap(path, dtype=np.float64, mode="r+").reshape(-1, width)
+        return self.files[path, width], int(row), float(tau), output_ids  # output_ids: vLLM's live list
+
+    def apply(self, logits: Any) -> Any:
+        if not self.requests:
+            return logits
+        import torch
+
+        index = list(self.requests)
+        rows = logits[index].double()  # (R, V) raw logits of the tracked requests
+        tau = torch.tensor([self.requests[i][2] for i in index], dtype=torch.float64, device=rows.device)[:, None]
+        offsets = (tau[:, 0] * torch.logsumexp(rows / tau, -1) - torch.logsumexp(rows, -1)).tolist()
+        for i, c in zip(index, offsets):
+            file, row, _, output_ids = self.requests[i]
+            file[row, len(output_ids)] = c  # the token drawn from this row is output number len(output_ids)
+        return logits
+
+
+class _LogpFile:
+    """The backend's end of LogpChannel: a shared (LOGP_ROWS, width) float64 file, one row per draw in flight
+    (NaN until the engine writes it, so a position it missed is seen)."""
+
+    def __init__(self, width: int):
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None  # memory, not disk, where the system has it
+        fd, self.path = tempfile.mkstemp(prefix="powersample-logp-", suffix=".f64", dir=folder)
+        os.close(fd)
+        weakref.finalize(self, os.unlink, self.path)
+        self.width = width
+        self.array = np.memmap(self.path, dtype=np.float64, mode="w+", shape=(LOGP_ROWS, width))
+        self.free = list(range(LOGP_ROWS))
+
+    def take(self, tau: float, n: int) -> tuple[int, dict[str, Any]] | None:
+        """A free row for a draw of up to n tokens at temperature tau, and the extra_args that name it."""
+        if not self.free:
+            return None
+        row = self.free.pop()
+        self.array[row, :n] = np.nan
+        return row, {LOGP_KEY: (self.path, self.width, row, tau)}
+
+    def give_back(self, row: int, n: int) -> np.ndarray:
+        """The row's first n offsets (float64); the row is free again."""
+        offsets = np.array(self.array[row, :n])
+        self.free.append(row)
+        return offsets
+
+
 @dataclass
 class VLLMStats:
     """Diagnostics (not part of the seam): what the backend has done since it was built."""
@@ -142,6 +239,15 @@ class VLLMStats:
     scored_cached_tokens: int = 0  # the same for its scoring (log p) requests, under their salt
     engine_steps: int = 0  # engine steps of extend's loops; tests check that continuous batching saves steps
     most_in_flight: int = 0  # most requests (draws and scorings) in the engine at once; tests check batching
+    step_seconds: dict[str, float] = field(default_factory=dict)  # wall time of extend's engine steps, by kind
+    scored_tokens: int = 0  # tokens the scoring prefills computed (prompt + tokens less their cache hit)
+    logp_in_pass: int = 0  # draws whose log p came from their own pass (LogpChannel), with no scoring prefill
+
+    def add_step(self, stages: set[str], seconds: float) -> None:
+        """Book one engine step's wall time under what was in flight: draw, score (score or rescore) or mixed."""
+        kinds = {"draw" if stage == "draw" else "score" for stage in stages}
+        kind = kinds.pop() if len(kinds) == 1 else "mixed"
+        self.step_seconds[kind] = self.step_seconds.get(kind, 0.0) + seconds
 
 
 class VLLMBackend:
@@ -149,11 +255,13 @@ class VLLMBackend:
 
     HINTS: frozenset[str] = frozenset()  # vLLM draws whole continuations: no drafts of ours, no floor
 
-    def __init__(self, llm: Any, reuse_cache: bool = True):
+    def __init__(self, llm: Any, reuse_cache: bool = True, logp_in_pass: bool = True):
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
         config = llm.llm_engine.model_config
         self.context_length: int | None = int(config.max_model_len)
+        channel = logp_in_pass and LogpChannel in (config.logits_processors or ())
+        self.logp_file = _LogpFile(int(config.max_model_len) + 1) if channel else None  # None: log p by prefill
         self.eos_ids = _eos_ids(self.tokenizer, config.model)
         self.device = _device_name()
         self.reuse_cache = reuse_cache  # False: every request skips the prefix cache and runs alone (bench baseline)
@@ -183,6 +291,7 @@ class VLLMBackend:
             gpu_memory_utilization=gpu_memory_utilization or (CPU_MEMORY_FRACTION if cpu else 0.9),
             max_model_len=max_model_len,
             enforce_eager=cpu,
+            logp_channel=_runs_v1_model_runner(),
         )
         return cls(engine(options), reuse_cache=reuse_cache)
 
@@ -226,7 +335,7 @@ class VLLMBackend:
                 self._check_context(request.context, request.max_tokens)
                 self._check_proposal(request.drawn_from(proposal))
                 self._check_report(request)
-            waiting.extend(_Job(key, r, self._sampling(r, r.drawn_from(proposal))) for key, r in new.items())
+            waiting.extend(self._job(key, r, r.drawn_from(proposal)) for key, r in new.items())
 
         try:
             intake(requests)
@@ -243,10 +352,14 @@ class VLLMBackend:
                 for request_id in [rid for rid, job in flight.items() if job.request.halted()]:
                     engine.abort_request([request_id], internal=False)  # its caller discards the cut continuation
                     job = flight.pop(request_id)
+                    self._release(job)
                     intake(refill(job.key, Continuation((), (), ())))
                 if not flight:
                     continue
-                for out in engine.step():
+                started = time.perf_counter()
+                outputs = engine.step()
+                self.stats.add_step({job.stage for job in flight.values()}, time.perf_counter() - started)
+                for out in outputs:
                     if not out.finished:  # a drawing request reporting its tokens (RequestOutputKind.CUMULATIVE)
                         if out.request_id in flight:
                             self._report(flight[out.request_id], tuple(out.outputs[0].token_ids))
@@ -261,6 +374,8 @@ class VLLMBackend:
         except BaseException:
             if flight:  # leave nothing running in the engine: a later call would collect it
                 engine.abort_request(list(flight), internal=False)
+                for job in flight.values():
+                    self._release(job)
             raise
 
     def score(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, ...]:
@@ -332,6 +447,9 @@ class VLLMBackend:
         request = job.request
         if job.stage == "draw":
             prompt, params, salt = request.context, job.params, None
+            taken = self.logp_file.take(job.tau, request.max_tokens) if self.logp_file and job.tau else None
+            if taken is not None:  # LogpChannel writes this draw's log p offsets into row job.row
+                job.row, params.extra_args = taken
         else:  # score (salted, reading the cache) or rescore (unsalted, computing everything): see _prompt_logprobs
             scored = job.stage == "score"
             prompt, salt = tuple(request.context) + job.tokens, SCORE_SALT if scored else None
@@ -360,9 +478,15 @@ class VLLMBackend:
             if request.drawn_from(proposal).is_base:  # q = p: the numbers vLLM returned are log p already
                 job.logp, job.alternatives = job.logq, _top(out.outputs[0].logprobs, 0, request.report.alternatives)
                 return True
+            offsets = self._release(job)
+            if offsets is not None and np.all(np.isfinite(offsets)):  # log p = tau log q + c (LogpChannel)
+                job.logp = (job.tau * np.asarray(job.logq) + offsets).tolist()
+                self.stats.logp_in_pass += 1
+                return True
             job.stage = "score"
             return False
         cached = out.num_cached_tokens or 0
+        self.stats.scored_tokens += len(request.context) + len(job.tokens) - cached
         if job.stage == "score" and cached > len(request.context) - 1:
             job.stage = "rescore"
             return False
@@ -370,6 +494,26 @@ class VLLMBackend:
             self.stats.scored_cached_tokens += cached
         job.logp, job.alternatives = _scored(out, len(request.context), job.tokens, request.report.alternatives)
         return True
+
+    def _job(self, key: int, request: ExtendRequest, proposal: Proposal) -> _Job:
+        """A request as it enters the loop: its draw's SamplingParams (seeded now) and how it gets log p."""
+        return _Job(key, request, self._sampling(request, proposal), tau=self._in_pass_tau(request, proposal))
+
+    def _in_pass_tau(self, request: ExtendRequest, proposal: Proposal) -> float:
+        """The temperature (as vLLM's float32 holds it) at which LogpChannel can give this draw's log p in its own
+        pass; 0 = it cannot: no channel, q = p (not needed), truncation (LSE over a set vLLM picks later), or the
+        request wants the likeliest first tokens too (those come from the scoring prefill)."""
+        plain = proposal.top_k == 0 and proposal.top_p >= 1.0 and not proposal.is_base
+        if self.logp_file is None or not plain or request.report.alternatives:
+            return 0.0
+        return float(np.float32(proposal.temperature))
+
+    def _release(self, job: _Job) -> np.ndarray | None:
+        """Free the job's LogpChannel row; its offsets for the tokens drawn (None if it had no row)."""
+        if job.row is None or self.logp_file is None:
+            return None
+        offsets, job.row = self.logp_file.give_back(job.row, len(job.tokens)), None
+        return offsets
 
     def _generate(self, contexts: Sequence[Tokens], params: Sequence[Any], salt: str | None = None) -> list[Any]:
         """One `LLM.generate` over token prompts (one per request when the cache is off: the batch-1 baseline);
@@ -481,6 +625,8 @@ class _Job:
     logp: list[float] = field(default_factory=list)
     alternatives: tuple[tuple[int, float], ...] = ()
     reported: int = 0  # tokens of the draw handed to the request's on_draw so far
+    tau: float = 0.0  # the draw's temperature when LogpChannel gives its log p in its own pass; 0 = scored by prefill
+    row: int | None = None  # its row in the backend's LogpChannel file while it draws
 
     def continuation(self) -> Continuation:
         return Continuation(self.tokens, tuple(self.logp), tuple(self.logq), self.alternatives)
@@ -559,6 +705,16 @@ def _resolve_model(model: str | None) -> str:
 def _parse_dtype(dtype: str | None, cpu: bool) -> str:
     """The name vLLM gets for a --dtype spelling (hub.DTYPES); None = float32 on CPU, else the checkpoint's."""
     return dtype_name(dtype, "float32" if cpu else "auto")
+
+
+def _runs_v1_model_runner() -> bool:
+    """Whether engines started here run vLLM's V1 model runner, whose logits-processor interface LogpChannel
+    implements: without Triton (the CPU build) vLLM falls back to it, unless VLLM_USE_V2_MODEL_RUNNER forces V2.
+    With Triton (CUDA) it runs the V2 runner, whose own interface (vllm.v1.worker.gpu.sample.logits_processor)
+    rejects V1 processors at startup: there log p stays with the scoring prefill."""
+    from vllm.triton_utils import HAS_TRITON
+
+    return not HAS_TRITON and os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() not in ("1", "true")
 
 
 def _device_name() -> str:
