@@ -20,6 +20,7 @@ from support.toy import run_check
 pytest.importorskip("vllm")
 
 from powersample.backends import conformance, load_backend
+from powersample.backends.vllm import LOGP_ROWS
 from powersample.core.numerics import proposal_logprobs, top_alternatives
 from powersample.core.types import ExtendRequest, Proposal, Report
 from powersample.errors import PowerSampleError
@@ -152,6 +153,18 @@ def test_log_p_in_the_draws_own_pass_matches_the_scoring_prefill(backend, prefil
         np.testing.assert_allclose(x.base_logp, y.base_logp, atol=IN_PASS_TOLERANCE, rtol=0)
 
 
+def test_a_draw_with_no_free_channel_row_is_scored_by_prefill(backend, prefill, prompt):
+    free, backend.logp_file.free = backend.logp_file.free, []
+    try:
+        scored = backend.stats.scored_tokens
+        [have] = backend.extend(requests(prompt, 8, seeds=[8]), Proposal(0.5))
+        assert backend.stats.scored_tokens > scored
+    finally:
+        backend.logp_file.free = free
+    [want] = prefill.extend(requests(prompt, 8, seeds=[8]), Proposal(0.5))
+    assert have == want
+
+
 @pytest.mark.parametrize(
     "proposal, alternatives",
     [(Proposal(0.5, top_k=20), 0), (Proposal(0.5, top_p=0.9), 0), (Proposal(0.5), 3)],
@@ -243,6 +256,7 @@ def test_an_exception_in_refill_or_poll_aborts_what_is_running(backend, prompt, 
             {0: requests(prompt, 2, [41])[0], 1: requests(prompt, 40, [42])[0]}, Proposal(0.5), refill, poll
         )
     assert not backend.llm.llm_engine.has_unfinished_requests()
+    assert len(backend.logp_file.free) == LOGP_ROWS  # the aborted draws gave their LogpChannel rows back
     [cont] = backend.extend(requests(prompt, 4, [43]), Proposal(0.5))  # the engine serves the next call alone
     assert len(cont.tokens) >= 1
 
@@ -329,6 +343,7 @@ def test_a_halted_request_is_aborted_before_the_next_engine_step(backend, prompt
     backend.extend_continuous({0: long_, 1: short}, Proposal(0.5), refill)
     assert done[0].tokens == () and len(done[1].tokens) >= 1
     assert not backend.llm.llm_engine.has_unfinished_requests()
+    assert len(backend.logp_file.free) == LOGP_ROWS  # the halted draw gave its LogpChannel row back
     [again] = backend.extend(requests(prompt, 4, [52]), Proposal(0.5))
     assert again.tokens == done[1].tokens
 

@@ -463,6 +463,7 @@ class VLLMBackend:
             engine_input = TokensPrompt(prompt_token_ids=list(prompt), **extra)
             self.llm.llm_engine.add_request(request_id, render(engine_input) if render else engine_input, params)
         except (ValueError, TypeError) as e:  # vLLM's checks of a request
+            self._release(job)
             raise PowerSampleError(f"vLLM refused the request: {one_line(e)}") from None
         return request_id
 
