@@ -207,10 +207,11 @@ class _LogpFile:
     (NaN until the engine writes it, so a position it missed is seen)."""
 
     def __init__(self, width: int):
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None  # memory, not disk, where the system has it
-        fd, self.path = tempfile.mkstemp(prefix="powersample-logp-", suffix=".f64", dir=folder)
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # memory, where there is some
+        _remove_orphans(Path(folder))
+        fd, self.path = tempfile.mkstemp(prefix=f"powersample-logp-{os.getpid()}-", suffix=".f64", dir=folder)
         os.close(fd)
-        weakref.finalize(self, os.unlink, self.path)
+        weakref.finalize(self, _unlink, self.path)  # at exit too; a process killed first leaves an orphan
         self.width = width
         self.array = np.memmap(self.path, dtype=np.float64, mode="w+", shape=(LOGP_ROWS, width))
         self.free = list(range(LOGP_ROWS))
@@ -228,6 +229,21 @@ class _LogpFile:
         offsets = np.array(self.array[row, :n])
         self.free.append(row)
         return offsets
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Remove LogpChannel files left by processes that no longer run (named powersample-logp-PID-...)."""
+    for path in folder.glob("powersample-logp-*-*.f64"):
+        pid = path.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            _unlink(str(path))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:  # gone already (another process's cleanup)
+        pass
 
 
 @dataclass
