@@ -212,7 +212,7 @@ def test_a_chain_too_big_is_one_line_and_exit_2_before_loading(command, monkeypa
     code = main([*command, "--backend", "hf", "--device", "cpu", "--max-new-tokens", "64", "--max-memory", "1MB"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "one chain needs 8.4 MiB of KV cache (3 buffers x 1 members x 64 tokens x 45.0 KiB/token)" in err
+    assert "one chain needs 8.4 MiB of KV cache (3 buffers x 1 member x 64 tokens x 45.0 KiB/token)" in err
     assert "more than the memory budget 976.6 KiB" in err
 
 
@@ -298,3 +298,20 @@ def test_a_gguf_header_with_per_layer_kv_heads_and_key_lengths(tmp_path):
     assert gguf_layout(path) == KVLayout((2 + 4 + 8) * (48 + 32) * 2, (), memory.LLAMACPP_BUFFERS)
     with pytest.raises(PowerSampleError, match="cannot read the GGUF metadata"):
         gguf_layout(tmp_path)
+
+
+def test_the_start_line_says_the_plan_and_the_default_budget_is_a_share_of_free_memory(capsys):
+    import argparse
+
+    from powersample.backends.spec import BackendSpec
+    from powersample.cli.options import plan_memory
+
+    args = argparse.Namespace(max_memory=None, quiet=False)
+    budget = plan_memory(args, BackendSpec("llamacpp"), SamplerConfig(max_new_tokens=100))
+    assert budget is not None and 0 < budget <= memory.free_ram()
+    err = capsys.readouterr().err
+    assert "memory plan: 4.4 MiB per chain (2 buffers x 1 member x 100 tokens x 22.5 KiB/token), budget" in err
+    assert plan_memory(argparse.Namespace(max_memory="1GiB", quiet=True), BackendSpec("llamacpp"), SamplerConfig())
+    assert capsys.readouterr().err == ""
+    toy = BackendSpec("toy", toy_spec="x.json")
+    assert plan_memory(argparse.Namespace(max_memory=None, quiet=False), toy, SamplerConfig()) is None

@@ -1,6 +1,6 @@
 """Peak RSS of `powersample serve` while it runs many chains at once on the embedded model.
 
-Starts the server in a subprocess, sends `--requests` completions of n = `--n` chains each at once (64 chains by
+Starts the server in a subprocess, sends `--requests` chat completions of n = `--n` chains each at once (64 chains by
 default, max_tokens T = 192), and reads the server process's VmHWM (peak resident set) and VmRSS from /proc while
 they run. Prints one JSON object: the peak, the chains, their tokens, the wall time and the server's stderr start
 lines (the engine and the memory plan).
@@ -30,11 +30,11 @@ def main() -> int:
     args = _parse()
     port = _free_port()
     command = [sys.executable, "-m", "powersample.cli", "serve", "--port", str(port), "--backend", args.backend]
-    command += ["--max-new-tokens", str(args.max_tokens), "--mcmc-steps", str(args.mcmc_steps), "--quiet"]
+    command += ["--max-new-tokens", str(args.max_tokens), "--mcmc-steps", str(args.mcmc_steps)]
     command += ["--max-tokens-limit", str(args.max_tokens)] + (
         ["--max-memory", args.max_memory] if args.max_memory else []
     )
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_up(url, server)
@@ -45,8 +45,10 @@ def main() -> int:
         watcher.start()
         start = time.perf_counter()
         with ThreadPoolExecutor(args.requests) as pool:
+            messages = [{"role": "user", "content": PROMPT}]
             bodies = [
-                {"prompt": PROMPT, "n": args.n, "max_tokens": args.max_tokens, "seed": i} for i in range(args.requests)
+                {"messages": messages, "n": args.n, "max_tokens": args.max_tokens, "seed": i}
+                for i in range(args.requests)
             ]
             answers = list(pool.map(lambda body: _post(url, body), bodies))
         wall = time.perf_counter() - start
@@ -64,6 +66,7 @@ def main() -> int:
                 "max_tokens": args.max_tokens,
                 "mcmc_steps": args.mcmc_steps,
                 "completion_tokens": sum(tokens),
+                "finish_reasons": sorted({c["finish_reason"] for a in answers for c in a["choices"]}),
                 "wall_seconds": round(wall, 1),
                 "rss_before_mb": base["VmRSS"] // 1024,
                 "rss_peak_while_running_mb": peak["rss"] // 1024,
@@ -108,8 +111,9 @@ def _wait_up(url: str, server: subprocess.Popen, within: float = 300) -> None:
 
 
 def _post(url: str, body: dict) -> dict:
-    resp = httpx.post(f"{url}/v1/completions", json=body, timeout=3600)
-    resp.raise_for_status()
+    resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=3600)
+    if resp.status_code != 200:
+        raise SystemExit(f"the server answered {resp.status_code}: {resp.text}")
     return resp.json()
 
 
@@ -125,7 +129,7 @@ def _status(pid: int) -> dict[str, int]:
 
 def _watch(pid: int, peak: dict, done: threading.Event) -> None:
     while not done.wait(0.2):
-        peak["rss"] = max(peak["rss"], _status(pid)["VmRSS"] * 1024)
+        peak["rss"] = max(peak["rss"], _status(pid)["VmRSS"])  # KiB
 
 
 if __name__ == "__main__":

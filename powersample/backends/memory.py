@@ -92,8 +92,7 @@ class Plan:
         """One line when a single chain cannot fit the budget."""
         if self.budget is not None and self.per_chain > self.budget:
             raise PowerSampleError(
-                f"one chain needs {size_text(self.per_chain)} of KV cache ({self.buffers} buffers x "
-                f"{self.members} members x {self.tokens} tokens x {size_text(self.per_token)}/token), more than "
+                f"one chain needs {size_text(self.per_chain)} of KV cache ({self.terms()}), more than "
                 f"the memory budget {size_text(self.budget)}: raise --max-memory, or lower max_new_tokens or "
                 "the members per chain"
             )
@@ -103,10 +102,12 @@ class Plan:
         at_once = self.chains_at_once
         fits = "unlimited" if self.budget is None else f"budget {size_text(self.budget)}"
         many = "" if at_once is None else f", {at_once} chains at once"
-        return (
-            f"memory plan: {size_text(self.per_chain)} per chain ({self.buffers} x {self.members} x {self.tokens} "
-            f"tokens x {size_text(self.per_token)}/token), {fits}{many}"
-        )
+        return f"memory plan: {size_text(self.per_chain)} per chain ({self.terms()}), {fits}{many}"
+
+    def terms(self) -> str:
+        """The product a chain's bytes come from, in words."""
+        members = f"{self.members} member{'s' if self.members != 1 else ''}"
+        return f"{self.buffers} buffers x {members} x {self.tokens} tokens x {size_text(self.per_token)}/token"
 
     def to_dict(self) -> dict[str, int | None]:
         return {
