@@ -6,7 +6,7 @@ they run. Prints one JSON object: the peak, the chains, their tokens, the wall t
 lines (the engine and the memory plan).
 
     python tools/measure_server_rss.py [--backend auto|hf|llamacpp] [--requests 8] [--n 8] [--max-tokens 192]
-        [--max-memory SIZE] [--mcmc-steps 1]
+        [--max-memory SIZE] [--mcmc-steps 1] [--block-count 4]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def main() -> int:
     port = _free_port()
     command = [sys.executable, "-m", "powersample.cli", "serve", "--port", str(port), "--backend", args.backend]
     command += ["--max-new-tokens", str(args.max_tokens), "--mcmc-steps", str(args.mcmc_steps)]
+    command += ["--block-count", str(args.block_count), "--request-timeout", "3600"]
     command += ["--max-tokens-limit", str(args.max_tokens)] + (
         ["--max-memory", args.max_memory] if args.max_memory else []
     )
@@ -65,6 +66,7 @@ def main() -> int:
                 "chains": args.requests * args.n,
                 "max_tokens": args.max_tokens,
                 "mcmc_steps": args.mcmc_steps,
+                "block_count": args.block_count,
                 "completion_tokens": sum(tokens),
                 "finish_reasons": sorted({c["finish_reason"] for a in answers for c in a["choices"]}),
                 "wall_seconds": round(wall, 1),
@@ -86,6 +88,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=192)
     p.add_argument("--mcmc-steps", type=int, default=1)
+    p.add_argument("--block-count", type=int, default=4)
     p.add_argument("--max-memory")
     return p.parse_args()
 
