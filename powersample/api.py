@@ -10,14 +10,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from powersample.backends.base import Backend, has_chat_template
+from powersample.backends import memory
+from powersample.backends.base import Backend, PlansMemory, capability, has_chat_template
 from powersample.backends.engine import check_fits
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
 from powersample.io import json_line, notice_once, progress_bar
-from powersample.samplers import Chain, ChainResult, Progress, on_engine, programs, registry, run_chains
+from powersample.samplers import Chain, ChainResult, Progress, on_engine, programs, registry
 from powersample.samplers.chain import Trace
-from powersample.samplers.driver import Scheduler
+from powersample.samplers.driver import Scheduler, Work, drive
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def sample(
     return_particles: bool = False,
     trace: ChainTrace | None = None,
     return_replicas: bool = False,
+    max_memory: int | None = None,
 ) -> list[SampleRecord]:
     """Draw `num_samples` independent samples for `prompt` (chains run batched). Same seed => same output.
 
@@ -80,7 +82,8 @@ def sample(
 
     `return_particles` (power-smc only) also returns every particle of each sample with its normalized weight,
     `return_replicas` (power-pt only) every replica's state with its alpha; `trace` collects every chain's events
-    (MH steps, extensions, SMC weights, swaps), chain j numbered j."""
+    (MH steps, extensions, SMC weights, swaps), chain j numbered j. `max_memory`: the most bytes of KV cache the
+    chains may hold at once (memory_plan; None = no limit): the rest wait, and the samples are the same."""
     if num_samples < 1:
         raise PowerSampleError(f"num_samples must be >= 1, got {num_samples}")
     check_returns(config, return_particles, return_replicas)
@@ -88,8 +91,11 @@ def sample(
     chains = make_chains(seed, num_samples, return_particles, return_replicas)
     if trace is not None:
         trace_chains(trace, chains, prompt, config, seed)
+    plan = memory_plan(backend, config, len(prompt_ids), max_memory)
     start = time.perf_counter()
-    results = run_chains(backend, prompt_ids, config, chains, progress)
+    runs = programs(backend, prompt_ids, config, chains)
+    per_chain = plan.per_chain if plan else 0
+    results = drive(backend, runs, registry.proposal(config), progress, max_memory, per_chain)
     wall = time.perf_counter() - start
     records = [chain_record(backend, prompt, config, seed, j, r, wall) for j, r in enumerate(results)]
     for j, r in enumerate(records if trace is not None else ()):
@@ -154,6 +160,7 @@ def sample_many(
     chat: bool = True,
     progress: Progress | None = None,
     configs: Sequence[SamplerConfig] | None = None,
+    max_memory: int | None = None,
 ) -> list[list[SampleRecord] | PowerSampleError]:
     """Sample many (prompt, seed) jobs with all their chains batched together in one engine run.
 
@@ -162,7 +169,8 @@ def sample_many(
     such as bon's budget; all must draw from config's proposal, the one of the engine run), else config. A job that
     cannot run (its prompt is empty or too long, or its sampler fails) gets its PowerSampleError in place of its
     records; the other jobs still run. wall_seconds is the time from the start of the run to the job's last chain
-    finishing.
+    finishing. `max_memory`: as in sample(), over every job's chains (a job whose one chain cannot fit it gets its
+    error).
     """
     if num_samples < 1:
         raise PowerSampleError(f"num_samples must be >= 1, got {num_samples}")
@@ -174,13 +182,27 @@ def sample_many(
         try:
             prompt_ids = encode_prompt(backend, prompt, own, chat)
             chains = make_chains(seed, num_samples)
+            plan = memory_plan(backend, own, len(prompt_ids), max_memory)
         except PowerSampleError as error:
             out[j] = error
             continue
         done = _job_done(backend, prompt, own, seed, num_samples, start, lambda recs, j=j: out.__setitem__(j, recs))
-        work += [(program, done(c)) for c, program in enumerate(programs(backend, prompt_ids, own, chains))]
-    Scheduler(backend, registry.proposal(config), progress).run(work)
+        size = plan.per_chain if plan else 0
+        work += [Work(p, done(c), size) for c, p in enumerate(programs(backend, prompt_ids, own, chains))]
+    Scheduler(backend, registry.proposal(config), progress, budget=max_memory).run(work)
     return out
+
+
+def memory_plan(backend: Backend, config: SamplerConfig, prompt_tokens: int, budget: int | None) -> memory.Plan | None:
+    """What each of config's chains holds on `backend` for a prompt of `prompt_tokens` ids (backends/memory.py),
+    refused in one line when one chain cannot fit `budget`; None for a backend that plans no memory (toy, vLLM)."""
+    planner = capability(backend, PlansMemory)
+    if planner is None:
+        return None
+    layout = planner.kv_layout()
+    plan = memory.plan(layout, prompt_tokens + config.max_new_tokens, registry.members(config), budget)
+    plan.check()
+    return plan
 
 
 def job_configs(config: SamplerConfig, configs: Sequence[SamplerConfig] | None, n: int) -> list[SamplerConfig]:

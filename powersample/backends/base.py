@@ -22,7 +22,9 @@ with the request's context, so correctness never depends on the hint.
 - `Ranking`: `rank`, each continuation token's log p with the n likeliest tokens at its position, in one forward
   (the server's `logprobs` / `top_logprobs`, and prompt scoring with `echo`);
 - `Vocabulary`: `vocab_size` and `token_text`, what the ids are (the server's token-id prompts and tokenizer
-  endpoints).
+  endpoints);
+- `PlansMemory`: `kv_layout`, the KV cache one sequence holds per token (backends/memory.py: the chains a memory
+  budget admits at once).
 
 A request's `hints` (core.types.Hints: a draft to verify, a floor to stop below) may be ignored. A backend declares
 the ones it honours as `HINTS`, a class attribute (`hints_honoured` reads it; none when absent): "speculate" (it
@@ -45,9 +47,12 @@ samplers.
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence, TypeVar
 
 from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Ranked, Refill, Tokens
+
+if TYPE_CHECKING:
+    from powersample.backends.memory import KVLayout
 
 
 class Backend(Protocol):
@@ -148,6 +153,14 @@ class Vocabulary(Protocol):
 
     def token_text(self, token: int) -> str:
         """The text of one id, special tokens spelled out ("<|im_end|>"), unlike `decode`."""
+        ...
+
+
+class PlansMemory(Protocol):
+    """A backend that says how much KV cache one sequence holds (backends/memory.py)."""
+
+    def kv_layout(self) -> KVLayout:
+        """The engine's KV layout as loaded: bytes per token of its model and cache dtype, buffers per slot."""
         ...
 
 

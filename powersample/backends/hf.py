@@ -57,6 +57,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from powersample.backends.embedded import converted_gguf, embedded_model_dir, quiet_loading
 from powersample.backends.engine import Row, check_fits, common_prefix, extend_in_one_run, verify_step
 from powersample.backends.hub import dtype_name, eos_ids, is_hub_id
+from powersample.backends.memory import KVLayout, hf_layout
 from powersample.backends.tokenizer import encode_message_ids, encode_prompt_ids
 from powersample.core.numerics import ranked_rows
 from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Ranked, Refill, Tokens
@@ -342,6 +343,10 @@ class HFBackend:
 
     def token_text(self, token: int) -> str:
         return self._text().decode([token], skip_special_tokens=False)
+
+    def kv_layout(self) -> KVLayout:
+        """KV bytes per token, three buffers per slot (backends/memory.py: the PlansMemory capability)."""
+        return hf_layout(self.model.config, self.model.dtype.itemsize)
 
     def _text(self) -> Any:
         """The tokenizer, or a one-line error for a backend of token ids only."""

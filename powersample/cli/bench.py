@@ -17,11 +17,13 @@ from powersample.backends.base import Backend
 from powersample.cli.options import (
     MAX_SEQUENCES,
     add_backend_options,
+    add_memory_option,
     add_sampler_options,
     backend_spec,
     check_members,
     config_from_args,
     load,
+    plan_memory,
 )
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
@@ -79,6 +81,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     add_sampler_options(p)
     add_backend_options(p)
+    add_memory_option(p)
     g = p.add_argument_group("bench")
     g.add_argument("--prompts", type=int, help="how many prompts (default 3, or every line of --prompt-file)")
     g.add_argument("--prompt-file", help="one prompt per line (default: built-in math and reasoning prompts)")
@@ -172,6 +175,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.engines:
         return _cmd_engines(args)
     options = options_from_args(args)  # validate before the (slow) model load
+    plan_memory(args, options.backend, options.config)  # one chain that cannot fit is refused now
     if args.json_path:
         check_writable(args.json_path)
     if not args.quiet:

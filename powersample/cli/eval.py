@@ -14,11 +14,13 @@ from typing import Any
 
 from powersample.cli.options import (
     add_backend_options,
+    add_memory_option,
     add_sampler_options,
     backend_spec,
     check_members,
     config_from_args,
     load,
+    plan_memory,
 )
 from powersample.errors import PowerSampleError
 from powersample.eval.tasks import TASK_NAMES, GradeOptions
@@ -67,6 +69,7 @@ def add_eval_parsers(subparsers: Any) -> None:
     add_ray_options(e)
     add_sampler_options(e)
     add_backend_options(e)
+    add_memory_option(e)
     e.set_defaults(handler=cmd_eval)
     r = subparsers.add_parser(
         "report",
@@ -142,8 +145,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     precheck_run_dir(run_dir, plan.identity(), shard)
     if not args.quiet:
         print(f"powersample: {len(plan.problems)} problems x {len(seeds)} seeds -> {run_dir}", file=sys.stderr)
+    budget = plan_memory(args, spec, config)  # one chain that cannot fit is refused before the model loads
     if ray_options is None:
-        summary = run_eval(load(spec, args.quiet), plan, run_dir, args.quiet, batch=args.batch)
+        summary = run_eval(load(spec, args.quiet), plan, run_dir, args.quiet, batch=args.batch, max_memory=budget)
     else:
         from powersample.eval.distributed import run_eval_ray
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from powersample.backends import BACKENDS, Backend, BackendSpec
+from powersample.backends import BACKENDS, Backend, BackendSpec, memory
 from powersample.backends.llamacpp import QUANTS
 from powersample.config import SHARED_FIELDS, SPECS, TYPES, SamplerConfig
 from powersample.errors import PowerSampleError
@@ -78,6 +78,17 @@ def add_backend_options(p: argparse.ArgumentParser, threads: bool = True) -> Non
     add_vllm_options(g)
 
 
+def add_memory_option(p: argparse.ArgumentParser) -> None:
+    """--max-memory: the memory budget of the chains in flight (plan_memory)."""
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="most KV cache the chains in flight may hold (2GiB, 500MB, bytes); the rest wait. A chain that cannot "
+        f"fit is refused before the model loads (default {memory.DEFAULT_SHARE:g} of the memory free at the start: "
+        "RAM, or the GPU's on CUDA; not for vllm, whose engine sizes its own cache)",
+    )
+
+
 def add_vllm_options(g: argparse._ArgumentGroup) -> None:
     """vLLM's engine options (--backend vllm only); None = the backend's defaults."""
     g.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs per engine (default 1)")
@@ -126,6 +137,25 @@ def backend_spec(args: argparse.Namespace) -> BackendSpec:
         max_model_len=args.max_model_len,
         quiet=args.quiet,
     )
+
+
+def plan_memory(args: argparse.Namespace, spec: BackendSpec, config: SamplerConfig) -> int | None:
+    """The run's memory budget (--max-memory; default memory.DEFAULT_SHARE of the memory free now), with one
+    chain's plan from the model's config checked against it before the model loads (a one-line refusal; the prompt
+    is not counted yet, the API counts it once encoded) and said on stderr; None where the engine plans no memory
+    (toy, vllm) and no --max-memory is given."""
+    given = memory.parse_size(args.max_memory) if args.max_memory is not None else None
+    spec = spec.resolved()
+    layout = memory.planned_layout(spec.name, spec.model, spec.dtype, spec.device)
+    if layout is None:
+        return given
+    cuda = spec.name == "hf" and memory.on_cuda(spec.device)
+    budget = given if given is not None else memory.default_budget(spec.device or "cuda" if cuda else None)
+    plan = memory.plan(layout, config.max_new_tokens, registry.members(config), budget)
+    plan.check()
+    if not args.quiet:
+        print(f"powersample: {plan.line()}", file=sys.stderr, flush=True)
+    return budget
 
 
 def load(spec: BackendSpec, quiet: bool) -> Backend:

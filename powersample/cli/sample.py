@@ -10,11 +10,13 @@ from typing import Any
 from powersample.api import ChainTrace, SampleRecord, check_prompt, check_returns, sample, sampling_bar
 from powersample.cli.options import (
     add_backend_options,
+    add_memory_option,
     add_sampler_options,
     backend_spec,
     check_members,
     config_from_args,
     load,
+    plan_memory,
 )
 from powersample.config import SamplerConfig
 from powersample.errors import PowerSampleError
@@ -31,6 +33,7 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     add_sampler_options(p)
     add_backend_options(p)
+    add_memory_option(p)
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (chains run batched)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, config and backend => same output)")
     p.add_argument("--output", help="append one JSON record per sample to this JSONL file")
@@ -62,6 +65,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         append_jsonl(args.output, [])  # fail on an unwritable path now, not after sampling
     if args.trace:
         check_writable(Path(args.trace))  # the same for the trace (written whole, atomically, at the end)
+    budget = plan_memory(args, spec, config)
     backend = load(spec, args.quiet)
     trace = ChainTrace(backend) if args.trace else None
     with sampling_bar(config, args.quiet, chains=args.num_samples) as progress:
@@ -76,6 +80,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             return_particles=args.return_particles,
             trace=trace,
             return_replicas=args.return_replicas,
+            max_memory=budget,
         )
     if args.output:  # first: the records are kept even if printing fails (a closed pipe)
         append_jsonl(args.output, [r.to_dict() for r in records])

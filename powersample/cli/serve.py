@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -10,7 +11,15 @@ import sys
 from pathlib import Path
 
 from powersample.backends import BackendSpec
-from powersample.cli.options import add_backend_options, add_sampler_options, backend_spec, config_from_args, load
+from powersample.cli.options import (
+    add_backend_options,
+    add_memory_option,
+    add_sampler_options,
+    backend_spec,
+    config_from_args,
+    load,
+    plan_memory,
+)
 from powersample.errors import PowerSampleError
 from powersample.io import append_jsonl
 from powersample.samplers import registry
@@ -158,6 +167,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     add_sampler_options(p)
     add_backend_options(p)
+    add_memory_option(p)
     p.set_defaults(handler=_cmd_serve)
     return p
 
@@ -173,6 +183,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     spec = backend_spec(args)
     settings, http = _settings(args, spec), _http_limits(args)  # validate before the (slow) model load
+    settings = dataclasses.replace(settings, max_memory=plan_memory(args, spec, settings.defaults))
     if args.output:
         append_jsonl(args.output, [])  # fail on an unwritable path now
     sock = _listen(args.host, args.port)  # a bad or busy address fails now, before the model loads

@@ -134,16 +134,25 @@ Unit = tuple[Problem, int]  # one (problem, seed): the unit of work, of records 
 MakeRecords = Callable[[list[Unit]], Iterable[dict[str, Any]]]  # units to do -> their records, in any order
 
 
-def run_eval(backend: Backend, plan: EvalPlan, run_dir: Path, quiet: bool = False, batch: int = 1) -> EvalSummary:
-    """Make every missing record of the plan in run_dir, `batch` pairs sampled together, appending each record as
-    soon as it is graded."""
+def run_eval(
+    backend: Backend,
+    plan: EvalPlan,
+    run_dir: Path,
+    quiet: bool = False,
+    batch: int = 1,
+    max_memory: int | None = None,
+) -> EvalSummary:
+    """Make every missing record of the plan in run_dir, `batch` pairs sampled together (their chains within
+    `max_memory` bytes of KV cache at once: api.sample_many), appending each record as soon as it is graded."""
     if batch < 1:
         raise PowerSampleError(f"batch must be >= 1, got {batch}")
     plan = replace(plan, chat=chat_prompts(backend, plan.chat))  # chat: false for a model without a template
-    return run_plan(plan, run_dir, lambda todo: evaluate_batches(backend, plan, todo, batch), quiet)
+    return run_plan(plan, run_dir, lambda todo: evaluate_batches(backend, plan, todo, batch, max_memory), quiet)
 
 
-def evaluate_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: int) -> Iterator[dict[str, Any]]:
+def evaluate_batches(
+    backend: Backend, plan: EvalPlan, todo: list[Unit], batch: int, max_memory: int | None = None
+) -> Iterator[dict[str, Any]]:
     """The records of `todo`, sampled `batch` units at a time. Records of one batch share a `batch_id` (unique
     across processes and resumes): their wall_seconds all count from the batch's start, so the batch took the
     largest of them (what the report sums). A model without a chat template gets plain prompts, and records that say
@@ -163,6 +172,7 @@ def evaluate_batches(backend: Backend, plan: EvalPlan, todo: list[Unit], batch: 
             plan.config,
             chat=plan.chat,
             configs=[plan.unit_config(p, s) for p, s in units],
+            max_memory=max_memory,
         )
         batch_id = uuid.uuid4().hex[:16]
         for (problem, _), outcome in zip(units, sampled):

@@ -9,6 +9,12 @@ that can refill its batch as rows finish (`extend_continuous`: the optional capa
 backends/base.py) keeps it full instead of running lockstep rounds; a chain's draws come from its own generator in
 the same order either way, so the two schedules give the same samples (up to the engine's batched numerics).
 
+Memory. A program may come with the bytes it holds while in flight (`Work.bytes`: its chain's KV caches, planned by
+backends/memory.py). With a `budget`, the scheduler starts programs, in arrival order, only while the bytes of
+those in flight fit it; the rest wait and start as others finish. A program bigger than the whole budget starts
+alone (its caller refuses it first). Each chain draws from its own generator, so which programs run beside it
+changes none of its draws: a budget changes when chains run, never what they sample.
+
 Slots. A program names its caches with its own slot numbers (0, 1, ... for the members of a tuple); the driver maps
 them to slots unique among the programs in flight, and reuses a finished program's slots for the next program.
 """
@@ -16,8 +22,9 @@ them to slots unique among the programs in flight, and reuses a finished program
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Generator, Iterable, Sequence
+from typing import Callable, Generator, Iterable, NamedTuple, Sequence
 
 from powersample.backends.base import Backend, ContinuousBatching, capability
 from powersample.core.types import Continuation, ExtendRequest, Proposal
@@ -27,7 +34,18 @@ Step = ExtendRequest | tuple[ExtendRequest, ...]  # what a program yields
 Reply = Continuation | tuple[Continuation, ...]  # what it gets back: a Continuation for a request, a tuple for a tuple
 Program = Generator[Step, Reply, ChainResult]
 Done = Callable[[ChainResult | BaseException], None]  # gets a program's result, or the exception it raised
-Admit = Callable[[], Iterable[tuple[Program, Done]]]  # programs that arrived since the last call
+
+
+class Work(NamedTuple):
+    """A program to run, what gets its outcome, and the bytes it holds while in flight (0 = none planned)."""
+
+    program: Program
+    done: Done
+    bytes: int = 0
+
+
+Item = tuple[Program, Done] | Work  # what the scheduler is given: a (program, done) pair holds no planned bytes
+Admit = Callable[[], Iterable[Item]]  # programs that arrived since the last call
 
 
 def ask(request: ExtendRequest) -> Generator[Step, Reply, Continuation]:
@@ -46,11 +64,18 @@ def ask_all(requests: Iterable[ExtendRequest]) -> Generator[Step, Reply, tuple[C
 
 
 def drive(
-    backend: Backend, programs: Sequence[Program], proposal: Proposal, progress: Progress | None = None
+    backend: Backend,
+    programs: Sequence[Program],
+    proposal: Proposal,
+    progress: Progress | None = None,
+    budget: int | None = None,
+    program_bytes: int = 0,
 ) -> list[ChainResult]:
-    """Run every program to its end; returns their results in order (re-raises the first program's exception)."""
+    """Run every program to its end, each holding `program_bytes`, at most `budget` bytes of them at once (None =
+    all at once); returns their results in order (re-raises the first program's exception)."""
     results: dict[int, ChainResult | BaseException] = {}
-    Scheduler(backend, proposal, progress).run([(p, _store(results, j)) for j, p in enumerate(programs)])
+    work = [Work(p, _store(results, j), program_bytes) for j, p in enumerate(programs)]
+    Scheduler(backend, proposal, progress, budget=budget).run(work)
     out: list[ChainResult] = []
     for j in range(len(programs)):
         outcome = results[j]
@@ -73,6 +98,7 @@ class _Task:
 
     program: Program
     done: Done
+    bytes: int = 0  # held while in flight (Work.bytes)
     slots: dict[int, int] = field(default_factory=dict)  # the program's slot -> the driver's slot
     grouped: bool = False  # the pending step was a tuple
     replies: list = field(default_factory=list)
@@ -81,21 +107,31 @@ class _Task:
 
 class Scheduler:
     """Programs in flight over one backend and one proposal. `admit`, when given, is polled for programs that join
-    while it runs (a server's new requests); `run` returns once nothing is in flight and `admit` has nothing."""
+    while it runs (a server's new requests); `run` returns once nothing is in flight or waiting and `admit` has
+    nothing. `budget`: the most bytes the programs in flight may hold (module docstring, Memory); None = no limit."""
 
     def __init__(
-        self, backend: Backend, proposal: Proposal, progress: Progress | None = None, admit: Admit | None = None
+        self,
+        backend: Backend,
+        proposal: Proposal,
+        progress: Progress | None = None,
+        admit: Admit | None = None,
+        budget: int | None = None,
     ):
         self.backend, self.proposal, self.progress, self.admit = backend, proposal, progress, admit
+        self.budget = budget
+        self._waiting: deque[Work] = deque()  # programs given but not started: over the budget, in arrival order
+        self.in_flight = 0  # programs started and not finished
+        self.held = 0  # their bytes
+        self.peak_in_flight = 0  # most programs in flight at once (tests, and the server's stats)
         self._keys: dict[int, tuple[_Task, int]] = {}  # request key -> (task, member of its step)
         self._next_key = 0
         self._free: list[int] = []  # released slots, smallest first
         self._next_slot = 0
 
-    def run(self, programs: Iterable[tuple[Program, Done]] = ()) -> None:
-        pending: dict[int, ExtendRequest] = {}
-        for program, done in programs:
-            pending |= self._start(program, done)
+    def run(self, programs: Iterable[Item] = ()) -> None:
+        self._waiting.extend(Work(*item) for item in programs)
+        pending = self._start_waiting()
         continuous = capability(self.backend, ContinuousBatching)
         if continuous is not None:
             continuous.extend_continuous(pending, self.proposal, self.reply, self.poll)
@@ -104,10 +140,8 @@ class Scheduler:
 
     def poll(self) -> dict[int, ExtendRequest]:
         """Requests of the programs `admit` has for us now."""
-        new: dict[int, ExtendRequest] = {}
-        for program, done in self.admit() if self.admit else ():
-            new |= self._start(program, done)
-        return new
+        self._waiting.extend(Work(*item) for item in (self.admit() if self.admit else ()))
+        return self._start_waiting()
 
     def reply(self, key: int, cont: Continuation) -> dict[int, ExtendRequest]:
         """Hand a finished request's continuation to its program; the requests it makes next (once its step is
@@ -132,8 +166,19 @@ class Scheduler:
             for key, cont in zip(keys, conts):
                 pending |= self.reply(key, cont)
 
-    def _start(self, program: Program, done: Done) -> dict[int, ExtendRequest]:
-        return self._advance(_Task(program, done), None)
+    def _start_waiting(self) -> dict[int, ExtendRequest]:
+        """Start the waiting programs, oldest first, while they fit the budget (one at least when none is in
+        flight); the requests they make."""
+        new: dict[int, ExtendRequest] = {}
+        while self._waiting and self._fits(self._waiting[0].bytes):
+            work = self._waiting.popleft()
+            self.in_flight, self.held = self.in_flight + 1, self.held + work.bytes
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            new |= self._advance(_Task(work.program, work.done, work.bytes), None)
+        return new
+
+    def _fits(self, size: int) -> bool:
+        return self.budget is None or self.in_flight == 0 or self.held + size <= self.budget
 
     def _advance(self, task: _Task, reply: Reply | None) -> dict[int, ExtendRequest]:
         """Send `reply` to the program; the requests of its next step, or {} once it has finished."""
@@ -162,8 +207,9 @@ class Scheduler:
         for slot in task.slots.values():
             heapq.heappush(self._free, slot)
         task.slots.clear()
+        self.in_flight, self.held = self.in_flight - 1, self.held - task.bytes
         task.done(outcome)
-        return {}
+        return self._start_waiting()
 
     def _slot(self, task: _Task, own: int) -> int:
         if own not in task.slots:

@@ -73,11 +73,12 @@ class Settings:
     body_timeout: float = 30.0  # seconds for a request's body to arrive once its headers have; then 408
     metrics_public: bool = False  # GET /metrics without the API key (for a scraper inside a private network)
     stream_keepalive: float = 5.0  # seconds between SSE keep-alive comments while a streamed request's chains run
+    max_memory: int | None = None  # bytes of KV cache the chains in flight may hold (--max-memory); None = no limit
 
 
 def create_app(backend: Backend, settings: Settings = Settings()) -> FastAPI:
     """The server's app over `backend`; the engine thread starts and stops with the app's lifespan."""
-    engine = Engine(backend)
+    engine = Engine(backend, settings.max_memory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -18,6 +18,11 @@ admitting, as a job with another proposal does; once it has drained, the oldest 
 waiting by then get a run, then the next call makes a step, and so on: calls take turns with each other and with the
 chains, so a long scoring request delays the others by one step at a time, not by its whole length.
 
+Memory budget. With a `budget` (serve --max-memory), each job's chains carry the bytes of KV cache they hold
+(`Job.sizes`, planned by backends/memory.py) and the Scheduler starts them only while those in flight fit it: the
+rest wait in the run, in arrival order, and start as others finish. A chain that could never fit is refused when its
+request arrives (400), so none waits forever.
+
 Memory. Whenever the engine goes idle it calls the backend's `release_memory` (ReleasesMemory), if it has one: room
 grown for a long request goes back once nothing is waiting or running.
 
@@ -42,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from powersample.backends.base import Backend, ReleasesMemory, capability
 from powersample.core.types import Proposal
 from powersample.samplers import ChainResult
-from powersample.samplers.driver import Program, Reply, Scheduler, Step
+from powersample.samplers.driver import Program, Reply, Scheduler, Step, Work
 
 Outcome = ChainResult | BaseException
 JobDone = Callable[[list[Outcome]], None]  # gets every chain's outcome, in chain order
@@ -84,6 +89,7 @@ class Job(_Stoppable):
     deadline: float  # time.monotonic() after which the job is stopped
     on_done: JobDone  # called once, from the engine thread, with one outcome per program
     work: int = 0  # members x max_tokens of the job (see protocol.check_budget): counted until the job is done
+    sizes: Sequence[int] = ()  # bytes of KV cache each program holds while it runs (the memory plan); () = none
     outcomes: list = field(default_factory=list)
     remaining: int = 0  # programs not finished yet
     stop_reason: str | None = None
@@ -110,8 +116,9 @@ class Call(_Stoppable):
 class Engine:
     """Owns `backend` from one thread; jobs and calls come in through `submit` and `call` from any thread."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, budget: int | None = None):
         self.backend = backend
+        self.budget = budget  # the most bytes of KV cache the chains in flight may hold; None = no limit
         self._release = capability(backend, ReleasesMemory)  # memory grown for past work, given back when idle
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()  # waiting jobs, in arrival order
@@ -180,6 +187,7 @@ class Engine:
                 "calls_in_flight": len(self._calls),
                 "scheduler_runs": self.runs,
                 "peak_chains": self.peak_chains,
+                "memory_budget_bytes": self.budget,
                 "engine_alive": self._thread.is_alive(),
             }
 
@@ -208,11 +216,11 @@ class Engine:
                         self._calls.append(call)  # its next step after the others' turns
                 continue
             try:
-                Scheduler(self.backend, proposal, admit=_Turn(self, proposal)).run()
+                Scheduler(self.backend, proposal, admit=_Turn(self, proposal), budget=self.budget).run()
             except BaseException as error:  # noqa: BLE001 - an engine failure fails its jobs, never the server
                 self._fail_running(error)
 
-    def _admit(self, proposal: Proposal, first: bool) -> list[tuple[Program, Callable]]:
+    def _admit(self, proposal: Proposal, first: bool) -> list[Work]:
         """The waiting jobs with `proposal`: all of them at the start of a run, later only while no job with another
         proposal, and no call, waits (see the module docstring). Stopped jobs are answered at once, without running."""
         admitted = []
@@ -228,7 +236,10 @@ class Engine:
                 self._running.add(job)
                 self._chains_in_run += len(job.programs)
                 self.peak_chains = max(self.peak_chains, self._chains_in_run)
-                admitted += [(_guarded(p, job), self._done(job, j)) for j, p in enumerate(job.programs)]
+                sizes = job.sizes or [0] * len(job.programs)
+                admitted += [
+                    Work(_guarded(p, job), self._done(job, j), b) for j, (p, b) in enumerate(zip(job.programs, sizes))
+                ]
         return admitted
 
     def _done(self, job: Job, index: int) -> Callable[[Outcome], None]:
@@ -292,7 +303,7 @@ class _Turn:
     def __init__(self, engine: Engine, proposal: Proposal):
         self.engine, self.proposal, self.first = engine, proposal, True
 
-    def __call__(self) -> list[tuple[Program, Callable]]:
+    def __call__(self) -> list[Work]:
         taken, self.first = self.engine._admit(self.proposal, self.first), False
         return taken
 

@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from powersample.api import SampleRecord, chain_record, make_chains
+from powersample.api import SampleRecord, chain_record, make_chains, memory_plan
 from powersample.backends.base import Backend, Ranking, capability
 from powersample.config import SamplerConfig
 from powersample.core.types import Ranked, Tokens
@@ -110,7 +110,9 @@ class Pipeline:
         progs, start = self._programs(gen), time.perf_counter()
         outcomes = []
         if progs:
-            job, future = submit(self.engine, progs, registry.proposal(gen.config), gen.deadline, gen.work)
+            job, future = submit(
+                self.engine, progs, registry.proposal(gen.config), gen.deadline, gen.work, self._sizes(gen)
+            )
             outcomes = await wait_job(request, job, future, gen.deadline, self.limits.request_timeout)
         records, outputs = await self._results(request, gen, outcomes, time.perf_counter() - start)
         choices = [formats.choice(fmt, i, out, gen.logprobs) for i, out in enumerate(outputs)]
@@ -137,7 +139,9 @@ class Pipeline:
         """Keep-alives (and the trace events, when traced; the text as it is drawn, when live) while the chains run,
         then the chunks and [DONE]; a failure is one error event. A client that leaves cancels this generator
         (Starlette watches for the disconnect), which stops the job."""
-        job, future = submit(self.engine, progs, registry.proposal(gen.config), gen.deadline, gen.work)
+        job, future = submit(
+            self.engine, progs, registry.proposal(gen.config), gen.deadline, gen.work, self._sizes(gen)
+        )
         start = time.perf_counter()
         try:
             for data in live.opening() if live else ():
@@ -194,6 +198,7 @@ class Pipeline:
         self._check_room(0 if gen.scoring else gen.choices, gen.work + scoring_work(gen, self.limits))
         if gen.scoring:
             return []
+        self._sizes(gen)  # 400 now for a chain that could never fit the memory budget
         progs = []
         try:
             for i, ids in enumerate(gen.prompt_ids):
@@ -206,6 +211,15 @@ class Pipeline:
         except PowerSampleError as e:
             raise ApiError(400, str(e), param="method") from None
         return progs
+
+    def _sizes(self, gen: Generation) -> list[int]:
+        """The bytes of KV cache each of the request's chains holds (prompt-major, as its programs): the engine
+        starts them within its memory budget. 400 when one chain alone exceeds the budget."""
+        try:
+            plans = [memory_plan(self.backend, gen.config, len(ids), self.engine.budget) for ids in gen.prompt_ids]
+        except PowerSampleError as e:
+            raise ApiError(400, str(e), param="max_tokens", code="memory_budget") from None
+        return [p.per_chain if p else 0 for p in plans for _ in range(gen.n)]
 
     def _check_room(self, chains: int, work: int) -> None:
         """429 when `chains` more chains, or `work` more work, would take the engine over its limits."""

@@ -24,11 +24,17 @@ POLL_SECONDS = 0.1  # how often a waiting handler checks its client and its dead
 
 
 def submit(
-    engine: Engine, progs: Sequence[Program], proposal: Proposal, deadline: float, work: int
+    engine: Engine,
+    progs: Sequence[Program],
+    proposal: Proposal,
+    deadline: float,
+    work: int,
+    sizes: Sequence[int] = (),
 ) -> tuple[Job, asyncio.Future]:
-    """Submit the chains as one Job; the future gets their outcomes, on the event loop."""
+    """Submit the chains as one Job (`sizes`: the bytes each holds, Job.sizes); the future gets their outcomes, on
+    the event loop."""
     future, on_done = _future()
-    job = Job(progs, proposal, deadline, lambda outcomes: on_done(list(outcomes)), work=work)
+    job = Job(progs, proposal, deadline, lambda outcomes: on_done(list(outcomes)), work=work, sizes=sizes)
     engine.submit(job)
     return job, future
 

@@ -25,6 +25,7 @@ from powersample.backends.llamacpp.kernels import Layout
 from powersample.backends.llamacpp.kvcache import Seq, SeqCache
 from powersample.backends.llamacpp.library import import_llama_cpp, route_log
 from powersample.backends.llamacpp.probing import layout_for
+from powersample.backends.memory import LLAMACPP_BUFFERS, LLAMACPP_CACHE_BYTES, KVLayout, counted_layout
 from powersample.backends.tokenizer import plain_transcript
 from powersample.core.numerics import negative_entropy, ranked_rows
 from powersample.core.types import Continuation, ExtendRequest, Poll, Proposal, Ranked, Refill, Tokens
@@ -174,6 +175,15 @@ class LlamaCppBackend:
         return self._piece(token)
 
     # --- extending ------------------------------------------------------------------------------------------------
+
+    def kv_layout(self) -> KVLayout:
+        """KV bytes per token in f16, a lane and a bank per slot (backends/memory.py: the PlansMemory capability)."""
+        lib, model = self._lib, self.llm.model
+        heads, kv_heads = lib.llama_model_n_head(model), lib.llama_model_n_head_kv(model)
+        head_dim = lib.llama_model_n_embd(model) // heads
+        return counted_layout(
+            lib.llama_model_n_layer(model), kv_heads, head_dim, LLAMACPP_CACHE_BYTES, LLAMACPP_BUFFERS
+        )
 
     def extend(self, requests: Sequence[ExtendRequest], proposal: Proposal) -> list[Continuation]:
         """One continuation per request, in order, decoded together (one llama_decode per step for all rows).
