@@ -145,6 +145,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     precheck_run_dir(run_dir, plan.identity(), shard)
     if not args.quiet:
         print(f"powersample: {len(plan.problems)} problems x {len(seeds)} seeds -> {run_dir}", file=sys.stderr)
+    if ray_options is None:  # resolved once, for the plan and the load (`auto`'s probe speaks once); Ray's workers
+        spec = spec.resolved()  # resolve `auto` on their own machines
     budget = plan_memory(args, spec, config)  # one chain that cannot fit is refused before the model loads
     if ray_options is None:
         summary = run_eval(load(spec, args.quiet), plan, run_dir, args.quiet, batch=args.batch, max_memory=budget)

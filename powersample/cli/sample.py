@@ -65,6 +65,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         append_jsonl(args.output, [])  # fail on an unwritable path now, not after sampling
     if args.trace:
         check_writable(Path(args.trace))  # the same for the trace (written whole, atomically, at the end)
+    spec = spec.resolved()  # once, for the plan and the load: `auto`'s probe of llama.cpp speaks once
     budget = plan_memory(args, spec, config)
     backend = load(spec, args.quiet)
     trace = ChainTrace(backend) if args.trace else None

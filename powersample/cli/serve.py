@@ -183,7 +183,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     spec = backend_spec(args)
     settings, http = _settings(args, spec), _http_limits(args)  # validate before the (slow) model load
-    settings = dataclasses.replace(settings, max_memory=plan_memory(args, spec, settings.defaults))
+    settings = dataclasses.replace(settings, max_memory=plan_memory(args, settings.backend, settings.defaults))
     if args.output:
         append_jsonl(args.output, [])  # fail on an unwritable path now
     sock = _listen(args.host, args.port)  # a bad or busy address fails now, before the model loads
